@@ -1,0 +1,40 @@
+# Two commands do everything: `make demo` and `make test` (each installs what it needs).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+EXTRAS ?= test,bench
+STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+comma := ,
+export HF_HUB_OFFLINE ?= 1
+
+# Split runs take IMAGE_DIR= and ANNOTATIONS= (and any other flags in ARGS=).
+SPLIT_ARGS = $(if $(IMAGE_DIR),--image-dir $(IMAGE_DIR)) \
+             $(if $(ANNOTATIONS),--annotations $(ANNOTATIONS)) $(ARGS)
+
+.PHONY: install demo test lint bench train val_seen val_unseen clean
+
+$(STAMP): setup.cfg pyproject.toml tools/install.sh
+	PYTHON=$(PYTHON) bash tools/install.sh $(VENV) $(EXTRAS)
+	touch $@
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m hnm.demo data/demo
+	$(BIN)/python launch.py --config configs/demo.yaml $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q $(ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+bench: $(STAMP)
+	$(BIN)/python bench/bench_mining.py $(ARGS)
+
+train val_seen val_unseen: $(STAMP)
+	$(BIN)/python launch.py --config configs/$@.yaml $(SPLIT_ARGS)
+
+clean:
+	rm -rf runs data/demo

@@ -1,0 +1,227 @@
+"""Typed run configuration: dataclass defaults, then YAML, then command-line overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hnm.errors import HnmError
+
+
+@dataclass(frozen=True)
+class Fields:
+    """Names of the record fields that hold each sample attribute."""
+
+    id: str = "id"
+    image: str = "image"
+    text: str = "text"
+    group: str = "group"
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything that defines a run. Defaults are the guide's."""
+
+    # inputs and outputs
+    annotations: str | None = None
+    image_dir: str = "."
+    output_dir: str = "hnm_output"
+    split: str = "train"
+    fields: Fields = field(default_factory=Fields)
+    max_samples: int | None = None
+    on_missing_image: str = "error"
+    # encoders
+    visual_encoder: str = "efficientnet-lite0"
+    text_encoder: str = "minilm"
+    image_embeddings: str | None = None
+    text_embeddings: str | None = None
+    batch_size: int = 64
+    num_workers: int = 4
+    # mining (SPEC §3-7)
+    k_nn: int = 30
+    cosine_threshold: float = 0.3
+    min_visual_similarity: float = 0.30
+    diverse_ratio: float = 0.3
+    min_answer_length: int = 20
+    fallback_phrase_reuse_limit: int = 3
+    sliding_window_size: int = 1000
+    blacklist: str | None = None
+    blacklist_similarity: float = 0.75
+    n_clusters: int = 30
+    num_negatives: int = 1
+    diverse_pool: int = 64
+    seed: int = 0
+    # devices and processes
+    gpu_id: int | None = None
+    gpu_ids: tuple[int, ...] | None = None
+    num_gpus: int | None = None
+    cpu_workers: int = 1
+    max_retries: int = 2
+    # behaviour of the run itself
+    quiet: bool = False
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, YAML-friendly dictionary of every field."""
+        out = dataclasses.asdict(self)
+        if self.gpu_ids is not None:
+            out["gpu_ids"] = list(self.gpu_ids)
+        return out
+
+
+# Fields that change neither embeddings nor negatives: excluded from the run's identity.
+RUNTIME_ONLY = frozenset(
+    {"output_dir", "num_workers", "gpu_id", "gpu_ids", "num_gpus", "cpu_workers",
+     "max_retries", "quiet", "overwrite", "batch_size"}
+)
+EMBEDDING_KEYS = ("annotations", "image_dir", "fields", "on_missing_image", "visual_encoder",
+                  "text_encoder", "image_embeddings", "text_embeddings", "blacklist")
+
+
+def _check(ok: bool, flag: str, message: str) -> None:
+    if not ok:
+        raise HnmError(f"--{flag.replace('_', '-')}: {message}")
+
+
+def validate(c: Config) -> None:
+    """Reject out-of-range values, naming the flag."""
+    for name in ("cosine_threshold", "min_visual_similarity", "blacklist_similarity"):
+        value = getattr(c, name)
+        _check(-1.0 <= value <= 1.0, name, f"must be within [-1, 1], got {value}")
+    _check(0.0 <= c.diverse_ratio <= 1.0, "diverse_ratio",
+           f"must be within [0, 1], got {c.diverse_ratio}")
+    for name in ("k_nn", "batch_size", "sliding_window_size", "n_clusters", "num_negatives",
+                 "diverse_pool", "cpu_workers", "fallback_phrase_reuse_limit"):
+        value = getattr(c, name)
+        _check(value >= 1, name, f"must be at least 1, got {value}")
+    for name in ("num_workers", "min_answer_length", "max_retries"):
+        value = getattr(c, name)
+        _check(value >= 0, name, f"must not be negative, got {value}")
+    for name in ("max_samples", "num_gpus", "gpu_id"):
+        value = getattr(c, name)
+        _check(value is None or value >= (1 if name != "gpu_id" else 0), name,
+               f"out of range: {value}")
+    _check(c.on_missing_image in ("error", "skip"), "on_missing_image",
+           f"must be 'error' or 'skip', got {c.on_missing_image!r}")
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Check one YAML value against its dataclass type, converting where lossless."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        hint = next(t for t in options if t is not type(None))
+        origin = typing.get_origin(hint)
+    if hint is Fields:
+        return _fields(value)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()]
+        if isinstance(value, list) and all(_is_int(v) for v in value):
+            return tuple(int(v) for v in value)
+    elif hint is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    elif hint is int and _is_int(value) and not isinstance(value, str):
+        return int(value)
+    elif hint in (str, bool) and isinstance(value, hint):
+        return value
+    raise HnmError(f"config key '{key}': expected {_type_name(hint)}, got {value!r}")
+
+
+def _is_int(v: Any) -> bool:
+    if isinstance(v, bool):
+        return False
+    if isinstance(v, int):
+        return True
+    return isinstance(v, str) and v.strip().lstrip("-").isdigit()
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", str(hint))
+
+
+def _fields(value: Any) -> Fields:
+    if isinstance(value, Fields):
+        return value
+    if not isinstance(value, dict):
+        raise HnmError(f"config key 'fields': expected a mapping, got {value!r}")
+    known = {f.name for f in dataclasses.fields(Fields)}
+    for key, name in value.items():
+        if key not in known:
+            known_list = ", ".join(sorted(known))
+            raise HnmError(f"config key 'fields.{key}': unknown (known: {known_list})")
+        if not isinstance(name, str) or not name:
+            raise HnmError(f"config key 'fields.{key}': expected a field name, got {name!r}")
+    return dataclasses.replace(Fields(), **value)
+
+
+def make_config(values: dict[str, Any]) -> Config:
+    """Build a Config from a flat mapping, naming unknown keys and wrong types."""
+    hints = typing.get_type_hints(Config)
+    known = {f.name for f in dataclasses.fields(Config)}
+    kwargs = {}
+    for raw_key, value in values.items():
+        key = raw_key.replace("-", "_")
+        if key not in known:
+            raise HnmError(f"unknown config key '{raw_key}'")
+        kwargs[key] = _coerce(key, value, hints[key])
+    return Config(**kwargs)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file into a mapping."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise HnmError(f"{path}: cannot read config: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise HnmError(f"{path}: invalid YAML: {str(exc).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise HnmError(f"{path}: a config file must hold a mapping of keys to values")
+    return data
+
+
+def load_config(path: str | Path | None, overrides: dict[str, Any]) -> Config:
+    """Defaults, then the YAML file (if any), then overrides (flags)."""
+    values: dict[str, Any] = dict(read_yaml(path)) if path else {}
+    fields_override = overrides.pop("fields", None)
+    values.update(overrides)
+    if fields_override:
+        base = values.get("fields") or {}
+        if not isinstance(base, dict):
+            raise HnmError(f"config key 'fields': expected a mapping, got {base!r}")
+        values["fields"] = {**base, **fields_override}
+    try:
+        return make_config(values)
+    except HnmError as exc:
+        where = f"{path}: " if path else ""
+        raise HnmError(f"{where}{exc}") from None
+
+
+def config_hash(c: Config, keys: typing.Iterable[str] | None = None) -> str:
+    """Stable hash of the fields that define results (all but runtime-only ones)."""
+    data = c.to_dict()
+    chosen = keys if keys is not None else [k for k in data if k not in RUNTIME_ONLY]
+    blob = json.dumps({k: data[k] for k in sorted(chosen)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def dump_yaml(data: dict[str, Any]) -> str:
+    """YAML text with keys in insertion order."""
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)

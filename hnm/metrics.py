@@ -1,0 +1,148 @@
+"""Mergeable metrics: sums, counts and histograms that add up across shards."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+HIST_BINS = 40  # similarity histograms over [-1, 1]
+
+
+@dataclass
+class Stat:
+    """Count, sum, sum of squares, extremes and a histogram over [lo, hi)."""
+
+    lo: float = -1.0
+    hi: float = 1.0
+    count: int = 0
+    total: float = 0.0
+    total_sq: float = 0.0
+    min: float = math.inf
+    max: float = -math.inf
+    hist: list[int] = field(default_factory=lambda: [0] * HIST_BINS)
+
+    def add(self, x: float) -> None:
+        self.count += 1
+        self.total += x
+        self.total_sq += x * x
+        self.min = min(self.min, x)
+        self.max = max(self.max, x)
+        b = int((x - self.lo) / (self.hi - self.lo) * HIST_BINS)
+        self.hist[min(max(b, 0), HIST_BINS - 1)] += 1
+
+    def __add__(self, other: Stat) -> Stat:
+        return Stat(self.lo, self.hi, self.count + other.count, self.total + other.total,
+                    self.total_sq + other.total_sq, min(self.min, other.min),
+                    max(self.max, other.max), [a + b for a, b in zip(self.hist, other.hist)])
+
+    def summary(self) -> dict[str, Any]:
+        if not self.count:
+            return {"count": 0, "mean": None, "std": None, "min": None, "max": None}
+        mean = self.total / self.count
+        var = max(0.0, self.total_sq / self.count - mean * mean)
+        return {"count": self.count, "mean": round(mean, 6), "std": round(math.sqrt(var), 6),
+                "min": round(self.min, 6), "max": round(self.max, 6),
+                "histogram": {"lo": self.lo, "hi": self.hi, "counts": self.hist}}
+
+
+def _length_stat() -> Stat:
+    return Stat(lo=0.0, hi=400.0)
+
+
+@dataclass
+class Metrics:
+    """One shard's (or the whole run's) mining figures; `a + b` merges two."""
+
+    anchors: int = 0
+    successes: int = 0
+    negatives: int = 0
+    hard_attempts: int = 0
+    hard_successes: int = 0
+    diverse_attempts: int = 0
+    diverse_successes: int = 0
+    fallback_used: int = 0
+    hard_below_min_visual: int = 0
+    diverse_other_cluster: int = 0
+    diverse_widened: int = 0
+    hard_steps: Counter = field(default_factory=Counter)
+    hard_text: Stat = field(default_factory=Stat)
+    hard_visual: Stat = field(default_factory=Stat)
+    diverse_visual: Stat = field(default_factory=Stat)
+    diverse_text: Stat = field(default_factory=Stat)
+    anchor_length: Stat = field(default_factory=_length_stat)
+    negative_length: Stat = field(default_factory=_length_stat)
+    phrase_uses: Counter = field(default_factory=Counter)
+
+    def __add__(self, other: Metrics) -> Metrics:
+        merged = {}
+        for f in dataclasses.fields(self):
+            a, b = getattr(self, f.name), getattr(other, f.name)
+            merged[f.name] = a + b
+        return Metrics(**merged)
+
+    def summary(self) -> dict[str, Any]:
+        """Stable names for metrics.json (SPEC §9)."""
+        hard = self.hard_steps.total()
+        diverse = self.negatives - hard
+        distinct = len(self.phrase_uses)
+        uses = list(self.phrase_uses.values())
+        return {
+            "anchors": self.anchors,
+            "success_rate": _ratio(self.successes, self.anchors),
+            "successes": self.successes,
+            "failures": self.anchors - self.successes,
+            "negatives": self.negatives,
+            "hard_negatives": hard,
+            "diverse_negatives": diverse,
+            "hard_share": _ratio(hard, self.negatives),
+            "hard_attempts": self.hard_attempts,
+            "hard_successes": self.hard_successes,
+            "diverse_attempts": self.diverse_attempts,
+            "diverse_successes": self.diverse_successes,
+            "fallback_used": self.fallback_used,
+            "hard_threshold_steps": {str(k): self.hard_steps[k]
+                                     for k in (0, 1, 2, "fallback")},
+            "hard_text_similarity": self.hard_text.summary(),
+            "hard_visual_similarity": self.hard_visual.summary(),
+            "hard_below_min_visual_similarity": self.hard_below_min_visual,
+            "diverse_visual_similarity": self.diverse_visual.summary(),
+            "diverse_text_similarity": self.diverse_text.summary(),
+            "cluster_diversity": _ratio(self.diverse_other_cluster, diverse),
+            "diverse_widened_searches": self.diverse_widened,
+            "distinct_negative_phrases": distinct,
+            "phrase_diversity": _ratio(distinct, self.negatives),
+            "max_phrase_reuse": max(uses, default=0),
+            "mean_phrase_reuse": _ratio(sum(uses), distinct),
+            "anchor_answer_length": self.anchor_length.summary(),
+            "negative_answer_length": self.negative_length.summary(),
+        }
+
+    def shard_summary(self) -> dict[str, Any]:
+        """The short per-shard block."""
+        return {
+            "anchors": self.anchors,
+            "success_rate": _ratio(self.successes, self.anchors),
+            "hard_negatives": self.hard_steps.total(),
+            "diverse_negatives": self.negatives - self.hard_steps.total(),
+            "mean_hard_text_similarity": self.hard_text.summary()["mean"],
+            "mean_hard_visual_similarity": self.hard_visual.summary()["mean"],
+        }
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return round(a / b, 6) if b else None
+
+
+def phase_timer() -> dict[str, float]:
+    """Seconds per phase, in the order SPEC §9 lists them."""
+    return dict.fromkeys(("load", "embed_images", "embed_texts", "index", "cluster", "search",
+                          "select", "write"), 0.0)
+
+
+def as_float(x: Any) -> float:
+    return float(np.asarray(x))

@@ -1,0 +1,277 @@
+"""The phases that run once: plan the shards, build the index, reduce into the outputs."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hnm import __version__
+from hnm.blacklist import read_blacklist
+from hnm.config import EMBEDDING_KEYS, Config, config_hash, dump_yaml
+from hnm.data import Dataset, anchor_uniforms, load_dataset, normalize
+from hnm.encoders import BUILTIN_TEXT, BUILTIN_VISUAL, check_encoder_name, describe_encoder
+from hnm.errors import HnmError
+from hnm.index import build_index, kmeans
+from hnm.metrics import Metrics
+from hnm.miner import Ragged, Tables, eligible_phrases, farthest
+from hnm.select import Pick, Rules, Selector
+from hnm.storage import RunDir, atomic_open, read_json, read_npz, write_json, write_npy, write_text
+from hnm.worker import check_precomputed, embed_texts, load_tables, mine_candidates
+
+PLAN_VERSION = 1
+
+
+def make_shards(n: int, k: int, grain: int = 1) -> list[tuple[int, int]]:
+    """k contiguous ranges covering [0, n), boundaries on multiples of `grain`."""
+    blocks = -(-n // grain)
+    edges = [min(n, (i * blocks // k) * grain) for i in range(k)] + [n]
+    return [(edges[i], edges[i + 1]) for i in range(k)]
+
+
+def run_keys(config: Config, ds: Dataset) -> dict[str, str]:
+    """Identity of the run's results, and of its embeddings alone."""
+    embed = config_hash(config, EMBEDDING_KEYS) + ds.source_sha256[:16]
+    return {"run_key": config_hash(config) + ds.source_sha256[:16], "embed_key": embed}
+
+
+def validate_inputs(config: Config) -> Dataset:
+    """Every input check that can fail, before anything is written."""
+    for flag, name, builtins, pre in (
+            ("--visual-encoder", config.visual_encoder, BUILTIN_VISUAL, config.image_embeddings),
+            ("--text-encoder", config.text_encoder, BUILTIN_TEXT, config.text_embeddings)):
+        if not pre:
+            try:
+                check_encoder_name(name, builtins)
+            except HnmError as exc:
+                raise HnmError(f"{flag}: {exc}") from None
+    if config.image_dir and not config.image_embeddings and not Path(config.image_dir).is_dir():
+        raise HnmError(f"--image-dir {config.image_dir}: not a directory")
+    read_blacklist(config.blacklist)
+    ds = load_dataset(config)
+    for flag, path in (("--image-embeddings", config.image_embeddings),
+                       ("--text-embeddings", config.text_embeddings)):
+        if path:
+            check_precomputed(path, flag, len(ds.records))
+    return ds
+
+
+def provenance(config: Config) -> dict[str, Any]:
+    """Encoder names and versions, the config hash and hnm's version."""
+    visual = "precomputed: " + config.image_embeddings if config.image_embeddings \
+        else describe_encoder(config.visual_encoder)
+    text = "precomputed: " + config.text_embeddings if config.text_embeddings \
+        else describe_encoder(config.text_encoder)
+    return {"hnm_version": __version__, "config_hash": config_hash(config),
+            "visual_encoder": visual, "text_encoder": text}
+
+
+def write_plan(config: Config, run: RunDir, ds: Dataset, num_shards: int,
+               devices: list[str], grain: int) -> dict[str, Any]:
+    """Shard ranges over rows, distinct phrases and anchors; written with the config."""
+    rows = make_shards(len(ds), num_shards, grain)
+    phrases = make_shards(len(ds.phrases), num_shards, grain)
+    anchors = make_shards(ds.num_anchors, num_shards)
+    plan = {
+        "version": PLAN_VERSION, **run_keys(config, ds), "num_rows": len(ds),
+        "num_anchors": ds.num_anchors, "num_phrases": len(ds.phrases),
+        "num_records": len(ds.records), "skipped": ds.skipped.get("missing_image", []),
+        "shards": [{"shard": s, "rows": rows[s], "phrases": phrases[s], "anchors": anchors[s],
+                    "device": devices[s % len(devices)]} for s in range(num_shards)],
+    }
+    write_text(run.config, dump_yaml({**config.to_dict(), "provenance": provenance(config)}))
+    write_json(run.plan, plan)
+    return plan
+
+
+def index_phase(config: Config, run: RunDir, ds: Dataset, num_shards: int,
+                device: str = "cpu") -> dict[str, float]:
+    """Concatenate all embeddings; eligibility and k-means clusters, computed once."""
+    t0 = time.perf_counter()
+    V = np.concatenate([np.load(run.image_embeddings(s)) for s in range(num_shards)])
+    T = np.concatenate([e for s in range(num_shards)
+                        if len(e := np.load(run.text_embeddings(s)))])
+    eligible = eligible_phrases(T, ds.phrases, _blacklist_vectors(config, T.shape[1], device),
+                                config.min_answer_length, config.blacklist_similarity)
+    eligible &= ~_exact_blacklisted(config, ds, T.shape[1])
+    t1 = time.perf_counter()
+    labels, centroids = kmeans(V, config.n_clusters, config.seed)
+    t2 = time.perf_counter()
+    d = run.index_dir
+    for name, array in (("visual", V), ("text", T), ("eligible", eligible),
+                        ("clusters", labels), ("centroids", centroids)):
+        write_npy(d / f"{name}.npy", array)
+    info = {"index": t1 - t0, "cluster": t2 - t1}
+    run.mark_done("index", None, info)
+    return info
+
+
+def _blacklist_vectors(config: Config, dim: int, device: str) -> np.ndarray | None:
+    """Blacklist embeddings from the text encoder, when it shares the texts' space."""
+    phrases = [normalize(p) for p in read_blacklist(config.blacklist)]
+    if not phrases:
+        return None
+    vectors = embed_texts(config.text_encoder, phrases, device, config.batch_size)
+    return vectors if vectors.shape[1] == dim else None
+
+
+def _exact_blacklisted(config: Config, ds: Dataset, dim: int) -> np.ndarray:
+    """Precomputed text embeddings of another space: fall back to exact phrase matches."""
+    if not config.text_embeddings:
+        return np.zeros(len(ds.phrases), bool)
+    banned = {normalize(p) for p in read_blacklist(config.blacklist)}
+    return np.array([p in banned for p in ds.phrases], dtype=bool)
+
+
+def unpack_candidates(z: dict[str, np.ndarray]) -> tuple[Ragged, Ragged, np.ndarray]:
+    """Flat candidate arrays back into (hard, diverse, diverse_complete)."""
+    lists = [Ragged(z[f"{k}_offsets"], z[f"{k}_rows"], z[f"{k}_vis"], z[f"{k}_txt"])
+             for k in ("hard", "diverse")]
+    return lists[0], lists[1], z["diverse_complete"]
+
+
+def mine_arrays(config: Config, tab: Tables, phrases: list[str], u: np.ndarray,
+                num_anchors: int) -> list[list[Pick]]:
+    """The whole engine on in-memory arrays: candidates, then the selection pass."""
+    anchors = np.arange(num_anchors)
+    arrays, _ = mine_candidates(config, tab, anchors)
+    hard, diverse, complete = unpack_candidates(arrays)
+    selector = make_selector(config, tab, phrases)
+    return selector.run(anchors, u[:num_anchors], hard, diverse, complete, Metrics())
+
+
+def make_selector(config: Config, tab: Tables, phrases: list[str], device: str = "cpu"
+                  ) -> Selector:
+    """The selection pass, with an exact wider search for exhausted diverse lists."""
+    pool_rows = np.flatnonzero(tab.eligible)
+    cache: dict[str, Any] = {}
+
+    def widen(anchor: int, pool: int) -> tuple[Any, bool]:
+        if "index" not in cache:
+            cache["index"] = build_index(np.asarray(tab.V[pool_rows]), device)
+        lists, complete = farthest(cache["index"], pool_rows, tab, np.array([anchor]), pool)
+        return lists.get(0), bool(complete[0])
+
+    rules = Rules(config.cosine_threshold, config.min_visual_similarity, config.diverse_ratio,
+                  config.fallback_phrase_reuse_limit, config.num_negatives)
+    return Selector(tab, phrases, rules, config.sliding_window_size, widen,
+                    config.diverse_pool)
+
+
+def select_all(config: Config, run: RunDir, ds: Dataset, plan: dict
+               ) -> tuple[list[list[Pick]], list[Metrics]]:
+    """Walk every shard's anchors in input order through one selector."""
+    tab = load_tables(run, ds)
+    selector = make_selector(config, tab, ds.phrases)
+    u = anchor_uniforms(ds.ids[:ds.num_anchors], config.seed)
+    picks: list[list[Pick]] = []
+    parts = []
+    for part in plan["shards"]:
+        hard, diverse, complete = unpack_candidates(read_npz(run.candidates(part["shard"])))
+        anchors = np.arange(*part["anchors"])
+        metrics = Metrics()
+        picks += selector.run(anchors, u[anchors], hard, diverse, complete, metrics)
+        parts.append(metrics)
+    return picks, parts
+
+
+def negative_record(config: Config, ds: Dataset, pick: Pick) -> dict[str, Any]:
+    """SPEC §8: what one negative carries (similarities rounded to 6 decimals)."""
+    record = ds.records[ds.positions[pick.row]]
+    out = {"id": ds.ids[pick.row], "text": record[config.fields.text],
+           "image": record[config.fields.image], "type": pick.kind,
+           "text_similarity": round(pick.txt, 6), "visual_similarity": round(pick.vis, 6)}
+    if pick.kind == "hard":
+        out["threshold_step"] = pick.step
+    else:
+        out["anchor_cluster"] = pick.anchor_cluster
+        out["negative_cluster"] = pick.negative_cluster
+    return out
+
+
+def write_negatives(config: Config, run: RunDir, ds: Dataset, picks: list[list[Pick]]) -> None:
+    """Every input record, unchanged and in input order, plus its `negatives`."""
+    by_position = {int(ds.positions[a]): p for a, p in enumerate(picks)}
+    with atomic_open(run.negatives, "w") as handle:
+        for pos, record in enumerate(ds.records):
+            negs = [negative_record(config, ds, p) for p in by_position.get(pos, [])]
+            handle.write(json.dumps({**record, "negatives": negs}, ensure_ascii=False) + "\n")
+
+
+def reduce_phase(config: Config, run: RunDir, ds: Dataset, plan: dict,
+                 timing: dict[str, float]) -> dict[str, Any]:
+    """Select, write negatives.jsonl, then metrics.json (written last: the run is done)."""
+    t0 = time.perf_counter()
+    picks, parts = select_all(config, run, ds, plan)
+    t1 = time.perf_counter()
+    write_negatives(config, run, ds, picks)
+    timing.update(select=t1 - t0, write=time.perf_counter() - t1)
+    metrics = metrics_document(config, ds, plan, parts, timing)
+    write_json(run.metrics, metrics)
+    return metrics
+
+
+def metrics_document(config: Config, ds: Dataset, plan: dict, parts: list[Metrics],
+                     timing: dict[str, float]) -> dict[str, Any]:
+    """Global figures from merged counts, never averages of per-shard averages."""
+    total = sum(parts, start=Metrics())
+    summary = total.summary()
+    summary["distinct_answers"] = len(ds.phrases)
+    summary["phrase_diversity_vs_data"] = round(summary["distinct_negative_phrases"]
+                                                / len(ds.phrases), 6)
+    summary["skipped_missing_image"] = len(ds.skipped.get("missing_image", []))
+    summary["records"] = len(ds.records)
+    summary["candidates"] = len(ds)
+    wall = sum(timing.values())
+    shards = [{"shard": s["shard"], "device": s["device"], **m.shard_summary(),
+               "seconds": round(s.get("seconds", 0.0), 3)}
+              for s, m in zip(plan["shards"], parts)]
+    return {"global": summary,
+            "timing": {k: round(v, 3) for k, v in timing.items()},
+            "throughput_anchors_per_s": round(ds.num_anchors / wall, 2) if wall else None,
+            "shards": shards, "provenance": provenance(config)}
+
+
+def previous_plan(run: RunDir) -> dict[str, Any] | None:
+    return read_json(run.plan) if run.plan.exists() else None
+
+
+def is_complete(run: RunDir) -> bool:
+    return run.metrics.exists() and run.negatives.exists()
+
+
+def remove_outputs(run: RunDir, keep_embeddings: bool) -> None:
+    """Clear phases that a new config invalidates."""
+    for phase in (("index", "candidates") if keep_embeddings else
+                  ("embed", "index", "candidates")):
+        run.clear_phase(phase)
+    for path in (run.negatives, run.metrics):
+        path.unlink(missing_ok=True)
+
+
+def prepare(config: Config, num_shards: int, devices: list[str], grain: int
+            ) -> tuple[Dataset, dict[str, Any], str]:
+    """Validate inputs, then create or resume the run directory. Returns (ds, plan, state)."""
+    ds = validate_inputs(config)
+    run = RunDir(config.output_dir)
+    old = previous_plan(run)
+    keys = run_keys(config, ds)
+    if old and old.get("run_key") == keys["run_key"]:
+        return ds, old, "complete" if is_complete(run) else "resume"
+    if old and not config.overwrite:
+        raise HnmError(f"--output-dir {config.output_dir}: holds a run with a different "
+                       "config or input; pass --overwrite to replace it, or choose another "
+                       "directory")
+    if old:
+        same = old.get("embed_key") == keys["embed_key"]
+        remove_outputs(run, keep_embeddings=same)
+        if same:  # keep the shard layout the embeddings were written with
+            num_shards = len(old["shards"])
+    elif run.root.exists() and any(run.root.iterdir()) and not config.overwrite:
+        raise HnmError(f"--output-dir {config.output_dir}: exists and is not an hnm run "
+                       "directory; choose another or pass --overwrite")
+    plan = write_plan(config, run, ds, num_shards, devices, grain)
+    return ds, plan, "new"

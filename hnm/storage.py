@@ -1,0 +1,104 @@
+"""The run directory: atomic writes, done-markers, and where each phase keeps its files."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+
+
+@contextmanager
+def atomic_open(path: Path, mode: str = "wb") -> Iterator[BinaryIO]:
+    """Write to a temporary sibling, then rename over `path`; nothing half-written remains."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: Path, text: str) -> None:
+    with atomic_open(path, "w") as handle:
+        handle.write(text)
+
+
+def write_json(path: Path, data: Any) -> None:
+    write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def write_npy(path: Path, array: np.ndarray) -> None:
+    with atomic_open(path) as handle:
+        np.save(handle, array, allow_pickle=False)
+
+
+def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    with atomic_open(path) as handle:
+        handle.write(buffer.getvalue())
+
+
+def read_npz(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}
+
+
+class RunDir:
+    """Paths of one run's files; every phase's output is vouched for by a marker."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    config = property(lambda self: self.root / "config.yaml")
+    plan = property(lambda self: self.root / "plan.json")
+    negatives = property(lambda self: self.root / "negatives.jsonl")
+    metrics = property(lambda self: self.root / "metrics.json")
+    logs = property(lambda self: self.root / "logs")
+    index_dir = property(lambda self: self.root / "index")
+
+    def image_embeddings(self, shard: int) -> Path:
+        return self.root / "embeddings" / f"image_{shard:05d}.npy"
+
+    def text_embeddings(self, shard: int) -> Path:
+        return self.root / "embeddings" / f"text_{shard:05d}.npy"
+
+    def candidates(self, shard: int) -> Path:
+        return self.root / "candidates" / f"shard_{shard:05d}.npz"
+
+    def log(self, shard: int) -> Path:
+        return self.logs / f"shard_{shard:05d}.log"
+
+    def marker(self, phase: str, shard: int | None = None) -> Path:
+        folder = {"embed": "embeddings", "candidates": "candidates", "index": "index"}[phase]
+        name = "done" if shard is None else f"done_{shard:05d}"
+        return self.root / folder / name
+
+    def is_done(self, phase: str, shard: int | None = None) -> bool:
+        return self.marker(phase, shard).exists()
+
+    def mark_done(self, phase: str, shard: int | None = None, info: Any = None) -> None:
+        """Written last, after the files it vouches for were renamed into place."""
+        write_json(self.marker(phase, shard), info or {})
+
+    def clear_phase(self, phase: str) -> None:
+        folder = self.marker(phase).parent
+        if folder.exists():
+            shutil.rmtree(folder)
