@@ -25,6 +25,8 @@ def read_blacklist(path: str | None) -> list[str]:
     """The built-in list, or one phrase per line of `path` (an empty file disables it)."""
     if path is None:
         return list(DEFAULT_BLACKLIST)
+    if not path:  # `--blacklist ''` disables the filter
+        return []
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except OSError as exc:

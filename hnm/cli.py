@@ -48,23 +48,84 @@ def _mine_flags(p: argparse.ArgumentParser) -> None:
             ("--seed", int, "seed of strategy draws and k-means (0)")):
         mine.add_argument(flag, type=kind, default=S, help=text)
     mine.add_argument("--blacklist", default=S, help="file, one phrase per line ('' disables)")
+    audit = p.add_argument_group("false-negative audit")
+    audit.add_argument("--audit-text-similarity", type=float, default=S,
+                       help="a negative whose text similarity to its anchor is above this is "
+                       "suspect (0.8)")
+    audit.add_argument("--audit-visual-similarity", type=float, default=S,
+                       help="a negative whose visual similarity to its anchor is above this "
+                       "is suspect (0.98)")
+    audit.add_argument("--drop-suspect-negatives", action="store_true", default=S,
+                       help="remove suspect negatives from the output; their anchors may be "
+                       "left without one")
     dev = p.add_argument_group("devices and processes")
     dev.add_argument("--gpu-id", type=int, default=S, help="single-GPU mode on this GPU")
     dev.add_argument("--gpu-ids", default=S, help="comma-separated GPU indices")
     dev.add_argument("--num-gpus", type=int, default=S, help="GPUs to use (default: all)")
     dev.add_argument("--cpu-workers", type=int, default=S, help="CPU worker processes (1)")
     dev.add_argument("--max-retries", type=int, default=S, help="retries of a failed shard")
-    dev.add_argument("--quiet", action="store_true", default=S, help="only the final summary")
-    dev.add_argument("--overwrite", action="store_true", default=S,
+    dev.add_argument("--quiet", action=argparse.BooleanOptionalAction, default=S,
+                     help="only the final summary")
+    dev.add_argument("--dry-run", action="store_true", default=S,
+                     help="validate every input and print the plan; embed nothing")
+    dev.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=S,
                      help="replace a run with another config in --output-dir")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line naming the flag, like every other hnm error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"hnm: error: {message} (see {self.prog} -h)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hnm", description="Hard and diverse negative mining "
-                                     "for image-text datasets.")
-    sub = parser.add_subparsers(dest="command")
-    _mine_flags(sub.add_parser("mine", help="mine negatives (the default command)"))
+    parser = _Parser(prog="hnm", description="Hard and diverse negative mining "
+                     "for image-text datasets.")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+    _mine_flags(sub.add_parser("mine", help="mine negatives (the default command)",
+                               epilog="other commands: hnm report OUTPUT_DIR (the HTML run "
+                               "report), hnm sweep OUTPUT_DIR (other thresholds from the saved "
+                               "embeddings); see hnm report -h, hnm sweep -h"))
+    _tool_flags(sub)
     return parser
+
+
+def _tool_flags(sub: Any) -> None:
+    """The commands that read a finished run directory (paths in its config.yaml are
+    relative to the folder the run was started from)."""
+    report = sub.add_parser("report", help="(re)write OUTPUT_DIR/report.html")
+    report.add_argument("output_dir", help="a finished run directory")
+    sweep = sub.add_parser("sweep", help="metrics that other thresholds would give, from the "
+                           "saved embeddings (writes OUTPUT_DIR/sweep.html and sweep.json)")
+    sweep.add_argument("output_dir", help="a run directory whose index phase finished")
+    sweep.add_argument("--cosine-thresholds", help="comma-separated values "
+                       "(default: the run's and two steps of 0.1 either side)")
+    sweep.add_argument("--min-visual-similarities", help="comma-separated values "
+                       "(default: the run's and two steps of 0.1 either side)")
+
+
+def _report(ns: argparse.Namespace) -> None:
+    from hnm.report import report_from_dir
+
+    path = report_from_dir(ns.output_dir)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+
+
+def _sweep(ns: argparse.Namespace) -> None:
+    from hnm import sweep
+
+    taus = ns.cosine_thresholds and sweep.parse_grid(ns.cosine_thresholds,
+                                                     "--cosine-thresholds")
+    mvss = ns.min_visual_similarities and sweep.parse_grid(ns.min_visual_similarities,
+                                                           "--min-visual-similarities")
+    result = sweep.sweep(ns.output_dir, taus or None, mvss or None)
+    sweep.print_table(result)
+    for path in sweep.write_outputs(ns.output_dir, result):
+        print(f"wrote {path}")
+
+
+TOOLS = {"report": _report, "sweep": _sweep}
 
 
 def _overrides(ns: argparse.Namespace) -> dict[str, Any]:
@@ -82,14 +143,28 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0].startswith("-"):
         argv = ["mine", *argv]  # launch.py takes the mining flags directly
     parser = build_parser()
-    ns = parser.parse_args(argv)
+    try:
+        ns = parser.parse_args(argv)
+    except SystemExit as exc:  # usage errors (one line, status 2) and -h (status 0)
+        return int(exc.code or 0)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if ns.command in TOOLS:
+        try:
+            TOOLS[ns.command](ns)
+        except HnmError as exc:
+            print(f"hnm: error: {exc}", file=sys.stderr)
+            return 2
+        return 0
+    from hnm import orchestrator
+
     try:
         config = load_config(ns.config, _overrides(ns))
-        from hnm import orchestrator
-
         orchestrator.run(config)
     except HnmError as exc:
         print(f"hnm: error: {exc}", file=sys.stderr)
-        return 2
+        return getattr(exc, "exit_status", 2)
+    except (KeyboardInterrupt, orchestrator.Terminated) as exc:
+        print("hnm: interrupted; finished shards are kept: rerun the same command to resume",
+              file=sys.stderr)
+        return 130 if isinstance(exc, KeyboardInterrupt) else 143
     return 0

@@ -59,6 +59,10 @@ class Config:
     num_negatives: int = 1
     diverse_pool: int = 64
     seed: int = 0
+    # false-negative audit (hnm.audit): negatives this close to their anchor are suspect
+    audit_text_similarity: float = 0.8
+    audit_visual_similarity: float = 0.98
+    drop_suspect_negatives: bool = False
     # devices and processes
     gpu_id: int | None = None
     gpu_ids: tuple[int, ...] | None = None
@@ -68,6 +72,7 @@ class Config:
     # behaviour of the run itself
     quiet: bool = False
     overwrite: bool = False
+    dry_run: bool = False
 
     def __post_init__(self) -> None:
         validate(self)
@@ -83,20 +88,29 @@ class Config:
 # Fields that change neither embeddings nor negatives: excluded from the run's identity.
 RUNTIME_ONLY = frozenset(
     {"output_dir", "num_workers", "gpu_id", "gpu_ids", "num_gpus", "cpu_workers",
-     "max_retries", "quiet", "overwrite", "batch_size"}
+     "max_retries", "quiet", "overwrite", "batch_size", "dry_run"}
 )
 EMBEDDING_KEYS = ("annotations", "image_dir", "fields", "on_missing_image", "visual_encoder",
                   "text_encoder", "image_embeddings", "text_embeddings", "blacklist")
 
 
+class ConfigError(HnmError):
+    """A bad config value; `key` names the field, so the YAML is blamed only for its own."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+
 def _check(ok: bool, flag: str, message: str) -> None:
     if not ok:
-        raise HnmError(f"--{flag.replace('_', '-')}: {message}")
+        raise ConfigError(f"--{flag.replace('_', '-')}: {message}", flag)
 
 
 def validate(c: Config) -> None:
     """Reject out-of-range values, naming the flag."""
-    for name in ("cosine_threshold", "min_visual_similarity", "blacklist_similarity"):
+    for name in ("cosine_threshold", "min_visual_similarity", "blacklist_similarity",
+                 "audit_text_similarity", "audit_visual_similarity"):
         value = getattr(c, name)
         _check(-1.0 <= value <= 1.0, name, f"must be within [-1, 1], got {value}")
     _check(0.0 <= c.diverse_ratio <= 1.0, "diverse_ratio",
@@ -176,8 +190,11 @@ def make_config(values: dict[str, Any]) -> Config:
     for raw_key, value in values.items():
         key = raw_key.replace("-", "_")
         if key not in known:
-            raise HnmError(f"unknown config key '{raw_key}'")
-        kwargs[key] = _coerce(key, value, hints[key])
+            raise ConfigError(f"unknown config key '{raw_key}'", key)
+        try:
+            kwargs[key] = _coerce(key, value, hints[key])
+        except HnmError as exc:
+            raise ConfigError(str(exc), key) from None
     return Config(**kwargs)
 
 
@@ -200,18 +217,22 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 def load_config(path: str | Path | None, overrides: dict[str, Any]) -> Config:
     """Defaults, then the YAML file (if any), then overrides (flags)."""
     values: dict[str, Any] = dict(read_yaml(path)) if path else {}
+    from_yaml = {k.replace("-", "_") for k in values} - {
+        k.replace("-", "_") for k in overrides if k != "fields"}
     fields_override = overrides.pop("fields", None)
     values.update(overrides)
     if fields_override:
         base = values.get("fields") or {}
         if not isinstance(base, dict):
-            raise HnmError(f"config key 'fields': expected a mapping, got {base!r}")
+            raise HnmError(f"{path}: config key 'fields': expected a mapping, got {base!r}")
         values["fields"] = {**base, **fields_override}
     try:
         return make_config(values)
     except HnmError as exc:
-        where = f"{path}: " if path else ""
-        raise HnmError(f"{where}{exc}") from None
+        # name the YAML file only when the value at fault came from it, not from a flag
+        if not path or getattr(exc, "key", None) not in from_yaml:
+            raise
+        raise HnmError(f"{path}: {exc}") from None
 
 
 def config_hash(c: Config, keys: typing.Iterable[str] | None = None) -> str:

@@ -48,7 +48,11 @@ def read_records(path: Path) -> tuple[list[dict[str, Any]], list[Any] | None, st
     except OSError as exc:
         raise HnmError(f"{path}: cannot read annotations: {exc.strerror}") from None
     digest = hashlib.sha256(raw).hexdigest()
-    text = raw.decode("utf-8-sig", errors="replace")
+    try:  # strict: replacing bad bytes would silently change the records passed through
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise HnmError(f"{path}: not valid UTF-8 (byte {exc.start}): JSON must be UTF-8") \
+            from None
     if path.suffix == ".jsonl" or (not text.lstrip().startswith(("[", "{")) and text.strip()):
         return _read_jsonl(path, text), None, digest
     try:
@@ -60,6 +64,8 @@ def read_records(path: Path) -> tuple[list[dict[str, Any]], list[Any] | None, st
     if isinstance(data, list):
         return data, None, digest
     if isinstance(data, dict):
+        if path.suffix != ".json" and not all(isinstance(v, dict) for v in data.values()):
+            return [data], None, digest  # JSONL holding a single record, not a dict of them
         return list(data.values()), list(data.keys()), digest
     raise HnmError(f"{path}: expected a list of records or a dict of records")
 
@@ -103,21 +109,29 @@ def _field(path: Path, record: dict, pos: int, rid: Any, name: str, kind: str) -
 
 
 def image_problem(path: Path) -> str | None:
-    """Why an image file cannot be used, or None. Reads only the header (cheap)."""
-    from PIL import Image, UnidentifiedImageError
+    """Why an image file cannot be used, or None.
+
+    Decodes the whole image: a file whose header parses but whose data is truncated would
+    otherwise fail only while embedding, after the run directory was written.
+    """
+    from PIL import Image
 
     if not path.is_file():
         return "missing"
     try:
         with Image.open(path) as img:
-            img.size  # noqa: B018 - parsing the header is the check
-    except (UnidentifiedImageError, OSError):
-        return "unreadable"
+            img.load()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return "unreadable"  # PIL raises each of these for some kind of damaged file
     return None
 
 
 def _check_images(path: Path, images: list[Path], policy: str) -> list[int]:
-    bad = [(i, p, why) for i, p in enumerate(images) if (why := image_problem(p))]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=8) as pool:  # decoding releases the GIL
+        problems = list(pool.map(image_problem, images))
+    bad = [(i, p, why) for i, (p, why) in enumerate(zip(images, problems)) if why]
     if bad and policy != "skip":
         names = ", ".join(f"{p} ({why})" for _, p, why in bad[:3])
         more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""

@@ -81,10 +81,12 @@ class PixelEncoder:
         return _resize_tensor(image, self.image_size).float() / 255.0
 
     def encode(self, batch: Any) -> np.ndarray:
+        import torch
         import torch.nn.functional as F
 
-        pooled = F.adaptive_avg_pool2d(batch.to(self.device), 8)
-        return pooled.flatten(1).double().cpu().numpy()
+        with torch.inference_mode():
+            pooled = F.adaptive_avg_pool2d(batch.to(self.device), 8)
+            return pooled.flatten(1).double().cpu().numpy()
 
 
 class EfficientNetLite0:
@@ -111,8 +113,11 @@ class EfficientNetLite0:
         return (_resize_tensor(image, 224).float() - 127.0) / 128.0
 
     def encode(self, batch: Any) -> np.ndarray:
-        features = self.model.extract_features(batch.to(self.device))
-        return features.mean(dim=(2, 3)).double().cpu().numpy()
+        import torch
+
+        with torch.inference_mode():
+            features = self.model.extract_features(batch.to(self.device))
+            return features.mean(dim=(2, 3)).double().cpu().numpy()
 
 
 class HFVisionEncoder:
@@ -131,21 +136,39 @@ class HFVisionEncoder:
         vision = getattr(config, "vision_config", config)
         self.size = int(getattr(vision, "image_size", 224))
         self.mean, self.std = _processor_stats(source)
+        self.processor = _image_processor(source)
 
     def preprocess(self, image: Any) -> Any:
         import torch
 
+        if self.processor is not None:  # the model's own resize, crop and normalisation
+            return self.processor(images=image, return_tensors="pt")["pixel_values"][0]
         x = _resize_tensor(image, self.size).float() / 255.0
         mean = torch.tensor(self.mean).view(3, 1, 1)
         return (x - mean) / torch.tensor(self.std).view(3, 1, 1)
 
     def encode(self, batch: Any) -> np.ndarray:
-        pixels = batch.to(self.device)
-        if hasattr(self.model, "get_image_features"):
-            out = self.model.get_image_features(pixel_values=pixels)
-        else:
-            out = self.model(pixel_values=pixels)
-        return _pick_tensor(out).double().cpu().numpy()
+        import torch
+
+        with torch.inference_mode():
+            pixels = batch.to(self.device)
+            if hasattr(self.model, "get_image_features"):
+                out = self.model.get_image_features(pixel_values=pixels)
+            else:
+                out = self.model(pixel_values=pixels)
+            return _pick_tensor(out).double().cpu().numpy()
+
+
+def _image_processor(source: str) -> Any:
+    """The folder's image processor, if it ships one."""
+    if not (Path(source) / "preprocessor_config.json").is_file():
+        return None
+    from transformers import AutoImageProcessor
+
+    try:
+        return AutoImageProcessor.from_pretrained(source)
+    except (OSError, ValueError):
+        return None
 
 
 def _pick_tensor(out: Any) -> Any:
@@ -196,12 +219,28 @@ class HFTextEncoder:
         self.model = AutoModel.from_pretrained(source).eval().to(device)
         self.device = device
         self.name = name or source
+        self.dim = int(self.model.config.hidden_size)
         self.version = f"{type(self.model).__name__} (transformers {transformers.__version__})"
 
     def encode(self, texts: list[str]) -> np.ndarray:
+        """Texts of equal token length are encoded together, so no text is padded and its
+        embedding does not depend on which other texts shared its batch."""
+        ids = self.tokenizer(texts, truncation=True, max_length=256)["input_ids"]
+        out = np.empty((len(texts), self.dim), dtype=np.float64)
+        by_length: dict[int, list[int]] = {}
+        for i, seq in enumerate(ids):
+            by_length.setdefault(len(seq), []).append(i)
+        for rows in by_length.values():
+            out[rows] = self._pooled([texts[i] for i in rows])
+        return out
+
+    def _pooled(self, texts: list[str]) -> np.ndarray:
+        import torch
+
         batch = self.tokenizer(texts, padding=True, truncation=True, max_length=256,
                                return_tensors="pt").to(self.device)
-        hidden = self.model(**batch).last_hidden_state
+        with torch.inference_mode():
+            hidden = self.model(**batch).last_hidden_state
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
         return pooled.double().cpu().numpy()
@@ -235,10 +274,35 @@ def build_text_encoder(name: str, device: Any) -> TextEncoder:
     return builder(device) if builder else HFTextEncoder(name, device)
 
 
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json",
+                   "spiece.model", "sentencepiece.bpe.model")
+
+
 def check_encoder_name(name: str, builtins: tuple[str, ...]) -> None:
-    """Fail early, before any work, on a name that is neither built in nor loadable."""
-    if name not in builtins:
-        _hf_config(name)
+    """Fail early, before any work, on a name that is neither built in nor loadable.
+
+    Beyond the config, a local folder must hold weights (and a tokenizer, for text) and be
+    the right kind of model: otherwise loading fails in a worker, after the plan is written.
+    """
+    if name in builtins:
+        return
+    config = _hf_config(name)
+    text = builtins == BUILTIN_TEXT
+    kind = type(config).__name__
+    if text and getattr(config, "vocab_size", None) is None:
+        raise HnmError(f"encoder '{name}' is not a text model ({kind})")
+    if not text and getattr(config, "vocab_size", None) is not None \
+            and not hasattr(config, "vision_config"):
+        raise HnmError(f"encoder '{name}' is a text model ({kind}), not a vision model")
+    folder = Path(name)
+    if folder.is_dir():
+        for what, names in (("model weights", WEIGHT_FILES),
+                            ("tokenizer", TOKENIZER_FILES if text else ())):
+            if names and not any((folder / n).is_file() for n in names):
+                raise HnmError(f"encoder folder '{name}' holds no {what} "
+                               f"(looked for {', '.join(names)})")
 
 
 def describe_encoder(name: str) -> str:
@@ -253,3 +317,16 @@ def describe_encoder(name: str) -> str:
     if name in versions:
         return f"{name}: {versions[name]}"
     return f"{name}: transformers {_package_version('transformers')}"
+
+
+def embedding_dim(name: str) -> int:
+    """Output dimension of an encoder, read from its config (no weights loaded)."""
+    builtin = {"efficientnet-lite0": 1280, "pixels": 192, "minilm": 384}
+    if name in builtin:
+        return builtin[name]
+    config = _hf_config(name)
+    for source in (config, getattr(config, "vision_config", None)):
+        for key in ("projection_dim", "hidden_size"):
+            if source is not None and getattr(source, key, None):
+                return int(getattr(source, key))
+    return 768

@@ -77,6 +77,9 @@ class Metrics:
     anchor_length: Stat = field(default_factory=_length_stat)
     negative_length: Stat = field(default_factory=_length_stat)
     phrase_uses: Counter = field(default_factory=Counter)
+    # hnm.audit: suspected false negatives by kind and by reason, and how many were dropped
+    suspects: Counter = field(default_factory=Counter)
+    suspects_dropped: int = 0
 
     def __add__(self, other: Metrics) -> Metrics:
         merged = {}
@@ -120,7 +123,15 @@ class Metrics:
             "mean_phrase_reuse": _ratio(sum(uses), distinct),
             "anchor_answer_length": self.anchor_length.summary(),
             "negative_answer_length": self.negative_length.summary(),
+            "suspect_negatives": self.suspect_summary(),
         }
+
+    def suspect_summary(self) -> dict[str, int]:
+        """Suspected false negatives (hnm.audit); a negative may have both reasons."""
+        s = self.suspects
+        return {"total": s["hard"] + s["diverse"], "hard": s["hard"], "diverse": s["diverse"],
+                "text_similarity": s["text"], "visual_similarity": s["visual"],
+                "dropped": self.suspects_dropped}
 
     def shard_summary(self) -> dict[str, Any]:
         """The short per-shard block."""
@@ -131,6 +142,7 @@ class Metrics:
             "diverse_negatives": self.negatives - self.hard_steps.total(),
             "mean_hard_text_similarity": self.hard_text.summary()["mean"],
             "mean_hard_visual_similarity": self.hard_visual.summary()["mean"],
+            "suspect_negatives": self.suspects["hard"] + self.suspects["diverse"],
         }
 
 

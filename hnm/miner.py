@@ -18,7 +18,7 @@ from hnm.index import FlatIndex
 SEARCH_EPS = 1e-4
 # Extra rows asked of each search so the exact order past k_nn rarely needs a second search.
 MARGIN = 16
-# Bytes of float64 gathered per chunk when rescoring.
+# Bytes of float32 rows gathered per chunk when rescoring.
 CHUNK_BYTES = 1 << 26
 
 
@@ -30,11 +30,12 @@ def threshold_steps(tau: float) -> tuple[float, float, float]:
 def exact_dots(xa: np.ndarray, ra: np.ndarray, xb: np.ndarray, rb: np.ndarray) -> np.ndarray:
     """Exact dots of xa[ra[i]] with xb[rb[i, j]]: ra (B,), rb (B, k) -> (B, k) float64."""
     out = np.empty(rb.shape, dtype=np.float64)
-    step = max(1, CHUNK_BYTES // max(1, rb.shape[1] * xb.shape[1] * 8))
+    step = max(1, CHUNK_BYTES // max(1, rb.shape[1] * xb.shape[1] * 4))
     for s in range(0, len(ra), step):
-        q = np.asarray(xa[ra[s:s + step]], dtype=np.float64)  # (b, d)
-        g = np.asarray(xb[rb[s:s + step]], dtype=np.float64)  # (b, k, d)
-        out[s:s + step] = np.einsum("bkd,bd->bk", g, q)
+        q = np.asarray(xa[ra[s:s + step]])  # (b, d)
+        g = np.asarray(xb[rb[s:s + step]])  # (b, k, d)
+        # float32 operands, float64 accumulation: exact on the grid, half the memory traffic
+        out[s:s + step] = np.einsum("bkd,bd->bk", g, q, dtype=np.float64)
     return out
 
 

@@ -2,58 +2,84 @@
 
 from __future__ import annotations
 
+import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
-from hnm import pipeline
+from hnm import distributed, gpus, pipeline
 from hnm.config import Config
+from hnm.pool import InProcess, Task, WorkerPool
+from hnm.progress import ProgressView, choose_mode
 from hnm.storage import RunDir, read_json
-from hnm.summary import print_summary
-from hnm.worker import Job, candidates_shard, embed_shard
+from hnm.summary import print_summary, shard_lines
 
 
-def run(config: Config, say: Any = print) -> dict[str, Any]:
+class Terminated(Exception):
+    """SIGTERM arrived: stop like Ctrl-C, exit 143."""
+
+
+def _on_sigterm(*_: Any) -> None:
+    raise Terminated()
+
+
+def run(config: Config, say: Callable[[str], Any] | None = None) -> dict[str, Any]:
     """Run (or resume) the whole pipeline; returns the metrics document."""
+    if distributed.under_torchrun():
+        return distributed.run_rank(config)
+    signal.signal(signal.SIGTERM, _on_sigterm)
     t0 = time.perf_counter()
-    devices = ["cpu"]
-    num_shards = config.cpu_workers
-    ds, plan, state = pipeline.prepare(config, num_shards, devices, config.batch_size)
+    found, reason = gpus.discover()
+    devices = gpus.choose_devices(config, found)
+    if config.dry_run:
+        say = say or print
+        for line in gpus.describe(found, reason, devices) + pipeline.dry_run_lines(
+                config, pipeline.validate_inputs(config), devices):
+            say(line)
+        return {}
+    ds, plan, state = pipeline.prepare(config, len(devices), devices, config.batch_size)
+    mode = choose_mode(config.quiet)
+    view = ProgressView(plan["shards"], mode, {f"cuda:{g.index}": g.nvml_index for g in found})
+    say = say or view.say
+    for line in gpus.describe(found, reason, devices):
+        say(line)
     run_dir = RunDir(config.output_dir)
     if state == "complete":
         say(f"Nothing to do: {run_dir.root} already holds this run's results.")
         metrics = read_json(run_dir.metrics)
-        print_summary(metrics, say)
+        print_summary(metrics, print)
         return metrics
+    say(f"Sharding {plan['num_anchors']} anchors ({plan['num_rows']} candidates) into "
+        f"{len(plan['shards'])} shard(s) on {len(devices)} worker(s)")
     timing = {"load": time.perf_counter() - t0}
-    shards = [s["shard"] for s in plan["shards"]]
-    reused = {phase: sum(run_dir.is_done(phase, s) for s in shards)
-              for phase in ("embed", "candidates")}
-    for shard in shards:
-        if not run_dir.is_done("embed", shard):
-            embed_shard(Job(config, shard, plan["shards"][shard]["device"]), ds)
-    if not run_dir.is_done("index"):
-        pipeline.index_phase(config, run_dir, ds, len(shards))
-    for shard in shards:
-        if not run_dir.is_done("candidates", shard):
-            candidates_shard(Job(config, shard, plan["shards"][shard]["device"]), ds)
-    timing.update(_worker_timing(run_dir, shards))
-    metrics = pipeline.reduce_phase(config, run_dir, ds, plan, timing)
+    with view:
+        reused = _run_phases(config, devices, plan, run_dir, view)
+        timing.update(pipeline.phase_timing(run_dir, plan))
+        metrics = pipeline.reduce_phase(config, run_dir, ds, plan, timing, view.stage)
     if any(reused.values()):
         say(f"Resumed: reused {reused['embed']} embedded and {reused['candidates']} mined "
-            f"shard(s) of {len(shards)}.")
-    print_summary(metrics, say)
+            f"shard(s) of {len(plan['shards'])}" + (", and the index" if reused["index"] else ""))
+    if mode == "plain":
+        for line in shard_lines(metrics):
+            say(line)
+    print_summary(metrics, print)
     return metrics
 
 
-def _worker_timing(run_dir: RunDir, shards: list[int]) -> dict[str, float]:
-    """Seconds per phase, summed over shards, from the markers' records."""
-    out = {"embed_images": 0.0, "embed_texts": 0.0, "search": 0.0}
-    for s in shards:
-        embed = read_json(run_dir.marker("embed", s))
-        out["embed_images"] += embed.get("embed_images", 0.0)
-        out["embed_texts"] += embed.get("embed_texts", 0.0)
-        out["search"] += read_json(run_dir.marker("candidates", s)).get("search", 0.0)
-    index = read_json(run_dir.marker("index"))
-    out["index"] = index.get("index", 0.0)
-    out["cluster"] = index.get("cluster", 0.0)
-    return out
+def _run_phases(config: Config, devices: list[str], plan: dict, run_dir: RunDir,
+                view: ProgressView) -> dict[str, int]:
+    """Embed, index, candidates: each phase's unfinished shards, on the workers."""
+    shards = [s["shard"] for s in plan["shards"]]
+    reused = {"embed": sum(run_dir.is_done("embed", s) for s in shards),
+              "candidates": sum(run_dir.is_done("candidates", s) for s in shards),
+              "index": int(run_dir.is_done("index"))}
+    executor = InProcess(config, view) if devices == ["cpu"] else \
+        WorkerPool(config, devices, view)
+    with executor:
+        executor.run_phase([Task("embed", s) for s in shards
+                            if not run_dir.is_done("embed", s)])
+        if not run_dir.is_done("index"):
+            executor.run_phase([Task("index", None)])
+        executor.run_phase([Task("candidates", s) for s in shards
+                            if not run_dir.is_done("candidates", s)])
+    return reused

@@ -4,25 +4,37 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from hnm import __version__
+from hnm import __version__, audit, report
 from hnm.blacklist import read_blacklist
 from hnm.config import EMBEDDING_KEYS, Config, config_hash, dump_yaml
 from hnm.data import Dataset, anchor_uniforms, load_dataset, normalize
-from hnm.encoders import BUILTIN_TEXT, BUILTIN_VISUAL, check_encoder_name, describe_encoder
+from hnm.encoders import (
+    BUILTIN_TEXT,
+    BUILTIN_VISUAL,
+    check_encoder_name,
+    describe_encoder,
+    embedding_dim,
+)
 from hnm.errors import HnmError
 from hnm.index import build_index, kmeans
 from hnm.metrics import Metrics
-from hnm.miner import Ragged, Tables, eligible_phrases, farthest
+from hnm.miner import MARGIN, Ragged, Tables, eligible_phrases, farthest
 from hnm.select import Pick, Rules, Selector
 from hnm.storage import RunDir, atomic_open, read_json, read_npz, write_json, write_npy, write_text
 from hnm.worker import check_precomputed, embed_texts, load_tables, mine_candidates
 
 PLAN_VERSION = 1
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+def no_progress(stage: str, done: int, total: int) -> None:
+    pass
 
 
 def make_shards(n: int, k: int, grain: int = 1) -> list[tuple[int, int]]:
@@ -94,9 +106,9 @@ def index_phase(config: Config, run: RunDir, ds: Dataset, num_shards: int,
     V = np.concatenate([np.load(run.image_embeddings(s)) for s in range(num_shards)])
     T = np.concatenate([e for s in range(num_shards)
                         if len(e := np.load(run.text_embeddings(s)))])
-    eligible = eligible_phrases(T, ds.phrases, _blacklist_vectors(config, T.shape[1], device),
+    eligible = eligible_phrases(T, ds.phrases, _blacklist_vectors(config, device),
                                 config.min_answer_length, config.blacklist_similarity)
-    eligible &= ~_exact_blacklisted(config, ds, T.shape[1])
+    eligible &= ~_exact_blacklisted(config, ds)
     t1 = time.perf_counter()
     labels, centroids = kmeans(V, config.n_clusters, config.seed)
     t2 = time.perf_counter()
@@ -109,17 +121,17 @@ def index_phase(config: Config, run: RunDir, ds: Dataset, num_shards: int,
     return info
 
 
-def _blacklist_vectors(config: Config, dim: int, device: str) -> np.ndarray | None:
-    """Blacklist embeddings from the text encoder, when it shares the texts' space."""
+def _blacklist_vectors(config: Config, device: str) -> np.ndarray | None:
+    """Blacklist embeddings from the text encoder (precomputed texts: exact matches only,
+    since their embedding space is unknown)."""
     phrases = [normalize(p) for p in read_blacklist(config.blacklist)]
-    if not phrases:
+    if not phrases or config.text_embeddings:
         return None
-    vectors = embed_texts(config.text_encoder, phrases, device, config.batch_size)
-    return vectors if vectors.shape[1] == dim else None
+    return embed_texts(config.text_encoder, phrases, device, config.batch_size)
 
 
-def _exact_blacklisted(config: Config, ds: Dataset, dim: int) -> np.ndarray:
-    """Precomputed text embeddings of another space: fall back to exact phrase matches."""
+def _exact_blacklisted(config: Config, ds: Dataset) -> np.ndarray:
+    """Precomputed text embeddings: blacklisted phrases are matched exactly instead."""
     if not config.text_embeddings:
         return np.zeros(len(ds.phrases), bool)
     banned = {normalize(p) for p in read_blacklist(config.blacklist)}
@@ -140,7 +152,9 @@ def mine_arrays(config: Config, tab: Tables, phrases: list[str], u: np.ndarray,
     arrays, _ = mine_candidates(config, tab, anchors)
     hard, diverse, complete = unpack_candidates(arrays)
     selector = make_selector(config, tab, phrases)
-    return selector.run(anchors, u[:num_anchors], hard, diverse, complete, Metrics())
+    picks = selector.run(anchors, u[:num_anchors], hard, diverse, complete, Metrics())
+    return audit.audit_picks(config, anchors, u[:num_anchors], picks, Metrics(), tab.text_ids,
+                             phrases).picks
 
 
 def make_selector(config: Config, tab: Tables, phrases: list[str], device: str = "cpu"
@@ -161,8 +175,8 @@ def make_selector(config: Config, tab: Tables, phrases: list[str], device: str =
                     config.diverse_pool)
 
 
-def select_all(config: Config, run: RunDir, ds: Dataset, plan: dict
-               ) -> tuple[list[list[Pick]], list[Metrics]]:
+def select_all(config: Config, run: RunDir, ds: Dataset, plan: dict,
+               progress: Progress = no_progress) -> tuple[list[list[Pick]], list[Metrics]]:
     """Walk every shard's anchors in input order through one selector."""
     tab = load_tables(run, ds)
     selector = make_selector(config, tab, ds.phrases)
@@ -175,6 +189,7 @@ def select_all(config: Config, run: RunDir, ds: Dataset, plan: dict
         metrics = Metrics()
         picks += selector.run(anchors, u[anchors], hard, diverse, complete, metrics)
         parts.append(metrics)
+        progress("select", len(picks), ds.num_anchors)
     return picks, parts
 
 
@@ -183,7 +198,8 @@ def negative_record(config: Config, ds: Dataset, pick: Pick) -> dict[str, Any]:
     record = ds.records[ds.positions[pick.row]]
     out = {"id": ds.ids[pick.row], "text": record[config.fields.text],
            "image": record[config.fields.image], "type": pick.kind,
-           "text_similarity": round(pick.txt, 6), "visual_similarity": round(pick.vis, 6)}
+           "text_similarity": round(pick.txt, 6), "visual_similarity": round(pick.vis, 6),
+           "suspect": audit.is_suspect(config, pick)}
     if pick.kind == "hard":
         out["threshold_step"] = pick.step
     else:
@@ -192,24 +208,33 @@ def negative_record(config: Config, ds: Dataset, pick: Pick) -> dict[str, Any]:
     return out
 
 
-def write_negatives(config: Config, run: RunDir, ds: Dataset, picks: list[list[Pick]]) -> None:
+def write_negatives(config: Config, run: RunDir, ds: Dataset, picks: list[list[Pick]],
+                    progress: Progress = no_progress) -> None:
     """Every input record, unchanged and in input order, plus its `negatives`."""
     by_position = {int(ds.positions[a]): p for a, p in enumerate(picks)}
     with atomic_open(run.negatives, "w") as handle:
         for pos, record in enumerate(ds.records):
             negs = [negative_record(config, ds, p) for p in by_position.get(pos, [])]
             handle.write(json.dumps({**record, "negatives": negs}, ensure_ascii=False) + "\n")
+            if pos % 5000 == 0:
+                progress("write", pos, len(ds.records))
+    progress("write", len(ds.records), len(ds.records))
 
 
 def reduce_phase(config: Config, run: RunDir, ds: Dataset, plan: dict,
-                 timing: dict[str, float]) -> dict[str, Any]:
-    """Select, write negatives.jsonl, then metrics.json (written last: the run is done)."""
+                 timing: dict[str, float], progress: Progress = no_progress
+                 ) -> dict[str, Any]:
+    """Select, audit, write negatives.jsonl, suspects.jsonl and report.html, then
+    metrics.json (written last: the run is done)."""
     t0 = time.perf_counter()
-    picks, parts = select_all(config, run, ds, plan)
+    picks, parts = select_all(config, run, ds, plan, progress)
+    picks, parts, suspects = audit.audit_run(config, ds, plan, picks, parts)
     t1 = time.perf_counter()
-    write_negatives(config, run, ds, picks)
+    write_negatives(config, run, ds, picks, progress)
+    audit.write_suspects(config, run, ds, suspects)
     timing.update(select=t1 - t0, write=time.perf_counter() - t1)
     metrics = metrics_document(config, ds, plan, parts, timing)
+    report.write_report(run, config, metrics, plan)
     write_json(run.metrics, metrics)
     return metrics
 
@@ -225,14 +250,63 @@ def metrics_document(config: Config, ds: Dataset, plan: dict, parts: list[Metric
     summary["skipped_missing_image"] = len(ds.skipped.get("missing_image", []))
     summary["records"] = len(ds.records)
     summary["candidates"] = len(ds)
+    summary["duplicate_images"] = audit.duplicate_images(ds.images)
     wall = sum(timing.values())
     shards = [{"shard": s["shard"], "device": s["device"], **m.shard_summary(),
-               "seconds": round(s.get("seconds", 0.0), 3)}
+               "seconds": round(s.get("seconds", 0.0), 3),
+               "peak_rss_mb": s.get("peak_rss_mb")}
               for s, m in zip(plan["shards"], parts)]
     return {"global": summary,
             "timing": {k: round(v, 3) for k, v in timing.items()},
             "throughput_anchors_per_s": round(ds.num_anchors / wall, 2) if wall else None,
             "shards": shards, "provenance": provenance(config)}
+
+
+def phase_timing(run: RunDir, plan: dict[str, Any]) -> dict[str, float]:
+    """Seconds per phase, summed over shards, from the markers; also records on the plan
+    each shard's actual device and seconds for the per-shard metrics."""
+    out = {"embed_images": 0.0, "embed_texts": 0.0, "search": 0.0}
+    for part in plan["shards"]:
+        embed = read_json(run.marker("embed", part["shard"]))
+        mined = read_json(run.marker("candidates", part["shard"]))
+        out["embed_images"] += embed.get("embed_images", 0.0)
+        out["embed_texts"] += embed.get("embed_texts", 0.0)
+        out["search"] += mined.get("search", 0.0)
+        part["device"] = mined.get("device", part["device"])
+        part["peak_rss_mb"] = max(embed.get("peak_rss_mb", 0.0), mined.get("peak_rss_mb", 0.0))
+        part["seconds"] = sum(embed.get(k, 0.0) for k in ("embed_images", "embed_texts")) \
+            + mined.get("search", 0.0)
+    index = read_json(run.marker("index"))
+    out["index"] = index.get("index", 0.0)
+    out["cluster"] = index.get("cluster", 0.0)
+    return out
+
+
+def dry_run_lines(config: Config, ds: Dataset, devices: list[str]) -> list[str]:
+    """What a run would do, with memory estimates, from validated inputs only."""
+    dv = _dim(config.image_embeddings, config.visual_encoder)
+    dt = _dim(config.text_embeddings, config.text_encoder)
+    n, u, a = len(ds), len(ds.phrases), ds.num_anchors
+    shards = make_shards(a, len(devices))
+    per_anchor = (min(config.k_nn, n) + config.diverse_pool + 2 * MARGIN) * 24
+    gib = 2.0**30
+    return [
+        f"Dry run: {len(ds.records)} records, {n} candidates, {a} anchors, {u} distinct "
+        f"answers, {len(ds.skipped.get('missing_image', []))} skipped",
+        f"Shards: {len(devices)} on {', '.join(sorted(set(devices)))}: "
+        + ", ".join(f"[{s}, {e})" for s, e in shards),
+        f"Embeddings: images {n} x {dv} ({n * dv * 4 / gib:.3f} GiB), texts {u} x {dt} "
+        f"({u * dt * 4 / gib:.3f} GiB)",
+        f"Index: exact inner product, {2 * n * dv * 4 / gib:.3f} GiB per worker (all rows + "
+        f"the eligible pool); candidates about {a * per_anchor / gib:.3f} GiB on disk",
+        "Nothing was written.",
+    ]
+
+
+def _dim(precomputed: str | None, encoder: str) -> int:
+    if precomputed:
+        return int(np.load(precomputed, mmap_mode="r").shape[1])
+    return embedding_dim(encoder)
 
 
 def previous_plan(run: RunDir) -> dict[str, Any] | None:
@@ -248,7 +322,8 @@ def remove_outputs(run: RunDir, keep_embeddings: bool) -> None:
     for phase in (("index", "candidates") if keep_embeddings else
                   ("embed", "index", "candidates")):
         run.clear_phase(phase)
-    for path in (run.negatives, run.metrics):
+    derived = ("report.html", "suspects.jsonl", "sweep.html", "sweep.json")  # of the old run
+    for path in (run.negatives, run.metrics, *(run.root / name for name in derived)):
         path.unlink(missing_ok=True)
 
 
@@ -257,6 +332,9 @@ def prepare(config: Config, num_shards: int, devices: list[str], grain: int
     """Validate inputs, then create or resume the run directory. Returns (ds, plan, state)."""
     ds = validate_inputs(config)
     run = RunDir(config.output_dir)
+    blocker = next((p for p in (run.root, *run.root.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise HnmError(f"--output-dir {config.output_dir}: {blocker} is a file, not a directory")
     old = previous_plan(run)
     keys = run_keys(config, ds)
     if old and old.get("run_key") == keys["run_key"]:

@@ -35,3 +35,24 @@ def summary_lines(metrics: dict[str, Any]) -> list[str]:
 def print_summary(metrics: dict[str, Any], say: Callable[[str], Any] = print) -> None:
     for line in summary_lines(metrics):
         say(line)
+
+
+def shard_lines(metrics: dict[str, Any]) -> list[str]:
+    """Per-shard results, as the guide printed them after each GPU finished."""
+    lines = []
+    for s in metrics["shards"]:
+        rate = s["success_rate"]
+        lines += [
+            f"{_device_name(s['device'])} (shard {s['shard']}) completed successfully",
+            f"   Shard {s['shard']} results:",
+            f"      Success rate: {_fmt(None if rate is None else rate * 100, '.1f')}%",
+            f"      Hard negatives: {s['hard_negatives']}",
+            f"      Diverse negatives: {s['diverse_negatives']}",
+            f"      Avg hard text sim: {_fmt(s['mean_hard_text_similarity'])}",
+            f"      Avg hard visual sim: {_fmt(s['mean_hard_visual_similarity'])}",
+        ]
+    return lines
+
+
+def _device_name(device: str) -> str:
+    return f"GPU {device.split(':')[1]}" if device.startswith("cuda:") else "CPU worker"

@@ -40,14 +40,32 @@ def _shard_plan(run: RunDir, shard: int) -> dict[str, Any]:
     return read_json(run.plan)["shards"][shard]
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _planned_skips(run: RunDir) -> list[int]:
     return read_json(run.plan)["skipped"]
 
 
 def _torch_setup(device: str) -> Any:
+    """Settings that make an embedding independent of the process that computed it."""
     import torch
 
     torch.manual_seed(0)
+    if device == "cpu":
+        # CPU kernels split reductions by thread count: one thread per worker process
+        # keeps embeddings bitwise identical for any --cpu-workers
+        torch.set_num_threads(1)
+    else:
+        torch.cuda.set_device(torch.device(device))
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     return torch.device(device)
 
 
@@ -64,7 +82,8 @@ def embed_shard(job: Job, ds: Dataset | None = None, progress: Progress = _no_pr
     t2 = time.perf_counter()
     write_npy(run.image_embeddings(job.shard), images)
     write_npy(run.text_embeddings(job.shard), texts)
-    info = {"embed_images": t1 - t0, "embed_texts": t2 - t1, "device": job.device}
+    info = {"embed_images": t1 - t0, "embed_texts": t2 - t1, "device": job.device,
+            "peak_rss_mb": round(peak_rss_mb(), 1)}
     run.mark_done("embed", job.shard, info)
     return info
 
@@ -144,13 +163,14 @@ def candidates_shard(job: Job, ds: Dataset | None = None,
     t0 = time.perf_counter()
     arrays, kind = mine_candidates(c, tab, np.arange(*part["anchors"]), job.device, progress)
     write_npz(run.candidates(job.shard), arrays)
-    info = {"search": time.perf_counter() - t0, "device": job.device, "index": kind}
+    info = {"search": time.perf_counter() - t0, "device": job.device, "index": kind,
+            "peak_rss_mb": round(peak_rss_mb(), 1)}
     run.mark_done("candidates", job.shard, info)
     return info
 
 
 def mine_candidates(c: Config, tab: Tables, anchors: np.ndarray, device: str = "cpu",
-                    progress: Progress = _no_progress, batch: int = 512
+                    progress: Progress = _no_progress, batch: int = 2048
                     ) -> tuple[dict[str, np.ndarray], str]:
     """Candidate arrays of `anchors` (flat, with offsets), and the index kind used."""
     index = build_index(np.asarray(tab.V), device)

@@ -1,0 +1,130 @@
+"""GPU discovery through NVML; the parent process never initialises CUDA."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from hnm.config import Config
+from hnm.errors import HnmError
+
+
+@dataclass(frozen=True)
+class Gpu:
+    """One visible GPU: `index` is its CUDA ordinal inside this process's visible set."""
+
+    index: int
+    nvml_index: int
+    name: str
+    total_gb: float
+    free_gb: float
+
+
+def _nvml() -> Any:
+    import pynvml
+
+    pynvml.nvmlInit()
+    return pynvml
+
+
+def _visible(count: int, nvml: Any) -> list[int]:
+    """NVML indices in CUDA_VISIBLE_DEVICES order (indices or UUIDs); all when unset."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is None:
+        return list(range(count))
+    uuids = {}
+    for i in range(count):
+        uuid = nvml.nvmlDeviceGetUUID(nvml.nvmlDeviceGetHandleByIndex(i))
+        uuids[uuid.decode() if isinstance(uuid, bytes) else uuid] = i
+    out = []
+    for item in (x.strip() for x in env.split(",") if x.strip()):
+        index = int(item) if item.isdigit() else next(
+            (i for u, i in uuids.items() if u.startswith(item)), None)
+        if index is None or not 0 <= index < count:
+            break  # CUDA stops at the first invalid entry too
+        out.append(index)
+    return out
+
+
+def discover() -> tuple[list[Gpu], str | None]:
+    """Visible GPUs, or an empty list and the reason there are none."""
+    try:
+        nvml = _nvml()
+    except Exception as exc:  # the library is missing, or no driver: both mean CPU mode
+        return [], f"NVML unavailable ({type(exc).__name__}: {exc})"
+    try:
+        count = nvml.nvmlDeviceGetCount()
+        gpus = []
+        for cuda_index, i in enumerate(_visible(count, nvml)):
+            handle = nvml.nvmlDeviceGetHandleByIndex(i)
+            mem = nvml.nvmlDeviceGetMemoryInfo(handle)
+            name = nvml.nvmlDeviceGetName(handle)
+            name = name.decode() if isinstance(name, bytes) else name
+            gpus.append(Gpu(cuda_index, i, name, mem.total / 2**30, mem.free / 2**30))
+    finally:
+        nvml.nvmlShutdown()
+    if not gpus:
+        why = "CUDA_VISIBLE_DEVICES hides every GPU" if count else "NVML reports no GPU"
+        return [], why
+    return gpus, None
+
+
+def memory_used_gb(nvml_index: int) -> float | None:
+    """Memory in use on one GPU, for the progress view; None when NVML cannot say."""
+    try:
+        nvml = _nvml()
+        try:
+            handle = nvml.nvmlDeviceGetHandleByIndex(nvml_index)
+            return nvml.nvmlDeviceGetMemoryInfo(handle).used / 2**30
+        finally:
+            nvml.nvmlShutdown()
+    except Exception:
+        return None
+
+
+def choose_devices(config: Config, gpus: list[Gpu]) -> list[str]:
+    """Devices the run uses, from --gpu-id / --gpu-ids / --num-gpus.
+
+    Without any GPU the run falls back to CPU workers (as the original script did), even
+    when GPUs were asked for; with too few GPUs it is an error listing what exists.
+    """
+    if not gpus:
+        return ["cpu"] * config.cpu_workers
+    wanted = _wanted(config)
+    if wanted is None:
+        return [f"cuda:{g.index}" for g in gpus]
+    missing = [i for i in wanted if i >= len(gpus)]
+    if missing:
+        present = ", ".join(f"{g.index} ({g.name})" for g in gpus)
+        raise HnmError(f"{_flag(config)}: asks for GPU(s) {missing} but only {len(gpus)} "
+                       f"exist: {present}")
+    return [f"cuda:{i}" for i in wanted]
+
+
+def _wanted(config: Config) -> list[int] | None:
+    if config.gpu_ids is not None:
+        return list(config.gpu_ids)
+    if config.gpu_id is not None:
+        return [config.gpu_id]
+    if config.num_gpus is not None:
+        return list(range(config.num_gpus))
+    return None
+
+
+def _flag(config: Config) -> str:
+    if config.gpu_ids is not None:
+        return "--gpu-ids"
+    return "--gpu-id" if config.gpu_id is not None else "--num-gpus"
+
+
+def describe(gpus: list[Gpu], reason: str | None, devices: list[str]) -> list[str]:
+    """The guide's "Detected N GPU(s)" lines, or why the run uses CPU workers."""
+    if not gpus:
+        return [f"No GPU: {reason}. Running on {len(devices)} CPU worker(s)."]
+    lines = [f"Detected {len(gpus)} GPU(s): {[g.index for g in gpus]}"]
+    lines += [f"   GPU {g.index}: {g.name}, {g.total_gb:.1f} GB ({g.free_gb:.1f} GB free)"
+              for g in gpus]
+    used = [d for d in devices if d.startswith("cuda")]
+    lines.append(f"Using {len(used)} GPU(s): {', '.join(used)}")
+    return lines

@@ -1,0 +1,493 @@
+"""OUTPUT_DIR/report.html: one self-contained page with a run's figures, plots and negatives."""
+
+from __future__ import annotations
+
+import base64
+import heapq
+import html
+import io
+import json
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hnm.audit import SUSPECTS_FILE
+from hnm.config import Config, make_config, read_yaml
+from hnm.data import normalize
+from hnm.errors import HnmError
+from hnm.storage import RunDir, read_json, write_text
+
+REPORT_FILE = "report.html"
+THUMB = 112  # longest side of a gallery thumbnail, in pixels
+# Gallery rows per section: bounded so the page stays small (~1 MB) whatever the run's size.
+SAMPLE, BORDERLINE, FAILED, SUSPECTS = 24, 12, 12, 40
+HARD, DIVERSE, ALERT = "#1f6fb4", "#e08a1e", "#c62828"
+
+CSS = """
+body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;color:#222;
+ background:#f6f7f9}
+main{max-width:1200px;margin:0 auto;padding:16px 24px 48px}
+h1{font-size:22px;margin:8px 0 4px}h2{font-size:18px;margin:28px 0 8px;border-bottom:1px solid
+ #ddd;padding-bottom:4px}h3{font-size:15px;margin:16px 0 6px}
+.muted{color:#666}.cards{display:flex;flex-wrap:wrap;gap:10px}
+.card{background:#fff;border:1px solid #e2e4e8;border-radius:6px;padding:8px 12px;min-width:130px}
+.card b{display:block;font-size:20px}.card span{color:#666;font-size:12px}
+table{border-collapse:collapse;background:#fff;font-size:13px}
+td,th{border:1px solid #e2e4e8;padding:3px 8px;text-align:left;vertical-align:top}
+th{background:#eef0f3}td.num{text-align:right;font-variant-numeric:tabular-nums}
+.plots{display:flex;flex-wrap:wrap;gap:12px}
+.plots svg{background:#fff;border:1px solid #e2e4e8;border-radius:6px}
+.cases{display:flex;flex-wrap:wrap;gap:8px}
+.case{display:flex;gap:10px;background:#fff;border:1px solid #e2e4e8;border-radius:6px;
+ padding:8px}
+.item{width:270px;display:flex;gap:8px}.item.anchor{border-right:2px solid #ddd;padding-right:10px}
+.thumb{width:112px;height:112px;object-fit:contain;background:#eee;flex:none}
+.noimg{width:112px;height:112px;background:#eee;color:#888;font-size:11px;display:flex;
+ align-items:center;justify-content:center;text-align:center;flex:none}
+.text{font-size:12.5px;overflow-wrap:anywhere}.meta{font-size:11.5px;color:#555}
+.tag{display:inline-block;border-radius:3px;padding:0 5px;color:#fff;font-size:11px}
+.hard{background:#1f6fb4}.diverse{background:#e08a1e}.suspect{background:#c62828}
+.none{color:#c62828;align-self:center}
+"""
+
+
+def load_run_config(run: RunDir) -> Config:
+    """The run's resolved config from its config.yaml (provenance left out)."""
+    if not run.config.exists():
+        raise HnmError(f"{run.root}: no config.yaml; not an hnm run directory")
+    values = read_yaml(run.config)
+    values.pop("provenance", None)
+    values["output_dir"] = str(run.root)  # the folder may have moved since the run
+    return make_config(values)
+
+
+def report_from_dir(output_dir: str | Path) -> Path:
+    """`hnm report OUTPUT_DIR`: (re)write the report of a finished run."""
+    run = RunDir(output_dir)
+    for path in (run.config, run.plan, run.negatives, run.metrics):
+        if not path.exists():
+            raise HnmError(f"{run.root}: no {path.name}; not a finished hnm run "
+                           "(rerun the mining command to finish it)")
+    config = load_run_config(run)
+    return write_report(run, config, read_json(run.metrics), read_json(run.plan))
+
+
+def write_report(run: RunDir, config: Config, metrics: dict[str, Any],
+                 plan: dict[str, Any]) -> Path:
+    """Render OUTPUT_DIR/report.html from the metrics document and the run's files."""
+    scan = scan_negatives(run, config, plan)
+    suspects = top_suspects(run.root / SUSPECTS_FILE)
+    path = run.root / REPORT_FILE
+    write_text(path, render(config, metrics, scan, suspects))
+    return path
+
+
+# ---- reading the run's outputs ------------------------------------------------------------
+
+def anchor_positions(plan: dict[str, Any]) -> list[int]:
+    """Record positions of the anchors: the first num_anchors records not skipped."""
+    skipped = set(plan["skipped"])
+    mined = (p for p in range(plan["num_records"]) if p not in skipped)
+    return [p for _, p in zip(range(plan["num_anchors"]), mined)]
+
+
+@dataclass
+class Scan:
+    """What the report needs from negatives.jsonl, gathered in bounded memory."""
+
+    sample: list[int]
+    high_text: list[int] = field(default_factory=list)
+    low_visual: list[int] = field(default_factory=list)
+    failed: list[int] = field(default_factory=list)
+    reuse: Counter = field(default_factory=Counter)  # uses -> number of phrases
+    records: dict[int, dict] = field(default_factory=dict)
+
+
+def scan_negatives(run: RunDir, config: Config, plan: dict[str, Any]) -> Scan:
+    """Choose the gallery's anchors (deterministically) and count phrase reuse.
+
+    A seeded sample; the hard negatives with the highest text and the lowest visual
+    similarity (the borderline ones: ties by input position); the first anchors with no
+    negative. Two passes over the file: only the chosen records are held in memory.
+    """
+    anchors = anchor_positions(plan)
+    rng = np.random.default_rng(config.seed)
+    picked = rng.choice(len(anchors), size=min(SAMPLE, len(anchors)), replace=False)
+    scan = Scan(sample=sorted(anchors[i] for i in picked.tolist()))
+    high: list[tuple[float, int]] = []
+    low: list[tuple[float, int]] = []
+    uses: Counter = Counter()
+    for pos, record in _lines(run.negatives, set(anchors)):
+        negatives = record.get("negatives") or []
+        if not negatives and len(scan.failed) < FAILED:
+            scan.failed.append(pos)
+        uses.update(normalize(n["text"]) for n in negatives)
+        hard = [n for n in negatives if n["type"] == "hard"]
+        if hard:
+            _push(high, BORDERLINE, (max(n["text_similarity"] for n in hard), -pos))
+            _push(low, BORDERLINE, (-min(n["visual_similarity"] for n in hard), -pos))
+    scan.high_text = [-p for _, p in sorted(high, reverse=True)]
+    scan.low_visual = [-p for _, p in sorted(low, reverse=True)]
+    scan.reuse = Counter(uses.values())
+    wanted = {*scan.sample, *scan.high_text, *scan.low_visual, *scan.failed}
+    scan.records = dict(_lines(run.negatives, wanted))
+    return scan
+
+
+def _push(heap: list, size: int, item: tuple) -> None:
+    """Keep the `size` largest items."""
+    if len(heap) < size:
+        heapq.heappush(heap, item)
+    elif item > heap[0]:
+        heapq.heapreplace(heap, item)
+
+
+def _lines(path: Path, positions: set[int]) -> Iterator[tuple[int, dict]]:
+    """(position, record) of the wanted lines; the others are not even parsed."""
+    with open(path, encoding="utf-8") as handle:
+        for pos, line in enumerate(handle):
+            if pos in positions:
+                yield pos, json.loads(line)
+
+
+@dataclass
+class Suspects:
+    """How many suspects the run found, and those most alike their anchor."""
+
+    total: int = 0
+    by_text: list[dict] = field(default_factory=list)
+    by_visual: list[dict] = field(default_factory=list)
+
+
+def top_suspects(path: Path, size: int = SUSPECTS // 2) -> Suspects:
+    """The `size` suspects with the highest text similarity among those suspected for
+    their text, and likewise for images (ties: file order); one pass, bounded memory."""
+    out = Suspects()
+    if not path.exists():
+        return out
+    text: list[tuple] = []
+    visual: list[tuple] = []
+    with open(path, encoding="utf-8") as handle:
+        for k, line in enumerate(handle):
+            s = json.loads(line)
+            out.total += 1
+            if "text" in s["reasons"]:
+                _push(text, size, (s["negative"]["text_similarity"], -k, s))
+            if "visual" in s["reasons"]:
+                _push(visual, size, (s["negative"]["visual_similarity"], -k, s))
+    out.by_text = [s for *_, s in sorted(text, reverse=True)]
+    out.by_visual = [s for *_, s in sorted(visual, reverse=True)]
+    return out
+
+
+# ---- the page -----------------------------------------------------------------------------
+
+def render(config: Config, metrics: dict[str, Any], scan: Scan, suspects: Suspects) -> str:
+    """The whole report page."""
+    thumbs = Thumbs(Path(config.image_dir))
+    title = f"hnm run report: {config.split} ({Path(config.output_dir).name})"
+    body = "".join([
+        f"<h1>{esc(title)}</h1>",
+        f"<p class='muted'>{esc(config.annotations or '')} · "
+        f"{esc(metrics['provenance']['config_hash'])}</p>",
+        headline(metrics), plots(config, metrics, scan), shard_table(metrics),
+        gallery(config, scan, thumbs), suspect_table(config, suspects, thumbs),
+        config_table(config, metrics),
+    ])
+    return page(title, body)
+
+
+def page(title: str, body: str, css: str = CSS) -> str:
+    """A complete HTML document: inline style only, nothing fetched."""
+    return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+            f"<meta name='viewport' content='width=device-width,initial-scale=1'>"
+            f"<title>{esc(title)}</title><style>{css}</style></head>"
+            f"<body><main>{body}</main></body></html>\n")
+
+
+def esc(value: Any) -> str:
+    """Text made safe inside HTML elements and quoted attributes."""
+    return html.escape(str(value), quote=True)
+
+
+def fmt(value: Any, spec: str = ".3f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def headline(metrics: dict[str, Any]) -> str:
+    g = metrics["global"]
+    total = sum(metrics["timing"].values())
+    rate = g["success_rate"]
+    share = g["hard_share"]
+    suspects = g.get("suspect_negatives", {})
+    dups = g.get("duplicate_images", {})
+    cards = [
+        ("success rate", f"{fmt(None if rate is None else rate * 100, '.1f')}%",
+         f"{g['successes']} of {g['anchors']} anchors"),
+        ("hard / diverse", f"{g['hard_negatives']} / {g['diverse_negatives']}",
+         f"hard share {fmt(share, '.2f')}, fallback used {g['fallback_used']}"),
+        ("avg hard text sim", fmt(g["hard_text_similarity"]["mean"]), "lower is harder"),
+        ("avg hard visual sim", fmt(g["hard_visual_similarity"]["mean"]), "higher is harder"),
+        ("phrase diversity", fmt(g["phrase_diversity"]),
+         f"max reuse {g['max_phrase_reuse']}"),
+        ("suspect negatives", str(suspects.get("total", "n/a")),
+         f"dropped {suspects.get('dropped', 0)}"),
+        ("duplicate images", str(dups.get("duplicate_rows", "n/a")),
+         f"in {dups.get('groups', 'n/a')} groups"),
+        ("total time", f"{total:.1f}s",
+         f"{fmt(metrics['throughput_anchors_per_s'], '.1f')} anchors/s"),
+    ]
+    items = "".join(f"<div class='card'><span>{esc(k)}</span><b>{esc(v)}</b>"
+                    f"<span>{esc(s)}</span></div>" for k, v, s in cards)
+    return f"<h2>Summary</h2><div class='cards'>{items}</div>"
+
+
+# ---- plots (inline SVG) -------------------------------------------------------------------
+
+W, H, L, R, T, B = 540, 240, 44, 12, 30, 34  # plot size and margins
+
+
+def histogram_svg(title: str, series: list[tuple[str, dict | None, str]],
+                  lines: list[tuple[float, str, str]]) -> str:
+    """Overlaid histograms over [lo, hi] with labelled vertical lines at given values."""
+    hists = [(name, h, colour) for name, h, colour in series if h]
+    lo, hi = (hists[0][1]["lo"], hists[0][1]["hi"]) if hists else (-1.0, 1.0)
+    top = max((max(h["counts"]) for _, h, _ in hists), default=0) or 1
+    pw, ph = W - L - R, H - T - B
+    x = lambda v: L + (v - lo) / (hi - lo) * pw  # noqa: E731
+    out = [_svg_open(title), _axes(lo, hi, top, x)]
+    for name, h, colour in hists:
+        n = len(h["counts"])
+        for i, c in enumerate(h["counts"]):
+            if c:
+                bh = c / top * ph
+                out.append(f"<rect x='{x(lo + i * (hi - lo) / n):.1f}' y='{T + ph - bh:.1f}' "
+                           f"width='{pw / n:.1f}' height='{bh:.1f}' fill='{colour}' "
+                           f"fill-opacity='0.55'><title>{esc(name)}: {c}</title></rect>")
+    for k, (value, label, colour) in enumerate(lines):
+        # labels near the right edge go on the line's left, so they are not cut off
+        at, anchor = (x(value) - 3, "end") if x(value) > W - R - 60 else (x(value) + 3, "start")
+        out.append(f"<line x1='{x(value):.1f}' x2='{x(value):.1f}' y1='{T}' y2='{T + ph}' "
+                   f"stroke='{colour}' stroke-dasharray='4 3'/><text x='{at:.1f}' "
+                   f"y='{T + 10 + 11 * k}' font-size='10' fill='{colour}' "
+                   f"text-anchor='{anchor}'>{esc(label)}</text>")
+    out += [_legend([(n, c) for n, _, c in hists]), "</svg>"]
+    return "".join(out)
+
+
+def _svg_open(title: str, height: int = H) -> str:
+    return (f"<svg class='plot' xmlns='http://www.w3.org/2000/svg' width='{W}' "
+            f"height='{height}' viewBox='0 0 {W} {height}' role='img'><title>{esc(title)}"
+            f"</title><text x='{L}' y='18' font-size='13' font-weight='600'>{esc(title)}</text>")
+
+
+def _axes(lo: float, hi: float, top: int, x: Any) -> str:
+    ph = H - T - B
+    ticks = [lo + (hi - lo) * i / 4 for i in range(5)]
+    out = [f"<line x1='{L}' x2='{W - R}' y1='{T + ph}' y2='{T + ph}' stroke='#999'/>"]
+    out += [f"<text x='{x(t):.1f}' y='{T + ph + 14}' font-size='10' text-anchor='middle'>"
+            f"{t:g}</text>" for t in ticks]
+    out.append(f"<text x='{L - 4}' y='{T + 8}' font-size='10' text-anchor='end'>{top}</text>"
+               f"<text x='{L - 4}' y='{T + ph}' font-size='10' text-anchor='end'>0</text>")
+    return "".join(out)
+
+
+def _legend(items: list[tuple[str, str]]) -> str:
+    out = []
+    for k, (name, colour) in enumerate(items):
+        lx = W - R - 150 + 75 * k
+        out.append(f"<rect x='{lx}' y='{H - 14}' width='10' height='10' fill='{colour}' "
+                   f"fill-opacity='0.7'/><text x='{lx + 14}' y='{H - 5}' font-size='11'>"
+                   f"{esc(name)}</text>")
+    return "".join(out)
+
+
+def bars_svg(title: str, items: list[tuple[str, float, str]], colour: str = HARD) -> str:
+    """Horizontal bars: (label, value, value as text) per row."""
+    row = 20
+    height = T + row * len(items) + 10
+    top = max((v for _, v, _ in items), default=0) or 1
+    width = W - 130 - 70
+    out = [_svg_open(title, height)]
+    for k, (label, value, text) in enumerate(items):
+        y = T + row * k
+        bw = value / top * width
+        out.append(f"<text x='124' y='{y + 14}' font-size='11' text-anchor='end'>{esc(label)}"
+                   f"</text><rect x='130' y='{y + 3}' width='{bw:.1f}' height='{row - 6}' "
+                   f"fill='{colour}'/><text x='{134 + bw:.1f}' y='{y + 14}' font-size='11'>"
+                   f"{esc(text)}</text>")
+    return "".join(out) + "</svg>"
+
+
+def plots(config: Config, metrics: dict[str, Any], scan: Scan) -> str:
+    g = metrics["global"]
+    tau = config.cosine_threshold
+    steps = [(tau, "τ", "#555"), (tau + 0.09, "τ+0.09", "#777"), (tau + 0.18, "τ+0.18", "#999"),
+             (config.audit_text_similarity, "audit", ALERT)]
+    text = histogram_svg("Text similarity to the anchor",
+                         [("hard", g["hard_text_similarity"].get("histogram"), HARD),
+                          ("diverse", g["diverse_text_similarity"].get("histogram"), DIVERSE)],
+                         steps)
+    visual = histogram_svg(
+        "Visual similarity to the anchor",
+        [("hard", g["hard_visual_similarity"].get("histogram"), HARD),
+         ("diverse", g["diverse_visual_similarity"].get("histogram"), DIVERSE)],
+        [(config.min_visual_similarity, "min visual", "#555"),
+         (config.audit_visual_similarity, "audit", ALERT)])
+    by_step = g["hard_threshold_steps"]
+    hard = max(1, g["hard_negatives"])
+    step_bars = bars_svg("Threshold step that accepted each hard negative",
+                         [(f"step {k}" if k != "fallback" else k, v,
+                           f"{v} ({v / hard:.0%})") for k, v in by_step.items()])
+    reuse_bars = bars_svg("Phrase reuse: phrases used n times", reuse_rows(scan.reuse),
+                          DIVERSE)
+    timing = metrics["timing"]
+    time_bars = bars_svg("Time per phase (s)", [(k, v, f"{v:.2f}s") for k, v in timing.items()],
+                         "#607d8b")
+    return (f"<h2>Distributions</h2><div class='plots'>{text}{visual}{step_bars}{reuse_bars}"
+            f"{time_bars}</div>")
+
+
+def reuse_rows(reuse: Counter, rows: int = 12) -> list[tuple[str, float, str]]:
+    """Phrases per use count, 1..rows-1 each, the rest summed in a last "rows+" bar."""
+    counts = [(f"{n}×", reuse[n]) for n in range(1, min(max(reuse, default=0), rows - 1) + 1)]
+    many = sum(c for n, c in reuse.items() if n >= rows)
+    if many:
+        counts.append((f"{rows}+×", many))
+    return [(label, c, str(c)) for label, c in counts]
+
+
+# ---- tables -------------------------------------------------------------------------------
+
+def table(head: list[str], rows: list[list[Any]]) -> str:
+    """A plain HTML table; numbers right-aligned."""
+    body = "".join("<tr>" + "".join(_cell(c) for c in r) + "</tr>" for r in rows)
+    return ("<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr>" + body
+            + "</table>")
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return f"<td>{esc('n/a' if value is None else value)}</td>"
+    return f"<td class='num'>{esc(format(value, 'g') if isinstance(value, float) else value)}</td>"
+
+
+def shard_table(metrics: dict[str, Any]) -> str:
+    keys = ["shard", "device", "anchors", "success_rate", "hard_negatives",
+            "diverse_negatives", "mean_hard_text_similarity", "mean_hard_visual_similarity",
+            "suspect_negatives", "seconds", "peak_rss_mb"]
+    rows = [[s.get(k) for k in keys] for s in metrics["shards"]]
+    return "<h2>Shards</h2>" + table([k.replace("_", " ") for k in keys], rows)
+
+
+def config_table(config: Config, metrics: dict[str, Any]) -> str:
+    values = config.to_dict()
+    values["fields"] = ", ".join(f"{k}={v}" for k, v in values["fields"].items())
+    rows = [[k, json.dumps(v) if not isinstance(v, str) else v] for k, v in values.items()]
+    prov = [[k, v] for k, v in metrics["provenance"].items()]
+    return ("<h2>Configuration</h2>" + table(["key", "value"], rows)
+            + "<h3>Provenance</h3>" + table(["key", "value"], prov))
+
+
+# ---- gallery ------------------------------------------------------------------------------
+
+class Thumbs:
+    """Small inline JPEG thumbnails, each image file read once."""
+
+    def __init__(self, image_dir: Path) -> None:
+        self.image_dir = image_dir
+        self.cache: dict[str, str | None] = {}
+
+    def html(self, image: str) -> str:
+        if image not in self.cache:
+            self.cache[image] = self._data_uri(self.image_dir / image)
+        uri = self.cache[image]
+        if uri is None:
+            return f"<div class='noimg'>image not found<br>{esc(image)}</div>"
+        return f"<img class='thumb' src='{uri}' alt='{esc(image)}'>"
+
+    @staticmethod
+    def _data_uri(path: Path) -> str | None:
+        from PIL import Image
+
+        try:
+            with Image.open(path) as img:
+                img = img.convert("RGB")
+                img.thumbnail((THUMB, THUMB))
+                buffer = io.BytesIO()
+                img.save(buffer, "JPEG", quality=72)
+        except (OSError, ValueError, SyntaxError):
+            return None  # a missing or damaged image must not stop the report
+        return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def gallery(config: Config, scan: Scan, thumbs: Thumbs) -> str:
+    sections = [
+        ("Random sample", f"{len(scan.sample)} anchors drawn with seed {config.seed}",
+         scan.sample),
+        ("Borderline: highest text similarity", "hard negatives closest to saying the same",
+         scan.high_text),
+        ("Borderline: lowest visual similarity", "hard negatives that look least alike",
+         scan.low_visual),
+        ("Anchors without a negative", "the first ones in input order", scan.failed),
+    ]
+    out = ["<h2>Gallery</h2>"]
+    for title, note, positions in sections:
+        out.append(f"<h3>{esc(title)}</h3><p class='muted'>{esc(note)}</p>")
+        cases = "".join(case(config, p, scan.records[p], thumbs) for p in positions)
+        out.append(f"<div class='cases'>{cases}</div>" if positions else "<p>None.</p>")
+    return "".join(out)
+
+
+def case(config: Config, position: int, record: dict, thumbs: Thumbs) -> str:
+    """One anchor beside its negatives."""
+    f = config.fields
+    anchor = item(thumbs, record[f.image], record.get(f.id, f"record {position}"),
+                  record[f.text], "anchor", "")
+    negatives = [negative_item(thumbs, n) for n in record.get("negatives") or []]
+    if not negatives:
+        negatives = ["<div class='none'>no negative found</div>"]
+    return f"<div class='case'>{anchor}{''.join(negatives)}</div>"
+
+
+def negative_item(thumbs: Thumbs, n: dict) -> str:
+    detail = f"step {n['threshold_step']}" if n["type"] == "hard" else \
+        f"cluster {n.get('anchor_cluster')}→{n.get('negative_cluster')}"
+    tags = f"<span class='tag {n['type']}'>{n['type']}</span> "
+    if n.get("suspect"):
+        tags += "<span class='tag suspect'>suspect</span> "
+    meta = (f"{tags}{esc(detail)}<br>text {n['text_similarity']:.3f} · "
+            f"visual {n['visual_similarity']:.3f}")
+    return item(thumbs, n["image"], n["id"], n["text"], "negative", meta)
+
+
+def item(thumbs: Thumbs, image: str, rid: Any, text: str, kind: str, meta: str) -> str:
+    return (f"<div class='item {kind}'>{thumbs.html(image)}<div><div class='meta'>{esc(rid)}"
+            f"</div><div class='text'>{esc(text)}</div><div class='meta'>{meta}</div></div>"
+            "</div>")
+
+
+def suspect_table(config: Config, suspects: Suspects, thumbs: Thumbs) -> str:
+    """Every suspect counted; those most alike their anchor shown beside it."""
+    dropped = "; removed from the output (--drop-suspect-negatives)" \
+        if config.drop_suspect_negatives else ""
+    out = [f"<h2>Suspected false negatives</h2><p class='muted'>text similarity above "
+           f"{config.audit_text_similarity} or visual similarity above "
+           f"{config.audit_visual_similarity}; {suspects.total} in all{dropped}; every one "
+           f"is listed in {SUSPECTS_FILE}</p>"]
+    for title, shown in (("Texts that say the same as the anchor's", suspects.by_text),
+                         ("Images that nearly duplicate the anchor's", suspects.by_visual)):
+        out.append(f"<h3>{esc(title)}</h3><p class='muted'>the {len(shown)} most alike</p>")
+        cases = "".join(suspect_case(thumbs, s) for s in shown)
+        out.append(f"<div class='cases'>{cases}</div>" if shown else "<p>None.</p>")
+    return "".join(out)
+
+
+def suspect_case(thumbs: Thumbs, s: dict) -> str:
+    anchor = item(thumbs, s["anchor_image"], s["anchor_id"], s["anchor_text"], "anchor",
+                  "suspect for: " + esc(", ".join(s["reasons"])))
+    return f"<div class='case'>{anchor}{negative_item(thumbs, s['negative'])}</div>"

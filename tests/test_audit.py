@@ -1,0 +1,167 @@
+"""The false-negative audit: suspects, dropping them, recounting, duplicate image files."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from synthetic import make_dataset, mine_args
+from test_engine import random_case
+
+from hnm.audit import audit_picks, duplicate_images, recount
+from hnm.cli import main
+from hnm.data import anchor_uniforms
+from hnm.encoders import finalize
+from hnm.index import kmeans
+from hnm.metrics import Metrics
+from hnm.miner import Tables, eligible_phrases
+from hnm.pipeline import make_selector, unpack_candidates
+from hnm.worker import mine_candidates
+
+
+def selection(seed: int, **changes):
+    """A randomized case through candidates and the selection pass, metrics kept."""
+    V, T, text_ids, groups, phrases, blacklist, config, n = random_case(seed)
+    config = dataclasses.replace(config, **changes)
+    clusters, _ = kmeans(V, config.n_clusters, config.seed)
+    eligible = eligible_phrases(T, phrases, blacklist, config.min_answer_length,
+                                config.blacklist_similarity)
+    tab = Tables(V, T, text_ids, groups, eligible[text_ids], clusters)
+    anchors = np.arange(n)
+    u = anchor_uniforms([f"r{i}" for i in range(n)], config.seed)
+    hard, diverse, complete = unpack_candidates(mine_candidates(config, tab, anchors)[0])
+    metrics = Metrics()
+    picks = make_selector(config, tab, phrases).run(anchors, u, hard, diverse, complete,
+                                                    metrics)
+    return config, tab, phrases, anchors, u, picks, metrics
+
+
+def exact_sims(tab: Tables, a: int, row: int) -> tuple[float, float]:
+    """(txt, vis) of a pair, from the embeddings themselves."""
+    t = tab.T[tab.text_ids]
+    return (float(np.dot(t[a].astype(np.float64), t[row].astype(np.float64))),
+            float(np.dot(tab.V[a].astype(np.float64), tab.V[row].astype(np.float64))))
+
+
+@pytest.mark.parametrize("seed", range(0, 150, 3))
+def test_recount_of_an_unchanged_output_equals_the_selection_metrics(seed):
+    config, tab, phrases, _, u, picks, metrics = selection(seed)
+    lengths = [len(p) for p in phrases]
+    assert recount(metrics, u, picks, config, tab.text_ids, lengths) == metrics
+
+
+def test_dropping_removes_exactly_the_suspects():
+    dropped = emptied = 0
+    for seed in range(0, 150, 5):
+        d, e = check_drop(seed)
+        dropped, emptied = dropped + d, emptied + e
+    assert dropped > 50 and emptied > 10  # the cases reach what they test
+
+
+def check_drop(seed: int) -> tuple[int, int]:
+    """Audit one case with low thresholds; returns (suspects dropped, anchors emptied)."""
+    config, tab, phrases, anchors, u, picks, metrics = selection(
+        seed, audit_text_similarity=0.2, audit_visual_similarity=0.5,
+        drop_suspect_negatives=True)
+    attempts = metrics.hard_attempts
+    done = audit_picks(config, anchors, u, picks, metrics, tab.text_ids, phrases)
+    want, kinds, reasons = [], {"hard": 0, "diverse": 0}, {"text": 0, "visual": 0}
+    for a, row in enumerate(picks):
+        keep = []
+        for p in row:
+            txt, vis = exact_sims(tab, a, p.row)
+            if txt > 0.2 or vis > 0.5:
+                kinds[p.kind] += 1
+                reasons["text"] += txt > 0.2
+                reasons["visual"] += vis > 0.5
+            else:
+                keep.append(p)
+        want.append(keep)
+    assert done.picks == want
+    s = done.metrics.summary()
+    total = sum(kinds.values())
+    assert s["suspect_negatives"] == {"total": total, **kinds, "text_similarity":
+                                      reasons["text"], "visual_similarity": reasons["visual"],
+                                      "dropped": total}
+    assert s["successes"] == sum(bool(r) for r in want)
+    assert s["negatives"] == sum(map(len, want))
+    hard = [p.txt for r in want for p in r if p.kind == "hard"]
+    assert s["hard_negatives"] == len(hard) == s["hard_successes"]
+    if hard:
+        assert s["hard_text_similarity"]["mean"] == pytest.approx(np.mean(hard), abs=1e-6)
+    assert s["hard_attempts"] == attempts  # the selection pass itself is unchanged
+    assert [(x.anchor, x.pick) for x in done.suspects] == [
+        (a, p) for a, row in enumerate(picks) for p in row if p not in want[a]]
+    return total, sum(bool(r) and not w for r, w in zip(picks, want))
+
+
+def test_nothing_is_dropped_unless_asked():
+    config, tab, phrases, anchors, u, picks, metrics = selection(
+        7, audit_text_similarity=-1.0, audit_visual_similarity=-1.0)
+    done = audit_picks(config, anchors, u, picks, metrics, tab.text_ids, phrases)
+    negatives = sum(map(len, picks))
+    assert negatives > 0
+    assert done.picks == picks
+    assert done.metrics.summary()["suspect_negatives"]["total"] == negatives
+    assert done.metrics.summary()["suspect_negatives"]["dropped"] == 0
+
+
+def test_duplicate_images_are_found_by_content(tmp_path: Path):
+    a, b, c, d = (tmp_path / n for n in ("a.png", "b.png", "c.png", "missing.png"))
+    a.write_bytes(b"\x89PNG same bytes")
+    shutil.copy(a, b)
+    c.write_bytes(b"\x89PNG SAME BYTES")  # same size, other content: not a duplicate
+    (tmp_path / "e.png").write_bytes(b"unique")
+    got = duplicate_images([a, b, a, c, d, tmp_path / "e.png"])
+    # contents: {a, b, a} one group of 3 rows, c alone, e alone; d unreadable
+    assert got == {"rows": 6, "unreadable": 1, "duplicate_rows": 2, "groups": 1}
+
+
+def _negatives(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "negatives.jsonl").read_text().splitlines()]
+
+
+def test_run_flags_suspects_and_drops_them(tmp_path: Path):
+    paths = make_dataset(tmp_path / "data", n=160, seed=3)
+    flags = ("--audit-text-similarity", "0.3", "--audit-visual-similarity", "0.95")
+    assert main(mine_args(paths, tmp_path / "keep", *flags)) == 0
+    assert main(mine_args(paths, tmp_path / "drop", *flags, "--drop-suspect-negatives")) == 0
+    # the similarities hnm uses: of the grid-snapped embeddings (exact in float64)
+    V = finalize(np.load(paths["image_embeddings"])).astype(np.float64)
+    T = finalize(np.load(paths["text_embeddings"])).astype(np.float64)
+    records = _negatives(tmp_path / "keep")
+    row = {r["id"]: i for i, r in enumerate(records)}
+    expected_suspects = []
+    for i, r in enumerate(records):
+        for n in r["negatives"]:
+            txt, vis = T[i] @ T[row[n["id"]]], V[i] @ V[row[n["id"]]]
+            assert n["suspect"] == bool(txt > 0.3 or vis > 0.95)
+            if n["suspect"]:
+                expected_suspects.append((r["id"], n["id"]))
+    assert len(expected_suspects) > 5
+    listed = [json.loads(line) for line in (tmp_path / "keep/suspects.jsonl").open()]
+    assert [(s["anchor_id"], s["negative"]["id"]) for s in listed] == expected_suspects
+    assert not any(s["dropped"] for s in listed)
+    # dropping: the same output less the suspects; they are listed as dropped
+    dropped = _negatives(tmp_path / "drop")
+    assert dropped == [{**r, "negatives": [n for n in r["negatives"] if not n["suspect"]]}
+                       for r in records]
+    listed_dropped = [json.loads(line) for line in (tmp_path / "drop/suspects.jsonl").open()]
+    assert [s["negative"] for s in listed_dropped] == [s["negative"] for s in listed]
+    assert all(s["dropped"] for s in listed_dropped)
+    keep_g = json.loads((tmp_path / "keep/metrics.json").read_text())["global"]
+    drop_g = json.loads((tmp_path / "drop/metrics.json").read_text())["global"]
+    assert keep_g["suspect_negatives"]["total"] == len(expected_suspects)
+    assert drop_g["suspect_negatives"]["dropped"] == len(expected_suspects)
+    assert drop_g["negatives"] == keep_g["negatives"] - len(expected_suspects)
+    assert drop_g["successes"] == sum(bool(r["negatives"]) for r in dropped)
+    assert keep_g["duplicate_images"]["duplicate_rows"] == _byte_duplicates(paths, records)
+
+
+def _byte_duplicates(paths: dict, records: list[dict]) -> int:
+    contents = [(Path(paths["image_dir"]) / r["image"]).read_bytes() for r in records]
+    return len(contents) - len(set(contents))

@@ -1,0 +1,160 @@
+"""Multi-worker runs: identical bytes for any worker count, retries, interrupts and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from hnm.demo import make_demo
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("demo")
+    make_demo(out, num_dialogs=10, turns_per_dialog=4, image_size=64)
+    return out
+
+
+def launch(demo: Path, out: Path, *flags: str, env: dict | None = None,
+           timeout: float = 300) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "launch.py", "--config", "configs/demo.yaml",
+           "--annotations", str(demo / "annotations.json"), "--image-dir", str(demo),
+           "--output-dir", str(out), "--num-workers", "0", "--batch-size", "8", *flags]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def marker_times(out: Path) -> dict[str, float]:
+    return {str(p.relative_to(out)): p.stat().st_mtime_ns
+            for p in out.glob("*/done*")}
+
+
+@pytest.fixture(scope="module")
+def single(demo, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("single") / "run"
+    result = launch(demo, out, "--cpu-workers", "1")
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_output_is_byte_identical_for_any_worker_count(demo, single, tmp_path, workers):
+    result = launch(demo, tmp_path / "run", "--cpu-workers", str(workers))
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "run/negatives.jsonl").read_bytes() == \
+        (single / "negatives.jsonl").read_bytes()
+    plan = json.loads((tmp_path / "run/plan.json").read_text())
+    assert len(plan["shards"]) == workers
+    metrics = json.loads((tmp_path / "run/metrics.json").read_text())
+    assert len(metrics["shards"]) == workers
+    # global figures are merged counts, equal to the one-worker run's
+    assert metrics["global"] == json.loads((single / "metrics.json").read_text())["global"]
+    assert sum(s["anchors"] for s in metrics["shards"]) == metrics["global"]["anchors"]
+    assert f"Running on {workers} CPU worker(s)" in result.stdout.replace("\n", " ")
+
+
+def test_a_killed_worker_is_retried_and_the_output_is_unchanged(demo, single, tmp_path):
+    result = launch(demo, tmp_path / "run", "--cpu-workers", "2",
+                    env={"HNM_TEST_CRASH": "embed:1"})
+    assert result.returncode == 0, result.stderr
+    assert "failed in embed: worker exited with code -9 (will retry)" in result.stdout
+    assert (tmp_path / "run/negatives.jsonl").read_bytes() == \
+        (single / "negatives.jsonl").read_bytes()
+
+
+def test_a_shard_failing_every_retry_stops_the_run_with_a_resumable_message(demo, tmp_path):
+    result = launch(demo, tmp_path / "run", "--cpu-workers", "2", "--max-retries", "0",
+                    env={"HNM_TEST_CRASH": "candidates:0"})
+    assert result.returncode == 1
+    err = result.stderr.strip()
+    assert len(err.splitlines()) == 1
+    assert "shard 0 failed in candidates on cpu" in err
+    assert "logs/shard_00000.log" in err and "Rerunning the same command resumes" in err
+    assert not (tmp_path / "run/negatives.jsonl").exists()
+    again = launch(demo, tmp_path / "run", "--cpu-workers", "2")
+    assert again.returncode == 0, again.stderr
+    assert "Resumed: reused 2 embedded and 1 mined shard(s) of 2, and the index" in again.stdout
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True,
+                         text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+@pytest.mark.parametrize("sig,status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_interrupt_stops_workers_and_a_rerun_resumes(demo, single, tmp_path, sig, status):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "launch.py", "--config", "configs/demo.yaml",
+           "--annotations", str(demo / "annotations.json"), "--image-dir", str(demo),
+           "--output-dir", str(out), "--num-workers", "0", "--batch-size", "8",
+           "--cpu-workers", "2"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not list(out.glob("embeddings/done_*")):
+        time.sleep(0.1)
+    assert list(out.glob("embeddings/done_*")), "no shard finished embedding in time"
+    workers = _children(proc.pid)
+    t0 = time.monotonic()
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=30)
+    assert time.monotonic() - t0 < 10
+    assert proc.returncode == status
+    assert "rerun the same command to resume" in err
+    time.sleep(0.5)
+    assert not [p for p in workers if Path(f"/proc/{p}").exists()
+                and "zombie" not in Path(f"/proc/{p}/status").read_text().lower()]
+    assert not list(out.rglob("*.tmp")), "half-written files were left behind"
+    before = marker_times(out)
+    again = launch(demo, out, "--cpu-workers", "2")
+    assert again.returncode == 0, again.stderr
+    after = marker_times(out)
+    assert all(after[k] == v for k, v in before.items()), "finished shards were redone"
+    assert (out / "negatives.jsonl").read_bytes() == (single / "negatives.jsonl").read_bytes()
+
+
+def test_finished_run_rerun_does_nothing(demo, single):
+    before = marker_times(single)
+    result = launch(demo, single, "--cpu-workers", "1")
+    assert result.returncode == 0
+    assert "Nothing to do" in result.stdout
+    assert marker_times(single) == before
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_nodes_match_the_single_process_run(demo, single, tmp_path):
+    """Two torchrun processes on 127.0.0.1 play two nodes sharing the run directory."""
+    out = tmp_path / "run"
+    port = str(_free_port())
+    procs = []
+    for node in (0, 1):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2",
+               "--nproc-per-node=1", f"--node-rank={node}", "--master-addr=127.0.0.1",
+               f"--master-port={port}", "launch.py", "--config", "configs/demo.yaml",
+               "--annotations", str(demo / "annotations.json"), "--image-dir", str(demo),
+               "--output-dir", str(out), "--num-workers", "0", "--batch-size", "8"]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    results = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, results):
+        assert p.returncode == 0, err[-3000:]
+    assert (out / "negatives.jsonl").read_bytes() == (single / "negatives.jsonl").read_bytes()
+    plan = json.loads((out / "plan.json").read_text())
+    assert len(plan["shards"]) == 2
+    assert "Hard negative mining completed" in results[0][0]

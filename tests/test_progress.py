@@ -1,0 +1,64 @@
+"""The terminal view: a live table on terminals, a line per event elsewhere, nothing if quiet."""
+
+from __future__ import annotations
+
+import io
+
+from rich.console import Console
+
+from hnm.progress import ProgressView, choose_mode
+
+SHARDS = [{"shard": 0, "device": "cuda:0"}, {"shard": 1, "device": "cuda:1"}]
+
+
+class Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_mode_follows_the_stream_and_quiet():
+    assert choose_mode(False, Tty()) == "live"
+    assert choose_mode(False, io.StringIO()) == "plain"
+    assert choose_mode(True, Tty()) == "quiet"
+
+
+def render(view: ProgressView) -> str:
+    console = Console(record=True, width=120, file=io.StringIO())
+    console.print(view._table())
+    return console.export_text()
+
+
+def test_live_table_has_a_row_per_shard_and_a_total():
+    view = ProgressView(SHARDS, "live", nvml={})
+    view.started(0, "embed", "cuda:0")
+    view.progress(0, "embed", 30, 100)
+    view.started(1, "candidates", "cuda:1")
+    view.progress(1, "candidates", 50, 50)
+    view.finished(1, "candidates")
+    view.failed(0, "embed", "worker exited with code -9", retrying=True)
+    text = render(view)
+    lines = {line.split("│")[1].strip(): line for line in text.splitlines() if "│" in line}
+    assert "cuda:0" in lines["0"] and "retry" in lines["0"] and "30/100" in lines["0"]
+    assert "done" in lines["1"] and "50/50" in lines["1"]
+    assert "80/150" in lines["total"]
+
+
+def test_plain_mode_prints_a_line_per_event(capsys):
+    view = ProgressView(SHARDS, "plain")
+    view.started(0, "embed", "cuda:0")
+    view.progress(0, "embed", 10, 20)
+    view.finished(0, "embed")
+    view.failed(1, "candidates", "boom", retrying=False)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "GPU 0 (shard 0) started embed"
+    assert out[1].startswith("GPU 0 (shard 0) finished embed in ")
+    assert out[2] == "GPU 1 (shard 1) failed in candidates: boom (giving up)"
+    assert len(out) == 3
+
+
+def test_quiet_mode_prints_nothing(capsys):
+    view = ProgressView(SHARDS, "quiet")
+    view.started(0, "embed", "cuda:0")
+    view.finished(0, "embed")
+    view.say("hello")
+    assert capsys.readouterr().out == ""

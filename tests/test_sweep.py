@@ -1,0 +1,148 @@
+"""`hnm sweep` gives exactly what reruns with other thresholds give, without embedding."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from synthetic import make_dataset, mine_args
+from test_engine import random_case
+
+from hnm import sweep
+from hnm.cli import main
+from hnm.index import build_index, kmeans
+from hnm.miner import Tables, eligible_phrases, hard_candidates
+
+# figures of the dataset rather than of the selection: a sweep does not recompute them
+DATASET_KEYS = {"distinct_answers", "skipped_missing_image", "records", "candidates",
+                "duplicate_images"}
+
+
+def _global(run: Path) -> dict:
+    g = json.loads((run / "metrics.json").read_text())["global"]
+    return {k: v for k, v in g.items() if k not in DATASET_KEYS}
+
+
+@pytest.mark.parametrize("extra", [
+    (),
+    ("--cpu-workers", "2", "--drop-suspect-negatives", "--audit-text-similarity", "0.3",
+     "--sliding-window-size", "40"),
+], ids=["one-shard", "two-shards-drop"])
+def test_sweep_equals_reruns(tmp_path: Path, extra: tuple[str, ...]):
+    paths = make_dataset(tmp_path / "data", n=200, seed=1)
+    base = tmp_path / "base"
+    assert main(mine_args(paths, base, *extra)) == 0
+    if extra:  # the case reaches what it is there for: two shards, suspects dropped
+        assert len(json.loads((base / "plan.json").read_text())["shards"]) == 2
+        assert _global(base)["suspect_negatives"]["dropped"] > 0
+    result = sweep.sweep(base, [0.15, 0.3, 0.45], [0.1, 0.3, 0.6])
+    points = {(p["cosine_threshold"], p["min_visual_similarity"]): p["global"]
+              for p in result["points"]}
+    assert len(points) == 9
+    assert {k: v for k, v in points[(0.3, 0.3)].items() if k not in DATASET_KEYS} == \
+        _global(base)  # the run's own point
+    for tau, mvs in ((0.45, 0.1), (0.15, 0.6)):
+        rerun = tmp_path / f"rerun_{tau}_{mvs}"
+        assert main(mine_args(paths, rerun, *extra, "--cosine-threshold", str(tau),
+                              "--min-visual-similarity", str(mvs))) == 0
+        assert points[(tau, mvs)] == _global(rerun)
+    # the grid is worth testing only if its points differ
+    assert len({json.dumps(g, sort_keys=True) for g in points.values()}) >= 6
+
+
+def test_filtered_lists_equal_a_direct_search():
+    """Cutting the loosest lists down equals searching with each point's values."""
+    for seed in range(40):
+        V, T, text_ids, groups, phrases, blacklist, config, n = random_case(seed)
+        clusters, _ = kmeans(V, config.n_clusters, config.seed)
+        eligible = eligible_phrases(T, phrases, blacklist, config.min_answer_length,
+                                    config.blacklist_similarity)
+        tab = Tables(V, T, text_ids, groups, eligible[text_ids], clusters)
+        index, anchors = build_index(V), np.arange(n)
+        loose = hard_candidates(index, tab, anchors, config.k_nn, -1.0, 0.6)
+        for tau, mvs in ((0.6, -1.0), (0.1, 0.0), (-0.2, 0.5), (0.3, 0.9)):
+            want = hard_candidates(index, tab, anchors, config.k_nn, mvs, tau)
+            got = sweep.filter_hard(loose, tau, mvs)
+            for field in dataclasses.fields(want):
+                assert np.array_equal(getattr(got, field.name), getattr(want, field.name))
+
+
+def test_default_grid_surrounds_the_run():
+    assert sweep.default_grid(0.3) == [0.1, 0.2, 0.3, 0.4, 0.5]
+    assert sweep.default_grid(0.95) == [0.75, 0.85, 0.95, 1.0]
+    assert sweep.default_grid(-1.0) == [-1.0, -0.9, -0.8]
+
+
+def test_sweep_embeds_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    paths = make_dataset(tmp_path / "data", n=80, seed=2)
+    run = tmp_path / "run"
+    # a real image encoder (no weights needed), so the run itself does embed images
+    args = mine_args(paths, run)
+    i = args.index("--image-embeddings")
+    del args[i:i + 2]
+    assert main([*args, "--visual-encoder", "pixels", "--num-workers", "0"]) == 0
+
+    def no_model(*_args, **_kwargs):
+        raise AssertionError("sweep must not embed anything")
+
+    for module in ("hnm.encoders", "hnm.worker"):
+        for name in ("build_image_encoder", "build_text_encoder"):
+            monkeypatch.setattr(f"{module}.{name}", no_model)
+    monkeypatch.setattr("hnm.worker.embed_texts", no_model)
+    monkeypatch.setattr("hnm.pipeline.embed_texts", no_model)
+    result = sweep.sweep(run, [0.2, 0.5], [0.1])
+    assert len(result["points"]) == 2
+
+
+def test_sweep_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    paths = make_dataset(tmp_path / "data", n=80, seed=4)
+    run = tmp_path / "run"
+    assert main(mine_args(paths, run)) == 0
+    capsys.readouterr()
+    assert main(["sweep", str(run), "--cosine-thresholds", "0.2,0.3",
+                 "--min-visual-similarities", "0.1,0.3,0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "hnm sweep" in out and "6 points" in out
+    saved = json.loads((run / "sweep.json").read_text())
+    assert [(p["cosine_threshold"], p["min_visual_similarity"]) for p in saved["points"]] == \
+        [(t, m) for t in (0.2, 0.3) for m in (0.1, 0.3, 0.5)]
+    page = (run / "sweep.html").read_text()
+    assert len(re.findall(r"<table class='heat'>", page)) == 2
+    assert page.count("class='run'") == 2  # the run's own point, outlined in both maps
+    rates = [f"{p['global']['success_rate']:.1%}" for p in saved["points"]]
+    assert all(f">{r}</td>" in page for r in rates)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--cosine-thresholds", "0.2,x"], "--cosine-thresholds: expected comma-separated"),
+    (["--min-visual-similarities", "1.5"], "--min-visual-similarities: expected numbers "
+                                           "within [-1, 1]"),
+])
+def test_sweep_rejects_bad_grids(tmp_path: Path, capsys, argv, message):
+    assert main(["sweep", str(tmp_path), *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_sweep_needs_a_run_directory(tmp_path: Path, capsys):
+    assert main(["sweep", str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err
+    assert "no finished index phase" in err and err.count("\n") == 1
+
+
+def test_sweep_of_a_run_interrupted_before_its_candidates(tmp_path: Path):
+    """Without saved candidate lists everything is searched, with the same results."""
+    paths = make_dataset(tmp_path / "data", n=120, seed=8)
+    run = tmp_path / "run"
+    assert main(mine_args(paths, run)) == 0
+    grid = ([0.2, 0.3], [0.3, 0.5])  # within the run's values: the saved lists serve
+    whole = sweep.sweep(run, *grid)
+    looser = sweep.sweep(run, [0.2, 0.3, 0.5], [0.1, 0.3, 0.5])
+    for marker in (run / "candidates").glob("done_*"):
+        marker.unlink()
+    assert sweep.sweep(run, *grid)["points"] == whole["points"]
+    assert sweep.sweep(run, [0.2, 0.3, 0.5], [0.1, 0.3, 0.5])["points"] == looser["points"]
