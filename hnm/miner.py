@@ -143,8 +143,14 @@ def hard_candidates(index: FlatIndex, tab: Tables, anchors: np.ndarray, k_nn: in
 
 
 def _text_sims(tab: Tables, a: np.ndarray, j: np.ndarray) -> np.ndarray:
-    """Exact txt(a, j) for pairs of rows."""
-    return exact_dots(tab.T, tab.text_ids[a], tab.T, tab.text_ids[j][:, None])[:, 0]
+    """Exact txt(a, j) for pairs of rows (P,) -> (P,) float64."""
+    out = np.empty(len(a), dtype=np.float64)
+    step = max(1, CHUNK_BYTES // (tab.T.shape[1] * 4))
+    for s in range(0, len(a), step):
+        ta = np.asarray(tab.T[tab.text_ids[a[s:s + step]]])  # (p, d)
+        tj = np.asarray(tab.T[tab.text_ids[j[s:s + step]]])  # (p, d)
+        out[s:s + step] = np.einsum("pd,pd->p", ta, tj, dtype=np.float64)
+    return out
 
 
 def farthest(index: FlatIndex, pool_rows: np.ndarray, tab: Tables, anchors: np.ndarray,

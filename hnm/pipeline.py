@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -157,21 +158,54 @@ def mine_arrays(config: Config, tab: Tables, phrases: list[str], u: np.ndarray,
                              phrases).picks
 
 
+class Widener:
+    """Exact wider diverse lists for anchors whose saved list ran out of free candidates.
+
+    A list does not depend on the phrase state, so it is computed for a block of upcoming
+    anchors at once: one matrix product for the block costs far less than one
+    memory-bound matrix-vector product per anchor, and anchors that exhaust their lists
+    tend to come in runs (the same far-away phrases get used up).
+    """
+
+    def __init__(self, tab: Tables, first_pool: int, device: str = "cpu", block: int = 64
+                 ) -> None:
+        self.first_pool = first_pool
+        # rows are gathered often: in memory rather than memory-mapped
+        self.tab = dataclasses.replace(tab, V=np.asarray(tab.V), T=np.asarray(tab.T))
+        self.device = device
+        self.block = block
+        self.pool_rows = np.flatnonzero(tab.eligible)
+        self.index: Any = None
+        self.cache: dict[int, tuple[int, Any, bool]] = {}  # anchor -> (pool, list, complete)
+
+    def __call__(self, anchor: int, pool: int) -> tuple[Any, bool]:
+        hit = self.cache.get(anchor)
+        if hit is None or hit[0] < pool:
+            self._compute(anchor, pool)
+            hit = self.cache[anchor]
+        return hit[1], hit[2]
+
+    def _compute(self, anchor: int, pool: int) -> None:
+        if self.index is None:
+            self.index = build_index(np.asarray(self.tab.V[self.pool_rows]), self.device)
+        # anchors are selected in row order: earlier entries are never asked for again
+        self.cache = {a: v for a, v in self.cache.items() if a >= anchor and v[0] >= pool}
+        # a second widening of one anchor is rare: only the first is worth computing ahead
+        ahead = self.block if pool <= self.first_pool else 1
+        block = np.arange(anchor, min(anchor + ahead, len(self.tab.V)))
+        block = block[[a not in self.cache for a in block.tolist()]]
+        lists, complete = farthest(self.index, self.pool_rows, self.tab, block, pool)
+        for i, a in enumerate(block.tolist()):
+            self.cache[a] = (pool, lists.get(i), bool(complete[i]))
+
+
 def make_selector(config: Config, tab: Tables, phrases: list[str], device: str = "cpu"
                   ) -> Selector:
     """The selection pass, with an exact wider search for exhausted diverse lists."""
-    pool_rows = np.flatnonzero(tab.eligible)
-    cache: dict[str, Any] = {}
-
-    def widen(anchor: int, pool: int) -> tuple[Any, bool]:
-        if "index" not in cache:
-            cache["index"] = build_index(np.asarray(tab.V[pool_rows]), device)
-        lists, complete = farthest(cache["index"], pool_rows, tab, np.array([anchor]), pool)
-        return lists.get(0), bool(complete[0])
-
     rules = Rules(config.cosine_threshold, config.min_visual_similarity, config.diverse_ratio,
                   config.fallback_phrase_reuse_limit, config.num_negatives)
-    return Selector(tab, phrases, rules, config.sliding_window_size, widen,
+    return Selector(tab, phrases, rules, config.sliding_window_size,
+                    Widener(tab, 4 * config.diverse_pool, device),
                     config.diverse_pool)
 
 
