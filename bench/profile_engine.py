@@ -1,4 +1,4 @@
-"""Where the engine's candidate phase spends its time, and what a faster exact_dots would save."""
+"""Where the engine's time goes on bench_mining's synthetic data, and two measured what-ifs."""
 
 from __future__ import annotations
 
@@ -9,43 +9,36 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from bench_mining import engine_split, make_setup, parse_args
+from bench_mining import Setup, make_setup, parse_args, plain
 
 import hnm.index
 import hnm.miner
+import hnm.pipeline
 import hnm.worker
+from hnm.metrics import Metrics
+from hnm.miner import farthest
+from hnm.pipeline import make_selector, unpack_candidates
 from hnm.worker import mine_candidates
 
-# (module, function name, label); nested labels overlap their parents by design
+# (owner, function name, label); indented labels are part of the label above them;
+# functions the installed hnm lacks (renamed, removed) are skipped
 PROBES = (
-    (hnm.index.FaissFlatIP, "search", "faiss search"),
-    (hnm.miner, "_sorted_exact", "  exact vis rescoring (_sorted_exact)"),
-    (hnm.miner, "_text_sims", "  exact txt of candidates (_text_sims)"),
-    (hnm.miner, "exact_dots", "  exact_dots, all calls"),
+    (hnm.index.FaissFlatIP, "search", "faiss search (all calls)"),
     (hnm.worker, "hard_candidates", "hard_candidates"),
     (hnm.worker, "farthest", "farthest"),
+    (hnm.miner, "exact_dots", "  exact vis rescoring (exact_dots)"),
+    (hnm.miner, "_text_sims", "  exact txt of candidates (text_sims)"),
+    (hnm.miner, "text_sims", "  exact txt of candidates (text_sims)"),
+    (hnm.pipeline, "farthest", "selection: widening searches"),
 )
-
-
-def fast_exact_dots(xa: np.ndarray, ra: np.ndarray, xb: np.ndarray, rb: np.ndarray
-                    ) -> np.ndarray:
-    """Proposed hnm.miner.exact_dots: cache-sized chunks and a batched matmul.
-
-    Same values bit for bit: grid-snapped inputs make every float64 summation order exact.
-    """
-    out = np.empty(rb.shape, dtype=np.float64)
-    step = max(1, (1 << 21) // max(1, rb.shape[1] * xb.shape[1] * 8))
-    for s in range(0, len(ra), step):
-        q = np.asarray(xa[ra[s:s + step]], dtype=np.float64)  # (b, d)
-        g = np.asarray(xb[rb[s:s + step]], dtype=np.float64)  # (b, k, d)
-        out[s:s + step] = (g @ q[:, :, None])[:, :, 0]
-    return out
 
 
 def instrument(acc: dict[str, float]) -> None:
     """Wrap each probe so that its wall time adds up in `acc`."""
     for owner, name, label in PROBES:
-        inner = getattr(owner, name)
+        inner = getattr(owner, name, None)
+        if inner is None:
+            continue
 
         def wrapper(*a: Any, _inner: Callable = inner, _label: str = label, **k: Any) -> Any:
             t0 = time.perf_counter()
@@ -57,48 +50,92 @@ def instrument(acc: dict[str, float]) -> None:
         setattr(owner, name, wrapper)
 
 
-def run(n: int, repeats: int) -> None:
-    s = make_setup(n, parse_args([]))
+def timed_candidates(s: Setup) -> tuple[float, dict[str, np.ndarray]]:
+    t0 = time.perf_counter()
+    arrays, _ = mine_candidates(s.config, s.tab, np.arange(len(s.u)))
+    return time.perf_counter() - t0, arrays
+
+
+def timed_selection(s: Setup, arrays: dict[str, np.ndarray], widen: Callable | None = None
+                    ) -> tuple[float, Metrics, list]:
+    """The selection pass; `widen` replaces the selector's widening search when given."""
+    selector = make_selector(s.config, s.tab, s.phrases)
+    if widen is not None:
+        selector.widen = widen
+    metrics = Metrics()
+    t0 = time.perf_counter()
+    picks = selector.run(np.arange(len(s.u)), s.u, *unpack_candidates(arrays), metrics)
+    return time.perf_counter() - t0, metrics, picks
+
+
+def breakdown(s: Setup, repeats: int) -> None:
     acc: dict[str, float] = defaultdict(float)
     instrument(acc)
     for r in range(repeats):
         acc.clear()
-        cand, select, metrics = engine_split(s)
-        print(f"N={n:,} run {r + 1}: candidates {cand:.2f}s, selection {select:.2f}s "
-              f"(diverse lists widened: {metrics.diverse_widened})")
-        for label, seconds in acc.items():
-            print(f"    {label:40s} {seconds:7.2f}s")
+        cand, arrays = timed_candidates(s)
+        select, metrics, _ = timed_selection(s, arrays)
+        print(f"N={len(s.u):,} run {r + 1}: candidates {cand:.2f}s, selection {select:.2f}s "
+              f"(diverse lists widened {metrics.diverse_widened} times)")
+        for label in dict.fromkeys(label for _, _, label in PROBES):
+            print(f"    {label:40s} {acc[label]:7.2f}s")
 
 
-def compare_dots(n: int, repeats: int) -> None:
-    """Candidate phase with the current and the proposed exact_dots: time and equality."""
-    s = make_setup(n, parse_args([]))
-    anchors = np.arange(n)
-    current = hnm.miner.exact_dots
+def compare_chunk(s: Setup, repeats: int, chunk: int) -> None:
+    """Candidate phase with hnm.miner.CHUNK_BYTES as shipped and as `chunk`."""
+    shipped = hnm.miner.CHUNK_BYTES
     results = {}
-    for name, fn in (("current", current), ("proposed", fast_exact_dots)) * repeats:
-        hnm.miner.exact_dots = fn
-        t0 = time.perf_counter()
-        arrays, _ = mine_candidates(s.config, s.tab, anchors)
-        print(f"N={n:,} exact_dots {name:8s}: candidates {time.perf_counter() - t0:.2f}s")
-        results[name] = arrays
-    hnm.miner.exact_dots = current
-    same = all(np.array_equal(results["current"][k], results["proposed"][k], equal_nan=True)
-               for k in results["current"])
+    for value in (shipped, chunk) * repeats:
+        hnm.miner.CHUNK_BYTES = value
+        seconds, results[value] = timed_candidates(s)
+        print(f"N={len(s.u):,} CHUNK_BYTES={value:>9,}: candidates {seconds:.2f}s")
+    hnm.miner.CHUNK_BYTES = shipped
+    same = all(np.array_equal(results[shipped][k], results[chunk][k], equal_nan=True)
+               for k in results[shipped])
     print(f"candidate arrays identical: {'yes' if same else 'no'}")
+
+
+def per_anchor_widen(s: Setup) -> Callable:
+    """The widening search before hnm.pipeline.Widener: one anchor per search."""
+    pool_rows = np.flatnonzero(s.tab.eligible)
+    index = hnm.index.build_index(np.asarray(s.tab.V[pool_rows]))
+
+    def widen(anchor: int, pool: int) -> tuple[Any, bool]:
+        lists, complete = farthest(index, pool_rows, s.tab, np.array([anchor]), pool)
+        return lists.get(0), bool(complete[0])
+
+    return widen
+
+
+def compare_widen(s: Setup, repeats: int) -> None:
+    """Selection pass with hnm's Widener and with a plain per-anchor widening search."""
+    _, arrays = timed_candidates(s)
+    picks = {}
+    for name in ("Widener", "per-anchor") * repeats:
+        widen = per_anchor_widen(s) if name == "per-anchor" else None
+        seconds, metrics, picks[name] = timed_selection(s, arrays, widen)
+        print(f"N={len(s.u):,} widening {name:10s}: selection {seconds:.2f}s "
+              f"({metrics.diverse_widened} widenings)")
+    same = plain(picks["Widener"]) == plain(picks["per-anchor"])
+    print(f"picks identical: {'yes' if same else 'no'}")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--sizes", default="10000")
+    p.add_argument("--sizes", default="2000,10000")
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--compare-dots", action="store_true",
-                   help="also time the candidate phase with the proposed exact_dots")
+    p.add_argument("--compare-chunk", type=int, default=1 << 20, metavar="BYTES",
+                   help="also time the candidate phase with this hnm.miner.CHUNK_BYTES")
+    p.add_argument("--compare-widen", action="store_true",
+                   help="also time the selection pass with a per-anchor widening search")
     args = p.parse_args()
     for n in (int(x) for x in args.sizes.split(",")):
-        run(n, args.repeats)
-        if args.compare_dots:
-            compare_dots(n, args.repeats)
+        s = make_setup(n, parse_args([]))
+        breakdown(s, args.repeats)
+        if args.compare_chunk:
+            compare_chunk(s, args.repeats, args.compare_chunk)
+        if args.compare_widen:
+            compare_widen(s, args.repeats)
 
 
 if __name__ == "__main__":

@@ -189,11 +189,11 @@ class Widener:
         if self.index is None:
             self.index = build_index(np.asarray(self.tab.V[self.pool_rows]), self.device)
         # anchors are selected in row order: earlier entries are never asked for again
-        self.cache = {a: v for a, v in self.cache.items() if a >= anchor and v[0] >= pool}
+        self.cache = {a: v for a, v in self.cache.items() if a >= anchor}
         # a second widening of one anchor is rare: only the first is worth computing ahead
         ahead = self.block if pool <= self.first_pool else 1
         block = np.arange(anchor, min(anchor + ahead, len(self.tab.V)))
-        block = block[[a not in self.cache for a in block.tolist()]]
+        block = block[[self.cache.get(a, (0,))[0] < pool for a in block.tolist()]]
         lists, complete = farthest(self.index, self.pool_rows, self.tab, block, pool)
         for i, a in enumerate(block.tolist()):
             self.cache[a] = (pool, lists.get(i), bool(complete[i]))

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from hnm.metrics import Metrics
-from hnm.miner import Cands, Ragged, Tables, threshold_steps
+from hnm.miner import Cands, Ragged, Tables, text_sims, threshold_steps
 
 
 class PhraseWindow:
@@ -152,8 +152,8 @@ class Selector:
         if k is None:
             return None
         r = int(cands.rows[k])
-        return Pick(r, "diverse", float(cands.vis[k]), float(cands.txt[k]), None, own,
-                    self.cluster[r])
+        txt = float(text_sims(self.tab, np.array([a]), np.array([r]))[0])
+        return Pick(r, "diverse", float(cands.vis[k]), txt, None, own, self.cluster[r])
 
     def _first_free(self, rows: np.ndarray, taken: set[int], cluster_ok: Callable) -> int | None:
         for k, r in enumerate(rows.tolist()):
