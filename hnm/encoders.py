@@ -197,6 +197,9 @@ def _processor_stats(source: str) -> tuple[list[float], list[float]]:
 
 def _hf_config(source: str) -> Any:
     from transformers import AutoConfig
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # weight-loading bars would garble the terminal view
 
     try:
         return AutoConfig.from_pretrained(source)

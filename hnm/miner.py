@@ -67,6 +67,15 @@ def _ragged(keep: np.ndarray, rows: np.ndarray, vis: np.ndarray, txt: np.ndarray
     return Ragged(offsets, rows[keep], vis[keep], txt[keep])
 
 
+def scatter(sub: Ragged, where: np.ndarray) -> Ragged:
+    """The lists of `sub` at the True positions of `where`, empty lists elsewhere."""
+    counts = np.zeros(len(where), dtype=np.int64)
+    counts[where] = np.diff(sub.offsets)
+    offsets = np.zeros(len(where) + 1, dtype=np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    return Ragged(offsets, sub.rows, sub.vis, sub.txt)
+
+
 def _sorted_exact(V: np.ndarray, anchors: np.ndarray, I: np.ndarray, sign: float
                   ) -> tuple[np.ndarray, np.ndarray]:
     """Rescore (B, k) proposals exactly; sort by (sign * vis desc, row asc)."""

@@ -150,7 +150,8 @@ def mine_arrays(config: Config, tab: Tables, phrases: list[str], u: np.ndarray,
                 num_anchors: int) -> list[list[Pick]]:
     """The whole engine on in-memory arrays: candidates, then the selection pass."""
     anchors = np.arange(num_anchors)
-    arrays, _ = mine_candidates(config, tab, anchors)
+    arrays, _ = mine_candidates(config, tab, anchors,
+                                diverse_first=u[:num_anchors] < config.diverse_ratio)
     hard, diverse, complete = unpack_candidates(arrays)
     selector = make_selector(config, tab, phrases)
     picks = selector.run(anchors, u[:num_anchors], hard, diverse, complete, Metrics())

@@ -12,11 +12,11 @@ from typing import Any
 import numpy as np
 
 from hnm.config import Config
-from hnm.data import Dataset, ImageFiles, load_dataset
+from hnm.data import Dataset, ImageFiles, anchor_uniforms, load_dataset
 from hnm.encoders import build_image_encoder, build_text_encoder, finalize
 from hnm.errors import HnmError
 from hnm.index import build_index
-from hnm.miner import Tables, farthest, hard_candidates
+from hnm.miner import Tables, farthest, hard_candidates, scatter
 from hnm.storage import RunDir, read_json, write_npy, write_npz
 
 log = logging.getLogger("hnm.worker")
@@ -161,7 +161,10 @@ def candidates_shard(job: Job, ds: Dataset | None = None,
     ds = ds or load_dataset(c, _planned_skips(run))
     tab = load_tables(run, ds)
     t0 = time.perf_counter()
-    arrays, kind = mine_candidates(c, tab, np.arange(*part["anchors"]), job.device, progress)
+    anchors = np.arange(*part["anchors"])
+    diverse_first = anchor_uniforms([ds.ids[i] for i in anchors], c.seed) < c.diverse_ratio
+    arrays, kind = mine_candidates(c, tab, anchors, job.device, progress,
+                                   diverse_first=diverse_first)
     write_npz(run.candidates(job.shard), arrays)
     info = {"search": time.perf_counter() - t0, "device": job.device, "index": kind,
             "peak_rss_mb": round(peak_rss_mb(), 1)}
@@ -170,19 +173,32 @@ def candidates_shard(job: Job, ds: Dataset | None = None,
 
 
 def mine_candidates(c: Config, tab: Tables, anchors: np.ndarray, device: str = "cpu",
-                    progress: Progress = _no_progress, batch: int = 2048
+                    progress: Progress = _no_progress, batch: int = 2048,
+                    diverse_first: np.ndarray | None = None
                     ) -> tuple[dict[str, np.ndarray], str]:
-    """Candidate arrays of `anchors` (flat, with offsets), and the index kind used."""
+    """Candidate arrays of `anchors` (flat, with offsets), and the index kind used.
+
+    Diverse lists cost a second exhaustive search, so they are computed only for anchors
+    that will surely try diverse: `diverse_first` (u_a < diverse_ratio; None: all) and
+    those without a single hard candidate. Any other anchor whose hard strategy fails
+    gets its list from the selection pass's exact wider search, so the picks are the same.
+    """
     index = build_index(np.asarray(tab.V), device)
     pool_rows = np.flatnonzero(tab.eligible)
     pool = build_index(np.asarray(tab.V[pool_rows]), device) if len(pool_rows) else None
+    wanted = np.ones(len(anchors), bool) if diverse_first is None else diverse_first
     hard, div, complete = [], [], []
     for s in range(0, len(anchors), batch):
         a = anchors[s:s + batch]
-        hard.append(hard_candidates(index, tab, a, c.k_nn, c.min_visual_similarity,
-                                    c.cosine_threshold))
-        d, comp = farthest(pool, pool_rows, tab, a, c.diverse_pool) if pool else \
-            _empty_lists(len(a))
+        h = hard_candidates(index, tab, a, c.k_nn, c.min_visual_similarity, c.cosine_threshold)
+        need = wanted[s:s + batch] | (np.diff(h.offsets) == 0)
+        if pool is None:
+            d, comp = _empty_lists(len(a))
+        else:
+            sub, sub_complete = farthest(pool, pool_rows, tab, a[need], c.diverse_pool)
+            d, comp = scatter(sub, need), np.zeros(len(a), bool)
+            comp[need] = sub_complete
+        hard.append(h)
         div.append(d)
         complete.append(comp)
         progress("search", s + len(a), len(anchors))
