@@ -242,7 +242,9 @@ def engine_split(s: Setup) -> tuple[float, float, Metrics]:
     """mine_arrays' two phases timed apart: (candidates s, selection s, metrics)."""
     n = len(s.u)
     anchors = np.arange(n)
-    t_cand, (arrays, _) = timed(lambda: mine_candidates(s.config, s.tab, anchors))
+    ahead = s.u < s.config.diverse_ratio  # as mine_arrays does
+    t_cand, (arrays, _) = timed(lambda: mine_candidates(s.config, s.tab, anchors,
+                                                        diverse_first=ahead))
     metrics = Metrics()
 
     def select() -> None:

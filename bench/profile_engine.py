@@ -52,7 +52,8 @@ def instrument(acc: dict[str, float]) -> None:
 
 def timed_candidates(s: Setup) -> tuple[float, dict[str, np.ndarray]]:
     t0 = time.perf_counter()
-    arrays, _ = mine_candidates(s.config, s.tab, np.arange(len(s.u)))
+    arrays, _ = mine_candidates(s.config, s.tab, np.arange(len(s.u)),
+                                diverse_first=s.u < s.config.diverse_ratio)
     return time.perf_counter() - t0, arrays
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from hnm.config import Config
 from hnm.errors import HnmError
 
 _SPACES = re.compile(r"\s+")
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
 
 def normalize(text: str) -> str:
@@ -126,11 +128,16 @@ def image_problem(path: Path) -> str | None:
     return None
 
 
-def _check_images(path: Path, images: list[Path], policy: str) -> list[int]:
+def _check_images(path: Path, images: list[Path], policy: str, progress: Progress
+                  ) -> list[int]:
     from concurrent.futures import ThreadPoolExecutor
 
+    problems = []
     with ThreadPoolExecutor(max_workers=8) as pool:  # decoding releases the GIL
-        problems = list(pool.map(image_problem, images))
+        for done, problem in enumerate(pool.map(image_problem, images), start=1):
+            problems.append(problem)
+            if done % 256 == 0 or done == len(images):
+                progress("check images", done, len(images))
     bad = [(i, p, why) for i, (p, why) in enumerate(zip(images, problems)) if why]
     if bad and policy != "skip":
         names = ", ".join(f"{p} ({why})" for _, p, why in bad[:3])
@@ -140,7 +147,12 @@ def _check_images(path: Path, images: list[Path], policy: str) -> list[int]:
     return [i for i, _, _ in bad]
 
 
-def load_dataset(config: Config, skip: list[int] | None = None) -> Dataset:
+def _no_progress(stage: str, done: int, total: int) -> None:
+    pass
+
+
+def load_dataset(config: Config, skip: list[int] | None = None,
+                 progress: Progress = _no_progress) -> Dataset:
     """Read, validate and index the annotations named by the config.
 
     `skip`: record positions already known to be left out (workers pass the plan's),
@@ -163,7 +175,7 @@ def load_dataset(config: Config, skip: list[int] | None = None) -> Dataset:
     elif config.image_embeddings:
         skipped = set()
     else:
-        skipped = set(_check_images(path, images, config.on_missing_image))
+        skipped = set(_check_images(path, images, config.on_missing_image, progress))
     keep = np.array([i for i in range(len(records)) if i not in skipped], dtype=np.int64)
     if keep.size == 0:
         raise HnmError(f"{path}: no record has a usable image")

@@ -37,8 +37,10 @@ def run(config: Config, say: Callable[[str], Any] | None = None) -> dict[str, An
                 config, pipeline.validate_inputs(config), devices):
             say(line)
         return {}
-    ds, plan, state = pipeline.prepare(config, len(devices), devices, config.batch_size)
     mode = choose_mode(config.quiet)
+    with ProgressView([], mode, transient=True) as loading:  # checking every image can take a while
+        ds, plan, state = pipeline.prepare(config, len(devices), devices, config.batch_size,
+                                           loading.stage)
     view = ProgressView(plan["shards"], mode, {f"cuda:{g.index}": g.nvml_index for g in found})
     say = say or view.say
     for line in gpus.describe(found, reason, devices):

@@ -51,7 +51,7 @@ def run_keys(config: Config, ds: Dataset) -> dict[str, str]:
     return {"run_key": config_hash(config) + ds.source_sha256[:16], "embed_key": embed}
 
 
-def validate_inputs(config: Config) -> Dataset:
+def validate_inputs(config: Config, progress: Progress = no_progress) -> Dataset:
     """Every input check that can fail, before anything is written."""
     for flag, name, builtins, pre in (
             ("--visual-encoder", config.visual_encoder, BUILTIN_VISUAL, config.image_embeddings),
@@ -64,7 +64,7 @@ def validate_inputs(config: Config) -> Dataset:
     if config.image_dir and not config.image_embeddings and not Path(config.image_dir).is_dir():
         raise HnmError(f"--image-dir {config.image_dir}: not a directory")
     read_blacklist(config.blacklist)
-    ds = load_dataset(config)
+    ds = load_dataset(config, progress=progress)
     for flag, path in (("--image-embeddings", config.image_embeddings),
                        ("--text-embeddings", config.text_embeddings)):
         if path:
@@ -362,10 +362,10 @@ def remove_outputs(run: RunDir, keep_embeddings: bool) -> None:
         path.unlink(missing_ok=True)
 
 
-def prepare(config: Config, num_shards: int, devices: list[str], grain: int
-            ) -> tuple[Dataset, dict[str, Any], str]:
+def prepare(config: Config, num_shards: int, devices: list[str], grain: int,
+            progress: Progress = no_progress) -> tuple[Dataset, dict[str, Any], str]:
     """Validate inputs, then create or resume the run directory. Returns (ds, plan, state)."""
-    ds = validate_inputs(config)
+    ds = validate_inputs(config, progress)
     run = RunDir(config.output_dir)
     blocker = next((p for p in (run.root, *run.root.parents) if p.exists()), None)
     if blocker is not None and not blocker.is_dir():

@@ -47,8 +47,9 @@ def choose_mode(quiet: bool, stream: Any = None) -> str:
 class ProgressView:
     """Renders worker events; the only writer to the terminal during a run."""
 
-    def __init__(self, shards: list[dict[str, Any]], mode: str, nvml: dict[str, int] | None = None
-                 ) -> None:
+    def __init__(self, shards: list[dict[str, Any]], mode: str, nvml: dict[str, int] | None = None,
+                 transient: bool = False) -> None:
+        self.transient = transient
         self.rows: dict[int | str, ShardRow] = {
             s["shard"]: ShardRow(s["shard"], s["device"]) for s in shards}
         self.mode = mode
@@ -61,7 +62,7 @@ class ProgressView:
     def __enter__(self) -> ProgressView:
         if self.mode == "live":
             self.live = Live(self._table(), console=self.console, refresh_per_second=4,
-                             transient=False)
+                             transient=self.transient)
             self.live.__enter__()
         return self
 
@@ -89,7 +90,8 @@ class ProgressView:
         self.refresh()
 
     def finished(self, shard: int | None, phase: str) -> None:
-        row = self._row(shard, "done" if phase == "candidates" else phase, None)
+        row = self._row(shard, "done" if phase in ("candidates", "index") else phase, None)
+        row.total = max(row.total, 1)
         row.done = row.total
         seconds = time.monotonic() - row.started
         if self.mode == "plain":
@@ -139,8 +141,9 @@ class ProgressView:
         total_done = total_all = 0
         for key in sorted(self.rows, key=_order):
             r = self.rows[key]
-            total_done += r.done
-            total_all += r.total
+            if isinstance(key, int) and key >= 0:  # the total counts shards' items only
+                total_done += r.done
+                total_all += r.total
             table.add_row(_label(key), r.device, r.phase,
                           f"{r.done}/{r.total}", f"{r.rate():.1f}", r.eta(),
                           self._gpu_memory(r.device))
