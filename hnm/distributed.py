@@ -86,7 +86,7 @@ def _phases(config: Config, rank: int, world: int, device: str, dist: Any) -> di
         ds = pipeline.load_dataset(config, plan["skipped"])
         timing = {"load": time.perf_counter() - t0}
         timing.update(pipeline.phase_timing(run, plan))
-        metrics = pipeline.reduce_phase(config, run, ds, plan, timing)
+        metrics = pipeline.reduce_phase(config, run, ds, plan, timing, started=t0)
         print_summary(metrics, print)
     dist.barrier()
     return metrics

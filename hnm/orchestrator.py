@@ -57,7 +57,7 @@ def run(config: Config, say: Callable[[str], Any] | None = None) -> dict[str, An
     with view:
         reused = _run_phases(config, devices, plan, run_dir, view)
         timing.update(pipeline.phase_timing(run_dir, plan))
-        metrics = pipeline.reduce_phase(config, run_dir, ds, plan, timing, view.stage)
+        metrics = pipeline.reduce_phase(config, run_dir, ds, plan, timing, view.stage, t0)
     if any(reused.values()):
         say(f"Resumed: reused {reused['embed']} embedded and {reused['candidates']} mined "
             f"shard(s) of {len(plan['shards'])}" + (", and the index" if reused["index"] else ""))

@@ -257,10 +257,11 @@ def write_negatives(config: Config, run: RunDir, ds: Dataset, picks: list[list[P
 
 
 def reduce_phase(config: Config, run: RunDir, ds: Dataset, plan: dict,
-                 timing: dict[str, float], progress: Progress = no_progress
-                 ) -> dict[str, Any]:
+                 timing: dict[str, float], progress: Progress = no_progress,
+                 started: float | None = None) -> dict[str, Any]:
     """Select, audit, write negatives.jsonl, suspects.jsonl and report.html, then
-    metrics.json (written last: the run is done)."""
+    metrics.json (written last: the run is done). `started`: perf_counter() at the start
+    of this invocation, for its wall time."""
     t0 = time.perf_counter()
     picks, parts = select_all(config, run, ds, plan, progress)
     picks, parts, suspects = audit.audit_run(config, ds, plan, picks, parts)
@@ -268,14 +269,15 @@ def reduce_phase(config: Config, run: RunDir, ds: Dataset, plan: dict,
     write_negatives(config, run, ds, picks, progress)
     audit.write_suspects(config, run, ds, suspects)
     timing.update(select=t1 - t0, write=time.perf_counter() - t1)
-    metrics = metrics_document(config, ds, plan, parts, timing)
+    wall = time.perf_counter() - started if started is not None else sum(timing.values())
+    metrics = metrics_document(config, ds, plan, parts, timing, wall)
     report.write_report(run, config, metrics, plan)
     write_json(run.metrics, metrics)
     return metrics
 
 
 def metrics_document(config: Config, ds: Dataset, plan: dict, parts: list[Metrics],
-                     timing: dict[str, float]) -> dict[str, Any]:
+                     timing: dict[str, float], wall: float) -> dict[str, Any]:
     """Global figures from merged counts, never averages of per-shard averages."""
     total = sum(parts, start=Metrics())
     summary = total.summary()
@@ -286,13 +288,13 @@ def metrics_document(config: Config, ds: Dataset, plan: dict, parts: list[Metric
     summary["records"] = len(ds.records)
     summary["candidates"] = len(ds)
     summary["duplicate_images"] = audit.duplicate_images(ds.images)
-    wall = sum(timing.values())
     shards = [{"shard": s["shard"], "device": s["device"], **m.shard_summary(),
                "seconds": round(s.get("seconds", 0.0), 3),
                "peak_rss_mb": s.get("peak_rss_mb")}
               for s, m in zip(plan["shards"], parts)]
     return {"global": summary,
             "timing": {k: round(v, 3) for k, v in timing.items()},
+            "wall_seconds": round(wall, 3),
             "throughput_anchors_per_s": round(ds.num_anchors / wall, 2) if wall else None,
             "shards": shards, "provenance": provenance(config)}
 

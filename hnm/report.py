@@ -220,7 +220,7 @@ def fmt(value: Any, spec: str = ".3f") -> str:
 
 def headline(metrics: dict[str, Any]) -> str:
     g = metrics["global"]
-    total = sum(metrics["timing"].values())
+    total = metrics.get("wall_seconds", sum(metrics["timing"].values()))
     rate = g["success_rate"]
     share = g["hard_share"]
     suspects = g.get("suspect_negatives", {})

@@ -13,7 +13,7 @@ def _fmt(value: Any, spec: str = ".3f") -> str:
 def summary_lines(metrics: dict[str, Any]) -> list[str]:
     """The guide's closing figures, from a metrics document."""
     g = metrics["global"]
-    total = sum(metrics["timing"].values())
+    total = metrics.get("wall_seconds", sum(metrics["timing"].values()))
     rate = g["success_rate"]
     return [
         "Hard negative mining completed",
@@ -28,7 +28,8 @@ def summary_lines(metrics: dict[str, Any]) -> list[str]:
         f"  Average hard visual similarity: {_fmt(g['hard_visual_similarity']['mean'])}",
         f"  Phrase diversity: {_fmt(g['phrase_diversity'])} "
         f"(max reuse {g['max_phrase_reuse']})",
-        "  Timing: " + ", ".join(f"{k} {v:.2f}s" for k, v in metrics["timing"].items()),
+        "  Timing (embed and search summed over workers): "
+        + ", ".join(f"{k} {v:.2f}s" for k, v in metrics["timing"].items()),
     ]
 
 

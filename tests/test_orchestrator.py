@@ -60,6 +60,10 @@ def test_output_is_byte_identical_for_any_worker_count(demo, single, tmp_path, w
     # global figures are merged counts, equal to the one-worker run's
     assert metrics["global"] == json.loads((single / "metrics.json").read_text())["global"]
     assert sum(s["anchors"] for s in metrics["shards"]) == metrics["global"]["anchors"]
+    # throughput is over this invocation's wall time, not the workers' summed seconds
+    wall = metrics["wall_seconds"]
+    assert 0 < wall < sum(metrics["timing"].values()) + 60
+    assert metrics["throughput_anchors_per_s"] == round(metrics["global"]["anchors"] / wall, 2)
     assert f"Running on {workers} CPU worker(s)" in result.stdout.replace("\n", " ")
 
 
