@@ -91,7 +91,7 @@ RUNTIME_ONLY = frozenset(
      "max_retries", "quiet", "overwrite", "batch_size", "dry_run"}
 )
 EMBEDDING_KEYS = ("annotations", "image_dir", "fields", "on_missing_image", "visual_encoder",
-                  "text_encoder", "image_embeddings", "text_embeddings", "blacklist")
+                  "text_encoder", "image_embeddings", "text_embeddings")
 
 
 class ConfigError(HnmError):
@@ -126,6 +126,10 @@ def validate(c: Config) -> None:
         value = getattr(c, name)
         _check(value is None or value >= (1 if name != "gpu_id" else 0), name,
                f"out of range: {value}")
+    if c.gpu_ids is not None:
+        _check(len(c.gpu_ids) > 0 and min(c.gpu_ids) >= 0
+               and len(set(c.gpu_ids)) == len(c.gpu_ids), "gpu_ids",
+               f"must list distinct GPU indices (0 or more), got {list(c.gpu_ids)}")
     _check(c.on_missing_image in ("error", "skip"), "on_missing_image",
            f"must be 'error' or 'skip', got {c.on_missing_image!r}")
 

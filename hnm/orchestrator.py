@@ -25,7 +25,7 @@ def _on_sigterm(*_: Any) -> None:
 
 def run(config: Config, say: Callable[[str], Any] | None = None) -> dict[str, Any]:
     """Run (or resume) the whole pipeline; returns the metrics document."""
-    if distributed.under_torchrun():
+    if distributed.under_torchrun() and not config.dry_run:
         return distributed.run_rank(config)
     signal.signal(signal.SIGTERM, _on_sigterm)
     t0 = time.perf_counter()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -46,9 +47,26 @@ def make_shards(n: int, k: int, grain: int = 1) -> list[tuple[int, int]]:
 
 
 def run_keys(config: Config, ds: Dataset) -> dict[str, str]:
-    """Identity of the run's results, and of its embeddings alone."""
-    embed = config_hash(config, EMBEDDING_KEYS) + ds.source_sha256[:16]
-    return {"run_key": config_hash(config) + ds.source_sha256[:16], "embed_key": embed}
+    """Identity of the run's results, and of its embeddings alone: the config, the
+    annotations' bytes, and the bytes of every other input file it names."""
+    source = ds.source_sha256[:16]  # last, where `hnm sweep` looks for it
+    embed = config_hash(config, EMBEDDING_KEYS) + _digest(
+        config.image_embeddings, config.text_embeddings) + source
+    run = config_hash(config) + _digest(
+        config.image_embeddings, config.text_embeddings, config.blacklist) + source
+    return {"run_key": run, "embed_key": embed}
+
+
+def _digest(*paths: str | None) -> str:
+    """Short hash of the named files' contents (editing a file in place changes it)."""
+    h = hashlib.sha256()
+    for path in paths:
+        if path and Path(path).is_file():
+            with open(path, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):  # noqa: B023
+                    h.update(block)
+        h.update(b"\0")
+    return h.hexdigest()[:16]
 
 
 def validate_inputs(config: Config, progress: Progress = no_progress) -> Dataset:
@@ -83,10 +101,20 @@ def provenance(config: Config) -> dict[str, Any]:
 
 
 def write_plan(config: Config, run: RunDir, ds: Dataset, num_shards: int,
-               devices: list[str], grain: int) -> dict[str, Any]:
-    """Shard ranges over rows, distinct phrases and anchors; written with the config."""
-    rows = make_shards(len(ds), num_shards, grain)
-    phrases = make_shards(len(ds.phrases), num_shards, grain)
+               devices: list[str], grain: int, keep: list[dict] | None = None
+               ) -> dict[str, Any]:
+    """Shard ranges over rows, distinct phrases and anchors; written with the config.
+
+    `keep`: an earlier plan's shards whose embeddings are kept: their row and phrase
+    ranges are reused as they are (they were cut on that run's batch grid).
+    """
+    if keep:
+        num_shards = len(keep)
+        rows = [tuple(s["rows"]) for s in keep]
+        phrases = [tuple(s["phrases"]) for s in keep]
+    else:
+        rows = make_shards(len(ds), num_shards, grain)
+        phrases = make_shards(len(ds.phrases), num_shards, grain)
     anchors = make_shards(ds.num_anchors, num_shards)
     plan = {
         "version": PLAN_VERSION, **run_keys(config, ds), "num_rows": len(ds),
@@ -104,7 +132,9 @@ def index_phase(config: Config, run: RunDir, ds: Dataset, num_shards: int,
                 device: str = "cpu") -> dict[str, float]:
     """Concatenate all embeddings; eligibility and k-means clusters, computed once."""
     t0 = time.perf_counter()
-    V = np.concatenate([np.load(run.image_embeddings(s)) for s in range(num_shards)])
+    # a shard can hold no rows (more workers than batches): its arrays are empty
+    V = np.concatenate([e for s in range(num_shards)
+                        if len(e := np.load(run.image_embeddings(s)))])
     T = np.concatenate([e for s in range(num_shards)
                         if len(e := np.load(run.text_embeddings(s)))])
     eligible = eligible_phrases(T, ds.phrases, _blacklist_vectors(config, device),
@@ -380,13 +410,13 @@ def prepare(config: Config, num_shards: int, devices: list[str], grain: int,
         raise HnmError(f"--output-dir {config.output_dir}: holds a run with a different "
                        "config or input; pass --overwrite to replace it, or choose another "
                        "directory")
-    if old:
-        same = old.get("embed_key") == keys["embed_key"]
+    same = bool(old) and old.get("embed_key") == keys["embed_key"]
+    if run.root.exists() and any(run.root.iterdir()):
+        if not old and not config.overwrite:
+            raise HnmError(f"--output-dir {config.output_dir}: exists and is not an hnm run "
+                           "directory; choose another or pass --overwrite")
+        # nothing of another run may be trusted, except embeddings of the same inputs
         remove_outputs(run, keep_embeddings=same)
-        if same:  # keep the shard layout the embeddings were written with
-            num_shards = len(old["shards"])
-    elif run.root.exists() and any(run.root.iterdir()) and not config.overwrite:
-        raise HnmError(f"--output-dir {config.output_dir}: exists and is not an hnm run "
-                       "directory; choose another or pass --overwrite")
-    plan = write_plan(config, run, ds, num_shards, devices, grain)
+    plan = write_plan(config, run, ds, num_shards, devices, grain,
+                      keep=old["shards"] if same else None)
     return ds, plan, "new"

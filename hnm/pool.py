@@ -95,7 +95,7 @@ def _worker_main(wid: int, config: Config, device: str, tasks: Any, events: Any)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent coordinates Ctrl-C
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up temporary files
     run = RunDir(config.output_dir)
-    while (item := tasks.get()) is not None:
+    while (item := _next_task(tasks)) is not None:
         task = Task(*item)
         _redirect_output(run.log(task.shard) if task.shard is not None else run.logs / "index.log")
         try:
@@ -105,7 +105,21 @@ def _worker_main(wid: int, config: Config, device: str, tasks: Any, events: Any)
             events.put(("input_error", wid, task.phase, task.shard, str(exc)))
         except Exception as exc:
             traceback.print_exc()
-            events.put(("failed", wid, task.phase, task.shard, f"{type(exc).__name__}: {exc}"))
+            first = (str(exc).strip().splitlines() or [""])[0]  # the full trace is in the log
+            events.put(("failed", wid, task.phase, task.shard, f"{type(exc).__name__}: {first}"))
+
+
+def _next_task(tasks: Any) -> Any:
+    """The next task, or None once told to stop or once the parent is gone (kill -9)."""
+    import multiprocessing as mp
+
+    while True:
+        try:
+            return tasks.get(timeout=1.0)
+        except queue.Empty:
+            parent = mp.parent_process()
+            if parent is not None and not parent.is_alive():
+                return None
 
 
 def _progress_sender(wid: int, task: Task, events: Any) -> Any:

@@ -108,3 +108,10 @@ def test_dry_run_plans_one_shard_per_faked_gpu_and_writes_nothing(fake, tmp_path
     assert "Dry run: 12 records, 12 candidates, 12 anchors" in text
     assert "Shards: 3 on cuda:0, cuda:1, cuda:2: [0, 4), [4, 8), [8, 12)" in text
     assert not out.exists()
+
+
+@pytest.mark.parametrize("ids", [(), (-1,), (0, 0)])
+def test_gpu_ids_must_be_distinct_indices(ids):
+    with pytest.raises(HnmError) as err:
+        Config(gpu_ids=ids)
+    assert str(err.value).startswith("--gpu-ids: must list distinct GPU indices")

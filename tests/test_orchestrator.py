@@ -162,3 +162,83 @@ def test_torchrun_two_nodes_match_the_single_process_run(demo, single, tmp_path)
     plan = json.loads((out / "plan.json").read_text())
     assert len(plan["shards"]) == 2
     assert "Hard negative mining completed" in results[0][0]
+
+
+def test_more_workers_than_batches_leaves_shards_empty_and_still_matches(demo, tmp_path):
+    """40 rows in batches of 64: one batch, three workers; two shards embed nothing."""
+    flags = ("--batch-size", "64", "--visual-encoder", "pixels")
+    one = launch(demo, tmp_path / "one", "--cpu-workers", "1", *flags)
+    three = launch(demo, tmp_path / "three", "--cpu-workers", "3", *flags)
+    assert one.returncode == 0, one.stderr
+    assert three.returncode == 0, three.stderr
+    rows = [s["rows"] for s in json.loads((tmp_path / "three/plan.json").read_text())["shards"]]
+    assert rows == [[0, 0], [0, 0], [0, 40]]
+    assert (tmp_path / "three/negatives.jsonl").read_bytes() == \
+        (tmp_path / "one/negatives.jsonl").read_bytes()
+
+
+def test_overwrite_never_trusts_files_it_did_not_plan(demo, tmp_path):
+    """A directory with phase markers but no plan.json: --overwrite starts afresh."""
+    flags = ("--visual-encoder", "pixels", "--cpu-workers", "1")
+    reference = launch(demo, tmp_path / "reference", *flags)
+    assert reference.returncode == 0, reference.stderr
+    other = tmp_path / "other"
+    assert launch(demo, other, *flags, "--max-samples", "7").returncode == 0
+    (other / "plan.json").unlink()
+    refused = launch(demo, other, *flags, "--no-overwrite")  # demo.yaml says overwrite
+    assert refused.returncode == 2 and "is not an hnm run directory" in refused.stderr
+    again = launch(demo, other, *flags, "--overwrite")
+    assert again.returncode == 0, again.stderr
+    assert (other / "negatives.jsonl").read_bytes() == \
+        (tmp_path / "reference/negatives.jsonl").read_bytes()
+
+
+def test_overwrite_keeping_embeddings_keeps_their_shard_ranges(demo, tmp_path):
+    """Same inputs, another batch size and threshold: embeddings are reused as cut."""
+    out = tmp_path / "run"
+    first = launch(demo, out, "--visual-encoder", "pixels", "--cpu-workers", "2",
+                   "--batch-size", "8")
+    assert first.returncode == 0, first.stderr
+    before = json.loads((out / "plan.json").read_text())["shards"]
+    marks = {p.name: p.stat().st_mtime_ns for p in out.glob("embeddings/done_*")}
+    again = launch(demo, out, "--visual-encoder", "pixels", "--cpu-workers", "3",
+                   "--batch-size", "16", "--cosine-threshold", "0.25", "--overwrite")
+    assert again.returncode == 0, again.stderr
+    after = json.loads((out / "plan.json").read_text())["shards"]
+    assert [s["rows"] for s in after] == [s["rows"] for s in before]
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("embeddings/done_*")} == marks
+
+
+def test_workers_exit_when_the_parent_is_killed(demo, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "launch.py", "--config", "configs/demo.yaml",
+           "--annotations", str(demo / "annotations.json"), "--image-dir", str(demo),
+           "--output-dir", str(out), "--num-workers", "0", "--batch-size", "8",
+           "--cpu-workers", "2"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(_children(proc.pid)) < 2:
+        time.sleep(0.1)
+    workers = _children(proc.pid)
+    assert workers
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 60  # a worker notices between tasks, or after its shard
+    alive = workers
+    while time.monotonic() < deadline and alive:
+        time.sleep(0.5)
+        alive = [p for p in workers if Path(f"/proc/{p}").exists()
+                 and "zombie" not in Path(f"/proc/{p}/status").read_text().lower()]
+    assert not alive, "workers outlived their parent"
+
+
+def test_editing_an_input_file_in_place_is_a_new_run(demo, tmp_path):
+    """The run's identity covers the bytes of the files it names, not only their paths."""
+    blacklist = tmp_path / "blacklist.txt"
+    blacklist.write_text("yes\n")
+    flags = ("--visual-encoder", "pixels", "--blacklist", str(blacklist), "--no-overwrite")
+    assert launch(demo, tmp_path / "run", *flags).returncode == 0
+    assert "Nothing to do" in launch(demo, tmp_path / "run", *flags).stdout
+    blacklist.write_text("yes\nturn left\n")
+    changed = launch(demo, tmp_path / "run", *flags)
+    assert changed.returncode == 2 and "holds a run with a different config" in changed.stderr
