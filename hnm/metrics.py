@@ -8,8 +8,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 HIST_BINS = 40  # similarity histograms over [-1, 1]
 
 
@@ -148,13 +146,3 @@ class Metrics:
 
 def _ratio(a: float, b: float) -> float | None:
     return round(a / b, 6) if b else None
-
-
-def phase_timer() -> dict[str, float]:
-    """Seconds per phase, in the order SPEC §9 lists them."""
-    return dict.fromkeys(("load", "embed_images", "embed_texts", "index", "cluster", "search",
-                          "select", "write"), 0.0)
-
-
-def as_float(x: Any) -> float:
-    return float(np.asarray(x))

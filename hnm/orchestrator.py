@@ -27,7 +27,14 @@ def run(config: Config, say: Callable[[str], Any] | None = None) -> dict[str, An
     """Run (or resume) the whole pipeline; returns the metrics document."""
     if distributed.under_torchrun() and not config.dry_run:
         return distributed.run_rank(config)
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return _run(config, say)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(config: Config, say: Callable[[str], Any] | None) -> dict[str, Any]:
     t0 = time.perf_counter()
     found, reason = gpus.discover()
     devices = gpus.choose_devices(config, found)

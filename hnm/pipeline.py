@@ -397,12 +397,18 @@ def remove_outputs(run: RunDir, keep_embeddings: bool) -> None:
 def prepare(config: Config, num_shards: int, devices: list[str], grain: int,
             progress: Progress = no_progress) -> tuple[Dataset, dict[str, Any], str]:
     """Validate inputs, then create or resume the run directory. Returns (ds, plan, state)."""
-    ds = validate_inputs(config, progress)
     run = RunDir(config.output_dir)
     blocker = next((p for p in (run.root, *run.root.parents) if p.exists()), None)
     if blocker is not None and not blocker.is_dir():
         raise HnmError(f"--output-dir {config.output_dir}: {blocker} is a file, not a directory")
     old = previous_plan(run)
+    if old and config.annotations:
+        # resuming the same run: its inputs were validated when it was planned, and its
+        # key covers their bytes, so the (slow) decoding of every image is not redone
+        ds = load_dataset(config, old.get("skipped", []))
+        if old.get("run_key") == run_keys(config, ds)["run_key"]:
+            return ds, old, "complete" if is_complete(run) else "resume"
+    ds = validate_inputs(config, progress)
     keys = run_keys(config, ds)
     if old and old.get("run_key") == keys["run_key"]:
         return ds, old, "complete" if is_complete(run) else "resume"

@@ -250,7 +250,8 @@ class WorkerPool:
             return
         run = RunDir(self.config.output_dir)
         log = run.log(task.shard) if task.shard is not None else run.logs / "index.log"
+        what = "the index phase" if task.shard is None else f"shard {task.shard}"
+        where = "" if task.shard is None else f" in {task.phase}"
         raise RunFailed(
-            f"shard {task.shard if task.shard is not None else 'index'} failed in "
-            f"{task.phase} on {self.devices[wid]} after {self.attempts[task]} attempt(s): "
-            f"{error}; see {log}. Rerunning the same command resumes.")
+            f"{what} failed{where} on {self.devices[wid]} after {self.attempts[task]} "
+            f"attempt(s): {error}; see {log}. Rerunning the same command resumes.")
