@@ -228,5 +228,5 @@ class ImageFiles:
         try:
             with Image.open(self.paths[i]) as img:
                 return self.preprocess(img.convert("RGB"))
-        except OSError as exc:
+        except Exception as exc:  # any decoder failure is this file's fault, not a crash
             raise HnmError(f"{self.paths[i]}: cannot decode image: {exc}") from None
