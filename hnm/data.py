@@ -147,12 +147,12 @@ def _check_images(path: Path, images: list[Path], policy: str, progress: Progres
     return [i for i, _, _ in bad]
 
 
-def _no_progress(stage: str, done: int, total: int) -> None:
-    pass
+def no_progress(stage: str, done: int, total: int) -> None:
+    """The progress callback of callers that show none."""
 
 
 def load_dataset(config: Config, skip: list[int] | None = None,
-                 progress: Progress = _no_progress) -> Dataset:
+                 progress: Progress = no_progress) -> Dataset:
     """Read, validate and index the annotations named by the config.
 
     `skip`: record positions already known to be left out (workers pass the plan's),

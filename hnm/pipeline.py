@@ -6,7 +6,6 @@ import dataclasses
 import hashlib
 import json
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ import numpy as np
 from hnm import __version__, audit, report
 from hnm.blacklist import read_blacklist
 from hnm.config import EMBEDDING_KEYS, Config, config_hash, dump_yaml
-from hnm.data import Dataset, anchor_uniforms, load_dataset, normalize
+from hnm.data import Dataset, Progress, anchor_uniforms, load_dataset, no_progress, normalize
 from hnm.encoders import (
     BUILTIN_TEXT,
     BUILTIN_VISUAL,
@@ -32,11 +31,6 @@ from hnm.storage import RunDir, atomic_open, read_json, read_npz, write_json, wr
 from hnm.worker import check_precomputed, embed_texts, load_tables, mine_candidates
 
 PLAN_VERSION = 1
-Progress = Callable[[str, int, int], None]  # (stage, done, total)
-
-
-def no_progress(stage: str, done: int, total: int) -> None:
-    pass
 
 
 def make_shards(n: int, k: int, grain: int = 1) -> list[tuple[int, int]]:

@@ -12,6 +12,7 @@ from rich.live import Live
 from rich.table import Table
 
 from hnm.gpus import memory_used_gb
+from hnm.summary import device_name
 
 
 @dataclass
@@ -164,8 +165,4 @@ def _label(shard: int | str | None) -> str:
 
 def _who(device: str, shard: int | None) -> str:
     what = "index" if shard is None else f"shard {shard}"
-    return f"{_name(device)} ({what})"
-
-
-def _name(device: str) -> str:
-    return f"GPU {device.split(':')[1]}" if device.startswith("cuda:") else "CPU worker"
+    return f"{device_name(device)} ({what})"

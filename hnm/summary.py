@@ -44,7 +44,7 @@ def shard_lines(metrics: dict[str, Any]) -> list[str]:
     for s in metrics["shards"]:
         rate = s["success_rate"]
         lines += [
-            f"{_device_name(s['device'])} (shard {s['shard']}) completed successfully",
+            f"{device_name(s['device'])} (shard {s['shard']}) completed successfully",
             f"   Shard {s['shard']} results:",
             f"      Success rate: {_fmt(None if rate is None else rate * 100, '.1f')}%",
             f"      Hard negatives: {s['hard_negatives']}",
@@ -55,5 +55,6 @@ def shard_lines(metrics: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _device_name(device: str) -> str:
+def device_name(device: str) -> str:
+    """'GPU 3' for cuda:3, else 'CPU worker' (the guide's wording)."""
     return f"GPU {device.split(':')[1]}" if device.startswith("cuda:") else "CPU worker"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from hnm.config import Config
-from hnm.data import Dataset, ImageFiles, anchor_uniforms, load_dataset
+from hnm.data import Dataset, ImageFiles, Progress, anchor_uniforms, load_dataset, no_progress
 from hnm.encoders import build_image_encoder, build_text_encoder, finalize
 from hnm.errors import HnmError
 from hnm.index import build_index
@@ -20,7 +19,6 @@ from hnm.miner import Tables, farthest, hard_candidates, scatter
 from hnm.storage import RunDir, read_json, write_npy, write_npz
 
 log = logging.getLogger("hnm.worker")
-Progress = Callable[[str, int, int], None]  # (phase, done, total)
 
 
 @dataclass(frozen=True)
@@ -30,10 +28,6 @@ class Job:
     config: Config
     shard: int
     device: str = "cpu"
-
-
-def _no_progress(phase: str, done: int, total: int) -> None:
-    pass
 
 
 def _shard_plan(run: RunDir, shard: int) -> dict[str, Any]:
@@ -69,7 +63,7 @@ def _torch_setup(device: str) -> Any:
     return torch.device(device)
 
 
-def embed_shard(job: Job, ds: Dataset | None = None, progress: Progress = _no_progress) -> dict:
+def embed_shard(job: Job, ds: Dataset | None = None, progress: Progress = no_progress) -> dict:
     """Embed the shard's images and distinct texts; write both arrays, then the marker."""
     run = RunDir(job.config.output_dir)
     part = _shard_plan(run, job.shard)
@@ -153,7 +147,7 @@ def load_tables(run: RunDir, ds: Dataset) -> Tables:
 
 
 def candidates_shard(job: Job, ds: Dataset | None = None,
-                     progress: Progress = _no_progress) -> dict:
+                     progress: Progress = no_progress) -> dict:
     """Hard and diverse candidate lists of the shard's anchors against the whole index."""
     c = job.config
     run = RunDir(c.output_dir)
@@ -173,7 +167,7 @@ def candidates_shard(job: Job, ds: Dataset | None = None,
 
 
 def mine_candidates(c: Config, tab: Tables, anchors: np.ndarray, device: str = "cpu",
-                    progress: Progress = _no_progress, batch: int = 2048,
+                    progress: Progress = no_progress, batch: int = 2048,
                     diverse_first: np.ndarray | None = None
                     ) -> tuple[dict[str, np.ndarray], str]:
     """Candidate arrays of `anchors` (flat, with offsets), and the index kind used.
