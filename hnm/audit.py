@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from hnm.config import Config
-from hnm.data import Dataset, anchor_uniforms
+from hnm.data import Dataset
 from hnm.metrics import Metrics
 from hnm.select import Pick
 from hnm.storage import RunDir, atomic_open
@@ -123,9 +123,10 @@ def _record(m: Metrics, pick: Pick, phrase: int, lengths: list[int], min_vis: fl
 
 
 def audit_run(config: Config, ds: Dataset, plan: dict[str, Any], picks: list[list[Pick]],
-              parts: list[Metrics]) -> tuple[list[list[Pick]], list[Metrics], list[Suspect]]:
-    """`audit_picks` shard by shard (picks[a] belongs to anchor a, shards in plan order)."""
-    u = anchor_uniforms(ds.ids[:ds.num_anchors], config.seed)
+              parts: list[Metrics], u: np.ndarray
+              ) -> tuple[list[list[Pick]], list[Metrics], list[Suspect]]:
+    """`audit_picks` shard by shard (picks[a] belongs to anchor a, shards in plan order;
+    u: every anchor's strategy draw, as the selection used it)."""
     out_picks: list[list[Pick]] = []
     out_parts, suspects = [], []
     for part, metrics in zip(plan["shards"], parts):

@@ -234,12 +234,11 @@ def make_selector(config: Config, tab: Tables, phrases: list[str], device: str =
                     config.diverse_pool)
 
 
-def select_all(config: Config, run: RunDir, ds: Dataset, plan: dict,
+def select_all(config: Config, run: RunDir, ds: Dataset, plan: dict, u: np.ndarray,
                progress: Progress = no_progress) -> tuple[list[list[Pick]], list[Metrics]]:
     """Walk every shard's anchors in input order through one selector."""
     tab = load_tables(run, ds)
     selector = make_selector(config, tab, ds.phrases)
-    u = anchor_uniforms(ds.ids[:ds.num_anchors], config.seed)
     picks: list[list[Pick]] = []
     parts = []
     for part in plan["shards"]:
@@ -287,8 +286,9 @@ def reduce_phase(config: Config, run: RunDir, ds: Dataset, plan: dict,
     metrics.json (written last: the run is done). `started`: perf_counter() at the start
     of this invocation, for its wall time."""
     t0 = time.perf_counter()
-    picks, parts = select_all(config, run, ds, plan, progress)
-    picks, parts, suspects = audit.audit_run(config, ds, plan, picks, parts)
+    u = anchor_uniforms(ds.ids[:ds.num_anchors], config.seed)  # drawn once, used by both
+    picks, parts = select_all(config, run, ds, plan, u, progress)
+    picks, parts, suspects = audit.audit_run(config, ds, plan, picks, parts, u)
     t1 = time.perf_counter()
     write_negatives(config, run, ds, picks, progress)
     audit.write_suspects(config, run, ds, suspects)

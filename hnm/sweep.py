@@ -189,7 +189,7 @@ def evaluate(saved: Saved, config: Config, hard: Ragged, diverse: Ragged, comple
         picks += selector.run(np.arange(a0, a1), saved.u[a0:a1], _window(hard, a0, a1),
                               _window(diverse, a0, a1), complete[a0:a1], metrics)
         parts.append(metrics)
-    _, parts, _ = audit_run(config, saved.ds, saved.plan, picks, parts)
+    _, parts, _ = audit_run(config, saved.ds, saved.plan, picks, parts, saved.u)
     summary = sum(parts, start=Metrics()).summary()
     # work done, not a result: it depends on which diverse lists were computed ahead
     summary.pop("diverse_widened_searches")
