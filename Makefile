@@ -3,8 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 EXTRAS ?= test,bench
-STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 comma := ,
+STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 export HF_HUB_OFFLINE ?= 1
 
 # Split runs take IMAGE_DIR= and ANNOTATIONS= (and any other flags in ARGS=).

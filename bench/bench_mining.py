@@ -22,12 +22,11 @@ from hnm.blacklist import DEFAULT_BLACKLIST
 from hnm.config import Config
 from hnm.data import anchor_uniforms, normalize
 from hnm.encoders import finalize
+from hnm.engine import find_candidates, make_selector, mine_arrays, select
 from hnm.index import kmeans
 from hnm.metrics import Metrics
 from hnm.miner import Tables, eligible_phrases, threshold_steps
-from hnm.pipeline import make_selector, mine_arrays, unpack_candidates
 from hnm.select import Pick
-from hnm.worker import mine_candidates
 
 Plain = tuple[int, str, Any]  # (row, kind, step | (anchor_cluster, negative_cluster))
 
@@ -243,16 +242,15 @@ def engine_split(s: Setup) -> tuple[float, float, Metrics]:
     n = len(s.u)
     anchors = np.arange(n)
     ahead = s.u < s.config.diverse_ratio  # as mine_arrays does
-    t_cand, (arrays, _) = timed(lambda: mine_candidates(s.config, s.tab, anchors,
-                                                        diverse_first=ahead))
-    metrics = Metrics()
+    t_cand, (cands, _) = timed(lambda: find_candidates(s.config, s.tab, anchors,
+                                                       diverse_first=ahead))
 
-    def select() -> None:
-        hard, diverse, complete = unpack_candidates(arrays)
+    def selection() -> Metrics:
         selector = make_selector(s.config, s.tab, s.phrases)
-        selector.run(anchors, s.u, hard, diverse, complete, metrics)
+        (done,) = select(s.config, selector, [(anchors, cands)], s.u, s.phrases)
+        return done.metrics
 
-    t_sel, _ = timed(select)
+    t_sel, metrics = timed(selection)
     return t_cand, t_sel, metrics
 
 
@@ -346,7 +344,7 @@ def workload_line(r: Row) -> str:
     m = r.metrics
     steps = ", ".join(f"{k}: {v}" for k, v in sorted(m.hard_steps.items(), key=str))
     return (f"| {r.n:,} | {m.successes}/{m.anchors} | {m.hard_successes} ({steps}) | "
-            f"{m.diverse_successes} | {m.fallback_used} | {m.diverse_widened} |")
+            f"{m.diverse_successes} | {m.second_strategy_used} | {m.diverse_widened} |")
 
 
 def machine() -> str:

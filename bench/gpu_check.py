@@ -46,8 +46,8 @@ def export_embeddings(run_dir: Path, out: Path) -> tuple[Path, Path]:
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     cfg.pop("provenance", None)
     ds = load_dataset(make_config(cfg))
-    np.save(out / "image.npy", np.load(run_dir / "index/visual.npy"))
-    np.save(out / "text.npy", np.load(run_dir / "index/text.npy")[ds.text_ids])
+    np.save(out / "image.npy", np.load(run_dir / "tables/visual.npy"))
+    np.save(out / "text.npy", np.load(run_dir / "tables/text.npy")[ds.text_ids])
     return out / "image.npy", out / "text.npy"
 
 

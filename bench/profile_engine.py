@@ -11,25 +11,23 @@ from typing import Any
 import numpy as np
 from bench_mining import Setup, make_setup, parse_args, plain
 
+import hnm.engine
 import hnm.index
 import hnm.miner
-import hnm.pipeline
-import hnm.worker
+from hnm.engine import Candidates, find_candidates, make_selector
 from hnm.metrics import Metrics
 from hnm.miner import farthest
-from hnm.pipeline import make_selector, unpack_candidates
-from hnm.worker import mine_candidates
 
 # (owner, function name, label); indented labels are part of the label above them;
 # functions the installed hnm lacks (renamed, removed) are skipped
 PROBES = (
     (hnm.index.FaissFlatIP, "search", "faiss search (all calls)"),
-    (hnm.worker, "hard_candidates", "hard_candidates"),
-    (hnm.worker, "farthest", "farthest"),
+    (hnm.engine, "hard_candidates", "hard_candidates"),
+    (hnm.engine, "farthest", "farthest"),
     (hnm.miner, "exact_dots", "  exact vis rescoring (exact_dots)"),
     (hnm.miner, "_text_sims", "  exact txt of candidates (text_sims)"),
     (hnm.miner, "text_sims", "  exact txt of candidates (text_sims)"),
-    (hnm.pipeline, "farthest", "selection: widening searches"),
+    (hnm.engine, "farthest", "selection: widening searches"),
 )
 
 
@@ -50,14 +48,14 @@ def instrument(acc: dict[str, float]) -> None:
         setattr(owner, name, wrapper)
 
 
-def timed_candidates(s: Setup) -> tuple[float, dict[str, np.ndarray]]:
+def timed_candidates(s: Setup) -> tuple[float, Candidates]:
     t0 = time.perf_counter()
-    arrays, _ = mine_candidates(s.config, s.tab, np.arange(len(s.u)),
-                                diverse_first=s.u < s.config.diverse_ratio)
-    return time.perf_counter() - t0, arrays
+    cands, _ = find_candidates(s.config, s.tab, np.arange(len(s.u)),
+                               diverse_first=s.u < s.config.diverse_ratio)
+    return time.perf_counter() - t0, cands
 
 
-def timed_selection(s: Setup, arrays: dict[str, np.ndarray], widen: Callable | None = None
+def timed_selection(s: Setup, cands: Candidates, widen: Callable | None = None
                     ) -> tuple[float, Metrics, list]:
     """The selection pass; `widen` replaces the selector's widening search when given."""
     selector = make_selector(s.config, s.tab, s.phrases)
@@ -65,7 +63,8 @@ def timed_selection(s: Setup, arrays: dict[str, np.ndarray], widen: Callable | N
         selector.widen = widen
     metrics = Metrics()
     t0 = time.perf_counter()
-    picks = selector.run(np.arange(len(s.u)), s.u, *unpack_candidates(arrays), metrics)
+    picks = selector.run(np.arange(len(s.u)), s.u, cands.hard, cands.diverse, cands.complete,
+                         metrics)
     return time.perf_counter() - t0, metrics, picks
 
 
@@ -74,8 +73,8 @@ def breakdown(s: Setup, repeats: int) -> None:
     instrument(acc)
     for r in range(repeats):
         acc.clear()
-        cand, arrays = timed_candidates(s)
-        select, metrics, _ = timed_selection(s, arrays)
+        cand, cands = timed_candidates(s)
+        select, metrics, _ = timed_selection(s, cands)
         print(f"N={len(s.u):,} run {r + 1}: candidates {cand:.2f}s, selection {select:.2f}s "
               f"(diverse lists widened {metrics.diverse_widened} times)")
         for label in dict.fromkeys(label for _, _, label in PROBES):
@@ -91,18 +90,19 @@ def compare_chunk(s: Setup, repeats: int, chunk: int) -> None:
         seconds, results[value] = timed_candidates(s)
         print(f"N={len(s.u):,} CHUNK_BYTES={value:>9,}: candidates {seconds:.2f}s")
     hnm.miner.CHUNK_BYTES = shipped
-    same = all(np.array_equal(results[shipped][k], results[chunk][k], equal_nan=True)
-               for k in results[shipped])
+    arrays = {value: cands.to_arrays() for value, cands in results.items()}
+    same = all(np.array_equal(arrays[shipped][k], arrays[chunk][k], equal_nan=True)
+               for k in arrays[shipped])
     print(f"candidate arrays identical: {'yes' if same else 'no'}")
 
 
 def per_anchor_widen(s: Setup) -> Callable:
-    """The widening search before hnm.pipeline.Widener: one anchor per search."""
-    pool_rows = np.flatnonzero(s.tab.eligible)
-    index = hnm.index.build_index(np.asarray(s.tab.V[pool_rows]))
+    """The widening search before hnm.engine.Widener: one anchor per search."""
+    eligible_rows = np.flatnonzero(s.tab.eligible)
+    index = hnm.index.build_index(np.asarray(s.tab.V[eligible_rows]))
 
-    def widen(anchor: int, pool: int) -> tuple[Any, bool]:
-        lists, complete = farthest(index, pool_rows, s.tab, np.array([anchor]), pool)
+    def widen(anchor: int, size: int) -> tuple[Any, bool]:
+        lists, complete = farthest(index, eligible_rows, s.tab, np.array([anchor]), size)
         return lists.get(0), bool(complete[0])
 
     return widen
@@ -110,11 +110,11 @@ def per_anchor_widen(s: Setup) -> Callable:
 
 def compare_widen(s: Setup, repeats: int) -> None:
     """Selection pass with hnm's Widener and with a plain per-anchor widening search."""
-    _, arrays = timed_candidates(s)
+    _, cands = timed_candidates(s)
     picks = {}
     for name in ("Widener", "per-anchor") * repeats:
         widen = per_anchor_widen(s) if name == "per-anchor" else None
-        seconds, metrics, picks[name] = timed_selection(s, arrays, widen)
+        seconds, metrics, picks[name] = timed_selection(s, cands, widen)
         print(f"N={len(s.u):,} widening {name:10s}: selection {seconds:.2f}s "
               f"({metrics.diverse_widened} widenings)")
     same = plain(picks["Widener"]) == plain(picks["per-anchor"])

@@ -8,30 +8,31 @@ import sys
 from typing import Any
 
 from hnm.config import load_config
-from hnm.errors import HnmError
+from hnm.errors import HnmError, Terminated
 
-S = argparse.SUPPRESS  # flags left out do not override the YAML or the defaults
+# A flag left out of the command line must not override the YAML or the defaults.
+UNSET = argparse.SUPPRESS
 
 
 def _mine_flags(p: argparse.ArgumentParser) -> None:
     io = p.add_argument_group("inputs and outputs")
     io.add_argument("--config", help="YAML config (defaults < YAML < flags)")
-    io.add_argument("--annotations", default=S, help="JSON list/dict of records, or JSONL")
-    io.add_argument("--image-dir", default=S, help="folder image paths are relative to")
-    io.add_argument("--output-dir", default=S, help="run directory (resumable)")
-    io.add_argument("--split", default=S, help="dataset split name (train, val_seen, ...)")
-    io.add_argument("--max-samples", type=int, default=S, help="mine only the first N anchors")
-    io.add_argument("--on-missing-image", choices=("error", "skip"), default=S)
+    io.add_argument("--annotations", default=UNSET, help="JSON list/dict of records, or JSONL")
+    io.add_argument("--image-dir", default=UNSET, help="folder image paths are relative to")
+    io.add_argument("--output-dir", default=UNSET, help="run directory (resumable)")
+    io.add_argument("--split", default=UNSET, help="dataset split name (train, val_seen, ...)")
+    io.add_argument("--max-samples", type=int, default=UNSET, help="mine only the first N anchors")
+    io.add_argument("--on-missing-image", choices=("error", "skip"), default=UNSET)
     for name in ("id", "image", "text", "group"):
-        io.add_argument(f"--{name}-field", default=S, help=f"record field holding the {name}")
+        io.add_argument(f"--{name}-field", default=UNSET, help=f"record field holding the {name}")
     enc = p.add_argument_group("encoders")
-    enc.add_argument("--visual-encoder", default=S,
+    enc.add_argument("--visual-encoder", default=UNSET,
                      help="efficientnet-lite0 | pixels | HF model folder or id")
-    enc.add_argument("--text-encoder", default=S, help="minilm | HF model folder or id")
-    enc.add_argument("--image-embeddings", default=S, help="precomputed .npy, one row/record")
-    enc.add_argument("--text-embeddings", default=S, help="precomputed .npy, one row/record")
-    enc.add_argument("--batch-size", type=int, default=S, help="batch size (default 64)")
-    enc.add_argument("--num-workers", type=int, default=S, help="data-loading workers (4)")
+    enc.add_argument("--text-encoder", default=UNSET, help="minilm | HF model folder or id")
+    enc.add_argument("--image-embeddings", default=UNSET, help="precomputed .npy, one row/record")
+    enc.add_argument("--text-embeddings", default=UNSET, help="precomputed .npy, one row/record")
+    enc.add_argument("--batch-size", type=int, default=UNSET, help="batch size (default 64)")
+    enc.add_argument("--num-workers", type=int, default=UNSET, help="data-loading workers (4)")
     mine = p.add_argument_group("mining")
     for flag, kind, text in (
             ("--k-nn", int, "number of k-NN neighbours (30)"),
@@ -44,31 +45,33 @@ def _mine_flags(p: argparse.ArgumentParser) -> None:
             ("--blacklist-similarity", float, "max similarity to a blacklist phrase (0.75)"),
             ("--n-clusters", int, "k-means clusters for diverse negatives (30)"),
             ("--num-negatives", int, "negatives per anchor (1)"),
-            ("--diverse-pool", int, "diverse candidates kept per anchor (64)"),
+            ("--diverse-candidates", int, "diverse candidates kept per anchor (64)"),
             ("--seed", int, "seed of strategy draws and k-means (0)")):
-        mine.add_argument(flag, type=kind, default=S, help=text)
-    mine.add_argument("--blacklist", default=S, help="file, one phrase per line ('' disables)")
+        mine.add_argument(flag, type=kind, default=UNSET, help=text)
+    mine.add_argument("--diverse-pool", type=int, dest="diverse_candidates", default=UNSET,
+                      help=argparse.SUPPRESS)  # the former name of --diverse-candidates
+    mine.add_argument("--blacklist", default=UNSET, help="file, one phrase per line ('' disables)")
     audit = p.add_argument_group("false-negative audit")
-    audit.add_argument("--audit-text-similarity", type=float, default=S,
+    audit.add_argument("--audit-text-similarity", type=float, default=UNSET,
                        help="a negative whose text similarity to its anchor is above this is "
                        "suspect (0.8)")
-    audit.add_argument("--audit-visual-similarity", type=float, default=S,
+    audit.add_argument("--audit-visual-similarity", type=float, default=UNSET,
                        help="a negative whose visual similarity to its anchor is above this "
                        "is suspect (0.98)")
-    audit.add_argument("--drop-suspect-negatives", action="store_true", default=S,
+    audit.add_argument("--drop-suspect-negatives", action="store_true", default=UNSET,
                        help="remove suspect negatives from the output; their anchors may be "
                        "left without one")
     dev = p.add_argument_group("devices and processes")
-    dev.add_argument("--gpu-id", type=int, default=S, help="single-GPU mode on this GPU")
-    dev.add_argument("--gpu-ids", default=S, help="comma-separated GPU indices")
-    dev.add_argument("--num-gpus", type=int, default=S, help="GPUs to use (default: all)")
-    dev.add_argument("--cpu-workers", type=int, default=S, help="CPU worker processes (1)")
-    dev.add_argument("--max-retries", type=int, default=S, help="retries of a failed shard")
-    dev.add_argument("--quiet", action=argparse.BooleanOptionalAction, default=S,
+    dev.add_argument("--gpu-id", type=int, default=UNSET, help="single-GPU mode on this GPU")
+    dev.add_argument("--gpu-ids", default=UNSET, help="comma-separated GPU indices")
+    dev.add_argument("--num-gpus", type=int, default=UNSET, help="GPUs to use (default: all)")
+    dev.add_argument("--cpu-workers", type=int, default=UNSET, help="CPU worker processes (1)")
+    dev.add_argument("--max-retries", type=int, default=UNSET, help="retries of a failed shard")
+    dev.add_argument("--quiet", action=argparse.BooleanOptionalAction, default=UNSET,
                      help="only the final summary")
-    dev.add_argument("--dry-run", action="store_true", default=S,
+    dev.add_argument("--dry-run", action="store_true", default=UNSET,
                      help="validate every input and print the plan; embed nothing")
-    dev.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=S,
+    dev.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=UNSET,
                      help="replace a run with another config in --output-dir")
 
 
@@ -155,15 +158,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"hnm: error: {exc}", file=sys.stderr)
             return 2
         return 0
-    from hnm import orchestrator
+    from hnm import driver
 
     try:
         config = load_config(ns.config, _overrides(ns))
-        orchestrator.run(config)
+        driver.run(config)
     except HnmError as exc:
         print(f"hnm: error: {exc}", file=sys.stderr)
-        return getattr(exc, "exit_status", 2)
-    except (KeyboardInterrupt, orchestrator.Terminated) as exc:
+        return exc.exit_status
+    except (KeyboardInterrupt, Terminated) as exc:
         print("hnm: interrupted; finished shards are kept: rerun the same command to resume",
               file=sys.stderr)
         return 130 if isinstance(exc, KeyboardInterrupt) else 143

@@ -57,7 +57,7 @@ class Config:
     blacklist_similarity: float = 0.75
     n_clusters: int = 30
     num_negatives: int = 1
-    diverse_pool: int = 64
+    diverse_candidates: int = 64
     seed: int = 0
     # false-negative audit (hnm.audit): negatives this close to their anchor are suspect
     audit_text_similarity: float = 0.8
@@ -85,7 +85,10 @@ class Config:
         return out
 
 
-# Fields that change neither embeddings nor negatives: excluded from the run's identity.
+# Fields left out of the run's identity: they choose how the work is done, not what is
+# computed, so changing one resumes a run instead of starting it again. batch_size is the
+# exception worth knowing: some kernels round differently for other batch sizes, so a run
+# keeps the batch grid it was first planned with (Plan.batch_size) whatever the flag says.
 RUNTIME_ONLY = frozenset(
     {"output_dir", "num_workers", "gpu_id", "gpu_ids", "num_gpus", "cpu_workers",
      "max_retries", "quiet", "overwrite", "batch_size", "dry_run"}
@@ -116,7 +119,7 @@ def validate(c: Config) -> None:
     _check(0.0 <= c.diverse_ratio <= 1.0, "diverse_ratio",
            f"must be within [0, 1], got {c.diverse_ratio}")
     for name in ("k_nn", "batch_size", "sliding_window_size", "n_clusters", "num_negatives",
-                 "diverse_pool", "cpu_workers", "fallback_phrase_reuse_limit"):
+                 "diverse_candidates", "cpu_workers", "fallback_phrase_reuse_limit"):
         value = getattr(c, name)
         _check(value >= 1, name, f"must be at least 1, got {value}")
     for name in ("num_workers", "min_answer_length", "max_retries"):
@@ -186,6 +189,10 @@ def _fields(value: Any) -> Fields:
     return dataclasses.replace(Fields(), **value)
 
 
+# Former names of config keys, still read (config files and run directories of older runs).
+RENAMED = {"diverse_pool": "diverse_candidates"}
+
+
 def make_config(values: dict[str, Any]) -> Config:
     """Build a Config from a flat mapping, naming unknown keys and wrong types."""
     hints = typing.get_type_hints(Config)
@@ -193,6 +200,7 @@ def make_config(values: dict[str, Any]) -> Config:
     kwargs = {}
     for raw_key, value in values.items():
         key = raw_key.replace("-", "_")
+        key = RENAMED.get(key, key)
         if key not in known:
             raise ConfigError(f"unknown config key '{raw_key}'", key)
         try:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,7 +135,10 @@ def _check_images(path: Path, images: list[Path], policy: str, progress: Progres
     from concurrent.futures import ThreadPoolExecutor
 
     problems = []
-    with ThreadPoolExecutor(max_workers=8) as pool:  # decoding releases the GIL
+    # decoding releases the GIL, and files may sit on a network file system: a few threads
+    # per core keep both the cores and the reads busy
+    threads = min(32, 4 * len(os.sched_getaffinity(0)))
+    with ThreadPoolExecutor(max_workers=threads) as pool:
         for done, problem in enumerate(pool.map(image_problem, images), start=1):
             problems.append(problem)
             if done % 256 == 0 or done == len(images):
@@ -212,21 +217,40 @@ def anchor_uniforms(ids: list[Any], seed: int) -> np.ndarray:
     return out
 
 
-class ImageFiles:
-    """Map-style dataset of preprocessed images for a torch DataLoader."""
+def duplicate_images(paths: list[Path]) -> dict[str, int]:
+    """Rows whose image file holds the same bytes as an earlier row's (by SHA-256).
 
-    def __init__(self, paths: list[Path], preprocess: Any) -> None:
-        self.paths = paths
-        self.preprocess = preprocess
+    Only files whose size another file shares are read: a unique size cannot repeat.
+    """
+    sizes: dict[Path, int | None] = {p: _size(p) for p in dict.fromkeys(paths)}
+    same_size = Counter(s for s in sizes.values() if s is not None)
+    keys: dict[Path, Any] = {}
+    for p, size in sizes.items():
+        if size is None:
+            keys[p] = None
+        elif same_size[size] == 1:
+            keys[p] = ("path", p)  # the only file of its size: equal only to itself
+        else:
+            keys[p] = _sha256(p)
+    rows: dict[Any, int] = defaultdict(int)
+    for p in paths:
+        if keys[p] is not None:
+            rows[keys[p]] += 1
+    readable = sum(rows.values())
+    return {"rows": len(paths), "unreadable": len(paths) - readable,
+            "duplicate_rows": readable - len(rows),
+            "groups": sum(c > 1 for c in rows.values())}
 
-    def __len__(self) -> int:
-        return len(self.paths)
 
-    def __getitem__(self, i: int) -> Any:
-        from PIL import Image
+def _size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size if path.is_file() else None
+    except OSError:
+        return None
 
-        try:
-            with Image.open(self.paths[i]) as img:
-                return self.preprocess(img.convert("RGB"))
-        except Exception as exc:  # any decoder failure is this file's fault, not a crash
-            raise HnmError(f"{self.paths[i]}: cannot decode image: {exc}") from None
+
+def _sha256(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None

@@ -1,19 +1,20 @@
-"""Beyond one machine: each torchrun rank is a worker; rank 0 also plans and reduces."""
+"""Beyond one machine: under torchrun every rank is a worker; rank 0 also plans and reduces."""
 
 from __future__ import annotations
 
 import os
-import time
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
-from hnm import pipeline
 from hnm.config import Config
+from hnm.data import Dataset, Progress, no_progress
 from hnm.errors import HnmError
-from hnm.pool import Task, run_task
-from hnm.storage import RunDir, read_json
+from hnm.plan import Plan
 from hnm.summary import print_summary
+from hnm.worker import Context, Task, run_task
 
+T = TypeVar("T")
 PHASE_TIMEOUT = timedelta(hours=6)  # a barrier waits for the slowest rank's whole phase
 
 
@@ -28,65 +29,63 @@ def _device(local_rank: int) -> str:
     return f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
 
 
-def _say(rank: int, text: str) -> None:
-    if rank == 0:
-        print(text, flush=True)
+class RankExecutor:
+    """This rank's share of every phase (shard s runs on rank s % world), with a barrier
+    (gloo) after each phase; rank 0 plans, builds the tables and reduces."""
 
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.rank, self.world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        self.leader = self.rank == 0
+        self.device = _device(int(os.environ.get("LOCAL_RANK", 0)))
+        self.devices = [self.device] * self.world
+        self.context: Context | None = None
 
-def run_rank(config: Config) -> dict[str, Any]:
-    """This rank's share of every phase, with barriers between phases (gloo)."""
-    import torch.distributed as dist
+    def __enter__(self) -> RankExecutor:
+        import torch.distributed as dist
 
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    device = _device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group("gloo", timeout=PHASE_TIMEOUT)
-    try:
-        return _phases(config, rank, world, device, dist)
-    finally:
+        dist.init_process_group("gloo", timeout=PHASE_TIMEOUT)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import torch.distributed as dist
+
         dist.destroy_process_group()
 
+    def say(self, text: str) -> None:
+        if self.leader:
+            print(text, flush=True)
 
-def _plan_on_rank0(config: Config, rank: int, world: int, device: str, dist: Any) -> str:
-    """Rank 0 validates and plans; every rank learns the outcome (or the error)."""
-    outcome: list[Any] = [None]
-    if rank == 0:
-        try:
-            _, _, state = pipeline.prepare(config, world, [device] * world, config.batch_size)
-            outcome = [("ok", state)]
-        except HnmError as exc:
-            outcome = [("error", str(exc))]
-    dist.broadcast_object_list(outcome, src=0)
-    status, value = outcome[0]
-    if status == "error":
-        raise HnmError(value)
-    return value
+    def on_leader(self, fn: Callable[[Progress], T]) -> T:
+        import torch.distributed as dist
 
+        outcome: list[Any] = [None]
+        if self.leader:
+            try:
+                outcome = [("ok", fn(no_progress))]
+            except HnmError as exc:
+                outcome = [("error", str(exc))]
+        dist.broadcast_object_list(outcome, src=0)
+        status, value = outcome[0]
+        if status == "error":
+            raise HnmError(value)
+        return value
 
-def _phases(config: Config, rank: int, world: int, device: str, dist: Any) -> dict[str, Any]:
-    t0 = time.perf_counter()
-    state = _plan_on_rank0(config, rank, world, device, dist)
-    run = RunDir(config.output_dir)
-    if state == "complete":
-        _say(rank, f"Nothing to do: {run.root} already holds this run's results.")
-        return read_json(run.metrics)
-    plan = read_json(run.plan)
-    mine = [s["shard"] for s in plan["shards"] if s["shard"] % world == rank]
-    _say(rank, f"torchrun: {world} rank(s), {len(plan['shards'])} shard(s)")
-    for phase in ("embed", "index", "candidates"):
-        tasks = [Task("index", None)] if phase == "index" else [Task(phase, s) for s in mine]
-        if phase == "index" and rank != 0:
-            tasks = []
+    def start(self, plan: Plan, ds: Dataset | None) -> None:
+        self.context = Context(self.config, self.device, ds)
+        self.say(f"torchrun: {self.world} rank(s), {len(plan.shards)} shard(s)")
+
+    def run_phase(self, phase: str, tasks: list[Task]) -> None:
+        import torch.distributed as dist
+
+        assert self.context is not None
         for task in tasks:
-            if not run.is_done(task.phase, task.shard):
-                run_task(config, task, device, lambda *_: None)
+            mine = self.leader if task.shard is None else task.shard % self.world == self.rank
+            if mine:
+                run_task(self.context, task, no_progress)
         dist.barrier()
-        _say(rank, f"all ranks finished {phase}")
-    metrics: dict[str, Any] = {}
-    if rank == 0:
-        ds = pipeline.load_dataset(config, plan["skipped"])
-        timing = {"load": time.perf_counter() - t0}
-        timing.update(pipeline.phase_timing(run, plan))
-        metrics = pipeline.reduce_phase(config, run, ds, plan, timing, started=t0)
-        print_summary(metrics, print)
-    dist.barrier()
-    return metrics
+        self.say(f"all ranks finished {phase}")
+
+    def finish(self, metrics: dict[str, Any]) -> None:
+        if self.leader:
+            print_summary(metrics, print)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import math
 from pathlib import Path
 from typing import Any, Protocol
@@ -19,8 +20,9 @@ def finalize(x: np.ndarray) -> np.ndarray:
     """L2-normalise rows, then snap them to a grid of 2^-b.
 
     On that grid every product of two components is exact in float64 and so is every
-    sum of `dim` of them, so a dot product has one exact value whatever the summation
-    order: FAISS, BLAS and the reference agree bit for bit, and ties are real ties.
+    sum of `dim` of them, so a float64 dot product has one exact value whatever the
+    summation order: BLAS, einsum and the reference agree bit for bit, and ties are real
+    ties. (FAISS scores in float32: its results are only proposals, rescored exactly.)
     """
     x = np.asarray(x, dtype=np.float64)
     if x.ndim != 2:
@@ -42,6 +44,7 @@ def _package_version(name: str) -> str:
 class ImageEncoder(Protocol):
     name: str
     version: str
+    device: Any
 
     def preprocess(self, image: Any) -> Any:
         """PIL image -> CHW float tensor (runs in DataLoader workers)."""
@@ -185,8 +188,6 @@ def _pick_tensor(out: Any) -> Any:
 
 def _processor_stats(source: str) -> tuple[list[float], list[float]]:
     """Normalisation constants from the folder's image processor, else CLIP's."""
-    import json
-
     clip = ([0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711])
     path = Path(source) / "preprocessor_config.json"
     if not path.is_file():
@@ -224,15 +225,19 @@ class HFTextEncoder:
         self.name = name or source
         self.dim = int(self.model.config.hidden_size)
         self.version = f"{type(self.model).__name__} (transformers {transformers.__version__})"
+        self.max_length = max_tokens(source, self.tokenizer, self.model.config)
+        self.truncated = 0  # texts cut to max_length so far (a warning in the shard log)
 
     def encode(self, texts: list[str]) -> np.ndarray:
         """Texts of equal token length are encoded together, so no text is padded and its
         embedding does not depend on which other texts shared its batch."""
-        ids = self.tokenizer(texts, truncation=True, max_length=256)["input_ids"]
+        # one token past the limit tells a truncated text apart
+        ids = self.tokenizer(texts, truncation=True, max_length=self.max_length + 1)["input_ids"]
         out = np.empty((len(texts), self.dim), dtype=np.float64)
         by_length: dict[int, list[int]] = {}
         for i, seq in enumerate(ids):
-            by_length.setdefault(len(seq), []).append(i)
+            self.truncated += len(seq) > self.max_length
+            by_length.setdefault(min(len(seq), self.max_length), []).append(i)
         for rows in by_length.values():
             out[rows] = self._pooled([texts[i] for i in rows])
         return out
@@ -240,13 +245,26 @@ class HFTextEncoder:
     def _pooled(self, texts: list[str]) -> np.ndarray:
         import torch
 
-        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=256,
+        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
                                return_tensors="pt").to(self.device)
         with torch.inference_mode():
             hidden = self.model(**batch).last_hidden_state
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
         return pooled.double().cpu().numpy()
+
+
+def max_tokens(source: str, tokenizer: Any, config: Any) -> int:
+    """Tokens a text keeps: the length the sentence encoder was trained with where its
+    folder says (sentence_bert_config.json), else what the tokenizer and model allow."""
+    trained = Path(source) / "sentence_bert_config.json"
+    if trained.is_file():
+        length = json.loads(trained.read_text()).get("max_seq_length")
+        if isinstance(length, int) and length > 0:
+            return length
+    limits = [getattr(tokenizer, "model_max_length", None),
+              getattr(config, "max_position_embeddings", None)]
+    return min((v for v in limits if isinstance(v, int) and 0 < v < 10**6), default=512)
 
 
 def _minilm(device: Any) -> HFTextEncoder:

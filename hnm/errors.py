@@ -3,3 +3,10 @@
 
 class HnmError(Exception):
     """Bad input or configuration; the CLI prints it on one line and exits 2."""
+
+    exit_status = 2
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived: stop like Ctrl-C (exit 143). A BaseException, like KeyboardInterrupt,
+    so that no `except Exception` on the way (image decoding, NVML polling) can swallow it."""

@@ -44,6 +44,7 @@ class FaissFlatIP:
 class TorchFlatIP:
     """Exact k-NN with a matrix product and top-k, for devices without faiss-gpu."""
 
+    # queries per matrix product: a (chunk, N) float32 score block, 16 kB per indexed row
     def __init__(self, xb: np.ndarray, device: Any = "cpu", chunk: int = 4096) -> None:
         import torch
 
@@ -80,8 +81,11 @@ def build_index(xb: np.ndarray, device: str = "cpu") -> FlatIndex:
 def kmeans(x: np.ndarray, k: int, seed: int, niter: int = 20) -> tuple[np.ndarray, np.ndarray]:
     """Spherical k-means on all points; returns (labels (n,), centroids (k, d)).
 
-    Labels come from an exact float64 argmax (ties to the lowest centroid), so they do
-    not depend on the search kernel.
+    Labels are the float64 argmax over the centroids (ties to the lowest centroid), not
+    FAISS's float32 assignment. The centroids are not on the embedding grid, so these
+    dot products are not exact: a point almost equidistant from two centroids could be
+    labelled differently by another BLAS, which moves it to the other cluster and nothing
+    more. `niter`: clusters only need to be coarse ("elsewhere in the visual space").
     """
     k = min(k, len(x))
     if k == 1:

@@ -5,8 +5,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
+
+from hnm.select import Pick, strategy_order
 
 HIST_BINS = 40  # similarity histograms over [-1, 1]
 
@@ -54,7 +59,11 @@ def _length_stat() -> Stat:
 
 @dataclass
 class Metrics:
-    """One shard's (or the whole run's) mining figures; `a + b` merges two."""
+    """One shard's (or the whole run's) mining figures; `a + b` merges two.
+
+    The attempts and widened searches count the selection pass's work; every other figure
+    describes the output and is counted by `tally` from the final picks.
+    """
 
     anchors: int = 0
     successes: int = 0
@@ -63,7 +72,7 @@ class Metrics:
     hard_successes: int = 0
     diverse_attempts: int = 0
     diverse_successes: int = 0
-    fallback_used: int = 0
+    second_strategy_used: int = 0  # SPEC §7's "fallback used": the second strategy won
     hard_below_min_visual: int = 0
     diverse_other_cluster: int = 0
     diverse_widened: int = 0
@@ -76,6 +85,7 @@ class Metrics:
     negative_length: Stat = field(default_factory=_length_stat)
     phrase_uses: Counter = field(default_factory=Counter)
     # hnm.audit: suspected false negatives by kind and by reason, and how many were dropped
+    # (the output figures above count what remains after dropping)
     suspects: Counter = field(default_factory=Counter)
     suspects_dropped: int = 0
 
@@ -105,7 +115,7 @@ class Metrics:
             "hard_successes": self.hard_successes,
             "diverse_attempts": self.diverse_attempts,
             "diverse_successes": self.diverse_successes,
-            "fallback_used": self.fallback_used,
+            "second_strategy_used": self.second_strategy_used,
             "hard_threshold_steps": {str(k): self.hard_steps[k]
                                      for k in (0, 1, 2, "fallback")},
             "hard_text_similarity": self.hard_text.summary(),
@@ -142,6 +152,39 @@ class Metrics:
             "mean_hard_visual_similarity": self.hard_visual.summary()["mean"],
             "suspect_negatives": self.suspects["hard"] + self.suspects["diverse"],
         }
+
+
+def tally(m: Metrics, u: np.ndarray, picks: Sequence[list[Pick]], anchor_phrases: Sequence[int],
+          text_ids: Sequence[int], lengths: Sequence[int], diverse_ratio: float,
+          min_visual: float) -> None:
+    """Count the output figures of `picks` (list i: anchor i's negatives, u[i] its strategy
+    draw, anchor_phrases[i] its phrase) into `m`; text_ids maps a row to its phrase."""
+    for u_a, phrase, row in zip(u.tolist(), anchor_phrases, picks):
+        m.anchors += 1
+        m.successes += bool(row)
+        m.anchor_length.add(lengths[phrase])
+        first = strategy_order(u_a, diverse_ratio)[0]
+        for p in row:
+            _count(m, p, text_ids[p.row], lengths, min_visual)
+            m.second_strategy_used += p.kind != first
+
+
+def _count(m: Metrics, pick: Pick, phrase: int, lengths: Sequence[int], min_visual: float
+           ) -> None:
+    m.negatives += 1
+    m.phrase_uses[phrase] += 1
+    m.negative_length.add(lengths[phrase])
+    if pick.kind == "hard":
+        m.hard_successes += 1
+        m.hard_steps[pick.step] += 1
+        m.hard_text.add(pick.txt)
+        m.hard_visual.add(pick.vis)
+        m.hard_below_min_visual += pick.vis < min_visual
+    else:
+        m.diverse_successes += 1
+        m.diverse_visual.add(pick.vis)
+        m.diverse_text.add(pick.txt)
+        m.diverse_other_cluster += pick.negative_cluster != pick.anchor_cluster
 
 
 def _ratio(a: float, b: float) -> float | None:

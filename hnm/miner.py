@@ -16,8 +16,14 @@ from hnm.index import FlatIndex
 
 # FAISS computes in float32: its scores are within this of the exact ones.
 SEARCH_EPS = 1e-4
-# Extra rows asked of each search so the exact order past k_nn rarely needs a second search.
+# Extra rows asked of each search beyond the k that is needed. The exact order at the cut is
+# certain only when the k-th exact score clears the last proposal by SEARCH_EPS; a few
+# spare rows make that the common case (a second, wider search is then rare) while adding
+# little to a k_nn of 30-100.
 MARGIN = 16
+# Each wider search asks this many times more rows: the searches' total cost stays within
+# GROWTH / (GROWTH - 1) of the last one, and an anchor needs only a few rounds.
+GROWTH = 4
 # Bytes of float32 rows gathered per chunk when rescoring.
 CHUNK_BYTES = 1 << 20  # cache-sized: larger temporaries were measured slower
 
@@ -56,9 +62,34 @@ class Ragged:
     vis: np.ndarray
     txt: np.ndarray
 
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
     def get(self, i: int) -> Cands:
         s, e = self.offsets[i], self.offsets[i + 1]
         return Cands(self.rows[s:e], self.vis[s:e], self.txt[s:e])
+
+    def window(self, a0: int, a1: int) -> Ragged:
+        """Lists a0..a1-1 as lists 0..; the flat arrays are shared, not copied."""
+        return Ragged(self.offsets[a0:a1 + 1], self.rows, self.vis, self.txt)
+
+    @classmethod
+    def empty(cls, n: int) -> Ragged:
+        """n empty lists."""
+        z = np.zeros(0)
+        return cls(np.zeros(n + 1, np.int64), z.astype(np.int64), z, z)
+
+    @classmethod
+    def concat(cls, parts: list[Ragged]) -> Ragged:
+        """Consecutive anchors' lists as one (each part's offsets may start anywhere)."""
+        counts = [np.diff(p.offsets) for p in parts]
+        offsets = np.zeros(sum(map(len, counts)) + 1, np.int64)
+        if counts:
+            np.cumsum(np.concatenate(counts), out=offsets[1:])
+        flat = [[getattr(p, k)[p.offsets[0]:p.offsets[-1]] for p in parts]
+                for k in ("rows", "vis", "txt")]
+        rows, vis, txt = (np.concatenate(f) if f else np.zeros(0) for f in flat)
+        return cls(offsets, rows.astype(np.int64), vis, txt)
 
 
 def _ragged(keep: np.ndarray, rows: np.ndarray, vis: np.ndarray, txt: np.ndarray) -> Ragged:
@@ -113,7 +144,7 @@ def nearest(index: FlatIndex, V: np.ndarray, anchors: np.ndarray, k_nn: int, flo
         out_rows[todo[r], slot] = I[r, c]
         out_vis[todo[r], slot] = vis[r, c]
         todo = todo[~certain]
-        k = min(n, k * 4)
+        k = min(n, k * GROWTH)
     return out_rows, out_vis
 
 
@@ -162,17 +193,17 @@ def text_sims(tab: Tables, a: np.ndarray, j: np.ndarray) -> np.ndarray:
     return out
 
 
-def farthest(index: FlatIndex, pool_rows: np.ndarray, tab: Tables, anchors: np.ndarray,
-             pool: int) -> tuple[Ragged, np.ndarray]:
+def farthest(index: FlatIndex, eligible_rows: np.ndarray, tab: Tables, anchors: np.ndarray,
+             size: int) -> tuple[Ragged, np.ndarray]:
     """SPEC §6 candidates: lowest-vis rows of other groups, ascending (vis, row).
 
-    `index` holds V[pool_rows] (the eligible rows). Returns each anchor's certain
-    prefix and whether that prefix is the whole pool.
+    `index` holds V[eligible_rows]; `size` rows are wanted per anchor. Returns each
+    anchor's certain prefix and whether that prefix covers every eligible row.
     """
     n = index.ntotal
-    k = min(n, pool + MARGIN)
+    k = min(n, size + MARGIN)
     _, I = index.search(-np.asarray(tab.V[anchors]), k)
-    I, vis = _sorted_exact(tab.V, anchors, pool_rows[I.astype(np.int64)], -1.0)
+    I, vis = _sorted_exact(tab.V, anchors, eligible_rows[I.astype(np.int64)], -1.0)
     complete = np.full(len(anchors), k == n)
     # unseen rows score at least the highest proposal (- search error)
     certain = complete[:, None] | (vis < vis[:, -1:] - SEARCH_EPS)

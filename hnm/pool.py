@@ -8,17 +8,21 @@ import queue
 import signal
 import sys
 import time
-import traceback
 from collections import Counter, deque
-from dataclasses import dataclass
 from typing import Any
 
 from hnm.config import Config
+from hnm.data import Dataset
 from hnm.errors import HnmError
 from hnm.progress import ProgressView
 from hnm.storage import RunDir
+from hnm.worker import Context, Task, run_task
 
+# How long the parent waits for a worker event before checking for dead workers: short
+# enough that a crash is noticed at once, long enough to cost nothing while idle.
 POLL_S = 0.2
+# Workers send at most one progress event per this many seconds: the view refreshes 4 times
+# a second, and a queue message per image would cost more than the images.
 PROGRESS_EVERY_S = 0.3
 
 
@@ -28,47 +32,11 @@ class RunFailed(HnmError):
     exit_status = 1
 
 
-@dataclass(frozen=True)
-class Task:
-    phase: str  # "embed" | "index" | "candidates"
-    shard: int | None  # None for the index, which is built once
-
-
-def run_task(config: Config, task: Task, device: str, progress: Any) -> dict[str, Any]:
-    """Execute one task in this process; the same code whatever runs it."""
-    from hnm import pipeline, worker
-
-    run = RunDir(config.output_dir)
-    _maybe_crash(run, task, progress)
-    job = worker.Job(config, task.shard if task.shard is not None else 0, device)
-    if task.phase == "embed":
-        return worker.embed_shard(job, progress=progress)
-    if task.phase == "candidates":
-        return worker.candidates_shard(job, progress=progress)
-    plan = pipeline.read_json(run.plan)
-    ds = pipeline.load_dataset(config, plan["skipped"])
-    return pipeline.index_phase(config, run, ds, len(plan["shards"]), device)
-
-
-def _maybe_crash(run: RunDir, task: Task, progress: Any) -> None:
-    """Test hook: HNM_TEST_CRASH=phase:shard kills this worker (SIGKILL) once, mid-shard."""
-    spec = os.environ.get("HNM_TEST_CRASH")
-    if not spec or spec != f"{task.phase}:{task.shard}":
-        return
-    flag = run.logs / f".crashed_{task.phase}_{task.shard}"
-    if flag.exists():
-        return
-    flag.parent.mkdir(parents=True, exist_ok=True)
-    flag.touch()
-    progress(task.phase, 0, 1)
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
 class InProcess:
     """One CPU worker: tasks run in the parent, one after the other."""
 
-    def __init__(self, config: Config, view: ProgressView) -> None:
-        self.config = config
+    def __init__(self, config: Config, view: ProgressView, ds: Dataset | None = None) -> None:
+        self.context = Context(config, "cpu", ds)
         self.view = view
 
     def __enter__(self) -> InProcess:
@@ -85,7 +53,7 @@ class InProcess:
             def progress(phase: str, done: int, total: int, _t: Task = task) -> None:
                 self.view.progress(_t.shard, phase, done, total)
 
-            results[task] = run_task(self.config, task, "cpu", progress)
+            results[task] = run_task(self.context, task, progress)
             self.view.finished(task.shard, task.phase)
         return results
 
@@ -94,17 +62,16 @@ def _worker_main(wid: int, config: Config, device: str, tasks: Any, events: Any)
     """A worker process: run tasks until told to stop; report every outcome as a value."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent coordinates Ctrl-C
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up temporary files
-    run = RunDir(config.output_dir)
+    context = Context(config, device)
     while (item := _next_task(tasks)) is not None:
         task = Task(*item)
-        _redirect_output(run.log(task.shard) if task.shard is not None else run.logs / "index.log")
+        _redirect_output(context.run.log(task.shard))
         try:
-            info = run_task(config, task, device, _progress_sender(wid, task, events))
+            info = run_task(context, task, _progress_sender(wid, task, events))
             events.put(("done", wid, task.phase, task.shard, info))
         except HnmError as exc:
             events.put(("input_error", wid, task.phase, task.shard, str(exc)))
         except Exception as exc:
-            traceback.print_exc()
             first = (str(exc).strip().splitlines() or [""])[0]  # the full trace is in the log
             events.put(("failed", wid, task.phase, task.shard, f"{type(exc).__name__}: {first}"))
 
@@ -248,9 +215,8 @@ class WorkerPool:
         if retrying:
             pending.append(task)
             return
-        run = RunDir(self.config.output_dir)
-        log = run.log(task.shard) if task.shard is not None else run.logs / "index.log"
-        what = "the index phase" if task.shard is None else f"shard {task.shard}"
+        log = RunDir(self.config.output_dir).log(task.shard)
+        what = "the tables phase" if task.shard is None else f"shard {task.shard}"
         where = "" if task.shard is None else f" in {task.phase}"
         raise RunFailed(
             f"{what} failed{where} on {self.devices[wid]} after {self.attempts[task]} "

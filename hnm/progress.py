@@ -91,7 +91,7 @@ class ProgressView:
         self.refresh()
 
     def finished(self, shard: int | None, phase: str) -> None:
-        row = self._row(shard, "done" if phase in ("candidates", "index") else phase, None)
+        row = self._row(shard, "done" if phase in ("candidates", "tables") else phase, None)
         row.total = max(row.total, 1)
         row.done = row.total
         seconds = time.monotonic() - row.started
@@ -153,16 +153,16 @@ class ProgressView:
 
 
 def _order(key: int | str) -> tuple[int, int]:
-    """Shards in order, then the index, then parent-side stages."""
+    """Shards in order, then the tables phase, then parent-side stages."""
     if isinstance(key, str):
         return (2, 0)
     return (1, 0) if key < 0 else (0, key)
 
 
 def _label(shard: int | str | None) -> str:
-    return "index" if shard is None or shard == -1 else str(shard)
+    return "tables" if shard is None or shard == -1 else str(shard)
 
 
 def _who(device: str, shard: int | None) -> str:
-    what = "index" if shard is None else f"shard {shard}"
+    what = "tables" if shard is None else f"shard {shard}"
     return f"{device_name(device)} ({what})"

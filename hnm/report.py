@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import heapq
-import html
 import io
 import json
 from collections import Counter
@@ -15,44 +14,18 @@ from typing import Any
 
 import numpy as np
 
-from hnm.audit import SUSPECTS_FILE
 from hnm.config import Config, make_config, read_yaml
 from hnm.data import normalize
 from hnm.errors import HnmError
+from hnm.pages import esc, fmt, page, table
+from hnm.plan import Plan, read_plan
 from hnm.storage import RunDir, read_json, write_text
 
-REPORT_FILE = "report.html"
 THUMB = 112  # longest side of a gallery thumbnail, in pixels
 # Gallery rows per section: bounded so the page stays small (~1 MB) whatever the run's size.
 SAMPLE, BORDERLINE, FAILED, SUSPECTS = 24, 12, 12, 40
 HARD, DIVERSE, ALERT = "#1f6fb4", "#e08a1e", "#c62828"
 
-CSS = """
-body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;color:#222;
- background:#f6f7f9}
-main{max-width:1200px;margin:0 auto;padding:16px 24px 48px}
-h1{font-size:22px;margin:8px 0 4px}h2{font-size:18px;margin:28px 0 8px;border-bottom:1px solid
- #ddd;padding-bottom:4px}h3{font-size:15px;margin:16px 0 6px}
-.muted{color:#666}.cards{display:flex;flex-wrap:wrap;gap:10px}
-.card{background:#fff;border:1px solid #e2e4e8;border-radius:6px;padding:8px 12px;min-width:130px}
-.card b{display:block;font-size:20px}.card span{color:#666;font-size:12px}
-table{border-collapse:collapse;background:#fff;font-size:13px}
-td,th{border:1px solid #e2e4e8;padding:3px 8px;text-align:left;vertical-align:top}
-th{background:#eef0f3}td.num{text-align:right;font-variant-numeric:tabular-nums}
-.plots{display:flex;flex-wrap:wrap;gap:12px}
-.plots svg{background:#fff;border:1px solid #e2e4e8;border-radius:6px}
-.cases{display:flex;flex-wrap:wrap;gap:8px}
-.case{display:flex;gap:10px;background:#fff;border:1px solid #e2e4e8;border-radius:6px;
- padding:8px}
-.item{width:270px;display:flex;gap:8px}.item.anchor{border-right:2px solid #ddd;padding-right:10px}
-.thumb{width:112px;height:112px;object-fit:contain;background:#eee;flex:none}
-.noimg{width:112px;height:112px;background:#eee;color:#888;font-size:11px;display:flex;
- align-items:center;justify-content:center;text-align:center;flex:none}
-.text{font-size:12.5px;overflow-wrap:anywhere}.meta{font-size:11.5px;color:#555}
-.tag{display:inline-block;border-radius:3px;padding:0 5px;color:#fff;font-size:11px}
-.hard{background:#1f6fb4}.diverse{background:#e08a1e}.suspect{background:#c62828}
-.none{color:#c62828;align-self:center}
-"""
 
 
 def load_run_config(run: RunDir) -> Config:
@@ -73,26 +46,24 @@ def report_from_dir(output_dir: str | Path) -> Path:
             raise HnmError(f"{run.root}: no {path.name}; not a finished hnm run "
                            "(rerun the mining command to finish it)")
     config = load_run_config(run)
-    return write_report(run, config, read_json(run.metrics), read_json(run.plan))
+    return write_report(run, config, read_json(run.metrics), read_plan(run))
 
 
-def write_report(run: RunDir, config: Config, metrics: dict[str, Any],
-                 plan: dict[str, Any]) -> Path:
+def write_report(run: RunDir, config: Config, metrics: dict[str, Any], plan: Plan) -> Path:
     """Render OUTPUT_DIR/report.html from the metrics document and the run's files."""
     scan = scan_negatives(run, config, plan)
-    suspects = top_suspects(run.root / SUSPECTS_FILE)
-    path = run.root / REPORT_FILE
-    write_text(path, render(config, metrics, scan, suspects))
-    return path
+    suspects = top_suspects(run.suspects)
+    write_text(run.report, render(config, metrics, scan, suspects))
+    return run.report
 
 
 # ---- reading the run's outputs ------------------------------------------------------------
 
-def anchor_positions(plan: dict[str, Any]) -> list[int]:
+def anchor_positions(plan: Plan) -> list[int]:
     """Record positions of the anchors: the first num_anchors records not skipped."""
-    skipped = set(plan["skipped"])
-    mined = (p for p in range(plan["num_records"]) if p not in skipped)
-    return [p for _, p in zip(range(plan["num_anchors"]), mined)]
+    skipped = set(plan.skipped)
+    mined = (p for p in range(plan.num_records) if p not in skipped)
+    return [p for _, p in zip(range(plan.num_anchors), mined)]
 
 
 @dataclass
@@ -107,7 +78,7 @@ class Scan:
     records: dict[int, dict] = field(default_factory=dict)
 
 
-def scan_negatives(run: RunDir, config: Config, plan: dict[str, Any]) -> Scan:
+def scan_negatives(run: RunDir, config: Config, plan: Plan) -> Scan:
     """Choose the gallery's anchors (deterministically) and count phrase reuse.
 
     A seeded sample; the hard negatives with the highest text and the lowest visual
@@ -201,23 +172,6 @@ def render(config: Config, metrics: dict[str, Any], scan: Scan, suspects: Suspec
     return page(title, body)
 
 
-def page(title: str, body: str, css: str = CSS) -> str:
-    """A complete HTML document: inline style only, nothing fetched."""
-    return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
-            f"<meta name='viewport' content='width=device-width,initial-scale=1'>"
-            f"<title>{esc(title)}</title><style>{css}</style></head>"
-            f"<body><main>{body}</main></body></html>\n")
-
-
-def esc(value: Any) -> str:
-    """Text made safe inside HTML elements and quoted attributes."""
-    return html.escape(str(value), quote=True)
-
-
-def fmt(value: Any, spec: str = ".3f") -> str:
-    return "n/a" if value is None else format(value, spec)
-
-
 def headline(metrics: dict[str, Any]) -> str:
     g = metrics["global"]
     total = metrics.get("wall_seconds", sum(metrics["timing"].values()))
@@ -229,7 +183,8 @@ def headline(metrics: dict[str, Any]) -> str:
         ("success rate", f"{fmt(None if rate is None else rate * 100, '.1f')}%",
          f"{g['successes']} of {g['anchors']} anchors"),
         ("hard / diverse", f"{g['hard_negatives']} / {g['diverse_negatives']}",
-         f"hard share {fmt(share, '.2f')}, fallback used {g['fallback_used']}"),
+         f"hard share {fmt(share, '.2f')}, second strategy used "
+         f"{g['second_strategy_used']}"),
         ("avg hard text sim", fmt(g["hard_text_similarity"]["mean"]), "lower is harder"),
         ("avg hard visual sim", fmt(g["hard_visual_similarity"]["mean"]), "higher is harder"),
         ("phrase diversity", fmt(g["phrase_diversity"]),
@@ -248,7 +203,10 @@ def headline(metrics: dict[str, Any]) -> str:
 
 # ---- plots (inline SVG) -------------------------------------------------------------------
 
-W, H, L, R, T, B = 540, 240, 44, 12, 30, 34  # plot size and margins
+# Plot size and margins, in SVG pixels: wide enough for two plots side by side at the
+# page's 1200 px, the left margin holding the count labels, the bottom one the ticks.
+WIDTH, HEIGHT = 540, 240
+LEFT, RIGHT, TOP, BOTTOM = 44, 12, 30, 34
 
 
 def histogram_svg(title: str, series: list[tuple[str, dict | None, str]],
@@ -257,51 +215,53 @@ def histogram_svg(title: str, series: list[tuple[str, dict | None, str]],
     hists = [(name, h, colour) for name, h, colour in series if h]
     lo, hi = (hists[0][1]["lo"], hists[0][1]["hi"]) if hists else (-1.0, 1.0)
     top = max((max(h["counts"]) for _, h, _ in hists), default=0) or 1
-    pw, ph = W - L - R, H - T - B
-    x = lambda v: L + (v - lo) / (hi - lo) * pw  # noqa: E731
+    pw, ph = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
+    x = lambda v: LEFT + (v - lo) / (hi - lo) * pw  # noqa: E731
     out = [_svg_open(title), _axes(lo, hi, top, x)]
     for name, h, colour in hists:
         n = len(h["counts"])
         for i, c in enumerate(h["counts"]):
             if c:
                 bh = c / top * ph
-                out.append(f"<rect x='{x(lo + i * (hi - lo) / n):.1f}' y='{T + ph - bh:.1f}' "
+                out.append(f"<rect x='{x(lo + i * (hi - lo) / n):.1f}' y='{TOP + ph - bh:.1f}' "
                            f"width='{pw / n:.1f}' height='{bh:.1f}' fill='{colour}' "
                            f"fill-opacity='0.55'><title>{esc(name)}: {c}</title></rect>")
     for k, (value, label, colour) in enumerate(lines):
         # labels near the right edge go on the line's left, so they are not cut off
-        at, anchor = (x(value) - 3, "end") if x(value) > W - R - 60 else (x(value) + 3, "start")
-        out.append(f"<line x1='{x(value):.1f}' x2='{x(value):.1f}' y1='{T}' y2='{T + ph}' "
+        near_edge = x(value) > WIDTH - RIGHT - 60
+        at, anchor = (x(value) - 3, "end") if near_edge else (x(value) + 3, "start")
+        out.append(f"<line x1='{x(value):.1f}' x2='{x(value):.1f}' y1='{TOP}' y2='{TOP + ph}' "
                    f"stroke='{colour}' stroke-dasharray='4 3'/><text x='{at:.1f}' "
-                   f"y='{T + 10 + 11 * k}' font-size='10' fill='{colour}' "
+                   f"y='{TOP + 10 + 11 * k}' font-size='10' fill='{colour}' "
                    f"text-anchor='{anchor}'>{esc(label)}</text>")
     out += [_legend([(n, c) for n, _, c in hists]), "</svg>"]
     return "".join(out)
 
 
-def _svg_open(title: str, height: int = H) -> str:
-    return (f"<svg class='plot' xmlns='http://www.w3.org/2000/svg' width='{W}' "
-            f"height='{height}' viewBox='0 0 {W} {height}' role='img'><title>{esc(title)}"
-            f"</title><text x='{L}' y='18' font-size='13' font-weight='600'>{esc(title)}</text>")
+def _svg_open(title: str, height: int = HEIGHT) -> str:
+    return (f"<svg class='plot' xmlns='http://www.w3.org/2000/svg' width='{WIDTH}' "
+            f"height='{height}' viewBox='0 0 {WIDTH} {height}' role='img'><title>{esc(title)}"
+            f"</title><text x='{LEFT}' y='18' font-size='13' font-weight='600'>{esc(title)}</text>")
 
 
 def _axes(lo: float, hi: float, top: int, x: Any) -> str:
-    ph = H - T - B
+    ph = HEIGHT - TOP - BOTTOM
     ticks = [lo + (hi - lo) * i / 4 for i in range(5)]
-    out = [f"<line x1='{L}' x2='{W - R}' y1='{T + ph}' y2='{T + ph}' stroke='#999'/>"]
-    out += [f"<text x='{x(t):.1f}' y='{T + ph + 14}' font-size='10' text-anchor='middle'>"
+    out = [f"<line x1='{LEFT}' x2='{WIDTH - RIGHT}' y1='{TOP + ph}' y2='{TOP + ph}' "
+           "stroke='#999'/>"]
+    out += [f"<text x='{x(t):.1f}' y='{TOP + ph + 14}' font-size='10' text-anchor='middle'>"
             f"{t:g}</text>" for t in ticks]
-    out.append(f"<text x='{L - 4}' y='{T + 8}' font-size='10' text-anchor='end'>{top}</text>"
-               f"<text x='{L - 4}' y='{T + ph}' font-size='10' text-anchor='end'>0</text>")
+    out.append(f"<text x='{LEFT - 4}' y='{TOP + 8}' font-size='10' text-anchor='end'>{top}</text>"
+               f"<text x='{LEFT - 4}' y='{TOP + ph}' font-size='10' text-anchor='end'>0</text>")
     return "".join(out)
 
 
 def _legend(items: list[tuple[str, str]]) -> str:
     out = []
     for k, (name, colour) in enumerate(items):
-        lx = W - R - 150 + 75 * k
-        out.append(f"<rect x='{lx}' y='{H - 14}' width='10' height='10' fill='{colour}' "
-                   f"fill-opacity='0.7'/><text x='{lx + 14}' y='{H - 5}' font-size='11'>"
+        lx = WIDTH - RIGHT - 150 + 75 * k
+        out.append(f"<rect x='{lx}' y='{HEIGHT - 14}' width='10' height='10' fill='{colour}' "
+                   f"fill-opacity='0.7'/><text x='{lx + 14}' y='{HEIGHT - 5}' font-size='11'>"
                    f"{esc(name)}</text>")
     return "".join(out)
 
@@ -309,12 +269,12 @@ def _legend(items: list[tuple[str, str]]) -> str:
 def bars_svg(title: str, items: list[tuple[str, float, str]], colour: str = HARD) -> str:
     """Horizontal bars: (label, value, value as text) per row."""
     row = 20
-    height = T + row * len(items) + 10
+    height = TOP + row * len(items) + 10
     top = max((v for _, v, _ in items), default=0) or 1
-    width = W - 130 - 70
+    width = WIDTH - 130 - 70
     out = [_svg_open(title, height)]
     for k, (label, value, text) in enumerate(items):
-        y = T + row * k
+        y = TOP + row * k
         bw = value / top * width
         out.append(f"<text x='124' y='{y + 14}' font-size='11' text-anchor='end'>{esc(label)}"
                    f"</text><rect x='130' y='{y + 3}' width='{bw:.1f}' height='{row - 6}' "
@@ -362,19 +322,6 @@ def reuse_rows(reuse: Counter, rows: int = 12) -> list[tuple[str, float, str]]:
 
 
 # ---- tables -------------------------------------------------------------------------------
-
-def table(head: list[str], rows: list[list[Any]]) -> str:
-    """A plain HTML table; numbers right-aligned."""
-    body = "".join("<tr>" + "".join(_cell(c) for c in r) + "</tr>" for r in rows)
-    return ("<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr>" + body
-            + "</table>")
-
-
-def _cell(value: Any) -> str:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return f"<td>{esc('n/a' if value is None else value)}</td>"
-    return f"<td class='num'>{esc(format(value, 'g') if isinstance(value, float) else value)}</td>"
-
 
 def shard_table(metrics: dict[str, Any]) -> str:
     keys = ["shard", "device", "anchors", "success_rate", "hard_negatives",
@@ -478,7 +425,7 @@ def suspect_table(config: Config, suspects: Suspects, thumbs: Thumbs) -> str:
     out = [f"<h2>Suspected false negatives</h2><p class='muted'>text similarity above "
            f"{config.audit_text_similarity} or visual similarity above "
            f"{config.audit_visual_similarity}; {suspects.total} in all{dropped}; every one "
-           f"is listed in {SUSPECTS_FILE}</p>"]
+           f"is listed in suspects.jsonl</p>"]
     for title, shown in (("Texts that say the same as the anchor's", suspects.by_text),
                          ("Images that nearly duplicate the anchor's", suspects.by_visual)):
         out.append(f"<h3>{esc(title)}</h3><p class='muted'>the {len(shown)} most alike</p>")

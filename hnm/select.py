@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
-from hnm.metrics import Metrics
-from hnm.miner import Cands, Ragged, Tables, text_sims, threshold_steps
+from hnm.miner import GROWTH, Cands, Ragged, Tables, text_sims, threshold_steps
 
 
 class PhraseWindow:
@@ -57,54 +57,60 @@ class Rules:
     num_negatives: int
 
 
-Widen = Callable[[int, int], tuple[Cands, bool]]  # (anchor row, pool) -> (list, complete)
+# (anchor row, list size) -> (the anchor's exact diverse list of that size, complete)
+Widen = Callable[[int, int], tuple[Cands, bool]]
+
+
+class Effort(Protocol):
+    """Counters of the work the selection pass did (a Metrics has them)."""
+
+    hard_attempts: int
+    diverse_attempts: int
+    diverse_widened: int
+
+
+def strategy_order(u: float, diverse_ratio: float) -> tuple[str, str]:
+    """SPEC §7: diverse first when u_a < diverse_ratio, else hard first."""
+    return ("diverse", "hard") if u < diverse_ratio else ("hard", "diverse")
 
 
 class Selector:
     """Walks anchors in input order, keeping the phrase window between calls."""
 
     def __init__(self, tab: Tables, phrases: list[str], rules: Rules, window: int,
-                 widen: Widen, pool: int) -> None:
+                 widen: Widen, list_size: int) -> None:
         self.tab = tab
         self.rules = rules
         self.pid = tab.text_ids.tolist()
         self.cluster = tab.clusters.tolist()
-        self.lengths = [len(p) for p in phrases]
         self.limit = standard_limits(phrases)
         self.window = PhraseWindow(window, len(phrases))
         self.widen = widen
-        self.pool = pool
+        self.list_size = list_size  # length of the saved diverse lists
 
     def run(self, anchors: np.ndarray, u: np.ndarray, hard: Ragged, diverse: Ragged,
-            complete: np.ndarray, metrics: Metrics) -> list[list[Pick]]:
+            complete: np.ndarray, effort: Effort) -> list[list[Pick]]:
         """Choose negatives for `anchors` (in order); list i belongs to anchors[i]."""
         out = []
         for i, a in enumerate(anchors.tolist()):
             lists = {"hard": hard.get(i), "diverse": (diverse.get(i), bool(complete[i]))}
-            picks = self._anchor(a, float(u[i]), lists, metrics)
-            metrics.anchors += 1
-            metrics.successes += bool(picks)
-            metrics.anchor_length.add(self.lengths[self.pid[a]])
-            out.append(picks)
+            out.append(self._anchor(a, float(u[i]), lists, effort))
         return out
 
-    def _anchor(self, a: int, u: float, lists: dict, m: Metrics) -> list[Pick]:
-        order = ("diverse", "hard") if u < self.rules.diverse_ratio else ("hard", "diverse")
+    def _anchor(self, a: int, u: float, lists: dict, effort: Effort) -> list[Pick]:
         picks: list[Pick] = []
         taken: set[int] = set()
         for _ in range(self.rules.num_negatives):
             pick = None
-            for rank, kind in enumerate(order):
-                setattr(m, f"{kind}_attempts", getattr(m, f"{kind}_attempts") + 1)
+            for kind in strategy_order(u, self.rules.diverse_ratio):
+                setattr(effort, f"{kind}_attempts", getattr(effort, f"{kind}_attempts") + 1)
                 pick = self._hard(lists, taken) if kind == "hard" else \
-                    self._diverse(a, lists, taken, m)
+                    self._diverse(a, lists, taken, effort)
                 if pick is not None:
-                    setattr(m, f"{kind}_successes", getattr(m, f"{kind}_successes") + 1)
-                    m.fallback_used += rank
                     break
             if pick is None:
                 break
-            self._record(pick, m)
+            self.window.use(self.pid[pick.row])
             taken.add(self.pid[pick.row])
             picks.append(pick)
         return picks
@@ -136,17 +142,17 @@ class Selector:
         k, step = best
         return Pick(int(rows[k]), "hard", float(vis[k]), float(txt[k]), step)
 
-    def _diverse(self, a: int, lists: dict, taken: set[int], m: Metrics) -> Pick | None:
-        (cands, complete), pool = lists["diverse"], self.pool
+    def _diverse(self, a: int, lists: dict, taken: set[int], effort: Effort) -> Pick | None:
+        (cands, complete), size = lists["diverse"], self.list_size
         own = self.cluster[a]
         while True:
             k = self._first_free(cands.rows, taken, lambda c: c != own)
             if k is not None or complete:
                 break
-            pool *= 4  # list exhausted before the pool was: search wider, exactly
-            cands, complete = self.widen(a, pool)
+            size *= GROWTH  # the list ran out before the eligible rows did: search wider
+            cands, complete = self.widen(a, size)
             lists["diverse"] = (cands, complete)
-            m.diverse_widened += 1
+            effort.diverse_widened += 1
         if k is None:
             k = self._first_free(cands.rows, taken, lambda c: c == own)
         if k is None:
@@ -160,19 +166,3 @@ class Selector:
             if cluster_ok(self.cluster[r]) and self._free(r, None, taken):
                 return k
         return None
-
-    def _record(self, pick: Pick, m: Metrics) -> None:
-        p = self.pid[pick.row]
-        self.window.use(p)
-        m.negatives += 1
-        m.phrase_uses[p] += 1
-        m.negative_length.add(self.lengths[p])
-        if pick.kind == "hard":
-            m.hard_steps[pick.step] += 1
-            m.hard_text.add(pick.txt)
-            m.hard_visual.add(pick.vis)
-            m.hard_below_min_visual += pick.vis < self.rules.min_vis
-        else:
-            m.diverse_visual.add(pick.vis)
-            m.diverse_text.add(pick.txt)
-            m.diverse_other_cluster += pick.negative_cluster != pick.anchor_cluster

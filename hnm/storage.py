@@ -1,4 +1,4 @@
-"""The run directory: atomic writes, done-markers, and where each phase keeps its files."""
+"""The run directory: every file name, atomic writes and done-markers."""
 
 from __future__ import annotations
 
@@ -13,6 +13,9 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
+
+# phase -> the folder holding its files and markers
+PHASE_DIRS = {"embed": "embeddings", "tables": "tables", "candidates": "candidates"}
 
 
 @contextmanager
@@ -62,7 +65,7 @@ def read_npz(path: Path) -> dict[str, np.ndarray]:
 
 
 class RunDir:
-    """Paths of one run's files; every phase's output is vouched for by a marker."""
+    """Where each of a run's files lives; every phase's output is vouched for by a marker."""
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
@@ -70,26 +73,34 @@ class RunDir:
     config = property(lambda self: self.root / "config.yaml")
     plan = property(lambda self: self.root / "plan.json")
     negatives = property(lambda self: self.root / "negatives.jsonl")
+    suspects = property(lambda self: self.root / "suspects.jsonl")
     metrics = property(lambda self: self.root / "metrics.json")
+    report = property(lambda self: self.root / "report.html")
+    sweep_html = property(lambda self: self.root / "sweep.html")
+    sweep_json = property(lambda self: self.root / "sweep.json")
     logs = property(lambda self: self.root / "logs")
-    index_dir = property(lambda self: self.root / "index")
+    tables_dir = property(lambda self: self.root / PHASE_DIRS["tables"])
 
     def image_embeddings(self, shard: int) -> Path:
-        return self.root / "embeddings" / f"image_{shard:05d}.npy"
+        return self.root / PHASE_DIRS["embed"] / f"image_{shard:05d}.npy"
 
     def text_embeddings(self, shard: int) -> Path:
-        return self.root / "embeddings" / f"text_{shard:05d}.npy"
+        return self.root / PHASE_DIRS["embed"] / f"text_{shard:05d}.npy"
+
+    def table(self, name: str) -> Path:
+        """One array of the tables phase: visual, text, eligible, clusters, centroids."""
+        return self.tables_dir / f"{name}.npy"
 
     def candidates(self, shard: int) -> Path:
-        return self.root / "candidates" / f"shard_{shard:05d}.npz"
+        return self.root / PHASE_DIRS["candidates"] / f"shard_{shard:05d}.npz"
 
-    def log(self, shard: int) -> Path:
-        return self.logs / f"shard_{shard:05d}.log"
+    def log(self, shard: int | None) -> Path:
+        """A shard's log; the tables phase (shard None) has its own."""
+        return self.logs / ("tables.log" if shard is None else f"shard_{shard:05d}.log")
 
     def marker(self, phase: str, shard: int | None = None) -> Path:
-        folder = {"embed": "embeddings", "candidates": "candidates", "index": "index"}[phase]
         name = "done" if shard is None else f"done_{shard:05d}"
-        return self.root / folder / name
+        return self.root / PHASE_DIRS[phase] / name
 
     def is_done(self, phase: str, shard: int | None = None) -> bool:
         return self.marker(phase, shard).exists()
@@ -98,7 +109,15 @@ class RunDir:
         """Written last, after the files it vouches for were renamed into place."""
         write_json(self.marker(phase, shard), info or {})
 
+    def read_marker(self, phase: str, shard: int | None = None) -> dict[str, Any]:
+        return read_json(self.marker(phase, shard))
+
     def clear_phase(self, phase: str) -> None:
-        folder = self.marker(phase).parent
+        folder = self.root / PHASE_DIRS[phase]
         if folder.exists():
             shutil.rmtree(folder)
+
+    def results(self) -> tuple[Path, ...]:
+        """What the reduce phase and the tools derive from a run's phases."""
+        return (self.negatives, self.suspects, self.metrics, self.report, self.sweep_html,
+                self.sweep_json)

@@ -23,7 +23,7 @@ def summary_lines(metrics: dict[str, Any]) -> list[str]:
         f"  Total hard negatives: {g['hard_negatives']}",
         f"  Total diverse negatives: {g['diverse_negatives']}",
         f"  Success rate: {_fmt(None if rate is None else rate * 100, '.1f')}%",
-        f"  Fallback used: {g['fallback_used']}",
+        f"  Second strategy used: {g['second_strategy_used']}",
         f"  Average hard text similarity: {_fmt(g['hard_text_similarity']['mean'])}",
         f"  Average hard visual similarity: {_fmt(g['hard_visual_similarity']['mean'])}",
         f"  Phrase diversity: {_fmt(g['phrase_diversity'])} "

@@ -13,25 +13,28 @@ from typing import Any
 
 import numpy as np
 
-from hnm.audit import audit_run
 from hnm.config import Config
 from hnm.data import Dataset, anchor_uniforms, load_dataset
+from hnm.engine import ANCHOR_BATCH, Candidates, find_candidates, make_selector, select
 from hnm.errors import HnmError
 from hnm.index import build_index
 from hnm.metrics import Metrics
 from hnm.miner import Ragged, Tables, hard_candidates, threshold_steps
-from hnm.report import CSS, esc, fmt, load_run_config, page, table
-from hnm.storage import RunDir, read_json, read_npz, write_text
+from hnm.pages import CSS, esc, fmt, page, table
+from hnm.plan import Plan, read_plan
+from hnm.report import load_run_config
+from hnm.storage import RunDir, read_npz, write_text
+from hnm.tables import load_tables
 
-SWEEP_HTML, SWEEP_JSON = "sweep.html", "sweep.json"
 STEP = 0.1  # spacing of the default grid around the run's own values
-BATCH = 4096  # anchors per k-NN search: results do not depend on it, speed does
-WIDEN_CACHE = 16384  # wider diverse lists remembered (each a few kB)
+# Wider diverse lists remembered across grid points: the same anchors exhaust their lists
+# at many points, and each list is a few kB, so this holds tens of MB at most.
+WIDEN_CACHE = 16384
 # the figures a sweep reports for each grid point (names of metrics.json's global block)
 COLUMNS = ("success_rate", "hard_share", "hard_text_similarity", "hard_visual_similarity",
-           "phrase_diversity", "fallback_used", "suspect_negatives")
+           "phrase_diversity", "second_strategy_used", "suspect_negatives")
 LABELS = ("success rate", "hard share", "mean hard text sim", "mean hard visual sim",
-          "phrase diversity", "fallback used", "suspects")
+          "phrase diversity", "second strategy used", "suspects")
 
 
 @dataclass(frozen=True)
@@ -39,24 +42,22 @@ class Saved:
     """A finished run's inputs to the selection pass, loaded once."""
 
     config: Config
-    plan: dict[str, Any]
+    plan: Plan
     ds: Dataset
     tab: Tables
     u: np.ndarray
 
 
 def load_saved(output_dir: str | Path) -> Saved:
-    """The run's config, plan, dataset and index-phase arrays; nothing is embedded."""
-    from hnm.worker import load_tables
-
+    """The run's config, plan, dataset and tables; nothing is embedded."""
     run = RunDir(output_dir)
-    if not run.plan.exists() or not run.is_done("index"):
-        raise HnmError(f"{run.root}: no finished index phase; sweep needs a run directory "
-                       "whose embeddings and index were written")
+    if not run.plan.exists() or not run.is_done("tables"):
+        raise HnmError(f"{run.root}: no finished tables phase; sweep needs a run directory "
+                       "whose embeddings and tables were written")
     config = load_run_config(run)
-    plan = read_json(run.plan)
-    ds = load_dataset(config, plan["skipped"])
-    if not plan["run_key"].endswith(ds.source_sha256[:16]):
+    plan = read_plan(run)
+    ds = load_dataset(config, list(plan.skipped))
+    if not plan.run_key.endswith(ds.source_sha256[:16]):
         raise HnmError(f"{config.annotations}: changed since the run in {run.root}; its saved "
                        "embeddings no longer match the records")
     u = anchor_uniforms(ds.ids[:ds.num_anchors], config.seed)
@@ -93,12 +94,13 @@ def sweep(output_dir: str | Path, taus: list[float] | None = None,
     c = saved.config
     taus = taus or default_grid(c.cosine_threshold)
     min_visuals = min_visuals or default_grid(c.min_visual_similarity)
-    hard, diverse, complete = loosest_candidates(saved, max(taus), min(min_visuals))
+    cands = loosest_candidates(saved, max(taus), min(min_visuals))
     t1 = time.perf_counter()
     widen = _shared_widen(saved)
     points = [{"cosine_threshold": tau, "min_visual_similarity": mvs,
-               "global": evaluate(saved, _point(c, tau, mvs), filter_hard(hard, tau, mvs),
-                                  diverse, complete, widen)}
+               "global": evaluate(saved, _point(c, tau, mvs),
+                                  dataclasses.replace(cands, hard=filter_hard(cands.hard, tau,
+                                                                              mvs)), widen)}
               for tau in taus for mvs in min_visuals]
     return {"run": {"cosine_threshold": c.cosine_threshold,
                     "min_visual_similarity": c.min_visual_similarity,
@@ -113,7 +115,7 @@ def _point(config: Config, tau: float, mvs: float) -> Config:
     return dataclasses.replace(config, cosine_threshold=tau, min_visual_similarity=mvs)
 
 
-def loosest_candidates(saved: Saved, tau: float, mvs: float) -> tuple[Ragged, Ragged, np.ndarray]:
+def loosest_candidates(saved: Saved, tau: float, mvs: float) -> Candidates:
     """Every anchor's candidate lists under the loosest values: a superset of each point's.
 
     The run's own lists serve when no point is looser than the run; otherwise the hard
@@ -124,34 +126,16 @@ def loosest_candidates(saved: Saved, tau: float, mvs: float) -> tuple[Ragged, Ra
     c = saved.config
     run = RunDir(c.output_dir)
     anchors = np.arange(saved.ds.num_anchors)
-    if not all(run.is_done("candidates", p["shard"]) for p in saved.plan["shards"]):
-        from hnm.pipeline import unpack_candidates
-        from hnm.worker import mine_candidates
-
-        return unpack_candidates(mine_candidates(_point(c, tau, mvs), saved.tab, anchors)[0])
-    hard, diverse, complete = _saved_candidates(run, saved.plan)
+    if not all(run.is_done("candidates", p.shard) for p in saved.plan.shards):
+        return find_candidates(_point(c, tau, mvs), saved.tab, anchors)[0]
+    cands = Candidates.concat([Candidates.from_arrays(read_npz(run.candidates(p.shard)))
+                               for p in saved.plan.shards])
     if tau <= c.cosine_threshold and mvs >= c.min_visual_similarity:
-        return hard, diverse, complete
+        return cands
     index = build_index(np.asarray(saved.tab.V))
-    batches = [hard_candidates(index, saved.tab, anchors[s:s + BATCH], c.k_nn, mvs, tau)
-               for s in range(0, len(anchors), BATCH)]
-    return _concat(batches), diverse, complete
-
-
-def _saved_candidates(run: RunDir, plan: dict[str, Any]) -> tuple[Ragged, Ragged, np.ndarray]:
-    from hnm.pipeline import unpack_candidates
-
-    shards = [unpack_candidates(read_npz(run.candidates(p["shard"]))) for p in plan["shards"]]
-    return (_concat([s[0] for s in shards]), _concat([s[1] for s in shards]),
-            np.concatenate([s[2] for s in shards]))
-
-
-def _concat(parts: list[Ragged]) -> Ragged:
-    """Consecutive anchors' lists as one Ragged."""
-    counts = np.concatenate([np.diff(p.offsets) for p in parts])
-    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    return Ragged(offsets, *(np.concatenate([getattr(p, k) for p in parts])
-                             for k in ("rows", "vis", "txt")))
+    batches = [hard_candidates(index, saved.tab, anchors[s:s + ANCHOR_BATCH], c.k_nn, mvs, tau)
+               for s in range(0, len(anchors), ANCHOR_BATCH)]
+    return dataclasses.replace(cands, hard=Ragged.concat(batches))
 
 
 def filter_hard(hard: Ragged, tau: float, mvs: float) -> Ragged:
@@ -161,35 +145,22 @@ def filter_hard(hard: Ragged, tau: float, mvs: float) -> Ragged:
     return Ragged(kept_before[hard.offsets], hard.rows[keep], hard.vis[keep], hard.txt[keep])
 
 
-def _window(lists: Ragged, a0: int, a1: int) -> Ragged:
-    """Lists of anchors a0..a1-1 as lists 0..; the flat arrays are shared, not copied."""
-    return Ragged(lists.offsets[a0:a1 + 1], lists.rows, lists.vis, lists.txt)
-
-
 def _shared_widen(saved: Saved) -> Callable:
     """The exact wider diverse search, shared by all points and remembered: it depends on
     neither value, and the same anchors exhaust their lists at many points."""
-    from hnm.pipeline import make_selector
-
     return functools.lru_cache(maxsize=WIDEN_CACHE)(
         make_selector(saved.config, saved.tab, saved.ds.phrases).widen)
 
 
-def evaluate(saved: Saved, config: Config, hard: Ragged, diverse: Ragged, complete: np.ndarray,
-             widen: Callable) -> dict[str, Any]:
-    """The global metrics of a run with `config`, from its candidate lists (as select_all)."""
-    from hnm.pipeline import make_selector
-
+def evaluate(saved: Saved, config: Config, cands: Candidates, widen: Callable
+             ) -> dict[str, Any]:
+    """The global metrics of a run with `config`, from its candidate lists, shard by shard
+    through one selector exactly as the reducer goes."""
     selector = make_selector(config, saved.tab, saved.ds.phrases)
     selector.widen = widen
-    picks, parts = [], []
-    for part in saved.plan["shards"]:
-        a0, a1 = part["anchors"]
-        metrics = Metrics()
-        picks += selector.run(np.arange(a0, a1), saved.u[a0:a1], _window(hard, a0, a1),
-                              _window(diverse, a0, a1), complete[a0:a1], metrics)
-        parts.append(metrics)
-    _, parts, _ = audit_run(config, saved.ds, saved.plan, picks, parts, saved.u)
+    shards = ((np.arange(*s.anchors), cands.window(*s.anchors)) for s in saved.plan.shards)
+    parts = [done.metrics for done in select(config, selector, shards, saved.u,
+                                             saved.ds.phrases)]
     summary = sum(parts, start=Metrics()).summary()
     # work done, not a result: it depends on which diverse lists were computed ahead
     summary.pop("diverse_widened_searches")
@@ -247,9 +218,9 @@ def _cell_text(name: str, value: Any) -> str:
 def write_outputs(output_dir: str | Path, result: dict[str, Any]) -> tuple[Path, Path]:
     """OUTPUT_DIR/sweep.json (every point's full metrics) and sweep.html (heat maps)."""
     run = RunDir(output_dir)
-    write_text(run.root / SWEEP_JSON, json.dumps(result, indent=1) + "\n")
-    write_text(run.root / SWEEP_HTML, render_html(result))
-    return run.root / SWEEP_JSON, run.root / SWEEP_HTML
+    write_text(run.sweep_json, json.dumps(result, indent=1) + "\n")
+    write_text(run.sweep_html, render_html(result))
+    return run.sweep_json, run.sweep_html
 
 
 def render_html(result: dict[str, Any]) -> str:

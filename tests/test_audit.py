@@ -1,10 +1,12 @@
-"""The false-negative audit: suspects, dropping them, recounting, duplicate image files."""
+"""The false-negative audit: suspects, dropping them, the metrics of the output, duplicate
+image files."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -12,19 +14,16 @@ import pytest
 from synthetic import make_dataset, mine_args
 from test_engine import random_case
 
-from hnm.audit import audit_picks, duplicate_images, recount
 from hnm.cli import main
-from hnm.data import anchor_uniforms
+from hnm.data import anchor_uniforms, duplicate_images
 from hnm.encoders import finalize
+from hnm.engine import Selected, find_candidates, make_selector, select
 from hnm.index import kmeans
-from hnm.metrics import Metrics
 from hnm.miner import Tables, eligible_phrases
-from hnm.pipeline import make_selector, unpack_candidates
-from hnm.worker import mine_candidates
 
 
-def selection(seed: int, **changes):
-    """A randomized case through candidates and the selection pass, metrics kept."""
+def selection(seed: int, **changes) -> tuple:
+    """A randomized case through candidates, the selection pass and the audit."""
     V, T, text_ids, groups, phrases, blacklist, config, n = random_case(seed)
     config = dataclasses.replace(config, **changes)
     clusters, _ = kmeans(V, config.n_clusters, config.seed)
@@ -33,11 +32,10 @@ def selection(seed: int, **changes):
     tab = Tables(V, T, text_ids, groups, eligible[text_ids], clusters)
     anchors = np.arange(n)
     u = anchor_uniforms([f"r{i}" for i in range(n)], config.seed)
-    hard, diverse, complete = unpack_candidates(mine_candidates(config, tab, anchors)[0])
-    metrics = Metrics()
-    picks = make_selector(config, tab, phrases).run(anchors, u, hard, diverse, complete,
-                                                    metrics)
-    return config, tab, phrases, anchors, u, picks, metrics
+    cands, _ = find_candidates(config, tab, anchors)
+    (done,) = select(config, make_selector(config, tab, phrases), [(anchors, cands)], u,
+                     phrases)
+    return config, tab, phrases, u, done
 
 
 def exact_sims(tab: Tables, a: int, row: int) -> tuple[float, float]:
@@ -48,10 +46,39 @@ def exact_sims(tab: Tables, a: int, row: int) -> tuple[float, float]:
 
 
 @pytest.mark.parametrize("seed", range(0, 150, 3))
-def test_recount_of_an_unchanged_output_equals_the_selection_metrics(seed):
-    config, tab, phrases, _, u, picks, metrics = selection(seed)
-    lengths = [len(p) for p in phrases]
-    assert recount(metrics, u, picks, config, tab.text_ids, lengths) == metrics
+def test_metrics_count_the_output_picks(seed):
+    """Every output figure, counted here directly from the picks, equals the metrics'."""
+    config, tab, phrases, u, done = selection(seed)
+    s, picks = done.metrics.summary(), done.picks
+    flat = [(a, p) for a, row in enumerate(picks) for p in row]
+    hard = [p for _, p in flat if p.kind == "hard"]
+    diverse = [p for _, p in flat if p.kind == "diverse"]
+    uses = Counter(int(tab.text_ids[p.row]) for _, p in flat)
+    first = ["diverse" if u[a] < config.diverse_ratio else "hard" for a in range(len(picks))]
+    assert (s["anchors"], s["successes"], s["negatives"]) == (
+        len(picks), sum(map(bool, picks)), len(flat))
+    assert (s["hard_negatives"], s["diverse_negatives"]) == (len(hard), len(diverse))
+    assert s["hard_threshold_steps"] == {str(k): sum(p.step == k for p in hard)
+                                         for k in (0, 1, 2, "fallback")}
+    assert s["second_strategy_used"] == sum(p.kind != first[a] for a, p in flat)
+    assert s["distinct_negative_phrases"] == len(uses)
+    assert s["max_phrase_reuse"] == max(uses.values(), default=0)
+    assert s["cluster_diversity"] == (round(np.mean([p.anchor_cluster != p.negative_cluster
+                                                     for p in diverse]), 6) if diverse else None)
+    assert s["hard_below_min_visual_similarity"] == 0
+    for key, values in (("hard_text_similarity", [p.txt for p in hard]),
+                        ("hard_visual_similarity", [p.vis for p in hard]),
+                        ("diverse_visual_similarity", [p.vis for p in diverse])):
+        assert s[key]["count"] == len(values)
+        if values:
+            assert s[key]["mean"] == pytest.approx(np.mean(values), abs=1e-6)
+            assert (s[key]["min"], s[key]["max"]) == (round(min(values), 6),
+                                                      round(max(values), 6))
+    lengths = [len(phrases[tab.text_ids[a]]) for a in range(len(picks))]
+    assert s["anchor_answer_length"]["mean"] == pytest.approx(np.mean(lengths), abs=1e-6)
+    if config.num_negatives == 1:  # one attempt per anchor, one more when the first failed
+        assert s["hard_attempts"] + s["diverse_attempts"] == (
+            s["anchors"] + s["second_strategy_used"] + s["failures"])
 
 
 def test_dropping_removes_exactly_the_suspects():
@@ -64,11 +91,10 @@ def test_dropping_removes_exactly_the_suspects():
 
 def check_drop(seed: int) -> tuple[int, int]:
     """Audit one case with low thresholds; returns (suspects dropped, anchors emptied)."""
-    config, tab, phrases, anchors, u, picks, metrics = selection(
-        seed, audit_text_similarity=0.2, audit_visual_similarity=0.5,
-        drop_suspect_negatives=True)
-    attempts = metrics.hard_attempts
-    done = audit_picks(config, anchors, u, picks, metrics, tab.text_ids, phrases)
+    thresholds = {"audit_text_similarity": 0.2, "audit_visual_similarity": 0.5}
+    *_, kept = selection(seed, **thresholds)
+    config, tab, _, _, done = selection(seed, **thresholds, drop_suspect_negatives=True)
+    picks = kept.picks  # the selection pass does not depend on dropping
     want, kinds, reasons = [], {"hard": 0, "diverse": 0}, {"text": 0, "visual": 0}
     for a, row in enumerate(picks):
         keep = []
@@ -93,19 +119,20 @@ def check_drop(seed: int) -> tuple[int, int]:
     assert s["hard_negatives"] == len(hard) == s["hard_successes"]
     if hard:
         assert s["hard_text_similarity"]["mean"] == pytest.approx(np.mean(hard), abs=1e-6)
-    assert s["hard_attempts"] == attempts  # the selection pass itself is unchanged
+    # the selection pass itself is unchanged
+    assert s["hard_attempts"] == kept.metrics.hard_attempts
     assert [(x.anchor, x.pick) for x in done.suspects] == [
         (a, p) for a, row in enumerate(picks) for p in row if p not in want[a]]
     return total, sum(bool(r) and not w for r, w in zip(picks, want))
 
 
 def test_nothing_is_dropped_unless_asked():
-    config, tab, phrases, anchors, u, picks, metrics = selection(
-        7, audit_text_similarity=-1.0, audit_visual_similarity=-1.0)
-    done = audit_picks(config, anchors, u, picks, metrics, tab.text_ids, phrases)
-    negatives = sum(map(len, picks))
+    *_, done = selection(7, audit_text_similarity=-1.0, audit_visual_similarity=-1.0)
+    assert isinstance(done, Selected)
+    negatives = sum(map(len, done.picks))
     assert negatives > 0
-    assert done.picks == picks
+    assert len(done.suspects) == negatives
+    assert done.metrics.summary()["negatives"] == negatives
     assert done.metrics.summary()["suspect_negatives"]["total"] == negatives
     assert done.metrics.summary()["suspect_negatives"]["dropped"] == 0
 

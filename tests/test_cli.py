@@ -26,13 +26,13 @@ DIVERSE_KEYS = {"id", "text", "image", "type", "text_similarity", "visual_simila
 GLOBAL_KEYS = {
     "anchors", "success_rate", "successes", "failures", "negatives", "hard_negatives",
     "diverse_negatives", "hard_attempts", "hard_successes", "diverse_attempts",
-    "diverse_successes", "fallback_used", "hard_threshold_steps", "hard_text_similarity",
+    "diverse_successes", "second_strategy_used", "hard_threshold_steps", "hard_text_similarity",
     "hard_visual_similarity", "hard_below_min_visual_similarity", "diverse_visual_similarity",
     "cluster_diversity", "distinct_negative_phrases", "phrase_diversity", "max_phrase_reuse",
     "mean_phrase_reuse", "anchor_answer_length", "negative_answer_length", "distinct_answers",
     "phrase_diversity_vs_data", "skipped_missing_image",
 }
-PHASES = {"load", "embed_images", "embed_texts", "index", "cluster", "search", "select",
+PHASES = {"load", "embed_images", "embed_texts", "tables", "cluster", "search", "select",
           "write"}
 
 
@@ -138,7 +138,7 @@ def check_metrics(out: Path, rows: list[dict]) -> dict:
         # SPEC §7: one attempt per anchor, a second when the first strategy found nothing
         assert (g["hard_successes"], g["diverse_successes"]) == (len(hard), len(diverse))
         assert g["hard_attempts"] + g["diverse_attempts"] == (
-            g["anchors"] + g["fallback_used"] + g["failures"])
+            g["anchors"] + g["second_strategy_used"] + g["failures"])
     return metrics
 
 

@@ -9,9 +9,9 @@ from reference import reference_mine
 from hnm.config import Config
 from hnm.data import anchor_uniforms
 from hnm.encoders import finalize
+from hnm.engine import mine_arrays
 from hnm.index import kmeans
 from hnm.miner import Tables, eligible_phrases
-from hnm.pipeline import mine_arrays
 
 WORDS = ("fly north south east west along road river lake field roof red grey building "
          "bridge turn left right past the next to until you reach land near big small").split()
@@ -56,7 +56,7 @@ def random_case(seed):
         blacklist_similarity=float(rng.choice([0.5, 0.75, 1.0])),
         n_clusters=int(rng.choice([1, 3, 30, 500])),
         num_negatives=int(rng.choice([1, 1, 2])),
-        diverse_pool=int(rng.choice([1, 2, 64])),
+        diverse_candidates=int(rng.choice([1, 2, 64])),
         seed=seed,
     )
     blacklist = finalize(rng.normal(size=(3, 8))) if rng.random() < 0.6 else None

@@ -87,7 +87,7 @@ def test_a_shard_failing_every_retry_stops_the_run_with_a_resumable_message(demo
     assert not (tmp_path / "run/negatives.jsonl").exists()
     again = launch(demo, tmp_path / "run", "--cpu-workers", "2")
     assert again.returncode == 0, again.stderr
-    assert "Resumed: reused 2 embedded and 1 mined shard(s) of 2, and the index" in again.stdout
+    assert "Resumed: reused 2 embedded and 1 mined shard(s) of 2, and the tables" in again.stdout
 
 
 def _children(pid: int) -> list[int]:

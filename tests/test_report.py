@@ -18,6 +18,7 @@ from synthetic import make_dataset, mine_args
 from hnm import report
 from hnm.cli import main
 from hnm.config import Config
+from hnm.plan import read_plan
 from hnm.report import BORDERLINE, FAILED, SAMPLE, SUSPECTS, THUMB
 from hnm.storage import RunDir
 
@@ -92,7 +93,7 @@ def test_headline_and_plots_show_the_metrics(run: Path):
 
 def test_phrase_reuse_counts_agree_with_the_metrics(run: Path):
     config = report.load_run_config(RunDir(run))
-    plan = json.loads((run / "plan.json").read_text())
+    plan = read_plan(RunDir(run))
     scan = report.scan_negatives(RunDir(run), config, plan)
     g = json.loads((run / "metrics.json").read_text())["global"]
     assert sum(scan.reuse.values()) == g["distinct_negative_phrases"]

@@ -95,8 +95,8 @@ def test_sweep_embeds_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     for module in ("hnm.encoders", "hnm.worker"):
         for name in ("build_image_encoder", "build_text_encoder"):
             monkeypatch.setattr(f"{module}.{name}", no_model)
-    monkeypatch.setattr("hnm.worker.embed_texts", no_model)
-    monkeypatch.setattr("hnm.pipeline.embed_texts", no_model)
+    monkeypatch.setattr("hnm.embed.embed_texts", no_model)
+    monkeypatch.setattr("hnm.embed.embed_images", no_model)
     result = sweep.sweep(run, [0.2, 0.5], [0.1])
     assert len(result["points"]) == 2
 
@@ -134,7 +134,7 @@ def test_sweep_rejects_bad_grids(tmp_path: Path, capsys, argv, message):
 def test_sweep_needs_a_run_directory(tmp_path: Path, capsys):
     assert main(["sweep", str(tmp_path / "nothing")]) == 2
     err = capsys.readouterr().err
-    assert "no finished index phase" in err and err.count("\n") == 1
+    assert "no finished tables phase" in err and err.count("\n") == 1
 
 
 def test_sweep_of_a_run_interrupted_before_its_candidates(tmp_path: Path):

@@ -1,0 +1,191 @@
+"""One phase driver for every way of running: plan, each phase's unfinished tasks, reduce.
+
+Where the tasks run is the executor's business: `LocalExecutor` (the parent and its
+spawned workers, one per device) or `distributed.RankExecutor` (torchrun ranks).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol, TypeVar
+
+from hnm import distributed, gpus
+from hnm.config import Config
+from hnm.data import Dataset, Progress
+from hnm.errors import Terminated
+from hnm.plan import Plan, dry_run_lines, prepare, read_plan, validate_inputs
+from hnm.pool import InProcess, WorkerPool
+from hnm.progress import ProgressView, choose_mode
+from hnm.reduce import reduce_phase
+from hnm.storage import RunDir, read_json
+from hnm.summary import print_summary, shard_lines
+from hnm.worker import Task
+
+T = TypeVar("T")
+PHASES = ("embed", "tables", "candidates")
+
+
+class Executor(Protocol):
+    """Where tasks run. The leader plans and reduces; every process runs phase tasks."""
+
+    leader: bool
+    devices: list[str]  # one per shard of a new plan
+
+    def __enter__(self) -> Executor: ...
+
+    def __exit__(self, *exc: Any) -> None: ...
+
+    def say(self, text: str) -> None: ...
+
+    def on_leader(self, fn: Callable[[Progress], T]) -> T:
+        """Run fn on the leader only; every process gets its result (or its HnmError)."""
+
+    def start(self, plan: Plan, ds: Dataset | None) -> None:
+        """Get ready to run the plan's tasks (views, worker processes)."""
+
+    def run_phase(self, phase: str, tasks: list[Task]) -> None:
+        """Run this process's share of `tasks`; return once every process has finished."""
+
+    def finish(self, metrics: dict[str, Any]) -> None:
+        """After the run: what is left to say."""
+
+
+def run(config: Config, say: Callable[[str], Any] | None = None) -> dict[str, Any]:
+    """Run (or resume) the whole pipeline; returns the metrics document."""
+    if config.dry_run:
+        return dry_run(config, say or print)
+    executor = distributed.RankExecutor(config) if distributed.under_torchrun() \
+        else LocalExecutor(config, say)
+    with sigterm_raises(), executor:
+        return drive(config, executor)
+
+
+def drive(config: Config, ex: Executor) -> dict[str, Any]:
+    """Plan, then every phase's unfinished tasks, then the reduce: the one pipeline."""
+    t0 = time.perf_counter()
+    run = RunDir(config.output_dir)
+    planned: dict[str, Dataset] = {}
+
+    def plan_run(progress: Progress) -> str:
+        planned["ds"], _, state = prepare(config, ex.devices, progress)
+        return state
+
+    state = ex.on_leader(plan_run)
+    if state == "complete":
+        ex.say(f"Nothing to do: {run.root} already holds this run's results.")
+        metrics = read_json(run.metrics)
+        ex.finish(metrics)
+        return metrics
+    plan = read_plan(run)
+    ds = planned.get("ds")  # the leader's; other processes load it when a task needs it
+    ex.say(f"Sharding {plan.num_anchors} anchors ({plan.num_rows} candidates) into "
+           f"{len(plan.shards)} shard(s) on {len(ex.devices)} worker(s)")
+    shards = [s.shard for s in plan.shards]
+    reused = {p: sum(run.is_done(p, s) for s in shards) for p in ("embed", "candidates")}
+    reused_tables = run.is_done("tables")
+    load = time.perf_counter() - t0
+    ex.start(plan, ds)
+    for phase in PHASES:
+        ex.run_phase(phase, [t for t in _tasks(phase, shards)
+                             if not run.is_done(t.phase, t.shard)])
+    metrics = ex.on_leader(lambda progress: reduce_phase(
+        config, run, planned["ds"], plan, {"load": load}, progress, t0))
+    if any(reused.values()) or reused_tables:
+        ex.say(f"Resumed: reused {reused['embed']} embedded and {reused['candidates']} mined "
+               f"shard(s) of {len(shards)}" + (", and the tables" if reused_tables else ""))
+    ex.finish(metrics)
+    return metrics
+
+
+def _tasks(phase: str, shards: list[int]) -> list[Task]:
+    return [Task("tables", None)] if phase == "tables" else [Task(phase, s) for s in shards]
+
+
+def dry_run(config: Config, say: Callable[[str], Any]) -> dict[str, Any]:
+    """Validate every input and print the plan; write nothing."""
+    found, reason = gpus.discover()
+    devices = gpus.choose_devices(config, found)
+    for line in gpus.describe(found, reason, devices) + dry_run_lines(
+            config, validate_inputs(config), devices):
+        say(line)
+    return {}
+
+
+@contextlib.contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """SIGTERM stops the run like Ctrl-C does (exit 143), through the same clean-up."""
+
+    def handler(*_: Any) -> None:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class LocalExecutor:
+    """This machine: tasks run in the parent (one CPU worker) or in one spawned worker
+    process per device; a live view of every shard is the only writer to the terminal."""
+
+    leader = True
+
+    def __init__(self, config: Config, say: Callable[[str], Any] | None = None) -> None:
+        self.config = config
+        found, reason = gpus.discover()
+        self.devices = gpus.choose_devices(config, found)
+        self.mode = choose_mode(config.quiet)
+        self.nvml = {f"cuda:{g.index}": g.nvml_index for g in found}
+        self.view: ProgressView | None = None
+        self.pool: Any = None
+        self._say = say
+        self.stack = contextlib.ExitStack()
+        self.pending = gpus.describe(found, reason, self.devices)
+
+    def __enter__(self) -> LocalExecutor:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stack.__exit__(*exc)
+
+    def say(self, text: str) -> None:
+        if self._say:
+            self._say(text)
+        elif self.view:
+            self.view.say(text)
+        elif self.mode != "quiet":
+            print(text, flush=True)
+
+    def on_leader(self, fn: Callable[[Progress], T]) -> T:
+        if self.view is not None:
+            return fn(self.view.stage)
+        # checking every image can take a while: a transient view while planning
+        with ProgressView([], self.mode, transient=True) as loading:
+            result = fn(loading.stage)
+        for line in self.pending:  # the device lines, once the loading view is gone
+            self.say(line)
+        self.pending = []
+        return result
+
+    def start(self, plan: Plan, ds: Dataset | None) -> None:
+        self.view = self.stack.enter_context(ProgressView(
+            [{"shard": s.shard, "device": s.device} for s in plan.shards], self.mode,
+            self.nvml))
+        self.pool = self.stack.enter_context(
+            InProcess(self.config, self.view, ds) if self.devices == ["cpu"]
+            else WorkerPool(self.config, self.devices, self.view))
+
+    def run_phase(self, phase: str, tasks: list[Task]) -> None:
+        self.pool.run_phase(tasks)
+
+    def finish(self, metrics: dict[str, Any]) -> None:
+        self.stack.close()  # the live view ends before the summary is printed
+        self.view = None
+        if self.mode == "plain" and metrics.get("shards") and self.pool is not None:
+            for line in shard_lines(metrics):
+                self.say(line)
+        print_summary(metrics, print)

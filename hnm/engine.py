@@ -1,0 +1,190 @@
+"""The mining engine on in-memory arrays: candidate lists, then the selection pass.
+
+One implementation for every caller: the candidates phase, the reducer, `hnm sweep`, the
+tests and the benchmarks. Nothing here reads or writes files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from hnm.audit import Suspect, audit_picks, count_suspects
+from hnm.config import Config
+from hnm.data import Progress, no_progress
+from hnm.index import build_index
+from hnm.metrics import Metrics, tally
+from hnm.miner import GROWTH, Cands, Ragged, Tables, farthest, hard_candidates, scatter
+from hnm.select import Pick, Rules, Selector
+
+# Anchors per search call: its (B, k) candidate arrays stay a few MB and a search of
+# thousands of queries at once runs at FAISS's full speed; results do not depend on it.
+ANCHOR_BATCH = 2048
+# Anchors whose wider diverse lists are computed together: one (64, d) x (d, N) product
+# costs little more than a single anchor's memory-bound (d, N) pass.
+WIDEN_BLOCK = 64
+
+
+@dataclass
+class Candidates:
+    """Consecutive anchors' candidate lists: hard (N(a) order) and diverse (farthest first).
+
+    complete[i]: anchor i's diverse list holds every eligible row of another group, so
+    running out of it means there is no diverse negative at all.
+    """
+
+    hard: Ragged
+    diverse: Ragged
+    complete: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.complete)
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Flat arrays for an .npz file."""
+        out = {"diverse_complete": self.complete}
+        for name, lists in (("hard", self.hard), ("diverse", self.diverse)):
+            out.update({f"{name}_offsets": lists.offsets, f"{name}_rows": lists.rows,
+                        f"{name}_vis": lists.vis, f"{name}_txt": lists.txt})
+        return out
+
+    @classmethod
+    def from_arrays(cls, z: dict[str, np.ndarray]) -> Candidates:
+        hard, diverse = (Ragged(z[f"{k}_offsets"], z[f"{k}_rows"], z[f"{k}_vis"],
+                                z[f"{k}_txt"]) for k in ("hard", "diverse"))
+        return cls(hard, diverse, z["diverse_complete"])
+
+    @classmethod
+    def concat(cls, parts: list[Candidates]) -> Candidates:
+        return cls(Ragged.concat([p.hard for p in parts]),
+                   Ragged.concat([p.diverse for p in parts]),
+                   np.concatenate([p.complete for p in parts]) if parts else np.zeros(0, bool))
+
+    def window(self, a0: int, a1: int) -> Candidates:
+        """Lists of anchors a0..a1-1 (positions in this object), sharing the arrays."""
+        return Candidates(self.hard.window(a0, a1), self.diverse.window(a0, a1),
+                          self.complete[a0:a1])
+
+
+def find_candidates(c: Config, tab: Tables, anchors: np.ndarray, device: str = "cpu",
+                    progress: Progress = no_progress,
+                    diverse_first: np.ndarray | None = None) -> tuple[Candidates, str]:
+    """Candidate lists of `anchors` against every row, and the kind of index that ran.
+
+    Diverse lists cost a second exhaustive search, so they are computed only for anchors
+    that will surely try diverse: `diverse_first` (u_a < diverse_ratio; None: all) and
+    those without a single hard candidate. Any other anchor whose hard strategy fails
+    gets its list from the selection pass's exact wider search, so the picks are the same.
+    """
+    index = build_index(np.asarray(tab.V), device)
+    eligible_rows = np.flatnonzero(tab.eligible)
+    eligible_index = build_index(np.asarray(tab.V[eligible_rows]), device) \
+        if len(eligible_rows) else None
+    wanted = np.ones(len(anchors), bool) if diverse_first is None else diverse_first
+    parts = []
+    for s in range(0, len(anchors), ANCHOR_BATCH):
+        a = anchors[s:s + ANCHOR_BATCH]
+        hard = hard_candidates(index, tab, a, c.k_nn, c.min_visual_similarity,
+                               c.cosine_threshold)
+        need = wanted[s:s + ANCHOR_BATCH] | (np.diff(hard.offsets) == 0)
+        if eligible_index is None:  # no eligible row: no diverse negative for anyone
+            parts.append(Candidates(hard, Ragged.empty(len(a)), np.ones(len(a), bool)))
+        else:
+            sub, sub_complete = farthest(eligible_index, eligible_rows, tab, a[need],
+                                         c.diverse_candidates)
+            complete = np.zeros(len(a), bool)
+            complete[need] = sub_complete
+            parts.append(Candidates(hard, scatter(sub, need), complete))
+        progress("search", s + len(a), len(anchors))
+    return Candidates.concat(parts), index.kind
+
+
+class Widener:
+    """Exact wider diverse lists for anchors whose saved list ran out of free candidates.
+
+    A list does not depend on the phrase state, so it is computed for a block of upcoming
+    anchors at once (WIDEN_BLOCK), since anchors that exhaust their lists tend to come in
+    runs (the same far-away phrases get used up).
+    """
+
+    def __init__(self, tab: Tables, first_size: int, device: str = "cpu") -> None:
+        self.first_size = first_size
+        self.tab = tab
+        self.device = device
+        self.eligible_rows = np.flatnonzero(tab.eligible)
+        self.index: Any = None
+        self.cache: dict[int, tuple[int, Any, bool]] = {}  # anchor -> (size, list, complete)
+
+    def __call__(self, anchor: int, size: int) -> tuple[Cands, bool]:
+        hit = self.cache.get(anchor)
+        if hit is None or hit[0] < size:
+            self._compute(anchor, size)
+            hit = self.cache[anchor]
+        return hit[1], hit[2]
+
+    def _compute(self, anchor: int, size: int) -> None:
+        if self.index is None:
+            self.index = build_index(np.asarray(self.tab.V[self.eligible_rows]), self.device)
+        # anchors are selected in row order: earlier entries are never asked for again
+        self.cache = {a: v for a, v in self.cache.items() if a >= anchor}
+        # a second widening of one anchor is rare: only the first is worth computing ahead
+        ahead = WIDEN_BLOCK if size <= self.first_size else 1
+        block = np.arange(anchor, min(anchor + ahead, len(self.tab.V)))
+        block = block[[self.cache.get(a, (0,))[0] < size for a in block.tolist()]]
+        lists, complete = farthest(self.index, self.eligible_rows, self.tab, block, size)
+        for i, a in enumerate(block.tolist()):
+            self.cache[a] = (size, lists.get(i), bool(complete[i]))
+
+
+def make_selector(config: Config, tab: Tables, phrases: list[str], device: str = "cpu"
+                  ) -> Selector:
+    """The selection pass, with an exact wider search for exhausted diverse lists."""
+    rules = Rules(config.cosine_threshold, config.min_visual_similarity, config.diverse_ratio,
+                  config.fallback_phrase_reuse_limit, config.num_negatives)
+    return Selector(tab, phrases, rules, config.sliding_window_size,
+                    Widener(tab, GROWTH * config.diverse_candidates, device),
+                    config.diverse_candidates)
+
+
+@dataclass
+class Selected:
+    """One shard's outcome: its anchors' negatives (after the audit), metrics, suspects."""
+
+    anchors: np.ndarray
+    picks: list[list[Pick]]
+    metrics: Metrics
+    suspects: list[Suspect]
+
+
+def select(config: Config, selector: Selector, shards: Iterable[tuple[np.ndarray, Candidates]],
+           u: np.ndarray, phrases: list[str]) -> Iterator[Selected]:
+    """The selection pass over shards in input order, one selector (one phrase window) for
+    all, then the audit; each shard's metrics are counted from its final picks.
+
+    `shards`: (anchor rows, their candidates) in order; u: every anchor's strategy draw.
+    """
+    tab = selector.tab
+    lengths = [len(p) for p in phrases]
+    text_ids = tab.text_ids.tolist()
+    for anchors, cands in shards:
+        m = Metrics()
+        raw = selector.run(anchors, u[anchors], cands.hard, cands.diverse, cands.complete, m)
+        picks, suspects = audit_picks(config, anchors, raw)
+        count_suspects(m, suspects)
+        tally(m, u[anchors], picks, [text_ids[a] for a in anchors.tolist()], text_ids,
+              lengths, config.diverse_ratio, config.min_visual_similarity)
+        yield Selected(anchors, picks, m, suspects)
+
+
+def mine_arrays(config: Config, tab: Tables, phrases: list[str], u: np.ndarray,
+                num_anchors: int) -> list[list[Pick]]:
+    """The whole engine on in-memory arrays: the first `num_anchors` rows' negatives."""
+    anchors = np.arange(num_anchors)
+    cands, _ = find_candidates(config, tab, anchors,
+                               diverse_first=u[:num_anchors] < config.diverse_ratio)
+    selector = make_selector(config, tab, phrases)
+    (done,) = select(config, selector, [(anchors, cands)], u, phrases)
+    return done.picks

@@ -1,0 +1,102 @@
+"""The reduce phase: one ordered selection pass over every shard's candidates, then the
+run's outputs — negatives.jsonl, suspects.jsonl, report.html and, last, metrics.json."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from hnm import report
+from hnm.config import Config
+from hnm.data import Dataset, Progress, anchor_uniforms, duplicate_images, no_progress
+from hnm.engine import Candidates, make_selector, select
+from hnm.metrics import Metrics
+from hnm.outputs import write_negatives, write_suspects
+from hnm.plan import Plan, provenance
+from hnm.storage import RunDir, read_npz, write_json
+from hnm.tables import load_tables
+
+
+@dataclass(frozen=True)
+class ShardWork:
+    """What one shard's workers reported in their markers."""
+
+    device: str
+    seconds: float
+    peak_rss_mb: float | None
+
+
+def read_work(run: RunDir, plan: Plan) -> tuple[dict[str, float], list[ShardWork]]:
+    """Seconds per phase (summed over shards) and each shard's work, from the markers."""
+    phases = {"embed_images": 0.0, "embed_texts": 0.0, "search": 0.0}
+    shards = []
+    for part in plan.shards:
+        embed = run.read_marker("embed", part.shard)
+        mined = run.read_marker("candidates", part.shard)
+        for key, marker in (("embed_images", embed), ("embed_texts", embed),
+                            ("search", mined)):
+            phases[key] += marker.get(key, 0.0)
+        shards.append(ShardWork(
+            device=mined.get("device", part.device),
+            seconds=embed.get("embed_images", 0.0) + embed.get("embed_texts", 0.0)
+            + mined.get("search", 0.0),
+            peak_rss_mb=max(embed.get("peak_rss_mb", 0.0), mined.get("peak_rss_mb", 0.0))))
+    tables = run.read_marker("tables")
+    phases.update(tables=tables.get("tables", 0.0), cluster=tables.get("cluster", 0.0))
+    return phases, shards
+
+
+def reduce_phase(config: Config, run: RunDir, ds: Dataset, plan: Plan,
+                 timing: dict[str, float], progress: Progress = no_progress,
+                 started: float | None = None) -> dict[str, Any]:
+    """Select and audit, write the outputs, then metrics.json (written last: the run is
+    done). `timing`: seconds of the phases before; `started`: perf_counter() at the start
+    of this invocation, for its wall time."""
+    t0 = time.perf_counter()
+    tab = load_tables(run, ds)
+    u = anchor_uniforms(ds.ids[:ds.num_anchors], config.seed)
+    selector = make_selector(config, tab, ds.phrases)
+    shards = ((np.arange(*s.anchors), Candidates.from_arrays(read_npz(run.candidates(s.shard))))
+              for s in plan.shards)
+    picks, parts, suspects = [], [], []
+    for done in select(config, selector, shards, u, ds.phrases):
+        picks += done.picks
+        parts.append(done.metrics)
+        suspects += done.suspects
+        progress("select", len(picks), ds.num_anchors)
+    t1 = time.perf_counter()
+    write_negatives(config, run, ds, picks, progress)
+    write_suspects(config, run, ds, suspects)
+    phases, work = read_work(run, plan)
+    timing = {**timing, **phases, "select": t1 - t0, "write": time.perf_counter() - t1}
+    wall = time.perf_counter() - started if started is not None else sum(timing.values())
+    metrics = metrics_document(config, ds, plan, parts, work, timing, wall)
+    report.write_report(run, config, metrics, plan)
+    write_json(run.metrics, metrics)
+    return metrics
+
+
+def metrics_document(config: Config, ds: Dataset, plan: Plan, parts: list[Metrics],
+                     work: list[ShardWork], timing: dict[str, float], wall: float
+                     ) -> dict[str, Any]:
+    """Global figures from merged counts, never averages of per-shard averages."""
+    total = sum(parts, start=Metrics())
+    summary = total.summary()
+    summary["distinct_answers"] = len(ds.phrases)
+    summary["phrase_diversity_vs_data"] = round(summary["distinct_negative_phrases"]
+                                                / len(ds.phrases), 6)
+    summary["skipped_missing_image"] = len(ds.skipped.get("missing_image", []))
+    summary["records"] = len(ds.records)
+    summary["candidates"] = len(ds)
+    summary["duplicate_images"] = duplicate_images(ds.images)
+    shards = [{"shard": s.shard, "device": w.device, **m.shard_summary(),
+               "seconds": round(w.seconds, 3), "peak_rss_mb": w.peak_rss_mb}
+              for s, w, m in zip(plan.shards, work, parts)]
+    return {"global": summary,
+            "timing": {k: round(v, 3) for k, v in timing.items()},
+            "wall_seconds": round(wall, 3),
+            "throughput_anchors_per_s": round(ds.num_anchors / wall, 2) if wall else None,
+            "shards": shards, "provenance": provenance(config)}
