@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from hnm.config import load_config
 from hnm.errors import HnmError, Terminated
+from hnm.storage import RunDir, run_lock
 
 # A flag left out of the command line must not override the YAML or the defaults.
 UNSET = argparse.SUPPRESS
@@ -23,6 +30,8 @@ def _mine_flags(p: argparse.ArgumentParser) -> None:
     io.add_argument("--split", default=UNSET, help="dataset split name (train, val_seen, ...)")
     io.add_argument("--max-samples", type=int, default=UNSET, help="mine only the first N anchors")
     io.add_argument("--on-missing-image", choices=("error", "skip"), default=UNSET)
+    io.add_argument("--max-image-pixels", type=int, default=UNSET,
+                    help="larger images count as unreadable (200000000)")
     for name in ("id", "image", "text", "group"):
         io.add_argument(f"--{name}-field", default=UNSET, help=f"record field holding the {name}")
     enc = p.add_argument_group("encoders")
@@ -67,6 +76,9 @@ def _mine_flags(p: argparse.ArgumentParser) -> None:
     dev.add_argument("--num-gpus", type=int, default=UNSET, help="GPUs to use (default: all)")
     dev.add_argument("--cpu-workers", type=int, default=UNSET, help="CPU worker processes (1)")
     dev.add_argument("--max-retries", type=int, default=UNSET, help="retries of a failed shard")
+    dev.add_argument("--stall-timeout", type=float, default=UNSET,
+                     help="seconds without progress before a worker is stopped and its shard "
+                     "retried (1800; 0: never)")
     dev.add_argument("--quiet", action=argparse.BooleanOptionalAction, default=UNSET,
                      help="only the final summary")
     dev.add_argument("--dry-run", action="store_true", default=UNSET,
@@ -111,8 +123,17 @@ def _tool_flags(sub: Any) -> None:
 def _report(ns: argparse.Namespace) -> None:
     from hnm.report import report_from_dir
 
-    path = report_from_dir(ns.output_dir)
+    with _locked(ns.output_dir):
+        path = report_from_dir(ns.output_dir, lambda line: print(line, file=sys.stderr))
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+
+
+def _locked(output_dir: str) -> Any:
+    """The run directory's lock while a tool reads and writes it (no mining run may change
+    it meanwhile); nothing is created where there is no directory."""
+    if not Path(output_dir).is_dir():
+        return contextlib.nullcontext()
+    return run_lock(RunDir(output_dir), print, "OUTPUT_DIR")
 
 
 def _sweep(ns: argparse.Namespace) -> None:
@@ -122,10 +143,11 @@ def _sweep(ns: argparse.Namespace) -> None:
                                                      "--cosine-thresholds")
     mvss = ns.min_visual_similarities and sweep.parse_grid(ns.min_visual_similarities,
                                                            "--min-visual-similarities")
-    result = sweep.sweep(ns.output_dir, taus or None, mvss or None)
-    sweep.print_table(result)
-    for path in sweep.write_outputs(ns.output_dir, result):
-        print(f"wrote {path}")
+    with _locked(ns.output_dir):
+        result = sweep.sweep(ns.output_dir, taus or None, mvss or None)
+        sweep.print_table(result)
+        for path in sweep.write_outputs(ns.output_dir, result):
+            print(f"wrote {path}")
 
 
 TOOLS = {"report": _report, "sweep": _sweep}
@@ -152,17 +174,24 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code or 0)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if ns.command in TOOLS:
-        try:
-            TOOLS[ns.command](ns)
-        except HnmError as exc:
-            print(f"hnm: error: {exc}", file=sys.stderr)
-            return 2
-        return 0
+        return guarded(lambda: TOOLS[ns.command](ns), {"output_dir": ns.output_dir})
+    place: dict[str, str | None] = {"output_dir": None}
+    return guarded(lambda: _mine(ns, place), place)
+
+
+def _mine(ns: argparse.Namespace, place: dict[str, str | None]) -> None:
     from hnm import driver
 
+    config = load_config(ns.config, _overrides(ns))
+    place["output_dir"] = config.output_dir
+    driver.run(config)
+
+
+def guarded(command: Callable[[], Any], place: dict[str, str | None]) -> int:
+    """Run a command; whatever goes wrong is one line on stderr and an exit status.
+    `place["output_dir"]`: where a bug's traceback is logged, once known."""
     try:
-        config = load_config(ns.config, _overrides(ns))
-        driver.run(config)
+        command()
     except HnmError as exc:
         print(f"hnm: error: {exc}", file=sys.stderr)
         return exc.exit_status
@@ -170,4 +199,32 @@ def main(argv: list[str] | None = None) -> int:
         print("hnm: interrupted; finished shards are kept: rerun the same command to resume",
               file=sys.stderr)
         return 130 if isinstance(exc, KeyboardInterrupt) else 143
+    except BrokenPipeError:  # `hnm ... | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except Exception as exc:  # a bug: the details go to a log, not to the terminal
+        where = _log_traceback(place["output_dir"])
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        print(f"hnm: internal error: {type(exc).__name__}: {first} — details in {where}",
+              file=sys.stderr)
+        return 1
     return 0
+
+
+def _log_traceback(output_dir: str | None) -> Path:
+    """Append the current exception's traceback to OUTPUT_DIR/logs/hnm.log (or, where that
+    cannot be written, a file in the temporary folder); returns where it went."""
+    text = f"{time.strftime('%Y-%m-%d %H:%M:%S')} pid {os.getpid()}\n{traceback.format_exc()}\n"
+    if output_dir and Path(output_dir).is_dir():
+        path = Path(output_dir) / "logs" / "hnm.log"
+        try:
+            path.parent.mkdir(exist_ok=True)
+            with open(path, "a", encoding="utf-8") as handle:
+                handle.write(text)
+            return path
+        except OSError:
+            pass
+    fd, name = tempfile.mkstemp(prefix="hnm-internal-error-", suffix=".log")
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    return Path(name)

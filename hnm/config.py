@@ -38,6 +38,8 @@ class Config:
     fields: Fields = field(default_factory=Fields)
     max_samples: int | None = None
     on_missing_image: str = "error"
+    # larger images are refused like unreadable ones: a 200 MP RGB image decodes to 600 MB
+    max_image_pixels: int = 200_000_000
     # encoders
     visual_encoder: str = "efficientnet-lite0"
     text_encoder: str = "minilm"
@@ -69,6 +71,9 @@ class Config:
     num_gpus: int | None = None
     cpu_workers: int = 1
     max_retries: int = 2
+    # a worker that reports no progress for this long is stopped and its shard retried
+    # (0: never); long enough for the slowest single step (one batch, one k-means)
+    stall_timeout: float = 1800.0
     # behaviour of the run itself
     quiet: bool = False
     overwrite: bool = False
@@ -91,7 +96,7 @@ class Config:
 # keeps the batch grid it was first planned with (Plan.batch_size) whatever the flag says.
 RUNTIME_ONLY = frozenset(
     {"output_dir", "num_workers", "gpu_id", "gpu_ids", "num_gpus", "cpu_workers",
-     "max_retries", "quiet", "overwrite", "batch_size", "dry_run"}
+     "max_retries", "stall_timeout", "quiet", "overwrite", "batch_size", "dry_run"}
 )
 EMBEDDING_KEYS = ("annotations", "image_dir", "fields", "on_missing_image", "visual_encoder",
                   "text_encoder", "image_embeddings", "text_embeddings")
@@ -122,9 +127,13 @@ def validate(c: Config) -> None:
                  "diverse_candidates", "cpu_workers", "fallback_phrase_reuse_limit"):
         value = getattr(c, name)
         _check(value >= 1, name, f"must be at least 1, got {value}")
-    for name in ("num_workers", "min_answer_length", "max_retries"):
+    for name in ("num_workers", "min_answer_length", "max_retries", "stall_timeout"):
         value = getattr(c, name)
         _check(value >= 0, name, f"must not be negative, got {value}")
+    _check(0 <= c.seed < 2**31, "seed", f"must be within [0, {2**31 - 1}] (a 32-bit seed), "
+           f"got {c.seed}")
+    _check(c.max_image_pixels >= 1, "max_image_pixels",
+           f"must be at least 1, got {c.max_image_pixels}")
     for name in ("max_samples", "num_gpus", "gpu_id"):
         value = getattr(c, name)
         _check(value is None or value >= (1 if name != "gpu_id" else 0), name,

@@ -6,9 +6,12 @@ import hashlib
 import json
 import os
 import re
+import warnings
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -112,8 +115,32 @@ def _field(path: Path, record: dict, pos: int, rid: Any, name: str, kind: str) -
     return value
 
 
-def image_problem(path: Path) -> str | None:
-    """Why an image file cannot be used, or None.
+@contextmanager
+def image_limit(max_pixels: int) -> Iterator[None]:
+    """hnm's own pixel limit instead of PIL's: PIL warns above its MAX_IMAGE_PIXELS and
+    refuses twice that at open(); hnm refuses above `max_pixels` itself (too_large)."""
+    from PIL import Image
+
+    old = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
+
+
+def too_large(image: Any, max_pixels: int) -> str | None:
+    """Why an opened PIL image is over the limit, or None (only its header was read)."""
+    w, h = image.size
+    if w * h <= max_pixels:
+        return None
+    return f"too large: {w}x{h} pixels, over --max-image-pixels {max_pixels}"
+
+
+def image_problem(path: Path, max_pixels: int) -> str | None:
+    """Why an image file cannot be used, or None (call inside `image_limit`).
 
     Decodes the whole image: a file whose header parses but whose data is truncated would
     otherwise fail only while embedding, after the run directory was written.
@@ -124,22 +151,27 @@ def image_problem(path: Path) -> str | None:
         return "missing"
     try:
         with Image.open(path) as img:
+            if (why := too_large(img, max_pixels)):
+                return why
             img.load()
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+    except Image.DecompressionBombError:
+        return f"too large: over twice --max-image-pixels {max_pixels}"
+    except (OSError, ValueError, SyntaxError):
         return "unreadable"  # PIL raises each of these for some kind of damaged file
     return None
 
 
-def _check_images(path: Path, images: list[Path], policy: str, progress: Progress
-                  ) -> list[int]:
+def _check_images(path: Path, images: list[Path], policy: str, max_pixels: int,
+                  progress: Progress) -> list[int]:
     from concurrent.futures import ThreadPoolExecutor
 
     problems = []
     # decoding releases the GIL, and files may sit on a network file system: a few threads
     # per core keep both the cores and the reads busy
     threads = min(32, 4 * len(os.sched_getaffinity(0)))
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        for done, problem in enumerate(pool.map(image_problem, images), start=1):
+    check = partial(image_problem, max_pixels=max_pixels)
+    with image_limit(max_pixels), ThreadPoolExecutor(max_workers=threads) as pool:
+        for done, problem in enumerate(pool.map(check, images), start=1):
             problems.append(problem)
             if done % 256 == 0 or done == len(images):
                 progress("check images", done, len(images))
@@ -180,7 +212,8 @@ def load_dataset(config: Config, skip: list[int] | None = None,
     elif config.image_embeddings:
         skipped = set()
     else:
-        skipped = set(_check_images(path, images, config.on_missing_image, progress))
+        skipped = set(_check_images(path, images, config.on_missing_image,
+                                    config.max_image_pixels, progress))
     keep = np.array([i for i in range(len(records)) if i not in skipped], dtype=np.int64)
     if keep.size == 0:
         raise HnmError(f"{path}: no record has a usable image")

@@ -7,7 +7,9 @@ spawned workers, one per device) or `distributed.RankExecutor` (torchrun ranks).
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol, TypeVar
@@ -18,9 +20,10 @@ from hnm.data import Dataset, Progress
 from hnm.errors import Terminated
 from hnm.plan import Plan, dry_run_lines, prepare, read_plan, validate_inputs
 from hnm.pool import InProcess, WorkerPool
+from hnm.process import stopping
 from hnm.progress import ProgressView, choose_mode
 from hnm.reduce import reduce_phase
-from hnm.storage import RunDir, read_json
+from hnm.storage import RunDir, read_json, run_lock
 from hnm.summary import print_summary, shard_lines
 from hnm.worker import Task
 
@@ -68,31 +71,31 @@ def drive(config: Config, ex: Executor) -> dict[str, Any]:
     t0 = time.perf_counter()
     run = RunDir(config.output_dir)
     planned: dict[str, Dataset] = {}
+    with contextlib.ExitStack() as held:  # the leader holds the run directory's lock
 
-    def plan_run(progress: Progress) -> str:
-        planned["ds"], _, state = prepare(config, ex.devices, progress)
-        return state
+        def plan_run(progress: Progress) -> str:
+            lock = lambda: held.enter_context(run_lock(run, ex.say))  # noqa: E731
+            planned["ds"], _, state = prepare(config, ex.devices, lock, ex.say, progress)
+            return state
 
-    state = ex.on_leader(plan_run)
-    if state == "complete":
-        ex.say(f"Nothing to do: {run.root} already holds this run's results.")
-        metrics = read_json(run.metrics)
-        ex.finish(metrics)
-        return metrics
-    plan = read_plan(run)
-    ds = planned.get("ds")  # the leader's; other processes load it when a task needs it
-    ex.say(f"Sharding {plan.num_anchors} anchors ({plan.num_rows} candidates) into "
-           f"{len(plan.shards)} shard(s) on {len(ex.devices)} worker(s)")
-    shards = [s.shard for s in plan.shards]
-    reused = {p: sum(run.is_done(p, s) for s in shards) for p in ("embed", "candidates")}
-    reused_tables = run.is_done("tables")
-    load = time.perf_counter() - t0
-    ex.start(plan, ds)
-    for phase in PHASES:
-        ex.run_phase(phase, [t for t in _tasks(phase, shards)
-                             if not run.is_done(t.phase, t.shard)])
-    metrics = ex.on_leader(lambda progress: reduce_phase(
-        config, run, planned["ds"], plan, {"load": load}, progress, t0))
+        if ex.on_leader(plan_run) == "complete":
+            ex.say(f"Nothing to do: {run.root} already holds this run's results.")
+            metrics = read_json(run.metrics)
+            ex.finish(metrics)
+            return metrics
+        plan = read_plan(run)
+        ex.say(f"Sharding {plan.num_anchors} anchors ({plan.num_rows} candidates) into "
+               f"{len(plan.shards)} shard(s) on {len(ex.devices)} worker(s)")
+        shards = [s.shard for s in plan.shards]
+        reused = {p: sum(run.is_done(p, s) for s in shards) for p in ("embed", "candidates")}
+        reused_tables = run.is_done("tables")
+        load = time.perf_counter() - t0
+        ex.start(plan, planned.get("ds"))  # other ranks load the dataset when a task needs it
+        for phase in PHASES:
+            ex.run_phase(phase, [t for t in _tasks(phase, shards)
+                                 if not run.is_done(t.phase, t.shard)])
+        metrics = ex.on_leader(lambda progress: reduce_phase(
+            config, run, planned["ds"], plan, {"load": load}, progress, t0))
     if any(reused.values()) or reused_tables:
         ex.say(f"Resumed: reused {reused['embed']} embedded and {reused['candidates']} mined "
                f"shard(s) of {len(shards)}" + (", and the tables" if reused_tables else ""))
@@ -117,15 +120,27 @@ def dry_run(config: Config, say: Callable[[str], Any]) -> dict[str, Any]:
 @contextlib.contextmanager
 def sigterm_raises() -> Iterator[None]:
     """SIGTERM stops the run like Ctrl-C does (exit 143), through the same clean-up."""
+    owner = os.getpid()
 
     def handler(*_: Any) -> None:
+        if os.getpid() != owner:  # a forked DataLoader worker that has not set itself up yet
+            return
+        stopping.set()
         raise Terminated()
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    def unraisable(info: Any) -> None:
+        # raised where Python cannot propagate it (an at-fork hook): the next progress
+        # report raises it again, because `stopping` is set
+        if not isinstance(info.exc_value, Terminated):
+            hook(info)
+
+    previous, hook = signal.signal(signal.SIGTERM, handler), sys.unraisablehook
+    sys.unraisablehook = unraisable
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+        sys.unraisablehook = hook
 
 
 class LocalExecutor:
@@ -141,6 +156,7 @@ class LocalExecutor:
         self.mode = choose_mode(config.quiet)
         self.nvml = {f"cuda:{g.index}": g.nvml_index for g in found}
         self.view: ProgressView | None = None
+        self.loading: ProgressView | None = None
         self.pool: Any = None
         self._say = say
         self.stack = contextlib.ExitStack()
@@ -153,10 +169,11 @@ class LocalExecutor:
         self.stack.__exit__(*exc)
 
     def say(self, text: str) -> None:
+        view = self.view or self.loading
         if self._say:
             self._say(text)
-        elif self.view:
-            self.view.say(text)
+        elif view:
+            view.say(text)
         elif self.mode != "quiet":
             print(text, flush=True)
 
@@ -164,8 +181,11 @@ class LocalExecutor:
         if self.view is not None:
             return fn(self.view.stage)
         # checking every image can take a while: a transient view while planning
-        with ProgressView([], self.mode, transient=True) as loading:
-            result = fn(loading.stage)
+        with ProgressView([], self.mode, transient=True) as self.loading:
+            try:
+                result = fn(self.loading.stage)
+            finally:
+                self.loading = None
         for line in self.pending:  # the device lines, once the loading view is gone
             self.say(line)
         self.pending = []

@@ -8,9 +8,10 @@ from typing import Any
 
 import numpy as np
 
-from hnm.data import Progress, no_progress
+from hnm.data import Progress, image_limit, no_progress, too_large
 from hnm.encoders import ImageEncoder, TextEncoder, finalize
 from hnm.errors import HnmError
+from hnm.process import loader_worker_init
 
 
 def torch_setup(device: str) -> Any:
@@ -34,9 +35,10 @@ def torch_setup(device: str) -> Any:
 class ImageFiles:
     """Map-style dataset of preprocessed images for a torch DataLoader."""
 
-    def __init__(self, paths: list[Path], preprocess: Any) -> None:
+    def __init__(self, paths: list[Path], preprocess: Any, max_pixels: int) -> None:
         self.paths = paths
         self.preprocess = preprocess
+        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -45,23 +47,27 @@ class ImageFiles:
         from PIL import Image
 
         try:
-            with Image.open(self.paths[i]) as img:
+            with image_limit(self.max_pixels), Image.open(self.paths[i]) as img:
+                if (why := too_large(img, self.max_pixels)):
+                    raise ValueError(why)
                 return self.preprocess(img.convert("RGB"))
         except Exception as exc:  # any decoder failure is this file's fault, not a crash
             raise HnmError(f"{self.paths[i]}: cannot decode image: {exc}") from None
 
 
 def embed_images(encoder: ImageEncoder, paths: list[Path], batch_size: int, num_workers: int,
-                 progress: Progress = no_progress) -> np.ndarray:
+                 max_pixels: int, progress: Progress = no_progress) -> np.ndarray:
     """Grid-snapped embeddings of the image files, batch by batch in order."""
     import torch
     from torch.utils.data import DataLoader
 
     if not paths:
         return np.zeros((0, 1), np.float32)
-    loader = DataLoader(ImageFiles(paths, encoder.preprocess), batch_size=batch_size,
+    quiet_loader_deaths()
+    loader = DataLoader(ImageFiles(paths, encoder.preprocess, max_pixels), batch_size=batch_size,
                         num_workers=num_workers, shuffle=False,
-                        pin_memory=torch.device(encoder.device).type == "cuda")
+                        pin_memory=torch.device(encoder.device).type == "cuda",
+                        worker_init_fn=loader_worker_init if num_workers else None)
     parts, done = [], 0
     with torch.inference_mode():
         for batch in loader:
@@ -69,6 +75,16 @@ def embed_images(encoder: ImageEncoder, paths: list[Path], batch_size: int, num_
             done += len(batch)
             progress("embed", done, len(paths))
     return finalize(np.concatenate(parts))
+
+
+def quiet_loader_deaths() -> None:
+    """Keep torch from installing its SIGCHLD handler, which raises "DataLoader worker is
+    killed" inside whatever code runs when one dies — even the clean-up of a run being
+    stopped by SIGTERM. A dead loader worker is still reported, by the DataLoader's own
+    liveness check, as an ordinary error of the task (which is then retried)."""
+    from torch.utils.data._utils import signal_handling
+
+    signal_handling._SIGCHLD_handler_set = True
 
 
 def embed_texts(encoder: TextEncoder, texts: list[str], batch_size: int) -> np.ndarray:
@@ -99,6 +115,12 @@ def check_precomputed(path: str, flag: str, rows: int) -> int:
                        f"got shape {arr.shape}")
     if not np.issubdtype(arr.dtype, np.floating) or not np.isfinite(arr).all():
         raise HnmError(f"{flag} {path}: values must be finite floats")
+    zero = np.flatnonzero(~np.any(arr, axis=1))
+    if len(zero):
+        shown = ", ".join(map(str, zero[:5].tolist())) + (" ..." if len(zero) > 5 else "")
+        raise HnmError(f"{flag} {path}: {len(zero)} row(s) are all zeros (rows {shown}); "
+                       "an embedding needs a direction: give those records real embeddings "
+                       "or leave them out")
     return int(arr.shape[1])
 
 

@@ -48,7 +48,8 @@ class TorchFlatIP:
     def __init__(self, xb: np.ndarray, device: Any = "cpu", chunk: int = 4096) -> None:
         import torch
 
-        self.xb = torch.from_numpy(np.ascontiguousarray(xb, dtype=np.float32)).to(device)
+        # torch wants a writable array: a memory-mapped table is copied once
+        self.xb = torch.from_numpy(np.require(xb, np.float32, ["C", "W"])).to(device)
         self.ntotal = xb.shape[0]
         self.device = device
         self.chunk = chunk
@@ -57,6 +58,8 @@ class TorchFlatIP:
     def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         import torch
 
+        if len(xq) == 0:
+            return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
         Ds, Is = [], []
         for start in range(0, len(xq), self.chunk):
             q = torch.from_numpy(np.ascontiguousarray(xq[start:start + self.chunk],

@@ -16,13 +16,19 @@ PRECISION = 6  # decimals of the similarities written (the choices use the exact
 PROGRESS_EVERY = 5000  # records written between progress reports (a report costs a refresh)
 
 
+def similarity(value: float) -> float:
+    """As written: rounded, and within [-1, 1] (a unit vector's grid snap can round its
+    square norm just past 1)."""
+    return min(1.0, max(-1.0, round(value, PRECISION)))
+
+
 def negative_record(config: Config, ds: Dataset, pick: Pick) -> dict[str, Any]:
     """SPEC §8: what one negative carries."""
     record = ds.records[ds.positions[pick.row]]
     out = {"id": ds.ids[pick.row], "text": record[config.fields.text],
            "image": record[config.fields.image], "type": pick.kind,
-           "text_similarity": round(pick.txt, PRECISION),
-           "visual_similarity": round(pick.vis, PRECISION),
+           "text_similarity": similarity(pick.txt),
+           "visual_similarity": similarity(pick.vis),
            "suspect": is_suspect(config, pick)}
     if pick.kind == "hard":
         out["threshold_step"] = pick.step

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from hnm.encoders import (
 )
 from hnm.errors import HnmError
 from hnm.miner import MARGIN
-from hnm.storage import PHASE_DIRS, RunDir, read_json, write_json, write_text
+from hnm.storage import PHASE_DIRS, RunDir, read_json, verify_marker, write_json, write_text
 
 # Bumped whenever the run directory's layout or plan.json changes meaning.
 PLAN_VERSION = 2
@@ -57,6 +58,7 @@ class Plan:
     num_records: int
     skipped: tuple[int, ...]  # record positions left out (missing images, with skip)
     batch_size: int  # the embedding batch grid, fixed when the embeddings were planned
+    workdir: str  # the folder the run was started from: relative input paths start there
     shards: tuple[ShardPlan, ...]
 
     def to_json(self) -> dict[str, Any]:
@@ -71,14 +73,18 @@ class Plan:
 
 
 def read_plan(run: RunDir) -> Plan:
-    """The run's plan; a plan of another layout version is one line saying what to do."""
-    data = read_json(run.plan)
+    """The run's plan; a damaged plan, or one of another layout version, is one line
+    saying what to do."""
+    again = "rerun with --overwrite to start this run again"
+    data = read_json(run.plan, again)
     version = data.get("version") if isinstance(data, dict) else None
     if version != PLAN_VERSION:
         raise HnmError(f"{run.plan}: written by another version of hnm (plan version "
-                       f"{version}, this hnm reads {PLAN_VERSION}); rerun with --overwrite "
-                       "to start this run again")
-    return Plan.from_json(data)
+                       f"{version}, this hnm reads {PLAN_VERSION}); {again}")
+    try:
+        return Plan.from_json(data)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise HnmError(f"{run.plan}: damaged ({type(exc).__name__}: {exc}); {again}") from None
 
 
 def make_shards(n: int, k: int, grain: int = 1) -> list[tuple[int, int]]:
@@ -90,13 +96,33 @@ def make_shards(n: int, k: int, grain: int = 1) -> list[tuple[int, int]]:
 
 def run_keys(config: Config, ds: Dataset) -> dict[str, str]:
     """Identity of the run's results, and of its embeddings alone: the config, the
-    annotations' bytes, and the bytes of every other input file it names."""
+    annotations' bytes, the bytes of every other input file it names, and the size and
+    modification time of every image file (cheap: an edited, added or restored image is
+    noticed without reading it)."""
     source = ds.source_sha256[:16]  # last, where `hnm sweep` looks for it
+    images = _image_stats(config, ds)
     embed = config_hash(config, EMBEDDING_KEYS) + _digest(
-        config.image_embeddings, config.text_embeddings) + source
+        config.image_embeddings, config.text_embeddings) + images + source
     run = config_hash(config) + _digest(
-        config.image_embeddings, config.text_embeddings, config.blacklist) + source
+        config.image_embeddings, config.text_embeddings, config.blacklist) + images + source
     return {"run_key": run, "embed_key": embed}
+
+
+def _image_stats(config: Config, ds: Dataset) -> str:
+    """Short hash of (path, size, mtime) of every record's image; "" when precomputed
+    image embeddings stand in for the images."""
+    if config.image_embeddings:
+        return ""
+    h = hashlib.sha256()
+    root = Path(config.image_dir)
+    for record in ds.records:
+        path = root / record[config.fields.image]
+        try:
+            st = path.stat()
+            h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{path}\0missing\n".encode())
+    return h.hexdigest()[:16]
 
 
 def _digest(*paths: str | None) -> str:
@@ -164,7 +190,7 @@ def new_plan(config: Config, ds: Dataset, devices: list[str], keep: Plan | None 
                 num_anchors=ds.num_anchors, num_phrases=len(ds.phrases),
                 num_records=len(ds.records),
                 skipped=tuple(ds.skipped.get("missing_image", [])), batch_size=batch,
-                shards=shards)
+                workdir=str(Path.cwd()), shards=shards)
 
 
 def write_plan(config: Config, run: RunDir, plan: Plan) -> None:
@@ -173,12 +199,8 @@ def write_plan(config: Config, run: RunDir, plan: Plan) -> None:
     write_json(run.plan, plan.to_json())
 
 
-def is_complete(run: RunDir) -> bool:
-    return run.metrics.exists() and run.negatives.exists()
-
-
 def remove_outputs(run: RunDir, keep_embeddings: bool) -> None:
-    """Clear what a new config invalidates (and folders of older layouts)."""
+    """Clear what a new config invalidates — only files and folders hnm writes."""
     for phase in PHASE_DIRS:
         if phase != "embed" or not keep_embeddings:
             run.clear_phase(phase)
@@ -191,8 +213,8 @@ def remove_outputs(run: RunDir, keep_embeddings: bool) -> None:
 
 
 def _previous(run: RunDir, config: Config) -> Plan | None:
-    """The directory's plan, if it holds one this hnm reads; an older one is replaced only
-    with --overwrite."""
+    """The directory's plan, if it holds one this hnm reads; an older or damaged one is
+    replaced only with --overwrite."""
     if not run.plan.exists():
         return None
     try:
@@ -203,9 +225,59 @@ def _previous(run: RunDir, config: Config) -> Plan | None:
         raise
 
 
-def prepare(config: Config, devices: list[str], progress: Progress = no_progress
+def _foreign(run: RunDir) -> list[str]:
+    """Names in an existing output directory that say it is not an hnm run: everything,
+    unless hnm's config.yaml or plan.json is there (a directory holding nothing but a
+    lock left by a killed run counts as empty)."""
+    names = sorted(p.name for p in run.root.iterdir() if p.name != run.lock_file.name)
+    if not names or run.plan.exists() or run.config.exists():
+        return []
+    return names
+
+
+def check_phases(run: RunDir, plan: Plan, say: Callable[[str], Any], checksums: bool) -> None:
+    """Forget every phase output whose files are not what its marker vouches for (a
+    damaged, truncated or missing file): that shard's phase runs again."""
+    markers = [("embed", s.shard) for s in plan.shards] + [("tables", None)] + \
+        [("candidates", s.shard) for s in plan.shards]
+    for phase, shard in markers:
+        path = run.marker(phase, shard)
+        if path.exists() and (why := verify_marker(path, run.root, checksums)):
+            what = f"shard {shard}'s {phase} output" if shard is not None else "the tables"
+            say(f"{why}: computing {what} again")
+            path.unlink()
+
+
+def finished(run: RunDir, say: Callable[[str], Any]) -> bool:
+    """Whether the results are there and are what the final marker vouches for."""
+    if not run.done.exists():
+        return False
+    why = verify_marker(run.done, run.root)
+    if why:
+        say(f"{why}: writing the results again")
+        run.done.unlink()
+    return why is None
+
+
+def _state(run: RunDir, plan: Plan, say: Callable[[str], Any]) -> str:
+    """"complete" when the results verify (checksums) and so do the phases' files (their
+    sizes and times, which `hnm sweep` reads), else "resume" with every damaged phase
+    output forgotten."""
+    if finished(run, say):
+        check_phases(run, plan, say, checksums=False)
+        if all(run.is_done(p, s.shard) for s in plan.shards for p in ("embed", "candidates")) \
+                and run.is_done("tables"):
+            return "complete"
+        run.done.unlink()
+    check_phases(run, plan, say, checksums=True)
+    return "resume"
+
+
+def prepare(config: Config, devices: list[str], lock: Callable[[], Any],
+            say: Callable[[str], Any], progress: Progress = no_progress
             ) -> tuple[Dataset, Plan, str]:
-    """Validate inputs, then create or resume the run directory.
+    """Validate inputs, then — under the run directory's lock, taken by `lock()` —
+    create, resume or replace the run. Nothing is written before every check passed.
 
     Returns the dataset, the plan and the state: "new", "resume" or "complete".
     """
@@ -214,27 +286,38 @@ def prepare(config: Config, devices: list[str], progress: Progress = no_progress
     if blocker is not None and not blocker.is_dir():
         raise HnmError(f"--output-dir {config.output_dir}: {blocker} is a file, not a directory")
     old = _previous(run, config)
+    ds = None
     if old and config.annotations:
         # resuming the same run: its inputs were validated when it was planned, and its
-        # key covers their bytes, so the (slow) decoding of every image is not redone
+        # key covers them, so the (slow) decoding of every image is not redone
         ds = load_dataset(config, list(old.skipped))
-        if old.run_key == run_keys(config, ds)["run_key"]:
-            return ds, old, "complete" if is_complete(run) else "resume"
-    ds = validate_inputs(config, progress)
+        if old.run_key != run_keys(config, ds)["run_key"]:
+            ds = None
+    ds = ds or validate_inputs(config, progress)
+    if run.root.exists() and (foreign := _foreign(run)):
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3
+                                          else "")
+        raise HnmError(f"--output-dir {config.output_dir}: exists and is not an hnm run "
+                       f"directory (it holds {shown}); choose another directory")
+    lock()
+    if (gone := run.remove_temporary()):
+        say(f"Removed {gone} temporary file(s) left by an interrupted run")
+    old = _previous(run, config)  # again, now that no other run can change it
     keys = run_keys(config, ds)
     if old and old.run_key == keys["run_key"]:
-        return ds, old, "complete" if is_complete(run) else "resume"
+        return ds, old, _state(run, old, say)
     if old and not config.overwrite:
         raise HnmError(f"--output-dir {config.output_dir}: holds a run with a different "
                        "config or input; pass --overwrite to replace it, or choose another "
                        "directory")
+    if not old and (run.plan.exists() or run.config.exists()) and not config.overwrite:
+        raise HnmError(f"--output-dir {config.output_dir}: holds an unfinished hnm run "
+                       "without its plan.json; pass --overwrite to start it again")
     same = bool(old) and old.embed_key == keys["embed_key"]
-    if run.root.exists() and any(run.root.iterdir()):
-        if not old and not config.overwrite:
-            raise HnmError(f"--output-dir {config.output_dir}: exists and is not an hnm run "
-                           "directory; choose another or pass --overwrite")
-        # nothing of another run may be trusted, except embeddings of the same inputs
-        remove_outputs(run, keep_embeddings=same)
+    if same:
+        check_phases(run, old, say, checksums=True)
+    # nothing of another run may be trusted, except embeddings of the same inputs
+    remove_outputs(run, keep_embeddings=same)
     plan = new_plan(config, ds, devices, keep=old if same else None)
     write_plan(config, run, plan)
     return ds, plan, "new"

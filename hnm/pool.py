@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import queue
 import signal
 import sys
 import time
 from collections import Counter, deque
+from dataclasses import dataclass, field
 from typing import Any
 
 from hnm.config import Config
 from hnm.data import Dataset
-from hnm.errors import HnmError
+from hnm.errors import HnmError, Terminated
+from hnm.process import die_with_parent, stopping
 from hnm.progress import ProgressView
 from hnm.storage import RunDir
 from hnm.worker import Context, Task, run_task
@@ -32,12 +35,36 @@ class RunFailed(HnmError):
     exit_status = 1
 
 
+class Retries:
+    """Attempts per task; raises RunFailed once a task has used up --max-retries."""
+
+    def __init__(self, config: Config, view: ProgressView) -> None:
+        self.config = config
+        self.view = view
+        self.attempts: Counter = Counter()
+
+    def failed(self, task: Task, device: str, error: str) -> bool:
+        """Count a failure; True: run the task again; otherwise RunFailed is raised."""
+        self.attempts[task] += 1
+        retrying = self.attempts[task] <= self.config.max_retries
+        self.view.failed(task.shard, task.phase, error, retrying)
+        if retrying:
+            return True
+        log = RunDir(self.config.output_dir).log(task.shard)
+        what = "the tables phase" if task.shard is None else f"shard {task.shard}"
+        where = "" if task.shard is None else f" in {task.phase}"
+        raise RunFailed(
+            f"{what} failed{where} on {device} after {self.attempts[task]} "
+            f"attempt(s): {error}; see {log}. Rerunning the same command resumes.")
+
+
 class InProcess:
-    """One CPU worker: tasks run in the parent, one after the other."""
+    """One CPU worker: tasks run in the parent, one after the other, retried on failure."""
 
     def __init__(self, config: Config, view: ProgressView, ds: Dataset | None = None) -> None:
         self.context = Context(config, "cpu", ds)
         self.view = view
+        self.retries = Retries(config, view)
 
     def __enter__(self) -> InProcess:
         return self
@@ -47,33 +74,53 @@ class InProcess:
 
     def run_phase(self, tasks: list[Task]) -> dict[Task, dict]:
         results = {}
-        for task in tasks:
+        pending = deque(tasks)
+        while pending:
+            task = pending.popleft()
             self.view.started(task.shard, task.phase, "cpu")
 
             def progress(phase: str, done: int, total: int, _t: Task = task) -> None:
+                if stopping.is_set():  # a SIGTERM whose exception was swallowed on the way
+                    raise Terminated()
                 self.view.progress(_t.shard, phase, done, total)
 
-            results[task] = run_task(self.context, task, progress)
+            try:
+                results[task] = run_task(self.context, task, progress)
+            except HnmError:
+                raise
+            except Exception as exc:  # e.g. a killed DataLoader worker: the shard again
+                if stopping.is_set():  # the loaders died of the SIGTERM that stops the run
+                    raise Terminated() from None
+                if self.retries.failed(task, "cpu", _one_line(exc)):
+                    pending.append(task)
+                continue
             self.view.finished(task.shard, task.phase)
         return results
 
 
+def _one_line(exc: BaseException) -> str:
+    first = (str(exc).strip().splitlines() or [""])[0]  # the full trace is in the shard log
+    return f"{type(exc).__name__}: {first}"
+
+
 def _worker_main(wid: int, config: Config, device: str, tasks: Any, events: Any) -> None:
-    """A worker process: run tasks until told to stop; report every outcome as a value."""
+    """A worker process: run tasks until told to stop; report every outcome as a value,
+    tagged with the attempt it belongs to."""
+    die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent coordinates Ctrl-C
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up temporary files
     context = Context(config, device)
     while (item := _next_task(tasks)) is not None:
-        task = Task(*item)
+        attempt, phase, shard = item
+        task = Task(phase, shard)
         _redirect_output(context.run.log(task.shard))
         try:
-            info = run_task(context, task, _progress_sender(wid, task, events))
-            events.put(("done", wid, task.phase, task.shard, info))
+            info = run_task(context, task, _progress_sender(attempt, events))
+            events.put(("done", attempt, info))
         except HnmError as exc:
-            events.put(("input_error", wid, task.phase, task.shard, str(exc)))
+            events.put(("input_error", attempt, str(exc)))
         except Exception as exc:
-            first = (str(exc).strip().splitlines() or [""])[0]  # the full trace is in the log
-            events.put(("failed", wid, task.phase, task.shard, f"{type(exc).__name__}: {first}"))
+            events.put(("failed", attempt, _one_line(exc)))
 
 
 def _next_task(tasks: Any) -> Any:
@@ -89,7 +136,7 @@ def _next_task(tasks: Any) -> Any:
                 return None
 
 
-def _progress_sender(wid: int, task: Task, events: Any) -> Any:
+def _progress_sender(attempt: int, events: Any) -> Any:
     """A progress callback that sends at most one event per PROGRESS_EVERY_S."""
     last = [0.0]
 
@@ -97,7 +144,7 @@ def _progress_sender(wid: int, task: Task, events: Any) -> Any:
         now = time.monotonic()
         if now - last[0] >= PROGRESS_EVERY_S or done >= total:
             last[0] = now
-            events.put(("progress", wid, task.phase, task.shard, done, total))
+            events.put(("progress", attempt, phase, done, total))
 
     return progress
 
@@ -107,10 +154,19 @@ def _redirect_output(path: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     sys.stdout.flush()
     sys.stderr.flush()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
+
+
+@dataclass
+class Running:
+    """A task handed to a worker: which attempt, and when it last showed progress."""
+
+    task: Task
+    attempt: int
+    seen: float = field(default_factory=time.monotonic)
 
 
 class WorkerPool:
@@ -128,7 +184,8 @@ class WorkerPool:
         self.ctx = mp.get_context("spawn")
         self.events = self.ctx.Queue()
         self.workers: dict[int, tuple[Any, Any]] = {}
-        self.attempts: Counter = Counter()
+        self.retries = Retries(config, view)
+        self.attempts = itertools.count()
 
     def __enter__(self) -> WorkerPool:
         for wid in range(len(self.devices)):
@@ -167,57 +224,61 @@ class WorkerPool:
         self.workers.clear()
 
     def run_phase(self, tasks: list[Task]) -> dict[Task, dict]:
-        pending, running, results = deque(tasks), {}, {}
+        pending: deque[Task] = deque(tasks)
+        running: dict[int, Running] = {}
+        results: dict[Task, dict] = {}
         while pending or running:
             for wid, (_, queue_) in self.workers.items():
                 if pending and wid not in running:
                     task = pending.popleft()
-                    running[wid] = task
-                    queue_.put((task.phase, task.shard))
+                    running[wid] = Running(task, next(self.attempts))
+                    queue_.put((running[wid].attempt, task.phase, task.shard))
                     self.view.started(task.shard, task.phase, self.devices[wid])
-            self._poll(pending, running, results)
-            self._reap(pending, running)
+            with contextlib.suppress(queue.Empty):
+                self.handle(self.events.get(timeout=POLL_S), pending, running, results)
+            self._watch(pending, running)
         return results
 
-    def _poll(self, pending: deque, running: dict, results: dict) -> None:
-        try:
-            event = self.events.get(timeout=POLL_S)
-        except queue.Empty:
+    def handle(self, event: tuple, pending: deque, running: dict[int, Running],
+               results: dict) -> None:
+        """One worker event. Events of an attempt that is no longer running (its worker
+        was stopped, and the task handed out again) are ignored."""
+        kind, attempt, *rest = event
+        wid = next((w for w, r in running.items() if r.attempt == attempt), None)
+        if wid is None:
             return
-        kind, wid, phase, shard, *rest = event
-        task = Task(phase, shard)
+        task = running[wid].task
+        running[wid].seen = time.monotonic()
         if kind == "progress":
-            self.view.progress(shard, phase, *rest)
+            self.view.progress(task.shard, *rest)
         elif kind == "done":
-            running.pop(wid, None)
+            del running[wid]
             results[task] = rest[0]
-            self.view.finished(shard, phase)
+            self.view.finished(task.shard, task.phase)
         elif kind == "input_error":
             raise HnmError(rest[0])
         else:
-            running.pop(wid, None)
-            self._retry(task, wid, rest[0], pending)
+            del running[wid]
+            if self.retries.failed(task, self.devices[wid], rest[0]):
+                pending.append(task)
 
-    def _reap(self, pending: deque, running: dict) -> None:
-        """A worker that died (crash, OOM, kill -9) loses its task: retry it, respawn it."""
+    def _watch(self, pending: deque, running: dict[int, Running]) -> None:
+        """A worker that died (crash, OOM, kill -9) loses its task, and so does one that
+        showed no progress for --stall-timeout seconds (it is killed): the task is
+        retried, the worker respawned."""
+        stall = self.config.stall_timeout
         for wid, (proc, _) in list(self.workers.items()):
-            if proc.is_alive():
+            job = running.get(wid)
+            stalled = job is not None and stall and time.monotonic() - job.seen > stall
+            if proc.is_alive() and not stalled:
                 continue
-            task = running.pop(wid, None)
+            if stalled:
+                proc.kill()
+                proc.join()
+                why = f"no progress for {stall:g} s (--stall-timeout): worker stopped"
+            else:
+                why = f"worker exited with code {proc.exitcode}"
+            running.pop(wid, None)
             self._spawn(wid)
-            if task is not None:
-                self._retry(task, wid, f"worker exited with code {proc.exitcode}", pending)
-
-    def _retry(self, task: Task, wid: int, error: str, pending: deque) -> None:
-        self.attempts[task] += 1
-        retrying = self.attempts[task] <= self.config.max_retries
-        self.view.failed(task.shard, task.phase, error, retrying)
-        if retrying:
-            pending.append(task)
-            return
-        log = RunDir(self.config.output_dir).log(task.shard)
-        what = "the tables phase" if task.shard is None else f"shard {task.shard}"
-        where = "" if task.shard is None else f" in {task.phase}"
-        raise RunFailed(
-            f"{what} failed{where} on {self.devices[wid]} after {self.attempts[task]} "
-            f"attempt(s): {error}; see {log}. Rerunning the same command resumes.")
+            if job is not None and self.retries.failed(job.task, self.devices[wid], why):
+                pending.append(job.task)

@@ -16,7 +16,7 @@ from hnm.engine import Candidates, make_selector, select
 from hnm.metrics import Metrics
 from hnm.outputs import write_negatives, write_suspects
 from hnm.plan import Plan, provenance
-from hnm.storage import RunDir, read_npz, write_json
+from hnm.storage import RunDir, read_npz, write_json, write_marker
 from hnm.tables import load_tables
 
 
@@ -27,6 +27,7 @@ class ShardWork:
     device: str
     seconds: float
     peak_rss_mb: float | None
+    zero_embeddings: int  # all-zero rows its encoders produced
 
 
 def read_work(run: RunDir, plan: Plan) -> tuple[dict[str, float], list[ShardWork]]:
@@ -43,7 +44,8 @@ def read_work(run: RunDir, plan: Plan) -> tuple[dict[str, float], list[ShardWork
             device=mined.get("device", part.device),
             seconds=embed.get("embed_images", 0.0) + embed.get("embed_texts", 0.0)
             + mined.get("search", 0.0),
-            peak_rss_mb=max(embed.get("peak_rss_mb", 0.0), mined.get("peak_rss_mb", 0.0))))
+            peak_rss_mb=max(embed.get("peak_rss_mb", 0.0), mined.get("peak_rss_mb", 0.0)),
+            zero_embeddings=embed.get("zero_embeddings", 0)))
     tables = run.read_marker("tables")
     phases.update(tables=tables.get("tables", 0.0), cluster=tables.get("cluster", 0.0))
     return phases, shards
@@ -76,6 +78,7 @@ def reduce_phase(config: Config, run: RunDir, ds: Dataset, plan: Plan,
     metrics = metrics_document(config, ds, plan, parts, work, timing, wall)
     report.write_report(run, config, metrics, plan)
     write_json(run.metrics, metrics)
+    write_marker(run.done, {}, [run.negatives, run.suspects, run.report, run.metrics], run.root)
     return metrics
 
 
@@ -92,6 +95,7 @@ def metrics_document(config: Config, ds: Dataset, plan: Plan, parts: list[Metric
     summary["records"] = len(ds.records)
     summary["candidates"] = len(ds)
     summary["duplicate_images"] = duplicate_images(ds.images)
+    summary["zero_embeddings"] = sum(w.zero_embeddings for w in work)
     shards = [{"shard": s.shard, "device": w.device, **m.shard_summary(),
                "seconds": round(w.seconds, 3), "peak_rss_mb": w.peak_rss_mb}
               for s, w, m in zip(plan.shards, work, parts)]

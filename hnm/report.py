@@ -7,7 +7,7 @@ import heapq
 import io
 import json
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from hnm.config import Config, make_config, read_yaml
-from hnm.data import normalize
+from hnm.data import image_limit, normalize, too_large
 from hnm.errors import HnmError
 from hnm.pages import esc, fmt, page, table
 from hnm.plan import Plan, read_plan
@@ -28,17 +28,31 @@ HARD, DIVERSE, ALERT = "#1f6fb4", "#e08a1e", "#c62828"
 
 
 
+PATH_KEYS = ("annotations", "image_dir", "image_embeddings", "text_embeddings", "blacklist")
+
+
 def load_run_config(run: RunDir) -> Config:
-    """The run's resolved config from its config.yaml (provenance left out)."""
+    """The run's config from its config.yaml (provenance left out), its relative input
+    paths resolved from the folder the run was started from, wherever this runs."""
     if not run.config.exists():
         raise HnmError(f"{run.root}: no config.yaml; not an hnm run directory")
     values = read_yaml(run.config)
+    if not isinstance(values, dict):
+        raise HnmError(f"{run.config}: damaged; rerun the mining command with --overwrite")
     values.pop("provenance", None)
     values["output_dir"] = str(run.root)  # the folder may have moved since the run
-    return make_config(values)
+    workdir = Path(read_plan(run).workdir)
+    for key in PATH_KEYS:
+        if isinstance(values.get(key), str) and values[key]:
+            values[key] = str(workdir / values[key])  # an absolute path stays as it is
+    try:
+        return make_config(values)
+    except HnmError as exc:
+        raise HnmError(f"{run.config}: {exc}; rerun the mining command with --overwrite") \
+            from None
 
 
-def report_from_dir(output_dir: str | Path) -> Path:
+def report_from_dir(output_dir: str | Path, warn: Callable[[str], Any] = print) -> Path:
     """`hnm report OUTPUT_DIR`: (re)write the report of a finished run."""
     run = RunDir(output_dir)
     for path in (run.config, run.plan, run.negatives, run.metrics):
@@ -46,14 +60,20 @@ def report_from_dir(output_dir: str | Path) -> Path:
             raise HnmError(f"{run.root}: no {path.name}; not a finished hnm run "
                            "(rerun the mining command to finish it)")
     config = load_run_config(run)
-    return write_report(run, config, read_json(run.metrics), read_plan(run))
+    return write_report(run, config, read_json(run.metrics), read_plan(run), warn)
 
 
-def write_report(run: RunDir, config: Config, metrics: dict[str, Any], plan: Plan) -> Path:
+def write_report(run: RunDir, config: Config, metrics: dict[str, Any], plan: Plan,
+                 warn: Callable[[str], Any] = lambda _: None) -> Path:
     """Render OUTPUT_DIR/report.html from the metrics document and the run's files."""
     scan = scan_negatives(run, config, plan)
     suspects = top_suspects(run.suspects)
-    write_text(run.report, render(config, metrics, scan, suspects))
+    thumbs = Thumbs(Path(config.image_dir), config.max_image_pixels)
+    with image_limit(config.max_image_pixels):
+        write_text(run.report, render(config, metrics, scan, suspects, thumbs))
+    if thumbs.missing:
+        warn(f"warning: {len(thumbs.missing)} of {len(thumbs.cache)} images of the report "
+             f"could not be shown (not found, unreadable or too large) under {config.image_dir}")
     return run.report
 
 
@@ -157,9 +177,9 @@ def top_suspects(path: Path, size: int = SUSPECTS // 2) -> Suspects:
 
 # ---- the page -----------------------------------------------------------------------------
 
-def render(config: Config, metrics: dict[str, Any], scan: Scan, suspects: Suspects) -> str:
+def render(config: Config, metrics: dict[str, Any], scan: Scan, suspects: Suspects,
+           thumbs: Thumbs) -> str:
     """The whole report page."""
-    thumbs = Thumbs(Path(config.image_dir))
     title = f"hnm run report: {config.split} ({Path(config.output_dir).name})"
     body = "".join([
         f"<h1>{esc(title)}</h1>",
@@ -343,32 +363,37 @@ def config_table(config: Config, metrics: dict[str, Any]) -> str:
 # ---- gallery ------------------------------------------------------------------------------
 
 class Thumbs:
-    """Small inline JPEG thumbnails, each image file read once."""
+    """Small inline JPEG thumbnails, each image file read once (inside `image_limit`)."""
 
-    def __init__(self, image_dir: Path) -> None:
+    def __init__(self, image_dir: Path, max_pixels: int) -> None:
         self.image_dir = image_dir
+        self.max_pixels = max_pixels
         self.cache: dict[str, str | None] = {}
+        self.missing: set[str] = set()
 
     def html(self, image: str) -> str:
         if image not in self.cache:
             self.cache[image] = self._data_uri(self.image_dir / image)
         uri = self.cache[image]
         if uri is None:
-            return f"<div class='noimg'>image not found<br>{esc(image)}</div>"
+            self.missing.add(image)
+            return f"<div class='noimg'>image not shown<br>{esc(image)}</div>"
         return f"<img class='thumb' src='{uri}' alt='{esc(image)}'>"
 
-    @staticmethod
-    def _data_uri(path: Path) -> str | None:
+    def _data_uri(self, path: Path) -> str | None:
         from PIL import Image
 
         try:
             with Image.open(path) as img:
+                if too_large(img, self.max_pixels):
+                    return None
+                img.draft("RGB", (THUMB, THUMB))  # JPEG: decode at a fraction of the size
                 img = img.convert("RGB")
                 img.thumbnail((THUMB, THUMB))
                 buffer = io.BytesIO()
                 img.save(buffer, "JPEG", quality=72)
-        except (OSError, ValueError, SyntaxError):
-            return None  # a missing or damaged image must not stop the report
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            return None  # a missing, damaged or huge image must not stop the report
         return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 

@@ -30,7 +30,8 @@ def summary_lines(metrics: dict[str, Any]) -> list[str]:
         f"(max reuse {g['max_phrase_reuse']})",
         "  Timing (embed and search summed over workers): "
         + ", ".join(f"{k} {v:.2f}s" for k, v in metrics["timing"].items()),
-    ]
+    ] + ([f"  Warning: {g['zero_embeddings']} embedding(s) are all zeros (similarity 0 to "
+          "everything); see the shard logs"] if g.get("zero_embeddings") else [])
 
 
 def print_summary(metrics: dict[str, Any], say: Callable[[str], Any] = print) -> None:

@@ -23,7 +23,7 @@ from hnm.miner import Ragged, Tables, hard_candidates, threshold_steps
 from hnm.pages import CSS, esc, fmt, page, table
 from hnm.plan import Plan, read_plan
 from hnm.report import load_run_config
-from hnm.storage import RunDir, read_npz, write_text
+from hnm.storage import RunDir, read_npz, verify_marker, write_text
 from hnm.tables import load_tables
 
 STEP = 0.1  # spacing of the default grid around the run's own values
@@ -51,11 +51,16 @@ class Saved:
 def load_saved(output_dir: str | Path) -> Saved:
     """The run's config, plan, dataset and tables; nothing is embedded."""
     run = RunDir(output_dir)
-    if not run.plan.exists() or not run.is_done("tables"):
+    plan = read_plan(run) if run.plan.exists() else None
+    if plan is None or not run.is_done("tables"):
         raise HnmError(f"{run.root}: no finished tables phase; sweep needs a run directory "
                        "whose embeddings and tables were written")
+    markers = [run.marker("tables")] + [run.marker("candidates", s.shard) for s in plan.shards
+                                        if run.is_done("candidates", s.shard)]
+    for marker in markers:
+        if (why := verify_marker(marker, run.root, checksums=False)):
+            raise HnmError(f"{why}; rerun the mining command: it computes it again")
     config = load_run_config(run)
-    plan = read_plan(run)
     ds = load_dataset(config, list(plan.skipped))
     if not plan.run_key.endswith(ds.source_sha256[:16]):
         raise HnmError(f"{config.annotations}: changed since the run in {run.root}; its saved "

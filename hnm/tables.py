@@ -11,14 +11,14 @@ from hnm.blacklist import read_blacklist
 from hnm.config import Config
 from hnm.data import Dataset, normalize
 from hnm.miner import Tables, eligible_phrases
-from hnm.storage import RunDir
+from hnm.storage import RunDir, read_npy
 
 TABLES = ("visual", "text", "eligible", "clusters", "centroids")
 
 
 def merge(paths: list) -> np.ndarray:
     """Shards' arrays in shard order (a shard can hold no rows: more workers than batches)."""
-    return np.concatenate([e for path in paths if len(e := np.load(path))])
+    return np.concatenate([e for path in paths if len(e := read_npy(path))])
 
 
 def eligibility(config: Config, T: np.ndarray, phrases: list[str],
@@ -39,9 +39,9 @@ def eligibility(config: Config, T: np.ndarray, phrases: list[str],
 def load_tables(run: RunDir, ds: Dataset) -> Tables:
     """The tables phase's arrays, memory-mapped, with the dataset's row facts."""
     return Tables(
-        V=np.load(run.table("visual"), mmap_mode="r"),
-        T=np.load(run.table("text"), mmap_mode="r"),
+        V=read_npy(run.table("visual"), mmap=True),
+        T=read_npy(run.table("text"), mmap=True),
         text_ids=ds.text_ids, groups=ds.groups,
-        eligible=np.load(run.table("eligible"))[ds.text_ids],
-        clusters=np.load(run.table("clusters")),
+        eligible=read_npy(run.table("eligible"))[ds.text_ids],
+        clusters=read_npy(run.table("clusters")),
     )

@@ -94,7 +94,8 @@ def embed_shard(ctx: Context, shard: int, progress: Progress) -> dict[str, Any]:
         images = embed.precomputed(c.image_embeddings, ds.positions[rows])
     else:
         images = embed.embed_images(ctx.image_encoder, [ds.images[i] for i in rows],
-                                    ctx.plan.batch_size, c.num_workers, progress)
+                                    ctx.plan.batch_size, c.num_workers, c.max_image_pixels,
+                                    progress)
     t1 = time.perf_counter()
     phrases = range(*part.phrases)
     if c.text_embeddings:
@@ -111,9 +112,13 @@ def embed_shard(ctx: Context, shard: int, progress: Progress) -> dict[str, Any]:
     t2 = time.perf_counter()
     write_npy(ctx.run.image_embeddings(shard), images)
     write_npy(ctx.run.text_embeddings(shard), texts)
+    zeros = int((~images.any(axis=1)).sum() + (~texts.any(axis=1)).sum())
+    if zeros:  # e.g. an all-black image with --visual-encoder pixels
+        log.warning("%d embedding(s) are all zeros: similarity 0 to everything", zeros)
     info = {"embed_images": t1 - t0, "embed_texts": t2 - t1, "device": ctx.device,
-            "peak_rss_mb": round(peak_rss_mb(), 1)}
-    ctx.run.mark_done("embed", shard, info)
+            "peak_rss_mb": round(peak_rss_mb(), 1), "zero_embeddings": zeros}
+    ctx.run.mark_done("embed", shard, info, [ctx.run.image_embeddings(shard),
+                                             ctx.run.text_embeddings(shard)])
     return info
 
 
@@ -123,14 +128,17 @@ def tables_once(ctx: Context, _: None, progress: Progress) -> dict[str, Any]:
     t0 = time.perf_counter()
     V = tables.merge([run.image_embeddings(s) for s in shards])
     T = tables.merge([run.text_embeddings(s) for s in shards])
+    progress("tables", 1, 3)
     eligible = tables.eligibility(c, T, ctx.dataset.phrases, ctx.embed_blacklist)
+    progress("tables", 2, 3)
     t1 = time.perf_counter()
     labels, centroids = kmeans(V, c.n_clusters, c.seed)
     t2 = time.perf_counter()
+    progress("tables", 3, 3)
     for name, array in zip(tables.TABLES, (V, T, eligible, labels, centroids)):
         write_npy(run.table(name), array)
     info = {"tables": t1 - t0, "cluster": t2 - t1}
-    run.mark_done("tables", None, info)
+    run.mark_done("tables", None, info, [run.table(name) for name in tables.TABLES])
     return info
 
 
@@ -145,7 +153,7 @@ def candidates_shard(ctx: Context, shard: int, progress: Progress) -> dict[str, 
     write_npz(ctx.run.candidates(shard), cands.to_arrays())
     info = {"search": time.perf_counter() - t0, "device": ctx.device, "index": kind,
             "peak_rss_mb": round(peak_rss_mb(), 1)}
-    ctx.run.mark_done("candidates", shard, info)
+    ctx.run.mark_done("candidates", shard, info, [ctx.run.candidates(shard)])
     return info
 
 
@@ -174,9 +182,11 @@ def shard_log(run: RunDir, task: Task) -> Iterator[None]:
 
 def _maybe_crash(run: RunDir, task: Task, progress: Progress) -> None:
     """Test hook: HNM_TEST_CRASH=phase:shard kills this process (SIGKILL) once, as its task
-    starts, before any of the task's work."""
-    spec = os.environ.get("HNM_TEST_CRASH")
-    if not spec or spec != f"{task.phase}:{task.shard}":
+    starts, before any of the task's work; HNM_TEST_CRASH=phase:shard:stall makes it hang
+    there once instead (alive, no progress)."""
+    phase, _, rest = os.environ.get("HNM_TEST_CRASH", "").partition(":")
+    shard, _, how = rest.partition(":")
+    if (phase, shard) != (task.phase, str(task.shard)):
         return
     flag = run.logs / f".crashed_{task.phase}_{task.shard}"
     if flag.exists():
@@ -184,4 +194,6 @@ def _maybe_crash(run: RunDir, task: Task, progress: Progress) -> None:
     flag.parent.mkdir(parents=True, exist_ok=True)
     flag.touch()
     progress(task.phase, 0, 1)
+    while how == "stall":
+        time.sleep(1)
     os.kill(os.getpid(), signal.SIGKILL)

@@ -66,7 +66,7 @@ def one_thread():
 
 def embed_images(encoder, paths: list[Path], batch_size: int) -> np.ndarray:
     """Raw features, read and batched the way the pipeline does it (ImageFiles + DataLoader)."""
-    loader = torch.utils.data.DataLoader(ImageFiles(paths, encoder.preprocess),
+    loader = torch.utils.data.DataLoader(ImageFiles(paths, encoder.preprocess, 10**9),
                                          batch_size=batch_size, shuffle=False)
     with torch.inference_mode():
         return np.concatenate([encoder.encode(batch) for batch in loader])

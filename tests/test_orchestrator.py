@@ -186,7 +186,9 @@ def test_overwrite_never_trusts_files_it_did_not_plan(demo, tmp_path):
     assert launch(demo, other, *flags, "--max-samples", "7").returncode == 0
     (other / "plan.json").unlink()
     refused = launch(demo, other, *flags, "--no-overwrite")  # demo.yaml says overwrite
-    assert refused.returncode == 2 and "is not an hnm run directory" in refused.stderr
+    assert refused.returncode == 2
+    assert "holds an unfinished hnm run without its plan.json; pass --overwrite" in \
+        refused.stderr
     again = launch(demo, other, *flags, "--overwrite")
     assert again.returncode == 0, again.stderr
     assert (other / "negatives.jsonl").read_bytes() == \
@@ -242,3 +244,27 @@ def test_editing_an_input_file_in_place_is_a_new_run(demo, tmp_path):
     blacklist.write_text("yes\nturn left\n")
     changed = launch(demo, tmp_path / "run", *flags)
     assert changed.returncode == 2 and "holds a run with a different config" in changed.stderr
+
+
+def test_torchrun_ranks_stop_within_seconds_when_one_dies(demo, tmp_path):
+    """Rank 1 is killed while embedding: rank 0 stops in seconds, with a line naming it."""
+    out = tmp_path / "run"
+    port = str(_free_port())
+    procs = []
+    t0 = time.monotonic()
+    for node in (0, 1):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2",
+               "--nproc-per-node=1", f"--node-rank={node}", "--master-addr=127.0.0.1",
+               f"--master-port={port}", "launch.py", "--config", "configs/demo.yaml",
+               "--annotations", str(demo / "annotations.json"), "--image-dir", str(demo),
+               "--output-dir", str(out), "--num-workers", "0", "--batch-size", "8",
+               "--visual-encoder", "pixels", "--stall-timeout", "10"]
+        env = {**os.environ, "HNM_TEST_CRASH": "embed:1"} if node else None
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True, env=env))
+    results = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode != 0 for p in procs)
+    assert time.monotonic() - t0 < 120
+    err = results[0][1]
+    assert ("hnm: error: rank 1 stopped responding (no heartbeat for 10 s); the run stops. "
+            "Rerunning the same command resumes.") in err, err[-2000:]

@@ -152,7 +152,7 @@ def test_missing_images_become_placeholders(tmp_path: Path):
     shutil.rmtree(tmp_path / "data/images")
     assert main(["report", str(tmp_path / "run")]) == 0
     page = (tmp_path / "run/report.html").read_text()
-    assert "<img " not in page and "image not found" in page
+    assert "<img " not in page and "image not shown" in page
 
 
 def test_report_command_needs_a_finished_run(tmp_path: Path, capsys):

@@ -19,7 +19,7 @@ from hnm.miner import Tables, eligible_phrases, hard_candidates
 
 # figures of the dataset rather than of the selection: a sweep does not recompute them
 DATASET_KEYS = {"distinct_answers", "skipped_missing_image", "records", "candidates",
-                "duplicate_images",
+                "duplicate_images", "zero_embeddings",
                 # work done, not a result: which diverse lists were computed ahead depends
                 # on the run's own thresholds, the rest come from the exact wider search
                 "diverse_widened_searches"}
