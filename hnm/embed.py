@@ -11,6 +11,7 @@ import numpy as np
 from hnm.data import Progress, no_progress
 from hnm.encoders import ImageEncoder, TextEncoder, finalize
 from hnm.errors import HnmError
+from hnm.readers import ImageRef, image_stream
 
 
 def torch_setup(device: str) -> Any:
@@ -32,9 +33,10 @@ def torch_setup(device: str) -> Any:
 
 
 class ImageFiles:
-    """Map-style dataset of preprocessed images for a torch DataLoader."""
+    """Map-style dataset of preprocessed images for a torch DataLoader: image files, or
+    images held as bytes in shards (each loader process reads its own)."""
 
-    def __init__(self, paths: list[Path], preprocess: Any) -> None:
+    def __init__(self, paths: list[Path | ImageRef], preprocess: Any) -> None:
         self.paths = paths
         self.preprocess = preprocess
 
@@ -45,7 +47,7 @@ class ImageFiles:
         from PIL import Image
 
         try:
-            with Image.open(self.paths[i]) as img:
+            with Image.open(image_stream(self.paths[i])) as img:
                 return self.preprocess(img.convert("RGB"))
         except Exception as exc:  # any decoder failure is this file's fault, not a crash
             raise HnmError(f"{self.paths[i]}: cannot decode image: {exc}") from None

@@ -58,6 +58,8 @@ class Plan:
     skipped: tuple[int, ...]  # record positions left out (missing images, with skip)
     batch_size: int  # the embedding batch grid, fixed when the embeddings were planned
     shards: tuple[ShardPlan, ...]
+    input_format: str = "json"  # as detected (hnm.readers) or given by --input-format
+    input_files: int = 1
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -86,6 +88,22 @@ def make_shards(n: int, k: int, grain: int = 1) -> list[tuple[int, int]]:
     blocks = -(-n // grain)
     edges = [min(n, (i * blocks // k) * grain) for i in range(k)] + [n]
     return [(edges[i], edges[i + 1]) for i in range(k)]
+
+
+def follow_inputs(ds: Dataset, k: int, grain: int) -> list[tuple[int, int]]:
+    """k contiguous row ranges on the batch grid whose edges are the input files' edges
+    nearest an even split (snapped to the grid), so that a worker reads the images of its
+    own files; an even split where there are fewer files than workers."""
+    n = len(ds)
+    if len(ds.shard_ends) < k:
+        return make_shards(n, k, grain)
+    bounds = np.searchsorted(ds.positions, ds.shard_ends)  # rows before each file's end
+    edges = [0]
+    for w in range(1, k):
+        nearest = int(bounds[np.argmin(np.abs(bounds - w * n / k))])
+        edges.append(max(edges[-1], min(n, round(nearest / grain) * grain)))
+    edges.append(n)
+    return list(zip(edges[:-1], edges[1:]))
 
 
 def run_keys(config: Config, ds: Dataset) -> dict[str, str]:
@@ -155,7 +173,7 @@ def new_plan(config: Config, ds: Dataset, devices: list[str], keep: Plan | None 
         batch = keep.batch_size
     else:
         batch = config.batch_size
-        rows = make_shards(len(ds), len(devices), batch)
+        rows = follow_inputs(ds, len(devices), batch)
         phrases = make_shards(len(ds.phrases), len(devices), batch)
     anchors = make_shards(ds.num_anchors, len(rows))
     shards = tuple(ShardPlan(s, tuple(rows[s]), tuple(phrases[s]), anchors[s],
@@ -164,7 +182,8 @@ def new_plan(config: Config, ds: Dataset, devices: list[str], keep: Plan | None 
                 num_anchors=ds.num_anchors, num_phrases=len(ds.phrases),
                 num_records=len(ds.records),
                 skipped=tuple(ds.skipped.get("missing_image", [])), batch_size=batch,
-                shards=shards)
+                shards=shards, input_format=ds.input_format,
+                input_files=max(1, len(ds.shard_ends)))
 
 
 def write_plan(config: Config, run: RunDir, plan: Plan) -> None:
@@ -174,7 +193,7 @@ def write_plan(config: Config, run: RunDir, plan: Plan) -> None:
 
 
 def is_complete(run: RunDir) -> bool:
-    return run.metrics.exists() and run.negatives.exists()
+    return run.metrics.exists() and (run.negatives.exists() or run.negatives_parquet.exists())
 
 
 def remove_outputs(run: RunDir, keep_embeddings: bool) -> None:
@@ -251,6 +270,7 @@ def dry_run_lines(config: Config, ds: Dataset, devices: list[str]) -> list[str]:
     return [
         f"Dry run: {len(ds.records)} records, {n} candidates, {a} anchors, {u} distinct "
         f"answers, {len(ds.skipped.get('missing_image', []))} skipped",
+        f"Input: {ds.input_format}, {max(1, len(ds.shard_ends))} file(s)",
         f"Shards: {len(devices)} on {', '.join(sorted(set(devices)))}: "
         + ", ".join(f"[{s}, {e})" for s, e in shards),
         f"Embeddings: images {n} x {dv} ({n * dv * 4 / gib:.3f} GiB), texts {u} x {dt} "

@@ -73,6 +73,7 @@ class RunDir:
     config = property(lambda self: self.root / "config.yaml")
     plan = property(lambda self: self.root / "plan.json")
     negatives = property(lambda self: self.root / "negatives.jsonl")
+    negatives_parquet = property(lambda self: self.root / "negatives.parquet")
     suspects = property(lambda self: self.root / "suspects.jsonl")
     metrics = property(lambda self: self.root / "metrics.json")
     report = property(lambda self: self.root / "report.html")
@@ -80,6 +81,10 @@ class RunDir:
     sweep_json = property(lambda self: self.root / "sweep.json")
     logs = property(lambda self: self.root / "logs")
     tables_dir = property(lambda self: self.root / PHASE_DIRS["tables"])
+
+    def records(self, output_format: str) -> Path:
+        """Every record with its negatives, in the run's --output-format."""
+        return self.negatives_parquet if output_format == "parquet" else self.negatives
 
     def image_embeddings(self, shard: int) -> Path:
         return self.root / PHASE_DIRS["embed"] / f"image_{shard:05d}.npy"
@@ -119,5 +124,5 @@ class RunDir:
 
     def results(self) -> tuple[Path, ...]:
         """What the reduce phase and the tools derive from a run's phases."""
-        return (self.negatives, self.suspects, self.metrics, self.report, self.sweep_html,
-                self.sweep_json)
+        return (self.negatives, self.negatives_parquet, self.suspects, self.metrics,
+                self.report, self.sweep_html, self.sweep_json)
