@@ -173,7 +173,7 @@ def _schema(ds: Dataset, kind: str) -> Any:
     import pyarrow as pa
 
     try:
-        ids = pa.infer_type(ds.ids)
+        ids = pa.array(ds.ids).type
     except (pa.ArrowInvalid, pa.ArrowTypeError):
         ids = pa.string()  # ids that mix numbers and text are written as text
     sims = [("text_similarity", pa.float64()), ("visual_similarity", pa.float64())]

@@ -114,8 +114,8 @@ def parquet_schema(ds: Dataset) -> tuple[Any, set[str]]:
 def _arrow_type(values: list[Any]) -> Any:
     import pyarrow as pa
 
-    try:
-        return pa.infer_type(values)
+    try:  # converting checks every value (inferring a type looks at the first ones only)
+        return pa.array(values).type
     except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError):
         return None
 

@@ -299,7 +299,7 @@ def image_kind(t: Any) -> str | None:
 def _is_binary(t: Any) -> bool:
     pa = _pa()
     return pa.types.is_binary(t) or pa.types.is_large_binary(t) \
-        or pa.types.is_fixed_size_binary(t) or pa.types.is_binary_view(t)
+        or pa.types.is_fixed_size_binary(t)
 
 
 def _holds(t: Any, test: Callable[[Any], bool]) -> bool:
