@@ -18,14 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from hnm.config import INPUT_FORMATS, Config, Fields
+from hnm.config import Config, Fields
 from hnm.errors import HnmError
 
-# --input-format values, and the file suffixes each one reads from a folder
+# each --input-format (hnm.config.INPUT_FORMATS): the file suffixes it reads from a folder
 SUFFIXES = {"json": (".json", ".jsonl", ".ndjson"), "jsonl": (".json", ".jsonl", ".ndjson"),
             "csv": (".csv",), "tsv": (".tsv",), "parquet": (".parquet",),
             "webdataset": (".tar",), "hf": ()}
-assert tuple(SUFFIXES) == INPUT_FORMATS
 # A folder holding several kinds of file is read as the first kind found in this order:
 # img2dataset writes .parquet and .json metadata next to its .tar shards.
 FOLDER_ORDER = ("webdataset", "parquet", "json", "csv", "tsv")

@@ -92,10 +92,11 @@ def test_every_format_gives_the_same_negatives(capsys, tmp_path, inputs, bert, r
 
 
 def test_shards_with_two_workers_give_the_same_bytes(capsys, tmp_path, inputs, bert):
-    """Workers follow the input shards (on the batch grid); any worker count, same bytes."""
-    one = mine(capsys, inputs["webdataset"], tmp_path / "one", bert, "--batch-size", "5")
-    two = mine(capsys, inputs["webdataset"], tmp_path / "two", bert, "--batch-size", "5",
-               "--cpu-workers", "2")
+    """Workers follow the input shards (on the batch grid), and each one's DataLoader
+    processes stream the Parquet column themselves: any worker count, the same bytes."""
+    one = mine(capsys, inputs["parquet"], tmp_path / "one", bert, "--batch-size", "5")
+    two = mine(capsys, inputs["parquet"], tmp_path / "two", bert, "--batch-size", "5",
+               "--cpu-workers", "2", "--num-workers", "2")
     assert (one / "negatives.jsonl").read_bytes() == (two / "negatives.jsonl").read_bytes()
     assert [s.rows for s in read_plan(RunDir(two)).shards] == [(0, 25), (25, 60)]
 
