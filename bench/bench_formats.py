@@ -207,7 +207,7 @@ def runs(folder: Path, n: int, repeats: int, extra: list[str], tmp: Path) -> Non
             timing = metrics["timing"]
     same = all(picks[f] == picks["jsonl"] for f in RUN_FORMATS)
     base = statistics.median(walls["jsonl"])
-    print(f"\nwhole run: `launch.py {' '.join(extra)}` on {n:,} records, "
+    print(f"\nwhole run: `launch.py {shlex.join(extra)}` on {n:,} records, "
           f"{repeats} run(s) each (median wall time of the process)\n")
     print("| input | wall s | samples/s | vs JSONL + files |\n|---|---|---|---|")
     for fmt in RUN_FORMATS:

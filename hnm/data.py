@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import io
 import json
@@ -127,6 +126,14 @@ def image_problem(source: Path | bytes | None) -> str | None:
     return None
 
 
+def _payload(source: Path | ImageRef) -> Path | bytes | None:
+    """What `image_problem` decodes; a shard that cannot give the bytes gives none."""
+    try:
+        return payload(source)
+    except (OSError, ValueError):  # pyarrow's read errors derive from these too
+        return b""
+
+
 def _check_images(label: str, images: list[Path | ImageRef], policy: str,
                   progress: Progress) -> list[int]:
     from concurrent.futures import ThreadPoolExecutor
@@ -139,7 +146,7 @@ def _check_images(label: str, images: list[Path | ImageRef], policy: str,
         for start in range(0, len(images), CHECK_CHUNK):
             # shard bytes are read here, in input order (a Parquet column streams); files
             # are read by the threads
-            chunk = [payload(s) for s in images[start:start + CHECK_CHUNK]]
+            chunk = [_payload(s) for s in images[start:start + CHECK_CHUNK]]
             problems += pool.map(image_problem, chunk)
             progress("check images", len(problems), len(images))
     bad = [(i, p, why) for i, (p, why) in enumerate(zip(images, problems)) if why]
@@ -186,12 +193,12 @@ def load_dataset(config: Config, skip: list[int] | None = None,
     keep = np.array([i for i in range(len(records)) if i not in skipped], dtype=np.int64)
     if keep.size == 0:
         raise HnmError(f"{src.label}: no record has a usable image")
-    ds = _index_rows(config, records, ids, texts, images, keep, skipped, src.digest)
-    return dataclasses.replace(ds, input_format=src.fmt, shard_ends=src.ends)
+    return _index_rows(config, src, ids, texts, images, keep, skipped)
 
 
-def _index_rows(config: Config, records: list, ids: list, texts: list,
-                images: list, keep: np.ndarray, skipped: set, digest: str) -> Dataset:
+def _index_rows(config: Config, src: Source, ids: list, texts: list, images: list,
+                keep: np.ndarray, skipped: set) -> Dataset:
+    records = src.records
     phrase_ids: dict[str, int] = {}
     text_ids = np.array([phrase_ids.setdefault(normalize(texts[i]), len(phrase_ids))
                          for i in keep], dtype=np.int64)
@@ -207,7 +214,8 @@ def _index_rows(config: Config, records: list, ids: list, texts: list,
         records=records, positions=keep, ids=[ids[i] for i in keep],
         images=[images[i] for i in keep], phrases=list(phrase_ids), text_ids=text_ids,
         groups=groups, num_anchors=anchors,
-        skipped={"missing_image": sorted(skipped)} if skipped else {}, source_sha256=digest,
+        skipped={"missing_image": sorted(skipped)} if skipped else {},
+        source_sha256=src.digest, input_format=src.fmt, shard_ends=src.ends,
     )
 
 
@@ -261,6 +269,6 @@ def _sha256(image: Path | ImageRef) -> str | None:
         data = payload(image)
         if isinstance(data, Path):
             data = data.read_bytes()
-    except OSError:
+    except (OSError, ValueError):  # pyarrow's read errors derive from these too
         return None
     return None if data is None else hashlib.sha256(data).hexdigest()

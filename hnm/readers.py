@@ -608,10 +608,14 @@ class _ParquetImages:
     def read(self, ref: ImageRef) -> bytes | None:
         if ref.at < self.start:
             self._restart()
-        while self.batch is None or ref.at >= self.start + len(self.batch):
-            if self.batch is not None:
-                self.start += len(self.batch)
-            self.batch = next(self.batches).column(0)
+        try:
+            while self.batch is None or ref.at >= self.start + len(self.batch):
+                if self.batch is not None:
+                    self.start += len(self.batch)
+                self.batch = next(self.batches).column(0)
+        except Exception:
+            self._restart()  # a damaged page ends the stream: the next read starts again
+            raise
         return _value_bytes(self.batch[ref.at - self.start].as_py())
 
 

@@ -89,6 +89,10 @@ def test_every_format_gives_the_same_negatives(capsys, tmp_path, inputs, bert, r
     plan = read_plan(RunDir(out))
     assert (plan.input_format, plan.input_files) == (
         "json" if fmt == "jsonl" else fmt, 3 if fmt in ("parquet", "webdataset", "hf") else 1)
+    page = (out / "report.html").read_text()  # thumbnails found from the image keys too
+    assert page.count("data:image/jpeg") == \
+        (reference / "report.html").read_text().count("data:image/jpeg") > 50
+    assert "image not found" not in page
 
 
 def test_shards_with_two_workers_give_the_same_bytes(capsys, tmp_path, inputs, bert):
