@@ -1,4 +1,4 @@
-"""Command line: argparse only, into a Config, then the orchestrator."""
+"""Command line: argparse only, into the Python API (`hnm.api`) and the run tools."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from hnm.config import load_config
+from hnm.config import INPUT_FORMATS, OUTPUT_FORMATS
 from hnm.errors import HnmError, Terminated
 from hnm.storage import RunDir, run_lock
 
@@ -24,7 +24,11 @@ UNSET = argparse.SUPPRESS
 def _mine_flags(p: argparse.ArgumentParser) -> None:
     io = p.add_argument_group("inputs and outputs")
     io.add_argument("--config", help="YAML config (defaults < YAML < flags)")
-    io.add_argument("--annotations", default=UNSET, help="JSON list/dict of records, or JSONL")
+    io.add_argument("--annotations", default=UNSET, help="a file, a folder or a glob of shards: "
+                    "JSON/JSONL, CSV/TSV, Parquet, WebDataset .tar, Hugging Face save_to_disk")
+    io.add_argument("--input-format", choices=INPUT_FORMATS, default=UNSET,
+                    help="read --annotations as this format (default: from the names)")
+    io.add_argument("--hf-split", default=UNSET, help="split of a Hugging Face DatasetDict")
     io.add_argument("--image-dir", default=UNSET, help="folder image paths are relative to")
     io.add_argument("--output-dir", default=UNSET, help="run directory (resumable)")
     io.add_argument("--split", default=UNSET, help="dataset split name (train, val_seen, ...)")
@@ -32,6 +36,8 @@ def _mine_flags(p: argparse.ArgumentParser) -> None:
     io.add_argument("--on-missing-image", choices=("error", "skip"), default=UNSET)
     io.add_argument("--max-image-pixels", type=int, default=UNSET,
                     help="larger images count as unreadable (200000000)")
+    io.add_argument("--output-format", choices=OUTPUT_FORMATS, default=UNSET,
+                    help="negatives.jsonl (default) or negatives.parquet")
     for name in ("id", "image", "text", "group"):
         io.add_argument(f"--{name}-field", default=UNSET, help=f"record field holding the {name}")
     enc = p.add_argument_group("encoders")
@@ -101,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     _mine_flags(sub.add_parser("mine", help="mine negatives (the default command)",
                                epilog="other commands: hnm report OUTPUT_DIR (the HTML run "
                                "report), hnm sweep OUTPUT_DIR (other thresholds from the saved "
-                               "embeddings); see hnm report -h, hnm sweep -h"))
+                               "embeddings), hnm export OUTPUT_DIR (training rows); see "
+                               "hnm report -h, hnm sweep -h, hnm export -h"))
     _tool_flags(sub)
     return parser
 
@@ -118,6 +125,13 @@ def _tool_flags(sub: Any) -> None:
                        "(default: the run's and two steps of 0.1 either side)")
     sweep.add_argument("--min-visual-similarities", help="comma-separated values "
                        "(default: the run's and two steps of 0.1 either side)")
+    export = sub.add_parser("export", help="training-ready rows of a finished run: triplets "
+                            "(anchor and negative a row) or pairs (each anchor, then its "
+                            "negatives)")
+    export.add_argument("output_dir", help="a finished run directory")
+    export.add_argument("--format", choices=("pairs", "triplets"), default="triplets")
+    export.add_argument("--to", required=True, help="FILE.parquet (images as bytes), "
+                        "FILE.jsonl (image paths) or a folder (WebDataset shards)")
 
 
 def _report(ns: argparse.Namespace) -> None:
@@ -150,7 +164,14 @@ def _sweep(ns: argparse.Namespace) -> None:
             print(f"wrote {path}")
 
 
-TOOLS = {"report": _report, "sweep": _sweep}
+def _export(ns: argparse.Namespace) -> None:
+    from hnm.export import export
+
+    with _locked(ns.output_dir):
+        print(f"wrote {export(ns.output_dir, ns.format, ns.to)}")
+
+
+TOOLS = {"report": _report, "sweep": _sweep, "export": _export}
 
 
 def _overrides(ns: argparse.Namespace) -> dict[str, Any]:
@@ -180,11 +201,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _mine(ns: argparse.Namespace, place: dict[str, str | None]) -> None:
-    from hnm import driver
+    from hnm import api
 
-    config = load_config(ns.config, _overrides(ns))
+    config = api.make(ns.config, _overrides(ns))
     place["output_dir"] = config.output_dir
-    driver.run(config)
+    api.mine(config)
 
 
 def guarded(command: Callable[[], Any], place: dict[str, str | None]) -> int:

@@ -32,6 +32,8 @@ class Config:
 
     # inputs and outputs
     annotations: str | None = None
+    input_format: str | None = None  # None: detected from the names (hnm.readers)
+    hf_split: str | None = None
     image_dir: str = "."
     output_dir: str = "hnm_output"
     split: str = "train"
@@ -40,6 +42,7 @@ class Config:
     on_missing_image: str = "error"
     # larger images are refused like unreadable ones: a 200 MP RGB image decodes to 600 MB
     max_image_pixels: int = 200_000_000
+    output_format: str = "jsonl"
     # encoders
     visual_encoder: str = "efficientnet-lite0"
     text_encoder: str = "minilm"
@@ -99,7 +102,10 @@ RUNTIME_ONLY = frozenset(
      "max_retries", "stall_timeout", "quiet", "overwrite", "batch_size", "dry_run"}
 )
 EMBEDDING_KEYS = ("annotations", "image_dir", "fields", "on_missing_image", "visual_encoder",
-                  "text_encoder", "image_embeddings", "text_embeddings")
+                  "text_encoder", "image_embeddings", "text_embeddings", "input_format",
+                  "hf_split")
+INPUT_FORMATS = ("json", "jsonl", "csv", "tsv", "parquet", "webdataset", "hf")
+OUTPUT_FORMATS = ("jsonl", "parquet")
 
 
 class ConfigError(HnmError):
@@ -144,6 +150,10 @@ def validate(c: Config) -> None:
                f"must list distinct GPU indices (0 or more), got {list(c.gpu_ids)}")
     _check(c.on_missing_image in ("error", "skip"), "on_missing_image",
            f"must be 'error' or 'skip', got {c.on_missing_image!r}")
+    _check(c.input_format is None or c.input_format in INPUT_FORMATS, "input_format",
+           f"must be one of {', '.join(INPUT_FORMATS)}, got {c.input_format!r}")
+    _check(c.output_format in OUTPUT_FORMATS, "output_format",
+           f"must be one of {', '.join(OUTPUT_FORMATS)}, got {c.output_format!r}")
 
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:

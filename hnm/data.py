@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -10,7 +11,7 @@ import warnings
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -19,9 +20,13 @@ import numpy as np
 
 from hnm.config import Config
 from hnm.errors import HnmError
+from hnm.readers import ImageRef, Source, payload, read_input
 
 _SPACES = re.compile(r"\s+")
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
+# Images checked per round: a progress report each, and bounded memory for the bytes read
+# from shards ahead of the decoding threads.
+CHECK_CHUNK = 256
 
 
 def normalize(text: str) -> str:
@@ -31,86 +36,55 @@ def normalize(text: str) -> str:
 
 @dataclass(frozen=True)
 class Dataset:
-    """The mined rows of an annotation file (rows with skipped images excluded)."""
+    """The mined rows of the input (rows with skipped images excluded)."""
 
-    records: list[dict[str, Any]]  # every input record, unchanged, in input order
+    records: list[dict[str, Any]]  # every input record in input order (image bytes as keys)
     positions: np.ndarray  # (n,) position in `records` of each mined row
     ids: list[Any]
-    images: list[Path]
+    images: list[Path | ImageRef]  # an image file, or an image held in a shard
     phrases: list[str]  # distinct normalized texts, in order of first occurrence
     text_ids: np.ndarray  # (n,) row -> index into `phrases`
     groups: np.ndarray  # (n,) row -> group code; rows of one group never pair
     num_anchors: int
     skipped: dict[str, list[int]]  # reason -> record positions left out of mining
     source_sha256: str
+    input_format: str = "json"
+    shard_ends: tuple[int, ...] = ()  # input shards [:i + 1] hold records [0, shard_ends[i])
+    image_files: str = ""  # hash of every image file's path, size and mtime (file_stats)
 
     def __len__(self) -> int:
         return len(self.ids)
 
 
-def read_records(path: Path) -> tuple[list[dict[str, Any]], list[Any] | None, str]:
-    """Records of a JSON list, a JSON dict keyed by id, or JSONL; plus dict keys and sha256."""
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise HnmError(f"{path}: cannot read annotations: {exc.strerror}") from None
-    digest = hashlib.sha256(raw).hexdigest()
-    try:  # strict: replacing bad bytes would silently change the records passed through
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise HnmError(f"{path}: not valid UTF-8 (byte {exc.start}): JSON must be UTF-8") \
-            from None
-    if path.suffix == ".jsonl" or (not text.lstrip().startswith(("[", "{")) and text.strip()):
-        return _read_jsonl(path, text), None, digest
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        if path.suffix != ".json" and text.lstrip().startswith("{"):
-            return _read_jsonl(path, text), None, digest
-        raise HnmError(f"{path}: malformed JSON at line {exc.lineno}: {exc.msg}") from None
-    if isinstance(data, list):
-        return data, None, digest
-    if isinstance(data, dict):
-        if path.suffix != ".json" and not all(isinstance(v, dict) for v in data.values()):
-            return [data], None, digest  # JSONL holding a single record, not a dict of them
-        return list(data.values()), list(data.keys()), digest
-    raise HnmError(f"{path}: expected a list of records or a dict of records")
-
-
-def _read_jsonl(path: Path, text: str) -> list[dict[str, Any]]:
-    records = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            raise HnmError(f"{path}: malformed JSON on line {number}: {exc.msg}") from None
-    return records
-
-
-def _record_ids(path: Path, records: list[Any], keys: list[Any] | None, id_field: str) -> list:
+def _record_ids(src: Source, id_field: str) -> list:
     ids: list[Any] = []
     seen: dict[Any, int] = {}
-    for pos, record in enumerate(records):
+    for pos, record in enumerate(src.records):
+        path, at = src.locate(pos)
         if not isinstance(record, dict):
-            raise HnmError(f"{path}: record {pos} is not an object")
-        rid = record.get(id_field, keys[pos] if keys is not None else pos)
+            raise HnmError(f"{path}: record {at} is not an object")
+        key = src.keys[pos] if src.keys is not None else None
+        rid = record.get(id_field, pos if key is None else key)
         if not isinstance(rid, str | int) or isinstance(rid, bool):
-            raise HnmError(f"{path}: record {pos}: id must be a string or integer, got {rid!r}")
+            raise HnmError(f"{path}: record {at}: id must be a string or integer, got {rid!r}")
         if rid in seen:
-            raise HnmError(f"{path}: duplicate id {rid!r} in records {seen[rid]} and {pos}")
+            first, first_at = src.locate(seen[rid])
+            where = f"records {first_at} and {at}" if first == path \
+                else f"record {at} and {first} record {first_at}"
+            raise HnmError(f"{path}: duplicate id {rid!r} in {where}")
         seen[rid] = pos
         ids.append(rid)
     return ids
 
 
-def _field(path: Path, record: dict, pos: int, rid: Any, name: str, kind: str) -> str:
+def _field(src: Source, pos: int, rid: Any, name: str, kind: str) -> str:
+    path, at = src.locate(pos)
+    record = src.records[pos]
     if name not in record:
-        raise HnmError(f"{path}: record {pos} (id {rid!r}) has no {kind} field '{name}'")
+        raise HnmError(f"{path}: record {at} (id {rid!r}) has no {kind} field '{name}'")
     value = record[name]
     if not isinstance(value, str) or not value.strip():
-        raise HnmError(f"{path}: record {pos} (id {rid!r}): {kind} field '{name}' "
+        raise HnmError(f"{path}: record {at} (id {rid!r}): {kind} field '{name}' "
                        f"must be a non-empty string, got {value!r}")
     return value
 
@@ -139,18 +113,42 @@ def too_large(image: Any, max_pixels: int) -> str | None:
     return f"too large: {w}x{h} pixels, over --max-image-pixels {max_pixels}"
 
 
-def image_problem(path: Path, max_pixels: int) -> str | None:
-    """Why an image file cannot be used, or None (call inside `image_limit`).
+def _image_file(src: Source, pos: int, rid: Any, name: str) -> str:
+    value = _field(src, pos, rid, name, "image")
+    if value.startswith(("http://", "https://")):
+        path, at = src.locate(pos)
+        raise HnmError(f"{path}: record {at} (id {rid!r}): image '{value}' is a URL; hnm "
+                       "reads local files: download the images first (e.g. with img2dataset)")
+    return value
+
+
+def _check_unicode(src: Source, ids: list[Any]) -> None:
+    """Text that JSON escapes can hold but UTF-8 cannot (a lone surrogate) is refused here,
+    not found while writing the outputs."""
+    for pos, record in enumerate(src.records):
+        for name, value in record.items():
+            try:
+                json.dumps({name: value}, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError as exc:
+                path, at = src.locate(pos)
+                raise HnmError(f"{path}: record {at} (id {ids[pos]!r}): field '{name}' holds "
+                               f"a lone surrogate ({exc.object[exc.start]!r}), which is not "
+                               "valid Unicode") from None
+
+
+def image_problem(source: Path | bytes | None, max_pixels: int) -> str | None:
+    """Why an image (a file, or bytes read from a shard) cannot be used, or None (call
+    inside `image_limit`).
 
     Decodes the whole image: a file whose header parses but whose data is truncated would
     otherwise fail only while embedding, after the run directory was written.
     """
     from PIL import Image
 
-    if not path.is_file():
+    if source is None or (isinstance(source, Path) and not source.is_file()):
         return "missing"
     try:
-        with Image.open(path) as img:
+        with Image.open(source if isinstance(source, Path) else io.BytesIO(source)) as img:
             if (why := too_large(img, max_pixels)):
                 return why
             img.load()
@@ -161,25 +159,36 @@ def image_problem(path: Path, max_pixels: int) -> str | None:
     return None
 
 
-def _check_images(path: Path, images: list[Path], policy: str, max_pixels: int,
+def _payload(source: Path | ImageRef) -> Path | bytes | None:
+    """What `image_problem` decodes; a shard that cannot give the bytes gives none."""
+    try:
+        return payload(source)
+    except (OSError, ValueError):  # pyarrow's read errors derive from these too
+        return b""
+
+
+def _check_images(label: str, images: list[Path | ImageRef], policy: str, max_pixels: int,
                   progress: Progress) -> list[int]:
     from concurrent.futures import ThreadPoolExecutor
 
-    problems = []
+    problems: list[str | None] = []
     # decoding releases the GIL, and files may sit on a network file system: a few threads
     # per core keep both the cores and the reads busy
     threads = min(32, 4 * len(os.sched_getaffinity(0)))
     check = partial(image_problem, max_pixels=max_pixels)
     with image_limit(max_pixels), ThreadPoolExecutor(max_workers=threads) as pool:
-        for done, problem in enumerate(pool.map(check, images), start=1):
-            problems.append(problem)
-            if done % 256 == 0 or done == len(images):
-                progress("check images", done, len(images))
+        for start in range(0, len(images), CHECK_CHUNK):
+            # shard bytes are read here, in input order (a Parquet column streams); files
+            # are read by the threads
+            chunk = [_payload(s) for s in images[start:start + CHECK_CHUNK]]
+            problems += pool.map(check, chunk)
+            progress("check images", len(problems), len(images))
     bad = [(i, p, why) for i, (p, why) in enumerate(zip(images, problems)) if why]
     if bad and policy != "skip":
         names = ", ".join(f"{p} ({why})" for _, p, why in bad[:3])
         more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
-        raise HnmError(f"{path}: {len(bad)} image file(s) missing or unreadable: {names}{more}"
+        kind = "image file(s)" if all(isinstance(p, Path) for _, p, _ in bad) else "image(s)"
+        raise HnmError(f"{label}: {len(bad)} {kind} missing or unreadable: {names}{more}"
                        " (--on-missing-image skip drops them)")
     return [i for i, _, _ in bad]
 
@@ -190,38 +199,58 @@ def no_progress(stage: str, done: int, total: int) -> None:
 
 def load_dataset(config: Config, skip: list[int] | None = None,
                  progress: Progress = no_progress) -> Dataset:
-    """Read, validate and index the annotations named by the config.
+    """Read, validate and index the input named by the config (hnm.readers: any format).
 
     `skip`: record positions already known to be left out (workers pass the plan's),
-    which also spares re-checking every image file.
+    which also spares re-checking every image.
     """
     if not config.annotations:
         raise HnmError("--annotations: no annotation file given")
-    path = Path(config.annotations)
-    records, keys, digest = read_records(path)
+    src = read_input(config)
+    records = src.records
     if not records:
-        raise HnmError(f"{path}: no records")
+        raise HnmError(f"{src.label}: no records")
     f = config.fields
-    ids = _record_ids(path, records, keys, f.id)
-    texts = [_field(path, r, i, ids[i], f.text, "text") for i, r in enumerate(records)]
+    ids = _record_ids(src, f.id)
+    texts = [_field(src, i, ids[i], f.text, "text") for i in range(len(records))]
+    if src.surrogates:
+        _check_unicode(src, ids)
     image_dir = Path(config.image_dir)
-    images = [image_dir / _field(path, r, i, ids[i], f.image, "image")
-              for i, r in enumerate(records)]
+    images = [src.refs[i] if src.refs is not None and src.refs[i] is not None
+              else image_dir / _image_file(src, i, ids[i], f.image) for i in range(len(records))]
     if skip is not None:
         skipped = set(skip)
     elif config.image_embeddings:
         skipped = set()
     else:
-        skipped = set(_check_images(path, images, config.on_missing_image,
+        skipped = set(_check_images(src.label, images, config.on_missing_image,
                                     config.max_image_pixels, progress))
     keep = np.array([i for i in range(len(records)) if i not in skipped], dtype=np.int64)
     if keep.size == 0:
-        raise HnmError(f"{path}: no record has a usable image")
-    return _index_rows(config, path, records, ids, texts, images, keep, skipped, digest)
+        raise HnmError(f"{src.label}: no record has a usable image")
+    ds = _index_rows(config, src, ids, texts, images, keep, skipped)
+    return ds if config.image_embeddings else replace(ds, image_files=file_stats(images))
 
 
-def _index_rows(config: Config, path: Path, records: list, ids: list, texts: list,
-                images: list, keep: np.ndarray, skipped: set, digest: str) -> Dataset:
+def file_stats(images: list[Path | ImageRef]) -> str:
+    """Short hash of the path, size and modification time of every image file (images in
+    shards are covered by the shards' own identity): an edited, added or restored image
+    changes it, and no image is read."""
+    h = hashlib.sha256()
+    for path in images:
+        if not isinstance(path, Path):
+            continue
+        try:
+            st = path.stat()
+            h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{path}\0missing\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _index_rows(config: Config, src: Source, ids: list, texts: list, images: list,
+                keep: np.ndarray, skipped: set) -> Dataset:
+    records = src.records
     phrase_ids: dict[str, int] = {}
     text_ids = np.array([phrase_ids.setdefault(normalize(texts[i]), len(phrase_ids))
                          for i in keep], dtype=np.int64)
@@ -237,7 +266,8 @@ def _index_rows(config: Config, path: Path, records: list, ids: list, texts: lis
         records=records, positions=keep, ids=[ids[i] for i in keep],
         images=[images[i] for i in keep], phrases=list(phrase_ids), text_ids=text_ids,
         groups=groups, num_anchors=anchors,
-        skipped={"missing_image": sorted(skipped)} if skipped else {}, source_sha256=digest,
+        skipped={"missing_image": sorted(skipped)} if skipped else {},
+        source_sha256=src.digest, input_format=src.fmt, shard_ends=src.ends,
     )
 
 
@@ -250,40 +280,47 @@ def anchor_uniforms(ids: list[Any], seed: int) -> np.ndarray:
     return out
 
 
-def duplicate_images(paths: list[Path]) -> dict[str, int]:
-    """Rows whose image file holds the same bytes as an earlier row's (by SHA-256).
+def duplicate_images(images: list[Path | ImageRef]) -> dict[str, int]:
+    """Rows whose image holds the same bytes as an earlier row's (by SHA-256).
 
-    Only files whose size another file shares are read: a unique size cannot repeat.
+    Only images whose size another image shares are read: a unique size cannot repeat.
+    Images in Parquet shards have no size until read: those are all read.
     """
-    sizes: dict[Path, int | None] = {p: _size(p) for p in dict.fromkeys(paths)}
-    same_size = Counter(s for s in sizes.values() if s is not None)
-    keys: dict[Path, Any] = {}
+    sizes: dict[Any, int | None] = {p: _size(p) for p in dict.fromkeys(images)}
+    same_size = Counter(s for s in sizes.values() if s is not None and s >= 0)
+    keys: dict[Any, Any] = {}
     for p, size in sizes.items():
         if size is None:
             keys[p] = None
-        elif same_size[size] == 1:
-            keys[p] = ("path", p)  # the only file of its size: equal only to itself
+        elif size >= 0 and same_size[size] == 1:
+            keys[p] = ("image", p)  # the only image of its size: equal only to itself
         else:
             keys[p] = _sha256(p)
     rows: dict[Any, int] = defaultdict(int)
-    for p in paths:
+    for p in images:
         if keys[p] is not None:
             rows[keys[p]] += 1
     readable = sum(rows.values())
-    return {"rows": len(paths), "unreadable": len(paths) - readable,
+    return {"rows": len(images), "unreadable": len(images) - readable,
             "duplicate_rows": readable - len(rows),
             "groups": sum(c > 1 for c in rows.values())}
 
 
-def _size(path: Path) -> int | None:
+def _size(image: Path | ImageRef) -> int | None:
+    """Bytes of the image; -1: unknown until read; None: unreadable."""
+    if isinstance(image, ImageRef):
+        return image.size
     try:
-        return path.stat().st_size if path.is_file() else None
+        return image.stat().st_size if image.is_file() else None
     except OSError:
         return None
 
 
-def _sha256(path: Path) -> str | None:
+def _sha256(image: Path | ImageRef) -> str | None:
     try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
-    except OSError:
+        data = payload(image)
+        if isinstance(data, Path):
+            data = data.read_bytes()
+    except (OSError, ValueError):  # pyarrow's read errors derive from these too
         return None
+    return None if data is None else hashlib.sha256(data).hexdigest()

@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from hnm import writers
+
 Point = tuple[int, int]
 Line = tuple[Point, ...]
 RGB = tuple[int, int, int]
@@ -21,6 +23,8 @@ RGB = tuple[int, int, int]
 MAP_SCALE = 1.75  # map side / view side: each turn's view is a window panning over the map
 SHORT_SHARE = 0.09  # share of records whose answer is a short affirmation or motion word
 EXACT_TWIN, PERTURBED_TWIN = 3, 7  # dialog index mod 10 that re-flies the previous dialog's map
+FORMATS = ("json", "jsonl", "parquet", "webdataset", "hf")
+SHARD_RECORDS = 100  # records per shard file: the default demo (300 records) has three
 
 ROOFS: dict[str, RGB] = {"red": (172, 64, 52), "grey": (134, 136, 142)}
 CROPS: dict[str, RGB] = {"green": (74, 138, 58), "yellow": (204, 182, 92)}
@@ -437,24 +441,66 @@ def _write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def make_demo(out_dir: Path, num_dialogs: int = 60, turns_per_dialog: int = 5,
-              image_size: int = 96, seed: int = 0) -> Path:
-    """Write OUT_DIR/images/*.png and OUT_DIR/annotations.json; return the annotations path."""
+def generate(num_dialogs: int = 60, turns_per_dialog: int = 5, image_size: int = 96,
+             seed: int = 0) -> tuple[list[dict[str, Any]], dict[str, bytes]]:
+    """The demo's records, and its PNG images by their `image` field."""
     if num_dialogs < 1 or turns_per_dialog < 2 or image_size < 32:
         raise ValueError("need num_dialogs >= 1, turns_per_dialog >= 2 and image_size >= 32")
-    out_dir = Path(out_dir)
-    (out_dir / "images").mkdir(parents=True, exist_ok=True)
     records: list[dict[str, Any]] = []
+    images: dict[str, bytes] = {}
     used: set[str] = set()
     cache: dict[Scene, np.ndarray] = {}
     for index in range(num_dialogs):
-        recs, images = _dialog(seed, index, turns_per_dialog, image_size, used, cache)
+        recs, pngs = _dialog(seed, index, turns_per_dialog, image_size, used, cache)
         records += recs
-        for name, data in images.items():
-            _write_bytes(out_dir / name, data)
+        images.update(pngs)
     _shorten(np.random.default_rng([seed, 4]), records, turns_per_dialog)
-    text = json.dumps(records, indent=1, sort_keys=False, ensure_ascii=False) + "\n"
-    path = out_dir / "annotations.json"
+    return records, images
+
+
+def make_demo(out_dir: Path, num_dialogs: int = 60, turns_per_dialog: int = 5,
+              image_size: int = 96, seed: int = 0, fmt: str = "json",
+              per_shard: int = SHARD_RECORDS) -> Path:
+    """Write the demo in one input format; return what --annotations takes.
+
+    json / jsonl: OUT_DIR/images/*.png and OUT_DIR/annotations.json(l); parquet:
+    OUT_DIR/parquet/part-*.parquet; webdataset: OUT_DIR/webdataset/*.tar; hf:
+    OUT_DIR/hf (save_to_disk). The shard formats hold the PNG bytes themselves (Parquet
+    and hf in the `image` column, WebDataset as `{id}.png`, the other fields in `{id}.json`),
+    `per_shard` records a file.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    records, images = generate(num_dialogs, turns_per_dialog, image_size, seed)
+    out_dir = Path(out_dir)
+    if fmt in ("json", "jsonl"):
+        return _write_files(out_dir, records, images, fmt)
+    if fmt == "webdataset":
+        samples = ((r["id"], {"png": images[r["image"]], "json": _meta(r)}) for r in records)
+        writers.write_tar_shards(out_dir / fmt, samples, per_shard)
+        return out_dir / fmt
+    rows = [{**r, "image": images[r["image"]]} for r in records]
+    if fmt == "parquet":
+        writers.write_parquet_files(out_dir / fmt, rows, per_shard, per_shard)
+        return out_dir / fmt
+    return writers.write_hf(out_dir / fmt, rows, "image", -(-len(rows) // per_shard))
+
+
+def _meta(record: dict[str, Any]) -> bytes:
+    rest = {k: v for k, v in record.items() if k != "image"}
+    return json.dumps(rest, ensure_ascii=False).encode("utf-8")
+
+
+def _write_files(out_dir: Path, records: list[dict[str, Any]], images: dict[str, bytes],
+                 fmt: str) -> Path:
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    for name, data in images.items():
+        _write_bytes(out_dir / name, data)
+    if fmt == "jsonl":
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    else:
+        text = json.dumps(records, indent=1, sort_keys=False, ensure_ascii=False) + "\n"
+    path = out_dir / f"annotations.{fmt}"
     _write_bytes(path, text.encode("utf-8"))
     return path
 
@@ -468,10 +514,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--turns-per-dialog", type=int, default=5)
     parser.add_argument("--image-size", type=int, default=96)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--format", choices=FORMATS, default="json",
+                        help="json (default: annotations.json and image files), jsonl, or "
+                        "shards holding the images: parquet, webdataset, hf")
+    parser.add_argument("--per-shard", type=int, default=SHARD_RECORDS,
+                        help=f"records per shard file ({SHARD_RECORDS})")
     args = parser.parse_args(argv)
     try:
         path = make_demo(args.out_dir, args.num_dialogs, args.turns_per_dialog,
-                         args.image_size, args.seed)
+                         args.image_size, args.seed, args.format, args.per_shard)
     except ValueError as exc:
         parser.error(str(exc))
     print(f"wrote {args.num_dialogs * args.turns_per_dialog} records to {path}")

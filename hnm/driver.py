@@ -84,6 +84,7 @@ def drive(config: Config, ex: Executor) -> dict[str, Any]:
             ex.finish(metrics)
             return metrics
         plan = read_plan(run)
+        ex.say(f"Input: {plan.input_format}, {plan.input_files} file(s)")
         ex.say(f"Sharding {plan.num_anchors} anchors ({plan.num_rows} candidates) into "
                f"{len(plan.shards)} shard(s) on {len(ex.devices)} worker(s)")
         shards = [s.shard for s in plan.shards]

@@ -12,6 +12,7 @@ from hnm.data import Progress, image_limit, no_progress, too_large
 from hnm.encoders import ImageEncoder, TextEncoder, finalize
 from hnm.errors import HnmError
 from hnm.process import loader_worker_init
+from hnm.readers import ImageRef, image_stream
 
 
 def torch_setup(device: str) -> Any:
@@ -33,9 +34,10 @@ def torch_setup(device: str) -> Any:
 
 
 class ImageFiles:
-    """Map-style dataset of preprocessed images for a torch DataLoader."""
+    """Map-style dataset of preprocessed images for a torch DataLoader: image files, or
+    images held as bytes in shards (each loader process reads its own)."""
 
-    def __init__(self, paths: list[Path], preprocess: Any, max_pixels: int) -> None:
+    def __init__(self, paths: list[Path | ImageRef], preprocess: Any, max_pixels: int) -> None:
         self.paths = paths
         self.preprocess = preprocess
         self.max_pixels = max_pixels
@@ -47,7 +49,7 @@ class ImageFiles:
         from PIL import Image
 
         try:
-            with image_limit(self.max_pixels), Image.open(self.paths[i]) as img:
+            with image_limit(self.max_pixels), Image.open(image_stream(self.paths[i])) as img:
                 if (why := too_large(img, self.max_pixels)):
                     raise ValueError(why)
                 return self.preprocess(img.convert("RGB"))

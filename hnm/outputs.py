@@ -1,9 +1,11 @@
-"""What a run writes for its users: every record with its negatives, and the suspects."""
+"""What a run writes for its users — every record with its negatives (JSONL or Parquet), and
+the suspects — and reading the records back."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 from hnm.audit import Suspect, is_suspect
@@ -14,6 +16,11 @@ from hnm.storage import RunDir, atomic_open
 
 PRECISION = 6  # decimals of the similarities written (the choices use the exact values)
 PROGRESS_EVERY = 5000  # records written between progress reports (a report costs a refresh)
+# Records per Parquet row group: a few MB of metadata and negatives, so that writing holds
+# little, and readers can still skip through a large file by row group.
+ROW_GROUP = 10_000
+JSON_COLUMNS = "hnm.json_columns"  # schema metadata: the columns written as JSON text
+NEGATIVE_ID = "negatives.id"  # named there when ids mix numbers and text
 
 
 def similarity(value: float) -> float:
@@ -38,18 +45,149 @@ def negative_record(config: Config, ds: Dataset, pick: Pick) -> dict[str, Any]:
     return out
 
 
-def write_negatives(config: Config, run: RunDir, ds: Dataset, picks: list[list[Pick]],
-                    progress: Progress = no_progress) -> None:
+def output_records(config: Config, ds: Dataset, picks: list[list[Pick]]
+                   ) -> Iterator[dict[str, Any]]:
     """Every input record, unchanged and in input order, plus its `negatives` (picks[a]:
     anchor row a's)."""
     by_position = {int(ds.positions[a]): p for a, p in enumerate(picks)}
+    for pos, record in enumerate(ds.records):
+        negs = [negative_record(config, ds, p) for p in by_position.get(pos, [])]
+        yield {**record, "negatives": negs}
+
+
+def write_negatives(config: Config, run: RunDir, ds: Dataset, picks: list[list[Pick]],
+                    progress: Progress = no_progress) -> None:
+    """OUTPUT_DIR/negatives.jsonl, or negatives.parquet with --output-format parquet."""
+    records = output_records(config, ds, picks)
+    if config.output_format == "parquet":
+        write_parquet(run.negatives_parquet, ds, records, progress)
+        return
     with atomic_open(run.negatives, "w") as handle:
-        for pos, record in enumerate(ds.records):
-            negs = [negative_record(config, ds, p) for p in by_position.get(pos, [])]
-            handle.write(json.dumps({**record, "negatives": negs}, ensure_ascii=False) + "\n")
+        for pos, record in enumerate(records):
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
             if pos % PROGRESS_EVERY == 0:
                 progress("write", pos, len(ds.records))
     progress("write", len(ds.records), len(ds.records))
+
+
+def write_parquet(path: Path, ds: Dataset, records: Iterable[dict[str, Any]],
+                  progress: Progress = no_progress) -> None:
+    """One row per record, its negatives a list of structs; written ROW_GROUP rows at a
+    time, so that only one row group is ever held as a table."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema, as_json = parquet_schema(ds)
+    with atomic_open(path) as handle:
+        writer = pq.ParquetWriter(handle, schema)
+        chunk: list[dict[str, Any]] = []
+        for pos, record in enumerate(records, start=1):
+            chunk.append(_parquet_row(record, as_json))
+            if len(chunk) == ROW_GROUP or pos == len(ds.records):
+                writer.write_table(pa.Table.from_pylist(chunk, schema=schema))
+                chunk = []
+                progress("write", pos, len(ds.records))
+        writer.close()
+
+
+def parquet_schema(ds: Dataset) -> tuple[Any, set[str]]:
+    """The records' columns, each with the Arrow type of all its values (a column whose
+    values have none, e.g. numbers in some records and text in others, is JSON text), then
+    `negatives`. The JSON columns are named in the schema's metadata."""
+    import pyarrow as pa
+
+    fields, as_json = [], set()
+    for name in dict.fromkeys(k for r in ds.records for k in r):
+        if name == "negatives":
+            continue  # replaced by the run's negatives, as in negatives.jsonl
+        kind = _arrow_type([r.get(name) for r in ds.records])
+        if kind is None:
+            as_json.add(name)
+        fields.append(pa.field(name, kind or pa.string()))
+    if _arrow_type(ds.ids) is None:
+        as_json.add(NEGATIVE_ID)
+    negative = pa.struct([("id", _arrow_type(ds.ids) or pa.string()), ("text", pa.string()),
+                          ("image", pa.string()), ("type", pa.string()),
+                          ("text_similarity", pa.float64()),
+                          ("visual_similarity", pa.float64()), ("suspect", pa.bool_()),
+                          ("threshold_step", pa.string()), ("anchor_cluster", pa.int64()),
+                          ("negative_cluster", pa.int64())])
+    fields.append(pa.field("negatives", pa.list_(negative)))
+    meta = {JSON_COLUMNS: json.dumps(sorted(as_json))}
+    return pa.schema(fields, metadata=meta), as_json
+
+
+def _arrow_type(values: list[Any]) -> Any:
+    import pyarrow as pa
+
+    try:  # converting checks every value (inferring a type looks at the first ones only)
+        return pa.array(values).type
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError):
+        return None
+
+
+def _parquet_row(record: dict[str, Any], as_json: set[str]) -> dict[str, Any]:
+    row = {k: json.dumps(v, ensure_ascii=False) if k in as_json and v is not None else v
+           for k, v in record.items()}
+    row["negatives"] = [_negative_row(n, as_json) for n in record["negatives"]]
+    return row
+
+
+def _negative_row(n: dict[str, Any], as_json: set[str]) -> dict[str, Any]:
+    out = dict(n)
+    if "threshold_step" in n:
+        # a hard negative's step is 0, 1, 2 or "fallback": text, so that one type holds all
+        out["threshold_step"] = str(n["threshold_step"])
+    if NEGATIVE_ID in as_json:
+        out["id"] = json.dumps(n["id"], ensure_ascii=False)
+    return out
+
+
+def read_records(run: RunDir, positions: set[int] | None = None
+                 ) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(position, record with its negatives) from whichever output the run wrote, in input
+    order; only the wanted positions (all when None) are parsed."""
+    if run.negatives_parquet.exists() and not run.negatives.exists():
+        yield from _read_parquet(run.negatives_parquet, positions)
+        return
+    with open(run.negatives, "rb") as handle:  # lines end at "\n" only, as written
+        for pos, line in enumerate(handle):
+            if positions is None or pos in positions:
+                yield pos, json.loads(line)
+
+
+def _read_parquet(path: Path, positions: set[int] | None
+                  ) -> Iterator[tuple[int, dict[str, Any]]]:
+    import pyarrow.parquet as pq
+
+    handle = pq.ParquetFile(path)
+    meta = handle.schema_arrow.metadata or {}
+    as_json = set(json.loads(meta.get(JSON_COLUMNS.encode(), b"[]")))
+    pos = 0
+    for batch in handle.iter_batches():
+        for row in batch.to_pylist():
+            if positions is None or pos in positions:
+                yield pos, _from_parquet(row, as_json)
+            pos += 1
+
+
+def _from_parquet(row: dict[str, Any], as_json: set[str]) -> dict[str, Any]:
+    """A row as negatives.jsonl holds it: JSON columns parsed, each negative with its own
+    keys only (a hard one's step, a diverse one's clusters)."""
+    out = {k: json.loads(v) if k in as_json and v is not None else v for k, v in row.items()}
+    out["negatives"] = [_negative_from_parquet(n, as_json) for n in row["negatives"]]
+    return out
+
+
+def _negative_from_parquet(n: dict[str, Any], as_json: set[str]) -> dict[str, Any]:
+    drop = ("anchor_cluster", "negative_cluster") if n["type"] == "hard" else ("threshold_step",)
+    out = {k: v for k, v in n.items() if k not in drop}
+    step = out.get("threshold_step")
+    if isinstance(step, str) and step.isdigit():
+        out["threshold_step"] = int(step)
+    if NEGATIVE_ID in as_json:
+        out["id"] = json.loads(out["id"])
+    return out
 
 
 def write_suspects(config: Config, run: RunDir, ds: Dataset, suspects: Iterable[Suspect]

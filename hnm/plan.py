@@ -60,6 +60,8 @@ class Plan:
     batch_size: int  # the embedding batch grid, fixed when the embeddings were planned
     workdir: str  # the folder the run was started from: relative input paths start there
     shards: tuple[ShardPlan, ...]
+    input_format: str = "json"  # as detected (hnm.readers) or given by --input-format
+    input_files: int = 1
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -94,35 +96,34 @@ def make_shards(n: int, k: int, grain: int = 1) -> list[tuple[int, int]]:
     return [(edges[i], edges[i + 1]) for i in range(k)]
 
 
+def follow_inputs(ds: Dataset, k: int, grain: int) -> list[tuple[int, int]]:
+    """k contiguous row ranges on the batch grid whose edges are the input files' edges
+    nearest an even split (snapped to the grid), so that a worker reads the images of its
+    own files; an even split where there are fewer files than workers."""
+    n = len(ds)
+    if len(ds.shard_ends) < k:
+        return make_shards(n, k, grain)
+    bounds = np.searchsorted(ds.positions, ds.shard_ends)  # rows before each file's end
+    edges = [0]
+    for w in range(1, k):
+        nearest = int(bounds[np.argmin(np.abs(bounds - w * n / k))])
+        edges.append(max(edges[-1], min(n, round(nearest / grain) * grain)))
+    edges.append(n)
+    return list(zip(edges[:-1], edges[1:]))
+
+
 def run_keys(config: Config, ds: Dataset) -> dict[str, str]:
     """Identity of the run's results, and of its embeddings alone: the config, the
     annotations' bytes, the bytes of every other input file it names, and the size and
     modification time of every image file (cheap: an edited, added or restored image is
     noticed without reading it)."""
     source = ds.source_sha256[:16]  # last, where `hnm sweep` looks for it
-    images = _image_stats(config, ds)
+    images = ds.image_files
     embed = config_hash(config, EMBEDDING_KEYS) + _digest(
         config.image_embeddings, config.text_embeddings) + images + source
     run = config_hash(config) + _digest(
         config.image_embeddings, config.text_embeddings, config.blacklist) + images + source
     return {"run_key": run, "embed_key": embed}
-
-
-def _image_stats(config: Config, ds: Dataset) -> str:
-    """Short hash of (path, size, mtime) of every record's image; "" when precomputed
-    image embeddings stand in for the images."""
-    if config.image_embeddings:
-        return ""
-    h = hashlib.sha256()
-    root = Path(config.image_dir)
-    for record in ds.records:
-        path = root / record[config.fields.image]
-        try:
-            st = path.stat()
-            h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        except OSError:
-            h.update(f"{path}\0missing\n".encode())
-    return h.hexdigest()[:16]
 
 
 def _digest(*paths: str | None) -> str:
@@ -181,7 +182,7 @@ def new_plan(config: Config, ds: Dataset, devices: list[str], keep: Plan | None 
         batch = keep.batch_size
     else:
         batch = config.batch_size
-        rows = make_shards(len(ds), len(devices), batch)
+        rows = follow_inputs(ds, len(devices), batch)
         phrases = make_shards(len(ds.phrases), len(devices), batch)
     anchors = make_shards(ds.num_anchors, len(rows))
     shards = tuple(ShardPlan(s, tuple(rows[s]), tuple(phrases[s]), anchors[s],
@@ -190,7 +191,8 @@ def new_plan(config: Config, ds: Dataset, devices: list[str], keep: Plan | None 
                 num_anchors=ds.num_anchors, num_phrases=len(ds.phrases),
                 num_records=len(ds.records),
                 skipped=tuple(ds.skipped.get("missing_image", [])), batch_size=batch,
-                workdir=str(Path.cwd()), shards=shards)
+                workdir=str(Path.cwd()), shards=shards, input_format=ds.input_format,
+                input_files=max(1, len(ds.shard_ends)))
 
 
 def write_plan(config: Config, run: RunDir, plan: Plan) -> None:
@@ -334,6 +336,7 @@ def dry_run_lines(config: Config, ds: Dataset, devices: list[str]) -> list[str]:
     return [
         f"Dry run: {len(ds.records)} records, {n} candidates, {a} anchors, {u} distinct "
         f"answers, {len(ds.skipped.get('missing_image', []))} skipped",
+        f"Input: {ds.input_format}, {max(1, len(ds.shard_ends))} file(s)",
         f"Shards: {len(devices)} on {', '.join(sorted(set(devices)))}: "
         + ", ".join(f"[{s}, {e})" for s, e in shards),
         f"Embeddings: images {n} x {dv} ({n * dv * 4 / gib:.3f} GiB), texts {u} x {dt} "

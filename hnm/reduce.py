@@ -76,9 +76,10 @@ def reduce_phase(config: Config, run: RunDir, ds: Dataset, plan: Plan,
     timing = {**timing, **phases, "select": t1 - t0, "write": time.perf_counter() - t1}
     wall = time.perf_counter() - started if started is not None else sum(timing.values())
     metrics = metrics_document(config, ds, plan, parts, work, timing, wall)
-    report.write_report(run, config, metrics, plan)
+    report.write_report(run, config, metrics, plan, ds)
     write_json(run.metrics, metrics)
-    write_marker(run.done, {}, [run.negatives, run.suspects, run.report, run.metrics], run.root)
+    write_marker(run.done, {}, [run.records(config.output_format), run.suspects, run.report,
+                                run.metrics], run.root)
     return metrics
 
 

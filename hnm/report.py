@@ -7,7 +7,7 @@ import heapq
 import io
 import json
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,19 +15,18 @@ from typing import Any
 import numpy as np
 
 from hnm.config import Config, make_config, read_yaml
-from hnm.data import image_limit, normalize, too_large
+from hnm.data import Dataset, image_limit, load_dataset, normalize, too_large
 from hnm.errors import HnmError
+from hnm.outputs import read_records
 from hnm.pages import esc, fmt, page, table
 from hnm.plan import Plan, read_plan
+from hnm.readers import SHARD_FORMATS, ImageRef, image_stream
 from hnm.storage import RunDir, read_json, write_text
 
 THUMB = 112  # longest side of a gallery thumbnail, in pixels
 # Gallery rows per section: bounded so the page stays small (~1 MB) whatever the run's size.
 SAMPLE, BORDERLINE, FAILED, SUSPECTS = 24, 12, 12, 40
 HARD, DIVERSE, ALERT = "#1f6fb4", "#e08a1e", "#c62828"
-
-
-
 PATH_KEYS = ("annotations", "image_dir", "image_embeddings", "text_embeddings", "blacklist")
 
 
@@ -41,10 +40,11 @@ def load_run_config(run: RunDir) -> Config:
         raise HnmError(f"{run.config}: damaged; rerun the mining command with --overwrite")
     values.pop("provenance", None)
     values["output_dir"] = str(run.root)  # the folder may have moved since the run
-    workdir = Path(read_plan(run).workdir)
-    for key in PATH_KEYS:
-        if isinstance(values.get(key), str) and values[key]:
-            values[key] = str(workdir / values[key])  # an absolute path stays as it is
+    if run.plan.exists():
+        workdir = Path(read_plan(run).workdir)
+        for key in PATH_KEYS:
+            if isinstance(values.get(key), str) and values[key]:
+                values[key] = str(workdir / values[key])  # an absolute path stays as it is
     try:
         return make_config(values)
     except HnmError as exc:
@@ -55,21 +55,25 @@ def load_run_config(run: RunDir) -> Config:
 def report_from_dir(output_dir: str | Path, warn: Callable[[str], Any] = print) -> Path:
     """`hnm report OUTPUT_DIR`: (re)write the report of a finished run."""
     run = RunDir(output_dir)
-    for path in (run.config, run.plan, run.negatives, run.metrics):
+    config = load_run_config(run) if run.config.exists() else Config()
+    for path in (run.config, run.plan, run.records(config.output_format), run.metrics):
         if not path.exists():
             raise HnmError(f"{run.root}: no {path.name}; not a finished hnm run "
                            "(rerun the mining command to finish it)")
-    config = load_run_config(run)
-    return write_report(run, config, read_json(run.metrics), read_plan(run), warn)
+    return write_report(run, config, read_json(run.metrics), read_plan(run), warn=warn)
 
 
 def write_report(run: RunDir, config: Config, metrics: dict[str, Any], plan: Plan,
-                 warn: Callable[[str], Any] = lambda _: None) -> Path:
-    """Render OUTPUT_DIR/report.html from the metrics document and the run's files."""
+                 ds: Dataset | None = None, warn: Callable[[str], Any] = lambda _: None
+                 ) -> Path:
+    """Render OUTPUT_DIR/report.html from the metrics document and the run's files.
+    `ds`: the run's dataset, where images held in shards are found (read again if None)."""
     scan = scan_negatives(run, config, plan)
     suspects = top_suspects(run.suspects)
     thumbs = Thumbs(Path(config.image_dir), config.max_image_pixels)
     with image_limit(config.max_image_pixels):
+        if plan.input_format in SHARD_FORMATS:
+            thumbs.find_in(config, plan, ds, shown_images(config, scan, suspects))
         write_text(run.report, render(config, metrics, scan, suspects, thumbs))
     if thumbs.missing:
         warn(f"warning: {len(thumbs.missing)} of {len(thumbs.cache)} images of the report "
@@ -112,7 +116,7 @@ def scan_negatives(run: RunDir, config: Config, plan: Plan) -> Scan:
     high: list[tuple[float, int]] = []
     low: list[tuple[float, int]] = []
     uses: Counter = Counter()
-    for pos, record in _lines(run.negatives, set(anchors)):
+    for pos, record in read_records(run, set(anchors)):
         negatives = record.get("negatives") or []
         if not negatives and len(scan.failed) < FAILED:
             scan.failed.append(pos)
@@ -125,7 +129,7 @@ def scan_negatives(run: RunDir, config: Config, plan: Plan) -> Scan:
     scan.low_visual = [-p for _, p in sorted(low, reverse=True)]
     scan.reuse = Counter(uses.values())
     wanted = {*scan.sample, *scan.high_text, *scan.low_visual, *scan.failed}
-    scan.records = dict(_lines(run.negatives, wanted))
+    scan.records = dict(read_records(run, wanted))
     return scan
 
 
@@ -135,14 +139,6 @@ def _push(heap: list, size: int, item: tuple) -> None:
         heapq.heappush(heap, item)
     elif item > heap[0]:
         heapq.heapreplace(heap, item)
-
-
-def _lines(path: Path, positions: set[int]) -> Iterator[tuple[int, dict]]:
-    """(position, record) of the wanted lines; the others are not even parsed."""
-    with open(path, encoding="utf-8") as handle:
-        for pos, line in enumerate(handle):
-            if pos in positions:
-                yield pos, json.loads(line)
 
 
 @dataclass
@@ -363,7 +359,7 @@ def config_table(config: Config, metrics: dict[str, Any]) -> str:
 # ---- gallery ------------------------------------------------------------------------------
 
 class Thumbs:
-    """Small inline JPEG thumbnails, each image file read once (inside `image_limit`)."""
+    """Small inline JPEG thumbnails, each image read once (inside `image_limit`)."""
 
     def __init__(self, image_dir: Path, max_pixels: int) -> None:
         self.image_dir = image_dir
@@ -380,11 +376,25 @@ class Thumbs:
             return f"<div class='noimg'>image not shown<br>{esc(image)}</div>"
         return f"<img class='thumb' src='{uri}' alt='{esc(image)}'>"
 
-    def _data_uri(self, path: Path) -> str | None:
+    def find_in(self, config: Config, plan: Plan, ds: Dataset | None, keys: set[str]) -> None:
+        """Thumbnails of images held in the input's shards, named in the records by their
+        keys: read in input order (a Parquet column streams once)."""
+        if ds is None:
+            try:
+                ds = load_dataset(config, list(plan.skipped))
+            except HnmError:
+                return  # the input moved or changed: its images show as not found
+        f = config.fields
+        for row, pos in enumerate(ds.positions):
+            key = ds.records[pos][f.image]
+            if key in keys and key not in self.cache:
+                self.cache[key] = self._data_uri(ds.images[row])
+
+    def _data_uri(self, source: Path | ImageRef) -> str | None:
         from PIL import Image
 
         try:
-            with Image.open(path) as img:
+            with Image.open(image_stream(source)) as img:
                 if too_large(img, self.max_pixels):
                     return None
                 img.draft("RGB", (THUMB, THUMB))  # JPEG: decode at a fraction of the size
@@ -395,6 +405,16 @@ class Thumbs:
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
             return None  # a missing, damaged or huge image must not stop the report
         return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def shown_images(config: Config, scan: Scan, suspects: Suspects) -> set[str]:
+    """The image of every anchor and negative the page shows."""
+    f = config.fields
+    shown = {n["image"] for r in scan.records.values() for n in r.get("negatives") or []}
+    shown |= {r[f.image] for r in scan.records.values() if isinstance(r.get(f.image), str)}
+    for s in suspects.by_text + suspects.by_visual:
+        shown |= {s["anchor_image"], s["negative"]["image"]}
+    return shown
 
 
 def gallery(config: Config, scan: Scan, thumbs: Thumbs) -> str:

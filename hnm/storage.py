@@ -144,6 +144,7 @@ class RunDir:
     config = property(lambda self: self.root / "config.yaml")
     plan = property(lambda self: self.root / "plan.json")
     negatives = property(lambda self: self.root / "negatives.jsonl")
+    negatives_parquet = property(lambda self: self.root / "negatives.parquet")
     suspects = property(lambda self: self.root / "suspects.jsonl")
     metrics = property(lambda self: self.root / "metrics.json")
     report = property(lambda self: self.root / "report.html")
@@ -153,6 +154,10 @@ class RunDir:
     lock_file = property(lambda self: self.root / ".hnm.lock")
     logs = property(lambda self: self.root / "logs")
     tables_dir = property(lambda self: self.root / PHASE_DIRS["tables"])
+
+    def records(self, output_format: str) -> Path:
+        """Every record with its negatives, in the run's --output-format."""
+        return self.negatives_parquet if output_format == "parquet" else self.negatives
 
     def image_embeddings(self, shard: int) -> Path:
         return self.root / PHASE_DIRS["embed"] / f"image_{shard:05d}.npy"
@@ -193,13 +198,8 @@ class RunDir:
 
     def results(self) -> tuple[Path, ...]:
         """What the reduce phase and the tools derive from a run's phases."""
-        return (self.done, self.negatives, self.suspects, self.metrics, self.report,
-                self.sweep_html, self.sweep_json)
-
-    def own_names(self) -> set[str]:
-        """Every name hnm writes at the top of a run directory (and older layouts' index/)."""
-        files = {p.name for p in (self.config, self.plan, *self.results(), self.lock_file)}
-        return files | set(PHASE_DIRS.values()) | {self.logs.name, "index"}
+        return (self.done, self.negatives, self.negatives_parquet, self.suspects,
+                self.metrics, self.report, self.sweep_html, self.sweep_json)
 
     def remove_temporary(self) -> int:
         """Delete atomic_open's leftovers (a process killed mid-write); call under the lock."""

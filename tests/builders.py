@@ -14,6 +14,7 @@ from PIL import Image
 
 from hnm.cli import main
 
+FAST = ["--visual-encoder", "pixels", "--num-workers", "0"]
 REPO = Path(__file__).absolute().parents[1]
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
 DEMO_FIELDS = ["--text-field", "answer", "--group-field", "first_instruction"]
@@ -76,7 +77,8 @@ def snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    """One record a line; lines end at "\\n" only, as hnm writes them."""
+    return [json.loads(line) for line in path.read_bytes().split(b"\n") if line]
 
 
 def cli(capsys: Any, *args: Any) -> tuple[int, str, str]:
@@ -88,6 +90,26 @@ def cli(capsys: Any, *args: Any) -> tuple[int, str, str]:
         rc = exc.code
     out, err = capsys.readouterr()
     return rc, out, err
+
+
+def fails(capsys: Any, root: Path, out: Path, args: list, *culprits: str) -> str:
+    """Run the CLI, expecting exit status 2, one error line naming every culprit, no output
+    files and untouched inputs. Returns the message after 'hnm: error: '."""
+    before = snapshot(root)
+    existed = out.exists()
+    rc, stdout, err = cli(capsys, *FAST, "--output-dir", out, *args)
+    assert rc == 2, (stdout, err)
+    lines = err.splitlines()
+    assert len(lines) == 1 and err.endswith("\n"), err
+    assert lines[0].startswith("hnm: error: "), err
+    for culprit in culprits:
+        assert culprit in lines[0], (culprit, err)
+    if existed:
+        assert not any(out.iterdir()), sorted(out.iterdir())
+    else:
+        assert not out.exists()
+    assert snapshot(root) == before
+    return lines[0][len("hnm: error: "):]
 
 
 def launch(*args: Any, timeout: float = 300) -> subprocess.CompletedProcess:

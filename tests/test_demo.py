@@ -139,3 +139,20 @@ def test_seed_changes_output(tmp_path: Path) -> None:
     a = demo.make_demo(tmp_path / "a", num_dialogs=3, seed=1).read_bytes()
     b = demo.make_demo(tmp_path / "b", num_dialogs=3, seed=2).read_bytes()
     assert a != b
+
+
+@pytest.mark.parametrize(("fmt", "files"), [
+    ("jsonl", ["annotations.jsonl", "images"]),
+    ("parquet", ["parquet/part-00000.parquet", "parquet/part-00001.parquet"]),
+    ("webdataset", ["webdataset/00000.tar", "webdataset/00001.tar"]),
+    ("hf", ["hf/data-00000-of-00002.arrow", "hf/data-00001-of-00002.arrow"]),
+])
+def test_every_input_format(tmp_path: Path, capsys: pytest.CaptureFixture, fmt: str,
+                            files: list[str]) -> None:
+    """`python -m hnm.demo DIR --format F`: the shard formats hold the images themselves."""
+    assert demo.main([str(tmp_path), "--num-dialogs", "2", "--format", fmt,
+                      "--per-shard", "6"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("wrote 10 records to ") and out.endswith(f"{fmt}\n")
+    assert all((tmp_path / f).exists() for f in files)
+    assert (tmp_path / "images").exists() == (fmt == "jsonl")

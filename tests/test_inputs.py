@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 from builders import (
     DEMO_FIELDS,
+    FAST,
     answer,
     cli,
     dataset,
+    fails,
     launch,
     read_jsonl,
     records,
@@ -28,34 +30,12 @@ from hnm.config import Config, Fields
 from hnm.data import load_dataset
 from hnm.demo import make_demo
 
-FAST = ["--visual-encoder", "pixels", "--num-workers", "0"]
-
 
 @pytest.fixture
 def data(tmp_path: Path) -> Path:
     """Six caption-style records with their image files, in tmp_path/in."""
     dataset(tmp_path / "in")
     return tmp_path / "in"
-
-
-def fails(capsys, root: Path, out: Path, args: list, *culprits: str) -> str:
-    """Run the CLI, expecting exit status 2, one error line naming every culprit, no output
-    files and untouched inputs. Returns the message after 'hnm: error: '."""
-    before = snapshot(root)
-    existed = out.exists()
-    rc, stdout, err = cli(capsys, *FAST, "--output-dir", out, *args)
-    assert rc == 2, (stdout, err)
-    lines = err.splitlines()
-    assert len(lines) == 1 and err.endswith("\n"), err
-    assert lines[0].startswith("hnm: error: "), err
-    for culprit in culprits:
-        assert culprit in lines[0], (culprit, err)
-    if existed:
-        assert not any(out.iterdir()), sorted(out.iterdir())
-    else:
-        assert not out.exists()
-    assert snapshot(root) == before
-    return lines[0][len("hnm: error: "):]
 
 
 def base(root: Path, name: str = "annotations.json") -> list:
@@ -121,6 +101,49 @@ def test_utf8_with_a_byte_order_mark_loads(tmp_path):
     path = tmp_path / "bom.json"
     path.write_bytes(b"\xef\xbb\xbf" + json.dumps(recs, ensure_ascii=False).encode())
     assert _load(path, tmp_path).records == recs
+
+
+def test_jsonl_with_line_separators_inside_strings(capsys, tmp_path, models):
+    """Only "\\n" ends a JSONL line: U+2028, U+0085 and the other characters that
+    str.splitlines breaks at are text inside a JSON string; hnm reads back what it writes."""
+    recs = records(6)
+    recs[3]["text"] = "Fly north\u2028then land near the lake\x85by the road\x1c, waypoint 3"
+    recs[1]["extra"] = {"note": "a\u2029b\x0bc\x0cd\re"}
+    write_images(tmp_path, recs)
+    path = tmp_path / "a.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs),
+                    encoding="utf-8")
+    assert "\u2028" in path.read_text(encoding="utf-8")  # raw, not escaped
+    assert _load(path, tmp_path).records == recs
+    out = tmp_path / "out"
+    rc, _, err = cli(capsys, *FAST, "--annotations", path, "--image-dir", tmp_path,
+                     "--output-dir", out, "--text-encoder", models / "bert", "--blacklist", "")
+    assert rc == 0, err
+    again = _load(out / "negatives.jsonl", tmp_path)
+    assert [{k: v for k, v in r.items() if k != "negatives"} for r in again.records] == recs
+
+
+@pytest.mark.parametrize(("fmt", "field"), [("json", "text"), ("json", "extra"),
+                                            ("jsonl", "group")])
+def test_lone_surrogate_is_refused_when_loading(capsys, data, tmp_path, fmt, field):
+    """A "\\ud800" escape is valid JSON but not Unicode: refused before anything is
+    written, naming the record and the field, not a crash while writing the outputs."""
+    recs = records(6)
+    recs[2][field] = "SURROGATE"
+    path = write_annotations(data / f"annotations.{fmt}", recs, fmt)
+    path.write_text(path.read_text().replace('"SURROGATE"', '"bad \\ud800 text"'))
+    msg = fails(capsys, data, tmp_path / "out", base(data, path.name))
+    assert msg == (f"{path}: record 2 (id 'r2'): field '{field}' holds a lone surrogate "
+                   "('\\ud800'), which is not valid Unicode")
+
+
+def test_escaped_surrogate_pairs_load(tmp_path):
+    recs = records(3)
+    recs[1]["text"] = "EMOJI"
+    write_images(tmp_path, recs)
+    path = write_annotations(tmp_path / "a.json", recs)
+    path.write_text(path.read_text().replace('"EMOJI"', '"land by the tent \\ud83c\\udfd5 now"'))
+    assert _load(path, tmp_path).records[1]["text"] == "land by the tent \U0001f3d5 now"
 
 
 def test_json_that_is_not_records(capsys, data, tmp_path):

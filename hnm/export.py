@@ -1,0 +1,225 @@
+"""`hnm export`: a finished run's negatives as training-ready rows, in a Parquet or JSONL
+file or a folder of WebDataset shards.
+
+- triplets: one row per (anchor, negative): the anchor's id, image and text, the
+  negative's id, image and text, its type, similarities and suspect flag.
+- pairs: one image–text pair a row, each anchor followed by its negatives (type "anchor",
+  then "hard" / "diverse", with `anchor_id` naming the anchor): what a CLIP trainer reads,
+  with the hard negatives next to their anchor.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hnm.data import Dataset, load_dataset
+from hnm.errors import HnmError
+from hnm.outputs import read_records
+from hnm.plan import read_plan
+from hnm.readers import ImageRef, payload, read_image
+from hnm.storage import RunDir, atomic_open
+from hnm.writers import chunks, write_tar_shards
+
+KINDS = ("pairs", "triplets")
+# Rows per Parquet row group: a row holds one or two images (tens of kB each), so a group
+# stays within tens of MB in memory while it is written.
+ROW_GROUP = 1000
+PER_SHARD = 10_000  # samples per WebDataset shard, as img2dataset writes them
+IMAGE_COLUMNS = {"triplets": ("anchor_image", "negative_image"), "pairs": ("image",)}
+EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "TIFF": "tif"}  # PIL format -> ext
+
+
+def export(output_dir: str | Path, kind: str, to: str | Path) -> Path:
+    """Write the run's rows of `kind` to `to` (.parquet, .jsonl, or a folder); returns it.
+    Everything is checked before anything is written."""
+    from hnm.api import load_run
+
+    if kind not in KINDS:
+        raise HnmError(f"--format: must be one of {', '.join(KINDS)}, got {kind!r}")
+    run = load_run(output_dir)
+    to = Path(to)
+    target = to.suffix.lower() if to.suffix.lower() in (".parquet", ".jsonl") else "dir"
+    if target == "dir" and to.exists() and (not to.is_dir() or any(to.iterdir())):
+        raise HnmError(f"--to {to}: exists and is not an empty folder")
+    plan = read_plan(RunDir(run.dir))
+    ds = load_dataset(run.config, list(plan.skipped))
+    if not plan.run_key.endswith(ds.source_sha256[:16]):
+        raise HnmError(f"{run.config.annotations}: changed since the run in {run.dir}; its "
+                       "negatives no longer match the records")
+    if target == ".jsonl" and any(isinstance(s, ImageRef) for s in ds.images):
+        raise HnmError(f"--to {to}: a JSONL file names image files, and this run's images "
+                       "are held in its input shards: export to a .parquet file or a folder")
+    rows = ROWS[kind](RunDir(run.dir), ds, run.config.fields.text)
+    if target == ".jsonl":
+        _write_jsonl(to, rows, ds, kind)
+        return to
+    with ImageBytes(ds, to.parent if target != "dir" else to) as images:
+        if target == ".parquet":
+            _write_parquet(to, rows, ds, kind, images)
+        else:
+            write_tar_shards(to, _samples(rows, kind, images), PER_SHARD)
+    return to
+
+
+def _rows_by(ds: Dataset) -> tuple[dict[int, int], dict[Any, int]]:
+    """Mined row of each record position, and of each id."""
+    return ({int(p): row for row, p in enumerate(ds.positions)},
+            {rid: row for row, rid in enumerate(ds.ids)})
+
+
+def triplets(run: RunDir, ds: Dataset, text: str) -> Iterator[dict[str, Any]]:
+    """One row per (anchor, negative); image columns hold mined rows, read when written."""
+    by_position, by_id = _rows_by(ds)
+    for pos, record in read_records(run):
+        for n in record["negatives"]:
+            anchor = by_position[pos]
+            yield {"anchor_id": ds.ids[anchor], "anchor_image": anchor,
+                   "anchor_text": record[text], "negative_id": n["id"],
+                   "negative_image": by_id[n["id"]], "negative_text": n["text"],
+                   "type": n["type"], "text_similarity": n["text_similarity"],
+                   "visual_similarity": n["visual_similarity"], "suspect": n["suspect"]}
+
+
+def pairs(run: RunDir, ds: Dataset, text: str) -> Iterator[dict[str, Any]]:
+    """Each anchor that has negatives, then its negatives, one image–text pair a row."""
+    by_position, by_id = _rows_by(ds)
+    for pos, record in read_records(run):
+        if not record["negatives"]:
+            continue
+        anchor = by_position[pos]
+        yield {"anchor_id": ds.ids[anchor], "id": ds.ids[anchor], "image": anchor,
+               "text": record[text], "type": "anchor", "text_similarity": None,
+               "visual_similarity": None}
+        for n in record["negatives"]:
+            yield {"anchor_id": ds.ids[anchor], "id": n["id"], "image": by_id[n["id"]],
+                   "text": n["text"], "type": n["type"],
+                   "text_similarity": n["text_similarity"],
+                   "visual_similarity": n["visual_similarity"]}
+
+
+ROWS = {"pairs": pairs, "triplets": triplets}
+
+
+class ImageBytes:
+    """The bytes of any mined row's image. Files, tar members and Arrow rows are read where
+    they lie; a Parquet column cannot be read at random, so its images are first copied,
+    in input order, into a temporary file beside the export (removed afterwards)."""
+
+    def __init__(self, ds: Dataset, where: Path) -> None:
+        self.images = ds.images
+        self.where = where
+        self.offsets = np.full(len(ds.images), -1, dtype=np.int64)  # -1: not in the spool
+        self.sizes = np.zeros(len(ds.images), dtype=np.int64)
+        self.spool: Any = None
+
+    def __enter__(self) -> ImageBytes:
+        parquet = [row for row, s in enumerate(self.images)
+                   if isinstance(s, ImageRef) and s.shard.fmt == "parquet"]
+        if parquet:
+            self.where.mkdir(parents=True, exist_ok=True)
+            self.spool = tempfile.TemporaryFile(dir=self.where, prefix=".hnm-export-")
+            for row in parquet:
+                self.offsets[row] = self.spool.tell()
+                self.sizes[row] = self.spool.write(read_image(self.images[row]) or b"")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.spool is not None:
+            self.spool.close()
+
+    def get(self, row: int) -> bytes:
+        if self.offsets[row] >= 0:
+            self.spool.seek(int(self.offsets[row]))
+            return self.spool.read(int(self.sizes[row]))
+        data = payload(self.images[row])
+        return data.read_bytes() if isinstance(data, Path) else data or b""
+
+
+def _write_jsonl(to: Path, rows: Iterator[dict[str, Any]], ds: Dataset, kind: str) -> None:
+    """Image columns hold absolute paths of the image files."""
+    with atomic_open(to, "w") as handle:
+        for row in rows:
+            for column in IMAGE_COLUMNS[kind]:
+                row[column] = str(Path(ds.images[row[column]]).absolute())
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def _write_parquet(to: Path, rows: Iterator[dict[str, Any]], ds: Dataset, kind: str,
+                   images: ImageBytes) -> None:
+    """Image columns hold the images' bytes; written ROW_GROUP rows at a time."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = _schema(ds, kind)
+    with atomic_open(to) as handle:
+        writer = pq.ParquetWriter(handle, schema)
+        for chunk in chunks(rows, ROW_GROUP):
+            for row in chunk:
+                for column in IMAGE_COLUMNS[kind]:
+                    row[column] = images.get(row[column])
+                _id_text(schema, row)
+            writer.write_table(pa.Table.from_pylist(chunk, schema=schema))
+        writer.close()
+
+
+def _schema(ds: Dataset, kind: str) -> Any:
+    import pyarrow as pa
+
+    try:
+        ids = pa.array(ds.ids).type
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        ids = pa.string()  # ids that mix numbers and text are written as text
+    sims = [("text_similarity", pa.float64()), ("visual_similarity", pa.float64())]
+    if kind == "pairs":
+        return pa.schema([("anchor_id", ids), ("id", ids), ("image", pa.binary()),
+                          ("text", pa.string()), ("type", pa.string()), *sims])
+    return pa.schema([("anchor_id", ids), ("anchor_image", pa.binary()),
+                      ("anchor_text", pa.string()), ("negative_id", ids),
+                      ("negative_image", pa.binary()), ("negative_text", pa.string()),
+                      ("type", pa.string()), *sims, ("suspect", pa.bool_())])
+
+
+def _id_text(schema: Any, row: dict[str, Any]) -> None:
+    import pyarrow as pa
+
+    if schema.field("anchor_id").type == pa.string():
+        for column in ("anchor_id", "id", "negative_id"):
+            if column in row:
+                row[column] = str(row[column])
+
+
+def _samples(rows: Iterator[dict[str, Any]], kind: str, images: ImageBytes
+             ) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """WebDataset samples: pairs as `{key}.jpg` (or .png, ...), `.txt` and `.json` — what
+    open_clip and img2dataset read; triplets as `.anchor.jpg`, `.negative.jpg`, `.json`."""
+    for number, row in enumerate(rows):
+        members: dict[str, bytes] = {}
+        if kind == "pairs":
+            data = images.get(row.pop("image"))
+            members[_extension(data)] = data
+            members["txt"] = row["text"].encode("utf-8")
+        else:
+            for side in ("anchor", "negative"):
+                data = images.get(row.pop(f"{side}_image"))
+                members[f"{side}.{_extension(data)}"] = data
+        members["json"] = json.dumps(row, ensure_ascii=False).encode("utf-8")
+        yield f"{number:09d}", members
+
+
+def _extension(data: bytes) -> str:
+    """The extension WebDataset decoders expect for the image's format."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            name = img.format or ""
+    except (OSError, ValueError, SyntaxError):
+        name = ""
+    return EXTENSIONS.get(name, name.lower() or "bin")
