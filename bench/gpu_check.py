@@ -45,7 +45,6 @@ def mine(args: list[str], **env: str) -> float:
     t0 = time.perf_counter()
     run = subprocess.run([sys.executable, "launch.py", *args], cwd=ROOT, text=True,
                          capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1", **env})
-    print("\n".join(run.stdout.splitlines()[:6]))
     if run.returncode:
         sys.exit(f"run failed ({run.returncode}):\n{run.stdout[-2000:]}\n{run.stderr[-3000:]}")
     return time.perf_counter() - t0
