@@ -261,12 +261,13 @@ def whole_runs(args: argparse.Namespace, tmp: Path) -> None:
     make_demo(data, num_dialogs=args.run_images // 5, image_size=args.image_size)
     base = ["--config", "configs/demo.yaml", "--annotations", str(data / "annotations.json"),
             "--image-dir", str(data), "--batch-size", "64"]
-    settings = {"default": (ROOT, []),
-                "--precision fp32 --cpu-workers 1": (ROOT, ["--precision", "fp32",
-                                                            "--cpu-workers", "1"]),
-                "--precision bf16": (ROOT, ["--precision", "bf16"])}
-    if args.baseline_repo:
-        settings[f"release before ({args.baseline_repo})"] = (Path(args.baseline_repo), [])
+    known = {"default": (ROOT, []),
+             "fp32-1": (ROOT, ["--precision", "fp32", "--cpu-workers", "1"]),
+             "bf16": (ROOT, ["--precision", "bf16"]),
+             "baseline": (Path(args.baseline_repo or ROOT), [])}
+    settings = {f"{name}: {' '.join(known[name][1]) or 'no flags'}"
+                + (f" ({args.baseline_repo})" if name == "baseline" else ""): known[name]
+                for name in args.run_settings.split(",")}
     times: dict[str, list[float]] = {k: [] for k in settings}
     embed_s: dict[str, list[float]] = {k: [] for k in settings}
     phases: dict[str, dict] = {}
@@ -354,7 +355,11 @@ def main() -> int:
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--run-images", type=int, default=2000, help="images of a whole run")
     parser.add_argument("--run-repeats", type=int, default=3)
-    parser.add_argument("--baseline-repo", help="a checkout of an earlier hnm to run too")
+    parser.add_argument("--baseline-repo", help="a checkout of an earlier hnm, for the "
+                        "'baseline' whole run and the quality table")
+    parser.add_argument("--run-settings", default="default,fp32-1",
+                        help="whole runs to time, of default, fp32-1 (--precision fp32 "
+                        "--cpu-workers 1), bf16, baseline (--baseline-repo's code)")
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: "
                         "models,text,formats,runs,quality")
     args = parser.parse_args()
