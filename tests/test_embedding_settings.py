@@ -161,8 +161,8 @@ def one_thread():
 
 
 def test_efficientnet_runs_channels_last_with_batch_norms_folded_in_fp32():
-    for precision, norms in (("fp32", 0), ("bf16", 49)):
-        model = build_image_encoder("efficientnet-lite0", CPU, precision).model
+    for kind, norms in (("fp32", 0), ("bf16", 49)):
+        model = build_image_encoder("efficientnet-lite0", CPU, kind).model
         assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == norms
         weight = model._blocks[0]._depthwise_conv.weight
         assert weight.is_contiguous(memory_format=torch.channels_last)
