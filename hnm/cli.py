@@ -47,7 +47,11 @@ def _mine_flags(p: argparse.ArgumentParser) -> None:
     enc.add_argument("--image-embeddings", default=UNSET, help="precomputed .npy, one row/record")
     enc.add_argument("--text-embeddings", default=UNSET, help="precomputed .npy, one row/record")
     enc.add_argument("--batch-size", type=int, default=UNSET, help="batch size (default 64)")
-    enc.add_argument("--num-workers", type=int, default=UNSET, help="data-loading workers (4)")
+    enc.add_argument("--num-workers", type=int, default=UNSET,
+                     help="data-loading processes per GPU (default: sized from the cores)")
+    enc.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=UNSET,
+                     help="what the encoders compute in (auto: bf16 where the hardware runs "
+                     "it natively, else fp32)")
     mine = p.add_argument_group("mining")
     for flag, kind, text in (
             ("--k-nn", int, "number of k-NN neighbours (30)"),
@@ -80,7 +84,8 @@ def _mine_flags(p: argparse.ArgumentParser) -> None:
     dev.add_argument("--gpu-id", type=int, default=UNSET, help="single-GPU mode on this GPU")
     dev.add_argument("--gpu-ids", default=UNSET, help="comma-separated GPU indices")
     dev.add_argument("--num-gpus", type=int, default=UNSET, help="GPUs to use (default: all)")
-    dev.add_argument("--cpu-workers", type=int, default=UNSET, help="CPU worker processes (1)")
+    dev.add_argument("--cpu-workers", type=int, default=UNSET,
+                     help="CPU worker processes (default: one per usable core)")
     dev.add_argument("--max-retries", type=int, default=UNSET, help="retries of a failed shard")
     dev.add_argument("--stall-timeout", type=float, default=UNSET,
                      help="seconds without progress before a worker is stopped and its shard "

@@ -49,7 +49,8 @@ class Config:
     image_embeddings: str | None = None
     text_embeddings: str | None = None
     batch_size: int = 64
-    num_workers: int = 4
+    num_workers: int | None = None  # data-loading processes per GPU; None: sized from the cores
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (hnm.precision)
     # mining (SPEC §3-7)
     k_nn: int = 30
     cosine_threshold: float = 0.3
@@ -72,7 +73,7 @@ class Config:
     gpu_id: int | None = None
     gpu_ids: tuple[int, ...] | None = None
     num_gpus: int | None = None
-    cpu_workers: int = 1
+    cpu_workers: int | None = None  # None: every usable core, as memory allows (hnm.gpus)
     max_retries: int = 2
     # a worker that reports no progress for this long is stopped and its shard retried
     # (0: never); long enough for the slowest single step (one batch, one k-means)
@@ -97,10 +98,14 @@ class Config:
 # computed, so changing one resumes a run instead of starting it again. batch_size is the
 # exception worth knowing: some kernels round differently for other batch sizes, so a run
 # keeps the batch grid it was first planned with (Plan.batch_size) whatever the flag says.
+# precision is in the identity as resolved (Plan.precision): "auto" and the precision it
+# chooses on this hardware are the same run.
 RUNTIME_ONLY = frozenset(
     {"output_dir", "num_workers", "gpu_id", "gpu_ids", "num_gpus", "cpu_workers",
-     "max_retries", "stall_timeout", "quiet", "overwrite", "batch_size", "dry_run"}
+     "max_retries", "stall_timeout", "quiet", "overwrite", "batch_size", "dry_run",
+     "precision"}
 )
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 EMBEDDING_KEYS = ("annotations", "image_dir", "fields", "on_missing_image", "visual_encoder",
                   "text_encoder", "image_embeddings", "text_embeddings", "input_format",
                   "hf_split")
@@ -132,10 +137,10 @@ def validate(c: Config) -> None:
     for name in ("k_nn", "batch_size", "sliding_window_size", "n_clusters", "num_negatives",
                  "diverse_candidates", "cpu_workers", "fallback_phrase_reuse_limit"):
         value = getattr(c, name)
-        _check(value >= 1, name, f"must be at least 1, got {value}")
+        _check(value is None or value >= 1, name, f"must be at least 1, got {value}")
     for name in ("num_workers", "min_answer_length", "max_retries", "stall_timeout"):
         value = getattr(c, name)
-        _check(value >= 0, name, f"must not be negative, got {value}")
+        _check(value is None or value >= 0, name, f"must not be negative, got {value}")
     _check(0 <= c.seed < 2**31, "seed", f"must be within [0, {2**31 - 1}] (a 32-bit seed), "
            f"got {c.seed}")
     _check(c.max_image_pixels >= 1, "max_image_pixels",
@@ -148,6 +153,8 @@ def validate(c: Config) -> None:
         _check(len(c.gpu_ids) > 0 and min(c.gpu_ids) >= 0
                and len(set(c.gpu_ids)) == len(c.gpu_ids), "gpu_ids",
                f"must list distinct GPU indices (0 or more), got {list(c.gpu_ids)}")
+    _check(c.precision in PRECISIONS, "precision",
+           f"must be one of {', '.join(PRECISIONS)}, got {c.precision!r}")
     _check(c.on_missing_image in ("error", "skip"), "on_missing_image",
            f"must be 'error' or 'skip', got {c.on_missing_image!r}")
     _check(c.input_format is None or c.input_format in INPUT_FORMATS, "input_format",

@@ -7,6 +7,7 @@ spawned workers, one per device) or `distributed.RankExecutor` (torchrun ranks).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import sys
@@ -20,6 +21,7 @@ from hnm.data import Dataset, Progress
 from hnm.errors import Terminated
 from hnm.plan import Plan, dry_run_lines, prepare, read_plan, validate_inputs
 from hnm.pool import InProcess, WorkerPool
+from hnm.precision import resolve
 from hnm.process import stopping
 from hnm.progress import ProgressView, choose_mode
 from hnm.reduce import reduce_phase
@@ -60,8 +62,13 @@ def run(config: Config, say: Callable[[str], Any] | None = None) -> dict[str, An
     """Run (or resume) the whole pipeline; returns the metrics document."""
     if config.dry_run:
         return dry_run(config, say or print)
-    executor = distributed.RankExecutor(config) if distributed.under_torchrun() \
-        else LocalExecutor(config, say)
+    executor: Executor
+    if distributed.under_torchrun():
+        # the ranks are the workers, every one started already: a shard for each
+        config = dataclasses.replace(config, cpu_workers=int(os.environ["WORLD_SIZE"]))
+        executor = distributed.RankExecutor(config)
+    else:
+        executor = LocalExecutor(config, say)
     with sigterm_raises(), executor:
         return drive(config, executor)
 
@@ -86,7 +93,10 @@ def drive(config: Config, ex: Executor) -> dict[str, Any]:
         plan = read_plan(run)
         ex.say(f"Input: {plan.input_format}, {plan.input_files} file(s)")
         ex.say(f"Sharding {plan.num_anchors} anchors ({plan.num_rows} candidates) into "
-               f"{len(plan.shards)} shard(s) on {len(ex.devices)} worker(s)")
+               f"{len(plan.shards)} shard(s) on {min(len(plan.shards), len(ex.devices))} "
+               "worker(s)")
+        if ex.leader:
+            ex.say(resolve(config.precision, ex.devices).line())
         shards = [s.shard for s in plan.shards]
         reused = {p: sum(run.is_done(p, s) for s in shards) for p in ("embed", "candidates")}
         reused_tables = run.is_done("tables")
@@ -112,7 +122,7 @@ def dry_run(config: Config, say: Callable[[str], Any]) -> dict[str, Any]:
     """Validate every input and print the plan; write nothing."""
     found, reason = gpus.discover()
     devices = gpus.choose_devices(config, found)
-    for line in gpus.describe(found, reason, devices) + dry_run_lines(
+    for line in gpus.describe(found, reason, devices, config) + dry_run_lines(
             config, validate_inputs(config), devices):
         say(line)
     return {}
@@ -161,7 +171,7 @@ class LocalExecutor:
         self.pool: Any = None
         self._say = say
         self.stack = contextlib.ExitStack()
-        self.pending = gpus.describe(found, reason, self.devices)
+        self.pending = gpus.describe(found, reason, self.devices, config)
 
     def __enter__(self) -> LocalExecutor:
         return self
@@ -196,9 +206,13 @@ class LocalExecutor:
         self.view = self.stack.enter_context(ProgressView(
             [{"shard": s.shard, "device": s.device} for s in plan.shards], self.mode,
             self.nvml))
+        devices = self.devices[:len(plan.shards)]  # CPU workers: as many as the plan keeps busy
+        if len(devices) < len(self.devices) and self.config.cpu_workers is None:
+            self.say(f"{plan.num_rows} images keep {len(devices)} CPU worker(s) busy (one per "
+                     f"{gpus.ROWS_PER_CPU_WORKER}; each takes seconds to start)")
         self.pool = self.stack.enter_context(
-            InProcess(self.config, self.view, ds) if self.devices == ["cpu"]
-            else WorkerPool(self.config, self.devices, self.view))
+            InProcess(self.config, self.view, ds) if devices == ["cpu"]
+            else WorkerPool(self.config, devices, self.view))
 
     def run_phase(self, phase: str, tasks: list[Task]) -> None:
         self.pool.run_phase(tasks)

@@ -3,6 +3,7 @@ precomputed embeddings read and checked."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +12,18 @@ import numpy as np
 from hnm.data import Progress, image_limit, no_progress, too_large
 from hnm.encoders import ImageEncoder, TextEncoder, finalize
 from hnm.errors import HnmError
+from hnm.gpus import usable_cores
 from hnm.process import loader_worker_init
 from hnm.readers import ImageRef, image_stream
+
+# On CPU a batch goes through the model this many images at a time: the feature maps of a
+# few images stay in the caches, and EfficientNet-Lite0 then runs about twice as fast on
+# one core as with 64 at a time (bench/bench_embed.py). The passes sit on the global batch
+# grid, so an embedding still never depends on the shard that computed it.
+CPU_ROWS_PER_PASS = 4
+# Data-loading processes of one GPU worker at most: past this many, decoding outpaces any
+# single GPU, and each one holds its own copy of the dataset's paths and a queue of batches.
+MAX_LOADER_WORKERS = 16
 
 
 def torch_setup(device: str) -> Any:
@@ -33,14 +44,32 @@ def torch_setup(device: str) -> Any:
     return torch.device(device)
 
 
+def loader_workers(requested: int | None, device: str, gpu_workers: int) -> int:
+    """Data-loading processes of one worker: --num-workers, or on a GPU the cores left to
+    each GPU worker after its own process; none on CPU, where model workers already fill
+    every core and decoding costs a few percent of an image's time."""
+    if requested is not None:
+        return requested
+    if not device.startswith("cuda"):
+        return 0
+    return max(1, min(MAX_LOADER_WORKERS, usable_cores() // max(1, gpu_workers) - 1))
+
+
 class ImageFiles:
     """Map-style dataset of preprocessed images for a torch DataLoader: image files, or
-    images held as bytes in shards (each loader process reads its own)."""
+    images held as bytes in shards (each loader process reads its own).
 
-    def __init__(self, paths: list[Path | ImageRef], preprocess: Any, max_pixels: int) -> None:
+    `draft_size`: a JPEG at least twice this size in both directions is decoded at a
+    half, quarter or eighth of its size (libjpeg's DCT scaling, PIL's draft mode): far less
+    work, and the same pixels wherever the file is decoded with the same encoder.
+    """
+
+    def __init__(self, paths: list[Path | ImageRef], preprocess: Any, max_pixels: int,
+                 draft_size: int | None = None) -> None:
         self.paths = paths
         self.preprocess = preprocess
         self.max_pixels = max_pixels
+        self.draft_size = draft_size
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -52,31 +81,55 @@ class ImageFiles:
             with image_limit(self.max_pixels), Image.open(image_stream(self.paths[i])) as img:
                 if (why := too_large(img, self.max_pixels)):
                     raise ValueError(why)
+                if self.draft_size:
+                    img.draft("RGB", (self.draft_size, self.draft_size))
                 return self.preprocess(img.convert("RGB"))
         except Exception as exc:  # any decoder failure is this file's fault, not a crash
             raise HnmError(f"{self.paths[i]}: cannot decode image: {exc}") from None
 
 
 def embed_images(encoder: ImageEncoder, paths: list[Path], batch_size: int, num_workers: int,
-                 max_pixels: int, progress: Progress = no_progress) -> np.ndarray:
-    """Grid-snapped embeddings of the image files, batch by batch in order."""
+                 max_pixels: int, progress: Progress = no_progress) -> tuple[np.ndarray, float]:
+    """Grid-snapped embeddings of the image files, batch by batch in order, and the seconds
+    the model waited for decoded batches."""
     import torch
     from torch.utils.data import DataLoader
 
     if not paths:
-        return np.zeros((0, 1), np.float32)
+        return np.zeros((0, 1), np.float32), 0.0
     quiet_loader_deaths()
-    loader = DataLoader(ImageFiles(paths, encoder.preprocess, max_pixels), batch_size=batch_size,
-                        num_workers=num_workers, shuffle=False,
+    # pinned host memory lets the copy to the GPU run without blocking (non_blocking=True)
+    loader = DataLoader(ImageFiles(paths, encoder.preprocess, max_pixels, encoder.draft_size),
+                        batch_size=batch_size, num_workers=num_workers, shuffle=False,
                         pin_memory=torch.device(encoder.device).type == "cuda",
                         worker_init_fn=loader_worker_init if num_workers else None)
-    parts, done = [], 0
+    rows = CPU_ROWS_PER_PASS if torch.device(encoder.device).type == "cpu" else batch_size
+    parts, done, waited = [], 0, 0.0
     with torch.inference_mode():
+        asked = time.perf_counter()
         for batch in loader:
-            parts.append(encoder.encode(batch))
+            waited += time.perf_counter() - asked
+            parts += [encoder.encode(part) for part in batch.split(rows)]
             done += len(batch)
             progress("embed", done, len(paths))
-    return finalize(np.concatenate(parts))
+            asked = time.perf_counter()
+    return finalize(np.concatenate(parts)), waited
+
+
+def phrase_order(phrases: list[str]) -> np.ndarray:
+    """The order phrases are embedded in: by length (stable), so that a batch holds few
+    distinct token counts, and the encoder (which never pads: texts of one count go through
+    it together) makes few, large passes. The order is global, like the batch grid: which
+    phrases share a batch never depends on the shards."""
+    lengths = np.fromiter(map(len, phrases), dtype=np.int64, count=len(phrases))
+    return np.argsort(lengths, kind="stable")
+
+
+def in_phrase_order(rows: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """Rows embedded in `order` (phrase_order), back in the phrases' own order."""
+    out = np.empty_like(rows)
+    out[order] = rows
+    return out
 
 
 def quiet_loader_deaths() -> None:

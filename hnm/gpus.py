@@ -19,6 +19,7 @@ class Gpu:
     name: str
     total_gb: float
     free_gb: float
+    compute_capability: tuple[int, int] | None = None
 
 
 def _nvml() -> Any:
@@ -61,13 +62,22 @@ def discover() -> tuple[list[Gpu], str | None]:
             mem = nvml.nvmlDeviceGetMemoryInfo(handle)
             name = nvml.nvmlDeviceGetName(handle)
             name = name.decode() if isinstance(name, bytes) else name
-            gpus.append(Gpu(cuda_index, i, name, mem.total / 2**30, mem.free / 2**30))
+            gpus.append(Gpu(cuda_index, i, name, mem.total / 2**30, mem.free / 2**30,
+                            _capability(nvml, handle)))
     finally:
         nvml.nvmlShutdown()
     if not gpus:
         why = "CUDA_VISIBLE_DEVICES hides every GPU" if count else "NVML reports no GPU"
         return [], why
     return gpus, None
+
+
+def _capability(nvml: Any, handle: Any) -> tuple[int, int] | None:
+    try:
+        major, minor = nvml.nvmlDeviceGetCudaComputeCapability(handle)
+        return int(major), int(minor)
+    except Exception:  # an old driver or library: the capability stays unknown
+        return None
 
 
 def memory_used_gb(nvml_index: int) -> float | None:
@@ -90,7 +100,7 @@ def choose_devices(config: Config, gpus: list[Gpu]) -> list[str]:
     when GPUs were asked for; with too few GPUs it is an error listing what exists.
     """
     if not gpus:
-        return ["cpu"] * config.cpu_workers
+        return ["cpu"] * cpu_workers(config)[0]
     wanted = _wanted(config)
     if wanted is None:
         return [f"cuda:{g.index}" for g in gpus]
@@ -100,6 +110,53 @@ def choose_devices(config: Config, gpus: list[Gpu]) -> list[str]:
         raise HnmError(f"{_flag(config)}: asks for GPU(s) {missing} but only {len(gpus)} "
                        f"exist: {present}")
     return [f"cuda:{i}" for i in wanted]
+
+
+# Peak resident memory of a CPU worker with both built-in encoders loaded (about 1.1 GiB
+# measured on the demo), plus room for its share of the candidates phase.
+CPU_WORKER_GB = 1.5
+# A CPU worker takes a few seconds to start (torch, transformers, both models): about the
+# time one core takes to embed this many images, so fewer per worker would cost more than
+# they save.
+ROWS_PER_CPU_WORKER = 128
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity mask, which containers and taskset set)."""
+    return len(os.sched_getaffinity(0))
+
+
+def available_memory_gb(meminfo: str = "/proc/meminfo") -> float | None:
+    """Memory the kernel can give without swapping; None when it cannot be read."""
+    try:
+        with open(meminfo) as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return None
+
+
+def cpu_workers(config: Config) -> tuple[int, str | None]:
+    """CPU worker processes: --cpu-workers, or one per usable core as far as memory allows
+    (then also why fewer than the cores)."""
+    if config.cpu_workers is not None:
+        return config.cpu_workers, None
+    cores = usable_cores()
+    memory = available_memory_gb()
+    fits = cores if memory is None else max(1, int(memory // CPU_WORKER_GB))
+    if fits < cores:
+        return fits, (f"{memory:.1f} GiB of memory available, about {CPU_WORKER_GB} GiB "
+                      f"per worker: {fits} of {cores} usable cores used")
+    return cores, None
+
+
+def fit_to_rows(config: Config, devices: list[str], rows: int) -> list[str]:
+    """Without --cpu-workers, no more CPU workers than the rows keep busy."""
+    if config.cpu_workers is not None or any(d != "cpu" for d in devices):
+        return devices
+    return devices[:max(1, min(len(devices), rows // ROWS_PER_CPU_WORKER))]
 
 
 def _wanted(config: Config) -> list[int] | None:
@@ -118,10 +175,13 @@ def _flag(config: Config) -> str:
     return "--gpu-id" if config.gpu_id is not None else "--num-gpus"
 
 
-def describe(gpus: list[Gpu], reason: str | None, devices: list[str]) -> list[str]:
+def describe(gpus: list[Gpu], reason: str | None, devices: list[str],
+             config: Config | None = None) -> list[str]:
     """The guide's "Detected N GPU(s)" lines, or why the run uses CPU workers."""
     if not gpus:
-        return [f"No GPU: {reason}. Running on {len(devices)} CPU worker(s)."]
+        fewer = cpu_workers(config)[1] if config is not None else None
+        return [f"No GPU: {reason}. Running on {len(devices)} CPU worker(s)."
+                + (f" ({fewer})" if fewer else "")]
     lines = [f"Detected {len(gpus)} GPU(s): {[g.index for g in gpus]}"]
     lines += [f"   GPU {g.index}: {g.name}, {g.total_gb:.1f} GB ({g.free_gb:.1f} GB free)"
               for g in gpus]

@@ -26,17 +26,23 @@ from hnm.encoders import (
     embedding_dim,
 )
 from hnm.errors import HnmError
+from hnm.gpus import fit_to_rows
 from hnm.miner import MARGIN
+from hnm.precision import resolve
 from hnm.storage import PHASE_DIRS, RunDir, read_json, verify_marker, write_json, write_text
 
 # Bumped whenever the run directory's layout or plan.json changes meaning.
-PLAN_VERSION = 2
+PLAN_VERSION = 3
+# Phrases are short: a text batch this large costs little memory, and with phrases in
+# length order (embed.phrase_order) it holds few distinct token counts, so few passes.
+TEXT_BATCH = 256
 LEGACY_DIRS = ("index",)  # folders of older layouts, removed by --overwrite
 
 
 @dataclass(frozen=True)
 class ShardPlan:
-    """One shard: half-open ranges of rows, distinct phrases and anchors, and its device."""
+    """One shard: half-open ranges of rows, distinct phrases (positions in
+    embed.phrase_order) and anchors, and its device."""
 
     shard: int
     rows: tuple[int, int]
@@ -59,6 +65,8 @@ class Plan:
     skipped: tuple[int, ...]  # record positions left out (missing images, with skip)
     batch_size: int  # the embedding batch grid, fixed when the embeddings were planned
     workdir: str  # the folder the run was started from: relative input paths start there
+    text_batch_size: int  # the grid of phrases, in embed.phrase_order
+    precision: str  # what the encoders compute in (fp32, bf16, fp16), resolved once
     shards: tuple[ShardPlan, ...]
     input_format: str = "json"  # as detected (hnm.readers) or given by --input-format
     input_files: int = 1
@@ -89,10 +97,12 @@ def read_plan(run: RunDir) -> Plan:
         raise HnmError(f"{run.plan}: damaged ({type(exc).__name__}: {exc}); {again}") from None
 
 
-def make_shards(n: int, k: int, grain: int = 1) -> list[tuple[int, int]]:
-    """k contiguous ranges covering [0, n), boundaries on multiples of `grain`."""
+def make_shards(n: int, k: int, grain: int = 1, front: bool = False) -> list[tuple[int, int]]:
+    """k contiguous ranges covering [0, n), boundaries on multiples of `grain`; with fewer
+    blocks than ranges, the empty ranges come first, or last if `front`."""
     blocks = -(-n // grain)
-    edges = [min(n, (i * blocks // k) * grain) for i in range(k)] + [n]
+    edges = [min(n, (-(-i * blocks // k) if front else i * blocks // k) * grain)
+             for i in range(k)] + [n]
     return [(edges[i], edges[i + 1]) for i in range(k)]
 
 
@@ -112,16 +122,16 @@ def follow_inputs(ds: Dataset, k: int, grain: int) -> list[tuple[int, int]]:
     return list(zip(edges[:-1], edges[1:]))
 
 
-def run_keys(config: Config, ds: Dataset) -> dict[str, str]:
+def run_keys(config: Config, ds: Dataset, precision: str) -> dict[str, str]:
     """Identity of the run's results, and of its embeddings alone: the config, the
-    annotations' bytes, the bytes of every other input file it names, and the size and
-    modification time of every image file (cheap: an edited, added or restored image is
-    noticed without reading it)."""
+    precision it resolved to, the annotations' bytes, the bytes of every other input file
+    it names, and the size and modification time of every image file (cheap: an edited,
+    added or restored image is noticed without reading it)."""
     source = ds.source_sha256[:16]  # last, where `hnm sweep` looks for it
     images = ds.image_files
-    embed = config_hash(config, EMBEDDING_KEYS) + _digest(
+    embed = config_hash(config, EMBEDDING_KEYS) + precision + _digest(
         config.image_embeddings, config.text_embeddings) + images + source
-    run = config_hash(config) + _digest(
+    run = config_hash(config) + precision + _digest(
         config.image_embeddings, config.text_embeddings, config.blacklist) + images + source
     return {"run_key": run, "embed_key": embed}
 
@@ -159,45 +169,52 @@ def validate_inputs(config: Config, progress: Progress = no_progress) -> Dataset
     return ds
 
 
-def provenance(config: Config) -> dict[str, Any]:
-    """Encoder names and versions, the config hash and hnm's version."""
+def provenance(config: Config, precision: str | None = None) -> dict[str, Any]:
+    """Encoder names and versions, the precision, the config hash and hnm's version."""
     visual = "precomputed: " + config.image_embeddings if config.image_embeddings \
         else describe_encoder(config.visual_encoder)
     text = "precomputed: " + config.text_embeddings if config.text_embeddings \
         else describe_encoder(config.text_encoder)
     return {"hnm_version": __version__, "config_hash": config_hash(config),
-            "visual_encoder": visual, "text_encoder": text}
+            "visual_encoder": visual, "text_encoder": text,
+            "precision": precision or config.precision}
 
 
-def new_plan(config: Config, ds: Dataset, devices: list[str], keep: Plan | None = None
-             ) -> Plan:
-    """Shard ranges over rows, distinct phrases and anchors, one shard per device.
+def new_plan(config: Config, ds: Dataset, devices: list[str], precision: str,
+             keep: Plan | None = None) -> Plan:
+    """Shard ranges over rows, distinct phrases and anchors, one shard per device (CPU
+    workers: no more than the rows keep busy).
 
     `keep`: an earlier plan whose embeddings are kept: its row and phrase ranges and its
-    batch grid are reused as they are.
+    batch grids are reused as they are.
     """
     if keep:
         rows = [s.rows for s in keep.shards]
         phrases = [s.phrases for s in keep.shards]
-        batch = keep.batch_size
+        batch, text_batch = keep.batch_size, keep.text_batch_size
     else:
-        batch = config.batch_size
+        devices = fit_to_rows(config, devices, len(ds))
+        batch, text_batch = config.batch_size, max(config.batch_size, TEXT_BATCH)
         rows = follow_inputs(ds, len(devices), batch)
-        phrases = make_shards(len(ds.phrases), len(devices), batch)
+        # the first shards take the phrases: the tables phase runs where shard 0 ran (the
+        # first free worker, or rank 0) and finds the text encoder loaded for the blacklist
+        phrases = make_shards(len(ds.phrases), len(devices), text_batch, front=True)
     anchors = make_shards(ds.num_anchors, len(rows))
     shards = tuple(ShardPlan(s, tuple(rows[s]), tuple(phrases[s]), anchors[s],
                              devices[s % len(devices)]) for s in range(len(rows)))
-    return Plan(version=PLAN_VERSION, **run_keys(config, ds), num_rows=len(ds),
+    return Plan(version=PLAN_VERSION, **run_keys(config, ds, precision), num_rows=len(ds),
                 num_anchors=ds.num_anchors, num_phrases=len(ds.phrases),
                 num_records=len(ds.records),
                 skipped=tuple(ds.skipped.get("missing_image", [])), batch_size=batch,
-                workdir=str(Path.cwd()), shards=shards, input_format=ds.input_format,
+                workdir=str(Path.cwd()), text_batch_size=text_batch, precision=precision,
+                shards=shards, input_format=ds.input_format,
                 input_files=max(1, len(ds.shard_ends)))
 
 
 def write_plan(config: Config, run: RunDir, plan: Plan) -> None:
     """config.yaml (the resolved config and its provenance), then plan.json."""
-    write_text(run.config, dump_yaml({**config.to_dict(), "provenance": provenance(config)}))
+    write_text(run.config, dump_yaml({**config.to_dict(),
+                                      "provenance": provenance(config, plan.precision)}))
     write_json(run.plan, plan.to_json())
 
 
@@ -289,11 +306,12 @@ def prepare(config: Config, devices: list[str], lock: Callable[[], Any],
         raise HnmError(f"--output-dir {config.output_dir}: {blocker} is a file, not a directory")
     old = _previous(run, config)
     ds = None
+    precision = resolve(config.precision, devices).precision
     if old and config.annotations:
         # resuming the same run: its inputs were validated when it was planned, and its
         # key covers them, so the (slow) decoding of every image is not redone
         ds = load_dataset(config, list(old.skipped))
-        if old.run_key != run_keys(config, ds)["run_key"]:
+        if old.run_key != run_keys(config, ds, precision)["run_key"]:
             ds = None
     ds = ds or validate_inputs(config, progress)
     if run.root.exists() and (foreign := _foreign(run)):
@@ -305,7 +323,7 @@ def prepare(config: Config, devices: list[str], lock: Callable[[], Any],
     if (gone := run.remove_temporary()):
         say(f"Removed {gone} temporary file(s) left by an interrupted run")
     old = _previous(run, config)  # again, now that no other run can change it
-    keys = run_keys(config, ds)
+    keys = run_keys(config, ds, precision)
     if old and old.run_key == keys["run_key"]:
         return ds, old, _state(run, old, say)
     if old and not config.overwrite:
@@ -320,7 +338,7 @@ def prepare(config: Config, devices: list[str], lock: Callable[[], Any],
         check_phases(run, old, say, checksums=True)
     # nothing of another run may be trusted, except embeddings of the same inputs
     remove_outputs(run, keep_embeddings=same)
-    plan = new_plan(config, ds, devices, keep=old if same else None)
+    plan = new_plan(config, ds, devices, precision, keep=old if same else None)
     write_plan(config, run, plan)
     return ds, plan, "new"
 
@@ -330,6 +348,7 @@ def dry_run_lines(config: Config, ds: Dataset, devices: list[str]) -> list[str]:
     dv = _dim(config.image_embeddings, config.visual_encoder)
     dt = _dim(config.text_embeddings, config.text_encoder)
     n, u, a = len(ds), len(ds.phrases), ds.num_anchors
+    devices = fit_to_rows(config, devices, n)
     shards = make_shards(a, len(devices))
     per_anchor = (min(config.k_nn, n) + config.diverse_candidates + 2 * MARGIN) * 24
     gib = 2.0**30
@@ -341,6 +360,7 @@ def dry_run_lines(config: Config, ds: Dataset, devices: list[str]) -> list[str]:
         + ", ".join(f"[{s}, {e})" for s, e in shards),
         f"Embeddings: images {n} x {dv} ({n * dv * 4 / gib:.3f} GiB), texts {u} x {dt} "
         f"({u * dt * 4 / gib:.3f} GiB)",
+        resolve(config.precision, devices).line(),
         f"Index: exact inner product, {2 * n * dv * 4 / gib:.3f} GiB per worker (all rows + "
         f"the eligible rows); candidates about {a * per_anchor / gib:.3f} GiB on disk",
         "Nothing was written.",

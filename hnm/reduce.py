@@ -28,26 +28,31 @@ class ShardWork:
     seconds: float
     peak_rss_mb: float | None
     zero_embeddings: int  # all-zero rows its encoders produced
+    startup: float = 0.0  # loading models in the process that embedded it (0: loaded before)
+    data_wait: float = 0.0  # of its embed_images seconds, those the model waited for data
 
 
 def read_work(run: RunDir, plan: Plan) -> tuple[dict[str, float], list[ShardWork]]:
     """Seconds per phase (summed over shards) and each shard's work, from the markers."""
-    phases = {"embed_images": 0.0, "embed_texts": 0.0, "search": 0.0}
+    phases = {"startup": 0.0, "embed_images": 0.0, "data_wait": 0.0, "embed_texts": 0.0,
+              "search": 0.0}
     shards = []
     for part in plan.shards:
         embed = run.read_marker("embed", part.shard)
         mined = run.read_marker("candidates", part.shard)
-        for key, marker in (("embed_images", embed), ("embed_texts", embed),
-                            ("search", mined)):
+        for key, marker in (("startup", embed), ("embed_images", embed), ("data_wait", embed),
+                            ("embed_texts", embed), ("search", mined)):
             phases[key] += marker.get(key, 0.0)
         shards.append(ShardWork(
             device=mined.get("device", part.device),
             seconds=embed.get("embed_images", 0.0) + embed.get("embed_texts", 0.0)
             + mined.get("search", 0.0),
             peak_rss_mb=max(embed.get("peak_rss_mb", 0.0), mined.get("peak_rss_mb", 0.0)),
-            zero_embeddings=embed.get("zero_embeddings", 0)))
+            zero_embeddings=embed.get("zero_embeddings", 0),
+            startup=embed.get("startup", 0.0), data_wait=embed.get("data_wait", 0.0)))
     tables = run.read_marker("tables")
     phases.update(tables=tables.get("tables", 0.0), cluster=tables.get("cluster", 0.0))
+    phases["startup"] += tables.get("startup", 0.0)
     return phases, shards
 
 
@@ -98,10 +103,12 @@ def metrics_document(config: Config, ds: Dataset, plan: Plan, parts: list[Metric
     summary["duplicate_images"] = duplicate_images(ds.images)
     summary["zero_embeddings"] = sum(w.zero_embeddings for w in work)
     shards = [{"shard": s.shard, "device": w.device, **m.shard_summary(),
-               "seconds": round(w.seconds, 3), "peak_rss_mb": w.peak_rss_mb}
+               "seconds": round(w.seconds, 3), "peak_rss_mb": w.peak_rss_mb,
+               "startup_seconds": round(w.startup, 3),
+               "data_wait_seconds": round(w.data_wait, 3)}
               for s, w, m in zip(plan.shards, work, parts)]
     return {"global": summary,
             "timing": {k: round(v, 3) for k, v in timing.items()},
             "wall_seconds": round(wall, 3),
             "throughput_anchors_per_s": round(ds.num_anchors / wall, 2) if wall else None,
-            "shards": shards, "provenance": provenance(config)}
+            "shards": shards, "provenance": provenance(config, plan.precision)}

@@ -50,6 +50,7 @@ class Context:
         self.config = config
         self.device = device
         self.run = RunDir(config.output_dir)
+        self.startup = 0.0  # seconds spent loading models, not yet reported in a marker
         if ds is not None:
             self.__dict__["dataset"] = ds
 
@@ -63,15 +64,37 @@ class Context:
 
     @cached_property
     def image_encoder(self) -> Any:
-        return build_image_encoder(self.config.visual_encoder, embed.torch_setup(self.device))
+        with self._loading():
+            return build_image_encoder(self.config.visual_encoder,
+                                       embed.torch_setup(self.device), self.plan.precision)
 
     @cached_property
     def text_encoder(self) -> Any:
-        return build_text_encoder(self.config.text_encoder, embed.torch_setup(self.device))
+        with self._loading():
+            return build_text_encoder(self.config.text_encoder,
+                                      embed.torch_setup(self.device), self.plan.precision)
+
+    @contextlib.contextmanager
+    def _loading(self) -> Iterator[None]:
+        """Count a model's loading (and the first import of torch) as start-up."""
+        t0 = time.perf_counter()
+        yield
+        self.startup += time.perf_counter() - t0
+
+    @cached_property
+    def phrase_order(self) -> np.ndarray:
+        return embed.phrase_order(self.dataset.phrases)
+
+    @cached_property
+    def loader_workers(self) -> int:
+        # GPU workers on this machine: torchrun says; otherwise one per device of the plan
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or len(
+            {s.device for s in self.plan.shards})
+        return embed.loader_workers(self.config.num_workers, self.device, local)
 
     def embed_blacklist(self, phrases: list[str]) -> np.ndarray:
-        """Blacklist phrases through the run's text encoder, on the run's batch grid."""
-        return embed.embed_texts(self.text_encoder, phrases, self.plan.batch_size)
+        """Blacklist phrases through the run's text encoder, on the run's text batch grid."""
+        return embed.embed_texts(self.text_encoder, phrases, self.plan.text_batch_size)
 
 
 def run_task(ctx: Context, task: Task, progress: Progress) -> dict[str, Any]:
@@ -86,40 +109,54 @@ def run_task(ctx: Context, task: Task, progress: Progress) -> dict[str, Any]:
 
 
 def embed_shard(ctx: Context, shard: int, progress: Progress) -> dict[str, Any]:
-    """Embed the shard's images and distinct texts; write both arrays, then the marker."""
+    """Embed the shard's images and distinct texts (in embed.phrase_order); write both
+    arrays, then the marker."""
     c, ds, part = ctx.config, ctx.dataset, ctx.plan.shards[shard]
-    t0 = time.perf_counter()
     rows = np.arange(*part.rows)
-    if c.image_embeddings:
-        images = embed.precomputed(c.image_embeddings, ds.positions[rows])
+    phrases = ctx.phrase_order[part.phrases[0]:part.phrases[1]]
+    image_encoder = None if c.image_embeddings or not len(rows) else ctx.image_encoder
+    text_encoder = None if c.text_embeddings or not len(phrases) else ctx.text_encoder
+    t0 = time.perf_counter()
+    waited = 0.0
+    if image_encoder is None:
+        images = embed.precomputed(c.image_embeddings, ds.positions[rows]) \
+            if c.image_embeddings else np.zeros((0, 1), np.float32)
     else:
-        images = embed.embed_images(ctx.image_encoder, [ds.images[i] for i in rows],
-                                    ctx.plan.batch_size, c.num_workers, c.max_image_pixels,
-                                    progress)
+        images, waited = embed.embed_images(image_encoder, [ds.images[i] for i in rows],
+                                            ctx.plan.batch_size, ctx.loader_workers,
+                                            c.max_image_pixels, progress)
+        log.info("%d images in %.1fs, %.1fs of it waiting for data (%d loader workers)",
+                 len(rows), time.perf_counter() - t0, waited, ctx.loader_workers)
     t1 = time.perf_counter()
-    phrases = range(*part.phrases)
     if c.text_embeddings:
-        first = embed.first_rows(ds.text_ids, len(ds.phrases))[phrases.start:phrases.stop]
+        first = embed.first_rows(ds.text_ids, len(ds.phrases))[phrases]
         texts = embed.precomputed(c.text_embeddings, ds.positions[first])
     else:
-        encoder = ctx.text_encoder
-        encoder.truncated = 0
-        texts = embed.embed_texts(encoder, [ds.phrases[i] for i in phrases],
-                                  ctx.plan.batch_size)
-        if encoder.truncated:
-            log.warning("%d text(s) longer than the text encoder's %d tokens were cut to fit",
-                        encoder.truncated, encoder.max_length)
+        texts = _embed_phrases(ctx, text_encoder, [ds.phrases[i] for i in phrases])
     t2 = time.perf_counter()
     write_npy(ctx.run.image_embeddings(shard), images)
     write_npy(ctx.run.text_embeddings(shard), texts)
     zeros = int((~images.any(axis=1)).sum() + (~texts.any(axis=1)).sum())
     if zeros:  # e.g. an all-black image with --visual-encoder pixels
         log.warning("%d embedding(s) are all zeros: similarity 0 to everything", zeros)
-    info = {"embed_images": t1 - t0, "embed_texts": t2 - t1, "device": ctx.device,
+    info = {"embed_images": t1 - t0, "embed_texts": t2 - t1, "data_wait": waited,
+            "startup": ctx.startup, "device": ctx.device,
             "peak_rss_mb": round(peak_rss_mb(), 1), "zero_embeddings": zeros}
+    ctx.startup = 0.0  # reported once, by the first task that loaded the models
     ctx.run.mark_done("embed", shard, info, [ctx.run.image_embeddings(shard),
                                              ctx.run.text_embeddings(shard)])
     return info
+
+
+def _embed_phrases(ctx: Context, encoder: Any, phrases: list[str]) -> np.ndarray:
+    if encoder is None:
+        return np.zeros((0, 1), np.float32)
+    encoder.truncated = 0
+    texts = embed.embed_texts(encoder, phrases, ctx.plan.text_batch_size)
+    if encoder.truncated:
+        log.warning("%d text(s) longer than the text encoder's %d tokens were cut to fit",
+                    encoder.truncated, encoder.max_length)
+    return texts
 
 
 def tables_once(ctx: Context, _: None, progress: Progress) -> dict[str, Any]:
@@ -127,7 +164,8 @@ def tables_once(ctx: Context, _: None, progress: Progress) -> dict[str, Any]:
     c, run, shards = ctx.config, ctx.run, range(len(ctx.plan.shards))
     t0 = time.perf_counter()
     V = tables.merge([run.image_embeddings(s) for s in shards])
-    T = tables.merge([run.text_embeddings(s) for s in shards])
+    T = embed.in_phrase_order(tables.merge([run.text_embeddings(s) for s in shards]),
+                              ctx.phrase_order)
     progress("tables", 1, 3)
     eligible = tables.eligibility(c, T, ctx.dataset.phrases, ctx.embed_blacklist)
     progress("tables", 2, 3)
@@ -137,7 +175,8 @@ def tables_once(ctx: Context, _: None, progress: Progress) -> dict[str, Any]:
     progress("tables", 3, 3)
     for name, array in zip(tables.TABLES, (V, T, eligible, labels, centroids)):
         write_npy(run.table(name), array)
-    info = {"tables": t1 - t0, "cluster": t2 - t1}
+    info = {"tables": t1 - t0, "cluster": t2 - t1, "startup": ctx.startup}
+    ctx.startup = 0.0
     run.mark_done("tables", None, info, [run.table(name) for name in tables.TABLES])
     return info
 

@@ -18,6 +18,7 @@ from PIL import Image
 from hnm.data import normalize
 from hnm.demo import make_demo
 from hnm.encoders import build_image_encoder, build_text_encoder
+from hnm.plan import TEXT_BATCH
 
 HARD_KEYS = {"id", "text", "image", "type", "text_similarity", "visual_similarity",
              "threshold_step"}
@@ -229,11 +230,14 @@ def test_precomputed_embeddings_give_the_same_negatives(capsys, demo, first, tmp
 
     with torch.inference_mode():
         visual = images.encode(torch.stack([pixels(p) for p in paths]))
-        # the pipeline embeds distinct phrases, in first-occurrence order, batch_size at a time
+        # the pipeline embeds distinct phrases shortest first, TEXT_BATCH at a time
         phrases = list(dict.fromkeys(normalize(r["answer"]) for r in demo.records))
         texts = build_text_encoder("minilm", cpu)
-        table = np.concatenate([texts.encode(phrases[s:s + 32])
-                                for s in range(0, len(phrases), 32)])
+        order = sorted(range(len(phrases)), key=lambda i: len(phrases[i]))
+        table = np.empty((len(phrases), 384))
+        for s in range(0, len(phrases), TEXT_BATCH):
+            table[order[s:s + TEXT_BATCH]] = texts.encode(
+                [phrases[i] for i in order[s:s + TEXT_BATCH]])
     text = table[[phrases.index(normalize(r["answer"])) for r in demo.records]]
     np.save(tmp_path / "img.npy", visual)
     np.save(tmp_path / "txt.npy", text)

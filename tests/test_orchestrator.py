@@ -268,3 +268,24 @@ def test_torchrun_ranks_stop_within_seconds_when_one_dies(demo, tmp_path):
     err = results[0][1]
     assert ("hnm: error: rank 1 stopped responding (no heartbeat for 10 s); the run stops. "
             "Rerunning the same command resumes.") in err, err[-2000:]
+
+
+def test_by_default_every_core_works_and_the_output_matches_one_worker(tmp_path):
+    """Without --cpu-workers, a worker per usable core, as many as the rows keep busy; the
+    bytes are those of one worker, and each shard reports its start-up and data wait."""
+    data = tmp_path / "data"
+    make_demo(data, num_dialogs=60, turns_per_dialog=5, image_size=32)  # 300 rows
+    flags = ("--visual-encoder", "pixels")
+    default = launch(data, tmp_path / "default", *flags)
+    one = launch(data, tmp_path / "one", "--cpu-workers", "1", *flags)
+    assert default.returncode == 0, default.stderr
+    assert one.returncode == 0, one.stderr
+    workers = min(len(os.sched_getaffinity(0)), 300 // 128)
+    assert f"Running on {len(os.sched_getaffinity(0))} CPU worker(s)" in default.stdout
+    assert len(json.loads((tmp_path / "default/plan.json").read_text())["shards"]) == workers
+    assert (tmp_path / "default/negatives.jsonl").read_bytes() == \
+        (tmp_path / "one/negatives.jsonl").read_bytes()
+    metrics = json.loads((tmp_path / "default/metrics.json").read_text())
+    assert {"startup", "data_wait"} <= set(metrics["timing"])
+    assert all(s["startup_seconds"] > 0 and s["data_wait_seconds"] > 0
+               for s in metrics["shards"])  # each worker loaded its models, read its images

@@ -1,0 +1,72 @@
+"""The precision encoders run in: `auto` is resolved once, by the leader, from the hardware,
+and every worker embeds in what the plan says."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hnm import gpus
+
+# CPU flags of native bf16 arithmetic; without them bf16 is emulated and slower than fp32
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+# bf16 tensor cores arrived with Ampere (compute capability 8.0)
+GPU_BF16_CAPABILITY = (8, 0)
+DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The precision the run embeds in, and why."""
+
+    precision: str
+    reason: str
+
+    def line(self) -> str:
+        return f"Precision: {self.precision} ({self.reason})"
+
+
+def resolve(requested: str, devices: list[str]) -> Choice:
+    """`requested` as given, or for "auto": bf16 where every device runs it natively."""
+    if requested != "auto":
+        return Choice(requested, "--precision")
+    if devices and all(d.startswith("cuda") for d in devices):
+        native, why = _gpus_bf16(devices)
+    else:
+        native, why = _cpu_bf16(Path("/proc/cpuinfo"))
+    return Choice("bf16" if native else "fp32", f"auto: {why}")
+
+
+def _cpu_bf16(cpuinfo: Path) -> tuple[bool, str]:
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in
+                      cpuinfo.read_text().splitlines() if line.startswith("flags")), [])
+    except OSError:
+        return False, f"{cpuinfo} unreadable, so no native bf16 assumed"
+    found = [f for f in CPU_BF16_FLAGS if f in flags]
+    if found:
+        return True, f"this CPU has {' and '.join(found)}"
+    return False, "this CPU has no native bf16 (AVX512-BF16 or AMX)"
+
+
+def _gpus_bf16(devices: list[str]) -> tuple[bool, str]:
+    found, _ = gpus.discover()
+    capability = {f"cuda:{g.index}": g.compute_capability for g in found}
+    used = [capability.get(d) for d in dict.fromkeys(devices)]
+    if any(c is None for c in used):
+        return False, "a GPU's compute capability is unknown"
+    low = min(used)
+    if low >= GPU_BF16_CAPABILITY:
+        return True, "every GPU has bf16 tensor cores"
+    return False, f"a GPU of compute capability {low[0]}.{low[1]} has no bf16 tensor cores"
+
+
+def autocast(device: Any, precision: str) -> Any:
+    """The context a forward pass runs in: fp32 as it is, else torch's autocast."""
+    import torch
+
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=getattr(torch, DTYPES[precision]))
