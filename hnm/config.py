@@ -59,6 +59,10 @@ class Config:
     num_negatives: int = 1
     diverse_candidates: int = 64
     seed: int = 0
+    # search index (hnm.index): exact, ivf (approximate proposals), or auto (by size)
+    index: str = "auto"
+    ivf_nlist: int | None = None  # None: about sqrt(rows)
+    ivf_nprobe: int | None = None  # None: from the number of lists
     # false-negative audit (hnm.audit): negatives this close to their anchor are suspect
     audit_text_similarity: float = 0.8
     audit_visual_similarity: float = 0.98
@@ -125,7 +129,9 @@ def validate(c: Config) -> None:
     for name in ("num_workers", "min_answer_length", "max_retries"):
         value = getattr(c, name)
         _check(value >= 0, name, f"must not be negative, got {value}")
-    for name in ("max_samples", "num_gpus", "gpu_id"):
+    _check(c.index in ("exact", "ivf", "auto"), "index",
+           f"must be 'exact', 'ivf' or 'auto', got {c.index!r}")
+    for name in ("max_samples", "num_gpus", "gpu_id", "ivf_nlist", "ivf_nprobe"):
         value = getattr(c, name)
         _check(value is None or value >= (1 if name != "gpu_id" else 0), name,
                f"out of range: {value}")

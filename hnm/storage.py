@@ -52,6 +52,25 @@ def write_npy(path: Path, array: np.ndarray) -> None:
         np.save(handle, array, allow_pickle=False)
 
 
+@contextmanager
+def atomic_npy(path: Path, shape: tuple[int, ...], dtype: Any) -> Iterator[np.ndarray]:
+    """A .npy file filled in place through a memory map, renamed over `path` when done."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+        yield array
+        array.flush()
+        del array
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
@@ -90,6 +109,11 @@ class RunDir:
     def table(self, name: str) -> Path:
         """One array of the tables phase: visual, text, eligible, clusters, centroids."""
         return self.tables_dir / f"{name}.npy"
+
+    @property
+    def ivf(self) -> Path:
+        """The tables phase's FAISS IVF index (runs with --index ivf)."""
+        return self.tables_dir / "ivf.faiss"
 
     def candidates(self, shard: int) -> Path:
         return self.root / PHASE_DIRS["candidates"] / f"shard_{shard:05d}.npz"
