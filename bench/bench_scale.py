@@ -4,7 +4,16 @@ shared by tens of thousands of images); wall time, time per phase, peak memory, 
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -163,3 +172,158 @@ def _paths(root: Path) -> dict[str, str]:
     return {"annotations": str(root / "annotations.jsonl"),
             "image_embeddings": str(root / "image_embeddings.npy"),
             "text_embeddings": str(root / "text_embeddings.npy")}
+
+
+# ---------------------------------------------------------------- running and measuring
+
+
+def _children(pid: int) -> list[int]:
+    """Every descendant of `pid` (from /proc), depth first."""
+    out = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tasks:
+        try:
+            kids = Path(f"/proc/{pid}/task/{tid}/children").read_text().split()
+        except OSError:
+            continue
+        for kid in map(int, kids):
+            out += [kid, *_children(kid)]
+    return out
+
+
+def _peak_rss_mb(pid: int) -> float | None:
+    """The process's peak resident memory so far (VmHWM), MiB."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+class Watch:
+    """Samples the peak memory of a process and of every process it starts, until stopped."""
+
+    def __init__(self, pid: int, every_s: float = 0.5) -> None:
+        self.pid, self.every_s, self.peaks = pid, every_s, {}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while not self.stop.is_set():
+            for pid in [self.pid, *_children(self.pid)]:
+                peak = _peak_rss_mb(pid)
+                if peak is not None:
+                    self.peaks[pid] = max(peak, self.peaks.get(pid, 0.0))
+            self.stop.wait(self.every_s)
+
+    def finish(self) -> dict[int, float]:
+        self.stop.set()
+        self.thread.join()
+        return self.peaks
+
+
+def launch_run(repo: Path, paths: dict[str, str], out: Path, extra: list[str]) -> dict:
+    """One `python launch.py ...` run of `repo`'s hnm: wall time, metrics, peak memory."""
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "launch.py", "--annotations", paths["annotations"],
+           "--image-embeddings", paths["image_embeddings"], "--text-embeddings",
+           paths["text_embeddings"], "--output-dir", str(out), "--quiet", *extra]
+    env = {**os.environ, "PYTHONPATH": str(repo), "HF_HUB_OFFLINE": "1",
+           "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "")}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    watch = Watch(proc.pid)
+    output, _ = proc.communicate()
+    wall = time.perf_counter() - t0
+    peaks = watch.finish()
+    if proc.returncode:
+        raise SystemExit(f"run failed ({proc.returncode}): {' '.join(cmd)}\n{output}")
+    metrics = json.loads((out / "metrics.json").read_text())
+    tables = json.loads((out / "tables/done").read_text())
+    return {"wall": wall, "metrics": metrics, "tables": tables, "cmd": cmd,
+            "parent_mb": peaks.pop(proc.pid, None),
+            "children_mb": sorted(peaks.values(), reverse=True)}
+
+
+def report(name: str, r: dict) -> None:
+    m, g = r["metrics"], r["metrics"]["global"]
+    index = m.get("index", {})
+    recall = (index.get("recall") or {}).get("recall_at_k")
+    workers = [round(v) for v in r["children_mb"] if v > 100]  # not the resource tracker
+    print(f"\n## {name}\n$ {' '.join(r['cmd'][1:])}")
+    print(f"wall {r['wall']:.1f} s; index {index.get('kind', 'exact')} "
+          f"({index.get('reason', '')}); recall@k_nn "
+          f"{'n/a (exact)' if recall is None else f'{recall:.4f}'}")
+    print("phases (s): " + ", ".join(f"{k} {v:.1f}" for k, v in m["timing"].items()))
+    print(f"peak RSS (MiB): launch process {r['parent_mb']:.0f}; worker processes {workers}")
+    print(f"anchors {g['anchors']}, success rate {g['success_rate']}, hard {g['hard_negatives']}, "
+          f"diverse {g['diverse_negatives']}, diverse searches past the list "
+          f"{g['diverse_widened_searches']}")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--cases", default="templated,realistic",
+                   help="comma-separated: templated, realistic")
+    p.add_argument("--sizes", default="100000,300000,1000000",
+                   help="realistic case sizes (rows)")
+    p.add_argument("--templated-size", type=int, default=51_200)
+    p.add_argument("--index", default="auto", help="--index of the realistic runs")
+    p.add_argument("--workers", type=int, default=1, help="--cpu-workers of every run")
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--text-dim", type=int, default=384)
+    p.add_argument("--data", type=Path, default=Path("/tmp/hnm_scale"),
+                   help="where the generated inputs are kept (reused when present)")
+    p.add_argument("--compare-repo", type=Path, default=None,
+                   help="also run each case with this checkout's hnm (e.g. the previous release)")
+    p.add_argument("--extra", default="", help="more flags for every run")
+    args = p.parse_args()
+    print(f"machine: {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, "
+          f"Python {platform.python_version()}, "
+          f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")
+    extra = ["--cpu-workers", str(args.workers), *args.extra.split()]
+    todo = []
+    if "templated" in args.cases:
+        todo.append((f"templated captions, {args.templated_size:,} samples", "templated",
+                     args.templated_size, extra))
+    if "realistic" in args.cases:
+        todo += [(f"realistic, {n:,} samples, --index {args.index}", "realistic", n,
+                  [*extra, "--index", args.index])
+                 for n in (int(x) for x in args.sizes.split(",") if x)]
+    for name, kind, n, flags in todo:
+        root = args.data / f"{kind}_{n}"
+        if not (root / "annotations.jsonl").exists():
+            make = templated if kind == "templated" else realistic
+            t0 = time.perf_counter()
+            make(root, n, args.dim, args.text_dim, seed=0)
+            print(f"(generated {root} in {time.perf_counter() - t0:.0f} s)")
+        paths = _paths(root)
+        for repo in [ROOT] + ([args.compare_repo] if args.compare_repo else []):
+            label = name if repo == ROOT else f"{name} [{repo}]"
+            flags_here = flags if repo == ROOT else _known_flags(flags)
+            report(label, launch_run(repo, paths, root / f"run_{repo.name}", flags_here))
+    return 0
+
+
+def _known_flags(flags: list[str]) -> list[str]:
+    """A previous release has no --index: leave it (and its value) out."""
+    out, skip = [], False
+    for f in flags:
+        if skip:
+            skip = False
+        elif f == "--index":
+            skip = True
+        else:
+            out.append(f)
+    return out
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

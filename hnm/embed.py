@@ -83,9 +83,18 @@ def embed_texts(encoder: TextEncoder, texts: list[str], batch_size: int) -> np.n
     return finalize(np.concatenate(parts))
 
 
+# Rows of a precomputed file snapped per step: finalize works in float64.
+PRECOMPUTED_BLOCK = 1 << 16
+
+
 def precomputed(path: str, positions: np.ndarray) -> np.ndarray:
-    """Grid-snapped rows `positions` (record positions) of a precomputed .npy file."""
-    return finalize(np.load(path, mmap_mode="r")[positions])
+    """Grid-snapped rows `positions` (record positions) of a precomputed .npy file, a block
+    at a time (no float64 copy of the whole shard)."""
+    source = np.load(path, mmap_mode="r")
+    out = np.empty((len(positions), source.shape[1]), np.float32)
+    for s in range(0, len(positions), PRECOMPUTED_BLOCK):
+        out[s:s + PRECOMPUTED_BLOCK] = finalize(source[positions[s:s + PRECOMPUTED_BLOCK]])
+    return out
 
 
 def check_precomputed(path: str, flag: str, rows: int) -> int:
@@ -97,7 +106,9 @@ def check_precomputed(path: str, flag: str, rows: int) -> int:
     if arr.ndim != 2 or arr.shape[0] != rows or arr.shape[1] < 1:
         raise HnmError(f"{flag} {path}: expected {rows} rows (one per record) x dim, "
                        f"got shape {arr.shape}")
-    if not np.issubdtype(arr.dtype, np.floating) or not np.isfinite(arr).all():
+    if not np.issubdtype(arr.dtype, np.floating) or not all(
+            np.isfinite(arr[s:s + PRECOMPUTED_BLOCK]).all()
+            for s in range(0, rows, PRECOMPUTED_BLOCK)):
         raise HnmError(f"{flag} {path}: values must be finite floats")
     return int(arr.shape[1])
 
