@@ -21,7 +21,8 @@ from hnm.miner import Cands, Ragged, Tables, farthest, hard_candidates, nearest,
 from hnm.select import Pick, Rules, Selector
 
 # Anchors per search call: its (B, k) candidate arrays stay a few MB and a search of
-# thousands of queries at once runs at FAISS's full speed; results do not depend on it.
+# thousands of queries at once runs at FAISS's full speed (an index may ask for more, see
+# index.IVF_BATCH); results do not depend on it.
 ANCHOR_BATCH = 2048
 # Anchors whose wider diverse lists are computed together: one (64, d) x (d, N) product
 # costs little more than a single anchor's memory-bound (d, N) pass.
@@ -84,13 +85,14 @@ def find_candidates(c: Config, tab: Tables, anchors: np.ndarray, device: str = "
     """
     index = index if index is not None else build_index(tab.V, device)
     wanted = np.ones(len(anchors), bool) if diverse_first is None else diverse_first
+    batch = getattr(index, "batch", ANCHOR_BATCH)
     parts = []
-    for s in range(0, len(anchors), ANCHOR_BATCH):
-        a = anchors[s:s + ANCHOR_BATCH]
+    for s in range(0, len(anchors), batch):
+        a = anchors[s:s + batch]
         hard = hard_candidates(index, tab, a, c.k_nn, c.min_visual_similarity,
                                c.cosine_threshold)
-        need = wanted[s:s + ANCHOR_BATCH] | (np.diff(hard.offsets) == 0)
-        sub, sub_complete = farthest(index, tab, a[need], c.diverse_candidates)
+        need = wanted[s:s + batch] | (np.diff(hard.offsets) == 0)
+        sub, sub_complete = farthest(index.far, tab, a[need], c.diverse_candidates)
         complete = np.zeros(len(a), bool)
         complete[need] = sub_complete
         parts.append(Candidates(hard, scatter(sub, need), complete))

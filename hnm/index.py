@@ -8,6 +8,7 @@ which kernel ran never changes a result.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterator
 from typing import Any, Protocol
@@ -38,6 +39,7 @@ class SearchIndex(Protocol):
     kind: str
     ntotal: int
     eps: float
+    far: SearchIndex  # the search for a diverse list's farthest rows (often itself)
 
     def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(nq, d) queries -> (nq, k) scores and rows, best first; row -1 where fewer."""
@@ -102,6 +104,7 @@ class ChunkedFlatIP:
         self.xb = xb
         self.ntotal = xb.shape[0]
         self.eps = search_eps(xb.shape[1])
+        self.far = self
 
     def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         xq = np.ascontiguousarray(xq, dtype=np.float32)
@@ -155,6 +158,7 @@ class FaissFlatIP:
         self.eps = search_eps(xb.shape[1], float16)
         self.max_k = max_k if max_k is not None else GPU_MAX_K if gpu is not None else None
         self.wide = ChunkedFlatIP(xb)
+        self.far = self
         self.kind = "faiss-gpu" + ("-fp16" if float16 else "") if gpu is not None \
             else "faiss-cpu"
 
@@ -188,6 +192,7 @@ class TorchFlatIP:
         self.chunk = max(1, SCORE_BYTES // (4 * max(1, self.ntotal)))
         self.eps = search_eps(xb.shape[1], float16)
         self.kind = f"torch-{torch.device(device).type}" + ("-fp16" if float16 else "")
+        self.far = self
 
     def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         import torch
@@ -248,9 +253,15 @@ def build_index(xb: np.ndarray, device: str = "cpu", float16: bool = False,
 
 def ivf_shape(n: int) -> tuple[int, int]:
     """(nlist, nprobe) for n rows: about sqrt(n) lists, a power of two (lists of ~1,000
-    rows at a million); the probes scan ~1.5% of the lists, at least 8."""
+    rows at a million); the probes scan 1/80 of the lists, at least 8 (recall@30 0.99 on
+    bench_scale's million rows, 0.97 with 8 probes)."""
     nlist = 2 ** max(0, round(math.log2(max(1.0, math.sqrt(n)))))
-    return nlist, min(nlist, max(8, nlist // 64))
+    return nlist, min(nlist, max(8, nlist // 80))
+
+
+# Queries per IVF search: each list is read once per search and multiplied with all the
+# queries probing it, so more queries per search make fewer, larger products.
+IVF_BATCH = 8192
 
 
 def train_ivf(V: np.ndarray, nlist: int, seed: int, sample: int) -> Any:
@@ -295,7 +306,7 @@ class IvfIndex:
     """
 
     def __init__(self, index: Any, nprobe: int, device: str = "cpu",
-                 float16: bool = False) -> None:
+                 float16: bool = False, far_nprobe: int | None = None) -> None:
         import faiss
         import torch
 
@@ -303,8 +314,9 @@ class IvfIndex:
         self.nlist, self.ntotal, d = index.nlist, index.ntotal, index.d
         self.nprobe = min(nprobe, self.nlist)
         xb = faiss.downcast_index(index.quantizer).get_xb()
-        self.centroids = torch.from_numpy(
-            faiss.rev_swig_ptr(xb, self.nlist * d).reshape(self.nlist, d).astype(np.float64))
+        centroids = faiss.rev_swig_ptr(xb, self.nlist * d).reshape(self.nlist, d)
+        self.centroids = torch.from_numpy(centroids.astype(np.float64))
+        self.centroids32 = torch.from_numpy(centroids.astype(np.float32))
         lists = faiss.extract_index_ivf(index).invlists
         self.sizes = np.array([lists.list_size(j) for j in range(self.nlist)], np.int64)
         dtype = torch.float16 if float16 else torch.float32
@@ -319,20 +331,42 @@ class IvfIndex:
         self.index = index  # owns the lists' memory (a memory map when loaded so)
         self.eps = search_eps(d, float16)
         self.kind = f"ivf-{self.device.type}" + ("-fp16" if float16 else "")
+        self.batch = IVF_BATCH
+        self.far = self
+        if far_nprobe is not None and far_nprobe != self.nprobe:
+            self.far = copy.copy(self)  # the same lists, fewer probes
+            self.far.nprobe = min(far_nprobe, self.nlist)
+            self.far.far = self.far
 
     def probes(self, xq: np.ndarray) -> np.ndarray:
         """(nq, nprobe) lists each query probes, ascending: those of the nprobe highest
-        exact centroid scores, ties to the lowest list."""
+        exact centroid scores, ties to the lowest list.
+
+        float32 scores decide wherever the nprobe-th and the next one are more than twice
+        their error apart (then the exact order agrees); other queries are scored exactly.
+        """
         import torch
 
-        scores = (torch.from_numpy(np.asarray(xq, np.float64)) @ self.centroids.T).numpy()
         if self.nprobe >= self.nlist:
-            return np.broadcast_to(np.arange(self.nlist), scores.shape).copy()
+            return np.broadcast_to(np.arange(self.nlist), (len(xq), self.nlist)).copy()
+        xq = np.asarray(xq, np.float32)
+        scores = (torch.from_numpy(xq) @ self.centroids32.T).numpy()
+        part = -np.partition(-scores, self.nprobe, axis=1)
+        inner, outer = part[:, :self.nprobe].min(axis=1), part[:, self.nprobe]
+        out = np.empty((len(xq), self.nprobe), np.int64)
+        clear = inner - outer > 2 * self.eps
+        out[clear] = np.nonzero(scores[clear] >= inner[clear, None])[1].reshape(-1, self.nprobe)
+        if not clear.all():
+            exact = (torch.from_numpy(xq[~clear].astype(np.float64)) @ self.centroids.T).numpy()
+            out[~clear] = self._exact_probes(exact)
+        return out
+
+    def _exact_probes(self, scores: np.ndarray) -> np.ndarray:
         cut = -np.partition(-scores, self.nprobe - 1, axis=1)[:, self.nprobe - 1:self.nprobe]
         tied = scores == cut
         need = self.nprobe - (scores > cut).sum(axis=1, keepdims=True)
         chosen = (scores > cut) | (tied & (np.cumsum(tied, axis=1) <= need))
-        return np.nonzero(chosen)[1].reshape(len(xq), self.nprobe)
+        return np.nonzero(chosen)[1].reshape(len(scores), self.nprobe)
 
     def reach(self, xq: np.ndarray) -> np.ndarray:
         return self.sizes[self.probes(xq)].sum(axis=1)

@@ -121,7 +121,7 @@ def scatter(sub: Ragged, where: np.ndarray) -> Ragged:
 
 
 def exact_prefix(index: SearchIndex, V: np.ndarray, anchors: np.ndarray, want: int,
-                 sign: float, keep: Keep, floor: float = -np.inf
+                 sign: float, keep: Keep, floor: float = -np.inf, kept_share: float = 1.0
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per anchor, the first `want` kept rows in exact order, among the rows `index` can
     return for it: by descending vis (sign +1) or ascending vis (sign -1), ties by row.
@@ -129,7 +129,8 @@ def exact_prefix(index: SearchIndex, V: np.ndarray, anchors: np.ndarray, want: i
     The index proposes rows for the query sign * v_a; they are rescored exactly, and an
     anchor is searched again, wider, until its order at the cut is certain: a row the
     index did not propose scores at most the last proposal (+ the index's eps). Rows whose
-    signed vis is below `floor` are dropped, and none below it is waited for.
+    signed vis is below `floor` are dropped, and none below it is waited for. `kept_share`:
+    about which share of the rows `keep` admits (the first search asks for more when few).
     Returns (B, want) rows and vis (row -1 where fewer), and whether each anchor's rows
     are every kept row of the table.
     """
@@ -137,7 +138,7 @@ def exact_prefix(index: SearchIndex, V: np.ndarray, anchors: np.ndarray, want: i
     out_vis = np.full(out_rows.shape, -np.inf * sign)
     complete = np.zeros(len(anchors), bool)
     todo = np.arange(len(anchors))
-    k = min(index.ntotal, want + 1 + MARGIN)
+    k = min(index.ntotal, int(np.ceil((want + 1) / max(kept_share, 0.01))) + MARGIN)
     while len(todo):
         q = sign * np.asarray(V[anchors[todo]], dtype=np.float32)
         reach = index.reach(q)
@@ -227,7 +228,9 @@ def farthest(index: SearchIndex, tab: Tables, anchors: np.ndarray, size: int
     def keep(a: np.ndarray, I: np.ndarray) -> np.ndarray:
         return tab.eligible[I] & (tab.groups[I] != tab.groups[a][:, None])
 
-    rows, vis, complete = exact_prefix(index, tab.V, anchors, size, -1.0, keep)
+    share = float(np.mean(tab.eligible)) if len(tab.eligible) else 1.0
+    rows, vis, complete = exact_prefix(index, tab.V, anchors, size, -1.0, keep,
+                                       kept_share=share)
     # no text condition here (SPEC §6): txt is computed for the chosen row only
     return _ragged(rows >= 0, rows, vis, np.full(rows.shape, np.nan)), complete
 

@@ -16,6 +16,9 @@ from hnm.miner import MARGIN
 # 100,000 rows of 512 dimensions on 2 CPU cores; a GPU is ~1000x faster), above them IVF.
 AUTO_EXACT_ROWS = {"cpu": 100_000, "cuda": 2_000_000}
 IVF_TRAIN_PER_LIST = 64  # k-means sample rows per IVF list (FAISS asks for at least 39)
+# A diverse list wants rows far from the anchor, not its exact neighbourhood: the lists of
+# the centroids farthest from it hold them, so its search probes this many times fewer.
+FAR_SHARE = 4
 RECALL_ANCHORS = 1000  # anchors whose IVF hard lists are compared with an exact search
 # Share of a GPU's memory an index may take: the rest is FAISS's and torch's scratch space.
 GPU_SHARE = 0.8
@@ -34,10 +37,11 @@ class IndexChoice:
     reason: str = "exact search (the SPEC's)"
     nlist: int = 0  # ivf: lists
     nprobe: int = 0  # ivf: lists probed per query
+    far_nprobe: int = 0  # ivf: lists probed for a diverse list (the farthest rows)
 
     def describe(self) -> str:
-        shape = f" ({self.nlist} lists, {self.nprobe} probed per query)" \
-            if self.kind == "ivf" else ""
+        shape = f" ({self.nlist} lists, {self.nprobe} probed per query, {self.far_nprobe} " \
+            "for the farthest rows)" if self.kind == "ivf" else ""
         return f"{self.kind}{shape}: {self.reason}"
 
 
@@ -59,7 +63,7 @@ def choose_index(config: Config, rows: int, devices: list[str]) -> IndexChoice:
     nlist, nprobe = ivf_shape(rows)
     nlist = min(config.ivf_nlist or nlist, rows)
     nprobe = min(config.ivf_nprobe or min(nprobe, nlist), nlist)
-    return IndexChoice("ivf", reason, nlist, nprobe)
+    return IndexChoice("ivf", reason, nlist, nprobe, max(1, nprobe // FAR_SHARE))
 
 
 @dataclass(frozen=True)

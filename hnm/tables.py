@@ -91,7 +91,8 @@ def open_index(run: RunDir, choice: IndexChoice, V: np.ndarray, device: str) -> 
     where = placement(nbytes, device)
     if choice.kind == "ivf":
         target, float16 = where or ("cpu", False)
-        return IvfIndex(load_ivf(str(run.ivf)), choice.nprobe, target, float16)
+        return IvfIndex(load_ivf(str(run.ivf)), choice.nprobe, target, float16,
+                        choice.far_nprobe)
     if where is None:
         raise HnmError(f"--index: an exact index of {V.shape[0]} rows needs "
                        f"{nbytes / 2**30:.1f} GiB ({nbytes / 2**31:.1f} in float16), more than "

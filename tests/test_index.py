@@ -171,11 +171,21 @@ def test_ivf_probes_break_ties_to_the_lowest_list():
     V, saved = ivf_case(200, 8)
     index = IvfIndex(saved, nprobe=3)
     index.centroids[:] = 0.0  # every centroid scores 0: all tied
+    index.centroids32[:] = 0.0
+    assert np.array_equal(index.probes(V[:5]), np.tile([0, 1, 2], (5, 1)))
+    index.centroids32[0, 0] = 1e-9  # float32 scores that differ by less than their error
     assert np.array_equal(index.probes(V[:5]), np.tile([0, 1, 2], (5, 1)))
 
 
+def test_ivf_probes_from_float32_scores_are_the_exact_ones():
+    V, saved = ivf_case(800, 64)
+    index = IvfIndex(saved, nprobe=5)
+    exact = V.astype(np.float64) @ index.centroids.numpy().T
+    assert np.array_equal(index.probes(V), index._exact_probes(exact))
+
+
 def test_ivf_shape_grows_with_the_table():
-    assert ivf_shape(1_000_000) == (1024, 16)
+    assert ivf_shape(1_000_000) == (1024, 12)
     assert ivf_shape(100_000) == (256, 8)
     assert ivf_shape(50)[0] <= 8
 
