@@ -205,11 +205,23 @@ def _peak_rss_mb(pid: int) -> float | None:
     return None
 
 
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of the process so far: what its work costs on an idle core,
+    whatever else the machine is running."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 class Watch:
-    """Samples the peak memory of a process and of every process it starts, until stopped."""
+    """Samples the peak memory and CPU time of a process and of every process it starts."""
 
     def __init__(self, pid: int, every_s: float = 0.5) -> None:
-        self.pid, self.every_s, self.peaks = pid, every_s, {}
+        self.pid, self.every_s = pid, every_s
+        self.peaks: dict[int, float] = {}
+        self.cpu: dict[int, float] = {}
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, daemon=True)
         self.thread.start()
@@ -217,15 +229,17 @@ class Watch:
     def _loop(self) -> None:
         while not self.stop.is_set():
             for pid in [self.pid, *_children(self.pid)]:
-                peak = _peak_rss_mb(pid)
+                peak, cpu = _peak_rss_mb(pid), _cpu_seconds(pid)
                 if peak is not None:
                     self.peaks[pid] = max(peak, self.peaks.get(pid, 0.0))
+                if cpu is not None:
+                    self.cpu[pid] = cpu
             self.stop.wait(self.every_s)
 
-    def finish(self) -> dict[int, float]:
+    def finish(self) -> tuple[dict[int, float], dict[int, float]]:
         self.stop.set()
         self.thread.join()
-        return self.peaks
+        return self.peaks, self.cpu
 
 
 def launch_run(repo: Path, paths: dict[str, str], out: Path, extra: list[str]) -> dict:
@@ -242,27 +256,29 @@ def launch_run(repo: Path, paths: dict[str, str], out: Path, extra: list[str]) -
     watch = Watch(proc.pid)
     output, _ = proc.communicate()
     wall = time.perf_counter() - t0
-    peaks = watch.finish()
+    peaks, cpu = watch.finish()
     if proc.returncode:
         raise SystemExit(f"run failed ({proc.returncode}): {' '.join(cmd)}\n{output}")
     metrics = json.loads((out / "metrics.json").read_text())
     tables = json.loads((out / "tables/done").read_text())
     return {"wall": wall, "metrics": metrics, "tables": tables, "cmd": cmd,
-            "parent_mb": peaks.pop(proc.pid, None),
-            "children_mb": sorted(peaks.values(), reverse=True)}
+            "parent_mb": peaks.pop(proc.pid, None), "parent_cpu": cpu.pop(proc.pid, 0.0),
+            "children": sorted(((peaks[p], cpu.get(p, 0.0)) for p in peaks), reverse=True)}
 
 
 def report(name: str, r: dict) -> None:
     m, g = r["metrics"], r["metrics"]["global"]
     index = m.get("index", {})
     recall = (index.get("recall") or {}).get("recall_at_k")
-    workers = [round(v) for v in r["children_mb"] if v > 100]  # not the resource tracker
+    workers = [f"{mb:.0f} MiB / {cpu:.0f} s" for mb, cpu in r["children"]
+               if mb > 100]  # not the resource tracker
     print(f"\n## {name}\n$ {' '.join(r['cmd'][1:])}")
     print(f"wall {r['wall']:.1f} s; index {index.get('kind', 'exact')} "
           f"({index.get('reason', '')}); recall@k_nn "
           f"{'n/a (exact)' if recall is None else f'{recall:.4f}'}")
     print("phases (s): " + ", ".join(f"{k} {v:.1f}" for k, v in m["timing"].items()))
-    print(f"peak RSS (MiB): launch process {r['parent_mb']:.0f}; worker processes {workers}")
+    print(f"peak RSS / CPU time: launch process {r['parent_mb']:.0f} MiB / "
+          f"{r['parent_cpu']:.0f} s; worker processes: {', '.join(workers) or 'none'}")
     print(f"anchors {g['anchors']}, success rate {g['success_rate']}, hard {g['hard_negatives']}, "
           f"diverse {g['diverse_negatives']}, diverse searches past the list "
           f"{g['diverse_widened_searches']}")

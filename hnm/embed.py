@@ -65,10 +65,10 @@ def embed_images(encoder: ImageEncoder, paths: list[Path], batch_size: int, num_
     parts, done = [], 0
     with torch.inference_mode():
         for batch in loader:
-            parts.append(encoder.encode(batch))
+            parts.append(finalize(encoder.encode(batch)))  # row by row: no float64 shard
             done += len(batch)
             progress("embed", done, len(paths))
-    return finalize(np.concatenate(parts))
+    return np.concatenate(parts)
 
 
 def embed_texts(encoder: TextEncoder, texts: list[str], batch_size: int) -> np.ndarray:
@@ -78,9 +78,9 @@ def embed_texts(encoder: TextEncoder, texts: list[str], batch_size: int) -> np.n
     if not texts:
         return np.zeros((0, 1), np.float32)
     with torch.inference_mode():
-        parts = [encoder.encode(texts[s:s + batch_size])
+        parts = [finalize(encoder.encode(texts[s:s + batch_size]))
                  for s in range(0, len(texts), batch_size)]
-    return finalize(np.concatenate(parts))
+    return np.concatenate(parts)
 
 
 # Rows of a precomputed file snapped per step: finalize works in float64.

@@ -103,9 +103,10 @@ def find_candidates(c: Config, tab: Tables, anchors: np.ndarray, device: str = "
 class Widener:
     """Exact wider diverse lists, past the saved ones, from a search over every row.
 
-    A list does not depend on the phrase state, so it is computed for a block of upcoming
-    anchors at once (WIDEN_BLOCK), since anchors that exhaust their lists tend to come in
-    runs (the same far-away phrases get used up). The search reads the (memory-mapped)
+    A list does not depend on the phrase state, so within a run of anchors that exhaust
+    their lists (the same far-away phrases get used up) it is computed for a block of
+    upcoming anchors at once (WIDEN_BLOCK); an isolated widening searches for its anchor
+    alone (a block costs several single searches). The search reads the (memory-mapped)
     table a block of rows at a time: it is never copied whole.
     """
 
@@ -113,6 +114,7 @@ class Widener:
         self.tab = tab
         self.index = ChunkedFlatIP(tab.V)
         self.cache: dict[int, tuple[int, Any, bool]] = {}  # anchor -> (size, list, complete)
+        self.last = -WIDEN_BLOCK  # the anchor last widened
 
     def __call__(self, anchor: int, size: int) -> tuple[Cands, bool]:
         hit = self.cache.get(anchor)
@@ -124,7 +126,9 @@ class Widener:
     def _compute(self, anchor: int, size: int) -> None:
         # anchors are selected in row order: earlier entries are never asked for again
         self.cache = {a: v for a, v in self.cache.items() if a >= anchor}
-        block = np.arange(anchor, min(anchor + WIDEN_BLOCK, len(self.tab.V)))
+        ahead = WIDEN_BLOCK if anchor - self.last < WIDEN_BLOCK else 1
+        self.last = anchor
+        block = np.arange(anchor, min(anchor + ahead, len(self.tab.V)))
         block = block[[self.cache.get(a, (0,))[0] < size for a in block.tolist()]]
         lists, complete = farthest(self.index, self.tab, block, size)
         for i, a in enumerate(block.tolist()):

@@ -22,9 +22,9 @@ SEARCH_EPS = 1e-4
 # Error of a float16 copy of a unit vector's inner products (2^-11 relative per component,
 # doubled for safety): proposals from float16 storage are only trusted this far.
 FLOAT16_EPS = 2.0**-10
-# Bytes of float32 scores one step of a chunked search holds (queries x rows): large enough
-# for full-speed matrix products, small enough for any host or GPU at a million rows.
-SCORE_BYTES = 1 << 28
+# Bytes of scores one step of a chunked search holds (queries x rows): large enough for
+# full-speed matrix products, small enough for any host or GPU at a million rows.
+SCORE_BYTES = 1 << 27
 
 
 def search_eps(dim: int, float16: bool = False) -> float:
@@ -111,21 +111,23 @@ class ChunkedFlatIP:
         kk = min(k, self.ntotal)
         D = np.full((len(xq), kk), -np.inf, np.float32)
         I = np.full((len(xq), kk), -1, np.int64)
-        block = max(kk, SCORE_BYTES // (4 * max(1, len(xq))))
+        # a block's scores and argpartition's indices: 12 bytes per (query, row)
+        block = max(kk, SCORE_BYTES // (12 * max(1, len(xq))))
         for s in range(0, self.ntotal, block):
             S = xq @ np.asarray(self.xb[s:s + block], dtype=np.float32).T  # (nq, b)
-            D, I = _merge(D, I, S, np.arange(s, s + S.shape[1]), kk)
+            top = np.argpartition(-S, kk - 1, axis=1)[:, :kk] if S.shape[1] > kk \
+                else np.broadcast_to(np.arange(S.shape[1]), S.shape)
+            D, I = _best(D, I, np.take_along_axis(S, top, 1), s + top, kk)
         return _pad(*_sorted(D, I), k)
 
     def reach(self, xq: np.ndarray) -> np.ndarray:
         return np.full(len(xq), self.ntotal)
 
 
-def _merge(D: np.ndarray, I: np.ndarray, S: np.ndarray, rows: np.ndarray, k: int
-           ) -> tuple[np.ndarray, np.ndarray]:
-    """The k best of the running (D, I) and a new block of scores S over `rows`."""
-    allD = np.concatenate([D, S], axis=1)
-    allI = np.concatenate([I, np.broadcast_to(rows, S.shape)], axis=1)
+def _best(D: np.ndarray, I: np.ndarray, D2: np.ndarray, I2: np.ndarray, k: int
+          ) -> tuple[np.ndarray, np.ndarray]:
+    """The k best of two (nq, .) sets of scores and rows."""
+    allD, allI = np.concatenate([D, D2], axis=1), np.concatenate([I, I2], axis=1)
     top = np.argpartition(-allD, k - 1, axis=1)[:, :k]
     return np.take_along_axis(allD, top, 1), np.take_along_axis(allI, top, 1)
 

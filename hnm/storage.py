@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -72,10 +71,8 @@ def atomic_npy(path: Path, shape: tuple[int, ...], dtype: Any) -> Iterator[np.nd
 
 
 def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    with atomic_open(path) as handle:
-        handle.write(buffer.getvalue())
+    with atomic_open(path) as handle:  # straight to the file: no second copy in memory
+        np.savez(handle, **arrays)
 
 
 def read_npz(path: Path) -> dict[str, np.ndarray]:

@@ -38,6 +38,16 @@ class Task:
     shard: int | None
 
 
+def release_freed_memory() -> None:
+    """Give the memory a phase freed back to the system (glibc keeps freed blocks of
+    many small allocations, such as an index's lists, for the process otherwise)."""
+    import ctypes
+    import ctypes.util
+
+    with contextlib.suppress(OSError, AttributeError, TypeError):
+        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident memory so far (Linux reports KiB)."""
     import resource
@@ -149,6 +159,7 @@ def tables_once(ctx: Context, _: None, progress: Progress) -> dict[str, Any]:
         write_npy(run.table(name), array)
     info["peak_rss_mb"] = round(peak_rss_mb(), 1)
     run.mark_done("tables", None, info)
+    release_freed_memory()  # the IVF index was built in memory: the next phase needs none
     return info
 
 
