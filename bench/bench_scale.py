@@ -260,8 +260,7 @@ def launch_run(repo: Path, paths: dict[str, str], out: Path, extra: list[str]) -
     if proc.returncode:
         raise SystemExit(f"run failed ({proc.returncode}): {' '.join(cmd)}\n{output}")
     metrics = json.loads((out / "metrics.json").read_text())
-    tables = json.loads((out / "tables/done").read_text())
-    return {"wall": wall, "metrics": metrics, "tables": tables, "cmd": cmd,
+    return {"wall": wall, "metrics": metrics, "cmd": cmd,
             "parent_mb": peaks.pop(proc.pid, None), "parent_cpu": cpu.pop(proc.pid, 0.0),
             "children": sorted(((peaks[p], cpu.get(p, 0.0)) for p in peaks), reverse=True)}
 
@@ -281,7 +280,7 @@ def report(name: str, r: dict) -> None:
           f"{r['parent_cpu']:.0f} s; worker processes: {', '.join(workers) or 'none'}")
     print(f"anchors {g['anchors']}, success rate {g['success_rate']}, hard {g['hard_negatives']}, "
           f"diverse {g['diverse_negatives']}, diverse searches past the list "
-          f"{g['diverse_widened_searches']}")
+          f"{g.get('diverse_widened_searches')}")
 
 
 def main() -> int:

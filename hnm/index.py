@@ -39,6 +39,7 @@ class SearchIndex(Protocol):
     kind: str
     ntotal: int
     eps: float
+    exact: bool  # every row is searched (else only those the index reaches, see reach)
     far: SearchIndex  # the search for a diverse list's farthest rows (often itself)
 
     def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -100,6 +101,8 @@ class ChunkedFlatIP:
 
     kind = "chunked-cpu"
 
+    exact = True
+
     def __init__(self, xb: np.ndarray) -> None:
         self.xb = xb
         self.ntotal = xb.shape[0]
@@ -144,6 +147,8 @@ class FaissFlatIP:
     go to `wide`, an exact search on the host, instead. `max_k` is that limit.
     """
 
+    exact = True
+
     def __init__(self, xb: np.ndarray, gpu: int | None = None, float16: bool = False,
                  max_k: int | None = None) -> None:
         import faiss
@@ -180,6 +185,8 @@ class TorchFlatIP:
     Queries go through in chunks whose (chunk, N) score block stays within SCORE_BYTES,
     whatever N is.
     """
+
+    exact = True
 
     def __init__(self, xb: np.ndarray, device: Any = "cpu", float16: bool = False) -> None:
         import torch
@@ -306,6 +313,8 @@ class IvfIndex:
     scanned one at a time, all the queries probing a list together (one matrix product),
     with torch on the host or on a GPU.
     """
+
+    exact = False
 
     def __init__(self, index: Any, nprobe: int, device: str = "cpu",
                  float16: bool = False, far_nprobe: int | None = None) -> None:

@@ -121,8 +121,8 @@ def scatter(sub: Ragged, where: np.ndarray) -> Ragged:
 
 
 def exact_prefix(index: SearchIndex, V: np.ndarray, anchors: np.ndarray, want: int,
-                 sign: float, keep: Keep, floor: float = -np.inf, kept_share: float = 1.0
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                 sign: float, keep: Keep, floor: float = -np.inf, kept_share: float = 1.0,
+                 fill: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per anchor, the first `want` kept rows in exact order, among the rows `index` can
     return for it: by descending vis (sign +1) or ascending vis (sign -1), ties by row.
 
@@ -131,6 +131,8 @@ def exact_prefix(index: SearchIndex, V: np.ndarray, anchors: np.ndarray, want: i
     index did not propose scores at most the last proposal (+ the index's eps). Rows whose
     signed vis is below `floor` are dropped, and none below it is waited for. `kept_share`:
     about which share of the rows `keep` admits (the first search asks for more when few).
+    fill=False: one search, and whatever prefix of the order it makes certain (up to
+    `want` rows) — enough where the caller can search past a short list exactly.
     Returns (B, want) rows and vis (row -1 where fewer), and whether each anchor's rows
     are every kept row of the table.
     """
@@ -154,12 +156,12 @@ def exact_prefix(index: SearchIndex, V: np.ndarray, anchors: np.ndarray, want: i
         bound = np.where(seen_all, -np.inf, last + index.eps)
         kept = valid & keep(anchors[todo], I) & (w >= floor)
         certain = kept & (w > bound[:, None])
-        done = seen_all | (bound < floor) | (certain.sum(1) >= want)
+        done = seen_all | (bound < floor) | (certain.sum(1) >= want) | (not fill)
         r, c = np.nonzero(certain & done[:, None] & (np.cumsum(certain, axis=1) <= want))
         slot = (np.cumsum(certain, axis=1) - 1)[r, c]
         out_rows[todo[r], slot] = I[r, c]
         out_vis[todo[r], slot] = sign * w[r, c]
-        whole = seen_all & (reach == index.ntotal) & (kept.sum(1) <= want)
+        whole = seen_all & (reach == index.ntotal) & (kept.sum(1) <= want)  # every kept row
         complete[todo[done]] = whole[done]
         todo = todo[~done]
         k = min(index.ntotal, k * GROWTH)
@@ -223,14 +225,18 @@ def farthest(index: SearchIndex, tab: Tables, anchors: np.ndarray, size: int
     """SPEC §6 candidates: the `size` lowest-vis eligible rows of other groups, ascending
     (vis, row), among the rows `index` can return for the query -v_a.
 
-    Returns the lists and whether each holds every eligible row of another group.
+    From an exact index a list may stop short, where one search did not make the order
+    certain (the selection pass searches past it exactly); from an approximate one it holds
+    `size` rows (or all it can reach), since what follows it is an exact search over every
+    row, not the rest of the index's order. Returns the lists and whether each holds every
+    eligible row of another group.
     """
     def keep(a: np.ndarray, I: np.ndarray) -> np.ndarray:
         return tab.eligible[I] & (tab.groups[I] != tab.groups[a][:, None])
 
     share = float(np.mean(tab.eligible)) if len(tab.eligible) else 1.0
     rows, vis, complete = exact_prefix(index, tab.V, anchors, size, -1.0, keep,
-                                       kept_share=share)
+                                       kept_share=share, fill=not index.exact)
     # no text condition here (SPEC §6): txt is computed for the chosen row only
     return _ragged(rows >= 0, rows, vis, np.full(rows.shape, np.nan)), complete
 

@@ -22,9 +22,10 @@ FAR_SHARE = 4
 RECALL_ANCHORS = 1000  # anchors whose IVF hard lists are compared with an exact search
 # Share of a GPU's memory an index may take: the rest is FAISS's and torch's scratch space.
 GPU_SHARE = 0.8
-# Python objects of the loaded annotations, per byte of the file (measured: about 3x on
-# JSONL records of short fields) and per row (ids, paths, phrase and group codes).
-RECORD_OVERHEAD, ROW_BYTES = 3.0, 400
+# Python objects of the loaded annotations, per byte of the file and per row (ids, paths,
+# phrase and group codes): measured 1.1 GiB for a million short JSONL records (126 MiB).
+RECORD_OVERHEAD, ROW_BYTES = 3.0, 750
+PICK_BYTES = 400  # one anchor's negatives in the reducer (Python objects)
 CANDIDATE_BYTES = 24  # one candidate: row (int64), vis and txt (float64)
 GIB = 2.0**30
 
@@ -102,6 +103,8 @@ def estimate(config: Config, s: Sizes, choice: IndexChoice) -> list[PhaseMemory]
     shard_rows = -(-s.rows // s.workers)
     block = (1 << 16) * max(s.dv, s.dt) * 8.0 * 3  # a float64 block and its temporaries
     encoders = 0.0 if config.image_embeddings and config.text_embeddings else 1.5 * GIB
+    precomputed = (s.rows * s.dv * 4.0 if config.image_embeddings else 0.0) \
+        + (s.rows * s.dt * 4.0 if config.text_embeddings else 0.0)  # read where they lie
     per_anchor = (min(config.k_nn, s.rows) + config.diverse_candidates + 2 * MARGIN) \
         * CANDIDATE_BYTES
     shard_cands = -(-s.anchors // s.workers) * per_anchor
@@ -112,8 +115,8 @@ def estimate(config: Config, s: Sizes, choice: IndexChoice) -> list[PhaseMemory]
     kmeans_sample = min(s.rows, KMEANS_SAMPLE) * s.dv * 4.0 * 2
     on_gpu = s.device == "cuda"
     return [
-        PhaseMemory("embed", dataset + shard_rows * s.dv * 4.0 + block + encoders, 0.0,
-                    encoders if on_gpu else 0.0, s.workers),
+        PhaseMemory("embed", dataset + shard_rows * s.dv * 4.0 + block + encoders,
+                    precomputed, encoders if on_gpu else 0.0, s.workers),
         PhaseMemory("tables", dataset + block + max(kmeans_sample, train + index),
                     visual + text, 0.0, 1),
         PhaseMemory("candidates",
@@ -121,7 +124,7 @@ def estimate(config: Config, s: Sizes, choice: IndexChoice) -> list[PhaseMemory]
                                              else 0.0) + block,
                     visual + text + (index if choice.kind == "ivf" else 0.0),
                     index if on_gpu else 0.0, s.workers),
-        PhaseMemory("reduce", dataset + shard_cands + s.rows * 40.0 + s.anchors * 200.0,
+        PhaseMemory("reduce", dataset + shard_cands + s.rows * 40.0 + s.anchors * PICK_BYTES,
                     visual + text, 0.0, 1),
     ]
 
