@@ -100,7 +100,6 @@ class ChunkedFlatIP:
     is read block by block and never copied whole)."""
 
     kind = "chunked-cpu"
-
     exact = True
 
     def __init__(self, xb: np.ndarray) -> None:
@@ -182,8 +181,8 @@ class FaissFlatIP:
 class TorchFlatIP:
     """Exact k-NN with a matrix product and top-k, for devices without faiss-gpu.
 
-    Queries go through in chunks whose (chunk, N) score block stays within SCORE_BYTES,
-    whatever N is.
+    Queries go through in chunks whose score block stays within SCORE_BYTES whatever N
+    is; rows stored in float16 are converted to float32 a block at a time.
     """
 
     exact = True
@@ -198,7 +197,8 @@ class TorchFlatIP:
                              for s in range(0, xb.shape[0], 1 << 16)])
         self.ntotal = xb.shape[0]
         self.device = device
-        self.chunk = max(1, SCORE_BYTES // (4 * max(1, self.ntotal)))
+        self.rows = max(1, SCORE_BYTES // (4 * xb.shape[1])) if float16 else max(1, self.ntotal)
+        self.chunk = max(1, SCORE_BYTES // (4 * self.rows))
         self.eps = search_eps(xb.shape[1], float16)
         self.kind = f"torch-{torch.device(device).type}" + ("-fp16" if float16 else "")
         self.far = self
@@ -211,15 +211,26 @@ class TorchFlatIP:
         for start in range(0, len(xq), self.chunk):
             q = torch.from_numpy(np.ascontiguousarray(xq[start:start + self.chunk],
                                                       dtype=np.float32)).to(self.device)
-            S = q @ self.xb.T.to(torch.float32) if self.xb.dtype != torch.float32 \
-                else q @ self.xb.T
-            D, I = torch.topk(S, kk, dim=1)  # (nq, kk)
+            D = I = None
+            for s in range(0, self.ntotal, self.rows):
+                S = q @ self.xb[s:s + self.rows].to(torch.float32).T  # (nq, rows)
+                top, pos = torch.topk(S, min(kk, S.shape[1]), dim=1)
+                D, I = (top, pos + s) if D is None else _torch_best(D, I, top, pos + s, kk)
             Ds.append(D.cpu().numpy())
             Is.append(I.cpu().numpy())
         return _pad(np.concatenate(Ds), np.concatenate(Is).astype(np.int64), k)
 
     def reach(self, xq: np.ndarray) -> np.ndarray:
         return np.full(len(xq), self.ntotal)
+
+
+def _torch_best(D: Any, I: Any, D2: Any, I2: Any, k: int) -> tuple[Any, Any]:
+    """The k best of two (nq, .) tensors of scores and rows, best first."""
+    import torch
+
+    allD, allI = torch.cat([D, D2], 1), torch.cat([I, I2], 1)
+    best, at = torch.topk(allD, min(k, allD.shape[1]), dim=1)
+    return best, torch.gather(allI, 1, at)
 
 
 def gpu_free_bytes(device: str) -> int:
@@ -414,12 +425,6 @@ def _by_list(probes: np.ndarray, device: Any) -> Iterator[tuple[int, Any, Any]]:
     for s, e in zip(edges[:-1], edges[1:]):
         yield (int(lists[s]), torch.from_numpy(query[s:e]).to(device),
                torch.from_numpy(slot[s:e]).to(device))
-
-
-def save_ivf(index: Any, path: str) -> None:
-    import faiss
-
-    faiss.write_index(index, path)
 
 
 def load_ivf(path: str) -> Any:

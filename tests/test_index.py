@@ -117,9 +117,12 @@ def test_torch_score_blocks_stay_bounded_at_a_million_rows():
     assert lists(got) == brute_nearest(small, 10)
 
 
-def test_float16_proposals_are_rescored_to_the_exact_lists():
+def test_float16_proposals_are_rescored_to_the_exact_lists(monkeypatch):
     V = near_duplicates()
-    got, _ = nearest(TorchFlatIP(V, float16=True), V, np.arange(len(V)), 30, -np.inf)
+    monkeypatch.setattr(hindex, "SCORE_BYTES", 4 * 8 * 50)  # float16 rows in blocks of 50
+    index = TorchFlatIP(V, float16=True)
+    assert index.rows == 50
+    got, _ = nearest(index, V, np.arange(len(V)), 30, -np.inf)
     assert lists(got) == brute_nearest(V, 30)
 
 
