@@ -103,3 +103,20 @@ def cli_main(args: list[str]) -> int:
     from hnm.cli import main
 
     return main(args)
+
+
+def test_dry_run_on_gpus_prints_their_memory_and_refuses_an_index_too_large(
+        tmp_path: Path, capsys, monkeypatch):
+    from hnm import gpus
+
+    paths = make_dataset(tmp_path / "data", n=60, seed=1)
+    found = [gpus.Gpu(i, i, "Fake GPU", 16.0, 15.0) for i in range(2)]
+    monkeypatch.setattr(gpus, "discover", lambda: (found, None))
+    rc, text, _ = cli(capsys, *mine_args(paths, tmp_path / "run", "--dry-run"))
+    assert rc == 0 and "Shards: 2 on cuda:0, cuda:1" in text
+    assert "  candidates: host " in text and "; GPU 0.00 per worker" in text
+    tiny = [gpus.Gpu(0, 0, "Tiny GPU", 1e-6, 1e-6)]
+    monkeypatch.setattr(gpus, "discover", lambda: (tiny, None))
+    rc, _, err = cli(capsys, *mine_args(paths, tmp_path / "run", "--dry-run"))
+    assert rc == 2 and err.count("\n") == 1
+    assert err.startswith("hnm: error: --index: an exact index of this table needs")
