@@ -106,7 +106,6 @@ class ChunkedFlatIP:
         self.xb = xb
         self.ntotal = xb.shape[0]
         self.eps = search_eps(xb.shape[1])
-        self.far = self
 
     def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         xq = np.ascontiguousarray(xq, dtype=np.float32)
@@ -124,6 +123,10 @@ class ChunkedFlatIP:
 
     def reach(self, xq: np.ndarray) -> np.ndarray:
         return np.full(len(xq), self.ntotal)
+
+    @property
+    def far(self) -> SearchIndex:
+        return self
 
 
 def _best(D: np.ndarray, I: np.ndarray, D2: np.ndarray, I2: np.ndarray, k: int
@@ -164,7 +167,6 @@ class FaissFlatIP:
         self.eps = search_eps(xb.shape[1], float16)
         self.max_k = max_k if max_k is not None else GPU_MAX_K if gpu is not None else None
         self.wide = ChunkedFlatIP(xb)
-        self.far = self
         self.kind = "faiss-gpu" + ("-fp16" if float16 else "") if gpu is not None \
             else "faiss-cpu"
 
@@ -176,6 +178,10 @@ class FaissFlatIP:
 
     def reach(self, xq: np.ndarray) -> np.ndarray:
         return np.full(len(xq), self.ntotal)
+
+    @property
+    def far(self) -> SearchIndex:
+        return self
 
 
 class TorchFlatIP:
@@ -201,7 +207,6 @@ class TorchFlatIP:
         self.chunk = max(1, SCORE_BYTES // (4 * self.rows))
         self.eps = search_eps(xb.shape[1], float16)
         self.kind = f"torch-{torch.device(device).type}" + ("-fp16" if float16 else "")
-        self.far = self
 
     def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         import torch
@@ -222,6 +227,10 @@ class TorchFlatIP:
 
     def reach(self, xq: np.ndarray) -> np.ndarray:
         return np.full(len(xq), self.ntotal)
+
+    @property
+    def far(self) -> SearchIndex:
+        return self
 
 
 def _torch_best(D: Any, I: Any, D2: Any, I2: Any, k: int) -> tuple[Any, Any]:
@@ -354,11 +363,14 @@ class IvfIndex:
         self.eps = search_eps(d, float16)
         self.kind = f"ivf-{self.device.type}" + ("-fp16" if float16 else "")
         self.batch = IVF_BATCH
-        self.far = self
+        self._far: IvfIndex | None = None
         if far_nprobe is not None and far_nprobe != self.nprobe:
-            self.far = copy.copy(self)  # the same lists, fewer probes
-            self.far.nprobe = min(far_nprobe, self.nlist)
-            self.far.far = self.far
+            self._far = copy.copy(self)  # the same lists, fewer probes
+            self._far.nprobe = min(far_nprobe, self.nlist)
+
+    @property
+    def far(self) -> IvfIndex:
+        return self._far or self
 
     def probes(self, xq: np.ndarray) -> np.ndarray:
         """(nq, nprobe) lists each query probes, ascending: those of the nprobe highest

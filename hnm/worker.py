@@ -43,7 +43,9 @@ def release_freed_memory() -> None:
     many small allocations, such as an index's lists, for the process otherwise)."""
     import ctypes
     import ctypes.util
+    import gc
 
+    gc.collect()  # objects in reference cycles may still hold memory maps
     with contextlib.suppress(OSError, AttributeError, TypeError):
         ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
 
