@@ -98,11 +98,10 @@ def compare_chunk(s: Setup, repeats: int, chunk: int) -> None:
 
 def per_anchor_widen(s: Setup) -> Callable:
     """The widening search before hnm.engine.Widener: one anchor per search."""
-    eligible_rows = np.flatnonzero(s.tab.eligible)
-    index = hnm.index.build_index(np.asarray(s.tab.V[eligible_rows]))
+    index = hnm.index.build_index(np.asarray(s.tab.V))
 
     def widen(anchor: int, size: int) -> tuple[Any, bool]:
-        lists, complete = farthest(index, eligible_rows, s.tab, np.array([anchor]), size)
+        lists, complete = farthest(index, s.tab, np.array([anchor]), size)
         return lists.get(0), bool(complete[0])
 
     return widen

@@ -67,6 +67,12 @@ def _mine_flags(p: argparse.ArgumentParser) -> None:
             ("--diverse-candidates", int, "diverse candidates kept per anchor (64)"),
             ("--seed", int, "seed of strategy draws and k-means (0)")):
         mine.add_argument(flag, type=kind, default=UNSET, help=text)
+    mine.add_argument("--index", choices=("exact", "ivf", "auto"), default=UNSET,
+                      help="search index: exact, ivf (FAISS IVF proposals, rescored exactly; "
+                      "recall measured), or auto (exact up to a size, default)")
+    mine.add_argument("--ivf-nlist", type=int, default=UNSET, help="IVF lists (~sqrt(rows))")
+    mine.add_argument("--ivf-nprobe", type=int, default=UNSET,
+                      help="IVF lists probed per query (more: higher recall, slower)")
     mine.add_argument("--diverse-pool", type=int, dest="diverse_candidates", default=UNSET,
                       help=argparse.SUPPRESS)  # the former name of --diverse-candidates
     mine.add_argument("--blacklist", default=UNSET, help="file, one phrase per line ('' disables)")

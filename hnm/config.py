@@ -65,6 +65,10 @@ class Config:
     num_negatives: int = 1
     diverse_candidates: int = 64
     seed: int = 0
+    # search index (hnm.index): exact, ivf (approximate proposals), or auto (by size)
+    index: str = "auto"
+    ivf_nlist: int | None = None  # None: about sqrt(rows)
+    ivf_nprobe: int | None = None  # None: from the number of lists
     # false-negative audit (hnm.audit): negatives this close to their anchor are suspect
     audit_text_similarity: float = 0.8
     audit_visual_similarity: float = 0.98
@@ -145,7 +149,9 @@ def validate(c: Config) -> None:
            f"got {c.seed}")
     _check(c.max_image_pixels >= 1, "max_image_pixels",
            f"must be at least 1, got {c.max_image_pixels}")
-    for name in ("max_samples", "num_gpus", "gpu_id"):
+    _check(c.index in ("exact", "ivf", "auto"), "index",
+           f"must be 'exact', 'ivf' or 'auto', got {c.index!r}")
+    for name in ("max_samples", "num_gpus", "gpu_id", "ivf_nlist", "ivf_nprobe"):
         value = getattr(c, name)
         _check(value is None or value >= (1 if name != "gpu_id" else 0), name,
                f"out of range: {value}")

@@ -15,11 +15,11 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol, TypeVar
 
-from hnm import distributed, gpus
+from hnm import distributed, gpus, sizing
 from hnm.config import Config
 from hnm.data import Dataset, Progress
 from hnm.errors import Terminated
-from hnm.plan import Plan, dry_run_lines, prepare, read_plan, validate_inputs
+from hnm.plan import Plan, dry_run_lines, prepare, read_plan, run_sizes, validate_inputs
 from hnm.pool import InProcess, WorkerPool
 from hnm.precision import resolve
 from hnm.process import stopping
@@ -82,7 +82,9 @@ def drive(config: Config, ex: Executor) -> dict[str, Any]:
 
         def plan_run(progress: Progress) -> str:
             lock = lambda: held.enter_context(run_lock(run, ex.say))  # noqa: E731
-            planned["ds"], _, state = prepare(config, ex.devices, lock, ex.say, progress)
+            planned["ds"], plan, state = prepare(config, ex.devices, lock, ex.say, progress)
+            if state != "complete":
+                check_memory(config, planned["ds"], ex.devices, None, plan.index)
             return state
 
         if ex.on_leader(plan_run) == "complete":
@@ -95,6 +97,7 @@ def drive(config: Config, ex: Executor) -> dict[str, Any]:
         ex.say(f"Sharding {plan.num_anchors} anchors ({plan.num_rows} candidates) into "
                f"{len(plan.shards)} shard(s) on {min(len(plan.shards), len(ex.devices))} "
                "worker(s)")
+        ex.say(f"Index: {plan.index.describe()}")
         if ex.leader:
             ex.say(resolve(config.precision, ex.devices).line())
         shards = [s.shard for s in plan.shards]
@@ -122,10 +125,21 @@ def dry_run(config: Config, say: Callable[[str], Any]) -> dict[str, Any]:
     """Validate every input and print the plan; write nothing."""
     found, reason = gpus.discover()
     devices = gpus.choose_devices(config, found)
-    for line in gpus.describe(found, reason, devices, config) + dry_run_lines(
-            config, validate_inputs(config), devices):
+    ds = validate_inputs(config)
+    for line in gpus.describe(found, reason, devices, config) + dry_run_lines(config, ds,
+                                                                              devices):
         say(line)
+    check_memory(config, ds, devices, min((g.total_gb for g in found), default=None))
     return {}
+
+
+def check_memory(config: Config, ds: Dataset, devices: list[str], gpu_gib: float | None,
+                 choice: sizing.IndexChoice | None = None) -> None:
+    """Refuse a plan whose phases cannot fit this machine (one line naming the flag)."""
+    sizes = run_sizes(config, ds, devices)
+    choice = choice or sizing.choose_index(config, sizes.rows, devices)
+    sizing.check_fits(sizing.estimate(config, sizes, choice), sizing.host_available(),
+                      gpu_gib, choice, devices)
 
 
 @contextlib.contextmanager

@@ -109,11 +109,12 @@ def embed_images(encoder: ImageEncoder, paths: list[Path], batch_size: int, num_
         asked = time.perf_counter()
         for batch in loader:
             waited += time.perf_counter() - asked
-            parts += [encoder.encode(part) for part in batch.split(rows)]
+            # snapped pass by pass: no float64 copy of the shard
+            parts += [finalize(encoder.encode(part)) for part in batch.split(rows)]
             done += len(batch)
             progress("embed", done, len(paths))
             asked = time.perf_counter()
-    return finalize(np.concatenate(parts)), waited
+    return np.concatenate(parts), waited
 
 
 def phrase_order(phrases: list[str]) -> np.ndarray:
@@ -149,14 +150,23 @@ def embed_texts(encoder: TextEncoder, texts: list[str], batch_size: int) -> np.n
     if not texts:
         return np.zeros((0, 1), np.float32)
     with torch.inference_mode():
-        parts = [encoder.encode(texts[s:s + batch_size])
+        parts = [finalize(encoder.encode(texts[s:s + batch_size]))
                  for s in range(0, len(texts), batch_size)]
-    return finalize(np.concatenate(parts))
+    return np.concatenate(parts)
+
+
+# Rows of a precomputed file snapped per step: finalize works in float64.
+PRECOMPUTED_BLOCK = 1 << 16
 
 
 def precomputed(path: str, positions: np.ndarray) -> np.ndarray:
-    """Grid-snapped rows `positions` (record positions) of a precomputed .npy file."""
-    return finalize(np.load(path, mmap_mode="r")[positions])
+    """Grid-snapped rows `positions` (record positions) of a precomputed .npy file, a block
+    at a time (no float64 copy of the whole shard)."""
+    source = np.load(path, mmap_mode="r")
+    out = np.empty((len(positions), source.shape[1]), np.float32)
+    for s in range(0, len(positions), PRECOMPUTED_BLOCK):
+        out[s:s + PRECOMPUTED_BLOCK] = finalize(source[positions[s:s + PRECOMPUTED_BLOCK]])
+    return out
 
 
 def check_precomputed(path: str, flag: str, rows: int) -> int:
@@ -168,11 +178,16 @@ def check_precomputed(path: str, flag: str, rows: int) -> int:
     if arr.ndim != 2 or arr.shape[0] != rows or arr.shape[1] < 1:
         raise HnmError(f"{flag} {path}: expected {rows} rows (one per record) x dim, "
                        f"got shape {arr.shape}")
-    if not np.issubdtype(arr.dtype, np.floating) or not np.isfinite(arr).all():
+    if not np.issubdtype(arr.dtype, np.floating):
         raise HnmError(f"{flag} {path}: values must be finite floats")
-    zero = np.flatnonzero(~np.any(arr, axis=1))
+    zero = []  # checked a block at a time: no copy of the whole file in memory
+    for s in range(0, rows, PRECOMPUTED_BLOCK):
+        block = np.asarray(arr[s:s + PRECOMPUTED_BLOCK])
+        if not np.isfinite(block).all():
+            raise HnmError(f"{flag} {path}: values must be finite floats")
+        zero += (s + np.flatnonzero(~block.any(axis=1))).tolist()
     if len(zero):
-        shown = ", ".join(map(str, zero[:5].tolist())) + (" ..." if len(zero) > 5 else "")
+        shown = ", ".join(map(str, zero[:5])) + (" ..." if len(zero) > 5 else "")
         raise HnmError(f"{flag} {path}: {len(zero)} row(s) are all zeros (rows {shown}); "
                        "an embedding needs a direction: give those records real embeddings "
                        "or leave them out")

@@ -15,13 +15,14 @@ import numpy as np
 from hnm.audit import Suspect, audit_picks, count_suspects
 from hnm.config import Config
 from hnm.data import Progress, no_progress
-from hnm.index import build_index
+from hnm.index import ChunkedFlatIP, SearchIndex, build_index
 from hnm.metrics import Metrics, tally
-from hnm.miner import GROWTH, Cands, Ragged, Tables, farthest, hard_candidates, scatter
+from hnm.miner import Cands, Ragged, Tables, farthest, hard_candidates, nearest, scatter
 from hnm.select import Pick, Rules, Selector
 
 # Anchors per search call: its (B, k) candidate arrays stay a few MB and a search of
-# thousands of queries at once runs at FAISS's full speed; results do not depend on it.
+# thousands of queries at once runs at FAISS's full speed (an index may ask for more, see
+# index.IVF_BATCH); results do not depend on it.
 ANCHOR_BATCH = 2048
 # Anchors whose wider diverse lists are computed together: one (64, d) x (d, N) product
 # costs little more than a single anchor's memory-bound (d, N) pass.
@@ -71,52 +72,49 @@ class Candidates:
 
 def find_candidates(c: Config, tab: Tables, anchors: np.ndarray, device: str = "cpu",
                     progress: Progress = no_progress,
-                    diverse_first: np.ndarray | None = None) -> tuple[Candidates, str]:
+                    diverse_first: np.ndarray | None = None,
+                    index: SearchIndex | None = None) -> tuple[Candidates, str]:
     """Candidate lists of `anchors` against every row, and the kind of index that ran.
 
-    Diverse lists cost a second exhaustive search, so they are computed only for anchors
-    that will surely try diverse: `diverse_first` (u_a < diverse_ratio; None: all) and
-    those without a single hard candidate. Any other anchor whose hard strategy fails
-    gets its list from the selection pass's exact wider search, so the picks are the same.
+    `index`: the search over every row (a worker builds it once for all its shards);
+    None: an exact one, built here. Diverse lists cost a second search, so they are
+    computed only for anchors that will surely try diverse: `diverse_first`
+    (u_a < diverse_ratio; None: all) and those without a single hard candidate. Any other
+    anchor whose hard strategy fails gets its list from the selection pass's exact search
+    past the list, so the picks are the same.
     """
-    index = build_index(np.asarray(tab.V), device)
-    eligible_rows = np.flatnonzero(tab.eligible)
-    eligible_index = build_index(np.asarray(tab.V[eligible_rows]), device) \
-        if len(eligible_rows) else None
+    index = index if index is not None else build_index(tab.V, device)
     wanted = np.ones(len(anchors), bool) if diverse_first is None else diverse_first
+    batch = getattr(index, "batch", ANCHOR_BATCH)
     parts = []
-    for s in range(0, len(anchors), ANCHOR_BATCH):
-        a = anchors[s:s + ANCHOR_BATCH]
+    for s in range(0, len(anchors), batch):
+        a = anchors[s:s + batch]
         hard = hard_candidates(index, tab, a, c.k_nn, c.min_visual_similarity,
                                c.cosine_threshold)
-        need = wanted[s:s + ANCHOR_BATCH] | (np.diff(hard.offsets) == 0)
-        if eligible_index is None:  # no eligible row: no diverse negative for anyone
-            parts.append(Candidates(hard, Ragged.empty(len(a)), np.ones(len(a), bool)))
-        else:
-            sub, sub_complete = farthest(eligible_index, eligible_rows, tab, a[need],
-                                         c.diverse_candidates)
-            complete = np.zeros(len(a), bool)
-            complete[need] = sub_complete
-            parts.append(Candidates(hard, scatter(sub, need), complete))
+        need = wanted[s:s + batch] | (np.diff(hard.offsets) == 0)
+        sub, sub_complete = farthest(index.far, tab, a[need], c.diverse_candidates)
+        complete = np.zeros(len(a), bool)
+        complete[need] = sub_complete
+        parts.append(Candidates(hard, scatter(sub, need), complete))
         progress("search", s + len(a), len(anchors))
     return Candidates.concat(parts), index.kind
 
 
 class Widener:
-    """Exact wider diverse lists for anchors whose saved list ran out of free candidates.
+    """Exact wider diverse lists, past the saved ones, from a search over every row.
 
-    A list does not depend on the phrase state, so it is computed for a block of upcoming
-    anchors at once (WIDEN_BLOCK), since anchors that exhaust their lists tend to come in
-    runs (the same far-away phrases get used up).
+    A list does not depend on the phrase state, so within a run of anchors that exhaust
+    their lists (the same far-away phrases get used up) it is computed for a block of
+    upcoming anchors at once (WIDEN_BLOCK); an isolated widening searches for its anchor
+    alone (a block costs several single searches). The search reads the (memory-mapped)
+    table a block of rows at a time: it is never copied whole.
     """
 
-    def __init__(self, tab: Tables, first_size: int, device: str = "cpu") -> None:
-        self.first_size = first_size
+    def __init__(self, tab: Tables) -> None:
         self.tab = tab
-        self.device = device
-        self.eligible_rows = np.flatnonzero(tab.eligible)
-        self.index: Any = None
+        self.index = ChunkedFlatIP(tab.V)
         self.cache: dict[int, tuple[int, Any, bool]] = {}  # anchor -> (size, list, complete)
+        self.last = -WIDEN_BLOCK  # the anchor last widened
 
     def __call__(self, anchor: int, size: int) -> tuple[Cands, bool]:
         hit = self.cache.get(anchor)
@@ -126,26 +124,22 @@ class Widener:
         return hit[1], hit[2]
 
     def _compute(self, anchor: int, size: int) -> None:
-        if self.index is None:
-            self.index = build_index(np.asarray(self.tab.V[self.eligible_rows]), self.device)
         # anchors are selected in row order: earlier entries are never asked for again
         self.cache = {a: v for a, v in self.cache.items() if a >= anchor}
-        # a second widening of one anchor is rare: only the first is worth computing ahead
-        ahead = WIDEN_BLOCK if size <= self.first_size else 1
+        ahead = WIDEN_BLOCK if anchor - self.last < WIDEN_BLOCK else 1
+        self.last = anchor
         block = np.arange(anchor, min(anchor + ahead, len(self.tab.V)))
         block = block[[self.cache.get(a, (0,))[0] < size for a in block.tolist()]]
-        lists, complete = farthest(self.index, self.eligible_rows, self.tab, block, size)
+        lists, complete = farthest(self.index, self.tab, block, size)
         for i, a in enumerate(block.tolist()):
             self.cache[a] = (size, lists.get(i), bool(complete[i]))
 
 
-def make_selector(config: Config, tab: Tables, phrases: list[str], device: str = "cpu"
-                  ) -> Selector:
-    """The selection pass, with an exact wider search for exhausted diverse lists."""
+def make_selector(config: Config, tab: Tables, phrases: list[str]) -> Selector:
+    """The selection pass, with an exact wider search past exhausted diverse lists."""
     rules = Rules(config.cosine_threshold, config.min_visual_similarity, config.diverse_ratio,
                   config.fallback_phrase_reuse_limit, config.num_negatives)
-    return Selector(tab, phrases, rules, config.sliding_window_size,
-                    Widener(tab, GROWTH * config.diverse_candidates, device),
+    return Selector(tab, phrases, rules, config.sliding_window_size, Widener(tab),
                     config.diverse_candidates)
 
 
@@ -177,6 +171,25 @@ def select(config: Config, selector: Selector, shards: Iterable[tuple[np.ndarray
         tally(m, u[anchors], picks, [text_ids[a] for a in anchors.tolist()], text_ids,
               lengths, config.diverse_ratio, config.min_visual_similarity)
         yield Selected(anchors, picks, m, suspects)
+
+
+def recall_sample(num_anchors: int, seed: int, size: int) -> np.ndarray:
+    """A seeded sample of anchor rows, ascending (every anchor when there are no more)."""
+    if num_anchors <= size:
+        return np.arange(num_anchors)
+    return np.sort(np.random.default_rng(seed).choice(num_anchors, size, replace=False))
+
+
+def recall_at_k(index: SearchIndex, V: np.ndarray, anchors: np.ndarray, k_nn: int
+                ) -> dict[str, Any]:
+    """recall@k_nn of `index`'s neighbour lists N(a) (the lists hard negatives are drawn
+    from) against an exact search, over `anchors`: shared rows / rows of the exact lists."""
+    exact, _ = nearest(ChunkedFlatIP(V), V, anchors, k_nn, -np.inf)
+    approx, _ = nearest(index, V, anchors, k_nn, -np.inf)
+    found = sum(len(np.intersect1d(e[e >= 0], a[a >= 0])) for e, a in zip(exact, approx))
+    total = int((exact >= 0).sum())
+    return {"recall_at_k": round(found / total, 6) if total else None, "k": k_nn,
+            "anchors": len(anchors), "neighbours": total, "found": found}
 
 
 def mine_arrays(config: Config, tab: Tables, phrases: list[str], u: np.ndarray,

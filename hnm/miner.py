@@ -1,23 +1,25 @@
 """Pure, vectorised candidate generation: arrays in, arrays out, no I/O.
 
 Similarities are exact float64 dot products of grid-snapped embeddings (see
-`encoders.finalize`); FAISS only proposes rows, and a row list is widened until the
-exact order is certain, so the results never depend on the search kernel.
+`encoders.finalize`); an index (exact, or IVF over the lists it probes) only proposes
+rows, and a row list is widened until the exact order is certain, so the results never
+depend on the search kernel, the device or the batch.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 
-from hnm.index import FlatIndex
+from hnm.index import SearchIndex
 
-# FAISS computes in float32: its scores are within this of the exact ones.
-SEARCH_EPS = 1e-4
+# Which proposals count (anchors (B,), rows (B, k) -> (B, k) bool): not self; eligible...
+Keep = Callable[[np.ndarray, np.ndarray], np.ndarray]
 # Extra rows asked of each search beyond the k that is needed. The exact order at the cut is
-# certain only when the k-th exact score clears the last proposal by SEARCH_EPS; a few
+# certain only when the k-th exact score clears the last proposal by the index's eps; a few
 # spare rows make that the common case (a second, wider search is then rare) while adding
 # little to a k_nn of 30-100.
 MARGIN = 16
@@ -42,6 +44,17 @@ def exact_dots(xa: np.ndarray, ra: np.ndarray, xb: np.ndarray, rb: np.ndarray) -
         g = np.asarray(xb[rb[s:s + step]])  # (b, k, d)
         # float32 operands, float64 accumulation: exact on the grid, half the memory traffic
         out[s:s + step] = np.einsum("bkd,bd->bk", g, q, dtype=np.float64)
+    return out
+
+
+def dots_with(V: np.ndarray, a: int, rows: np.ndarray) -> np.ndarray:
+    """Exact vis(a, j) of one row with many: (F,) float64, a chunk of rows at a time."""
+    q = np.asarray(V[a])
+    out = np.empty(len(rows), dtype=np.float64)
+    step = max(1, CHUNK_BYTES // (4 * V.shape[1]))
+    for s in range(0, len(rows), step):
+        out[s:s + step] = np.einsum("kd,d->k", np.asarray(V[rows[s:s + step]]), q,
+                                    dtype=np.float64)
     return out
 
 
@@ -107,52 +120,66 @@ def scatter(sub: Ragged, where: np.ndarray) -> Ragged:
     return Ragged(offsets, sub.rows, sub.vis, sub.txt)
 
 
-def _sorted_exact(V: np.ndarray, anchors: np.ndarray, I: np.ndarray, sign: float
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """Rescore (B, k) proposals exactly; sort by (sign * vis desc, row asc)."""
-    vis = exact_dots(V, anchors, V, I)
-    order = np.lexsort((I, -sign * vis), axis=1)
-    return np.take_along_axis(I, order, 1), np.take_along_axis(vis, order, 1)
+def exact_prefix(index: SearchIndex, V: np.ndarray, anchors: np.ndarray, want: int,
+                 sign: float, keep: Keep, floor: float = -np.inf, kept_share: float = 1.0,
+                 fill: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per anchor, the first `want` kept rows in exact order, among the rows `index` can
+    return for it: by descending vis (sign +1) or ascending vis (sign -1), ties by row.
+
+    The index proposes rows for the query sign * v_a; they are rescored exactly, and an
+    anchor is searched again, wider, until its order at the cut is certain: a row the
+    index did not propose scores at most the last proposal (+ the index's eps). Rows whose
+    signed vis is below `floor` are dropped, and none below it is waited for. `kept_share`:
+    about which share of the rows `keep` admits (the first search asks for more when few).
+    fill=False: one search, and whatever prefix of the order it makes certain (up to
+    `want` rows) — enough where the caller can search past a short list exactly.
+    Returns (B, want) rows and vis (row -1 where fewer), and whether each anchor's rows
+    are every kept row of the table.
+    """
+    out_rows = np.full((len(anchors), max(want, 1)), -1, dtype=np.int64)
+    out_vis = np.full(out_rows.shape, -np.inf * sign)
+    complete = np.zeros(len(anchors), bool)
+    todo = np.arange(len(anchors))
+    k = min(index.ntotal, int(np.ceil((want + 1) / max(kept_share, 0.01))) + MARGIN)
+    while len(todo):
+        q = sign * np.asarray(V[anchors[todo]], dtype=np.float32)
+        reach = index.reach(q)
+        D, I = index.search(q, k)
+        valid = I >= 0
+        I = np.where(valid, I, 0)
+        w = np.where(valid, sign * exact_dots(V, anchors[todo], V, I), -np.inf)  # signed vis
+        order = np.lexsort((I, -w), axis=1)
+        I, w, valid = (np.take_along_axis(x, order, 1) for x in (I, w, valid))
+        seen_all = k >= reach
+        # unseen rows score at most the lowest proposal's score, + the index's error
+        last = np.take_along_axis(D, np.maximum(valid.sum(1) - 1, 0)[:, None], 1)[:, 0]
+        bound = np.where(seen_all, -np.inf, last + index.eps)
+        kept = valid & keep(anchors[todo], I) & (w >= floor)
+        certain = kept & (w > bound[:, None])
+        done = seen_all | (bound < floor) | (certain.sum(1) >= want) | (not fill)
+        r, c = np.nonzero(certain & done[:, None] & (np.cumsum(certain, axis=1) <= want))
+        slot = (np.cumsum(certain, axis=1) - 1)[r, c]
+        out_rows[todo[r], slot] = I[r, c]
+        out_vis[todo[r], slot] = sign * w[r, c]
+        whole = seen_all & (reach == index.ntotal) & (kept.sum(1) <= want)  # every kept row
+        complete[todo[done]] = whole[done]
+        todo = todo[~done]
+        k = min(index.ntotal, k * GROWTH)
+    return out_rows, out_vis, complete
 
 
-def nearest(index: FlatIndex, V: np.ndarray, anchors: np.ndarray, k_nn: int, floor: float
+def nearest(index: SearchIndex, V: np.ndarray, anchors: np.ndarray, k_nn: int, floor: float
             ) -> tuple[np.ndarray, np.ndarray]:
-    """SPEC §5 N(a): the k_nn nearest rows by exact vis, self excluded, ties by row.
+    """SPEC §5 N(a): the k_nn nearest rows by exact vis, self excluded, ties by row, among
+    the rows `index` can return (all of them for an exact index).
 
     Returns (B, k) rows and vis, padded with -1 / -inf; entries below `floor` are
-    dropped (the hard scan stops there anyway). Rows whose exact order at the cut is
-    not certain from the proposals are searched again, wider.
+    dropped (the hard scan stops there anyway).
     """
-    n = index.ntotal
-    k_nn = min(k_nn, n - 1)
-    out_rows = np.full((len(anchors), max(k_nn, 1)), -1, dtype=np.int64)
-    out_vis = np.full(out_rows.shape, -np.inf)
-    todo = np.arange(len(anchors))
-    k = min(n, k_nn + 1 + MARGIN)
-    while len(todo):
-        _, I = index.search(V[anchors[todo]], k)
-        I, vis = _sorted_exact(V, anchors[todo], I.astype(np.int64), 1.0)
-        notself = anchors[todo, None] != I
-        rank = np.cumsum(notself, axis=1) - 1
-        take = notself & (rank < k_nn) & (vis >= floor)
-        # unseen rows score at most the last proposal (+ search error)
-        bound = vis[:, -1] + SEARCH_EPS
-        kth = np.where(notself.sum(1) >= k_nn, _kth(vis, notself, k_nn), -np.inf)
-        certain = (k == n) | (bound < floor) | (kth > bound)
-        r, c = np.nonzero(take & certain[:, None])
-        slot = (np.cumsum(take, axis=1) - 1)[r, c]
-        out_rows[todo[r], slot] = I[r, c]
-        out_vis[todo[r], slot] = vis[r, c]
-        todo = todo[~certain]
-        k = min(n, k * GROWTH)
-    return out_rows, out_vis
-
-
-def _kth(vis: np.ndarray, mask: np.ndarray, k: int) -> np.ndarray:
-    """Value of the k-th masked entry of each row (rows have at least k)."""
-    rank = np.cumsum(mask, axis=1)
-    pos = np.argmax(mask & (rank == k), axis=1)
-    return vis[np.arange(len(vis)), pos]
+    k_nn = min(k_nn, index.ntotal - 1)
+    rows, vis, _ = exact_prefix(index, V, anchors, k_nn, 1.0,
+                                lambda a, I: a[:, None] != I, floor)
+    return rows, vis
 
 
 @dataclass(frozen=True)
@@ -167,7 +194,7 @@ class Tables:
     clusters: np.ndarray  # (N,)
 
 
-def hard_candidates(index: FlatIndex, tab: Tables, anchors: np.ndarray, k_nn: int,
+def hard_candidates(index: SearchIndex, tab: Tables, anchors: np.ndarray, k_nn: int,
                     min_vis: float, tau: float) -> Ragged:
     """Per anchor, in N(a) order: rows that can ever pass SPEC §5, with vis and txt."""
     rows, vis = nearest(index, tab.V, anchors, k_nn, min_vis)
@@ -193,23 +220,25 @@ def text_sims(tab: Tables, a: np.ndarray, j: np.ndarray) -> np.ndarray:
     return out
 
 
-def farthest(index: FlatIndex, eligible_rows: np.ndarray, tab: Tables, anchors: np.ndarray,
-             size: int) -> tuple[Ragged, np.ndarray]:
-    """SPEC §6 candidates: lowest-vis rows of other groups, ascending (vis, row).
+def farthest(index: SearchIndex, tab: Tables, anchors: np.ndarray, size: int
+             ) -> tuple[Ragged, np.ndarray]:
+    """SPEC §6 candidates: the `size` lowest-vis eligible rows of other groups, ascending
+    (vis, row), among the rows `index` can return for the query -v_a.
 
-    `index` holds V[eligible_rows]; `size` rows are wanted per anchor. Returns each
-    anchor's certain prefix and whether that prefix covers every eligible row.
+    From an exact index a list may stop short, where one search did not make the order
+    certain (the selection pass searches past it exactly); from an approximate one it holds
+    `size` rows (or all it can reach), since what follows it is an exact search over every
+    row, not the rest of the index's order. Returns the lists and whether each holds every
+    eligible row of another group.
     """
-    n = index.ntotal
-    k = min(n, size + MARGIN)
-    _, I = index.search(-np.asarray(tab.V[anchors]), k)
-    I, vis = _sorted_exact(tab.V, anchors, eligible_rows[I.astype(np.int64)], -1.0)
-    complete = np.full(len(anchors), k == n)
-    # unseen rows score at least the highest proposal (- search error)
-    certain = complete[:, None] | (vis < vis[:, -1:] - SEARCH_EPS)
-    keep = certain & (tab.groups[I] != tab.groups[anchors, None]) & (anchors[:, None] != I)
+    def keep(a: np.ndarray, I: np.ndarray) -> np.ndarray:
+        return tab.eligible[I] & (tab.groups[I] != tab.groups[a][:, None])
+
+    share = float(np.mean(tab.eligible)) if len(tab.eligible) else 1.0
+    rows, vis, complete = exact_prefix(index, tab.V, anchors, size, -1.0, keep,
+                                       kept_share=share, fill=not index.exact)
     # no text condition here (SPEC §6): txt is computed for the chosen row only
-    return _ragged(keep, I, vis, np.full(I.shape, np.nan)), complete
+    return _ragged(rows >= 0, rows, vis, np.full(rows.shape, np.nan)), complete
 
 
 def eligible_phrases(T: np.ndarray, phrases: list[str], blacklist: np.ndarray | None,
@@ -218,5 +247,8 @@ def eligible_phrases(T: np.ndarray, phrases: list[str], blacklist: np.ndarray | 
     long_enough = np.array([len(p) >= min_length for p in phrases], dtype=bool)
     if blacklist is None or len(blacklist) == 0:
         return long_enough
-    sims = np.asarray(T, dtype=np.float64) @ np.asarray(blacklist, dtype=np.float64).T
-    return long_enough & (sims.max(axis=1) <= max_similarity)
+    banned = np.asarray(blacklist, dtype=np.float64).T
+    step = max(1, CHUNK_BYTES // (8 * T.shape[1]))  # T may be a memory map: a block at a time
+    near = np.concatenate([(np.asarray(T[s:s + step], np.float64) @ banned).max(axis=1)
+                           for s in range(0, len(T), step)]) if len(T) else np.zeros(0)
+    return long_enough & (near <= max_similarity)

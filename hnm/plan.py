@@ -27,8 +27,8 @@ from hnm.encoders import (
 )
 from hnm.errors import HnmError
 from hnm.gpus import fit_to_rows
-from hnm.miner import MARGIN
 from hnm.precision import resolve
+from hnm.sizing import IndexChoice, Sizes, choose_index, estimate, memory_lines
 from hnm.storage import PHASE_DIRS, RunDir, read_json, verify_marker, write_json, write_text
 
 # Bumped whenever the run directory's layout or plan.json changes meaning.
@@ -70,6 +70,7 @@ class Plan:
     shards: tuple[ShardPlan, ...]
     input_format: str = "json"  # as detected (hnm.readers) or given by --input-format
     input_files: int = 1
+    index: IndexChoice = IndexChoice()  # the search index, chosen once for the whole run
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -79,7 +80,9 @@ class Plan:
         shards = tuple(ShardPlan(**{**s, **{k: tuple(s[k]) for k in ("rows", "phrases",
                                                                      "anchors")}})
                        for s in data["shards"])
-        return cls(**{**data, "skipped": tuple(data["skipped"]), "shards": shards})
+        index = IndexChoice(**data["index"]) if "index" in data else IndexChoice()
+        return cls(**{**data, "skipped": tuple(data["skipped"]), "shards": shards,
+                      "index": index})
 
 
 def read_plan(run: RunDir) -> Plan:
@@ -208,13 +211,16 @@ def new_plan(config: Config, ds: Dataset, devices: list[str], precision: str,
                 skipped=tuple(ds.skipped.get("missing_image", [])), batch_size=batch,
                 workdir=str(Path.cwd()), text_batch_size=text_batch, precision=precision,
                 shards=shards, input_format=ds.input_format,
-                input_files=max(1, len(ds.shard_ends)))
+                input_files=max(1, len(ds.shard_ends)),
+                index=choose_index(config, len(ds), devices))
 
 
 def write_plan(config: Config, run: RunDir, plan: Plan) -> None:
-    """config.yaml (the resolved config and its provenance), then plan.json."""
+    """config.yaml (the resolved config, its provenance and the index chosen), then
+    plan.json."""
     write_text(run.config, dump_yaml({**config.to_dict(),
-                                      "provenance": provenance(config, plan.precision)}))
+                                      "provenance": provenance(config, plan.precision),
+                                      "index_choice": dataclasses.asdict(plan.index)}))
     write_json(run.plan, plan.to_json())
 
 
@@ -345,26 +351,37 @@ def prepare(config: Config, devices: list[str], lock: Callable[[], Any],
 
 def dry_run_lines(config: Config, ds: Dataset, devices: list[str]) -> list[str]:
     """What a run would do, with memory estimates, from validated inputs only."""
-    dv = _dim(config.image_embeddings, config.visual_encoder)
-    dt = _dim(config.text_embeddings, config.text_encoder)
-    n, u, a = len(ds), len(ds.phrases), ds.num_anchors
-    devices = fit_to_rows(config, devices, n)
+    devices = fit_to_rows(config, devices, len(ds))
+    sizes = run_sizes(config, ds, devices)
+    n, u, a = sizes.rows, sizes.phrases, sizes.anchors
     shards = make_shards(a, len(devices))
-    per_anchor = (min(config.k_nn, n) + config.diverse_candidates + 2 * MARGIN) * 24
     gib = 2.0**30
+    choice = choose_index(config, n, devices)
     return [
         f"Dry run: {len(ds.records)} records, {n} candidates, {a} anchors, {u} distinct "
         f"answers, {len(ds.skipped.get('missing_image', []))} skipped",
         f"Input: {ds.input_format}, {max(1, len(ds.shard_ends))} file(s)",
         f"Shards: {len(devices)} on {', '.join(sorted(set(devices)))}: "
         + ", ".join(f"[{s}, {e})" for s, e in shards),
-        f"Embeddings: images {n} x {dv} ({n * dv * 4 / gib:.3f} GiB), texts {u} x {dt} "
-        f"({u * dt * 4 / gib:.3f} GiB)",
+        f"Embeddings: images {n} x {sizes.dv} ({n * sizes.dv * 4 / gib:.3f} GiB), texts "
+        f"{u} x {sizes.dt} ({u * sizes.dt * 4 / gib:.3f} GiB)",
         resolve(config.precision, devices).line(),
-        f"Index: exact inner product, {2 * n * dv * 4 / gib:.3f} GiB per worker (all rows + "
-        f"the eligible rows); candidates about {a * per_anchor / gib:.3f} GiB on disk",
+        f"Index: {choice.describe()}",
+        *memory_lines(estimate(config, sizes, choice)),
         "Nothing was written.",
     ]
+
+
+def run_sizes(config: Config, ds: Dataset, devices: list[str]) -> Sizes:
+    """The sizes a run's memory depends on."""
+    devices = fit_to_rows(config, devices, len(ds))
+    path = Path(config.annotations or "")
+    return Sizes(rows=len(ds), phrases=len(ds.phrases), anchors=ds.num_anchors,
+                 dv=_dim(config.image_embeddings, config.visual_encoder),
+                 dt=_dim(config.text_embeddings, config.text_encoder),
+                 annotation_bytes=path.stat().st_size if path.is_file() else 0,
+                 workers=len(devices),
+                 device="cuda" if any(d.startswith("cuda") for d in devices) else "cpu")
 
 
 def _dim(precomputed: str | None, encoder: str) -> int:

@@ -3,6 +3,7 @@ run's outputs — negatives.jsonl, suspects.jsonl, report.html and, last, metric
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -53,7 +54,18 @@ def read_work(run: RunDir, plan: Plan) -> tuple[dict[str, float], list[ShardWork
     tables = run.read_marker("tables")
     phases.update(tables=tables.get("tables", 0.0), cluster=tables.get("cluster", 0.0))
     phases["startup"] += tables.get("startup", 0.0)
+    if "index" in tables:  # an IVF index was trained
+        phases["index"] = tables["index"]
     return phases, shards
+
+
+def index_summary(run: RunDir, plan: Plan) -> dict[str, Any]:
+    """The search index the run used, why, and (IVF) the recall measured in the tables
+    phase."""
+    out: dict[str, Any] = dataclasses.asdict(plan.index)
+    if plan.index.kind == "ivf":
+        out["recall"] = run.read_marker("tables").get("recall")
+    return out
 
 
 def reduce_phase(config: Config, run: RunDir, ds: Dataset, plan: Plan,
@@ -81,6 +93,7 @@ def reduce_phase(config: Config, run: RunDir, ds: Dataset, plan: Plan,
     timing = {**timing, **phases, "select": t1 - t0, "write": time.perf_counter() - t1}
     wall = time.perf_counter() - started if started is not None else sum(timing.values())
     metrics = metrics_document(config, ds, plan, parts, work, timing, wall)
+    metrics["index"] = index_summary(run, plan)
     report.write_report(run, config, metrics, plan, ds)
     write_json(run.metrics, metrics)
     write_marker(run.done, {}, [run.records(config.output_format), run.suspects, run.report,

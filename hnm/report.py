@@ -39,6 +39,7 @@ def load_run_config(run: RunDir) -> Config:
     if not isinstance(values, dict):
         raise HnmError(f"{run.config}: damaged; rerun the mining command with --overwrite")
     values.pop("provenance", None)
+    values.pop("index_choice", None)  # the plan's, recorded beside the config
     values["output_dir"] = str(run.root)  # the folder may have moved since the run
     if run.plan.exists():
         workdir = Path(read_plan(run).workdir)
@@ -211,10 +212,23 @@ def headline(metrics: dict[str, Any]) -> str:
          f"in {dups.get('groups', 'n/a')} groups"),
         ("total time", f"{total:.1f}s",
          f"{fmt(metrics['throughput_anchors_per_s'], '.1f')} anchors/s"),
+        index_card(metrics.get("index")),
     ]
     items = "".join(f"<div class='card'><span>{esc(k)}</span><b>{esc(v)}</b>"
                     f"<span>{esc(s)}</span></div>" for k, v, s in cards)
     return f"<h2>Summary</h2><div class='cards'>{items}</div>"
+
+
+def index_card(index: dict[str, Any] | None) -> tuple[str, str, str]:
+    """The search index; for IVF, the recall of its neighbour lists against exact search."""
+    if not index:
+        return ("index", "exact", "")
+    recall = index.get("recall")
+    if index["kind"] != "ivf" or not recall:
+        return ("index", index["kind"], index["reason"])
+    return (f"IVF recall@{recall['k']}", fmt(recall["recall_at_k"], ".4f"),
+            f"vs exact search, {recall['anchors']} anchors; {index['nlist']} lists, "
+            f"{index['nprobe']} probed")
 
 
 # ---- plots (inline SVG) -------------------------------------------------------------------

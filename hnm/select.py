@@ -9,28 +9,104 @@ from typing import Protocol
 
 import numpy as np
 
-from hnm.miner import GROWTH, Cands, Ragged, Tables, text_sims, threshold_steps
+from hnm.miner import GROWTH, Cands, Ragged, Tables, dots_with, text_sims, threshold_steps
 
-
-class PhraseWindow:
-    """SPEC §4: usage counts of the `size` phrases that most recently entered the window."""
-
-    def __init__(self, size: int, num_phrases: int) -> None:
-        self.size = size
-        self.count = [0] * num_phrases  # a phrase is in the window iff its count > 0
-        self.order: deque[int] = deque()
-
-    def use(self, phrase: int) -> None:
-        if self.count[phrase] == 0:
-            if len(self.order) == self.size:
-                self.count[self.order.popleft()] = 0
-            self.order.append(phrase)
-        self.count[phrase] += 1
+# Above this many free phrases their rows are found with one vectorised mask over the
+# eligible rows instead of phrase by phrase: both cost about the same there.
+FEW_PHRASES = 4096
+# The exact lowest-vis free row is found by scanning the free rows themselves when they
+# are at most 1/BRUTE_SHARE of all rows (or BRUTE_MIN); with more, a wider search over
+# every row first: gathering scattered rows costs several times more per row than the
+# wider search's blocked matrix product, which is shared by a block of anchors.
+BRUTE_SHARE = 32
+BRUTE_MIN = 2048
 
 
 def standard_limits(phrases: list[str]) -> list[int]:
     """SPEC §4: 1 use for phrases under 60 characters, 2 under 100, else 3."""
     return [1 if len(p) < 60 else 2 if len(p) < 100 else 3 for p in phrases]
+
+
+class PhraseWindow:
+    """SPEC §4: usage counts of the `size` phrases that most recently entered the window.
+
+    A phrase is *free* while its count is below its standard limit; `use` returns the
+    phrases whose free state it changed, so what is free can be kept indexed.
+    """
+
+    def __init__(self, size: int, limits: list[int]) -> None:
+        self.size = size
+        self.limit = limits
+        self.count = np.zeros(len(limits), np.int64)  # in the window iff count > 0
+        self.order: deque[int] = deque()
+
+    def use(self, phrase: int) -> list[tuple[int, bool]]:
+        """Count one use of `phrase`; returns (phrase, now free) for every change."""
+        changed = []
+        if self.count[phrase] == 0:
+            if len(self.order) == self.size:
+                old = self.order.popleft()
+                if self.count[old] >= self.limit[old]:
+                    changed.append((old, True))
+                self.count[old] = 0
+            self.order.append(phrase)
+        self.count[phrase] += 1
+        if self.count[phrase] == self.limit[phrase]:
+            changed.append((phrase, False))
+        return changed
+
+
+class FreeRows:
+    """Eligible rows whose phrase is free, counted per cluster, updated phrase by phrase.
+
+    Whether a cluster (or every other cluster) still holds a free row is answered at
+    once from the counts; the free rows themselves are listed only when a diverse search
+    must look past its candidate list.
+    """
+
+    def __init__(self, pid: np.ndarray, eligible: np.ndarray, clusters: np.ndarray,
+                 num_phrases: int) -> None:
+        rows = np.flatnonzero(eligible)
+        self.rows, self.rows_pid = rows, pid[rows]  # eligible rows, ascending
+        num_clusters = int(clusters.max()) + 1 if len(clusters) else 1
+        by_phrase = np.argsort(self.rows_pid, kind="stable")
+        self.phrase_rows = rows[by_phrase]
+        self.phrase_start = np.searchsorted(self.rows_pid[by_phrase], np.arange(num_phrases + 1))
+        # each phrase's eligible rows per cluster: (phrase, cluster) pairs with counts
+        pairs, counts = np.unique(self.rows_pid * num_clusters + clusters[rows],
+                                  return_counts=True)
+        self.hist_start = np.searchsorted(pairs // num_clusters, np.arange(num_phrases + 1))
+        self.hist_cluster, self.hist_count = pairs % num_clusters, counts
+        self.per_cluster = np.bincount(clusters[rows], minlength=num_clusters)
+        self.total = len(rows)
+        self.phrase_free = np.ones(num_phrases, bool)  # below the standard limit
+        self.free_phrases = set(np.unique(self.rows_pid).tolist())  # ... with eligible rows
+
+    def set_free(self, phrase: int, free: bool) -> None:
+        self.phrase_free[phrase] = free
+        h0, h1 = self.hist_start[phrase], self.hist_start[phrase + 1]
+        if h0 == h1:
+            return  # no eligible row
+        sign = 1 if free else -1
+        self.per_cluster[self.hist_cluster[h0:h1]] += sign * self.hist_count[h0:h1]
+        self.total += sign * int(self.phrase_start[phrase + 1] - self.phrase_start[phrase])
+        if free:
+            self.free_phrases.add(phrase)
+        else:
+            self.free_phrases.discard(phrase)
+
+    def count(self, own: int, other: bool) -> int:
+        """Free rows in clusters other than `own` (other=True), or in `own`."""
+        in_own = int(self.per_cluster[own])
+        return self.total - in_own if other else in_own
+
+    def listed(self) -> np.ndarray:
+        """Every free row, ascending."""
+        if len(self.free_phrases) > FEW_PHRASES:
+            return self.rows[self.phrase_free[self.rows_pid]]
+        start = self.phrase_start
+        parts = [self.phrase_rows[start[p]:start[p + 1]] for p in self.free_phrases]
+        return np.sort(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
 
 
 @dataclass(frozen=True)
@@ -75,18 +151,27 @@ def strategy_order(u: float, diverse_ratio: float) -> tuple[str, str]:
 
 
 class Selector:
-    """Walks anchors in input order, keeping the phrase window between calls."""
+    """Walks anchors in input order, keeping the phrase window between calls.
+
+    Its cost per anchor is bounded whatever the phrase state: the candidate lists are
+    scanned with vectorised masks, a cluster without a free row is skipped from its count,
+    and a diverse search that runs past its list looks only at the free rows (or, while
+    many rows are free, first at one wider list).
+    """
 
     def __init__(self, tab: Tables, phrases: list[str], rules: Rules, window: int,
                  widen: Widen, list_size: int) -> None:
         self.tab = tab
         self.rules = rules
-        self.pid = tab.text_ids.tolist()
-        self.cluster = tab.clusters.tolist()
-        self.limit = standard_limits(phrases)
-        self.window = PhraseWindow(window, len(phrases))
+        self.pid = np.asarray(tab.text_ids)
+        self.cluster = np.asarray(tab.clusters)
+        self.groups = np.asarray(tab.groups)
+        self.window = PhraseWindow(window, standard_limits(phrases))
+        self.free = FreeRows(self.pid, np.asarray(tab.eligible), self.cluster, len(phrases))
         self.widen = widen
         self.list_size = list_size  # length of the saved diverse lists
+        self.steps = threshold_steps(rules.tau)
+        self.brute_rows = max(BRUTE_MIN, len(self.pid) // BRUTE_SHARE)
 
     def run(self, anchors: np.ndarray, u: np.ndarray, hard: Ragged, diverse: Ragged,
             complete: np.ndarray, effort: Effort) -> list[list[Pick]]:
@@ -99,7 +184,7 @@ class Selector:
 
     def _anchor(self, a: int, u: float, lists: dict, effort: Effort) -> list[Pick]:
         picks: list[Pick] = []
-        taken: set[int] = set()
+        taken: list[int] = []
         for _ in range(self.rules.num_negatives):
             pick = None
             for kind in strategy_order(u, self.rules.diverse_ratio):
@@ -110,59 +195,99 @@ class Selector:
                     break
             if pick is None:
                 break
-            self.window.use(self.pid[pick.row])
-            taken.add(self.pid[pick.row])
+            phrase = int(self.pid[pick.row])
+            for changed, free in self.window.use(phrase):
+                self.free.set_free(changed, free)
+            taken.append(phrase)
             picks.append(pick)
         return picks
 
-    def _free(self, row: int, limit: int | None, taken: set[int]) -> bool:
-        p = self.pid[row]
-        return self.window.count[p] < (self.limit[p] if limit is None else limit) \
-            and p not in taken
+    def _allowed(self, phrases: np.ndarray, taken: list[int]) -> np.ndarray:
+        """Rows' phrases below their standard limit and not yet taken by this anchor."""
+        ok = self.free.phrase_free[phrases]
+        return ok & ~np.isin(phrases, taken) if taken else ok
 
-    def _hard(self, lists: dict, taken: set[int]) -> Pick | None:
+    def _hard(self, lists: dict, taken: list[int]) -> Pick | None:
         rows, vis, txt = lists["hard"]
-        steps = threshold_steps(self.rules.tau)
-        best = None
-        for k, (r, s) in enumerate(zip(rows.tolist(), txt.tolist())):
-            if not self._free(r, None, taken):
-                continue
-            # the first step whose threshold admits it; the lowest step wins, then N(a) order
-            step = 0 if s < steps[0] else 1 if s < steps[1] else 2
-            if best is None or step < best[1]:
-                best = (k, step)
-                if step == 0:
-                    break
-        if best is None:
-            limit = self.rules.fallback_limit
-            best = next(((k, "fallback") for k, (r, s) in enumerate(zip(rows.tolist(),
-                         txt.tolist())) if s < steps[0] and self._free(r, limit, taken)), None)
-        if best is None:
+        if not len(rows):
             return None
-        k, step = best
-        return Pick(int(rows[k]), "hard", float(vis[k]), float(txt[k]), step)
+        phrases = self.pid[rows]
+        # the first step whose threshold admits a row (lists hold txt < the last step);
+        # the lowest step wins, then N(a) order: argmin takes the first of equal keys
+        step = (txt >= self.steps[0]).astype(np.int64) + (txt >= self.steps[1])
+        key = np.where(self._allowed(phrases, taken), step, 3)
+        k = int(np.argmin(key))
+        if key[k] < 3:
+            return Pick(int(rows[k]), "hard", float(vis[k]), float(txt[k]), int(key[k]))
+        fallback = (self.window.count[phrases] < self.rules.fallback_limit) \
+            & (txt < self.steps[0])
+        if taken:
+            fallback &= ~np.isin(phrases, taken)
+        k = int(np.argmax(fallback))
+        if not fallback[k]:
+            return None
+        return Pick(int(rows[k]), "hard", float(vis[k]), float(txt[k]), "fallback")
 
-    def _diverse(self, a: int, lists: dict, taken: set[int], effort: Effort) -> Pick | None:
-        (cands, complete), size = lists["diverse"], self.list_size
-        own = self.cluster[a]
-        while True:
-            k = self._first_free(cands.rows, taken, lambda c: c != own)
-            if k is not None or complete:
-                break
-            size *= GROWTH  # the list ran out before the eligible rows did: search wider
-            cands, complete = self.widen(a, size)
-            lists["diverse"] = (cands, complete)
+    def _diverse(self, a: int, lists: dict, taken: list[int], effort: Effort) -> Pick | None:
+        """SPEC §6: the lowest-vis free row of another cluster, else of a's own; the saved
+        list first, then (when it runs out) an exact search past it."""
+        cands, complete = lists["diverse"]
+        own = int(self.cluster[a])
+        for other in (True, False):
+            if self.free.count(own, other) == 0:
+                continue  # not a single free row there, whatever the group
+            k = self._first_free(cands.rows, own, other, taken)
+            if k is not None:
+                return self._diverse_pick(a, own, int(cands.rows[k]), float(cands.vis[k]))
+            if complete:
+                continue  # the list holds every eligible row of another group
             effort.diverse_widened += 1
-        if k is None:
-            k = self._first_free(cands.rows, taken, lambda c: c == own)
-        if k is None:
-            return None
-        r = int(cands.rows[k])
-        txt = float(text_sims(self.tab, np.array([a]), np.array([r]))[0])
-        return Pick(r, "diverse", float(cands.vis[k]), txt, None, own, self.cluster[r])
-
-    def _first_free(self, rows: np.ndarray, taken: set[int], cluster_ok: Callable) -> int | None:
-        for k, r in enumerate(rows.tolist()):
-            if cluster_ok(self.cluster[r]) and self._free(r, None, taken):
-                return k
+            found = self._past_the_list(a, own, other, taken, lists)
+            if found is not None:
+                return self._diverse_pick(a, own, *found)
         return None
+
+    def _diverse_pick(self, a: int, own: int, row: int, vis: float) -> Pick:
+        txt = float(text_sims(self.tab, np.array([a]), np.array([row]))[0])
+        return Pick(row, "diverse", vis, txt, None, own, int(self.cluster[row]))
+
+    def _first_free(self, rows: np.ndarray, own: int, other: bool, taken: list[int]
+                    ) -> int | None:
+        if not len(rows):
+            return None
+        clusters = self.cluster[rows]
+        ok = ((clusters != own) if other else (clusters == own)) \
+            & self._allowed(self.pid[rows], taken)
+        k = int(np.argmax(ok))
+        return k if ok[k] else None
+
+    def _past_the_list(self, a: int, own: int, other: bool, taken: list[int], lists: dict
+                       ) -> tuple[int, float] | None:
+        """The exact answer once the saved list has no free row in the wanted clusters:
+        from one wider exact list while many rows are free, else from the free rows."""
+        if self.free.count(own, other) > self.brute_rows:
+            if "wider" not in lists:
+                lists["wider"] = self.widen(a, GROWTH * self.list_size)
+            wider, complete = lists["wider"]
+            k = self._first_free(wider.rows, own, other, taken)
+            if k is not None:
+                return int(wider.rows[k]), float(wider.vis[k])
+            if complete:
+                return None
+        return self._lowest_free(a, own, other, taken)
+
+    def _lowest_free(self, a: int, own: int, other: bool, taken: list[int]
+                     ) -> tuple[int, float] | None:
+        """SPEC §6 over the free rows themselves: lowest vis, ties to the lowest row."""
+        rows = self.free.listed()
+        clusters = self.cluster[rows]
+        ok = ((clusters != own) if other else (clusters == own)) \
+            & (self.groups[rows] != self.groups[a])
+        if taken:
+            ok &= ~np.isin(self.pid[rows], taken)
+        rows = rows[ok]
+        if not len(rows):
+            return None
+        vis = dots_with(self.tab.V, a, rows)
+        k = int(np.argmin(vis))  # rows ascend: the first of equal values is the lowest row
+        return int(rows[k]), float(vis[k])

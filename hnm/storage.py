@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -110,11 +109,38 @@ def write_npy(path: Path, array: np.ndarray) -> None:
         np.save(handle, array, allow_pickle=False)
 
 
+@contextmanager
+def atomic_npy(path: Path, shape: tuple[int, ...], dtype: Any) -> Iterator[np.ndarray]:
+    """A .npy file filled in place through a memory map, renamed over `path` when done
+    (nothing half-written remains; the mode a plain open() would give it)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+        os.fchmod(fd, 0o666 & ~umask())
+        os.close(fd)
+    except OSError as exc:
+        raise cannot_write(path, exc) from None
+    try:
+        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+        yield array
+        array.flush()
+        del array
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if exc.errno in WRITE_ERRORS:
+            raise cannot_write(path, exc) from None
+        raise
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    with atomic_open(path) as handle:
-        handle.write(buffer.getvalue())
+    with atomic_open(path) as handle:  # straight to the file: no second copy in memory
+        np.savez(handle, **arrays)
 
 
 def read_npy(path: Path, mmap: bool = False) -> np.ndarray:
@@ -168,6 +194,11 @@ class RunDir:
     def table(self, name: str) -> Path:
         """One array of the tables phase: visual, text, eligible, clusters, centroids."""
         return self.tables_dir / f"{name}.npy"
+
+    @property
+    def ivf(self) -> Path:
+        """The tables phase's FAISS IVF index (runs with --index ivf)."""
+        return self.tables_dir / "ivf.faiss"
 
     def candidates(self, shard: int) -> Path:
         return self.root / PHASE_DIRS["candidates"] / f"shard_{shard:05d}.npz"

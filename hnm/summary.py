@@ -28,10 +28,24 @@ def summary_lines(metrics: dict[str, Any]) -> list[str]:
         f"  Average hard visual similarity: {_fmt(g['hard_visual_similarity']['mean'])}",
         f"  Phrase diversity: {_fmt(g['phrase_diversity'])} "
         f"(max reuse {g['max_phrase_reuse']})",
+        *index_lines(metrics),
         "  Timing (embed and search summed over workers): "
         + ", ".join(f"{k} {v:.2f}s" for k, v in metrics["timing"].items()),
     ] + ([f"  Warning: {g['zero_embeddings']} embedding(s) are all zeros (similarity 0 to "
           "everything); see the shard logs"] if g.get("zero_embeddings") else [])
+
+
+def index_lines(metrics: dict[str, Any]) -> list[str]:
+    """The search index and, for an approximate one, its measured recall."""
+    index = metrics.get("index")
+    if not index:
+        return []
+    line = f"  Index: {index['kind']} ({index['reason']})"
+    recall = index.get("recall")
+    if recall:
+        line += (f"; recall@{recall['k']} of the neighbour lists vs exact search: "
+                 f"{_fmt(recall['recall_at_k'], '.4f')} ({recall['anchors']} anchors)")
+    return [line]
 
 
 def print_summary(metrics: dict[str, Any], say: Callable[[str], Any] = print) -> None:

@@ -17,14 +17,13 @@ from hnm.config import Config
 from hnm.data import Dataset, anchor_uniforms, load_dataset
 from hnm.engine import ANCHOR_BATCH, Candidates, find_candidates, make_selector, select
 from hnm.errors import HnmError
-from hnm.index import build_index
 from hnm.metrics import Metrics
 from hnm.miner import Ragged, Tables, hard_candidates, threshold_steps
 from hnm.pages import CSS, esc, fmt, page, table
 from hnm.plan import Plan, read_plan
 from hnm.report import load_run_config
 from hnm.storage import RunDir, read_npz, verify_marker, write_text
-from hnm.tables import load_tables
+from hnm.tables import load_tables, open_index
 
 STEP = 0.1  # spacing of the default grid around the run's own values
 # Wider diverse lists remembered across grid points: the same anchors exhaust their lists
@@ -132,12 +131,13 @@ def loosest_candidates(saved: Saved, tau: float, mvs: float) -> Candidates:
     run = RunDir(c.output_dir)
     anchors = np.arange(saved.ds.num_anchors)
     if not all(run.is_done("candidates", p.shard) for p in saved.plan.shards):
-        return find_candidates(_point(c, tau, mvs), saved.tab, anchors)[0]
+        index = open_index(run, saved.plan.index, saved.tab.V, "cpu")
+        return find_candidates(_point(c, tau, mvs), saved.tab, anchors, index=index)[0]
     cands = Candidates.concat([Candidates.from_arrays(read_npz(run.candidates(p.shard)))
                                for p in saved.plan.shards])
     if tau <= c.cosine_threshold and mvs >= c.min_visual_similarity:
         return cands
-    index = build_index(np.asarray(saved.tab.V))
+    index = open_index(run, saved.plan.index, saved.tab.V, "cpu")  # the run's own index
     batches = [hard_candidates(index, saved.tab, anchors[s:s + ANCHOR_BATCH], c.k_nn, mvs, tau)
                for s in range(0, len(anchors), ANCHOR_BATCH)]
     return dataclasses.replace(cands, hard=Ragged.concat(batches))

@@ -1,24 +1,49 @@
-"""The tables phase: one table of every row (embeddings, eligibility, clusters), computed
-once and memory-mapped by the phases after it."""
+"""The tables phase: one table of every row (embeddings, eligibility, clusters, and the IVF
+index of runs that use one), computed once and memory-mapped by the phases after it."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from hnm.blacklist import read_blacklist
 from hnm.config import Config
 from hnm.data import Dataset, normalize
+from hnm.engine import recall_at_k, recall_sample
+from hnm.errors import HnmError
+from hnm.index import IvfIndex, SearchIndex, build_index, load_ivf, placement, train_ivf
 from hnm.miner import Tables, eligible_phrases
-from hnm.storage import RunDir, read_npy
+from hnm.sizing import IVF_TRAIN_PER_LIST, RECALL_ANCHORS, IndexChoice
+from hnm.storage import RunDir, atomic_npy, atomic_open, read_npy
 
 TABLES = ("visual", "text", "eligible", "clusters", "centroids")
+COPY_ROWS = 1 << 16  # rows copied per step while merging: the table is never held in memory
 
 
-def merge(paths: list) -> np.ndarray:
-    """Shards' arrays in shard order (a shard can hold no rows: more workers than batches)."""
-    return np.concatenate([e for path in paths if len(e := read_npy(path))])
+def merge(paths: list, out: Path, order: np.ndarray | None = None) -> np.ndarray:
+    """Shards' arrays in shard order into one .npy file, streamed; returns it memory-mapped.
+
+    With `order`, the i-th row read goes to row order[i] (rows embedded in
+    embed.phrase_order, put back in the phrases' own order). A shard can hold no rows
+    (more workers than batches).
+    """
+    parts = [part for path in paths if len(part := read_npy(path, mmap=True))]
+    rows = sum(len(p) for p in parts)
+    with atomic_npy(out, (rows, parts[0].shape[1]), np.float32) as table:
+        start = 0
+        for part in parts:
+            for s in range(0, len(part), COPY_ROWS):
+                block = part[s:s + COPY_ROWS]
+                if order is None:
+                    table[start:start + len(block)] = block
+                else:
+                    table[order[start:start + len(block)]] = block
+                start += len(block)
+    return read_npy(out, mmap=True)
 
 
 def eligibility(config: Config, T: np.ndarray, phrases: list[str],
@@ -45,3 +70,38 @@ def load_tables(run: RunDir, ds: Dataset) -> Tables:
         eligible=read_npy(run.table("eligible"))[ds.text_ids],
         clusters=read_npy(run.table("clusters")),
     )
+
+
+def build_ivf(run: RunDir, V: np.ndarray, choice: IndexChoice, config: Config,
+              num_anchors: int) -> dict[str, Any]:
+    """Train the run's IVF index once (seeded), save it, and measure the recall of its
+    neighbour lists against exact search on a seeded sample of anchors."""
+    import faiss
+
+    t0 = time.perf_counter()
+    ivf = train_ivf(V, choice.nlist, config.seed, IVF_TRAIN_PER_LIST * choice.nlist)
+    with atomic_open(run.ivf) as handle:
+        faiss.write_index(ivf, faiss.PyCallbackIOWriter(handle.write))
+    del ivf  # measured as the workers will use it: memory-mapped, not held twice
+    t1 = time.perf_counter()
+    anchors = recall_sample(num_anchors, config.seed, RECALL_ANCHORS)
+    recall = recall_at_k(IvfIndex(load_ivf(str(run.ivf)), choice.nprobe), V, anchors,
+                         config.k_nn)
+    return {"index": t1 - t0, "recall": {**recall, "seconds": round(time.perf_counter() - t1, 3)}}
+
+
+def open_index(run: RunDir, choice: IndexChoice, V: np.ndarray, device: str) -> SearchIndex:
+    """The run's search index over every row on `device`: exact, or the saved IVF index
+    (never trained again). On a GPU it is kept in float32, or in float16 where float32
+    does not fit; IVF lists that fit neither are scanned on the host."""
+    nbytes = float(V.shape[0]) * V.shape[1] * 4
+    where = placement(nbytes, device)
+    if choice.kind == "ivf":
+        target, float16 = where or ("cpu", False)
+        return IvfIndex(load_ivf(str(run.ivf)), choice.nprobe, target, float16,
+                        choice.far_nprobe)
+    if where is None:
+        raise HnmError(f"--index: an exact index of {V.shape[0]} rows needs "
+                       f"{nbytes / 2**30:.1f} GiB ({nbytes / 2**31:.1f} in float16), more than "
+                       f"{device} has free; use --index ivf")
+    return build_index(V, device, float16=where[1])

@@ -1,6 +1,7 @@
 """One task inside one process: read a phase's inputs, compute (`embed`, `tables`,
 `engine`), write its files, then its marker. Everything a worker builds once — the plan,
-the dataset, the encoders — is kept for the shards that follow."""
+the dataset, the encoders, the tables and the search index — is kept for the shards that
+follow."""
 
 from __future__ import annotations
 
@@ -21,7 +22,9 @@ from hnm.config import Config
 from hnm.data import Dataset, Progress, anchor_uniforms, load_dataset
 from hnm.encoders import build_image_encoder, build_text_encoder
 from hnm.engine import find_candidates
-from hnm.index import kmeans
+from hnm.gpus import usable_cores
+from hnm.index import SearchIndex, kmeans, set_threads
+from hnm.miner import Tables
 from hnm.plan import Plan, read_plan
 from hnm.storage import RunDir, write_npy, write_npz
 
@@ -34,6 +37,18 @@ class Task:
 
     phase: str  # "embed" | "tables" | "candidates"
     shard: int | None
+
+
+def release_freed_memory() -> None:
+    """Give the memory a phase freed back to the system (glibc keeps freed blocks of
+    many small allocations, such as an index's lists, for the process otherwise)."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()  # objects in reference cycles may still hold memory maps
+    with contextlib.suppress(OSError, AttributeError, TypeError):
+        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
 
 
 def peak_rss_mb() -> float:
@@ -86,11 +101,30 @@ class Context:
         return embed.phrase_order(self.dataset.phrases)
 
     @cached_property
+    def local_workers(self) -> int:
+        """Worker processes on this machine: torchrun says; otherwise one per device of
+        the plan (GPUs), or one per shard (CPU workers: the plan has a shard for each)."""
+        if (local := int(os.environ.get("LOCAL_WORLD_SIZE", 0))):
+            return local
+        if self.device == "cpu":
+            return len(self.plan.shards)
+        return len({s.device for s in self.plan.shards})
+
+    @cached_property
     def loader_workers(self) -> int:
-        # GPU workers on this machine: torchrun says; otherwise one per device of the plan
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or len(
-            {s.device for s in self.plan.shards})
-        return embed.loader_workers(self.config.num_workers, self.device, local)
+        return embed.loader_workers(self.config.num_workers, self.device, self.local_workers)
+
+    @cached_property
+    def tables(self) -> Tables:
+        return tables.load_tables(self.run, self.dataset)
+
+    @cached_property
+    def search_index(self) -> SearchIndex:
+        """The run's search index over every row, built (or loaded) once per process and
+        used for all of its shards."""
+        if self.device == "cpu":  # the CPU worker processes share the machine's cores
+            set_threads(max(1, usable_cores() // self.local_workers))
+        return tables.open_index(self.run, self.plan.index, self.tables.V, self.device)
 
     def embed_blacklist(self, phrases: list[str]) -> np.ndarray:
         """Blacklist phrases through the run's text encoder, on the run's text batch grid."""
@@ -160,12 +194,13 @@ def _embed_phrases(ctx: Context, encoder: Any, phrases: list[str]) -> np.ndarray
 
 
 def tables_once(ctx: Context, _: None, progress: Progress) -> dict[str, Any]:
-    """All shards' embeddings into one table each; eligibility and k-means clusters."""
+    """All shards' embeddings into one table each (streamed, never whole in memory);
+    eligibility, k-means clusters and, for an IVF run, its index and measured recall."""
     c, run, shards = ctx.config, ctx.run, range(len(ctx.plan.shards))
     t0 = time.perf_counter()
-    V = tables.merge([run.image_embeddings(s) for s in shards])
-    T = embed.in_phrase_order(tables.merge([run.text_embeddings(s) for s in shards]),
-                              ctx.phrase_order)
+    V = tables.merge([run.image_embeddings(s) for s in shards], run.table("visual"))
+    T = tables.merge([run.text_embeddings(s) for s in shards], run.table("text"),
+                     ctx.phrase_order)
     progress("tables", 1, 3)
     eligible = tables.eligibility(c, T, ctx.dataset.phrases, ctx.embed_blacklist)
     progress("tables", 2, 3)
@@ -173,25 +208,32 @@ def tables_once(ctx: Context, _: None, progress: Progress) -> dict[str, Any]:
     labels, centroids = kmeans(V, c.n_clusters, c.seed)
     t2 = time.perf_counter()
     progress("tables", 3, 3)
-    for name, array in zip(tables.TABLES, (V, T, eligible, labels, centroids)):
-        write_npy(run.table(name), array)
-    info = {"tables": t1 - t0, "cluster": t2 - t1, "startup": ctx.startup}
+    info: dict[str, Any] = {"tables": t1 - t0, "cluster": t2 - t1, "startup": ctx.startup}
     ctx.startup = 0.0
-    run.mark_done("tables", None, info, [run.table(name) for name in tables.TABLES])
+    files = [run.table(name) for name in tables.TABLES]
+    if ctx.plan.index.kind == "ivf":
+        info.update(tables.build_ivf(run, V, ctx.plan.index, c, ctx.plan.num_anchors))
+        files.append(run.ivf)
+    for name, array in zip(tables.TABLES[2:], (eligible, labels, centroids)):
+        write_npy(run.table(name), array)
+    info["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    run.mark_done("tables", None, info, files)
+    release_freed_memory()  # the IVF index was built in memory: the next phase needs none
     return info
 
 
 def candidates_shard(ctx: Context, shard: int, progress: Progress) -> dict[str, Any]:
     """Hard and diverse candidate lists of the shard's anchors against every row."""
     c, ds, part = ctx.config, ctx.dataset, ctx.plan.shards[shard]
-    tab = tables.load_tables(ctx.run, ds)
     t0 = time.perf_counter()
+    tab, index = ctx.tables, ctx.search_index
+    t1 = time.perf_counter()
     anchors = np.arange(*part.anchors)
     diverse_first = anchor_uniforms([ds.ids[i] for i in anchors], c.seed) < c.diverse_ratio
-    cands, kind = find_candidates(c, tab, anchors, ctx.device, progress, diverse_first)
+    cands, kind = find_candidates(c, tab, anchors, ctx.device, progress, diverse_first, index)
     write_npz(ctx.run.candidates(shard), cands.to_arrays())
-    info = {"search": time.perf_counter() - t0, "device": ctx.device, "index": kind,
-            "peak_rss_mb": round(peak_rss_mb(), 1)}
+    info = {"search": time.perf_counter() - t1, "load_index": t1 - t0, "device": ctx.device,
+            "index": kind, "peak_rss_mb": round(peak_rss_mb(), 1)}
     ctx.run.mark_done("candidates", shard, info, [ctx.run.candidates(shard)])
     return info
 

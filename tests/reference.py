@@ -7,12 +7,17 @@ from collections import OrderedDict
 import numpy as np
 
 
-def reference_mine(V, T, text_ids, groups, phrases, clusters, blacklist, u, cfg):
+def reference_mine(V, T, text_ids, groups, phrases, clusters, blacklist, u, cfg,
+                   searched=None, first_lists=None):
     """Returns, per anchor, a list of (row, kind, detail) exactly as SPEC §3-7 describes.
 
     V: (N, dv) visual embeddings; T: (U, dt) phrase embeddings; blacklist: (B, dt) or None.
     cfg: an hnm Config (its mining fields are read). detail: the threshold step for hard
     negatives, (anchor_cluster, negative_cluster) for diverse ones.
+
+    With an approximate (IVF) index: searched(a) lists the rows N(a) is taken from (those of
+    the lists probed for a); first_lists(a) is a's diverse candidate list, whose free rows
+    are tried first (per cluster condition) before every row is.
     """
     n = len(V)
     sv = np.asarray(V, np.float64) @ np.asarray(V, np.float64).T
@@ -44,7 +49,8 @@ def reference_mine(V, T, text_ids, groups, phrases, clusters, blacklist, u, cfg)
         return 1 if length < 60 else 2 if length < 100 else 3
 
     def hard(a, taken):
-        others = sorted((j for j in range(n) if j != a), key=lambda j: (-sv[a, j], j))
+        pool = range(n) if searched is None else searched(a)
+        others = sorted((j for j in pool if j != a), key=lambda j: (-sv[a, j], j))
         neighbours = others[:cfg.k_nn]
         tau = cfg.cosine_threshold
         for step, t in enumerate((tau, tau + 0.09, tau + 0.18)):
@@ -70,6 +76,14 @@ def reference_mine(V, T, text_ids, groups, phrases, clusters, blacklist, u, cfg)
         cands = [j for j in range(n) if j != a and groups[j] != groups[a] and eligible[j]
                  and count(pid[j]) < std_limit(pid[j]) and pid[j] not in taken]
         other = [j for j in cands if clusters[j] != clusters[a]]
+        if first_lists is not None:
+            own = [j for j in cands if clusters[j] == clusters[a]]
+            for pool in (other, own):
+                listed = [j for j in first_lists(a) if j in set(pool)]
+                if listed or pool:
+                    j = listed[0] if listed else min(pool, key=lambda j: (sv[a, j], j))
+                    return j, (int(clusters[a]), int(clusters[j]))
+            return None
         pool = other or cands
         if not pool:
             return None

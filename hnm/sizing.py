@@ -1,0 +1,186 @@
+"""How a run fits its machine: which index `--index auto` picks, and the memory each phase
+needs per worker (host and GPU), checked before anything runs."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from hnm.config import Config
+from hnm.errors import HnmError
+from hnm.index import KMEANS_SAMPLE, faiss_available, ivf_shape
+from hnm.miner import MARGIN
+
+# Exact search costs N^2 x d: up to these many rows it takes minutes (about 4 minutes for
+# 100,000 rows of 512 dimensions on 2 CPU cores; a GPU is ~1000x faster), above them IVF.
+AUTO_EXACT_ROWS = {"cpu": 100_000, "cuda": 2_000_000}
+IVF_TRAIN_PER_LIST = 64  # k-means sample rows per IVF list (FAISS asks for at least 39)
+# A diverse list wants rows far from the anchor, not its exact neighbourhood: the lists of
+# the centroids farthest from it hold them, so its search probes this many times fewer.
+FAR_SHARE = 4
+RECALL_ANCHORS = 1000  # anchors whose IVF hard lists are compared with an exact search
+# Share of a GPU's memory an index may take: the rest is FAISS's and torch's scratch space.
+GPU_SHARE = 0.8
+# Python objects of the loaded annotations, per byte of the file and per row (ids, paths,
+# phrase and group codes): measured 1.1 GiB for a million short JSONL records (126 MiB).
+RECORD_OVERHEAD, ROW_BYTES = 3.0, 750
+PICK_BYTES = 400  # one anchor's negatives in the reducer (Python objects)
+CANDIDATE_BYTES = 24  # one candidate: row (int64), vis and txt (float64)
+GIB = 2.0**30
+
+
+@dataclass(frozen=True)
+class IndexChoice:
+    """The search index of a run, chosen once when it is planned."""
+
+    kind: str = "exact"  # "exact" | "ivf"
+    reason: str = "exact search (the SPEC's)"
+    nlist: int = 0  # ivf: lists
+    nprobe: int = 0  # ivf: lists probed per query
+    far_nprobe: int = 0  # ivf: lists probed for a diverse list (the farthest rows)
+
+    def describe(self) -> str:
+        shape = f" ({self.nlist} lists, {self.nprobe} probed per query, {self.far_nprobe} " \
+            "for the farthest rows)" if self.kind == "ivf" else ""
+        return f"{self.kind}{shape}: {self.reason}"
+
+
+def device_kind(devices: list[str]) -> str:
+    return "cuda" if any(d.startswith("cuda") for d in devices) else "cpu"
+
+
+def choose_index(config: Config, rows: int, devices: list[str]) -> IndexChoice:
+    """`--index`, with `auto` resolved by the table's size on the device at hand."""
+    kind = device_kind(devices)
+    limit = AUTO_EXACT_ROWS[kind]
+    if config.index == "exact":
+        return IndexChoice("exact", "--index exact")
+    if config.index == "auto" and rows <= limit:
+        return IndexChoice("exact", f"auto: {rows:,} rows, at most {limit:,} for exact search "
+                                    f"on {kind}")
+    if not faiss_available():  # IVF is FAISS's; exact search also runs on torch
+        if config.index == "ivf":
+            raise HnmError("--index ivf needs the faiss package (pip install faiss-cpu, or a "
+                           "faiss GPU build); use --index exact without it")
+        return IndexChoice("exact", f"auto: {rows:,} rows, above {limit:,}, but faiss is "
+                                    "not installed (IVF needs it)")
+    reason = "--index ivf" if config.index == "ivf" else \
+        f"auto: {rows:,} rows, above {limit:,} for exact search on {kind}"
+    nlist, nprobe = ivf_shape(rows)
+    nlist = min(config.ivf_nlist or nlist, rows)
+    nprobe = min(config.ivf_nprobe or min(nprobe, nlist), nlist)
+    return IndexChoice("ivf", reason, nlist, nprobe, max(1, nprobe // FAR_SHARE))
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """What the memory of a run depends on."""
+
+    rows: int
+    phrases: int
+    anchors: int
+    dv: int
+    dt: int
+    annotation_bytes: int
+    workers: int
+    device: str  # "cpu" | "cuda"
+
+
+@dataclass(frozen=True)
+class PhaseMemory:
+    """Bytes one phase needs: private to each worker, memory-mapped files shared by the
+    workers of a machine, and on each worker's GPU."""
+
+    phase: str
+    per_worker: float
+    shared: float
+    gpu: float
+    workers: int
+
+    def total(self) -> float:
+        return self.per_worker * self.workers + self.shared
+
+
+def estimate(config: Config, s: Sizes, choice: IndexChoice) -> list[PhaseMemory]:
+    """Peak memory of each phase (upper bounds: mapped pages are counted as resident)."""
+    dataset = s.annotation_bytes * RECORD_OVERHEAD + s.rows * ROW_BYTES
+    visual, text = s.rows * s.dv * 4.0, s.phrases * s.dt * 4.0
+    shard_rows = -(-s.rows // s.workers)
+    block = (1 << 16) * max(s.dv, s.dt) * 8.0 * 3  # a float64 block and its temporaries
+    encoders = 0.0 if config.image_embeddings and config.text_embeddings else 1.5 * GIB
+    precomputed = (s.rows * s.dv * 4.0 if config.image_embeddings else 0.0) \
+        + (s.rows * s.dt * 4.0 if config.text_embeddings else 0.0)  # read where they lie
+    per_anchor = (min(config.k_nn, s.rows) + config.diverse_candidates + 2 * MARGIN) \
+        * CANDIDATE_BYTES
+    shard_cands = -(-s.anchors // s.workers) * per_anchor
+    index = visual + s.rows * 8.0  # an exact copy, or the IVF lists (vectors and ids)
+    train = 0.0
+    if choice.kind == "ivf":
+        train = min(s.rows, IVF_TRAIN_PER_LIST * choice.nlist) * s.dv * 4.0
+    kmeans_sample = min(s.rows, KMEANS_SAMPLE) * s.dv * 4.0 * 2
+    on_gpu = s.device == "cuda"
+    return [
+        PhaseMemory("embed", dataset + shard_rows * s.dv * 4.0 + block + encoders,
+                    precomputed, encoders if on_gpu else 0.0, s.workers),
+        PhaseMemory("tables", dataset + block + max(kmeans_sample, train + index),
+                    visual + text, 0.0, 1),
+        PhaseMemory("candidates",
+                    dataset + shard_cands + (index if choice.kind == "exact" and not on_gpu
+                                             else 0.0) + block,
+                    visual + text + (index if choice.kind == "ivf" else 0.0),
+                    index if on_gpu else 0.0, s.workers),
+        PhaseMemory("reduce", dataset + shard_cands + s.rows * 40.0 + s.anchors * PICK_BYTES,
+                    visual + text, 0.0, 1),
+    ]
+
+
+def host_available() -> float:
+    """Bytes of memory available to a new process on this machine (Linux: MemAvailable)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def memory_lines(phases: list[PhaseMemory]) -> list[str]:
+    """One line per phase, for --dry-run."""
+    lines = ["Memory per phase (GiB, upper bounds; 'mapped': table files the workers share, "
+             "paged by the kernel):"]
+    for p in phases:
+        gpu = f"; GPU {p.gpu / GIB:.2f} per worker" if p.gpu else ""
+        lines.append(f"  {p.phase}: host {p.per_worker / GIB:.2f} per worker x {p.workers} "
+                     f"+ mapped {p.shared / GIB:.2f} = {p.total() / GIB:.2f}{gpu}")
+    return lines
+
+
+def check_fits(phases: list[PhaseMemory], host: float, gpu_gib: float | None,
+               choice: IndexChoice, devices: list[str]) -> None:
+    """Refuse, in one line naming the flag to change, a plan that cannot fit: memory private
+    to the workers beyond what the host has available, or an exact index too large for a
+    GPU even in float16. (Mapped table files are paged by the kernel: they only slow a run
+    down when they exceed the memory.)"""
+    if gpu_gib is not None and choice.kind == "exact":
+        need = max(p.gpu for p in phases)
+        if need / 2 > GPU_SHARE * gpu_gib * GIB:
+            raise HnmError(f"--index: an exact index of this table needs {need / GIB:.1f} GiB "
+                           f"per GPU ({need / 2 / GIB:.1f} in float16), more than "
+                           f"{GPU_SHARE:.0%} of the smallest GPU's {gpu_gib:.1f} GiB; use "
+                           "--index ivf")
+    worst = max(phases, key=lambda p: p.per_worker * p.workers)
+    private = worst.per_worker * worst.workers
+    if private <= host:
+        return
+    if worst.workers > 1:
+        flag = "--num-gpus" if device_kind(devices) == "cuda" else "--cpu-workers"
+        advice = f"use fewer workers ({flag})"
+    elif choice.kind == "exact":
+        flag, advice = "--index", "use --index ivf"
+    else:
+        flag, advice = "--max-samples", "mine fewer anchors (--max-samples)"
+    raise HnmError(f"{flag}: the {worst.phase} phase needs about {private / GIB:.1f} GiB of "
+                   f"host memory ({worst.workers} worker(s)), more than the "
+                   f"{host / GIB:.1f} GiB available; {advice}")

@@ -1,0 +1,207 @@
+"""Search indexes: exact results whatever the kernel, the GPU's k limit (tested on the host
+with a small cap), one set of GPU resources per device, bounded score blocks, and IVF
+searches that do not depend on the batch."""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import pytest
+
+from hnm import index as hindex
+from hnm.encoders import finalize
+from hnm.index import (
+    ChunkedFlatIP,
+    FaissFlatIP,
+    IvfIndex,
+    TorchFlatIP,
+    ivf_shape,
+    kmeans,
+    placement,
+    train_ivf,
+)
+from hnm.miner import nearest
+
+
+def near_duplicates(n: int = 400, dim: int = 8, seed: int = 0) -> np.ndarray:
+    """Rows in a few tight bunches: an anchor has hundreds of near-ties, so a search must
+    widen far past k_nn before the order at the cut is certain."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(3, dim))
+    return finalize(centres[rng.integers(0, 3, n)] + 1e-3 * rng.normal(size=(n, dim)))
+
+
+def brute_nearest(V: np.ndarray, k: int, pool=None) -> list[list[int]]:
+    """N(a) by the SPEC: the k highest exact vis among `pool(a)` (all rows), self out, ties
+    by row."""
+    sv = V.astype(np.float64) @ V.astype(np.float64).T
+    out = []
+    for a in range(len(V)):
+        rows = range(len(V)) if pool is None else pool(a)
+        out.append(sorted((j for j in rows if j != a), key=lambda j: (-sv[a, j], j))[:k])
+    return out
+
+
+def lists(rows: np.ndarray) -> list[list[int]]:
+    return [[int(r) for r in row if r >= 0] for row in rows]
+
+
+def test_chunked_search_is_exact_over_a_memory_map(tmp_path, monkeypatch):
+    V = near_duplicates()
+    np.save(tmp_path / "v.npy", V)
+    mapped = np.load(tmp_path / "v.npy", mmap_mode="r")
+    monkeypatch.setattr(hindex, "SCORE_BYTES", 4 * 400 * 37)  # blocks of 37 rows
+    got, _ = nearest(ChunkedFlatIP(mapped), mapped, np.arange(len(V)), 30, -np.inf)
+    assert lists(got) == brute_nearest(V, 30)
+
+
+def test_a_capped_index_widens_with_the_exact_chunked_search(monkeypatch):
+    """GPUs refuse k > 2048: with the cap at 64, searches past it go to the host's chunked
+    search, and N(a) is still the exact one."""
+    V = near_duplicates()
+    index = FaissFlatIP(V, max_k=64)
+    asked = {"capped": [], "chunked": []}
+    inner, wide = index.index.search, index.wide.search
+    monkeypatch.setattr(index.index, "search",
+                        lambda xq, k: asked["capped"].append(k) or inner(xq, k), raising=False)
+    monkeypatch.setattr(index.wide, "search",
+                        lambda xq, k: asked["chunked"].append(k) or wide(xq, k))
+    got, _ = nearest(index, V, np.arange(len(V)), 30, -np.inf)
+    assert lists(got) == brute_nearest(V, 30)
+    assert max(asked["capped"]) <= 64 and asked["chunked"]
+    assert min(asked["chunked"]) > 64
+
+
+class FakeGpuFaiss(types.SimpleNamespace):
+    """Enough of faiss's GPU API to count resources: 'GPU' indexes are the host's."""
+
+    def __init__(self, faiss) -> None:
+        super().__init__(created=[])
+        self.IndexFlatIP = faiss.IndexFlatIP
+        outer = self
+
+        class StandardGpuResources:
+            def __init__(self) -> None:
+                outer.created.append(self)
+
+        self.StandardGpuResources = StandardGpuResources
+        self.GpuClonerOptions = types.SimpleNamespace
+
+    def index_cpu_to_gpu(self, res, gpu, index, options):
+        assert isinstance(res, self.StandardGpuResources)
+        return index
+
+
+def test_one_gpu_resources_per_device(monkeypatch):
+    import faiss
+
+    fake = FakeGpuFaiss(faiss)
+    monkeypatch.setitem(__import__("sys").modules, "faiss", fake)
+    monkeypatch.setattr(hindex, "_GPU_RESOURCES", {})
+    V = near_duplicates(60)
+    indexes = [FaissFlatIP(V, gpu) for gpu in (0, 0, 1, 0, 1)]
+    assert len(fake.created) == 2
+    assert indexes[0].max_k == hindex.GPU_MAX_K and indexes[0].kind == "faiss-gpu"
+    got, _ = nearest(indexes[0], V, np.arange(len(V)), 5, -np.inf)
+    assert lists(got) == brute_nearest(V, 5)
+
+
+def test_torch_score_blocks_stay_bounded_at_a_million_rows():
+    index = TorchFlatIP(np.zeros((1_000_000, 4), np.float32))
+    assert index.chunk * index.ntotal * 4 <= hindex.SCORE_BYTES
+    small = near_duplicates(100)
+    index = TorchFlatIP(small)
+    index.chunk = 7
+    got, _ = nearest(index, small, np.arange(100), 10, -np.inf)
+    assert lists(got) == brute_nearest(small, 10)
+
+
+def test_float16_proposals_are_rescored_to_the_exact_lists(monkeypatch):
+    V = near_duplicates()
+    monkeypatch.setattr(hindex, "SCORE_BYTES", 4 * 8 * 50)  # float16 rows in blocks of 50
+    index = TorchFlatIP(V, float16=True)
+    assert index.rows == 50
+    got, _ = nearest(index, V, np.arange(len(V)), 30, -np.inf)
+    assert lists(got) == brute_nearest(V, 30)
+
+
+@pytest.mark.parametrize("nbytes,free,want", [(1e9, 2e9, ("cuda:0", False)),
+                                              (2e9, 2e9, ("cuda:0", True)),
+                                              (4e9, 2e9, None)])
+def test_placement_falls_back_to_float16_then_refuses(nbytes, free, want):
+    assert placement(nbytes, "cuda:0", free=int(free)) == want
+    assert placement(nbytes, "cpu") == ("cpu", False)
+
+
+def ivf_case(n: int = 600, nlist: int = 16):
+    rng = np.random.default_rng(3)
+    V = finalize(rng.normal(size=(20, 12))[rng.integers(0, 20, n)] + 0.5 * rng.normal(size=(n, 12)))
+    return V, train_ivf(V, nlist, seed=0, sample=10 * nlist)
+
+
+def test_ivf_lists_are_exact_over_the_probed_rows():
+    V, saved = ivf_case()
+    index = IvfIndex(saved, nprobe=3)
+    member = np.empty(len(V), np.int64)
+    for j, ids in enumerate(index.ids):
+        member[ids.numpy()] = j
+    centroids = index.centroids.numpy()
+
+    def probed(a: int) -> np.ndarray:
+        scores = centroids @ V[a].astype(np.float64)
+        chosen = np.lexsort((np.arange(len(scores)), -scores))[:3]
+        return np.flatnonzero(np.isin(member, chosen))
+
+    got, _ = nearest(index, V, np.arange(len(V)), 25, -np.inf)
+    assert lists(got) == brute_nearest(V, 25, probed)
+    assert lists(got) != brute_nearest(V, 25)  # approximate: it misses some
+
+
+def test_ivf_results_do_not_depend_on_the_batch():
+    V, saved = ivf_case()
+    index = IvfIndex(saved, nprobe=2)
+    anchors = np.arange(len(V))
+    whole, _ = nearest(index, V, anchors, 20, -np.inf)
+    order = np.random.default_rng(0).permutation(len(V))
+    parts = np.empty_like(whole)
+    for chunk in np.array_split(order, 13):
+        parts[chunk], _ = nearest(index, V, chunk, 20, -np.inf)
+    assert np.array_equal(whole, parts)
+
+
+def test_ivf_probes_break_ties_to_the_lowest_list():
+    V, saved = ivf_case(200, 8)
+    index = IvfIndex(saved, nprobe=3)
+    index.centroids[:] = 0.0  # every centroid scores 0: all tied
+    index.centroids32[:] = 0.0
+    assert np.array_equal(index.probes(V[:5]), np.tile([0, 1, 2], (5, 1)))
+    index.centroids32[0, 0] = 1e-9  # float32 scores that differ by less than their error
+    assert np.array_equal(index.probes(V[:5]), np.tile([0, 1, 2], (5, 1)))
+
+
+def test_ivf_probes_from_float32_scores_are_the_exact_ones():
+    V, saved = ivf_case(800, 64)
+    index = IvfIndex(saved, nprobe=5)
+    exact = V.astype(np.float64) @ index.centroids.numpy().T
+    assert np.array_equal(index.probes(V), index._exact_probes(exact))
+
+
+def test_ivf_shape_grows_with_the_table():
+    assert ivf_shape(1_000_000) == (1024, 12)
+    assert ivf_shape(100_000) == (256, 8)
+    assert ivf_shape(50)[0] <= 8
+
+
+def test_kmeans_on_a_sample_labels_every_row(monkeypatch):
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(5, 6))[rng.integers(0, 5, 3000)]
+    x = finalize(centres + 0.1 * rng.normal(size=(3000, 6)))
+    monkeypatch.setattr(hindex, "KMEANS_SAMPLE", 500)
+    monkeypatch.setattr(hindex, "LABEL_BLOCK", 128)
+    labels, centroids = kmeans(x, 5, seed=0)
+    assert len(labels) == 3000
+    want = (x.astype(np.float64) @ centroids.astype(np.float64).T).argmax(axis=1)
+    assert np.array_equal(labels, want)
+    again, _ = kmeans(x, 5, seed=0)
+    assert np.array_equal(labels, again)
