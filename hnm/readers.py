@@ -498,6 +498,10 @@ def _tar_samples(path: Path) -> list[tuple[str, dict[str, tarfile.TarInfo]]]:
             handle.seek(end)
             marker = handle.read(tarfile.BLOCKSIZE)
     except tarfile.ReadError as exc:
+        if not samples and _compressed(path):
+            raise HnmError(f"{path}: a compressed tar archive; hnm reads images at their "
+                           "offsets in uncompressed .tar shards: decompress it first "
+                           "(e.g. gunzip)") from None
         raise HnmError(f"{path}: not a readable tar archive{_after(samples)}: {exc}") from None
     except OSError as exc:
         raise HnmError(f"{path}: cannot read: {exc.strerror or exc}") from None
@@ -505,6 +509,15 @@ def _tar_samples(path: Path) -> list[tuple[str, dict[str, tarfile.TarInfo]]]:
         raise HnmError(f"{path}: truncated tar archive: no end-of-archive marker"
                        f"{_after(samples)}")
     return samples
+
+
+# gzip, bzip2, xz and zstd files start with these bytes
+COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"\x28\xb5\x2f\xfd")
+
+
+def _compressed(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        return handle.read(6).startswith(COMPRESSED_MAGIC)
 
 
 def _after(samples: list) -> str:

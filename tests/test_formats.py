@@ -210,6 +210,21 @@ def test_truncated_tar(capsys, tmp_path, inputs, cut):
                       "sample 'd007_t3'"
 
 
+def test_compressed_tar_shard(capsys, tmp_path, inputs):
+    import gzip
+
+    shards = _copy(inputs["webdataset"], tmp_path / "in")
+    shard = shards / "00001.tar"
+    packed = shards / "00001.tar.gz"
+    packed.write_bytes(gzip.compress(shard.read_bytes()))
+    shard.unlink()
+    msg = fails(capsys, tmp_path, tmp_path / "out", ["--annotations", packed,
+                                                     "--input-format", "webdataset",
+                                                     *DEMO_FIELDS])
+    assert msg == (f"{packed}: a compressed tar archive; hnm reads images at their offsets "
+                   "in uncompressed .tar shards: decompress it first (e.g. gunzip)")
+
+
 def test_tar_samples_without_an_image_or_with_bad_json(capsys, tmp_path):
     from hnm.writers import write_tar_shards
 
