@@ -194,15 +194,32 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def _peak_rss_mb(pid: int) -> float | None:
-    """The process's peak resident memory so far (VmHWM), MiB."""
+def _status_mib(pid: int, *keys: str) -> float | None:
+    """The sum of `keys` of /proc/PID/status (kB figures), MiB."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
     except OSError:
         return None
-    return None
+    found = [int(line.split()[1]) for line in lines if line.split(":")[0] in keys]
+    return sum(found) / 1024 if found else None
+
+
+def _peak_rss_mb(pid: int) -> float | None:
+    """The process's peak resident memory so far (VmHWM), MiB. It counts the pages of
+    memory-mapped files (the tables, the IVF index), which every process maps and the
+    kernel can drop, once per process."""
+    return _status_mib(pid, "VmHWM")
+
+
+def _private_mb(pid: int) -> float | None:
+    """The process's own memory now: anonymous pages and shared memory (not file pages)."""
+    return _status_mib(pid, "RssAnon", "RssShmem")
+
+
+def _used_mb() -> float:
+    """The machine's memory in use (MemTotal - MemAvailable): page cache not counted."""
+    info = dict(line.split(":") for line in Path("/proc/meminfo").read_text().splitlines())
+    return (int(info["MemTotal"].split()[0]) - int(info["MemAvailable"].split()[0])) / 1024
 
 
 def _cpu_seconds(pid: int) -> float | None:
@@ -221,7 +238,10 @@ class Watch:
     def __init__(self, pid: int, every_s: float = 0.5) -> None:
         self.pid, self.every_s = pid, every_s
         self.peaks: dict[int, float] = {}
+        self.private: dict[int, float] = {}  # peak of _private_mb per process
         self.cpu: dict[int, float] = {}
+        self.baseline = _used_mb()
+        self.machine = 0.0  # peak of the machine's memory in use, above the baseline
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, daemon=True)
         self.thread.start()
@@ -229,17 +249,19 @@ class Watch:
     def _loop(self) -> None:
         while not self.stop.is_set():
             for pid in [self.pid, *_children(self.pid)]:
-                peak, cpu = _peak_rss_mb(pid), _cpu_seconds(pid)
+                peak, cpu, own = _peak_rss_mb(pid), _cpu_seconds(pid), _private_mb(pid)
                 if peak is not None:
                     self.peaks[pid] = max(peak, self.peaks.get(pid, 0.0))
+                if own is not None:
+                    self.private[pid] = max(own, self.private.get(pid, 0.0))
                 if cpu is not None:
                     self.cpu[pid] = cpu
+            self.machine = max(self.machine, _used_mb() - self.baseline)
             self.stop.wait(self.every_s)
 
-    def finish(self) -> tuple[dict[int, float], dict[int, float]]:
+    def finish(self) -> None:
         self.stop.set()
         self.thread.join()
-        return self.peaks, self.cpu
 
 
 def launch_run(repo: Path, paths: dict[str, str], out: Path, extra: list[str]) -> dict:
@@ -256,28 +278,36 @@ def launch_run(repo: Path, paths: dict[str, str], out: Path, extra: list[str]) -
     watch = Watch(proc.pid)
     output, _ = proc.communicate()
     wall = time.perf_counter() - t0
-    peaks, cpu = watch.finish()
+    watch.finish()
     if proc.returncode:
         raise SystemExit(f"run failed ({proc.returncode}): {' '.join(cmd)}\n{output}")
     metrics = json.loads((out / "metrics.json").read_text())
-    return {"wall": wall, "metrics": metrics, "cmd": cmd,
-            "parent_mb": peaks.pop(proc.pid, None), "parent_cpu": cpu.pop(proc.pid, 0.0),
-            "children": sorted(((peaks[p], cpu.get(p, 0.0)) for p in peaks), reverse=True)}
+    peaks, own, cpu = watch.peaks, watch.private, watch.cpu
+    return {"wall": wall, "metrics": metrics, "cmd": cmd, "machine_mb": watch.machine,
+            "parent": (peaks.pop(proc.pid, 0.0), own.pop(proc.pid, 0.0),
+                       cpu.pop(proc.pid, 0.0)),
+            "children": sorted(((peaks[p], own.get(p, 0.0), cpu.get(p, 0.0)) for p in peaks),
+                               reverse=True)}
+
+
+def _process(peak: float, private: float, cpu: float) -> str:
+    return f"{peak:.0f} MiB ({private:.0f}) / {cpu:.0f} s"
 
 
 def report(name: str, r: dict) -> None:
     m, g = r["metrics"], r["metrics"]["global"]
     index = m.get("index", {})
     recall = (index.get("recall") or {}).get("recall_at_k")
-    workers = [f"{mb:.0f} MiB / {cpu:.0f} s" for mb, cpu in r["children"]
-               if mb > 100]  # not the resource tracker
+    workers = [_process(*child) for child in r["children"]
+               if child[0] > 100]  # not the resource tracker
     print(f"\n## {name}\n$ {' '.join(r['cmd'][1:])}")
     print(f"wall {r['wall']:.1f} s; index {index.get('kind', 'exact')} "
           f"({index.get('reason', '')}); recall@k_nn "
           f"{'n/a (exact)' if recall is None else f'{recall:.4f}'}")
     print("phases (s): " + ", ".join(f"{k} {v:.1f}" for k, v in m["timing"].items()))
-    print(f"peak RSS / CPU time: launch process {r['parent_mb']:.0f} MiB / "
-          f"{r['parent_cpu']:.0f} s; worker processes: {', '.join(workers) or 'none'}")
+    print(f"peak RSS (private) / CPU time: launch process {_process(*r['parent'])}; worker "
+          f"processes: {', '.join(workers) or 'none'}; machine memory in use, peak above "
+          f"before the run: {r['machine_mb']:.0f} MiB")
     print(f"anchors {g['anchors']}, success rate {g['success_rate']}, hard {g['hard_negatives']}, "
           f"diverse {g['diverse_negatives']}, diverse searches past the list "
           f"{g.get('diverse_widened_searches')}")

@@ -47,20 +47,19 @@ def cannot_write(path: Path, exc: OSError) -> HnmError:
 
 
 @contextmanager
-def atomic_open(path: Path, mode: str = "wb") -> Iterator[BinaryIO]:
-    """Write to a temporary sibling, then rename over `path`; nothing half-written remains.
-    The file gets the mode a plain open() would give it (0666 less the umask)."""
+def _replacing(path: Path) -> Iterator[str]:
+    """A temporary sibling of `path`, renamed over it when the block succeeds and removed
+    when it fails: nothing half-written remains. The file gets the mode a plain open()
+    would give it (0666 less the umask)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
         os.fchmod(fd, 0o666 & ~umask())  # mkstemp makes 0600 files
+        os.close(fd)
     except OSError as exc:
         raise cannot_write(path, exc) from None
     try:
-        with os.fdopen(fd, mode) as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
+        yield tmp
         os.replace(tmp, path)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
@@ -70,6 +69,16 @@ def atomic_open(path: Path, mode: str = "wb") -> Iterator[BinaryIO]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def atomic_open(path: Path, mode: str = "wb") -> Iterator[BinaryIO]:
+    """A file written through a temporary sibling, renamed over `path` when done."""
+    encoding = None if "b" in mode else "utf-8"
+    with _replacing(path) as tmp, open(tmp, mode, encoding=encoding) as handle:
+        yield handle
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def file_digest(path: Path) -> list[Any]:
@@ -111,31 +120,14 @@ def write_npy(path: Path, array: np.ndarray) -> None:
 
 @contextmanager
 def atomic_npy(path: Path, shape: tuple[int, ...], dtype: Any) -> Iterator[np.ndarray]:
-    """A .npy file filled in place through a memory map, renamed over `path` when done
-    (nothing half-written remains; the mode a plain open() would give it)."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
-        os.fchmod(fd, 0o666 & ~umask())
-        os.close(fd)
-    except OSError as exc:
-        raise cannot_write(path, exc) from None
-    try:
+    """A .npy file filled in place through a memory map, renamed over `path` when done."""
+    with _replacing(path) as tmp:
         array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
         yield array
         array.flush()
         del array
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if exc.errno in WRITE_ERRORS:
-            raise cannot_write(path, exc) from None
-        raise
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:

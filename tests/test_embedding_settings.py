@@ -152,13 +152,6 @@ def test_pixels_ignore_the_precision(images):
                                              images, 4))
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def test_efficientnet_runs_channels_last_with_batch_norms_folded_in_fp32():
     for kind, norms in (("fp32", 0), ("bf16", 49)):

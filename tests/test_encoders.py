@@ -55,14 +55,6 @@ def make_images(root: Path) -> list[Path]:
     return paths
 
 
-@pytest.fixture
-def one_thread():
-    """The pipeline's CPU setting (hnm.embed.torch_setup): one torch thread per worker."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def embed_images(encoder, paths: list[Path], batch_size: int) -> np.ndarray:
     """Raw features, read and batched the way the pipeline does it (ImageFiles + DataLoader)."""

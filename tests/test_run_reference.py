@@ -23,6 +23,17 @@ from hnm.storage import RunDir
     ("--diverse-ratio", "0.4", "--sliding-window-size", "30", "--min-answer-length", "40"),
     ("--num-negatives", "2", "--k-nn", "8", "--n-clusters", "3", "--max-samples", "150"),
 ], ids=["windowed", "two-negatives"])
+def picks_of(run: RunDir, ds) -> tuple[list[dict], dict, list[list[tuple]]]:
+    """The run's records, row of each id, and each anchor's picks in the reference's form:
+    (row, type, threshold step or (anchor cluster, negative cluster))."""
+    records = [json.loads(line) for line in run.negatives.read_text().splitlines()]
+    row = {rid: i for i, rid in enumerate(ds.ids)}
+    got = [[(row[n["id"]], n["type"], n["threshold_step"] if n["type"] == "hard" else
+             (n["anchor_cluster"], n["negative_cluster"])) for n in r["negatives"]]
+           for r in records[:ds.num_anchors]]
+    return records, row, got
+
+
 def test_three_shard_run_equals_the_reference_on_its_files(tmp_path: Path, flags: tuple):
     paths = make_dataset(tmp_path / "data", n=210, seed=11)
     out = tmp_path / "run"
@@ -36,11 +47,7 @@ def test_three_shard_run_equals_the_reference_on_its_files(tmp_path: Path, flags
     clusters = np.load(run.table("clusters"))
     u = anchor_uniforms(ds.ids[:ds.num_anchors], config.seed)
     want = reference_mine(V, T, ds.text_ids, ds.groups, ds.phrases, clusters, None, u, config)
-    records = [json.loads(line) for line in run.negatives.read_text().splitlines()]
-    row = {rid: i for i, rid in enumerate(ds.ids)}
-    got = [[(row[n["id"]], n["type"], n["threshold_step"] if n["type"] == "hard" else
-             (n["anchor_cluster"], n["negative_cluster"])) for n in r["negatives"]]
-           for r in records[:ds.num_anchors]]
+    records, row, got = picks_of(run, ds)
     assert got == want
     assert all(not r["negatives"] for r in records[ds.num_anchors:])
     kinds = {kind for picks in want for _, kind, _ in picks}
@@ -107,11 +114,7 @@ def test_ivf_run_equals_the_reference_over_what_ivf_reaches(tmp_path: Path, flag
     u = anchor_uniforms(ds.ids[:ds.num_anchors], config.seed)
     want = reference_mine(V, T, ds.text_ids, ds.groups, ds.phrases, clusters, None, u, config,
                           searched=lambda a: reach(V[a]), first_lists=first_list)
-    records = [json.loads(line) for line in run.negatives.read_text().splitlines()]
-    row = {rid: i for i, rid in enumerate(ds.ids)}
-    got = [[(row[n["id"]], n["type"], n["threshold_step"] if n["type"] == "hard" else
-             (n["anchor_cluster"], n["negative_cluster"])) for n in r["negatives"]]
-           for r in records[:ds.num_anchors]]
+    records, row, got = picks_of(run, ds)
     assert got == want
     exact_want = reference_mine(V, T, ds.text_ids, ds.groups, ds.phrases, clusters, None, u,
                                 config)
