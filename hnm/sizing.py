@@ -41,9 +41,9 @@ class IndexChoice:
     far_nprobe: int = 0  # ivf: lists probed for a diverse list (the farthest rows)
 
     def describe(self) -> str:
-        shape = f" ({self.nlist} lists, {self.nprobe} probed per query, {self.far_nprobe} " \
-            "for the farthest rows)" if self.kind == "ivf" else ""
-        return f"{self.kind}{shape}: {self.reason}"
+        shape = f", {self.nlist} lists, {self.nprobe} probed per query, {self.far_nprobe} " \
+            "for the farthest rows" if self.kind == "ivf" else ""
+        return f"{self.kind}{shape} ({self.reason})"
 
 
 def device_kind(devices: list[str]) -> str:

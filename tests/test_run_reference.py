@@ -19,10 +19,6 @@ from hnm.report import load_run_config
 from hnm.storage import RunDir
 
 
-@pytest.mark.parametrize("flags", [
-    ("--diverse-ratio", "0.4", "--sliding-window-size", "30", "--min-answer-length", "40"),
-    ("--num-negatives", "2", "--k-nn", "8", "--n-clusters", "3", "--max-samples", "150"),
-], ids=["windowed", "two-negatives"])
 def picks_of(run: RunDir, ds) -> tuple[list[dict], dict, list[list[tuple]]]:
     """The run's records, row of each id, and each anchor's picks in the reference's form:
     (row, type, threshold step or (anchor cluster, negative cluster))."""
@@ -34,6 +30,10 @@ def picks_of(run: RunDir, ds) -> tuple[list[dict], dict, list[list[tuple]]]:
     return records, row, got
 
 
+@pytest.mark.parametrize("flags", [
+    ("--diverse-ratio", "0.4", "--sliding-window-size", "30", "--min-answer-length", "40"),
+    ("--num-negatives", "2", "--k-nn", "8", "--n-clusters", "3", "--max-samples", "150"),
+], ids=["windowed", "two-negatives"])
 def test_three_shard_run_equals_the_reference_on_its_files(tmp_path: Path, flags: tuple):
     paths = make_dataset(tmp_path / "data", n=210, seed=11)
     out = tmp_path / "run"

@@ -46,13 +46,14 @@ def test_the_choice_is_printed_and_stored_in_config_yaml(tmp_path: Path, capsys)
     out = tmp_path / "run"
     rc, text, _ = cli(capsys, *mine_args(paths, out, "--no-quiet"))
     assert rc == 0
-    assert "Index: exact: auto: 60 rows, at most 100,000 for exact search on cpu" in text
+    assert "Index: exact (auto: 60 rows, at most 100,000 for exact search on cpu)" in text
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["index"] == "auto" and saved["index_choice"]["kind"] == "exact"
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["index"]["kind"] == "exact" and "recall" not in metrics["index"]
     rc, text, _ = cli(capsys, *mine_args(paths, tmp_path / "ivf", "--index", "ivf"))
-    assert rc == 0 and "Index: ivf (" in text and "recall@30 of the neighbour lists" in text
+    assert rc == 0 and "Index: ivf (--index ivf)" in text
+    assert "recall@30 of the neighbour lists" in text
     assert "IVF recall@30" in (tmp_path / "ivf/report.html").read_text()
 
 
@@ -63,7 +64,7 @@ def test_dry_run_prints_memory_per_phase(tmp_path: Path, capsys):
     assert rc == 0 and not (tmp_path / "run").exists()
     for phase in ("embed", "tables", "candidates", "reduce"):
         assert f"  {phase}: host " in text
-    assert "per worker x 2" in text and "Index: exact: auto" in text
+    assert "per worker x 2" in text and "Index: exact (auto: " in text
 
 
 def test_a_plan_that_cannot_fit_is_refused_naming_the_flag(tmp_path: Path, capsys, monkeypatch):
