@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 import signal
 import sys
@@ -28,6 +29,8 @@ from hnm.reduce import reduce_phase
 from hnm.storage import RunDir, read_json, run_lock
 from hnm.summary import print_summary, shard_lines
 from hnm.worker import Task
+
+log = logging.getLogger("hnm.driver")
 
 T = TypeVar("T")
 PHASES = ("embed", "tables", "candidates")
@@ -146,6 +149,7 @@ def check_memory(config: Config, ds: Dataset, devices: list[str], gpu_gib: float
 def sigterm_raises() -> Iterator[None]:
     """SIGTERM stops the run like Ctrl-C does (exit 143), through the same clean-up."""
     owner = os.getpid()
+    stopping.clear()  # a new run in this process (the Python API) starts unstopped
 
     def handler(*_: Any) -> None:
         if os.getpid() != owner:  # a forked DataLoader worker that has not set itself up yet
@@ -154,18 +158,29 @@ def sigterm_raises() -> Iterator[None]:
         raise Terminated()
 
     def unraisable(info: Any) -> None:
-        # raised where Python cannot propagate it (an at-fork hook): the next progress
-        # report raises it again, because `stopping` is set
-        if not isinstance(info.exc_value, Terminated):
-            hook(info)
+        # Terminated raised where Python cannot propagate it (an at-fork hook): the next
+        # progress report raises it again, because `stopping` is set. Once the run is
+        # stopping, the clean-up of what the stop cut short (a DataLoader iterator stopped
+        # while it started its workers) may fail: logged, not printed.
+        if isinstance(info.exc_value, Terminated):
+            return
+        if stopping.is_set():
+            log.debug("while stopping: %s", info.err_msg or "", exc_info=(
+                info.exc_type, info.exc_value, info.exc_traceback))
+            return
+        hook(info)
 
     previous, hook = signal.signal(signal.SIGTERM, handler), sys.unraisablehook
     sys.unraisablehook = unraisable
     try:
         yield
+    except KeyboardInterrupt:
+        stopping.set()
+        raise
     finally:
         signal.signal(signal.SIGTERM, previous)
-        sys.unraisablehook = hook
+        if not stopping.is_set():  # else kept: what the stop cut short is collected later
+            sys.unraisablehook = hook
 
 
 class LocalExecutor:

@@ -68,21 +68,27 @@ def session(sid: int) -> list[int]:
     return [pid for pid, (_, s, _) in tree().items() if s == sid]
 
 
-def loader_of(parent: int, timeout: float = 300) -> tuple[int, int]:
+def loader_of(parent: int, timeout: float = 300, settle: float = 0.3) -> tuple[int, int]:
     """(process, one of its DataLoader workers), once a DataLoader worker runs under a
     child of `parent` (or under `parent` itself). A CPU worker's DataLoader workers are
-    started like it (spawned); the parent's are forked copies of it."""
+    started like it (spawned); the parent's are forked copies of it. A process being
+    spawned is a forked copy too, until it execs: a copy counts once it has stayed one
+    for `settle` seconds."""
     deadline = time.monotonic() + timeout
+    seen: dict[tuple[int, int], float] = {}
     while time.monotonic() < deadline:
-        procs = tree()
+        procs, now = tree(), time.monotonic()
         holders = [parent] + [p for p, (pp, _, _) in procs.items() if pp == parent]
         for holder in holders:
             forked = holder == parent  # the parent's loaders: forked copies of it
             loaders = [p for p, (pp, _, cmd) in procs.items()
                        if pp == holder and "resource_tracker import" not in cmd
                        and (cmd == procs[holder][2] if forked else "spawn_main" in cmd)]
-            if loaders:
-                return holder, loaders[0]
+            for loader in loaders:
+                if not forked or now - seen.setdefault((holder, loader), now) >= settle:
+                    return holder, loader
+        seen = {key: t for key, t in seen.items() if key[1] in procs
+                and procs[key[1]][2] == procs.get(key[0], (0, 0, None))[2]}
         time.sleep(0.05)
     raise AssertionError("no DataLoader worker appeared")
 

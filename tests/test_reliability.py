@@ -449,3 +449,35 @@ def test_an_immutable_output_directory_is_one_line(data, tmp_path, capsys, immut
     for command in ("report", "sweep"):
         rc, _, err = cli(capsys, command, finished)
         assert rc == 2 and "cannot write: Operation not permitted" in one_line_error(err)
+
+
+class FailsWhenCollected:
+    """Like a DataLoader iterator stopped halfway through its set-up: its __del__ fails."""
+
+    def __del__(self) -> None:
+        raise AttributeError("'FailsWhenCollected' object has no attribute '_workers_status'")
+
+
+@pytest.mark.parametrize("stop", [Terminated, KeyboardInterrupt])
+def test_what_a_stop_cut_short_fails_quietly_when_collected(monkeypatch, stop):
+    from hnm.driver import sigterm_raises
+    from hnm.process import stopping
+
+    reported = []  # what reaches the terminal: Python's hook, outside hnm's
+    monkeypatch.setattr(sys, "unraisablehook", lambda info: reported.append(info.exc_value))
+    with sigterm_raises():  # running: a failing __del__ is reported as usual
+        FailsWhenCollected()
+    assert len(reported) == 1
+    half_built = []
+    with pytest.raises(stop), sigterm_raises():
+        half_built.append(FailsWhenCollected())
+        if stop is Terminated:
+            os.kill(os.getpid(), signal.SIGTERM)
+        raise stop()
+    half_built.clear()  # collected after the run stopped: nothing on the terminal
+    assert len(reported) == 1
+    with sigterm_raises():  # the next run starts unstopped, and reports again
+        assert not stopping.is_set()
+        FailsWhenCollected()
+    assert len(reported) == 2
+    stopping.clear()
