@@ -126,13 +126,6 @@ def phrase_order(phrases: list[str]) -> np.ndarray:
     return np.argsort(lengths, kind="stable")
 
 
-def in_phrase_order(rows: np.ndarray, order: np.ndarray) -> np.ndarray:
-    """Rows embedded in `order` (phrase_order), back in the phrases' own order."""
-    out = np.empty_like(rows)
-    out[order] = rows
-    return out
-
-
 def quiet_loader_deaths() -> None:
     """Keep torch from installing its SIGCHLD handler, which raises "DataLoader worker is
     killed" inside whatever code runs when one dies — even the clean-up of a run being
