@@ -46,8 +46,11 @@ class Demo:
         self.records = json.loads(self.annotations.read_text(encoding="utf-8"))
 
     def args(self, out: Path, *extra: Any) -> list[Any]:
+        """The demo's command line; fp32 whatever `auto` picks on this CPU (the test
+        below compares with embeddings computed by hand in fp32)."""
         return ["--config", DEMO_CONFIG, "--annotations", self.annotations,
-                "--image-dir", self.root / "data", "--output-dir", out, *extra]
+                "--image-dir", self.root / "data", "--output-dir", out, "--precision", "fp32",
+                *extra]
 
 
 @pytest.fixture(scope="module")
