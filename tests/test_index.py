@@ -205,3 +205,34 @@ def test_kmeans_on_a_sample_labels_every_row(monkeypatch):
     assert np.array_equal(labels, want)
     again, _ = kmeans(x, 5, seed=0)
     assert np.array_equal(labels, again)
+
+
+def reference_lloyd(x: np.ndarray, k: int, seed: int, niter: int) -> np.ndarray:
+    """Spherical Lloyd iterations written plainly: the same seeded start, each centroid the
+    normalised float64 sum of its members, an empty cluster keeping its centroid."""
+    c = x[np.random.default_rng(seed).choice(len(x), size=k, replace=False)].astype(np.float32)
+    c /= np.linalg.norm(c, axis=1, keepdims=True)
+    for _ in range(niter):
+        labels = (x.astype(np.float32) @ c.T).argmax(axis=1)
+        for j in range(k):
+            members = x[labels == j].astype(np.float64)
+            if len(members):
+                total = members.sum(axis=0)
+                c[j] = total / np.linalg.norm(total)
+    return c
+
+
+@pytest.mark.parametrize("block", [64, 1 << 16])
+def test_kmeans_is_plain_lloyd_whatever_is_installed(monkeypatch, block):
+    """One implementation: the clusters never depend on whether FAISS can be imported."""
+    rng = np.random.default_rng(3)
+    x = finalize(rng.normal(size=(8, 12))[rng.integers(0, 8, 700)]
+                 + 0.3 * rng.normal(size=(700, 12)))
+    monkeypatch.setattr(hindex, "LABEL_BLOCK", block)
+    labels, centroids = kmeans(x, 6, seed=1)
+    np.testing.assert_allclose(centroids, reference_lloyd(x, 6, 1, 20), atol=1e-6)
+    assert len(set(labels.tolist())) == 6
+    monkeypatch.setitem(__import__("sys").modules, "faiss", None)  # import faiss fails
+    assert not hindex.faiss_available()
+    without, again = kmeans(x, 6, seed=1)
+    assert np.array_equal(labels, without) and np.array_equal(centroids, again)
