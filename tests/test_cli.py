@@ -222,7 +222,8 @@ def test_rerun_with_another_flag_is_refused_unless_overwrite(capsys, demo, copy_
     check_metrics(copy_of_first, rows)
 
 
-def test_precomputed_embeddings_give_the_same_negatives(capsys, demo, first, tmp_path):
+def test_precomputed_embeddings_give_the_same_negatives(capsys, demo, first, tmp_path,
+                                                       one_thread):
     cpu = torch.device("cpu")
     images = build_image_encoder("pixels", cpu)
     paths = [demo.root / "data" / r["image"] for r in demo.records]

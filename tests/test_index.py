@@ -8,6 +8,7 @@ import types
 
 import numpy as np
 import pytest
+from builders import needs_faiss
 
 from hnm import index as hindex
 from hnm.encoders import finalize
@@ -56,6 +57,7 @@ def test_chunked_search_is_exact_over_a_memory_map(tmp_path, monkeypatch):
     assert lists(got) == brute_nearest(V, 30)
 
 
+@needs_faiss
 def test_a_capped_index_widens_with_the_exact_chunked_search(monkeypatch):
     """GPUs refuse k > 2048: with the cap at 64, searches past it go to the host's chunked
     search, and N(a) is still the exact one."""
@@ -93,6 +95,7 @@ class FakeGpuFaiss(types.SimpleNamespace):
         return index
 
 
+@needs_faiss
 def test_one_gpu_resources_per_device(monkeypatch):
     import faiss
 
@@ -140,6 +143,7 @@ def ivf_case(n: int = 600, nlist: int = 16):
     return V, train_ivf(V, nlist, seed=0, sample=10 * nlist)
 
 
+@needs_faiss
 def test_ivf_lists_are_exact_over_the_probed_rows():
     V, saved = ivf_case()
     index = IvfIndex(saved, nprobe=3)
@@ -158,6 +162,7 @@ def test_ivf_lists_are_exact_over_the_probed_rows():
     assert lists(got) != brute_nearest(V, 25)  # approximate: it misses some
 
 
+@needs_faiss
 def test_ivf_results_do_not_depend_on_the_batch():
     V, saved = ivf_case()
     index = IvfIndex(saved, nprobe=2)
@@ -170,6 +175,7 @@ def test_ivf_results_do_not_depend_on_the_batch():
     assert np.array_equal(whole, parts)
 
 
+@needs_faiss
 def test_ivf_probes_break_ties_to_the_lowest_list():
     V, saved = ivf_case(200, 8)
     index = IvfIndex(saved, nprobe=3)
@@ -180,6 +186,7 @@ def test_ivf_probes_break_ties_to_the_lowest_list():
     assert np.array_equal(index.probes(V[:5]), np.tile([0, 1, 2], (5, 1)))
 
 
+@needs_faiss
 def test_ivf_probes_from_float32_scores_are_the_exact_ones():
     V, saved = ivf_case(800, 64)
     index = IvfIndex(saved, nprobe=5)
