@@ -114,7 +114,10 @@ def test_a_shard_failing_every_retry_stops_the_run_with_a_resumable_message(demo
     assert not (tmp_path / "run/negatives.jsonl").exists()
     again = launch(demo, tmp_path / "run", "--cpu-workers", "2", *light)
     assert again.returncode == 0, again.stderr
-    assert "Resumed: reused 2 embedded and 1 mined shard(s) of 2, and the tables" in again.stdout
+    # shard 1 may or may not have finished its candidates before shard 0's failure stopped
+    # the run: either way it is kept or done again, never mixed
+    assert re.search(r"Resumed: reused 2 embedded and [01] mined shard\(s\) of 2, and the "
+                     "tables", again.stdout), again.stdout
 
 
 def _children(pid: int) -> list[int]:
