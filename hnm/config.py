@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from hnm.decoding import reading
 from hnm.errors import HnmError
 
 
@@ -245,12 +246,11 @@ def make_config(values: dict[str, Any]) -> Config:
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML config file into a mapping."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise HnmError(f"{path}: cannot read config: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise HnmError(f"{path}: invalid YAML: {str(exc).splitlines()[0]}") from None
+    with reading(path, "config"):  # bad bytes, nesting too deep: one line naming the file
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise HnmError(f"{path}: invalid YAML: {str(exc).splitlines()[0]}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import io
 import json
@@ -18,12 +19,13 @@ from typing import Any
 
 import numpy as np
 
-from hnm.config import Config
+from hnm.config import Config, Fields
 from hnm.errors import HnmError
 from hnm.readers import ImageRef, Source, payload, read_input
 
 _SPACES = re.compile(r"\s+")
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
+SHOWN_FIELDS = 12  # field names listed when a mapping names none of them
 # Images checked per round: a progress report each, and bounded memory for the bytes read
 # from shards ahead of the decoding threads.
 CHECK_CHUNK = 256
@@ -54,6 +56,30 @@ class Dataset:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+
+def check_mapping(src: Source, fields: Fields) -> None:
+    """Every field the mapping names must be held by some record, or the run stops: a name
+    that matches nothing would otherwise quietly mean row numbers as ids, or no groups.
+    Left at its default, the id and group fields may be absent (ids are then positions,
+    keys or sample keys, and every record is its own group)."""
+    default = Fields()
+    for kind in ("id", "text", "image", "group"):
+        name = getattr(fields, kind)
+        if kind in ("id", "group") and name == getattr(default, kind):
+            continue
+        if not src.has(name):
+            raise HnmError(f"--{kind}-field {name}: no record of {src.label} has a field "
+                           f"'{name}' ({_known_fields(name, src.field_names())})")
+
+
+def _known_fields(name: str, names: list[str]) -> str:
+    """The input's field names, the likeliest meant first."""
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.75)
+    close += [n for n in names if n.lower() == name.lower() and n not in close]
+    shown = ", ".join(names[:SHOWN_FIELDS]) + (", ..." if len(names) > SHOWN_FIELDS else "")
+    guess = f"did you mean {' or '.join(repr(n) for n in close)}? " if close else ""
+    return f"{guess}fields: {shown or 'none'}"
 
 
 def _record_ids(src: Source, id_field: str) -> list:
@@ -211,6 +237,7 @@ def load_dataset(config: Config, skip: list[int] | None = None,
     if not records:
         raise HnmError(f"{src.label}: no records")
     f = config.fields
+    check_mapping(src, f)
     ids = _record_ids(src, f.id)
     texts = [_field(src, i, ids[i], f.text, "text") for i in range(len(records))]
     if src.surrogates:
