@@ -25,6 +25,7 @@ from hnm.readers import ImageRef, Source, payload, read_input
 
 _SPACES = re.compile(r"\s+")
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
+MAX_DEPTH = 100  # levels of lists and objects a record field may hold
 SHOWN_FIELDS = 12  # field names listed when a mapping names none of them
 # Images checked per round: a progress report each, and bounded memory for the bytes read
 # from shards ahead of the decoding threads.
@@ -101,6 +102,29 @@ def _record_ids(src: Source, id_field: str) -> list:
         seen[rid] = pos
         ids.append(rid)
     return ids
+
+
+def _check_nesting(src: Source, ids: list[Any]) -> None:
+    """Fields nested deeper than MAX_DEPTH are refused while planning: the outputs write
+    every record again (JSON, Arrow), which a deep enough value would make fail at the end.
+    Only lists and objects are looked into: flat records cost one check a field."""
+    for pos, record in enumerate(src.records):
+        for name, value in record.items():
+            if isinstance(value, dict | list) and _depth(value) > MAX_DEPTH:
+                path, at = src.locate(pos)
+                raise HnmError(f"{path}: record {at} (id {ids[pos]!r}): field '{name}' is "
+                               f"nested more than {MAX_DEPTH} levels deep")
+
+
+def _depth(value: Any) -> int:
+    """Levels of lists and objects in a value (counting stops past MAX_DEPTH)."""
+    depth, level = 0, [value]
+    while level and depth <= MAX_DEPTH:
+        depth += 1
+        level = [v for x in level if isinstance(x, dict | list)
+                 for v in (x.values() if isinstance(x, dict) else x)
+                 if isinstance(v, dict | list)]
+    return depth
 
 
 def _field(src: Source, pos: int, rid: Any, name: str, kind: str) -> str:
@@ -237,8 +261,9 @@ def load_dataset(config: Config, skip: list[int] | None = None,
     if not records:
         raise HnmError(f"{src.label}: no records")
     f = config.fields
+    ids = _record_ids(src, f.id)  # every record an object
     check_mapping(src, f)
-    ids = _record_ids(src, f.id)
+    _check_nesting(src, ids)
     texts = [_field(src, i, ids[i], f.text, "text") for i in range(len(records))]
     if src.surrogates:
         _check_unicode(src, ids)
