@@ -255,6 +255,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise HnmError(f"{path}: a config file must hold a mapping of keys to values")
+    for key in data:
+        if not isinstance(key, str):
+            raise HnmError(f"{path}: config key {key!r}: a key must be a name")
     return data
 
 

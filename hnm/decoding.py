@@ -6,6 +6,7 @@ import csv
 import struct
 import sys
 import tarfile
+import tokenize
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,12 +17,12 @@ import yaml
 from hnm.errors import HnmError
 
 # What decoders raise for bad bytes, bad structure or bad nesting (json, yaml, csv, tarfile,
-# numpy, pyarrow, PIL): each is an input's fault when only the decoding runs inside
+# numpy's header, pyarrow, PIL): each is an input's fault when only the decoding runs inside
 # `reading`. hnm's own errors are not among them: they pass through unchanged.
 DECODING: tuple[type[BaseException], ...] = (
     ValueError, TypeError, LookupError, OSError, EOFError, RecursionError, MemoryError,
     NotImplementedError, ArithmeticError, SyntaxError, struct.error, zipfile.BadZipFile,
-    tarfile.TarError, csv.Error, yaml.YAMLError)
+    tarfile.TarError, csv.Error, yaml.YAMLError, tokenize.TokenError)
 
 
 def _arrow_errors() -> tuple[type[BaseException], ...]:
@@ -69,3 +70,11 @@ def reading(label: Any, what: str = "", where: str = "") -> Iterator[Place]:
     except (*DECODING, *_arrow_errors()) as exc:
         raise HnmError(f"{label}: cannot read{' ' + what if what else ''}"
                        f"{f' ({place.where})' if place.where else ''}: {reason(exc)}") from None
+
+
+def one_line(message: str) -> str:
+    """A message as one printable line: user text inside it (a field name, a key) may hold
+    line breaks, control or format characters and lone surrogates, which are escaped."""
+    if message.isprintable():
+        return message
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in message)

@@ -167,7 +167,13 @@ def load_precomputed(path: str, flag: str) -> np.ndarray:
     """A precomputed embedding file, memory-mapped: a .npy array of numbers (never
     unpickled); a damaged file or a .npz archive is one line naming the flag and file."""
     with reading(f"{flag} {path}", "a .npy array"):
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        try:
+            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        except ValueError as exc:
+            if "pickle" not in str(exc) and "Python objects" not in str(exc):
+                raise
+            raise HnmError(f"{flag} {path}: an array of Python objects, which hnm never "
+                           "unpickles: save the embeddings as floats") from None
     if not isinstance(arr, np.ndarray):  # np.load opens a .npz archive as an NpzFile
         arr.close()
         raise HnmError(f"{flag} {path}: a .npz archive; give a single .npy array "

@@ -503,7 +503,8 @@ def read_tar(shard: Shard, fields: Fields) -> Part:
             record.update(meta)
             if fields.text not in meta and "txt" in members:
                 record[fields.text] = _member_text(path, handle, members["txt"], key)
-                held.add(fields.text)
+                if fields.text == Fields.text:  # a text field the user names is a .json one
+                    held.add(fields.text)
             ext = next((e for e in IMAGE_EXTS if e in members), None)
             if ext is None:
                 raise HnmError(f"{path}: sample '{key}' has no image (none of "
