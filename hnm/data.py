@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from hnm.config import Config, Fields
+from hnm.decoding import DECODING
 from hnm.errors import HnmError
 from hnm.readers import ImageRef, Source, payload, read_input
 
@@ -195,7 +196,7 @@ def image_problem(source: Path | bytes | None, max_pixels: int) -> str | None:
     """
     from PIL import Image
 
-    if source is None or (isinstance(source, Path) and not source.is_file()):
+    if source is None or (isinstance(source, Path) and not _is_file(source)):
         return "missing"
     try:
         with Image.open(source if isinstance(source, Path) else io.BytesIO(source)) as img:
@@ -204,9 +205,17 @@ def image_problem(source: Path | bytes | None, max_pixels: int) -> str | None:
             img.load()
     except Image.DecompressionBombError:
         return f"too large: over twice --max-image-pixels {max_pixels}"
-    except (OSError, ValueError, SyntaxError):
-        return "unreadable"  # PIL raises each of these for some kind of damaged file
+    except DECODING:
+        return "unreadable"  # PIL raises any of these for some kind of damaged file
     return None
+
+
+def _is_file(path: Path) -> bool:
+    """Whether the path names a file; a name too long for the file system names none."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
 
 
 def _payload(source: Path | ImageRef) -> Path | bytes | None:
@@ -363,7 +372,7 @@ def _size(image: Path | ImageRef) -> int | None:
     if isinstance(image, ImageRef):
         return image.size
     try:
-        return image.stat().st_size if image.is_file() else None
+        return image.stat().st_size if _is_file(image) else None
     except OSError:
         return None
 

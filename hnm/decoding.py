@@ -42,6 +42,8 @@ def reason(exc: BaseException) -> str:
         return "too large to hold in memory"
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
+    if isinstance(exc, tokenize.TokenError | SyntaxError) and exc.args:
+        return f"malformed ({exc.args[0]})"  # a header parsed as a literal (.npy)
     first = (str(exc).strip().splitlines() or [""])[0][:200]
     return first or type(exc).__name__
 
@@ -54,20 +56,21 @@ class Place:
 
 
 @contextmanager
-def reading(label: Any, what: str = "", where: str = "") -> Iterator[Place]:
+def reading(label: Any, what: str = "", where: str = "",
+            also: tuple[type[BaseException], ...] = ()) -> Iterator[Place]:
     """Turn a decoding failure inside the block into `LABEL: cannot read WHAT (WHERE): why`.
 
     `label` names the file (with its flag where the user gave it as one), `where` the
-    record, row, line or member (or the yielded Place's, set while looping). Only the
-    decoding goes inside the block, so that a bug in hnm's own logic around it still shows
-    as one.
+    record, row, line or member (or the yielded Place's, set while looping); `also`: a
+    decoder's own error classes. Only the decoding goes inside the block, so that a bug in
+    hnm's own logic around it still shows as one.
     """
     place = Place(where)
     try:
         yield place
     except HnmError:
         raise
-    except (*DECODING, *_arrow_errors()) as exc:
+    except (*DECODING, *_arrow_errors(), *also) as exc:
         raise HnmError(f"{label}: cannot read{' ' + what if what else ''}"
                        f"{f' ({place.where})' if place.where else ''}: {reason(exc)}") from None
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from hnm.config import Config, Fields
-from hnm.decoding import reading
+from hnm.decoding import reading, reason
 from hnm.errors import HnmError
 
 # each --input-format (hnm.config.INPUT_FORMATS): the file suffixes it reads from a folder
@@ -385,7 +385,7 @@ def read_parquet(shard: Shard, fields: Fields) -> Part:
         try:
             handle = pa.parquet.ParquetFile(path)
         except (OSError, pa.ArrowException) as exc:
-            raise HnmError(f"{path}: not a readable Parquet file: {exc}") from None
+            raise HnmError(f"{path}: not a readable Parquet file: {reason(exc)}") from None
         schema = handle.schema_arrow
     _require_columns(path, schema.names, fields)
     kind = image_kind(schema.field(fields.image).type)
@@ -397,7 +397,7 @@ def read_parquet(shard: Shard, fields: Fields) -> Part:
         try:
             records = _rows(handle.iter_batches(columns=keep, use_threads=False), as_text)
         except (OSError, pa.ArrowException) as exc:
-            raise HnmError(f"{path}: cannot read: {exc}") from None
+            raise HnmError(f"{path}: cannot read: {reason(exc)}") from None
     if kind == "path":
         return Part(records)
     shard = Shard(shard.path, shard.name, shard.fmt, fields.image)
