@@ -455,6 +455,9 @@ def read_hf(shard: Shard, fields: Fields) -> Part:
     pa = _pa()
     with reading(shard.path, "Arrow file"):
         table = _arrow_table(shard.path)
+        # offsets and lengths checked against the buffers (no image is read): a damaged
+        # file read unchecked could make Arrow read outside it (a crash, not an error)
+        table.validate(full=True)
     _require_columns(shard.path, table.schema.names, fields)
     column = table.column(fields.image)
     kind = image_kind(column.type)

@@ -326,6 +326,26 @@ def test_tar_shards(capsys, tmp_path, root):
     report("annotations-webdataset")
 
 
+def test_hf_datasets(capsys, tmp_path, root):
+    """A dataset saved with save_to_disk, its Arrow file or its JSON files mutated."""
+    pytest.importorskip("datasets")
+    from hnm.writers import write_hf
+
+    clean = write_hf(tmp_path / "hf-clean", [{**r, "image": png(i)} for i, r in
+                                            enumerate(plain_records())], "image", 1)
+    files = sorted(p.name for p in clean.iterdir())
+    for case, rng in cases("annotations-hf", 4):
+        folder = root / "hf"
+        folder.mkdir(exist_ok=True)
+        for name in files:
+            (folder / name).write_bytes((clean / name).read_bytes())
+        target = folder / rng.choice(files)
+        target.write_bytes(mutate_bytes(rng, target.read_bytes()))
+        check(capsys, "annotations-hf", case, ["--annotations", folder],
+              [str(folder)], tmp_path)
+    report("annotations-hf")
+
+
 # ---------------------------------------------------------------- config, blacklist, arrays
 
 
