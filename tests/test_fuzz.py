@@ -191,8 +191,9 @@ def check(capsys: Any, surface: str, case: str, args: list[Any], named: list[str
     return outcome
 
 
-def cases(surface: str, default: int) -> list[tuple[str, random.Random]]:
-    count = EXAMPLES or default
+def cases(surface: str, default: int, share: int = 1) -> list[tuple[str, random.Random]]:
+    """The surface's cases: `default` in `make test`, HNM_FUZZ_EXAMPLES / share in `make fuzz`."""
+    count = max(1, EXAMPLES // share) if EXAMPLES else default
     return [(f"{surface}/{i}", random.Random(f"{surface}/{i}")) for i in range(count)]
 
 
@@ -503,16 +504,20 @@ def test_records_the_outputs_can_write(tmp_path, root):
 @pytest.mark.skipif(not EXAMPLES, reason="whole runs: `make fuzz` only")
 def test_whole_runs(capsys, tmp_path, root):
     """Whole tiny runs (pixels encoder) of generated records, both output formats."""
-    for case, rng in cases("runs", max(1, EXAMPLES // 20)):
+    for case, rng in cases("runs", 0, share=5):
         ann = root / "annotations.json"
-        ann.write_bytes(dumps(mutate_records(rng, records(N))))
+        ann.write_bytes(dumps(mutate_records(rng, records(N)), rng.random() < 0.5))
         out = tmp_path / case.replace("/", "_")
+        fmt = rng.choice(["jsonl", "parquet"])
         rc, _, err = cli(capsys, *FAST, "--annotations", ann, "--image-dir", root,
                          "--output-dir", out, "--blacklist", "", "--cpu-workers", "1",
-                         "--quiet", "--output-format", rng.choice(["jsonl", "parquet"]))
+                         "--quiet", "--output-format", fmt)
         assert rc in (0, 2), (case, err)
         if rc == 2:
             assert err.count("\n") == 1 and str(ann) in err and not out.exists(), (case, err)
+        else:
+            assert "Exception ignored" not in err and "Traceback" not in err, (case, err)
+            assert len(list(read_records(RunDir(out)))) == N, case
         COUNTS.setdefault("runs", Counter())["ok" if rc == 0 else "refused"] += 1
     report("runs")
 
