@@ -142,7 +142,20 @@ def read_input(config: Config) -> Source:
 
 
 def find_shards(config: Config) -> tuple[str, list[Shard]]:
-    """The input's format (detected from names unless --input-format says) and its files."""
+    """The input's format (detected from names unless --input-format says) and its files,
+    whose names must be UTF-8: they name the input in the run and its images' keys."""
+    fmt, shards = _find_shards(config)
+    for shard in shards:
+        try:
+            shard.name.encode("utf-8")
+        except UnicodeEncodeError:
+            raw = shard.name.encode("utf-8", "surrogateescape")
+            raise HnmError(f"--annotations {config.annotations}: file name {raw!r} is not "
+                           "valid UTF-8") from None
+    return fmt, shards
+
+
+def _find_shards(config: Config) -> tuple[str, list[Shard]]:
     given = str(config.annotations)
     fmt = config.input_format
     path = Path(given)

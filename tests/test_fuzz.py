@@ -451,7 +451,7 @@ def test_field_mappings(capsys, tmp_path, root):
     ann.write_bytes(dumps(recs))
     tar = root / "00000.tar"
     tar.write_bytes(tar_bytes(random.Random("base"), mutated=False))
-    names = ["id", "image", "text", "group", "extra", "ID", "txt", "grp", "key", "é", " ",
+    names = ["id", "image", "text", "group", "extra", "ID", "txt", "grp", "key", "é", " ", "\udcff",
              "negatives", "image.path", "0"]
     for case, rng in cases("fields", 12):
         given, base = rng.choice([(ann, ["--image-dir", root]), (tar, [])])

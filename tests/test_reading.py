@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import tarfile
 from pathlib import Path
 
@@ -280,3 +281,17 @@ def test_user_text_in_a_message_stays_on_one_line(capsys, data, tmp_path):
     msg = fails(capsys, data, tmp_path / "out", base(data))
     assert msg.endswith("fields: extra, group, id, image, te\\nxt\\ud800)")
     assert one_line("plain é 😀") == "plain é 😀"
+
+
+def test_names_that_are_not_utf8(capsys, data, tmp_path):
+    """A file name or a flag value the run's files could not hold (the command line keeps
+    such bytes as lone surrogates) is refused, naming it."""
+    folder = data / "shards"
+    folder.mkdir()
+    write_annotations(folder / "a.json", records(6)[:3])
+    (Path(os.fsdecode(bytes(folder) + b"/b\xff.json"))).write_text(json.dumps(records(6)[3:]))
+    msg = fails(capsys, data, tmp_path / "out", ["--annotations", folder, "--image-dir", data,
+                                                 "--dry-run"])
+    assert msg == f"--annotations {folder}: file name b'b\\xff.json' is not valid UTF-8"
+    msg = fails(capsys, data, tmp_path / "out", [*base(data), "--group-field", "g\udcff"])
+    assert msg == "--group-field: b'g\\xff' is not valid UTF-8"
