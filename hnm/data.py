@@ -27,6 +27,7 @@ from hnm.readers import ImageRef, Source, payload, read_input
 _SPACES = re.compile(r"\s+")
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 MAX_DEPTH = 100  # levels of lists and objects a record field may hold
+CONTAINERS = (dict, list)
 SHOWN_FIELDS = 12  # field names listed when a mapping names none of them
 # Images checked per round: a progress report each, and bounded memory for the bytes read
 # from shards ahead of the decoding threads.
@@ -108,10 +109,17 @@ def _record_ids(src: Source, id_field: str) -> list:
 def _check_nesting(src: Source, ids: list[Any]) -> None:
     """Fields nested deeper than MAX_DEPTH are refused while planning: the outputs write
     every record again (JSON, Arrow), which a deep enough value would make fail at the end.
-    Only lists and objects are looked into: flat records cost one check a field."""
+    One level of every record's lists and objects at a time (flat fields cost one check);
+    the record at fault is looked for only when there is one."""
+    level = [v for r in src.records for v in r.values() if isinstance(v, CONTAINERS)]
+    for _ in range(MAX_DEPTH):
+        level = [v for x in level for v in (x.values() if isinstance(x, dict) else x)
+                 if isinstance(v, CONTAINERS)]
+        if not level:
+            return
     for pos, record in enumerate(src.records):
         for name, value in record.items():
-            if isinstance(value, dict | list) and _depth(value) > MAX_DEPTH:
+            if isinstance(value, CONTAINERS) and _depth(value) > MAX_DEPTH:
                 path, at = src.locate(pos)
                 raise HnmError(f"{path}: record {at} (id {ids[pos]!r}): field '{name}' is "
                                f"nested more than {MAX_DEPTH} levels deep")
@@ -122,9 +130,9 @@ def _depth(value: Any) -> int:
     depth, level = 0, [value]
     while level and depth <= MAX_DEPTH:
         depth += 1
-        level = [v for x in level if isinstance(x, dict | list)
+        level = [v for x in level
                  for v in (x.values() if isinstance(x, dict) else x)
-                 if isinstance(v, dict | list)]
+                 if isinstance(v, CONTAINERS)]
     return depth
 
 
