@@ -219,10 +219,11 @@ def image_problem(source: Path | bytes | None, max_pixels: int) -> str | None:
 
 
 def _is_file(path: Path) -> bool:
-    """Whether the path names a file; a name too long for the file system names none."""
+    """Whether the path names a file; a name too long for the file system, or holding a
+    NUL byte, names none."""
     try:
         return path.is_file()
-    except OSError:
+    except (OSError, ValueError):
         return False
 
 
@@ -312,7 +313,7 @@ def file_stats(images: list[Path | ImageRef]) -> str:
         try:
             st = path.stat()
             h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        except OSError:
+        except (OSError, ValueError):  # ValueError: a NUL byte in the name
             h.update(f"{path}\0missing\n".encode())
     return h.hexdigest()[:16]
 

@@ -46,7 +46,8 @@ COUNTS: dict[str, Counter] = {}  # surface -> outcomes, printed by `make fuzz`
 def text(rng: random.Random) -> str:
     """Text from the corners of Unicode: controls, NUL, quotes, separators, astral."""
     pool = ["a", "é", "\x00", "\t", "\n", "\r", '"', "'", ",", "\\", "\u2028", "\u0085",
-            "\ufeff", "\ud800", "😀", "\u202e", " ", "{", "[", "\x7f", "﷐"]
+            "\ufeff", "\ud800", "😀", "\u202e", " ", "{", "[", "\x7f", "﷐", "img/0.png", "/",
+            "..", "i" * 300]
     return "".join(rng.choice(pool) for _ in range(rng.randrange(0, 12)))
 
 
@@ -249,8 +250,9 @@ def test_annotation_files(capsys, tmp_path, root, fmt):
     for case, rng in cases(f"annotations-{fmt}", 10):
         path = root / f"annotations.{fmt}"
         path.write_bytes(annotation_bytes(rng, fmt))
+        skip = ["--on-missing-image", "skip"] if rng.random() < 0.3 else []
         check(capsys, f"annotations-{fmt}", case,
-              ["--annotations", path, "--image-dir", root], [str(path)], tmp_path)
+              ["--annotations", path, "--image-dir", root, *skip], [str(path)], tmp_path)
     report(f"annotations-{fmt}")
 
 

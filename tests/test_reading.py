@@ -295,3 +295,17 @@ def test_names_that_are_not_utf8(capsys, data, tmp_path):
     assert msg == f"--annotations {folder}: file name b'b\\xff.json' is not valid UTF-8"
     msg = fails(capsys, data, tmp_path / "out", [*base(data), "--group-field", "g\udcff"])
     assert msg == "--group-field: b'g\\xff' is not valid UTF-8"
+
+
+@pytest.mark.parametrize("name", ["img/\x00.png", "i" * 5000])
+def test_image_paths_no_file_can_have(capsys, data, tmp_path, name):
+    """A NUL byte or a name too long for the file system: a missing image, never an
+    internal error (with --on-missing-image skip, the record is left out)."""
+    recs = records(6)
+    recs[2]["image"] = name
+    write_annotations(data / "annotations.json", recs)
+    msg = fails(capsys, data, tmp_path / "out", base(data))
+    assert "1 image file(s) missing or unreadable" in msg and "(missing)" in msg
+    rc, out, err = cli(capsys, *FAST, *base(data), "--output-dir", tmp_path / "out",
+                       "--on-missing-image", "skip")
+    assert rc == 0, err
