@@ -434,7 +434,9 @@ def hf_shards(path: Path, split: str | None) -> list[Shard]:
     except ImportError:
         raise HnmError(f"--annotations {path}: a Hugging Face dataset; reading it needs the "
                        "'datasets' package: pip install 'hnm[hf]'") from None
-    with reading(f"--annotations {path}", "a Hugging Face dataset"):
+    # `datasets` trusts its JSON files' shapes (AttributeError, KeyError on a damaged one):
+    # only the loading is inside, so every error of it is the folder's
+    with reading(f"--annotations {path}", "a Hugging Face dataset", also=(Exception,)):
         try:
             loaded = datasets.load_from_disk(str(path))
         except (FileNotFoundError, ValueError, OSError) as exc:
