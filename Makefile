@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE ?= 1
 SPLIT_ARGS = $(if $(IMAGE_DIR),--image-dir $(IMAGE_DIR)) \
              $(if $(ANNOTATIONS),--annotations $(ANNOTATIONS)) $(ARGS)
 
-.PHONY: install demo test test-fast test-machines lint bench train val_seen val_unseen clean
+.PHONY: install demo test test-fast test-machines fuzz lint bench train val_seen val_unseen clean
 
 $(STAMP): setup.cfg pyproject.toml tools/install.sh
 	PYTHON=$(PYTHON) bash tools/install.sh $(VENV) $(EXTRAS)
@@ -44,6 +44,12 @@ test-machines: $(STAMP)
 	done
 	echo "== one core"; taskset -c 0 sh -c '$(PYTEST) $(ARGS)'
 	echo "== no FAISS"; PYTHONPATH=tests/no_faiss $(PYTEST) $(ARGS)
+
+# Generated bad inputs, many more than `make test` runs (HNM_FUZZ_EXAMPLES cases a surface,
+# whole runs among them); prints the cases run and their outcomes per surface.
+HNM_FUZZ_EXAMPLES ?= 300
+fuzz: $(STAMP)
+	HNM_FUZZ_EXAMPLES=$(HNM_FUZZ_EXAMPLES) $(BIN)/python -m pytest -q -s tests/test_fuzz.py $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

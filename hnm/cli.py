@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from hnm.config import INPUT_FORMATS, OUTPUT_FORMATS
+from hnm.decoding import one_line
 from hnm.errors import HnmError, Terminated
 from hnm.storage import RunDir, run_lock
 
@@ -225,7 +226,7 @@ def guarded(command: Callable[[], Any], place: dict[str, str | None]) -> int:
     try:
         command()
     except HnmError as exc:
-        print(f"hnm: error: {exc}", file=sys.stderr)
+        print(f"hnm: error: {one_line(str(exc))}", file=sys.stderr)
         return exc.exit_status
     except (KeyboardInterrupt, Terminated) as exc:
         print("hnm: interrupted; finished shards are kept: rerun the same command to resume",
