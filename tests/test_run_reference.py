@@ -84,6 +84,17 @@ def ivf_reach(run: RunDir, nprobe: int):
     return reach
 
 
+def saved_diverse_lists(run: RunDir) -> list[list[int]]:
+    """Each anchor's diverse list as the candidates phase saved it (empty where it made
+    none), in anchor order over the shards."""
+    lists = []
+    for shard in json.loads(run.plan.read_text())["shards"]:
+        with np.load(run.root / "candidates" / f"shard_{shard['shard']:05d}.npz") as c:
+            rows, offsets = c["diverse_rows"], c["diverse_offsets"]
+        lists += [rows[offsets[i]:offsets[i + 1]].tolist() for i in range(len(offsets) - 1)]
+    return lists
+
+
 @pytest.mark.parametrize("flags", [
     ("--diverse-ratio", "0.4", "--sliding-window-size", "30", "--min-answer-length", "40"),
     ("--num-negatives", "2", "--k-nn", "8", "--n-clusters", "3", "--diverse-candidates", "3"),
@@ -110,9 +121,18 @@ def test_ivf_run_equals_the_reference_over_what_ivf_reaches(tmp_path: Path, flag
     reach, reach_far = ivf_reach(run, 2), ivf_reach(run, 1)  # a quarter of the probes
     sv = V.astype(np.float64) @ V.astype(np.float64).T
 
+    saved = saved_diverse_lists(run)
+
     def first_list(a: int) -> list[int]:
+        """The IVF list, for the anchors the candidates phase made one for (those sure to
+        try diverse, or without a hard candidate); the others' diverse searches are exact
+        from the start (an empty first list)."""
+        if not saved[a]:
+            return []
         rows = [j for j in reach_far(-V[a]) if eligible[j] and ds.groups[j] != ds.groups[a]]
-        return sorted(rows, key=lambda j: (sv[a, j], j))[:config.diverse_candidates]
+        want = sorted(rows, key=lambda j: (sv[a, j], j))[:config.diverse_candidates]
+        assert saved[a] == want, a
+        return want
 
     u = anchor_uniforms(ds.ids[:ds.num_anchors], config.seed)
     want = reference_mine(V, T, ds.text_ids, ds.groups, ds.phrases, clusters, None, u, config,
