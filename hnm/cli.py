@@ -136,6 +136,11 @@ def _tool_flags(sub: Any) -> None:
                        "(default: the run's and two steps of 0.1 either side)")
     sweep.add_argument("--min-visual-similarities", help="comma-separated values "
                        "(default: the run's and two steps of 0.1 either side)")
+    for flag, what in (("--fallback-phrase-reuse-limits", "whole numbers >= 1"),
+                       ("--sliding-window-sizes", "whole numbers >= 1"),
+                       ("--diverse-ratios", "values within [0, 1]")):
+        sweep.add_argument(flag, help=f"comma-separated {what} (default: the run's value; "
+                           "with no knob given, the two thresholds get their default grids)")
     export = sub.add_parser("export", help="training-ready rows of a finished run: triplets "
                             "(anchor and negative a row) or pairs (each anchor, then its "
                             "negatives)")
@@ -168,8 +173,16 @@ def _sweep(ns: argparse.Namespace) -> None:
                                                      "--cosine-thresholds")
     mvss = ns.min_visual_similarities and sweep.parse_grid(ns.min_visual_similarities,
                                                            "--min-visual-similarities")
+    knobs = {name: getattr(ns, dest) and sweep.parse_grid(getattr(ns, dest), flag, *limits)
+             for name, dest, flag, limits in (
+                 ("fallback_phrase_reuse_limit", "fallback_phrase_reuse_limits",
+                  "--fallback-phrase-reuse-limits", (int, 1, float("inf"))),
+                 ("sliding_window_size", "sliding_window_sizes", "--sliding-window-sizes",
+                  (int, 1, float("inf"))),
+                 ("diverse_ratio", "diverse_ratios", "--diverse-ratios", (float, 0.0, 1.0)))}
     with _locked(ns.output_dir):
-        result = sweep.sweep(ns.output_dir, taus or None, mvss or None)
+        result = sweep.sweep(ns.output_dir, taus or None, mvss or None,
+                             **{k: v or None for k, v in knobs.items()})
         sweep.print_table(result)
         for path in sweep.write_outputs(ns.output_dir, result):
             print(f"wrote {path}")
