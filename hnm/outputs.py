@@ -51,14 +51,14 @@ def output_records(config: Config, ds: Dataset, picks: list[list[Pick]], why: Ou
     """Every input record, unchanged and in input order, plus its `negatives` (picks[a]:
     anchor row a's) and, for an anchor, its `outcome` (why: every anchor's, by row)."""
     by_position = {int(ds.positions[a]): a for a in range(len(picks))}
-    several = config.num_negatives > 1
+    which, outcomes = why.distinct(config.num_negatives > 1)
     for pos, record in enumerate(ds.records):
         a = by_position.get(pos)
         if a is None:  # not an anchor (past --max-samples): no scan, no outcome
             yield {**record, "negatives": []}
             continue
         negs = [negative_record(config, ds, p) for p in picks[a]]
-        yield {**record, "negatives": negs, "outcome": why.record(a, several)}
+        yield {**record, "negatives": negs, "outcome": outcomes[which[a]]}
 
 
 def write_negatives(config: Config, run: RunDir, ds: Dataset, picks: list[list[Pick]],
@@ -68,9 +68,17 @@ def write_negatives(config: Config, run: RunDir, ds: Dataset, picks: list[list[P
     if config.output_format == "parquet":
         write_parquet(run.negatives_parquet, ds, records, progress, config.num_negatives > 1)
         return
+    encoded: dict[int, str] = {}  # outcomes are shared between records: each encoded once
     with atomic_open(run.negatives, "w") as handle:
         for pos, record in enumerate(records):
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+            outcome = record.pop("outcome", None)
+            line = json.dumps(record, ensure_ascii=False)
+            if outcome is not None:  # as json.dumps writes it with the key last
+                text = encoded.get(id(outcome))
+                if text is None:
+                    text = encoded[id(outcome)] = json.dumps(outcome, ensure_ascii=False)
+                line = f'{line[:-1]}, "outcome": {text}}}'
+            handle.write(line + "\n")
             if pos % PROGRESS_EVERY == 0:
                 progress("write", pos, len(ds.records))
     progress("write", len(ds.records), len(ds.records))
