@@ -186,6 +186,9 @@ def _sweep(ns: argparse.Namespace) -> None:
         sweep.print_table(result)
         for path in sweep.write_outputs(ns.output_dir, result):
             print(f"wrote {path}")
+        advice = sweep.advice(ns.output_dir, result)
+        if advice:
+            print(f"Suggestion: {advice} (hnm report {ns.output_dir} shows it too)")
 
 
 def _export(ns: argparse.Namespace) -> None:

@@ -23,11 +23,10 @@ RULES = (*FIXED_RULES, "repeated_phrase", "phrase_cap")
 # Why an anchor got fewer negatives than asked (README: "Why an anchor got no negative").
 REASONS = (*RULES, "no_diverse", "suspect_dropped")
 # How the summary, the report and the sweep name each reason.
-REASON_LABELS = {"min_visual": "below min visual similarity", "same_group": "same group",
+REASON_LABELS = {"min_visual": "below min visual sim", "same_group": "same group",
                  "ineligible": "answer filter", "text_similar": "text too similar",
-                 "repeated_phrase": "phrase already the anchor's",
-                 "phrase_cap": "phrase caps", "no_diverse": "no diverse candidate left",
-                 "suspect_dropped": "suspects dropped"}
+                 "repeated_phrase": "phrase already used", "phrase_cap": "phrase caps",
+                 "no_diverse": "no diverse left", "suspect_dropped": "suspects dropped"}
 NONE = -1  # reason of an anchor that got every negative it asked for
 MIN_VISUAL, TEXT, REPEATED, CAP = 0, 3, 4, 5
 NO_DIVERSE, DROPPED = len(RULES), len(RULES) + 1

@@ -25,6 +25,7 @@ from hnm.pages import CSS, esc, fmt, page, table
 from hnm.plan import Plan, read_plan
 from hnm.report import load_run_config
 from hnm.storage import RunDir, read_json, read_npz, verify_marker, write_text
+from hnm.summary import suggestion
 from hnm.tables import load_tables, open_index
 
 STEP = 0.1  # spacing of the default grid around the run's own values
@@ -157,6 +158,12 @@ def run_hash(output_dir: str | Path) -> str | None:
     run = RunDir(output_dir)
     return read_json(run.metrics)["provenance"]["config_hash"] if run.metrics.exists() \
         else None
+
+
+def advice(output_dir: str | Path, result: dict[str, Any]) -> str | None:
+    """The run's suggestion with this sweep's figures (summary.suggestion), if it has one."""
+    run = RunDir(output_dir)
+    return suggestion(read_json(run.metrics), result) if run.metrics.exists() else None
 
 
 def point_lists(saved: Saved, pairs: list[tuple[float, float]]
