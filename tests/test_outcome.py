@@ -5,18 +5,28 @@ the metrics add up."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
+from builders import read_jsonl
 from reference import reference_mine
+from synthetic import mine_args
 from test_engine import random_case
 from test_select import templated_case
+from test_sweep import templated
 
+from hnm.cli import main
 from hnm.data import anchor_uniforms
 from hnm.engine import find_candidates, make_selector, select
 from hnm.index import kmeans
 from hnm.miner import Tables, eligible_phrases
-from hnm.outcome import REASONS
+from hnm.outcome import REASON_LABELS, REASONS
+from hnm.outputs import read_records
+from hnm.storage import RunDir
+from hnm.summary import suggestion, summary_lines
 
 
 def both(case, drop: bool):
@@ -45,9 +55,9 @@ def both(case, drop: bool):
 
 
 def _cases():
-    for seed in [*range(24), 34]:  # 34: two rows of one group, no diverse negative at all
+    for seed in [*range(16), 34]:  # 34: two rows of one group, no diverse negative at all
         yield "random", seed, random_case(seed)
-    for seed in range(16):
+    for seed in range(12):
         V, T, text_ids, groups, phrases, config, n = templated_case(seed)
         yield "templated", seed, (V, T, text_ids, groups, phrases, None, config, n)
 
@@ -76,3 +86,74 @@ def test_outcomes_match_the_reference():
             "no_diverse", "suspect_dropped", None} <= set(reasons), reasons
     assert set(rules) == {"min_visual", "same_group", "ineligible", "text_similar",
                           "repeated_phrase", "phrase_cap"}, rules
+
+
+def test_outputs_metrics_summary_and_report(tmp_path: Path):
+    """Two negatives asked of templated captions: the outcome in negatives.jsonl and
+    negatives.parquet alike, metrics that add up per shard, the summary line, the report."""
+    paths = templated(tmp_path / "data")
+    flags = ("--num-negatives", "2", "--drop-suspect-negatives", "--audit-text-similarity",
+             "0.3")
+    assert main(mine_args(paths, tmp_path / "j", "--cpu-workers", "2", *flags)) == 0
+    assert main(mine_args(paths, tmp_path / "p", *flags, "--output-format", "parquet")) == 0
+    rows = read_jsonl(tmp_path / "j/negatives.jsonl")
+    assert [r for _, r in read_records(RunDir(tmp_path / "p"))] == rows
+    metrics = json.loads((tmp_path / "j/metrics.json").read_text())
+    g, shards = metrics["global"], metrics["shards"]
+    assert len(shards) == 2
+    for key in ("failure_reasons", "fewer_than_asked", "skipped"):
+        assert g[key] == {k: sum(s[key][k] for s in shards) for k in g[key]}
+    want = Counter(r["outcome"]["reason"] for r in rows if not r["negatives"])
+    assert g["failure_reasons"] == {r: want[r] for r in REASONS}
+    assert sum(g["failure_reasons"].values()) == g["failures"] > 0
+    short = Counter(r["outcome"]["reason"] for r in rows if len(r["negatives"]) == 1)
+    assert g["fewer_than_asked"] == {r: short[r] for r in REASONS} and sum(short.values())
+    assert all(r["outcome"]["missing"] == 2 - len(r["negatives"]) for r in rows)
+    assert sum(g["skipped"].values()) == sum(sum((r["outcome"]["skipped"] or {}).values())
+                                             for r in rows)
+    line = next(x for x in summary_lines(metrics) if x.startswith("  No negative for"))
+    shares = sorted(((n, r) for r, n in want.items()), key=lambda x: -x[0])
+    assert line == f"  No negative for {g['failures']:,} anchors: " + ", ".join(
+        f"{REASON_LABELS[r]} {n / g['failures']:.0%}" for n, r in shares)
+    page = (tmp_path / "j/report.html").read_text()
+    assert "<h2>Why anchors got no negative</h2>" in page
+    failed = page.split("<h3>Anchors without a negative</h3>")[1].split("<h2>")[0]
+    first = [r["outcome"]["reason"] for r in rows if not r["negatives"]][:12]
+    assert failed.count("no negative found<br>") == len(first) > 0
+    assert [REASON_LABELS[r] for r in first] == \
+        re.findall(r"no negative found<br><span class='muted'>([^<]*)</span>", failed)
+
+
+def _metrics(reasons: dict, successes: int = 10, config_hash: str = "h") -> dict:
+    return {"global": {"failure_reasons": {r: reasons.get(r, 0) for r in REASONS},
+                       "fewer_than_asked": {}, "successes": successes},
+            "provenance": {"config_hash": config_hash}}
+
+
+def _point(limit: int, window: int, successes: int) -> dict:
+    return {"cosine_threshold": 0.3, "min_visual_similarity": 0.3,
+            "fallback_phrase_reuse_limit": limit, "sliding_window_size": window,
+            "diverse_ratio": 0.3, "global": {"successes": successes}}
+
+
+def test_suggestion_names_the_knob_and_only_measured_figures():
+    assert suggestion(_metrics({"phrase_cap": 5, "no_diverse": 5})) == \
+        "phrase caps stop 50% of the failures; the knob: --fallback-phrase-reuse-limit or " \
+        "--sliding-window-size (hnm sweep OUTPUT_DIR --fallback-phrase-reuse-limits ... " \
+        "--sliding-window-sizes ... measures it)"
+    assert suggestion(_metrics({"phrase_cap": 4, "no_diverse": 5, "min_visual": 2})) is None
+    run = {"cosine_threshold": 0.3, "min_visual_similarity": 0.3,
+           "fallback_phrase_reuse_limit": 3, "sliding_window_size": 1000,
+           "diverse_ratio": 0.3, "config_hash": "h"}
+    sweep = {"run": run, "points": [_point(3, 1000, 10), _point(6, 1000, 40),
+                                    _point(6, 500, 40), _point(12, 1000, 25)]}
+    metrics = _metrics({"phrase_cap": 8, "no_diverse": 1})
+    assert suggestion(metrics, sweep) == "phrase caps stop 89% of the failures; " \
+        "--fallback-phrase-reuse-limit 6 would find negatives for 40 anchors (sweep; this " \
+        "run: 10)"
+    worse = {"run": run, "points": [_point(3, 1000, 10), _point(1, 1000, 7)]}
+    assert suggestion(metrics, worse).endswith(
+        "no value of --fallback-phrase-reuse-limit or --sliding-window-size the sweep tried "
+        "finds more negatives (best: --fallback-phrase-reuse-limit 1, 7 anchors; this run: 10)")
+    # a sweep of another run (another config) is not quoted
+    assert "sweep OUTPUT_DIR" in suggestion(_metrics({"phrase_cap": 8}, config_hash="x"), sweep)
