@@ -15,6 +15,7 @@ import numpy as np
 from hnm.audit import Suspect, audit_picks, count_suspects
 from hnm.config import Config
 from hnm.data import Progress, no_progress
+from hnm.errors import HnmError
 from hnm.index import ChunkedFlatIP, SearchIndex, build_index
 from hnm.metrics import Metrics, tally
 from hnm.miner import Cands, Ragged, Tables, farthest, hard_candidates, nearest, scatter
@@ -60,6 +61,9 @@ class Candidates:
 
     @classmethod
     def from_arrays(cls, z: dict[str, np.ndarray]) -> Candidates:
+        if "hard_fixed" not in z:
+            raise HnmError("candidate lists written by an older hnm (without the counts of "
+                           "the outcomes); rerun the mining command with --overwrite")
         hard, diverse = (Ragged(z[f"{k}_offsets"], z[f"{k}_rows"], z[f"{k}_vis"],
                                 z[f"{k}_txt"]) for k in ("hard", "diverse"))
         return cls(hard, diverse, z["diverse_complete"], z["hard_before"], z["hard_fixed"])

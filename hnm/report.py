@@ -374,7 +374,9 @@ def failures(metrics: dict[str, Any], scan: Scan, sweep: dict[str, Any] | None) 
     """The reasons of the anchors without a negative: overall, by shard and along the
     input order (where a sliding-window cap shows), and the suggestion."""
     g = metrics["global"]
-    shares = reason_shares(g.get("failure_reasons") or {})
+    if "failure_reasons" not in g:
+        return ""  # a run from before outcomes were recorded
+    shares = reason_shares(g["failure_reasons"])
     total = sum(n for _, n in shares)
     out = ["<h2>Why anchors got no negative</h2>"]
     if not total:
