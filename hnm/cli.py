@@ -129,8 +129,9 @@ def _tool_flags(sub: Any) -> None:
     relative to the folder the run was started from)."""
     report = sub.add_parser("report", help="(re)write OUTPUT_DIR/report.html")
     report.add_argument("output_dir", help="a finished run directory")
-    sweep = sub.add_parser("sweep", help="metrics that other thresholds would give, from the "
-                           "saved embeddings (writes OUTPUT_DIR/sweep.html and sweep.json)")
+    sweep = sub.add_parser("sweep", help="metrics that other thresholds, fallback limits, "
+                           "window sizes and diverse ratios would give, from the saved work "
+                           "(writes OUTPUT_DIR/sweep.html and sweep.json)")
     sweep.add_argument("output_dir", help="a run directory whose index phase finished")
     sweep.add_argument("--cosine-thresholds", help="comma-separated values "
                        "(default: the run's and two steps of 0.1 either side)")
