@@ -92,7 +92,7 @@ def suggestion(metrics: dict[str, Any], sweep: dict[str, Any] | None = None) -> 
         return None
     reason, count = shares[0]
     knobs = KNOBS[reason]
-    head = f"{REASON_LABELS[reason]} stop {count / total:.0%} of the failures"
+    head = f"{REASON_LABELS[reason]}: {count / total:.0%} of the failures"
     if not knobs:
         return f"{head}; rows of one group are never negatives of each other (--group-field)"
     names = " or ".join(flag(k) for k in knobs)

@@ -138,7 +138,7 @@ def _point(limit: int, window: int, successes: int) -> dict:
 
 def test_suggestion_names_the_knob_and_only_measured_figures():
     assert suggestion(_metrics({"phrase_cap": 5, "no_diverse": 5})) == \
-        "phrase caps stop 50% of the failures; the knob: --fallback-phrase-reuse-limit or " \
+        "phrase caps: 50% of the failures; the knob: --fallback-phrase-reuse-limit or " \
         "--sliding-window-size (hnm sweep OUTPUT_DIR --fallback-phrase-reuse-limits ... " \
         "--sliding-window-sizes ... measures it)"
     assert suggestion(_metrics({"phrase_cap": 4, "no_diverse": 5, "min_visual": 2})) is None
@@ -148,7 +148,7 @@ def test_suggestion_names_the_knob_and_only_measured_figures():
     sweep = {"run": run, "points": [_point(3, 1000, 10), _point(6, 1000, 40),
                                     _point(6, 500, 40), _point(12, 1000, 25)]}
     metrics = _metrics({"phrase_cap": 8, "no_diverse": 1})
-    assert suggestion(metrics, sweep) == "phrase caps stop 89% of the failures; " \
+    assert suggestion(metrics, sweep) == "phrase caps: 89% of the failures; " \
         "--fallback-phrase-reuse-limit 6 would find negatives for 40 anchors (sweep; this " \
         "run: 10)"
     worse = {"run": run, "points": [_point(3, 1000, 10), _point(1, 1000, 7)]}
