@@ -61,15 +61,19 @@ class Outcomes:
                            if n} if self.scanned[i] else None)
         return out
 
-    def distinct(self, several: bool) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    def distinct(self, several: bool) -> tuple[list[int], list[dict[str, Any]]]:
         """Every anchor's outcome as an index into a list of the distinct ones: anchors
         share a few thousand outcomes at most, so each is built (and encoded) once."""
         key = np.column_stack([self.reason, self.missing if several else 0 * self.missing,
                                self.scanned, self.skipped])
         if not len(key):
-            return np.zeros(0, np.int64), []
-        _, first, inverse = np.unique(key, axis=0, return_index=True, return_inverse=True)
-        return inverse.reshape(-1), [self.record(int(i), several) for i in first]
+            return [], []
+        order = np.lexsort(key.T[::-1])  # rows sorted: equal outcomes are neighbours
+        new = np.ones(len(key), bool)
+        new[1:] = (key[order[1:]] != key[order[:-1]]).any(1)
+        inverse = np.empty(len(key), np.int64)
+        inverse[order] = np.cumsum(new) - 1
+        return inverse.tolist(), [self.record(int(i), several) for i in order[new]]
 
 
 def other_groups_eligible(groups: np.ndarray, eligible: np.ndarray) -> np.ndarray:

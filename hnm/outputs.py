@@ -50,35 +50,41 @@ def output_records(config: Config, ds: Dataset, picks: list[list[Pick]], why: Ou
                    ) -> Iterator[dict[str, Any]]:
     """Every input record, unchanged and in input order, plus its `negatives` (picks[a]:
     anchor row a's) and, for an anchor, its `outcome` (why: every anchor's, by row)."""
-    by_position = {int(ds.positions[a]): a for a in range(len(picks))}
     which, outcomes = why.distinct(config.num_negatives > 1)
+    for record, k in _with_outcomes(config, ds, picks, which):
+        if k >= 0:
+            record["outcome"] = outcomes[k]
+        yield record
+
+
+def _with_outcomes(config: Config, ds: Dataset, picks: list[list[Pick]], which: list[int]
+                   ) -> Iterator[tuple[dict[str, Any], int]]:
+    """(record with its negatives, which[a] for anchor a's record or -1), in input order."""
+    by_position = {int(ds.positions[a]): a for a in range(len(picks))}
     for pos, record in enumerate(ds.records):
         a = by_position.get(pos)
         if a is None:  # not an anchor (past --max-samples): no scan, no outcome
-            yield {**record, "negatives": []}
-            continue
-        negs = [negative_record(config, ds, p) for p in picks[a]]
-        yield {**record, "negatives": negs, "outcome": outcomes[which[a]]}
+            yield {**record, "negatives": []}, -1
+        else:
+            negs = [negative_record(config, ds, p) for p in picks[a]]
+            yield {**record, "negatives": negs}, which[a]
 
 
 def write_negatives(config: Config, run: RunDir, ds: Dataset, picks: list[list[Pick]],
                     why: Outcomes, progress: Progress = no_progress) -> None:
     """OUTPUT_DIR/negatives.jsonl, or negatives.parquet with --output-format parquet."""
-    records = output_records(config, ds, picks, why)
     if config.output_format == "parquet":
-        write_parquet(run.negatives_parquet, ds, records, progress, config.num_negatives > 1)
+        write_parquet(run.negatives_parquet, ds, output_records(config, ds, picks, why),
+                      progress, config.num_negatives > 1)
         return
-    encoded: dict[int, str] = {}  # outcomes are shared between records: each encoded once
+    which, outcomes = why.distinct(config.num_negatives > 1)
+    # anchors share a few distinct outcomes: each is encoded once, and written as
+    # json.dumps would write it, the key last
+    texts = [', "outcome": ' + json.dumps(o, ensure_ascii=False) + "}\n" for o in outcomes]
     with atomic_open(run.negatives, "w") as handle:
-        for pos, record in enumerate(records):
-            outcome = record.pop("outcome", None)
+        for pos, (record, k) in enumerate(_with_outcomes(config, ds, picks, which)):
             line = json.dumps(record, ensure_ascii=False)
-            if outcome is not None:  # as json.dumps writes it with the key last
-                text = encoded.get(id(outcome))
-                if text is None:
-                    text = encoded[id(outcome)] = json.dumps(outcome, ensure_ascii=False)
-                line = f'{line[:-1]}, "outcome": {text}}}'
-            handle.write(line + "\n")
+            handle.write(line[:-1] + texts[k] if k >= 0 else line + "\n")
             if pos % PROGRESS_EVERY == 0:
                 progress("write", pos, len(ds.records))
     progress("write", len(ds.records), len(ds.records))
