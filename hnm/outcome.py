@@ -63,7 +63,8 @@ class Outcomes:
 
     def distinct(self, several: bool) -> tuple[list[int], list[dict[str, Any]]]:
         """Every anchor's outcome as an index into a list of the distinct ones: anchors
-        share a few thousand outcomes at most, so each is built (and encoded) once."""
+        share far fewer distinct outcomes than there are anchors, so each is built (and
+        encoded) once."""
         key = np.column_stack([self.reason, self.missing if several else 0 * self.missing,
                                self.scanned, self.skipped])
         if not len(key):
