@@ -130,13 +130,19 @@ def _tool_flags(sub: Any) -> None:
     relative to the folder the run was started from)."""
     report = sub.add_parser("report", help="(re)write OUTPUT_DIR/report.html")
     report.add_argument("output_dir", help="a finished run directory")
-    sweep = sub.add_parser("sweep", help="metrics that other thresholds would give, from the "
-                           "saved embeddings (writes OUTPUT_DIR/sweep.html and sweep.json)")
+    sweep = sub.add_parser("sweep", help="metrics that other thresholds, fallback limits, "
+                           "window sizes and diverse ratios would give, from the saved work "
+                           "(writes OUTPUT_DIR/sweep.html and sweep.json)")
     sweep.add_argument("output_dir", help="a run directory whose index phase finished")
     sweep.add_argument("--cosine-thresholds", help="comma-separated values "
                        "(default: the run's and two steps of 0.1 either side)")
     sweep.add_argument("--min-visual-similarities", help="comma-separated values "
                        "(default: the run's and two steps of 0.1 either side)")
+    for flag, what in (("--fallback-phrase-reuse-limits", "whole numbers >= 1"),
+                       ("--sliding-window-sizes", "whole numbers >= 1"),
+                       ("--diverse-ratios", "values within [0, 1]")):
+        sweep.add_argument(flag, help=f"comma-separated {what} (default: the run's value; "
+                           "with no knob given, the two thresholds get their default grids)")
     export = sub.add_parser("export", help="training-ready rows of a finished run: triplets "
                             "(anchor and negative a row) or pairs (each anchor, then its "
                             "negatives)")
@@ -169,11 +175,22 @@ def _sweep(ns: argparse.Namespace) -> None:
                                                      "--cosine-thresholds")
     mvss = ns.min_visual_similarities and sweep.parse_grid(ns.min_visual_similarities,
                                                            "--min-visual-similarities")
+    knobs = {name: getattr(ns, dest) and sweep.parse_grid(getattr(ns, dest), flag, *limits)
+             for name, dest, flag, limits in (
+                 ("fallback_phrase_reuse_limit", "fallback_phrase_reuse_limits",
+                  "--fallback-phrase-reuse-limits", (int, 1, float("inf"))),
+                 ("sliding_window_size", "sliding_window_sizes", "--sliding-window-sizes",
+                  (int, 1, float("inf"))),
+                 ("diverse_ratio", "diverse_ratios", "--diverse-ratios", (float, 0.0, 1.0)))}
     with _locked(ns.output_dir):
-        result = sweep.sweep(ns.output_dir, taus or None, mvss or None)
+        result = sweep.sweep(ns.output_dir, taus or None, mvss or None,
+                             **{k: v or None for k, v in knobs.items()})
         sweep.print_table(result)
         for path in sweep.write_outputs(ns.output_dir, result):
             print(f"wrote {path}")
+        advice = sweep.advice(ns.output_dir, result)
+        if advice:
+            print(f"Suggestion: {advice} (hnm report {ns.output_dir} shows it too)")
 
 
 def _export(ns: argparse.Namespace) -> None:

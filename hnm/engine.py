@@ -15,9 +15,11 @@ import numpy as np
 from hnm.audit import Suspect, audit_picks, count_suspects
 from hnm.config import Config
 from hnm.data import Progress, no_progress
+from hnm.errors import HnmError
 from hnm.index import ChunkedFlatIP, SearchIndex, build_index
 from hnm.metrics import Metrics, tally
 from hnm.miner import Cands, Ragged, Tables, farthest, hard_candidates, nearest, scatter
+from hnm.outcome import Outcomes, other_groups_eligible, outcomes
 from hnm.select import Pick, Rules, Selector
 
 # Anchors per search call: its (B, k) candidate arrays stay a few MB and a search of
@@ -34,19 +36,24 @@ class Candidates:
     """Consecutive anchors' candidate lists: hard (N(a) order) and diverse (farthest first).
 
     complete[i]: anchor i's diverse list holds every eligible row of another group, so
-    running out of it means there is no diverse negative at all.
+    running out of it means there is no diverse negative at all. hard_before and
+    hard_fixed: what SPEC §5's fixed rules removed before each hard row and in all of N(a)
+    (`miner.HardLists`), for the outcome of each anchor.
     """
 
     hard: Ragged
     diverse: Ragged
     complete: np.ndarray
+    hard_before: np.ndarray
+    hard_fixed: np.ndarray
 
     def __len__(self) -> int:
         return len(self.complete)
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """Flat arrays for an .npz file."""
-        out = {"diverse_complete": self.complete}
+        out = {"diverse_complete": self.complete, "hard_before": self.hard_before,
+               "hard_fixed": self.hard_fixed}
         for name, lists in (("hard", self.hard), ("diverse", self.diverse)):
             out.update({f"{name}_offsets": lists.offsets, f"{name}_rows": lists.rows,
                         f"{name}_vis": lists.vis, f"{name}_txt": lists.txt})
@@ -54,20 +61,27 @@ class Candidates:
 
     @classmethod
     def from_arrays(cls, z: dict[str, np.ndarray]) -> Candidates:
+        if "hard_fixed" not in z:
+            raise HnmError("candidate lists written by an older hnm (without the counts of "
+                           "the outcomes); rerun the mining command with --overwrite")
         hard, diverse = (Ragged(z[f"{k}_offsets"], z[f"{k}_rows"], z[f"{k}_vis"],
                                 z[f"{k}_txt"]) for k in ("hard", "diverse"))
-        return cls(hard, diverse, z["diverse_complete"])
+        return cls(hard, diverse, z["diverse_complete"], z["hard_before"], z["hard_fixed"])
 
     @classmethod
     def concat(cls, parts: list[Candidates]) -> Candidates:
+        before = [p.hard_before[p.hard.offsets[0]:p.hard.offsets[-1]] for p in parts]
         return cls(Ragged.concat([p.hard for p in parts]),
                    Ragged.concat([p.diverse for p in parts]),
-                   np.concatenate([p.complete for p in parts]) if parts else np.zeros(0, bool))
+                   np.concatenate([p.complete for p in parts]) if parts else np.zeros(0, bool),
+                   np.concatenate(before) if parts else np.zeros((0, 3), np.int32),
+                   np.concatenate([p.hard_fixed for p in parts]) if parts
+                   else np.zeros((0, 4), np.int32))
 
     def window(self, a0: int, a1: int) -> Candidates:
         """Lists of anchors a0..a1-1 (positions in this object), sharing the arrays."""
         return Candidates(self.hard.window(a0, a1), self.diverse.window(a0, a1),
-                          self.complete[a0:a1])
+                          self.complete[a0:a1], self.hard_before, self.hard_fixed[a0:a1])
 
 
 def find_candidates(c: Config, tab: Tables, anchors: np.ndarray, device: str = "cpu",
@@ -91,11 +105,12 @@ def find_candidates(c: Config, tab: Tables, anchors: np.ndarray, device: str = "
         a = anchors[s:s + batch]
         hard = hard_candidates(index, tab, a, c.k_nn, c.min_visual_similarity,
                                c.cosine_threshold)
-        need = wanted[s:s + batch] | (np.diff(hard.offsets) == 0)
+        need = wanted[s:s + batch] | (np.diff(hard.lists.offsets) == 0)
         sub, sub_complete = farthest(index.far, tab, a[need], c.diverse_candidates)
         complete = np.zeros(len(a), bool)
         complete[need] = sub_complete
-        parts.append(Candidates(hard, scatter(sub, need), complete))
+        parts.append(Candidates(hard.lists, scatter(sub, need), complete, hard.before,
+                                hard.fixed))
         progress("search", s + len(a), len(anchors))
     return Candidates.concat(parts), index.kind
 
@@ -145,32 +160,39 @@ def make_selector(config: Config, tab: Tables, phrases: list[str]) -> Selector:
 
 @dataclass
 class Selected:
-    """One shard's outcome: its anchors' negatives (after the audit), metrics, suspects."""
+    """One shard's outcome: its anchors' negatives (after the audit), why each anchor got
+    fewer than asked, metrics, suspects."""
 
     anchors: np.ndarray
     picks: list[list[Pick]]
     metrics: Metrics
     suspects: list[Suspect]
+    outcomes: Outcomes
 
 
 def select(config: Config, selector: Selector, shards: Iterable[tuple[np.ndarray, Candidates]],
            u: np.ndarray, phrases: list[str]) -> Iterator[Selected]:
     """The selection pass over shards in input order, one selector (one phrase window) for
-    all, then the audit; each shard's metrics are counted from its final picks.
+    all, then the audit and each anchor's outcome; each shard's metrics are counted from
+    its final picks.
 
     `shards`: (anchor rows, their candidates) in order; u: every anchor's strategy draw.
     """
     tab = selector.tab
     lengths = [len(p) for p in phrases]
     text_ids = tab.text_ids.tolist()
+    diverse_possible = other_groups_eligible(np.asarray(tab.groups), np.asarray(tab.eligible))
     for anchors, cands in shards:
         m = Metrics()
         raw = selector.run(anchors, u[anchors], cands.hard, cands.diverse, cands.complete, m)
         picks, suspects = audit_picks(config, anchors, raw)
         count_suspects(m, suspects)
+        why = outcomes(selector.rules, selector.pid, cands.hard, cands.hard_before,
+                       cands.hard_fixed, u[anchors] >= config.diverse_ratio, raw, picks,
+                       diverse_possible[selector.groups[anchors]])
         tally(m, u[anchors], picks, [text_ids[a] for a in anchors.tolist()], text_ids,
-              lengths, config.diverse_ratio, config.min_visual_similarity)
-        yield Selected(anchors, picks, m, suspects)
+              lengths, config.diverse_ratio, config.min_visual_similarity, why)
+        yield Selected(anchors, picks, m, suspects, why)
 
 
 def recall_sample(num_anchors: int, seed: int, size: int) -> np.ndarray:

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from hnm.outcome import REASONS, RULES, Outcomes
 from hnm.select import Pick, strategy_order
 
 HIST_BINS = 40  # similarity histograms over [-1, 1]
@@ -88,6 +89,11 @@ class Metrics:
     # (the output figures above count what remains after dropping)
     suspects: Counter = field(default_factory=Counter)
     suspects_dropped: int = 0
+    # hnm.outcome: why anchors got no negative, or fewer than asked; what the hard scans
+    # skipped, by rule
+    failure_reasons: Counter = field(default_factory=Counter)
+    fewer_reasons: Counter = field(default_factory=Counter)
+    skipped: Counter = field(default_factory=Counter)
 
     def __add__(self, other: Metrics) -> Metrics:
         merged = {}
@@ -132,7 +138,15 @@ class Metrics:
             "anchor_answer_length": self.anchor_length.summary(),
             "negative_answer_length": self.negative_length.summary(),
             "suspect_negatives": self.suspect_summary(),
+            **self.outcome_summary(),
         }
+
+    def outcome_summary(self) -> dict[str, Any]:
+        """Why anchors got no negative (sums to the failures), why some got fewer than
+        asked (--num-negatives > 1), and the rows of N(a) each rule skipped."""
+        return {"failure_reasons": {r: self.failure_reasons[r] for r in REASONS},
+                "fewer_than_asked": {r: self.fewer_reasons[r] for r in REASONS},
+                "skipped": {r: self.skipped[r] for r in RULES}}
 
     def suspect_summary(self) -> dict[str, int]:
         """Suspected false negatives (hnm.audit); a negative may have both reasons."""
@@ -151,14 +165,17 @@ class Metrics:
             "mean_hard_text_similarity": self.hard_text.summary()["mean"],
             "mean_hard_visual_similarity": self.hard_visual.summary()["mean"],
             "suspect_negatives": self.suspects["hard"] + self.suspects["diverse"],
+            **self.outcome_summary(),
         }
 
 
 def tally(m: Metrics, u: np.ndarray, picks: Sequence[list[Pick]], anchor_phrases: Sequence[int],
           text_ids: Sequence[int], lengths: Sequence[int], diverse_ratio: float,
-          min_visual: float) -> None:
+          min_visual: float, outcomes: Outcomes) -> None:
     """Count the output figures of `picks` (list i: anchor i's negatives, u[i] its strategy
-    draw, anchor_phrases[i] its phrase) into `m`; text_ids maps a row to its phrase."""
+    draw, anchor_phrases[i] its phrase, outcomes: why each got fewer than asked) into
+    `m`; text_ids maps a row to its phrase."""
+    count_outcomes(m, outcomes, [bool(row) for row in picks])
     for u_a, phrase, row in zip(u.tolist(), anchor_phrases, picks):
         m.anchors += 1
         m.successes += bool(row)
@@ -167,6 +184,18 @@ def tally(m: Metrics, u: np.ndarray, picks: Sequence[list[Pick]], anchor_phrases
         for p in row:
             _count(m, p, text_ids[p.row], lengths, min_visual)
             m.second_strategy_used += p.kind != first
+
+
+def count_outcomes(m: Metrics, outcomes: Outcomes, found: Sequence[bool]) -> None:
+    """Reasons of the anchors without a negative and of those with fewer than asked, and
+    the skipped rows, from counts (no loop over anchors)."""
+    some = np.asarray(found, bool)
+    given = outcomes.reason >= 0
+    for counter, mask in ((m.failure_reasons, given & ~some), (m.fewer_reasons, given & some)):
+        counter.update({REASONS[r]: int(c) for r, c in
+                        enumerate(np.bincount(outcomes.reason[mask], minlength=len(REASONS)))
+                        if c})
+    m.skipped.update({RULES[k]: int(c) for k, c in enumerate(outcomes.skipped.sum(0)) if c})
 
 
 def _count(m: Metrics, pick: Pick, phrase: int, lengths: Sequence[int], min_visual: float

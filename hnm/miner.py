@@ -194,19 +194,73 @@ class Tables:
     clusters: np.ndarray  # (N,)
 
 
-def hard_candidates(index: SearchIndex, tab: Tables, anchors: np.ndarray, k_nn: int,
-                    min_vis: float, tau: float) -> Ragged:
-    """Per anchor, in N(a) order: rows that can ever pass SPEC §5, with vis and txt."""
-    rows, vis = nearest(index, tab.V, anchors, k_nn, min_vis)
+# SPEC §5's rules that do not depend on the phrase state, in the order they apply: a
+# neighbour of N(a) below min_visual_similarity, of a's group, not eligible, or whose text
+# is too similar at every threshold step can never be a's hard negative.
+FIXED_RULES = ("min_visual", "same_group", "ineligible", "text_similar")
+SAME_GROUP, INELIGIBLE, OPEN = 1, 2, 0  # Neighbours.code
+
+
+@dataclass
+class Neighbours:
+    """N(a) above a visual floor, per anchor (B, k), with each row's fixed-rule code
+    (OPEN, SAME_GROUP or INELIGIBLE) and txt for the OPEN ones (inf elsewhere); `size`:
+    how many rows N(a) holds, those below the floor included."""
+
+    rows: np.ndarray
+    vis: np.ndarray
+    txt: np.ndarray
+    code: np.ndarray
+    size: np.ndarray
+
+
+def neighbours(index: SearchIndex, tab: Tables, anchors: np.ndarray, k_nn: int,
+               floor: float) -> Neighbours:
+    """SPEC §5 N(a) down to `floor`, with what the fixed rules say of each row."""
+    rows, vis = nearest(index, tab.V, anchors, k_nn, floor)
     valid = rows >= 0
     safe = np.where(valid, rows, 0)
-    keep = valid & tab.eligible[safe] & (tab.groups[safe] != tab.groups[anchors, None])
+    same = tab.groups[safe] == tab.groups[anchors, None]
+    code = np.where(same, SAME_GROUP, np.where(tab.eligible[safe], OPEN, INELIGIBLE))
+    code = np.where(valid, code, -1).astype(np.int8)
     txt = np.full(rows.shape, np.inf)
-    a_sub, k_sub = np.nonzero(keep)
+    a_sub, k_sub = np.nonzero(code == OPEN)
     if len(a_sub):
         txt[a_sub, k_sub] = text_sims(tab, anchors[a_sub], rows[a_sub, k_sub])
-    keep &= txt < threshold_steps(tau)[-1]
-    return _ragged(keep, rows, vis, txt)
+    size = np.full(len(anchors), min(k_nn, max(index.ntotal - 1, 0)), np.int64)
+    return Neighbours(rows, vis, txt, code, size)
+
+
+@dataclass
+class HardLists:
+    """What the hard scan can use of N(a): the rows that pass every fixed rule (`lists`,
+    in N(a) order), for each of them how many rows before it each fixed rule removed
+    (`before`, (E, 3): same_group, ineligible, text_similar), and per anchor how many
+    rows of N(a) each fixed rule removed (`fixed`, (B, 4): FIXED_RULES)."""
+
+    lists: Ragged
+    before: np.ndarray
+    fixed: np.ndarray
+
+
+def cut(nb: Neighbours, tau: float, min_vis: float) -> HardLists:
+    """The hard lists a run with (tau, min_vis) uses, from neighbours found down to a
+    floor at most min_vis; the fixed rules are counted from masks."""
+    valid = (nb.code >= 0) & (nb.vis >= min_vis)
+    masks = [valid & (nb.code == SAME_GROUP), valid & (nb.code == INELIGIBLE),
+             valid & (nb.code == OPEN) & (nb.txt >= threshold_steps(tau)[-1])]
+    keep = valid & (nb.code == OPEN) & ~masks[2]
+    fixed = np.stack([nb.size - valid.sum(1), *(m.sum(1) for m in masks)], axis=1)
+    before = np.stack([(np.cumsum(m, 1) - m)[keep] for m in masks], axis=1)
+    return HardLists(_ragged(keep, nb.rows, nb.vis, nb.txt), before.astype(np.int32),
+                     fixed.astype(np.int32))
+
+
+def hard_candidates(index: SearchIndex, tab: Tables, anchors: np.ndarray, k_nn: int,
+                    min_vis: float, tau: float) -> HardLists:
+    """Per anchor, in N(a) order: rows that can ever pass SPEC §5, with vis and txt, and
+    what the fixed rules removed."""
+    return cut(neighbours(index, tab, anchors, k_nn, min_vis), tau, min_vis)
 
 
 def text_sims(tab: Tables, a: np.ndarray, j: np.ndarray) -> np.ndarray:

@@ -12,6 +12,7 @@ from typing import Any
 from hnm.audit import Suspect, is_suspect
 from hnm.config import Config
 from hnm.data import Dataset, Progress, no_progress
+from hnm.outcome import RULES, Outcomes
 from hnm.select import Pick
 from hnm.storage import RunDir, atomic_open
 
@@ -46,39 +47,58 @@ def negative_record(config: Config, ds: Dataset, pick: Pick) -> dict[str, Any]:
     return out
 
 
-def output_records(config: Config, ds: Dataset, picks: list[list[Pick]]
+def output_records(config: Config, ds: Dataset, picks: list[list[Pick]], why: Outcomes
                    ) -> Iterator[dict[str, Any]]:
     """Every input record, unchanged and in input order, plus its `negatives` (picks[a]:
-    anchor row a's)."""
-    by_position = {int(ds.positions[a]): p for a, p in enumerate(picks)}
+    anchor row a's) and, for an anchor, its `outcome` (why: every anchor's, by row)."""
+    which, outcomes = why.distinct(config.num_negatives > 1)
+    for record, k in _with_outcomes(config, ds, picks, which):
+        if k >= 0:
+            record["outcome"] = outcomes[k]
+        yield record
+
+
+def _with_outcomes(config: Config, ds: Dataset, picks: list[list[Pick]], which: list[int]
+                   ) -> Iterator[tuple[dict[str, Any], int]]:
+    """(record with its negatives, which[a] for anchor a's record or -1), in input order."""
+    by_position = {int(ds.positions[a]): a for a in range(len(picks))}
     for pos, record in enumerate(ds.records):
-        negs = [negative_record(config, ds, p) for p in by_position.get(pos, [])]
-        yield {**record, "negatives": negs}
+        a = by_position.get(pos)
+        if a is None:  # not an anchor (past --max-samples): no scan, no outcome
+            yield {**record, "negatives": []}, -1
+        else:
+            negs = [negative_record(config, ds, p) for p in picks[a]]
+            yield {**record, "negatives": negs}, which[a]
 
 
 def write_negatives(config: Config, run: RunDir, ds: Dataset, picks: list[list[Pick]],
-                    progress: Progress = no_progress) -> None:
+                    why: Outcomes, progress: Progress = no_progress) -> None:
     """OUTPUT_DIR/negatives.jsonl, or negatives.parquet with --output-format parquet."""
-    records = output_records(config, ds, picks)
     if config.output_format == "parquet":
-        write_parquet(run.negatives_parquet, ds, records, progress)
+        write_parquet(run.negatives_parquet, ds, output_records(config, ds, picks, why),
+                      progress, config.num_negatives > 1)
         return
+    which, outcomes = why.distinct(config.num_negatives > 1)
+    # anchors share a few distinct outcomes: each is encoded once, and written as
+    # json.dumps would write it, the key last
+    texts = [', "outcome": ' + json.dumps(o, ensure_ascii=False) + "}\n" for o in outcomes]
     with atomic_open(run.negatives, "w") as handle:
-        for pos, record in enumerate(records):
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        for pos, (record, k) in enumerate(_with_outcomes(config, ds, picks, which)):
+            line = json.dumps(record, ensure_ascii=False)
+            handle.write(line[:-1] + texts[k] if k >= 0 else line + "\n")
             if pos % PROGRESS_EVERY == 0:
                 progress("write", pos, len(ds.records))
     progress("write", len(ds.records), len(ds.records))
 
 
 def write_parquet(path: Path, ds: Dataset, records: Iterable[dict[str, Any]],
-                  progress: Progress = no_progress) -> None:
-    """One row per record, its negatives a list of structs; written ROW_GROUP rows at a
-    time, so that only one row group is ever held as a table."""
+                  progress: Progress = no_progress, several: bool = False) -> None:
+    """One row per record, its negatives a list of structs, its outcome a struct; written
+    ROW_GROUP rows at a time, so that only one row group is ever held as a table."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    schema, as_json = parquet_schema(ds)
+    schema, as_json = parquet_schema(ds, several)
     with atomic_open(path) as handle:
         writer = pq.ParquetWriter(handle, schema)
         chunk: list[dict[str, Any]] = []
@@ -91,16 +111,17 @@ def write_parquet(path: Path, ds: Dataset, records: Iterable[dict[str, Any]],
         writer.close()
 
 
-def parquet_schema(ds: Dataset) -> tuple[Any, set[str]]:
+def parquet_schema(ds: Dataset, several: bool = False) -> tuple[Any, set[str]]:
     """The records' columns, each with the Arrow type of all its values (a column whose
     values have none, e.g. numbers in some records and text in others, is JSON text), then
-    `negatives`. The JSON columns are named in the schema's metadata."""
+    `negatives` and `outcome` (with `missing` when several negatives are asked for). The
+    JSON columns are named in the schema's metadata."""
     import pyarrow as pa
 
     fields, as_json = [], set()
     for name in dict.fromkeys(k for r in ds.records for k in r):
-        if name == "negatives":
-            continue  # replaced by the run's negatives, as in negatives.jsonl
+        if name in ("negatives", "outcome"):
+            continue  # replaced by the run's, as in negatives.jsonl
         kind = _arrow_type([r.get(name) for r in ds.records])
         if kind is None:
             as_json.add(name)
@@ -114,6 +135,9 @@ def parquet_schema(ds: Dataset) -> tuple[Any, set[str]]:
                           ("threshold_step", pa.string()), ("anchor_cluster", pa.int64()),
                           ("negative_cluster", pa.int64())])
     fields.append(pa.field("negatives", pa.list_(negative)))
+    outcome = [("reason", pa.string())] + ([("missing", pa.int64())] if several else []) \
+        + [("skipped", pa.struct([(rule, pa.int64()) for rule in RULES]))]
+    fields.append(pa.field("outcome", pa.struct(outcome)))
     meta = {JSON_COLUMNS: json.dumps(sorted(as_json))}
     return pa.schema(fields, metadata=meta), as_json
 
@@ -182,6 +206,12 @@ def _from_parquet(row: dict[str, Any], as_json: set[str]) -> dict[str, Any]:
     keys only (a hard one's step, a diverse one's clusters)."""
     out = {k: json.loads(v) if k in as_json and v is not None else v for k, v in row.items()}
     out["negatives"] = [_negative_from_parquet(n, as_json) for n in row["negatives"]]
+    outcome = out.pop("outcome")
+    if outcome is not None:  # an anchor's: the rules that skipped nothing are left out
+        skipped = outcome["skipped"]
+        outcome["skipped"] = None if skipped is None else \
+            {k: v for k, v in skipped.items() if v is not None}
+        out["outcome"] = outcome
     return out
 
 

@@ -15,6 +15,7 @@ from hnm.config import Config
 from hnm.data import Dataset, Progress, anchor_uniforms, duplicate_images, no_progress
 from hnm.engine import Candidates, make_selector, select
 from hnm.metrics import Metrics
+from hnm.outcome import Outcomes
 from hnm.outputs import write_negatives, write_suspects
 from hnm.plan import Plan, provenance
 from hnm.storage import RunDir, read_npz, write_json, write_marker
@@ -80,14 +81,15 @@ def reduce_phase(config: Config, run: RunDir, ds: Dataset, plan: Plan,
     selector = make_selector(config, tab, ds.phrases)
     shards = ((np.arange(*s.anchors), Candidates.from_arrays(read_npz(run.candidates(s.shard))))
               for s in plan.shards)
-    picks, parts, suspects = [], [], []
+    picks, parts, suspects, why = [], [], [], []
     for done in select(config, selector, shards, u, ds.phrases):
         picks += done.picks
         parts.append(done.metrics)
         suspects += done.suspects
+        why.append(done.outcomes)
         progress("select", len(picks), ds.num_anchors)
     t1 = time.perf_counter()
-    write_negatives(config, run, ds, picks, progress)
+    write_negatives(config, run, ds, picks, Outcomes.concat(why), progress)
     write_suspects(config, run, ds, suspects)
     phases, work = read_work(run, plan)
     timing = {**timing, **phases, "select": t1 - t0, "write": time.perf_counter() - t1}

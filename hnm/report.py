@@ -17,15 +17,23 @@ import numpy as np
 from hnm.config import Config, make_config, read_yaml
 from hnm.data import Dataset, image_limit, load_dataset, normalize, too_large
 from hnm.errors import HnmError
+from hnm.outcome import REASON_LABELS
 from hnm.outputs import read_records
 from hnm.pages import esc, fmt, page, table
 from hnm.plan import Plan, read_plan
 from hnm.readers import SHARD_FORMATS, ImageRef, image_stream
 from hnm.storage import RunDir, read_json, write_text
+from hnm.summary import reason_shares, suggestion
 
 THUMB = 112  # longest side of a gallery thumbnail, in pixels
 # Gallery rows per section: bounded so the page stays small (~1 MB) whatever the run's size.
 SAMPLE, BORDERLINE, FAILED, SUSPECTS = 24, 12, 12, 40
+POSITION_BINS = 20  # stretches of the input order in the failure chart
+# a colour per failure reason (README's codes), in the charts of "Why anchors got no negative"
+REASON_COLOURS = {"min_visual": "#8e24aa", "same_group": "#6d4c41", "ineligible": "#757575",
+                  "text_similar": "#00897b", "repeated_phrase": "#f9a825",
+                  "phrase_cap": "#c62828", "no_diverse": "#e08a1e",
+                  "suspect_dropped": "#1f6fb4", None: "#bdbdbd"}
 HARD, DIVERSE, ALERT = "#1f6fb4", "#e08a1e", "#c62828"
 PATH_KEYS = ("annotations", "image_dir", "image_embeddings", "text_embeddings", "blacklist")
 
@@ -72,10 +80,11 @@ def write_report(run: RunDir, config: Config, metrics: dict[str, Any], plan: Pla
     scan = scan_negatives(run, config, plan)
     suspects = top_suspects(run.suspects)
     thumbs = Thumbs(Path(config.image_dir), config.max_image_pixels)
+    sweep = read_json(run.sweep_json) if run.sweep_json.exists() else None
     with image_limit(config.max_image_pixels):
         if plan.input_format in SHARD_FORMATS:
             thumbs.find_in(config, plan, ds, shown_images(config, scan, suspects))
-        write_text(run.report, render(config, metrics, scan, suspects, thumbs))
+        write_text(run.report, render(config, metrics, scan, suspects, thumbs, sweep))
     if thumbs.missing:
         warn(f"warning: {len(thumbs.missing)} of {len(thumbs.cache)} images of the report "
              f"could not be shown (not found, unreadable or too large) under {config.image_dir}")
@@ -101,6 +110,8 @@ class Scan:
     failed: list[int] = field(default_factory=list)
     reuse: Counter = field(default_factory=Counter)  # uses -> number of phrases
     records: dict[int, dict] = field(default_factory=dict)
+    # anchors without a negative, by reason, in POSITION_BINS stretches of the input order
+    failed_by_bin: list[Counter] = field(default_factory=list)
 
 
 def scan_negatives(run: RunDir, config: Config, plan: Plan) -> Scan:
@@ -117,8 +128,13 @@ def scan_negatives(run: RunDir, config: Config, plan: Plan) -> Scan:
     high: list[tuple[float, int]] = []
     low: list[tuple[float, int]] = []
     uses: Counter = Counter()
-    for pos, record in read_records(run, set(anchors)):
+    bins = min(POSITION_BINS, len(anchors))
+    scan.failed_by_bin = [Counter() for _ in range(bins)]
+    for k, (pos, record) in enumerate(read_records(run, set(anchors))):
         negatives = record.get("negatives") or []
+        if not negatives:
+            reason = (record.get("outcome") or {}).get("reason")
+            scan.failed_by_bin[k * bins // len(anchors)][reason] += 1
         if not negatives and len(scan.failed) < FAILED:
             scan.failed.append(pos)
         uses.update(normalize(n["text"]) for n in negatives)
@@ -175,14 +191,15 @@ def top_suspects(path: Path, size: int = SUSPECTS // 2) -> Suspects:
 # ---- the page -----------------------------------------------------------------------------
 
 def render(config: Config, metrics: dict[str, Any], scan: Scan, suspects: Suspects,
-           thumbs: Thumbs) -> str:
-    """The whole report page."""
+           thumbs: Thumbs, sweep: dict[str, Any] | None = None) -> str:
+    """The whole report page (`sweep`: the run's sweep.json, for the suggestion's figure)."""
     title = f"hnm run report: {config.split} ({Path(config.output_dir).name})"
     body = "".join([
         f"<h1>{esc(title)}</h1>",
         f"<p class='muted'>{esc(config.annotations or '')} · "
         f"{esc(metrics['provenance']['config_hash'])}</p>",
-        headline(metrics), plots(config, metrics, scan), shard_table(metrics),
+        headline(metrics), plots(config, metrics, scan), failures(metrics, scan, sweep),
+        shard_table(metrics),
         gallery(config, scan, thumbs), suspect_table(config, suspects, thumbs),
         config_table(config, metrics),
     ])
@@ -351,6 +368,73 @@ def reuse_rows(reuse: Counter, rows: int = 12) -> list[tuple[str, float, str]]:
     return [(label, c, str(c)) for label, c in counts]
 
 
+# ---- why anchors got no negative ----------------------------------------------------------
+
+def failures(metrics: dict[str, Any], scan: Scan, sweep: dict[str, Any] | None) -> str:
+    """The reasons of the anchors without a negative: overall, by shard and along the
+    input order (where a sliding-window cap shows), and the suggestion."""
+    g = metrics["global"]
+    if "failure_reasons" not in g:
+        return ""  # a run from before outcomes were recorded
+    shares = reason_shares(g["failure_reasons"])
+    total = sum(n for _, n in shares)
+    out = ["<h2>Why anchors got no negative</h2>"]
+    if not total:
+        return out[0] + "<p>Every anchor got a negative.</p>"
+    out.append(f"<p class='muted'>{total:,} anchors without a negative; each has one reason "
+               "(README: the reason codes and the rule that picks one)</p>")
+    advice = suggestion(metrics, sweep)
+    if advice:
+        out.append(f"<p class='advice'><b>Suggestion:</b> {esc(advice)}</p>")
+    bars = bars_svg("Anchors without a negative, by reason",
+                    [(REASON_LABELS[r], n, f"{n:,} ({n / total:.0%})") for r, n in shares],
+                    ALERT)
+    along = position_svg(scan.failed_by_bin, [r for r, _ in shares])
+    out.append(f"<div class='plots'>{bars}{along}</div>")
+    reasons = [r for r, _ in shares]
+    rows = [[s["shard"], s["anchors"], *(s.get("failure_reasons", {}).get(r, 0)
+                                          for r in reasons)] for s in metrics["shards"]]
+    out.append(table(["shard", "anchors", *(REASON_LABELS[r] for r in reasons)], rows))
+    short = reason_shares(g.get("fewer_than_asked") or {})
+    if short:
+        out.append(f"<p class='muted'>fewer negatives than asked: {sum(n for _, n in short):,} "
+                   "anchors (" + ", ".join(f"{REASON_LABELS[r]} {n:,}" for r, n in short)
+                   + ")</p>")
+    return "".join(out)
+
+
+def position_svg(bins: list[Counter], reasons: list[str]) -> str:
+    """Stacked columns: anchors without a negative per stretch of the input order, by
+    reason (the order the phrase window evolves in)."""
+    title = "Anchors without a negative along the input order, by reason"
+    top = max((sum(b.values()) for b in bins), default=0) or 1
+    pw, ph = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
+    width = pw / max(1, len(bins))
+    out = [_svg_open(title)]
+    for k, counts in enumerate(bins):
+        y = TOP + ph
+        for r in [*reasons, None]:
+            c = counts.get(r, 0)
+            if c:
+                h = c / top * ph
+                y -= h
+                label = REASON_LABELS.get(r, "no reason recorded") if r else "no reason recorded"
+                out.append(f"<rect x='{LEFT + k * width + 1:.1f}' y='{y:.1f}' "
+                           f"width='{width - 2:.1f}' height='{h:.1f}' "
+                           f"fill='{REASON_COLOURS[r]}'><title>{esc(label)}: {c}</title></rect>")
+    out.append(f"<line x1='{LEFT}' x2='{WIDTH - RIGHT}' y1='{TOP + ph}' y2='{TOP + ph}' "
+               f"stroke='#999'/><text x='{LEFT}' y='{TOP + ph + 14}' font-size='10'>first "
+               f"anchors</text><text x='{WIDTH - RIGHT}' y='{TOP + ph + 14}' font-size='10' "
+               f"text-anchor='end'>last</text><text x='{LEFT - 4}' y='{TOP + 8}' "
+               f"font-size='10' text-anchor='end'>{top}</text>")
+    for k, r in enumerate(reasons[:4]):
+        lx = LEFT + 130 * k
+        out.append(f"<rect x='{lx}' y='{HEIGHT - 14}' width='10' height='10' "
+                   f"fill='{REASON_COLOURS[r]}'/><text x='{lx + 14}' y='{HEIGHT - 5}' "
+                   f"font-size='11'>{esc(REASON_LABELS[r])}</text>")
+    return "".join(out) + "</svg>"
+
+
 # ---- tables -------------------------------------------------------------------------------
 
 def shard_table(metrics: dict[str, Any]) -> str:
@@ -456,7 +540,10 @@ def case(config: Config, position: int, record: dict, thumbs: Thumbs) -> str:
                   record[f.text], "anchor", "")
     negatives = [negative_item(thumbs, n) for n in record.get("negatives") or []]
     if not negatives:
-        negatives = ["<div class='none'>no negative found</div>"]
+        reason = (record.get("outcome") or {}).get("reason")
+        why = f"<br><span class='muted'>{esc(REASON_LABELS[reason])}</span>" \
+            if reason in REASON_LABELS else ""
+        negatives = [f"<div class='none'>no negative found{why}</div>"]
     return f"<div class='case'>{anchor}{''.join(negatives)}</div>"
 
 

@@ -5,6 +5,26 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from hnm.outcome import REASON_LABELS
+
+# A reason "dominates" when it stops at least this share of the anchors without a negative:
+# then the summary and the report name the knob that addresses it.
+DOMINANT = 0.5
+# The knobs (config fields) that address each reason, and the flags that set them; only
+# those `hnm sweep` varies get a measured figure.
+KNOBS = {"phrase_cap": ("fallback_phrase_reuse_limit", "sliding_window_size"),
+         "no_diverse": ("sliding_window_size",),
+         "min_visual": ("min_visual_similarity",),
+         "text_similar": ("cosine_threshold",),
+         "ineligible": ("min_answer_length", "blacklist_similarity"),
+         "repeated_phrase": ("num_negatives",),
+         "suspect_dropped": ("audit_text_similarity", "audit_visual_similarity"),
+         "same_group": ()}
+SWEPT = {"cosine_threshold": "--cosine-thresholds",
+         "min_visual_similarity": "--min-visual-similarities",
+         "fallback_phrase_reuse_limit": "--fallback-phrase-reuse-limits",
+         "sliding_window_size": "--sliding-window-sizes", "diverse_ratio": "--diverse-ratios"}
+
 
 def _fmt(value: Any, spec: str = ".3f") -> str:
     return "n/a" if value is None else format(value, spec)
@@ -28,11 +48,87 @@ def summary_lines(metrics: dict[str, Any]) -> list[str]:
         f"  Average hard visual similarity: {_fmt(g['hard_visual_similarity']['mean'])}",
         f"  Phrase diversity: {_fmt(g['phrase_diversity'])} "
         f"(max reuse {g['max_phrase_reuse']})",
+        *failure_lines(metrics),
         *index_lines(metrics),
         "  Timing (embed and search summed over workers): "
         + ", ".join(f"{k} {v:.2f}s" for k, v in metrics["timing"].items()),
     ] + ([f"  Warning: {g['zero_embeddings']} embedding(s) are all zeros (similarity 0 to "
           "everything); see the shard logs"] if g.get("zero_embeddings") else [])
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def reason_shares(reasons: dict[str, int]) -> list[tuple[str, int]]:
+    """(reason, anchors) with anchors > 0, most first (ties: README order)."""
+    return sorted(((r, n) for r, n in reasons.items() if n), key=lambda x: -x[1])
+
+
+def failure_lines(metrics: dict[str, Any], sweep: dict[str, Any] | None = None) -> list[str]:
+    """Why anchors got no negative (and, with several asked, fewer), in one line each,
+    and the suggestion when one reason dominates."""
+    g = metrics["global"]
+    lines = []
+    for key, what in (("failure_reasons", "No negative"),
+                      ("fewer_than_asked", "Fewer negatives than asked")):
+        shares = reason_shares(g.get(key) or {})
+        total = sum(n for _, n in shares)
+        if total:
+            lines.append(f"  {what} for {total:,} anchors: " + ", ".join(
+                f"{REASON_LABELS[r]} {n / total:.0%}" for r, n in shares))
+    advice = suggestion(metrics, sweep)
+    return lines + ([f"  Suggestion: {advice}"] if advice else [])
+
+
+def suggestion(metrics: dict[str, Any], sweep: dict[str, Any] | None = None) -> str | None:
+    """When one reason stops at least DOMINANT of the failures: the knob that addresses it
+    and, from a sweep of this run (`sweep`: its sweep.json), the best figure the sweep
+    measured for it. Nothing is said that a sweep did not measure."""
+    g = metrics["global"]
+    shares = reason_shares(g.get("failure_reasons") or {})
+    total = sum(n for _, n in shares)
+    if not total or shares[0][1] < DOMINANT * total:
+        return None
+    reason, count = shares[0]
+    knobs = KNOBS[reason]
+    head = f"{REASON_LABELS[reason]}: {count / total:.0%} of the failures"
+    if not knobs:
+        return f"{head}; rows of one group are never negatives of each other (--group-field)"
+    names = " or ".join(flag(k) for k in knobs)
+    swept = [k for k in knobs if k in SWEPT]
+    if sweep is not None and swept and _same_run(metrics, sweep):
+        return f"{head}; {measured(g, sweep, swept)}"
+    if swept:
+        return (f"{head}; the knob: {names} (hnm sweep OUTPUT_DIR "
+                + " ".join(f"{SWEPT[k]} ..." for k in swept) + " measures it)")
+    return f"{head}; the knob: {names}"
+
+
+def _same_run(metrics: dict[str, Any], sweep: dict[str, Any]) -> bool:
+    """Whether a sweep was made of this run (its config hash)."""
+    return sweep.get("run", {}).get("config_hash") == metrics["provenance"]["config_hash"]
+
+
+def measured(g: dict[str, Any], sweep: dict[str, Any], knobs: list[str]) -> str:
+    """The sweep's point with the most successes among those that change only `knobs`."""
+    run = sweep["run"]
+    others = [k for k in SWEPT if k not in knobs]
+    points = [p for p in sweep["points"] if all(p[k] == run[k] for k in others)]
+    changed = [p for p in points if any(p[k] != run[k] for k in knobs)]
+    if not changed:
+        return "the sweep did not vary " + " or ".join(flag(k) for k in knobs)
+    # the most successes; of equals, the point that changes fewest knobs, then the first
+    best = max(changed, key=lambda p: (p["global"]["successes"],
+                                       -sum(p[k] != run[k] for k in knobs)))
+    values = " ".join(f"{flag(k)} {best[k]:g}" for k in knobs if best[k] != run[k])
+    found = best["global"]["successes"]
+    if found <= g["successes"]:
+        return (f"no value of {' or '.join(flag(k) for k in knobs)} the sweep tried finds "
+                f"more negatives (best: {values}, {found:,} anchors; this run: "
+                f"{g['successes']:,})")
+    return (f"{values} would find negatives for {found:,} anchors (sweep; this run: "
+            f"{g['successes']:,})")
 
 
 def index_lines(metrics: dict[str, Any]) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 import time
 from collections.abc import Callable
@@ -18,11 +19,13 @@ from hnm.data import Dataset, anchor_uniforms, load_dataset
 from hnm.engine import ANCHOR_BATCH, Candidates, find_candidates, make_selector, select
 from hnm.errors import HnmError
 from hnm.metrics import Metrics
-from hnm.miner import Ragged, Tables, hard_candidates, threshold_steps
+from hnm.miner import Ragged, Tables, cut, neighbours
+from hnm.outcome import REASON_LABELS, REASONS
 from hnm.pages import CSS, esc, fmt, page, table
 from hnm.plan import Plan, read_plan
 from hnm.report import load_run_config
-from hnm.storage import RunDir, read_npz, verify_marker, write_text
+from hnm.storage import RunDir, read_json, read_npz, verify_marker, write_text
+from hnm.summary import suggestion
 from hnm.tables import load_tables, open_index
 
 STEP = 0.1  # spacing of the default grid around the run's own values
@@ -73,81 +76,127 @@ def default_grid(value: float) -> list[float]:
     return sorted({round(min(1.0, max(-1.0, value + k * STEP)), 6) for k in range(-2, 3)})
 
 
-def parse_grid(text: str, flag: str) -> list[float]:
-    """'0.1,0.2,0.3' -> [0.1, 0.2, 0.3]; a bad value is an error naming the flag."""
+def parse_grid(text: str, flag: str, kind: type = float, lo: float = -1.0, hi: float = 1.0
+               ) -> list:
+    """'0.1,0.2,0.3' -> [0.1, 0.2, 0.3] (kind int: whole numbers); a bad value is an error
+    naming the flag."""
+    noun = "whole numbers" if kind is int else "numbers"
     try:
-        values = sorted({float(v) for v in text.split(",") if v.strip()})
+        values = sorted({kind(v) for v in text.split(",") if v.strip()})
     except ValueError:
-        raise HnmError(f"{flag}: expected comma-separated numbers, got {text!r}") from None
-    if not values or any(not -1.0 <= v <= 1.0 for v in values):
-        raise HnmError(f"{flag}: expected numbers within [-1, 1], got {text!r}")
+        raise HnmError(f"{flag}: expected comma-separated {noun}, got {text!r}") from None
+    if not values or any(not lo <= v <= hi for v in values):
+        within = f"within [{lo:g}, {hi:g}]" if hi != float("inf") else f"of at least {lo:g}"
+        raise HnmError(f"{flag}: expected {noun} {within}, got {text!r}")
     return values
 
 
-def sweep(output_dir: str | Path, taus: list[float] | None = None,
-          min_visuals: list[float] | None = None) -> dict[str, Any]:
-    """Metrics a rerun would give at every (cosine_threshold, min_visual_similarity).
+# The knobs a sweep varies: config field, name of its values in sweep.json, type.
+KNOBS = (("cosine_threshold", "cosine_thresholds", float),
+         ("min_visual_similarity", "min_visual_similarities", float),
+         ("fallback_phrase_reuse_limit", "fallback_phrase_reuse_limits", int),
+         ("sliding_window_size", "sliding_window_sizes", int),
+         ("diverse_ratio", "diverse_ratios", float))
+THRESHOLDS = ("cosine_threshold", "min_visual_similarity")
 
-    Candidates are gathered once, under the loosest values of the grid; each point keeps
-    the hard entries its own values admit (the lists are in N(a) order, and filtering
-    keeps it) and runs the selection and the audit exactly as a run does, shard by shard,
-    so its figures are those of a rerun with the same shard layout.
+
+def grid_values(config: Config, given: dict[str, list | None]) -> dict[str, list]:
+    """Each knob's values: as given; a knob not given keeps the run's value, except the two
+    thresholds, which get their default grids when no knob is given at all."""
+    out = {}
+    for name, _, _ in KNOBS:
+        values = given.get(name)
+        if not values:
+            run = getattr(config, name)
+            values = default_grid(run) if name in THRESHOLDS and not any(given.values()) \
+                else [run]
+        out[name] = values
+    return out
+
+
+def sweep(output_dir: str | Path, taus: list[float] | None = None,
+          min_visuals: list[float] | None = None, **knobs: list | None) -> dict[str, Any]:
+    """Metrics a rerun would give at every combination of the knobs' values
+    (cosine_threshold, min_visual_similarity, and as keywords fallback_phrase_reuse_limit,
+    sliding_window_size, diverse_ratio).
+
+    Only the selection runs again: the hard lists of every (cosine_threshold,
+    min_visual_similarity) pair are cut from one set of neighbour lists (the run's own
+    lists when every pair is the run's; else one search of N(a) under the loosest visual
+    floor, which also counts what each fixed rule removes); the diverse lists depend on
+    no knob. Each point runs the selection and the audit exactly as a run does, shard by
+    shard, so its figures are those of a rerun with the same shard layout.
     """
     t0 = time.perf_counter()
     saved = load_saved(output_dir)
     c = saved.config
-    taus = taus or default_grid(c.cosine_threshold)
-    min_visuals = min_visuals or default_grid(c.min_visual_similarity)
-    cands = loosest_candidates(saved, max(taus), min(min_visuals))
+    grid = grid_values(c, {"cosine_threshold": taus, "min_visual_similarity": min_visuals,
+                           **knobs})
+    pairs = [(tau, mvs) for tau in grid["cosine_threshold"]
+             for mvs in grid["min_visual_similarity"]]
+    lists = point_lists(saved, pairs)
     t1 = time.perf_counter()
     widen = _shared_widen(saved)
-    points = [{"cosine_threshold": tau, "min_visual_similarity": mvs,
-               "global": evaluate(saved, _point(c, tau, mvs),
-                                  dataclasses.replace(cands, hard=filter_hard(cands.hard, tau,
-                                                                              mvs)), widen)}
-              for tau in taus for mvs in min_visuals]
-    return {"run": {"cosine_threshold": c.cosine_threshold,
-                    "min_visual_similarity": c.min_visual_similarity,
-                    "drop_suspect_negatives": c.drop_suspect_negatives},
-            "cosine_thresholds": taus, "min_visual_similarities": min_visuals,
+    points = []
+    for values in itertools.product(*(grid[name] for name, _, _ in KNOBS)):
+        point = dict(zip((name for name, _, _ in KNOBS), values))
+        cands = lists(point["cosine_threshold"], point["min_visual_similarity"])
+        points.append({**point, "global": evaluate(saved, dataclasses.replace(c, **point),
+                                                   cands, widen)})
+    return {"run": {**{name: getattr(c, name) for name, _, _ in KNOBS},
+                    "drop_suspect_negatives": c.drop_suspect_negatives,
+                    "config_hash": run_hash(output_dir)},
+            **{plural: grid[name] for name, plural, _ in KNOBS},
             "seconds": {"candidates": round(t1 - t0, 3),
                         "select": round(time.perf_counter() - t1, 3)},
             "points": points}
 
 
-def _point(config: Config, tau: float, mvs: float) -> Config:
-    return dataclasses.replace(config, cosine_threshold=tau, min_visual_similarity=mvs)
+def run_hash(output_dir: str | Path) -> str | None:
+    """The config hash in the run's metrics.json (None before the run finished): a sweep
+    speaks of the run that has it."""
+    run = RunDir(output_dir)
+    return read_json(run.metrics)["provenance"]["config_hash"] if run.metrics.exists() \
+        else None
 
 
-def loosest_candidates(saved: Saved, tau: float, mvs: float) -> Candidates:
-    """Every anchor's candidate lists under the loosest values: a superset of each point's.
+def advice(output_dir: str | Path, result: dict[str, Any]) -> str | None:
+    """The run's suggestion with this sweep's figures (summary.suggestion), if it has one."""
+    run = RunDir(output_dir)
+    return suggestion(read_json(run.metrics), result) if run.metrics.exists() else None
 
-    The run's own lists serve when no point is looser than the run; otherwise the hard
-    lists are searched again (the k-NN search only: the diverse lists depend on neither
-    value, so the saved ones are exactly what a rerun would compute). A run interrupted
-    before its candidates were all written has everything searched.
-    """
+
+def point_lists(saved: Saved, pairs: list[tuple[float, float]]
+                ) -> Callable[[float, float], Candidates]:
+    """(cosine_threshold, min_visual_similarity) -> the candidate lists a rerun with those
+    values would write. A run interrupted before its candidates were all written has
+    everything searched."""
     c = saved.config
     run = RunDir(c.output_dir)
     anchors = np.arange(saved.ds.num_anchors)
-    if not all(run.is_done("candidates", p.shard) for p in saved.plan.shards):
+    index = None
+    if all(run.is_done("candidates", p.shard) for p in saved.plan.shards):
+        cands = Candidates.concat([Candidates.from_arrays(read_npz(run.candidates(p.shard)))
+                                   for p in saved.plan.shards])
+        if all(pair == (c.cosine_threshold, c.min_visual_similarity) for pair in pairs):
+            return lambda tau, mvs: cands
+    else:
         index = open_index(run, saved.plan.index, saved.tab.V, "cpu")
-        return find_candidates(_point(c, tau, mvs), saved.tab, anchors, index=index)[0]
-    cands = Candidates.concat([Candidates.from_arrays(read_npz(run.candidates(p.shard)))
-                               for p in saved.plan.shards])
-    if tau <= c.cosine_threshold and mvs >= c.min_visual_similarity:
-        return cands
-    index = open_index(run, saved.plan.index, saved.tab.V, "cpu")  # the run's own index
-    batches = [hard_candidates(index, saved.tab, anchors[s:s + ANCHOR_BATCH], c.k_nn, mvs, tau)
-               for s in range(0, len(anchors), ANCHOR_BATCH)]
-    return dataclasses.replace(cands, hard=Ragged.concat(batches))
+        cands = find_candidates(c, saved.tab, anchors, index=index)[0]
+    index = index or open_index(run, saved.plan.index, saved.tab.V, "cpu")  # the run's own
+    floor = min(mvs for _, mvs in pairs)
+    found = [neighbours(index, saved.tab, anchors[s:s + ANCHOR_BATCH], c.k_nn, floor)
+             for s in range(0, len(anchors), ANCHOR_BATCH)]
 
+    @functools.lru_cache(maxsize=1)  # points come knob after knob: a pair's run together
+    def lists(tau: float, mvs: float) -> Candidates:
+        hard = [cut(nb, tau, mvs) for nb in found]
+        return dataclasses.replace(
+            cands, hard=Ragged.concat([h.lists for h in hard]),
+            hard_before=np.concatenate([h.before for h in hard]),
+            hard_fixed=np.concatenate([h.fixed for h in hard]))
 
-def filter_hard(hard: Ragged, tau: float, mvs: float) -> Ragged:
-    """The hard lists a run with (tau, mvs) would have written (as `hard_candidates` cuts)."""
-    keep = (hard.vis >= mvs) & (hard.txt < threshold_steps(tau)[-1])
-    kept_before = np.concatenate([[0], np.cumsum(keep)])
-    return Ragged(kept_before[hard.offsets], hard.rows[keep], hard.vis[keep], hard.txt[keep])
+    return lists
 
 
 def _shared_widen(saved: Saved) -> Callable:
@@ -176,6 +225,12 @@ def evaluate(saved: Saved, config: Config, cands: Candidates, widen: Callable
 
 # ---- presenting the grid ------------------------------------------------------------------
 
+KNOB_LABELS = {"cosine_threshold": "cosine threshold", "min_visual_similarity": "min visual sim",
+               "fallback_phrase_reuse_limit": "fallback limit",
+               "sliding_window_size": "window size", "diverse_ratio": "diverse ratio"}
+MAX_MAPS = 6  # heat maps per figure; the table below them holds every point
+
+
 def figures(g: dict[str, Any]) -> dict[str, Any]:
     """The sweep's columns of one point's global metrics (means of the similarities)."""
     out = {k: g[k] for k in COLUMNS}
@@ -185,10 +240,30 @@ def figures(g: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def shown_knobs(result: dict[str, Any]) -> list[str]:
+    """The thresholds, and every other knob the grid varies."""
+    return [name for name, plural, _ in KNOBS
+            if name in THRESHOLDS or len(result[plural]) > 1]
+
+
+def shown_reasons(result: dict[str, Any]) -> list[str]:
+    """The failure reasons that stop some anchor at some point (README's codes)."""
+    return [r for r in REASONS
+            if any(p["global"]["failure_reasons"][r] for p in result["points"])]
+
+
 def is_run_point(result: dict[str, Any], point: dict[str, Any]) -> bool:
-    run = result["run"]
-    return (point["cosine_threshold"] == run["cosine_threshold"]
-            and point["min_visual_similarity"] == run["min_visual_similarity"])
+    return all(point[name] == result["run"][name] for name, _, _ in KNOBS)
+
+
+def rows_of(result: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    """The table's header and rows: knobs, figures, anchors without a negative by reason."""
+    knobs, reasons = shown_knobs(result), shown_reasons(result)
+    head = [KNOB_LABELS[k] for k in knobs] + list(LABELS) + \
+        [f"no negative: {REASON_LABELS[r]}" for r in reasons]
+    rows = [[p[k] for k in knobs] + [figures(p["global"])[k] for k in COLUMNS]
+            + [p["global"]["failure_reasons"][r] for r in reasons] for p in result["points"]]
+    return head, rows
 
 
 def print_table(result: dict[str, Any], console: Any = None) -> None:
@@ -196,27 +271,26 @@ def print_table(result: dict[str, Any], console: Any = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    console = console or Console()
     grid = Table(title="hnm sweep: what a rerun would give")
-    grid.add_column("cosine threshold", justify="right")
-    grid.add_column("min visual sim", justify="right")
-    for label in LABELS:
+    head, rows = rows_of(result)
+    for label in head:
         grid.add_column(label, justify="right")
-    for p in result["points"]:
-        row = figures(p["global"])
-        mark = is_run_point(result, p)
-        grid.add_row(f"{p['cosine_threshold']:g}", f"{p['min_visual_similarity']:g}",
-                     *(_cell_text(k, row[k]) for k in COLUMNS),
-                     style="bold" if mark else None)
-    (console or Console()).print(grid)
+    names = shown_knobs(result) + list(COLUMNS)
+    for p, row in zip(result["points"], rows):
+        cells = [_cell_text(names[k] if k < len(names) else "", v) for k, v in enumerate(row)]
+        grid.add_row(*cells, style="bold" if is_run_point(result, p) else None)
+    console.print(grid)
     s = result["seconds"]
-    (console or Console()).print(f"{len(result['points'])} points: candidates "
-                                 f"{s['candidates']:.2f}s, selection {s['select']:.2f}s "
-                                 "(bold: the run's own values)")
+    console.print(f"{len(result['points'])} points: candidates {s['candidates']:.2f}s, "
+                  f"selection {s['select']:.2f}s (bold: the run's own values)")
 
 
 def _cell_text(name: str, value: Any) -> str:
     if isinstance(value, int):
         return str(value)
+    if name in KNOB_LABELS:
+        return f"{value:g}"
     return fmt(value, ".1%" if name in ("success_rate", "hard_share") else ".3f")
 
 
@@ -231,40 +305,54 @@ def write_outputs(output_dir: str | Path, result: dict[str, Any]) -> tuple[Path,
 def render_html(result: dict[str, Any]) -> str:
     """Heat maps of success rate and hard share, then every figure of every point."""
     run = result["run"]
-    intro = (f"<h1>hnm sweep</h1><p class='muted'>the run used cosine threshold "
-             f"{run['cosine_threshold']:g} and min visual similarity "
-             f"{run['min_visual_similarity']:g} (outlined); the figures are what a rerun "
-             "with each pair of values gives, computed from the saved embeddings. Colours run "
-             "from the grid's lowest value (pale) to its highest (dark).</p>")
+    values = ", ".join(f"{KNOB_LABELS[k]} {run[k]:g}" for k in shown_knobs(result))
+    intro = (f"<h1>hnm sweep</h1><p class='muted'>the run used {esc(values)} (outlined); the "
+             "figures are what a rerun with each combination of values gives, computed from "
+             "the saved embeddings. Colours run from the grid's lowest value (pale) to its "
+             "highest (dark).</p>")
     maps = "".join(heat_map(result, k) for k in ("success_rate", "hard_share"))
-    rows = [[p["cosine_threshold"], p["min_visual_similarity"],
-             *(figures(p["global"])[k] for k in COLUMNS)] for p in result["points"]]
-    full = table(["cosine threshold", "min visual sim", *LABELS], rows)
+    head, rows = rows_of(result)
     css = (".maps{display:flex;gap:24px;flex-wrap:wrap}.heat td{width:64px;text-align:center}"
            ".heat td.run{outline:3px solid #222;outline-offset:-3px;font-weight:700}")
     return page("hnm sweep", intro + f"<div class='maps'>{maps}</div><h2>All figures</h2>"
-                + full, CSS + css)
+                + table(head, rows), CSS + css)
 
 
 def heat_map(result: dict[str, Any], name: str) -> str:
-    """One figure over the grid: rows are cosine thresholds, columns min visual similarity."""
-    by = {(p["cosine_threshold"], p["min_visual_similarity"]): p for p in result["points"]}
+    """One figure over the grid: rows and columns are the first two knobs with several
+    values (else the thresholds); one map per combination of the others (at most
+    MAX_MAPS)."""
+    plural = {n: p for n, p, _ in KNOBS}
+    knobs = shown_knobs(result)
+    several = [k for k in knobs if len(result[plural[k]]) > 1]
+    axes = (several + [k for k in THRESHOLDS if k not in several])[:2]
+    row_knob, col_knob = axes
+    rest = [k for k in knobs if k not in axes]
     values = [p["global"][name] for p in result["points"] if p["global"][name] is not None]
     lo, hi = min(values, default=0.0), max(values, default=0.0)
-    head = "".join(f"<th>{v:g}</th>" for v in result["min_visual_similarities"])
-    rows = []
-    for tau in result["cosine_thresholds"]:
-        cells = []
-        for mvs in result["min_visual_similarities"]:
-            p = by[(tau, mvs)]
-            value = p["global"][name]
-            cls = " class='run'" if is_run_point(result, p) else ""
-            shade = colour(None if value is None else (value - lo) / (hi - lo) if hi > lo else 0.5)
-            cells.append(f"<td{cls} style='{shade}'>{esc(_cell_text(name, value))}</td>")
-        rows.append(f"<tr><th>{tau:g}</th>{''.join(cells)}</tr>")
-    title = name.replace("_", " ")
-    return (f"<div><h2>{esc(title)}</h2><table class='heat'><tr><th>τ \\ min vis</th>{head}"
-            f"</tr>{''.join(rows)}</table></div>")
+    combos = list(itertools.product(*(result[plural[k]] for k in rest)))
+    out = []
+    for combo in combos[:MAX_MAPS]:
+        by = {(p[row_knob], p[col_knob]): p for p in result["points"]
+              if all(p[k] == v for k, v in zip(rest, combo))}
+        head = "".join(f"<th>{v:g}</th>" for v in result[plural[col_knob]])
+        rows = []
+        for rv in result[plural[row_knob]]:
+            cells = []
+            for cv in result[plural[col_knob]]:
+                p = by[(rv, cv)]
+                value = p["global"][name]
+                cls = " class='run'" if is_run_point(result, p) else ""
+                shade = colour(None if value is None else
+                               (value - lo) / (hi - lo) if hi > lo else 0.5)
+                cells.append(f"<td{cls} style='{shade}'>{esc(_cell_text(name, value))}</td>")
+            rows.append(f"<tr><th>{rv:g}</th>{''.join(cells)}</tr>")
+        title = name.replace("_", " ") + "".join(f", {KNOB_LABELS[k]} {v:g}"
+                                                 for k, v in zip(rest, combo))
+        corner = f"{KNOB_LABELS[row_knob]} \\ {KNOB_LABELS[col_knob]}"
+        out.append(f"<div><h2>{esc(title)}</h2><table class='heat'><tr><th>{esc(corner)}</th>"
+                   f"{head}</tr>{''.join(rows)}</table></div>")
+    return "".join(out)
 
 
 def colour(value: float | None) -> str:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 
 import numpy as np
 
 
 def reference_mine(V, T, text_ids, groups, phrases, clusters, blacklist, u, cfg,
-                   searched=None, first_lists=None):
+                   searched=None, first_lists=None, outcomes=None):
     """Returns, per anchor, a list of (row, kind, detail) exactly as SPEC §3-7 describes.
 
     V: (N, dv) visual embeddings; T: (U, dt) phrase embeddings; blacklist: (B, dt) or None.
@@ -18,6 +18,7 @@ def reference_mine(V, T, text_ids, groups, phrases, clusters, blacklist, u, cfg,
     With an approximate (IVF) index: searched(a) lists the rows N(a) is taken from (those of
     the lists probed for a); first_lists(a) is a's diverse candidate list, whose free rows
     are tried first (per cluster condition) before every row is.
+    outcomes: a list that receives each anchor's `reference_outcome`.
     """
     n = len(V)
     sv = np.asarray(V, np.float64) @ np.asarray(V, np.float64).T
@@ -48,29 +49,38 @@ def reference_mine(V, T, text_ids, groups, phrases, clusters, blacklist, u, cfg,
         length = len(phrases[p])
         return 1 if length < 60 else 2 if length < 100 else 3
 
+    def classify(a, j, taken, threshold, limit):
+        """The first SPEC §5 rule that skips neighbour j (None: j is taken)."""
+        if sv[a, j] < cfg.min_visual_similarity:
+            return "min_visual"
+        if groups[j] == groups[a]:
+            return "same_group"
+        if not eligible[j]:
+            return "ineligible"
+        if st[pid[a], pid[j]] >= threshold:
+            return "text_similar"
+        if pid[j] in taken:
+            return "repeated_phrase"
+        if count(pid[j]) >= limit(pid[j]):
+            return "phrase_cap"
+        return None
+
     def hard(a, taken):
+        """(row, step) or None, and what the scan skipped: before the pick in the pass
+        that took it, or in all of N(a) (its loosest standard pass) when none did."""
         pool = range(n) if searched is None else searched(a)
         others = sorted((j for j in pool if j != a), key=lambda j: (-sv[a, j], j))
         neighbours = others[:cfg.k_nn]
         tau = cfg.cosine_threshold
-        for step, t in enumerate((tau, tau + 0.09, tau + 0.18)):
-            for j in neighbours:
-                if sv[a, j] < cfg.min_visual_similarity:
-                    break
-                if groups[j] == groups[a] or not eligible[j] or pid[j] in taken:
-                    continue
-                if count(pid[j]) >= std_limit(pid[j]) or st[pid[a], pid[j]] >= t:
-                    continue
-                return j, step
-        for j in neighbours:
-            if sv[a, j] < cfg.min_visual_similarity:
-                break
-            if groups[j] == groups[a] or not eligible[j] or pid[j] in taken:
-                continue
-            if count(pid[j]) >= cfg.fallback_phrase_reuse_limit or st[pid[a], pid[j]] >= tau:
-                continue
-            return j, "fallback"
-        return None
+        passes = [(step, t, std_limit) for step, t in enumerate((tau, tau + 0.09, tau + 0.18))]
+        passes.append(("fallback", tau, lambda p: cfg.fallback_phrase_reuse_limit))
+        for step, t, limit in passes:
+            rules = [classify(a, j, taken, t, limit) for j in neighbours]
+            if None in rules:
+                k = rules.index(None)
+                return (neighbours[k], step), Counter(rules[:k])
+        loosest = [classify(a, j, taken, tau + 0.18, std_limit) for j in neighbours]
+        return None, Counter(loosest)
 
     def diverse(a, taken):
         cands = [j for j in range(n) if j != a and groups[j] != groups[a] and eligible[j]
@@ -93,11 +103,17 @@ def reference_mine(V, T, text_ids, groups, phrases, clusters, blacklist, u, cfg,
     out = []
     for a in range(len(u)):
         order = ("diverse", "hard") if u[a] < cfg.diverse_ratio else ("hard", "diverse")
-        picks, taken = [], set()
+        picks, taken, skipped, scanned, ended = [], set(), Counter(), False, None
         for _ in range(cfg.num_negatives):
             found = None
             for kind in order:
-                found = hard(a, taken) if kind == "hard" else diverse(a, taken)
+                if kind == "hard":
+                    found, skips = hard(a, taken)
+                    skipped += skips
+                    scanned = True
+                    ended = skips
+                else:
+                    found = diverse(a, taken)
                 if found:
                     found = (found[0], kind, found[1])
                     break
@@ -107,4 +123,31 @@ def reference_mine(V, T, text_ids, groups, phrases, clusters, blacklist, u, cfg,
             taken.add(pid[found[0]])
             picks.append(found)
         out.append(picks)
+        if outcomes is not None:
+            suspect = [st[pid[a], pid[j]] > cfg.audit_text_similarity
+                       or sv[a, j] > cfg.audit_visual_similarity for j, _, _ in picks]
+            outcomes.append(reference_outcome(cfg, suspect, ended, skipped, scanned,
+                                              any(groups[j] != groups[a] and eligible[j]
+                                                  for j in range(n))))
     return out
+
+
+def reference_outcome(cfg, suspect, ended, skipped, scanned, diverse_possible):
+    """README's rule for an anchor's outcome, from whether each of its picks is suspect:
+    (reason, missing, skipped or None)."""
+    asked = cfg.num_negatives
+    picks = suspect
+    kept = [s for s in suspect if not (cfg.drop_suspect_negatives and s)]
+    reason = None
+    if len(picks) < asked:
+        for rule in ("phrase_cap", "repeated_phrase"):
+            if ended[rule]:
+                reason = rule
+                break
+        else:
+            reason = "no_diverse" if diverse_possible else next(
+                (r for r in ("text_similar", "ineligible", "same_group") if ended[r]),
+                "min_visual")
+    if len(kept) < len(picks) and (len(picks) == asked or not kept):
+        reason = "suspect_dropped"
+    return reason, asked - len(kept), dict(skipped) if scanned else None

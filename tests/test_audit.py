@@ -175,8 +175,13 @@ def test_run_flags_suspects_and_drops_them(tmp_path: Path):
     assert not any(s["dropped"] for s in listed)
     # dropping: the same output less the suspects; they are listed as dropped
     dropped = _negatives(tmp_path / "drop")
-    assert dropped == [{**r, "negatives": [n for n in r["negatives"] if not n["suspect"]]}
-                       for r in records]
+    kept = [[n for n in r["negatives"] if not n["suspect"]] for r in records]
+    assert [{**r, "outcome": None} for r in dropped] == \
+        [{**r, "negatives": k, "outcome": None} for r, k in zip(records, kept)]
+    # an anchor whose every negative was dropped says so; the others keep their outcome
+    assert [r["outcome"]["reason"] for r in dropped] == \
+        ["suspect_dropped" if r["negatives"] and not k else r["outcome"]["reason"]
+         for r, k in zip(records, kept)]
     listed_dropped = [json.loads(line) for line in (tmp_path / "drop/suspects.jsonl").open()]
     assert [s["negative"] for s in listed_dropped] == [s["negative"] for s in listed]
     assert all(s["dropped"] for s in listed_dropped)

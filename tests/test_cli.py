@@ -31,7 +31,8 @@ GLOBAL_KEYS = {
     "hard_visual_similarity", "hard_below_min_visual_similarity", "diverse_visual_similarity",
     "cluster_diversity", "distinct_negative_phrases", "phrase_diversity", "max_phrase_reuse",
     "mean_phrase_reuse", "anchor_answer_length", "negative_answer_length", "distinct_answers",
-    "phrase_diversity_vs_data", "skipped_missing_image",
+    "phrase_diversity_vs_data", "skipped_missing_image", "failure_reasons",
+    "fewer_than_asked", "skipped",
 }
 PHASES = {"load", "embed_images", "embed_texts", "tables", "cluster", "search", "select",
           "write"}
@@ -75,8 +76,12 @@ def check_negatives(out: Path, records: list[dict], num_negatives: int = 1,
                     tau: float = 0.3, min_vis: float = 0.3) -> list[dict]:
     """negatives.jsonl against SPEC §5, §8: records unchanged in order, valid negatives."""
     rows = read_jsonl(out / "negatives.jsonl")
-    assert [{k: v for k, v in r.items() if k != "negatives"} for r in rows] == records
-    assert all(list(r)[-1] == "negatives" for r in rows)
+    assert [{k: v for k, v in r.items() if k not in ("negatives", "outcome")}
+            for r in rows] == records
+    assert all(list(r)[-2:] == ["negatives", "outcome"] for r in rows)
+    # an anchor short of negatives says why; one that got all it asked for says nothing
+    assert all((r["outcome"]["reason"] is None) == (len(r["negatives"]) == num_negatives)
+               for r in rows)
     by_id = {r["id"]: r for r in records}
     for row in rows:
         negatives = row["negatives"]

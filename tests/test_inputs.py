@@ -120,7 +120,8 @@ def test_jsonl_with_line_separators_inside_strings(capsys, tmp_path, models):
                      "--output-dir", out, "--text-encoder", models / "bert", "--blacklist", "")
     assert rc == 0, err
     again = _load(out / "negatives.jsonl", tmp_path)
-    assert [{k: v for k, v in r.items() if k != "negatives"} for r in again.records] == recs
+    assert [{k: v for k, v in r.items() if k not in ("negatives", "outcome")}
+            for r in again.records] == recs
 
 
 @pytest.mark.parametrize(("fmt", "field"), [("json", "text"), ("json", "extra"),
@@ -299,7 +300,7 @@ def test_skip_missing_images(capsys, demo_root, tmp_path):
     assert rc == 0, err
     assert snapshot(root) == before
     rows = read_jsonl(out / "negatives.jsonl")
-    assert [{k: v for k, v in r.items() if k != "negatives"} for r in rows] == recs
+    assert [{k: v for k, v in r.items() if k not in ("negatives", "outcome")} for r in rows] == recs
     skipped_ids = {recs[i]["id"] for i in broken}
     for i, row in enumerate(rows):
         if i in broken:
@@ -564,7 +565,8 @@ def test_every_format_mines_the_same_negatives(capsys, tmp_path, models, fmt):
     assert sum(bool(r["negatives"]) for r in runs["list"]) > 0
     assert [r["negatives"] for r in runs[fmt]] == [r["negatives"] for r in runs["list"]]
     expected = list(keyed.values()) if fmt == "dict" else recs
-    assert [{k: v for k, v in r.items() if k != "negatives"} for r in runs[fmt]] == expected
+    assert [{k: v for k, v in r.items() if k not in ("negatives", "outcome")}
+            for r in runs[fmt]] == expected
 
 
 def test_extra_fields_pass_through_in_input_order(capsys, tmp_path):
@@ -579,9 +581,9 @@ def test_extra_fields_pass_through_in_input_order(capsys, tmp_path):
                      "--output-dir", out, "--text-field", "answer", "--blacklist", "")
     assert rc == 0, err
     rows = read_jsonl(out / "negatives.jsonl")
-    assert [{k: v for k, v in r.items() if k != "negatives"} for r in rows] == recs
-    assert all(list(r)[:-1] == list(rec) for r, rec in zip(rows, recs))  # key order kept
-    assert all(list(r)[-1] == "negatives" for r in rows)
+    assert [{k: v for k, v in r.items() if k not in ("negatives", "outcome")} for r in rows] == recs
+    assert all(list(r)[:-2] == list(rec) for r, rec in zip(rows, recs))  # key order kept
+    assert all(list(r)[-2:] == ["negatives", "outcome"] for r in rows)
     assert sum(bool(r["negatives"]) for r in rows) > 0
     for r in rows:
         for n in r["negatives"]:  # a negative's text and image are its record's own

@@ -15,7 +15,7 @@ from test_engine import random_case
 from hnm import sweep
 from hnm.cli import main
 from hnm.index import build_index, kmeans
-from hnm.miner import Tables, eligible_phrases, hard_candidates
+from hnm.miner import Tables, cut, eligible_phrases, hard_candidates, neighbours
 
 # figures of the dataset rather than of the selection: a sweep does not recompute them
 DATASET_KEYS = {"distinct_answers", "skipped_missing_image", "records", "candidates",
@@ -57,8 +57,9 @@ def test_sweep_equals_reruns(tmp_path: Path, extra: tuple[str, ...]):
     assert len({json.dumps(g, sort_keys=True) for g in points.values()}) >= 6
 
 
-def test_filtered_lists_equal_a_direct_search():
-    """Cutting the loosest lists down equals searching with each point's values."""
+def test_cut_lists_equal_a_direct_search():
+    """Cutting the loosest neighbour lists down equals searching with each point's values,
+    the fixed rules' counts included."""
     for seed in range(40):
         V, T, text_ids, groups, phrases, blacklist, config, n = random_case(seed)
         clusters, _ = kmeans(V, config.n_clusters, config.seed)
@@ -66,12 +67,63 @@ def test_filtered_lists_equal_a_direct_search():
                                     config.blacklist_similarity)
         tab = Tables(V, T, text_ids, groups, eligible[text_ids], clusters)
         index, anchors = build_index(V), np.arange(n)
-        loose = hard_candidates(index, tab, anchors, config.k_nn, -1.0, 0.6)
+        loose = neighbours(index, tab, anchors, config.k_nn, -1.0)
         for tau, mvs in ((0.6, -1.0), (0.1, 0.0), (-0.2, 0.5), (0.3, 0.9)):
             want = hard_candidates(index, tab, anchors, config.k_nn, mvs, tau)
-            got = sweep.filter_hard(loose, tau, mvs)
-            for field in dataclasses.fields(want):
-                assert np.array_equal(getattr(got, field.name), getattr(want, field.name))
+            got = cut(loose, tau, mvs)
+            assert np.array_equal(got.before, want.before)
+            assert np.array_equal(got.fixed, want.fixed)
+            for field in dataclasses.fields(want.lists):
+                assert np.array_equal(getattr(got.lists, field.name),
+                                      getattr(want.lists, field.name))
+
+
+def templated(root: Path, n: int = 160, seed: int = 5) -> dict:
+    """The synthetic dataset with templated captions: 8 of them, each used by many rows."""
+    paths = make_dataset(root, n=n, seed=seed)
+    rng = np.random.default_rng(seed)
+    lines = Path(paths["annotations"]).read_text().splitlines()
+    which = rng.integers(0, 8, len(lines))
+    records = [{**json.loads(line), "text": f"there is a piece of scene number {k}"}
+               for line, k in zip(lines, which.tolist())]
+    Path(paths["annotations"]).write_text("".join(json.dumps(r) + "\n" for r in records))
+    T = rng.normal(size=(8, 32))  # texts near orthogonal: below the threshold, fallback counts
+    np.save(paths["text_embeddings"], (T / np.linalg.norm(T, axis=1, keepdims=True))[which])
+    return paths
+
+
+KNOBS = ("--fallback-phrase-reuse-limit", "--sliding-window-size", "--diverse-ratio")
+
+
+def test_sweep_of_the_selection_knobs_equals_reruns(tmp_path: Path):
+    """Fallback limits, window sizes and diverse ratios, answered from the saved lists."""
+    paths = templated(tmp_path / "data")
+    base = tmp_path / "base"
+    assert main(mine_args(paths, base)) == 0
+    assert _global(base)["failures"] > 20  # the captions run out: reasons to look at
+    grid = {"fallback_phrase_reuse_limit": [1, 3, 6], "sliding_window_size": [6, 1000],
+            "diverse_ratio": [0.3, 1.0]}
+    result = sweep.sweep(base, **grid)
+    assert result["cosine_thresholds"] == [0.3] and result["min_visual_similarities"] == [0.3]
+    points = {(p["fallback_phrase_reuse_limit"], p["sliding_window_size"], p["diverse_ratio"]):
+              p["global"] for p in result["points"]}
+    assert len(points) == 12
+    assert {k: v for k, v in points[(3, 1000, 0.3)].items() if k not in DATASET_KEYS} == \
+        _global(base)
+    for values in ((6, 1000, 1.0), (1, 6, 0.3)):
+        rerun = tmp_path / "rerun_{}_{}_{}".format(*values)
+        flags = [x for knob, v in zip(KNOBS, values) for x in (knob, str(v))]
+        assert main(mine_args(paths, rerun, *flags)) == 0
+        assert points[values] == _global(rerun)
+    assert len({json.dumps(g, sort_keys=True) for g in points.values()}) >= 8
+    reasons = {r for g in points.values() for r, c in g["failure_reasons"].items() if c}
+    assert "phrase_cap" in reasons
+    head, rows = sweep.rows_of(result)
+    assert head[:5] == ["cosine threshold", "min visual sim", "fallback limit", "window size",
+                        "diverse ratio"]
+    assert "no negative: phrase caps" in head
+    page = sweep.render_html(result)
+    assert page.count("<table class='heat'>") == 2 * 2  # per figure: limit x window, by ratio
 
 
 def test_default_grid_surrounds_the_run():
@@ -124,6 +176,11 @@ def test_sweep_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     (["--cosine-thresholds", "0.2,x"], "--cosine-thresholds: expected comma-separated"),
     (["--min-visual-similarities", "1.5"], "--min-visual-similarities: expected numbers "
                                            "within [-1, 1]"),
+    (["--fallback-phrase-reuse-limits", "2,2.5"], "--fallback-phrase-reuse-limits: expected "
+                                                  "comma-separated whole numbers"),
+    (["--sliding-window-sizes", "0,10"], "--sliding-window-sizes: expected whole numbers of "
+                                         "at least 1"),
+    (["--diverse-ratios", "0.5,1.2"], "--diverse-ratios: expected numbers within [0, 1]"),
 ])
 def test_sweep_rejects_bad_grids(tmp_path: Path, capsys, argv, message):
     assert main(["sweep", str(tmp_path), *argv]) == 2
