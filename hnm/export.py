@@ -36,11 +36,17 @@ IMAGE_COLUMNS = {"triplets": ("anchor_image", "negative_image"), "pairs": ("imag
 EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "TIFF": "tif"}  # PIL format -> ext
 
 
-def export(output_dir: str | Path, kind: str, to: str | Path) -> Path:
+def export(output_dir: str | Path, kind: str, to: str | Path, overwrite: bool = False,
+           tokenizer: str | None = None, max_answer_length: int | None = None) -> Path:
     """Write the run's rows of `kind` to `to` (.parquet, .jsonl, or a folder); returns it.
-    Everything is checked before anything is written."""
+    Everything is checked before anything is written. `avdn`: the run's input, an AVDN
+    processed dataset, copied into the folder `to` with the negatives added (hnm.avdn)."""
     from hnm.api import load_run
 
+    if kind == "avdn":
+        return _export_avdn(output_dir, Path(to), overwrite, tokenizer, max_answer_length)
+    if tokenizer is not None or max_answer_length is not None:
+        raise HnmError("--tokenizer and --max-answer-length: only with --format avdn")
     if kind not in KINDS:
         raise HnmError(f"--format: must be one of {', '.join(KINDS)}, got {kind!r}")
     run = load_run(output_dir)
@@ -66,6 +72,23 @@ def export(output_dir: str | Path, kind: str, to: str | Path) -> Path:
         else:
             write_tar_shards(to, _samples(rows, kind, images), PER_SHARD)
     return to
+
+
+def _export_avdn(output_dir: str | Path, to: Path, overwrite: bool, tokenizer: str | None,
+                 max_answer_length: int | None) -> Path:
+    from hnm import avdn
+    from hnm.api import load_run
+
+    run = load_run(output_dir)
+    plan = read_plan(RunDir(run.dir))
+    if plan.input_format != "avdn":
+        raise HnmError(f"--format avdn: the input of the run in {run.dir} is {plan.input_format}"
+                       ", not an AVDN processed dataset (.pkl chunks)")
+    ds = load_dataset(run.config, list(plan.skipped))
+    if not plan.run_key.endswith(ds.source_sha256[:16]):
+        raise HnmError(f"{run.config.annotations}: changed since the run in {run.dir}; its "
+                       "negatives no longer match the records")
+    return avdn.export(run, ds, to, overwrite, tokenizer, max_answer_length)
 
 
 def _rows_by(ds: Dataset) -> tuple[dict[int, int], dict[Any, int]]:
