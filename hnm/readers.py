@@ -705,6 +705,16 @@ def read_tensor(ref: ImageRef) -> Any:
     return image_tensor(ref)
 
 
+def tensor_png(ref: ImageRef, normalization: str) -> BinaryIO:
+    """An image tensor mapped back to an image (--tensor-normalization), as PNG bytes."""
+    from hnm.avdn import to_image
+
+    buffer = io.BytesIO()
+    to_image(read_tensor(ref), normalization).save(buffer, "PNG")
+    buffer.seek(0)
+    return buffer
+
+
 def payload(source: Path | ImageRef) -> Path | bytes | None:
     """What PIL decodes: the file's path, or the image's bytes read from its shard."""
     return source if isinstance(source, Path) else read_image(source)
