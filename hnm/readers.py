@@ -153,6 +153,11 @@ def chunk_order(path: Path) -> tuple:
                  for part in re.split(r"(\d+)", path.name))
 
 
+def reads_tensors(config: Config) -> bool:
+    """Whether the input holds its images as tensors (an AVDN processed dataset)."""
+    return (config.input_format or detect_format(str(config.annotations or ""))) == "avdn"
+
+
 def detect_format(given: str) -> str | None:
     """The format `find_shards` would read --annotations as, where the names tell (None:
     nothing to look at); never fails."""
