@@ -17,6 +17,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from hnm import pickles
 from hnm.config import Fields, tensor_normalization
 from hnm.errors import HnmError
@@ -104,9 +106,18 @@ def check_tensor(value: Any, where: str, field: str) -> int:
     if value.shape[0] != 3 or min(value.shape[1:]) < MIN_SIDE:
         raise HnmError(f"{where}: '{field}' has shape {shape}; expected 3 channels of at least "
                        f"{MIN_SIDE}x{MIN_SIDE} pixels")
-    if not bool(torch.isfinite(value).all()):
+    if not np.isfinite(_array(value)).all():
         raise HnmError(f"{where}: '{field}' holds NaN or infinite values")
     return value.numel() * value.element_size()
+
+
+def _array(tensor: Any) -> np.ndarray:
+    """A float tensor's values for NumPy (several times faster here than torch's own
+    checks on one thread); bfloat16, which NumPy lacks, as float32."""
+    import torch
+
+    tensor = tensor.detach()
+    return (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()
 
 
 # ---------------------------------------------------------------- images, on demand

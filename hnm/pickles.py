@@ -139,10 +139,11 @@ def storage_from_bytes(data: bytes) -> Any:
     numel = int.from_bytes(f.read(8), "little" if order == "<" else "big")
     bfloat = ref.dtype == "bfloat16"
     dtype = np.dtype("uint16" if bfloat else ref.dtype).newbyteorder(order)
-    raw = f.read(numel * dtype.itemsize)
-    if numel != ref.numel or len(raw) != numel * dtype.itemsize:
+    if numel != ref.numel or len(data) - f.tell() < numel * dtype.itemsize:
         raise pickle.UnpicklingError("a pickled torch storage cut short")
-    flat = torch.from_numpy(np.frombuffer(bytearray(raw), dtype).astype(dtype.newbyteorder("=")))
+    # one copy, straight from the pickle's bytes, in this machine's byte order
+    values = np.frombuffer(data, dtype, count=numel, offset=f.tell())
+    flat = torch.from_numpy(values.astype(dtype.newbyteorder("="), copy=True))
     return flat.view(torch.bfloat16) if bfloat else flat
 
 
