@@ -11,10 +11,11 @@ from pathlib import Path
 
 import avdn_data
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
-from builders import FAST, cli, fails, read_jsonl, snapshot, tiny_bert, tiny_clip
+from builders import FAST, REPO, cli, fails, read_jsonl, snapshot, tiny_bert, tiny_clip
 from transformers import BatchEncoding
 
 from hnm import pickles
@@ -206,6 +207,43 @@ def test_model_encoders_see_the_images_the_tensors_came_from(tmp_path, one_threa
     assert np.array_equal(from_files, from_tensors)
     other, _ = embed_images(encoder, refs, 2, 0, 10**8, normalization="0.5,0.25")
     assert not np.array_equal(from_files, other)
+
+
+def test_loader_processes_read_their_own_chunks(mined, one_thread):
+    """Forked DataLoader processes each unpickle the chunks they need: the same embeddings
+    as one process reading them all."""
+    refs = read_input(load_config(None, {"annotations": str(mined.data)})).refs
+    encoder = build_image_encoder("pixels", "cpu")
+    alone, _ = embed_images(encoder, refs, 4, 0, 10**8)
+    loaders, _ = embed_images(encoder, refs, 4, 2, 10**8)
+    assert np.array_equal(alone, loaders)
+    assert np.array_equal(alone, np.load(mined.out / "embeddings" / "image_00000.npy"))
+
+
+def test_triplets_of_a_run_on_tensors_hold_png_images(mined, capsys, tmp_path):
+    from PIL import Image
+
+    from hnm.avdn import to_image
+
+    rc, _, err = cli(capsys, "export", mined.out, "--to", tmp_path / "t.parquet")
+    assert rc == 0, err
+    rows = pq.read_table(tmp_path / "t.parquet").to_pylist()
+    originals = mined.originals()
+    assert len(rows) == sum(len(r["negatives"]) for r in read_jsonl(mined.out /
+                                                                      "negatives.jsonl"))
+    for row in rows[:3]:
+        image = Image.open(io.BytesIO(row["negative_image"]))
+        expected = to_image(originals[row["negative_id"]]["current_view_image"], "imagenet")
+        assert image.format == "PNG" and np.array_equal(np.asarray(image), np.asarray(expected))
+
+
+def test_split_configs_read_processed_datasets(mined, capsys):
+    """The shipped AVDN configs name text and group only: image and id come from the
+    format, and their --image-dir (image files) is not needed."""
+    rc, out, err = cli(capsys, "--config", REPO / "configs" / "val_seen.yaml", "--annotations",
+                       mined.data, "--visual-encoder", "pixels", "--dry-run")
+    assert rc == 0, err
+    assert "Input: avdn, 3 file(s)" in out
 
 
 def test_avdn_field_defaults_and_normalization_flag(tmp_path):
