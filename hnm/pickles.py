@@ -2,7 +2,7 @@
 and a writer that puts back what was read (for the AVDN processed dataset, hnm.avdn).
 
 Unpickling calls whatever the file names; this unpickler resolves a name only when it is on
-`ALLOWED`, every other one is refused (`Refused`), so that a pickle can rebuild tensors,
+`allowed()`, every other one is refused (`Refused`), so that a pickle can rebuild tensors,
 arrays and containers and nothing else. Torch tensors are rebuilt from their bytes by hnm
 itself: torch's own route (`torch.storage._load_from_bytes`) calls `torch.load` unrestricted.
 """
