@@ -26,9 +26,13 @@ def _mine_flags(p: argparse.ArgumentParser) -> None:
     io = p.add_argument_group("inputs and outputs")
     io.add_argument("--config", help="YAML config (defaults < YAML < flags)")
     io.add_argument("--annotations", default=UNSET, help="a file, a folder or a glob of shards: "
-                    "JSON/JSONL, CSV/TSV, Parquet, WebDataset .tar, Hugging Face save_to_disk")
+                    "JSON/JSONL, CSV/TSV, Parquet, WebDataset .tar, Hugging Face save_to_disk, "
+                    "AVDN .pkl chunks")
     io.add_argument("--input-format", choices=INPUT_FORMATS, default=UNSET,
                     help="read --annotations as this format (default: from the names)")
+    io.add_argument("--tensor-normalization", default=UNSET,
+                    help="image tensors (avdn): imagenet (default), none, MEAN,STD or "
+                    "M1,M2,M3,S1,S2,S3; maps them back to images for the model encoders")
     io.add_argument("--hf-split", default=UNSET, help="split of a Hugging Face DatasetDict")
     io.add_argument("--image-dir", default=UNSET, help="folder image paths are relative to")
     io.add_argument("--output-dir", default=UNSET, help="run directory (resumable)")
@@ -147,9 +151,16 @@ def _tool_flags(sub: Any) -> None:
                             "(anchor and negative a row) or pairs (each anchor, then its "
                             "negatives)")
     export.add_argument("output_dir", help="a finished run directory")
-    export.add_argument("--format", choices=("pairs", "triplets"), default="triplets")
+    export.add_argument("--format", choices=("pairs", "triplets", "avdn"), default="triplets")
     export.add_argument("--to", required=True, help="FILE.parquet (images as bytes), "
-                        "FILE.jsonl (image paths) or a folder (WebDataset shards)")
+                        "FILE.jsonl (image paths) or a folder (WebDataset shards; avdn: the "
+                        "processed dataset's chunks)")
+    export.add_argument("--tokenizer", help="avdn: a local Hugging Face tokenizer folder, to "
+                        "add tokenized_negative_2")
+    export.add_argument("--max-answer-length", type=int, help="avdn, with --tokenizer: the "
+                        "tokenizer's max_length (the training code's answer length limit)")
+    export.add_argument("--overwrite", action="store_true",
+                        help="avdn: replace the chunk files of an earlier export in --to")
 
 
 def _report(ns: argparse.Namespace) -> None:
@@ -197,7 +208,9 @@ def _export(ns: argparse.Namespace) -> None:
     from hnm.export import export
 
     with _locked(ns.output_dir):
-        print(f"wrote {export(ns.output_dir, ns.format, ns.to)}")
+        path = export(ns.output_dir, ns.format, ns.to, ns.overwrite, ns.tokenizer,
+                      ns.max_answer_length)
+        print(f"wrote {path}")
 
 
 TOOLS = {"report": _report, "sweep": _sweep, "export": _export}

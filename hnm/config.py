@@ -52,6 +52,9 @@ class Config:
     batch_size: int = 64
     num_workers: int | None = None  # data-loading processes per GPU; None: sized from the cores
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (hnm.precision)
+    # how image tensors (the AVDN processed dataset) were normalised: mapped back to images
+    # with it for the model encoders (imagenet | none | MEAN,STD)
+    tensor_normalization: str = "imagenet"
     # mining (SPEC §3-7)
     k_nn: int = 30
     cosine_threshold: float = 0.3
@@ -113,8 +116,15 @@ RUNTIME_ONLY = frozenset(
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 EMBEDDING_KEYS = ("annotations", "image_dir", "fields", "on_missing_image", "visual_encoder",
                   "text_encoder", "image_embeddings", "text_embeddings", "input_format",
-                  "hf_split")
-INPUT_FORMATS = ("json", "jsonl", "csv", "tsv", "parquet", "webdataset", "hf")
+                  "hf_split", "tensor_normalization")
+INPUT_FORMATS = ("json", "jsonl", "csv", "tsv", "parquet", "webdataset", "hf", "avdn")
+# Keys left out of the run's identity while they hold this value: added after runs existed,
+# they keep the identity (config hash) of every run made without them.
+IDENTITY_DEFAULTS = {"tensor_normalization": "imagenet"}
+# The field mapping of the AVDN processed dataset, under any the config gives
+AVDN_FIELDS = {"image": "current_view_image", "text": "answer", "group": "first_instruction"}
+TENSOR_NORMALIZATIONS = {"imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+                         "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))}
 OUTPUT_FORMATS = ("jsonl", "parquet")
 
 
@@ -174,6 +184,24 @@ def validate(c: Config) -> None:
            f"must be one of {', '.join(INPUT_FORMATS)}, got {c.input_format!r}")
     _check(c.output_format in OUTPUT_FORMATS, "output_format",
            f"must be one of {', '.join(OUTPUT_FORMATS)}, got {c.output_format!r}")
+    tensor_normalization(c.tensor_normalization)
+
+
+def tensor_normalization(text: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel (mean, std) of --tensor-normalization: imagenet, none, `MEAN,STD` (every
+    channel) or `M1,M2,M3,S1,S2,S3`."""
+    if text in TENSOR_NORMALIZATIONS:
+        return TENSOR_NORMALIZATIONS[text]
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    _check(len(values) in (2, 6) and all(v == v for v in values) and all(values[len(values) // 2:]),
+           "tensor_normalization", "must be imagenet, none, MEAN,STD or M1,M2,M3,S1,S2,S3 with "
+           f"non-zero STDs, got {text!r}")
+    if len(values) == 2:
+        return (values[0],) * 3, (values[1],) * 3
+    return tuple(values[:3]), tuple(values[3:])
 
 
 def _utf8(text: str) -> bool:
@@ -287,6 +315,8 @@ def load_config(path: str | Path | None, overrides: dict[str, Any]) -> Config:
         if not isinstance(base, dict):
             raise HnmError(f"{path}: config key 'fields': expected a mapping, got {base!r}")
         values["fields"] = {**base, **fields_override}
+    if _reads_avdn(values):
+        values["fields"] = {**AVDN_FIELDS, **(values.get("fields") or {})}
     try:
         return make_config(values)
     except HnmError as exc:
@@ -296,10 +326,22 @@ def load_config(path: str | Path | None, overrides: dict[str, Any]) -> Config:
         raise HnmError(f"{path}: {exc}") from None
 
 
+def _reads_avdn(values: dict[str, Any]) -> bool:
+    """Whether the input is an AVDN processed dataset (--input-format avdn, or pickles by
+    the names, as hnm.readers detects them), whose field mapping has its own defaults."""
+    fmt, given = values.get("input_format"), values.get("annotations")
+    if fmt is not None or not isinstance(given, str):
+        return fmt == "avdn"
+    from hnm.readers import detect_format
+
+    return detect_format(given) == "avdn"
+
+
 def config_hash(c: Config, keys: typing.Iterable[str] | None = None) -> str:
     """Stable hash of the fields that define results (all but runtime-only ones)."""
     data = c.to_dict()
     chosen = keys if keys is not None else [k for k in data if k not in RUNTIME_ONLY]
+    chosen = [k for k in chosen if k not in IDENTITY_DEFAULTS or data[k] != IDENTITY_DEFAULTS[k]]
     blob = json.dumps({k: data[k] for k in sorted(chosen)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -290,7 +290,7 @@ def load_dataset(config: Config, skip: list[int] | None = None,
               else image_dir / _image_file(src, i, ids[i], f.image) for i in range(len(records))]
     if skip is not None:
         skipped = set(skip)
-    elif config.image_embeddings:
+    elif config.image_embeddings or src.fmt == "avdn":  # tensors: checked as they were read
         skipped = set()
     else:
         skipped = set(_check_images(src.label, images, config.on_missing_image,

@@ -4,6 +4,7 @@ precomputed embeddings read and checked."""
 from __future__ import annotations
 
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from hnm.encoders import ImageEncoder, TextEncoder, finalize
 from hnm.errors import HnmError
 from hnm.gpus import usable_cores
 from hnm.process import loader_worker_init
-from hnm.readers import ImageRef, image_stream
+from hnm.readers import ImageRef, holds_tensor, image_stream, read_tensor
 
 # On CPU a batch goes through the model this many images at a time: the feature maps of a
 # few images stay in the caches, and EfficientNet-Lite0 then runs about twice as fast on
@@ -66,11 +67,12 @@ class ImageFiles:
     """
 
     def __init__(self, paths: list[Path | ImageRef], preprocess: Any, max_pixels: int,
-                 draft_size: int | None = None) -> None:
+                 draft_size: int | None = None, from_tensor: Any = None) -> None:
         self.paths = paths
         self.preprocess = preprocess
         self.max_pixels = max_pixels
         self.draft_size = draft_size
+        self.from_tensor = from_tensor  # image tensor -> encoder input (tensor_input)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -78,6 +80,8 @@ class ImageFiles:
     def __getitem__(self, i: int) -> Any:
         from PIL import Image
 
+        if holds_tensor(self.paths[i]):
+            return self.from_tensor(read_tensor(self.paths[i]))
         try:
             with image_limit(self.max_pixels), Image.open(image_stream(self.paths[i])) as img:
                 if (why := too_large(img, self.max_pixels)):
@@ -89,10 +93,24 @@ class ImageFiles:
             raise HnmError(f"{self.paths[i]}: cannot decode image: {exc}") from None
 
 
+def tensor_input(encoder: ImageEncoder, normalization: str) -> Any:
+    """How an image tensor becomes the encoder's input: its own way (pixels: pooled as the
+    original script pools it), else mapped back to an image and preprocessed as usual."""
+    own = getattr(encoder, "preprocess_tensor", None)
+    return own or partial(_tensor_image, encoder.preprocess, normalization)
+
+
+def _tensor_image(preprocess: Any, normalization: str, tensor: Any) -> Any:
+    from hnm.avdn import to_image
+
+    return preprocess(to_image(tensor, normalization))
+
+
 def embed_images(encoder: ImageEncoder, paths: list[Path], batch_size: int, num_workers: int,
-                 max_pixels: int, progress: Progress = no_progress) -> tuple[np.ndarray, float]:
-    """Grid-snapped embeddings of the image files, batch by batch in order, and the seconds
-    the model waited for decoded batches."""
+                 max_pixels: int, progress: Progress = no_progress,
+                 normalization: str = "imagenet") -> tuple[np.ndarray, float]:
+    """Grid-snapped embeddings of the image files (or image tensors), batch by batch in
+    order, and the seconds the model waited for decoded batches."""
     import torch
     from torch.utils.data import DataLoader
 
@@ -100,7 +118,9 @@ def embed_images(encoder: ImageEncoder, paths: list[Path], batch_size: int, num_
         return np.zeros((0, 1), np.float32), 0.0
     quiet_loader_deaths()
     # pinned host memory lets the copy to the GPU run without blocking (non_blocking=True)
-    loader = DataLoader(ImageFiles(paths, encoder.preprocess, max_pixels, encoder.draft_size),
+    images = ImageFiles(paths, encoder.preprocess, max_pixels, encoder.draft_size,
+                        tensor_input(encoder, normalization))
+    loader = DataLoader(images,
                         batch_size=batch_size, num_workers=num_workers, shuffle=False,
                         pin_memory=torch.device(encoder.device).type == "cuda",
                         worker_init_fn=loader_worker_init if num_workers else None)

@@ -87,6 +87,13 @@ class PixelEncoder:
     def preprocess(self, image: Any) -> Any:
         return _resize_tensor(image, self.image_size).float() / 255.0
 
+    def preprocess_tensor(self, tensor: Any) -> Any:
+        """An image tensor as the original script pools it, 8x8 (pooling 8x8 again in
+        `encode` changes nothing)."""
+        from hnm.avdn import pooled
+
+        return pooled(tensor)
+
     def encode(self, batch: Any) -> np.ndarray:
         import torch
         import torch.nn.functional as F

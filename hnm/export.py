@@ -23,7 +23,7 @@ from hnm.data import Dataset, load_dataset
 from hnm.errors import HnmError
 from hnm.outputs import read_records
 from hnm.plan import read_plan
-from hnm.readers import ImageRef, payload, read_image
+from hnm.readers import ImageRef, holds_tensor, payload, read_image, tensor_png
 from hnm.storage import RunDir, atomic_open
 from hnm.writers import chunks, write_tar_shards
 
@@ -36,11 +36,17 @@ IMAGE_COLUMNS = {"triplets": ("anchor_image", "negative_image"), "pairs": ("imag
 EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "TIFF": "tif"}  # PIL format -> ext
 
 
-def export(output_dir: str | Path, kind: str, to: str | Path) -> Path:
+def export(output_dir: str | Path, kind: str, to: str | Path, overwrite: bool = False,
+           tokenizer: str | None = None, max_answer_length: int | None = None) -> Path:
     """Write the run's rows of `kind` to `to` (.parquet, .jsonl, or a folder); returns it.
-    Everything is checked before anything is written."""
+    Everything is checked before anything is written. `avdn`: the run's input, an AVDN
+    processed dataset, copied into the folder `to` with the negatives added (hnm.avdn)."""
     from hnm.api import load_run
 
+    if kind == "avdn":
+        return _export_avdn(output_dir, Path(to), overwrite, tokenizer, max_answer_length)
+    if tokenizer is not None or max_answer_length is not None:
+        raise HnmError("--tokenizer and --max-answer-length: only with --format avdn")
     if kind not in KINDS:
         raise HnmError(f"--format: must be one of {', '.join(KINDS)}, got {kind!r}")
     run = load_run(output_dir)
@@ -60,12 +66,30 @@ def export(output_dir: str | Path, kind: str, to: str | Path) -> Path:
     if target == ".jsonl":
         _write_jsonl(to, rows, ds, kind)
         return to
-    with ImageBytes(ds, to.parent if target != "dir" else to) as images:
+    with ImageBytes(ds, to.parent if target != "dir" else to,
+                    run.config.tensor_normalization) as images:
         if target == ".parquet":
             _write_parquet(to, rows, ds, kind, images)
         else:
             write_tar_shards(to, _samples(rows, kind, images), PER_SHARD)
     return to
+
+
+def _export_avdn(output_dir: str | Path, to: Path, overwrite: bool, tokenizer: str | None,
+                 max_answer_length: int | None) -> Path:
+    from hnm import avdn
+    from hnm.api import load_run
+
+    run = load_run(output_dir)
+    plan = read_plan(RunDir(run.dir))
+    if plan.input_format != "avdn":
+        raise HnmError(f"--format avdn: the input of the run in {run.dir} is {plan.input_format}"
+                       ", not an AVDN processed dataset (.pkl chunks)")
+    ds = load_dataset(run.config, list(plan.skipped))
+    if not plan.run_key.endswith(ds.source_sha256[:16]):
+        raise HnmError(f"{run.config.annotations}: changed since the run in {run.dir}; its "
+                       "negatives no longer match the records")
+    return avdn.export(run, ds, to, overwrite, tokenizer, max_answer_length)
 
 
 def _rows_by(ds: Dataset) -> tuple[dict[int, int], dict[Any, int]]:
@@ -109,26 +133,33 @@ ROWS = {"pairs": pairs, "triplets": triplets}
 
 class ImageBytes:
     """The bytes of any mined row's image. Files, tar members and Arrow rows are read where
-    they lie; a Parquet column cannot be read at random, so its images are first copied,
-    in input order, into a temporary file beside the export (removed afterwards)."""
+    they lie; a Parquet column cannot be read at random, nor an AVDN chunk without reading
+    it whole, so their images are first copied (tensors as PNG images), in input order,
+    into a temporary file beside the export (removed afterwards)."""
 
-    def __init__(self, ds: Dataset, where: Path) -> None:
+    def __init__(self, ds: Dataset, where: Path, normalization: str = "imagenet") -> None:
         self.images = ds.images
         self.where = where
+        self.normalization = normalization  # image tensors are spooled as PNG images
         self.offsets = np.full(len(ds.images), -1, dtype=np.int64)  # -1: not in the spool
         self.sizes = np.zeros(len(ds.images), dtype=np.int64)
         self.spool: Any = None
 
     def __enter__(self) -> ImageBytes:
         parquet = [row for row, s in enumerate(self.images)
-                   if isinstance(s, ImageRef) and s.shard.fmt == "parquet"]
+                   if isinstance(s, ImageRef) and s.shard.fmt in ("parquet", "avdn")]
         if parquet:
             self.where.mkdir(parents=True, exist_ok=True)
             self.spool = tempfile.TemporaryFile(dir=self.where, prefix=".hnm-export-")
             for row in parquet:
                 self.offsets[row] = self.spool.tell()
-                self.sizes[row] = self.spool.write(read_image(self.images[row]) or b"")
+                self.sizes[row] = self.spool.write(self._read(self.images[row]))
         return self
+
+    def _read(self, ref: ImageRef) -> bytes:
+        if holds_tensor(ref):  # a tensor, mapped back to its image (--tensor-normalization)
+            return tensor_png(ref, self.normalization).getvalue()
+        return read_image(ref) or b""
 
     def __exit__(self, *exc: Any) -> None:
         if self.spool is not None:

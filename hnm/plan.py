@@ -28,6 +28,7 @@ from hnm.encoders import (
 from hnm.errors import HnmError
 from hnm.gpus import fit_to_work
 from hnm.precision import resolve
+from hnm.readers import reads_tensors
 from hnm.sizing import IndexChoice, Sizes, choose_index, estimate, memory_lines, work_seconds
 from hnm.storage import PHASE_DIRS, RunDir, read_json, verify_marker, write_json, write_text
 
@@ -162,7 +163,8 @@ def validate_inputs(config: Config, progress: Progress = no_progress) -> Dataset
                 check_encoder_name(name, builtins)
             except HnmError as exc:
                 raise HnmError(f"{flag}: {exc}") from None
-    if config.image_dir and not config.image_embeddings and not Path(config.image_dir).is_dir():
+    if config.image_dir and not config.image_embeddings and not Path(config.image_dir).is_dir() \
+            and not reads_tensors(config):  # an AVDN processed dataset holds its images
         raise HnmError(f"--image-dir {config.image_dir}: not a directory")
     read_blacklist(config.blacklist)
     ds = load_dataset(config, progress=progress)

@@ -25,14 +25,14 @@ from hnm.errors import HnmError
 # each --input-format (hnm.config.INPUT_FORMATS): the file suffixes it reads from a folder
 SUFFIXES = {"json": (".json", ".jsonl", ".ndjson"), "jsonl": (".json", ".jsonl", ".ndjson"),
             "csv": (".csv",), "tsv": (".tsv",), "parquet": (".parquet",),
-            "webdataset": (".tar",), "hf": ()}
+            "webdataset": (".tar",), "hf": (), "avdn": (".pkl",)}
 # A folder holding several kinds of file is read as the first kind found in this order:
 # img2dataset writes .parquet and .json metadata next to its .tar shards.
-FOLDER_ORDER = ("webdataset", "parquet", "json", "csv", "tsv")
+FOLDER_ORDER = ("webdataset", "parquet", "json", "csv", "tsv", "avdn")
 STATS = "_stats.json"  # img2dataset's statistics of a shard, beside it
 HF_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "tif")  # a tar sample's image: the first present
-SHARD_FORMATS = ("parquet", "webdataset", "hf")  # identified by name, size and mtime
+SHARD_FORMATS = ("parquet", "webdataset", "hf", "avdn")  # identified by name, size and mtime
 TAR_KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset: key up to the first dot
 SURROGATE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")  # a JSON escape of a surrogate
 READ_ROWS = 64  # Parquet rows decoded at a time when streaming an image column
@@ -175,13 +175,41 @@ def _find_shards(config: Config) -> tuple[str, list[Shard]]:
     chosen = [p for p in files if p.name.lower().endswith(SUFFIXES[fmt])]
     if not chosen:
         raise HnmError(f"--annotations {given}: no {fmt} file ({', '.join(SUFFIXES[fmt])})")
+    if fmt == "avdn":
+        chosen.sort(key=chunk_order)
     return fmt, [Shard(p, p.relative_to(root).as_posix(), fmt) for p in chosen]
+
+
+def chunk_order(path: Path) -> tuple:
+    """`chunk_2.pkl` before `chunk_10.pkl`: numbers in names compare as numbers."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part)
+                 for part in re.split(r"(\d+)", path.name))
+
+
+def reads_tensors(config: Config) -> bool:
+    """Whether the input holds its images as tensors (an AVDN processed dataset)."""
+    return (config.input_format or detect_format(str(config.annotations or ""))) == "avdn"
+
+
+def detect_format(given: str) -> str | None:
+    """The format `find_shards` would read --annotations as, where the names tell (None:
+    nothing to look at); never fails."""
+    path = Path(given)
+    if glob.has_magic(given):
+        return detect(path)
+    if path.is_dir():
+        if _is_hf(path):
+            return "hf"
+        names = [p.name.lower() for p in path.iterdir()]
+        return next((f for f in FOLDER_ORDER if any(n.endswith(SUFFIXES[f]) for n in names)),
+                    None)
+    return detect(path)
 
 
 def detect(path: Path) -> str:
     """A single file's format from its name; anything else is JSON or JSONL, by content."""
     name = path.name.lower()
-    return next((f for f in ("csv", "tsv", "parquet", "webdataset") if name.endswith(
+    return next((f for f in ("csv", "tsv", "parquet", "webdataset", "avdn") if name.endswith(
         SUFFIXES[f])), "json")
 
 
@@ -194,8 +222,10 @@ def _folder_format(given: str, files: list[Path]) -> str:
         fmt = next((f for f in FOLDER_ORDER if p.name.lower().endswith(SUFFIXES[f])), None)
         if fmt is not None and not (fmt == "json" and p.name.endswith(STATS)):
             found.setdefault(fmt, p)
-    if "webdataset" in found or len(found) == 1:
-        return next(iter(sorted(found, key=FOLDER_ORDER.index)))
+    if "webdataset" in found:  # img2dataset's metadata beside its shards is not read
+        found = {f: p for f, p in found.items() if f not in ("parquet", "json")}
+    if len(found) == 1:
+        return next(iter(found))
     if found:
         kinds = ", ".join(f"{fmt} ({p.name})" for fmt, p in found.items())
         raise HnmError(f"--annotations {given}: holds annotations in {len(found)} formats, "
@@ -204,7 +234,7 @@ def _folder_format(given: str, files: list[Path]) -> str:
     if any(p.name.endswith(STATS) for p in files):
         return "json"
     raise HnmError(f"{given}: cannot read annotations: a folder holding no .json, .jsonl, "
-                   ".csv, .tsv, .parquet or .tar file and no Hugging Face dataset")
+                   ".csv, .tsv, .parquet, .tar or .pkl file and no Hugging Face dataset")
 
 
 def _is_hf(path: Path) -> bool:
@@ -631,9 +661,15 @@ def _sample_meta(path: Path, handle: BinaryIO, key: str, members: dict[str, tarf
     return meta, bool(SURROGATE.search(text))
 
 
+def _read_avdn(shard: Shard, fields: Fields) -> Part:
+    from hnm.avdn import read_chunk
+
+    return read_chunk(shard, fields)
+
+
 READERS: dict[str, Callable[[Shard, Fields], Part]] = {
     "json": read_json, "jsonl": read_json, "csv": read_table, "tsv": read_table,
-    "parquet": read_parquet, "webdataset": read_tar, "hf": read_hf}
+    "parquet": read_parquet, "webdataset": read_tar, "hf": read_hf, "avdn": _read_avdn}
 
 
 # ---------------------------------------------------------------- image bytes, on demand
@@ -722,14 +758,43 @@ def _value_bytes(value: Any) -> bytes | None:
     return value.get("bytes") if isinstance(value, dict) else value
 
 
+def _avdn_images(shard: Shard) -> Any:
+    from hnm.avdn import ChunkImages
+
+    return ChunkImages(shard)
+
+
 OPENERS: dict[str, Callable[[Shard], Any]] = {
-    "webdataset": _TarImages, "parquet": _ParquetImages, "hf": _ArrowImages}
+    "webdataset": _TarImages, "parquet": _ParquetImages, "hf": _ArrowImages,
+    "avdn": _avdn_images}
 
 
 def read_image(ref: ImageRef) -> bytes | None:
     """An image's bytes (None: the row holds no image). Fast read in input order; random
     order is fast too, except in Parquet, where it restarts the column's stream."""
     return _opened(ref.shard).read(ref)
+
+
+def holds_tensor(source: Path | ImageRef) -> bool:
+    """Whether the image is a tensor (an AVDN processed dataset's item), not encoded bytes."""
+    return isinstance(source, ImageRef) and source.shard.fmt == "avdn"
+
+
+def read_tensor(ref: ImageRef) -> Any:
+    """An image tensor, C x H x W (hnm.avdn: its chunk is kept per process)."""
+    from hnm.avdn import image_tensor
+
+    return image_tensor(ref)
+
+
+def tensor_png(ref: ImageRef, normalization: str) -> BinaryIO:
+    """An image tensor mapped back to an image (--tensor-normalization), as PNG bytes."""
+    from hnm.avdn import to_image
+
+    buffer = io.BytesIO()
+    to_image(read_tensor(ref), normalization).save(buffer, "PNG")
+    buffer.seek(0)
+    return buffer
 
 
 def payload(source: Path | ImageRef) -> Path | bytes | None:

@@ -21,7 +21,7 @@ from hnm.outcome import REASON_LABELS
 from hnm.outputs import read_records
 from hnm.pages import esc, fmt, page, table
 from hnm.plan import Plan, read_plan
-from hnm.readers import SHARD_FORMATS, ImageRef, image_stream
+from hnm.readers import SHARD_FORMATS, ImageRef, holds_tensor, image_stream, tensor_png
 from hnm.storage import RunDir, read_json, write_text
 from hnm.summary import reason_shares, suggestion
 
@@ -486,13 +486,14 @@ class Thumbs:
         for row, pos in enumerate(ds.positions):
             key = ds.records[pos][f.image]
             if key in keys and key not in self.cache:
-                self.cache[key] = self._data_uri(ds.images[row])
+                self.cache[key] = self._data_uri(ds.images[row], config.tensor_normalization)
 
-    def _data_uri(self, source: Path | ImageRef) -> str | None:
+    def _data_uri(self, source: Path | ImageRef, normalization: str = "imagenet") -> str | None:
         from PIL import Image
 
         try:
-            with Image.open(image_stream(source)) as img:
+            with Image.open(tensor_png(source, normalization) if holds_tensor(source)
+                            else image_stream(source)) as img:
                 if too_large(img, self.max_pixels):
                     return None
                 img.draft("RGB", (THUMB, THUMB))  # JPEG: decode at a fraction of the size

@@ -158,7 +158,8 @@ def embed_shard(ctx: Context, shard: int, progress: Progress) -> dict[str, Any]:
     else:
         images, waited = embed.embed_images(image_encoder, [ds.images[i] for i in rows],
                                             ctx.plan.batch_size, ctx.loader_workers,
-                                            c.max_image_pixels, progress)
+                                            c.max_image_pixels, progress,
+                                            c.tensor_normalization)
         log.info("%d images in %.1fs, %.1fs of it waiting for data (%d loader workers)",
                  len(rows), time.perf_counter() - t0, waited, ctx.loader_workers)
     t1 = time.perf_counter()

@@ -174,7 +174,7 @@ def test_folder_and_glob_and_format_flag(capsys, tmp_path, inputs):
 @pytest.mark.parametrize(("given", "message"), [
     ("nothing-*.tar", "--annotations {root}/nothing-*.tar: no file matches"),
     ("empty", "{root}/empty: cannot read annotations: a folder holding no .json, .jsonl, "
-              ".csv, .tsv, .parquet or .tar file and no Hugging Face dataset"),
+              ".csv, .tsv, .parquet, .tar or .pkl file and no Hugging Face dataset"),
 ])
 def test_inputs_that_name_nothing(capsys, tmp_path, given, message):
     (tmp_path / "empty").mkdir()
