@@ -72,7 +72,7 @@ def test_records_keep_the_index_and_every_plain_field(mined):
     assert [r.get("id") for r in records] == [None] * 12  # the id is the item's key
     first = records[5]
     assert set(first) == {"answer", "question", "first_instruction", "dialog_context",
-                          "map_name", "current_view_image", "negatives"}
+                          "map_name", "current_view_image", "negatives", "outcome"}
     assert first["current_view_image"] == "chunk_1.pkl/5"
     ids = [n["id"] for r in records for n in r["negatives"]]
     assert set(ids) <= set(range(12)) and ids
