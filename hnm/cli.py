@@ -6,7 +6,6 @@ import argparse
 import contextlib
 import os
 import sys
-import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -15,6 +14,7 @@ from typing import Any
 
 from hnm.config import INPUT_FORMATS, OUTPUT_FORMATS
 from hnm.errors import HnmError, Terminated
+from hnm.safety import details_file
 from hnm.storage import RunDir, run_lock
 
 # A flag left out of the command line must not override the YAML or the defaults.
@@ -244,19 +244,17 @@ def guarded(command: Callable[[], Any], place: dict[str, str | None]) -> int:
 
 
 def _log_traceback(output_dir: str | None) -> Path:
-    """Append the current exception's traceback to OUTPUT_DIR/logs/hnm.log (or, where that
-    cannot be written, a file in the temporary folder); returns where it went."""
+    """Append the current exception's traceback to OUTPUT_DIR/logs/hnm.log where
+    OUTPUT_DIR is an hnm run (else, or where that cannot be written, to a new file in the
+    temporary folder); returns where it went."""
     text = f"{time.strftime('%Y-%m-%d %H:%M:%S')} pid {os.getpid()}\n{traceback.format_exc()}\n"
-    if output_dir and Path(output_dir).is_dir():
-        path = Path(output_dir) / "logs" / "hnm.log"
+    run = RunDir(output_dir) if output_dir else None
+    if run is not None and run.root.is_dir() and run.manifest() is not None:
+        path = run.root / "logs" / "hnm.log"
         try:
-            path.parent.mkdir(exist_ok=True)
-            with open(path, "a", encoding="utf-8") as handle:
+            with os.fdopen(run.append(path), "a", encoding="utf-8") as handle:
                 handle.write(text)
             return path
-        except OSError:
+        except (OSError, HnmError):
             pass
-    fd, name = tempfile.mkstemp(prefix="hnm-internal-error-", suffix=".log")
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    return Path(name)
+    return details_file(text)

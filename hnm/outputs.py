@@ -12,7 +12,7 @@ from hnm.audit import Suspect, is_suspect
 from hnm.config import Config
 from hnm.data import Dataset, Progress, no_progress
 from hnm.select import Pick
-from hnm.storage import RunDir, atomic_open
+from hnm.storage import RunDir
 
 PRECISION = 6  # decimals of the similarities written (the choices use the exact values)
 PROGRESS_EVERY = 5000  # records written between progress reports (a report costs a refresh)
@@ -60,9 +60,9 @@ def write_negatives(config: Config, run: RunDir, ds: Dataset, picks: list[list[P
     """OUTPUT_DIR/negatives.jsonl, or negatives.parquet with --output-format parquet."""
     records = output_records(config, ds, picks)
     if config.output_format == "parquet":
-        write_parquet(run.negatives_parquet, ds, records, progress)
+        write_parquet(run, run.negatives_parquet, ds, records, progress)
         return
-    with atomic_open(run.negatives, "w") as handle:
+    with run.open(run.negatives, "w") as handle:
         for pos, record in enumerate(records):
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
             if pos % PROGRESS_EVERY == 0:
@@ -70,7 +70,7 @@ def write_negatives(config: Config, run: RunDir, ds: Dataset, picks: list[list[P
     progress("write", len(ds.records), len(ds.records))
 
 
-def write_parquet(path: Path, ds: Dataset, records: Iterable[dict[str, Any]],
+def write_parquet(run: RunDir, path: Path, ds: Dataset, records: Iterable[dict[str, Any]],
                   progress: Progress = no_progress) -> None:
     """One row per record, its negatives a list of structs; written ROW_GROUP rows at a
     time, so that only one row group is ever held as a table."""
@@ -78,7 +78,7 @@ def write_parquet(path: Path, ds: Dataset, records: Iterable[dict[str, Any]],
     import pyarrow.parquet as pq
 
     schema, as_json = parquet_schema(ds)
-    with atomic_open(path) as handle:
+    with run.open(path) as handle:
         writer = pq.ParquetWriter(handle, schema)
         chunk: list[dict[str, Any]] = []
         for pos, record in enumerate(records, start=1):
@@ -194,7 +194,7 @@ def write_suspects(config: Config, run: RunDir, ds: Dataset, suspects: Iterable[
                    ) -> None:
     """OUTPUT_DIR/suspects.jsonl: every suspect, dropped or not, with its anchor."""
     f = config.fields
-    with atomic_open(run.suspects, "w") as handle:
+    with run.open(run.suspects, "w") as handle:
         for s in suspects:
             record = ds.records[ds.positions[s.anchor]]
             line = {"anchor_id": ds.ids[s.anchor], "anchor_text": record[f.text],

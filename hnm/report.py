@@ -21,7 +21,7 @@ from hnm.outputs import read_records
 from hnm.pages import esc, fmt, page, table
 from hnm.plan import Plan, read_plan
 from hnm.readers import SHARD_FORMATS, ImageRef, image_stream
-from hnm.storage import RunDir, read_json, write_text
+from hnm.storage import RunDir, read_json
 
 THUMB = 112  # longest side of a gallery thumbnail, in pixels
 # Gallery rows per section: bounded so the page stays small (~1 MB) whatever the run's size.
@@ -75,7 +75,7 @@ def write_report(run: RunDir, config: Config, metrics: dict[str, Any], plan: Pla
     with image_limit(config.max_image_pixels):
         if plan.input_format in SHARD_FORMATS:
             thumbs.find_in(config, plan, ds, shown_images(config, scan, suspects))
-        write_text(run.report, render(config, metrics, scan, suspects, thumbs))
+        run.write_text(run.report, render(config, metrics, scan, suspects, thumbs))
     if thumbs.missing:
         warn(f"warning: {len(thumbs.missing)} of {len(thumbs.cache)} images of the report "
              f"could not be shown (not found, unreadable or too large) under {config.image_dir}")

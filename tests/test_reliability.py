@@ -198,14 +198,12 @@ def test_output_files_follow_the_umask(data, tmp_path, mask):
 
 
 def test_an_unwritable_output_directory_is_one_line(data, tmp_path, capsys, monkeypatch):
-    import tempfile
-
     def read_only(*_a, **_k):
         raise OSError(30, "Read-only file system")
 
     out = tmp_path / "run"
     assert main(mine_args(data, out)) == 0
-    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    monkeypatch.setattr("hnm.safety.create", read_only)
     for args in (["report", out], ["sweep", out], mine_args(data, tmp_path / "other")):
         rc, _, err = cli(capsys, *args)
         assert rc == 2 and "cannot write: Read-only file system" in one_line_error(err)
