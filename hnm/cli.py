@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from hnm.config import INPUT_FORMATS, OUTPUT_FORMATS
-from hnm.errors import HnmError, Terminated
+from hnm.errors import HnmError, InternalError, Terminated
 from hnm.safety import details_file
 from hnm.storage import RunDir, run_lock
 
@@ -143,6 +143,8 @@ def _tool_flags(sub: Any) -> None:
     export.add_argument("--format", choices=("pairs", "triplets"), default="triplets")
     export.add_argument("--to", required=True, help="FILE.parquet (images as bytes), "
                         "FILE.jsonl (image paths) or a folder (WebDataset shards)")
+    export.add_argument("--overwrite", action="store_true",
+                        help="replace an existing file, or an earlier export in the folder")
 
 
 def _report(ns: argparse.Namespace) -> None:
@@ -179,7 +181,7 @@ def _export(ns: argparse.Namespace) -> None:
     from hnm.export import export
 
     with _locked(ns.output_dir):
-        print(f"wrote {export(ns.output_dir, ns.format, ns.to)}")
+        print(f"wrote {export(ns.output_dir, ns.format, ns.to, ns.overwrite)}")
 
 
 TOOLS = {"report": _report, "sweep": _sweep, "export": _export}
@@ -224,6 +226,8 @@ def guarded(command: Callable[[], Any], place: dict[str, str | None]) -> int:
     `place["output_dir"]`: where a bug's traceback is logged, once known."""
     try:
         command()
+    except InternalError as exc:  # a bug behind the Python API, which raises only HnmError
+        return _internal(exc.__cause__ or exc, place)
     except HnmError as exc:
         print(f"hnm: error: {exc}", file=sys.stderr)
         return exc.exit_status
@@ -235,12 +239,17 @@ def guarded(command: Callable[[], Any], place: dict[str, str | None]) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except Exception as exc:  # a bug: the details go to a log, not to the terminal
-        where = _log_traceback(place["output_dir"])
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
-        print(f"hnm: internal error: {type(exc).__name__}: {first} — details in {where}",
-              file=sys.stderr)
-        return 1
+        return _internal(exc, place)
     return 0
+
+
+def _internal(exc: BaseException, place: dict[str, str | None]) -> int:
+    """A bug: one line naming where its traceback went; exit status 1."""
+    where = _log_traceback(place["output_dir"])
+    first = (str(exc).strip().splitlines() or [""])[0][:200]
+    print(f"hnm: internal error: {type(exc).__name__}: {first} — details in {where}",
+          file=sys.stderr)
+    return 1
 
 
 def _log_traceback(output_dir: str | None) -> Path:

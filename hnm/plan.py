@@ -141,6 +141,21 @@ def run_keys(config: Config, ds: Dataset, precision: str) -> dict[str, str]:
     return {"run_key": run, "embed_key": embed}
 
 
+def check_unchanged(config: Config, plan: Plan, ds: Dataset, where: Path) -> None:
+    """Refuse to show or export the run in `where` when its annotations or its images
+    changed or vanished since it was planned (what a rerun of `mine` would notice)."""
+    source = ds.source_sha256[:16]
+    if (plan.source or plan.run_key[-16:]) != source:
+        raise HnmError(f"{config.annotations}: changed since the run in {where}; its "
+                       "negatives no longer match the records")
+    if plan.images and plan.images != ds.image_files:
+        gone = next((p for p in ds.images if isinstance(p, Path) and not p.is_file()), None)
+        what = f"{gone} is gone" if gone else "an image file was edited, replaced or added"
+        raise HnmError(f"--image-dir {config.image_dir}: images changed since the run in "
+                       f"{where} ({what}); rerun the mining command with --overwrite to mine "
+                       "them again")
+
+
 def _digest(*paths: str | None) -> str:
     """Short hash of the named files' contents (editing a file in place changes it)."""
     h = hashlib.sha256()

@@ -19,9 +19,9 @@ from hnm.data import Dataset, image_limit, load_dataset, normalize, too_large
 from hnm.errors import HnmError
 from hnm.outputs import read_records
 from hnm.pages import esc, fmt, page, table
-from hnm.plan import Plan, read_plan
+from hnm.plan import Plan, check_unchanged, read_plan
 from hnm.readers import SHARD_FORMATS, ImageRef, image_stream
-from hnm.storage import RunDir, read_json
+from hnm.storage import RunDir, read_json, verify_marker
 
 THUMB = 112  # longest side of a gallery thumbnail, in pixels
 # Gallery rows per section: bounded so the page stays small (~1 MB) whatever the run's size.
@@ -61,7 +61,15 @@ def report_from_dir(output_dir: str | Path, warn: Callable[[str], Any] = print) 
         if not path.exists():
             raise HnmError(f"{run.root}: no {path.name}; not a finished hnm run "
                            "(rerun the mining command to finish it)")
-    return write_report(run, config, read_json(run.metrics), read_plan(run), warn=warn)
+    plan = read_plan(run)
+    ds = load_dataset(config, list(plan.skipped))
+    check_unchanged(config, plan, ds, run.root)
+    vouched = run.done.exists() and verify_marker(run.done, run.root) is None
+    path = write_report(run, config, read_json(run.metrics), plan, ds, warn=warn)
+    if vouched:  # the final marker vouches for the new page, as it did for the old one
+        files = read_json(run.done)["files"]
+        run.write_marker(run.done, {}, [run.root / name for name in files])
+    return path
 
 
 def write_report(run: RunDir, config: Config, metrics: dict[str, Any], plan: Plan,

@@ -209,10 +209,13 @@ class Area:
             os.close(folder)
 
     def scratch(self, folder: str | Path) -> IO[bytes]:
-        """An unnamed temporary file in `folder` (gone when closed, or when hnm dies)."""
-        parts = self.relative(Path(folder) / "scratch") if Path(folder) != self.root else ()
-        fd = self._folder(parts[:-1], create=True)
-        os.close(fd)  # the folder exists and is no link; the file has no name to attack
+        """An unnamed temporary file in `folder`, the root or a folder below it (gone when
+        closed, or when hnm dies)."""
+        rel = os.path.relpath(os.path.abspath(folder), os.path.abspath(self.root))
+        if rel.split(os.sep)[0] == os.pardir:
+            raise HnmError(f"{folder}: outside {self.root}; hnm writes nowhere else")
+        parts = () if rel == os.curdir else tuple(Path(rel).parts)
+        os.close(self._folder(parts, create=True))  # there, and no link on the way
         try:
             return tempfile.TemporaryFile(dir=folder, prefix=".hnm-scratch-")
         except OSError as exc:
@@ -256,11 +259,13 @@ class Area:
         finally:
             os.close(folder)
 
-    def remove_temporary(self) -> int:
+    def remove_temporary(self, deep: bool = True) -> int:
         """Delete the temporary files of a process killed mid-write (only those of names
-        this area owns); call under the lock."""
+        this area owns; in its root alone unless `deep`); call under the lock."""
         gone = 0
         for here, folders, files in os.walk(self.root):  # never descends into links
+            if not deep:
+                folders.clear()
             rel = Path(here).relative_to(self.root)
             folders[:] = [f for f in folders if not os.path.islink(os.path.join(here, f))]
             for name in files:
