@@ -9,6 +9,7 @@ import ast
 import inspect
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -466,3 +467,31 @@ def test_a_damaged_run_raises_hnm_error_with_the_cli_line(capsys, run, tmp_path,
     assert "\n" not in message and not message.startswith("internal error"), message
     rc, err = export(capsys, run, tmp_path / "t.parquet")
     assert rc == 2 and one_line(err) == f"hnm: error: {message}"
+
+
+# ---------------------------------------------------------------- the last guard
+
+def test_a_bug_before_the_run_directory_exists_names_where_its_details_went(
+        data, tmp_path, capsys, monkeypatch):
+    def broken(*_a, **_k):
+        raise KeyError("boom")
+
+    monkeypatch.setattr("hnm.plan.validate_inputs", broken)
+    out = tmp_path / "new"
+    rc, _, err = cli(capsys, *mine_args(data, out))
+    line = one_line(err)
+    assert rc == 1 and line.startswith("hnm: internal error: KeyError: 'boom' — details in ")
+    details = Path(line.rsplit(" — details in ", 1)[1])
+    assert details.parent == Path(tempfile.gettempdir())
+    assert "Traceback" in details.read_text() and "KeyError: 'boom'" in details.read_text()
+    details.unlink()
+    assert not out.exists()
+
+
+def test_a_run_from_before_signatures_is_adopted(data, finished, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    (out / ".hnm-run.json").unlink()
+    rc, stdout, err = cli(capsys, *image_args(data, out, "--no-quiet"))
+    assert rc == 0 and "Nothing to do" in stdout, err
+    assert RunDir(out).manifest() == RunDir(out).layout(1)
