@@ -113,9 +113,18 @@ class Run:
         """Every suspected false negative, with its anchor (suspects.jsonl)."""
         import json
 
-        with open(RunDir(self.dir).suspects, "rb") as handle:
-            for line in handle:
-                yield json.loads(line)
+        path = RunDir(self.dir).suspects
+        again = "rerun the mining command to write it again"
+        try:
+            handle = open(path, "rb")  # noqa: SIM115  (closed below, once read)
+        except OSError as exc:
+            raise HnmError(f"{path}: cannot be read ({exc.strerror}); {again}") from None
+        with handle:
+            for number, line in enumerate(handle, start=1):
+                try:
+                    yield json.loads(line)
+                except ValueError:
+                    raise HnmError(f"{path}: damaged at line {number}; {again}") from None
 
     @boundary
     def export(self, to: str | Path, format: str = "triplets", overwrite: bool = False

@@ -495,3 +495,12 @@ def test_a_run_from_before_signatures_is_adopted(data, finished, tmp_path, capsy
     rc, stdout, err = cli(capsys, *image_args(data, out, "--no-quiet"))
     assert rc == 0 and "Nothing to do" in stdout, err
     assert RunDir(out).manifest() == RunDir(out).layout(1)
+
+
+def test_suspects_of_a_run_without_them_is_one_line(finished, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    run = hnm.load_run(out)
+    (out / "suspects.jsonl").unlink()
+    with pytest.raises(HnmError, match=r"suspects.jsonl: cannot be read \(No such file"):
+        list(run.suspects())
