@@ -157,9 +157,9 @@ def _report(ns: argparse.Namespace) -> None:
 
 def _locked(output_dir: str) -> Any:
     """The run directory's lock while a tool reads and writes it (no mining run may change
-    it meanwhile); nothing is created where there is no directory."""
-    if not Path(output_dir).is_dir():
-        return contextlib.nullcontext()
+    it meanwhile); nothing is created where there is no run directory."""
+    if not Path(output_dir).is_dir() or RunDir(output_dir).manifest() is None:
+        return contextlib.nullcontext()  # not a run: nothing is written there
     return run_lock(RunDir(output_dir), print, "OUTPUT_DIR")
 
 
