@@ -26,7 +26,7 @@ from hnm.errors import HnmError
 from hnm.outputs import read_records
 from hnm.plan import check_unchanged, read_plan
 from hnm.readers import ImageRef, find_shards, payload, read_image
-from hnm.safety import TEMPORARY, Area, link_refused
+from hnm.safety import TEMPORARY, Area, cannot_write, link_refused
 from hnm.storage import RunDir
 from hnm.writers import chunks, write_tar_shards
 
@@ -60,6 +60,10 @@ def export(output_dir: str | Path, kind: str, to: str | Path, overwrite: bool = 
     if target == ".jsonl" and any(isinstance(s, ImageRef) for s in ds.images):
         raise HnmError(f"--to {to}: a JSONL file names image files, and this run's images "
                        "are held in its input shards: export to a .parquet file or a folder")
+    try:
+        area.ensure_root()  # every check passed: the first write
+    except OSError as exc:
+        raise cannot_write(area.root, exc) from None
     area.remove_temporary(deep=False)  # what an export killed mid-write left
     if target == "dir":
         for name in _shards_in(to):
@@ -110,9 +114,7 @@ def check_target(to: Path, target: str, overwrite: bool, read: list[Path]) -> Ar
         raise HnmError(f"--to {to}: exists and is not an empty folder")
     if names and not overwrite:
         raise HnmError(f"--to {to}: holds an earlier export; pass --overwrite to replace it")
-    area = Area(to, lambda rel: SHARD_NAME.fullmatch(rel) is not None)
-    area.ensure_root()
-    return area
+    return Area(to, lambda rel: SHARD_NAME.fullmatch(rel) is not None)
 
 
 def _is_run(folder: Path) -> bool:

@@ -504,3 +504,11 @@ def test_suspects_of_a_run_without_them_is_one_line(finished, tmp_path):
     (out / "suspects.jsonl").unlink()
     with pytest.raises(HnmError, match=r"suspects.jsonl: cannot be read \(No such file"):
         list(run.suspects())
+
+
+def test_export_creates_the_folders_of_a_new_target_after_its_checks(capsys, run, tmp_path):
+    to = tmp_path / "new" / "deeper" / "rows.jsonl"
+    assert export(capsys, run, to) == (0, "")
+    assert len(to.read_text().splitlines()) > 0
+    rc, err = export(capsys, run, tmp_path / "other" / "rows.jsonl", "--format", "nope")
+    assert rc == 2 and not (tmp_path / "other").exists()
