@@ -345,12 +345,12 @@ def prepare(config: Config, devices: list[str], lock: Callable[[], Any],
             ds = None
     ds = ds or validate_inputs(config, progress)
     lock()
-    if (gone := run.remove_temporary()):
-        say(f"Removed {gone} temporary file(s) left by an interrupted run")
     now = survey(run)  # again, now that no other run can change it
     action = decide(now, run_keys(config, ds, precision), config.overwrite, config.output_dir)
     if isinstance(action, Refuse):
         raise HnmError(action.message)
+    if (gone := run.remove_temporary()):
+        say(f"Removed {gone} temporary file(s) left by an interrupted run")
     if isinstance(action, Resume):
         if run.manifest() is None:  # adopted from before signatures
             run.sign(list(now.manifest or ()))
