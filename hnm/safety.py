@@ -74,8 +74,10 @@ class Area:
 
     def _folder(self, parts: tuple[str, ...], create: bool) -> int:
         """An fd of root/parts..., each folder below the root opened without following a
-        link (created first if `create`)."""
+        link (created first if `create`, the root too)."""
         try:
+            if create:
+                self.ensure_root()
             fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:
             raise cannot_write(self.root, exc) from None
