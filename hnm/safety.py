@@ -80,6 +80,8 @@ class Area:
                 self.ensure_root()
             fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:
+            if exc.errno == errno.ENOENT and not create:
+                raise
             raise cannot_write(self.root, exc) from None
         for i, part in enumerate(parts):
             here = self.root.joinpath(*parts[:i + 1])
