@@ -15,7 +15,7 @@ import numpy as np
 from hnm import __version__
 from hnm.blacklist import read_blacklist
 from hnm.config import EMBEDDING_KEYS, Config, config_hash, dump_yaml
-from hnm.data import Dataset, Progress, load_dataset, no_progress
+from hnm.data import Dataset, Progress, file_stats, load_dataset, no_progress
 from hnm.embed import check_precomputed
 from hnm.encoders import (
     BUILTIN_TEXT,
@@ -71,7 +71,7 @@ class Plan:
     input_format: str = "json"  # as detected (hnm.readers) or given by --input-format
     input_files: int = 1
     index: IndexChoice = IndexChoice()  # the search index, chosen once for the whole run
-    images: str = ""  # the image files' fingerprint (data.file_stats) when planned
+    images: str = ""  # the mined image files' fingerprint when planned (image_fingerprint)
     source: str = ""  # the annotations' digest when planned
 
     def to_json(self) -> dict[str, Any]:
@@ -148,12 +148,21 @@ def check_unchanged(config: Config, plan: Plan, ds: Dataset, where: Path) -> Non
     if (plan.source or plan.run_key[-16:]) != source:
         raise HnmError(f"{config.annotations}: changed since the run in {where}; its "
                        "negatives no longer match the records")
-    if plan.images and plan.images != ds.image_files:
+    if plan.images and plan.images != image_fingerprint(ds):
         gone = next((p for p in ds.images if isinstance(p, Path) and not p.is_file()), None)
         what = f"{gone} is gone" if gone else "an image file was edited, replaced or added"
         raise HnmError(f"--image-dir {config.image_dir}: images changed since the run in "
                        f"{where} ({what}); rerun the mining command with --overwrite to mine "
                        "them again")
+
+
+def image_fingerprint(ds: Dataset) -> str:
+    """The absolute path, size and modification time of every image file the run mines,
+    hashed (data.file_stats): the same from whatever folder it is computed; "" where the
+    images came as precomputed embeddings."""
+    if not ds.image_files:
+        return ""
+    return file_stats([p.absolute() if isinstance(p, Path) else p for p in ds.images])
 
 
 def _digest(*paths: str | None) -> str:
@@ -229,7 +238,7 @@ def new_plan(config: Config, ds: Dataset, devices: list[str], precision: str,
                 workdir=str(Path.cwd()), text_batch_size=text_batch, precision=precision,
                 shards=shards, input_format=ds.input_format,
                 input_files=max(1, len(ds.shard_ends)),
-                index=choose_index(config, len(ds), devices), images=ds.image_files,
+                index=choose_index(config, len(ds), devices), images=image_fingerprint(ds),
                 source=ds.source_sha256[:16])
 
 

@@ -298,9 +298,10 @@ def test_report_from_another_folder_finds_the_images_the_run_used(tmp_path, caps
     rc, _, err = cli(capsys, "report", ".")
     assert rc == 0 and err == ""
     assert "image not shown" not in (tmp_path / "moved/report.html").read_text()
-    shutil.rmtree(tmp_path / "in" / "img")
+    shutil.rmtree(tmp_path / "in" / "img")  # the run's images are gone: nothing to show
     rc, _, err = cli(capsys, "report", ".")
-    assert rc == 0 and err.startswith("warning: 6 of 6 images of the report could not be")
+    assert rc == 2 and err.startswith("hnm: error: --image-dir ") and \
+        f"{tmp_path / 'in' / 'img' / '0.png'} is gone" in err
 
 
 def test_all_zero_precomputed_rows_are_named(data, tmp_path, capsys):
