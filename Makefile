@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE ?= 1
 SPLIT_ARGS = $(if $(IMAGE_DIR),--image-dir $(IMAGE_DIR)) \
              $(if $(ANNOTATIONS),--annotations $(ANNOTATIONS)) $(ARGS)
 
-.PHONY: install demo test lint bench train val_seen val_unseen clean
+.PHONY: install demo test test-fast test-machines fuzz lint bench train val_seen val_unseen clean
 
 $(STAMP): setup.cfg pyproject.toml tools/install.sh
 	PYTHON=$(PYTHON) bash tools/install.sh $(VENV) $(EXTRAS)
@@ -23,9 +23,33 @@ demo: $(STAMP)
 	$(BIN)/python -m hnm.demo data/demo
 	$(BIN)/python launch.py --config configs/demo.yaml $(ARGS)
 
+# Every usable core runs tests (pytest-xdist; a test file per process, so a file's
+# fixtures are built once), and the 25 slowest are listed.
+PYTEST = $(BIN)/python -m pytest -q -n "$$(nproc)" --dist loadfile --durations=25
+
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(PYTEST) $(ARGS)
+
+# The inner loop: everything but the tests that start processes or real encoders.
+test-fast: $(STAMP)
+	$(BIN)/ruff check .
+	$(PYTEST) -m "not slow" $(ARGS)
+
+# The suite as other machines run it: the CPU kinds `auto` tells apart (tests/cpuinfo),
+# one core, and no FAISS.
+test-machines: $(STAMP)
+	for kind in avx2 avx512_bf16 amx; do \
+	    echo "== CPU kind: $$kind"; HNM_CPUINFO=tests/cpuinfo/$$kind $(PYTEST) $(ARGS) || exit 1; \
+	done
+	echo "== one core"; taskset -c 0 sh -c '$(PYTEST) $(ARGS)'
+	echo "== no FAISS"; PYTHONPATH=tests/no_faiss $(PYTEST) $(ARGS)
+
+# Generated bad inputs, many more than `make test` runs (HNM_FUZZ_EXAMPLES cases a surface,
+# whole runs among them); prints the cases run and their outcomes per surface.
+HNM_FUZZ_EXAMPLES ?= 300
+fuzz: $(STAMP)
+	HNM_FUZZ_EXAMPLES=$(HNM_FUZZ_EXAMPLES) $(BIN)/python -m pytest -q -s tests/test_fuzz.py $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hnm.errors import HnmError
+from hnm.decoding import reading
 
 DEFAULT_BLACKLIST = (
     # short affirmations
@@ -27,8 +27,6 @@ def read_blacklist(path: str | None) -> list[str]:
         return list(DEFAULT_BLACKLIST)
     if not path:  # `--blacklist ''` disables the filter
         return []
-    try:
+    with reading(f"--blacklist {path}"):
         lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise HnmError(f"--blacklist {path}: cannot read: {exc.strerror}") from None
     return [line.strip() for line in lines if line.strip()]

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from hnm.config import INPUT_FORMATS, OUTPUT_FORMATS
+from hnm.decoding import one_line
 from hnm.errors import HnmError, InternalError, Terminated
 from hnm.safety import details_file
 from hnm.storage import RunDir, run_lock
@@ -229,7 +230,7 @@ def guarded(command: Callable[[], Any], place: dict[str, str | None]) -> int:
     except InternalError as exc:  # a bug behind the Python API, which raises only HnmError
         return _internal(exc.__cause__ or exc, place)
     except HnmError as exc:
-        print(f"hnm: error: {exc}", file=sys.stderr)
+        print(f"hnm: error: {one_line(str(exc))}", file=sys.stderr)
         return exc.exit_status
     except (KeyboardInterrupt, Terminated) as exc:
         print("hnm: interrupted; finished shards are kept: rerun the same command to resume",

@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from hnm.decoding import reading
 from hnm.errors import HnmError
 
 
@@ -132,6 +133,12 @@ def _check(ok: bool, flag: str, message: str) -> None:
 
 def validate(c: Config) -> None:
     """Reject out-of-range values, naming the flag."""
+    for name, value in [*vars(c).items(), *((f"{k}_field", v) for k, v in vars(c.fields).items())]:
+        # paths and names end up in the run's files, which hold UTF-8 only; the command
+        # line keeps other bytes as lone surrogates
+        if isinstance(value, str) and not _utf8(value):
+            _check(False, name, f"{value.encode('utf-8', 'surrogateescape')!r} is not "
+                   "valid UTF-8")
     for name in ("cosine_threshold", "min_visual_similarity", "blacklist_similarity",
                  "audit_text_similarity", "audit_visual_similarity"):
         value = getattr(c, name)
@@ -167,6 +174,14 @@ def validate(c: Config) -> None:
            f"must be one of {', '.join(INPUT_FORMATS)}, got {c.input_format!r}")
     _check(c.output_format in OUTPUT_FORMATS, "output_format",
            f"must be one of {', '.join(OUTPUT_FORMATS)}, got {c.output_format!r}")
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:
@@ -245,16 +260,18 @@ def make_config(values: dict[str, Any]) -> Config:
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML config file into a mapping."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise HnmError(f"{path}: cannot read config: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise HnmError(f"{path}: invalid YAML: {str(exc).splitlines()[0]}") from None
+    with reading(path, "config"):  # bad bytes, nesting too deep: one line naming the file
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise HnmError(f"{path}: invalid YAML: {str(exc).splitlines()[0]}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise HnmError(f"{path}: a config file must hold a mapping of keys to values")
+    for key in data:
+        if not isinstance(key, str):
+            raise HnmError(f"{path}: config key {key!r}: a key must be a name")
     return data
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import io
 import json
@@ -18,12 +19,16 @@ from typing import Any
 
 import numpy as np
 
-from hnm.config import Config
+from hnm.config import Config, Fields
+from hnm.decoding import DECODING
 from hnm.errors import HnmError
 from hnm.readers import ImageRef, Source, payload, read_input
 
 _SPACES = re.compile(r"\s+")
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
+MAX_DEPTH = 100  # levels of lists and objects a record field may hold
+CONTAINERS = (dict, list)
+SHOWN_FIELDS = 12  # field names listed when a mapping names none of them
 # Images checked per round: a progress report each, and bounded memory for the bytes read
 # from shards ahead of the decoding threads.
 CHECK_CHUNK = 256
@@ -56,6 +61,30 @@ class Dataset:
         return len(self.ids)
 
 
+def check_mapping(src: Source, fields: Fields) -> None:
+    """Every field the mapping names must be held by some record, or the run stops: a name
+    that matches nothing would otherwise quietly mean row numbers as ids, or no groups.
+    Left at its default, the id and group fields may be absent (ids are then positions,
+    keys or sample keys, and every record is its own group)."""
+    default = Fields()
+    for kind in ("id", "text", "image", "group"):
+        name = getattr(fields, kind)
+        if kind in ("id", "group") and name == getattr(default, kind):
+            continue
+        if not src.has(name):
+            raise HnmError(f"--{kind}-field {name}: no record of {src.label} has a field "
+                           f"'{name}' ({_known_fields(name, src.field_names())})")
+
+
+def _known_fields(name: str, names: list[str]) -> str:
+    """The input's field names, the likeliest meant first."""
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.75)
+    close += [n for n in names if n.lower() == name.lower() and n not in close]
+    shown = ", ".join(names[:SHOWN_FIELDS]) + (", ..." if len(names) > SHOWN_FIELDS else "")
+    guess = f"did you mean {' or '.join(repr(n) for n in close)}? " if close else ""
+    return f"{guess}fields: {shown or 'none'}"
+
+
 def _record_ids(src: Source, id_field: str) -> list:
     ids: list[Any] = []
     seen: dict[Any, int] = {}
@@ -75,6 +104,36 @@ def _record_ids(src: Source, id_field: str) -> list:
         seen[rid] = pos
         ids.append(rid)
     return ids
+
+
+def _check_nesting(src: Source, ids: list[Any]) -> None:
+    """Fields nested deeper than MAX_DEPTH are refused while planning: the outputs write
+    every record again (JSON, Arrow), which a deep enough value would make fail at the end.
+    One level of every record's lists and objects at a time (flat fields cost one check);
+    the record at fault is looked for only when there is one."""
+    level = [v for r in src.records for v in r.values() if isinstance(v, CONTAINERS)]
+    for _ in range(MAX_DEPTH):
+        level = [v for x in level for v in (x.values() if isinstance(x, dict) else x)
+                 if isinstance(v, CONTAINERS)]
+        if not level:
+            return
+    for pos, record in enumerate(src.records):
+        for name, value in record.items():
+            if isinstance(value, CONTAINERS) and _depth(value) > MAX_DEPTH:
+                path, at = src.locate(pos)
+                raise HnmError(f"{path}: record {at} (id {ids[pos]!r}): field '{name}' is "
+                               f"nested more than {MAX_DEPTH} levels deep")
+
+
+def _depth(value: Any) -> int:
+    """Levels of lists and objects in a value (counting stops past MAX_DEPTH)."""
+    depth, level = 0, [value]
+    while level and depth <= MAX_DEPTH:
+        depth += 1
+        level = [v for x in level
+                 for v in (x.values() if isinstance(x, dict) else x)
+                 if isinstance(v, CONTAINERS)]
+    return depth
 
 
 def _field(src: Source, pos: int, rid: Any, name: str, kind: str) -> str:
@@ -145,7 +204,7 @@ def image_problem(source: Path | bytes | None, max_pixels: int) -> str | None:
     """
     from PIL import Image
 
-    if source is None or (isinstance(source, Path) and not source.is_file()):
+    if source is None or (isinstance(source, Path) and not _is_file(source)):
         return "missing"
     try:
         with Image.open(source if isinstance(source, Path) else io.BytesIO(source)) as img:
@@ -154,9 +213,18 @@ def image_problem(source: Path | bytes | None, max_pixels: int) -> str | None:
             img.load()
     except Image.DecompressionBombError:
         return f"too large: over twice --max-image-pixels {max_pixels}"
-    except (OSError, ValueError, SyntaxError):
-        return "unreadable"  # PIL raises each of these for some kind of damaged file
+    except DECODING:
+        return "unreadable"  # PIL raises any of these for some kind of damaged file
     return None
+
+
+def _is_file(path: Path) -> bool:
+    """Whether the path names a file; a name too long for the file system, or holding a
+    NUL byte, names none."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
 
 
 def _payload(source: Path | ImageRef) -> Path | bytes | None:
@@ -211,7 +279,9 @@ def load_dataset(config: Config, skip: list[int] | None = None,
     if not records:
         raise HnmError(f"{src.label}: no records")
     f = config.fields
-    ids = _record_ids(src, f.id)
+    ids = _record_ids(src, f.id)  # every record an object
+    check_mapping(src, f)
+    _check_nesting(src, ids)
     texts = [_field(src, i, ids[i], f.text, "text") for i in range(len(records))]
     if src.surrogates:
         _check_unicode(src, ids)
@@ -243,7 +313,7 @@ def file_stats(images: list[Path | ImageRef]) -> str:
         try:
             st = path.stat()
             h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        except OSError:
+        except (OSError, ValueError):  # ValueError: a NUL byte in the name
             h.update(f"{path}\0missing\n".encode())
     return h.hexdigest()[:16]
 
@@ -311,7 +381,7 @@ def _size(image: Path | ImageRef) -> int | None:
     if isinstance(image, ImageRef):
         return image.size
     try:
-        return image.stat().st_size if image.is_file() else None
+        return image.stat().st_size if _is_file(image) else None
     except OSError:
         return None
 

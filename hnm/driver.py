@@ -236,9 +236,9 @@ class LocalExecutor:
             [{"shard": s.shard, "device": s.device} for s in plan.shards], self.mode,
             self.nvml))
         devices = self.devices[:len(plan.shards)]  # CPU workers: as many as the plan keeps busy
-        if len(devices) < len(self.devices) and self.config.cpu_workers is None:
-            self.say(f"{plan.num_rows} images keep {len(devices)} CPU worker(s) busy (one per "
-                     f"{gpus.ROWS_PER_CPU_WORKER}; each takes seconds to start)")
+        if len(devices) < len(self.devices) and plan.workers_note:
+            self.say(f"{len(devices)} of {len(self.devices)} CPU worker(s): "
+                     f"{plan.workers_note}")
         self.pool = self.stack.enter_context(
             InProcess(self.config, self.view, ds) if devices == ["cpu"]
             else WorkerPool(self.config, devices, self.view))

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from hnm.data import Progress, image_limit, no_progress, too_large
+from hnm.decoding import reading
 from hnm.encoders import ImageEncoder, TextEncoder, finalize
 from hnm.errors import HnmError
 from hnm.gpus import usable_cores
@@ -162,12 +163,27 @@ def precomputed(path: str, positions: np.ndarray) -> np.ndarray:
     return out
 
 
+def load_precomputed(path: str, flag: str) -> np.ndarray:
+    """A precomputed embedding file, memory-mapped: a .npy array of numbers (never
+    unpickled); a damaged file or a .npz archive is one line naming the flag and file."""
+    with reading(f"{flag} {path}", "a .npy array"):
+        try:
+            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        except ValueError as exc:
+            if "pickle" not in str(exc) and "Python objects" not in str(exc):
+                raise
+            raise HnmError(f"{flag} {path}: an array of Python objects, which hnm never "
+                           "unpickles: save the embeddings as floats") from None
+    if not isinstance(arr, np.ndarray):  # np.load opens a .npz archive as an NpzFile
+        arr.close()
+        raise HnmError(f"{flag} {path}: a .npz archive; give a single .npy array "
+                       "(numpy.save)")
+    return arr
+
+
 def check_precomputed(path: str, flag: str, rows: int) -> int:
     """Row count of a precomputed embedding file must match the records; returns its dim."""
-    try:
-        arr = np.load(path, mmap_mode="r")
-    except (OSError, ValueError) as exc:
-        raise HnmError(f"{flag} {path}: cannot read a .npy array: {exc}") from None
+    arr = load_precomputed(path, flag)
     if arr.ndim != 2 or arr.shape[0] != rows or arr.shape[1] < 1:
         raise HnmError(f"{flag} {path}: expected {rows} rows (one per record) x dim, "
                        f"got shape {arr.shape}")

@@ -10,6 +10,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from hnm.decoding import reading
 from hnm.errors import HnmError
 from hnm.precision import autocast
 
@@ -244,13 +245,16 @@ def _hf_config(source: str) -> Any:
 
     hf_logging.disable_progress_bar()  # weight-loading bars would garble the terminal view
 
-    try:
-        return AutoConfig.from_pretrained(source)
-    except (OSError, ValueError) as exc:
-        raise HnmError(
-            f"encoder '{source}' is neither a built-in encoder nor a readable local model "
-            f"folder ({str(exc).splitlines()[0][:120]}); hub models need network access: "
-            "download the model elsewhere and pass its folder") from None
+    # transformers validates a config's values with errors of its own and of its helpers:
+    # only the config is read inside, so every one of them is the folder's
+    with reading(f"encoder '{source}'", "its config", also=(Exception,)):
+        try:
+            return AutoConfig.from_pretrained(source)
+        except (OSError, ValueError) as exc:
+            raise HnmError(
+                f"encoder '{source}' is neither a built-in encoder nor a readable local model "
+                f"folder ({str(exc).splitlines()[0][:120]}); hub models need network access: "
+                "download the model elsewhere and pass its folder") from None
 
 
 class HFTextEncoder:

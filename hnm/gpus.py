@@ -115,10 +115,11 @@ def choose_devices(config: Config, gpus: list[Gpu]) -> list[str]:
 # Peak resident memory of a CPU worker with both built-in encoders loaded (about 1.1 GiB
 # measured on the demo), plus room for its share of the candidates phase.
 CPU_WORKER_GB = 1.5
-# A CPU worker takes a few seconds to start (torch, transformers, both models): about the
-# time one core takes to embed this many images, so fewer per worker would cost more than
-# they save.
-ROWS_PER_CPU_WORKER = 128
+# What one more CPU worker process costs before it works: spawning it and importing torch,
+# FAISS and hnm (measured with bench/bench_orchestrator.py --small: one worker against two
+# on a run whose work takes under a second). Models load in every worker as they would in
+# a single process, so they are not part of it.
+WORKER_START_SECONDS = 3.0
 
 
 def usable_cores() -> int:
@@ -152,11 +153,22 @@ def cpu_workers(config: Config) -> tuple[int, str | None]:
     return cores, None
 
 
-def fit_to_rows(config: Config, devices: list[str], rows: int) -> list[str]:
-    """Without --cpu-workers, no more CPU workers than the rows keep busy."""
+def fit_to_work(config: Config, devices: list[str], work: float) -> tuple[list[str], str]:
+    """Without --cpu-workers, the number of CPU workers that finishes `work` (seconds of
+    one core, `hnm.sizing.work_seconds`) soonest, when every worker but a lone one (which
+    runs in the parent) costs WORKER_START_SECONDS to start: small runs stay in one
+    process. Also why fewer workers than devices, or "" when none are dropped."""
     if config.cpu_workers is not None or any(d != "cpu" for d in devices):
-        return devices
-    return devices[:max(1, min(len(devices), rows // ROWS_PER_CPU_WORKER))]
+        return devices, ""
+    def finish(workers: int) -> float:
+        return (WORKER_START_SECONDS if workers > 1 else 0.0) + work / workers
+
+    best = min(range(1, len(devices) + 1), key=finish)  # the fewest workers on a tie
+    if best == len(devices):
+        return devices, ""
+    return devices[:best], (f"about {work:.1f} s of work for one core keeps {best} CPU "
+                            f"worker(s) busy; another takes about {WORKER_START_SECONDS:.0f} "
+                            "s to start")
 
 
 def _wanted(config: Config) -> list[int] | None:

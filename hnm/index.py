@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 from collections.abc import Iterator
 from typing import Any, Protocol
 
@@ -61,15 +62,29 @@ def faiss_gpu() -> bool:
     return faiss_available() and hasattr(__import__("faiss"), "StandardGpuResources")
 
 
-def set_threads(threads: int) -> None:
-    """Threads of FAISS and torch in this process (CPU workers share the machine's cores)."""
-    import torch
+_threads: list[int] = []  # the count set_threads was last given, for torch loaded later
 
-    torch.set_num_threads(threads)
+
+def set_threads(threads: int) -> None:
+    """Threads of FAISS and torch in this process (CPU workers share the machine's cores).
+    torch is only told where it is loaded (a model ran, or the torch search backend runs,
+    see `_torch`): importing it takes seconds that a run on precomputed embeddings saves."""
+    _threads[:] = [threads]
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
     if faiss_available():
         import faiss
 
         faiss.omp_set_num_threads(threads)
+
+
+def _torch() -> Any:
+    """torch, with the thread count set_threads was given."""
+    import torch
+
+    if _threads and torch.get_num_threads() != _threads[0]:
+        torch.set_num_threads(_threads[0])
+    return torch
 
 
 # One StandardGpuResources per device and process: each holds its own temporary memory
@@ -194,8 +209,7 @@ class TorchFlatIP:
     exact = True
 
     def __init__(self, xb: np.ndarray, device: Any = "cpu", float16: bool = False) -> None:
-        import torch
-
+        torch = _torch()
         dtype = torch.float16 if float16 else torch.float32
         # a block at a time; torch wants writable arrays (a memory-mapped table is not)
         self.xb = torch.cat([torch.from_numpy(np.require(xb[s:s + (1 << 16)], np.float32,
@@ -307,7 +321,7 @@ def train_ivf(V: np.ndarray, nlist: int, seed: int, sample: int) -> Any:
 
     from hnm.encoders import finalize
 
-    centroids = finalize(_train_centroids(_sample(V, sample, seed), nlist, seed, 20))
+    centroids = finalize(_faiss_centroids(_sample(V, sample, seed), nlist, seed, 20))
     quantizer = faiss.IndexFlatIP(V.shape[1])
     quantizer.add(centroids)
     index = faiss.IndexIVFFlat(quantizer, V.shape[1], len(centroids),
@@ -342,8 +356,8 @@ class IvfIndex:
     def __init__(self, index: Any, nprobe: int, device: str = "cpu",
                  float16: bool = False, far_nprobe: int | None = None) -> None:
         import faiss
-        import torch
 
+        torch = _torch()
         self.device = torch.device(device)
         self.nlist, self.ntotal, d = index.nlist, index.ntotal, index.d
         self.nprobe = min(nprobe, self.nlist)
@@ -462,23 +476,28 @@ def kmeans(x: np.ndarray, k: int, seed: int, niter: int = 20) -> tuple[np.ndarra
     """Spherical k-means; returns (labels (n,), centroids (k, d)).
 
     Trained on every point up to KMEANS_SAMPLE, else on a seeded sample; `x` may be a
-    memory map. Labels are the float64 argmax over the centroids (ties to the lowest
-    centroid), computed a block at a time, not FAISS's float32 assignment. The centroids
-    are not on the embedding grid, so these dot products are not exact: a point almost
-    equidistant from two centroids could be labelled differently by another BLAS, which
-    moves it to the other cluster and nothing more. `niter`: clusters only need to be
-    coarse.
+    memory map. One implementation whatever is installed (`_lloyd`, in float64), so the
+    clusters, and the diverse negatives drawn from them, never depend on whether FAISS is
+    there. Labels are the float64 argmax over the centroids (ties to the lowest centroid),
+    computed a block at a time. The centroids are not on the embedding grid, so these dot
+    products are not exact: a point almost equidistant from two centroids could be
+    labelled differently by another BLAS, which moves it to the other cluster and nothing
+    more. `niter`: clusters only need to be coarse.
     """
     k = min(k, len(x))
     if k == 1:
         centroids = np.asarray(x, dtype=np.float32).mean(axis=0, keepdims=True) \
             if len(x) <= KMEANS_SAMPLE else _block_mean(x)
     else:
-        centroids = _train_centroids(_sample(x, KMEANS_SAMPLE, seed), k, seed, niter)
-    c64 = centroids.astype(np.float64).T
-    labels = np.concatenate([(np.asarray(x[s:s + LABEL_BLOCK], np.float64) @ c64).argmax(axis=1)
+        centroids = _lloyd(_sample(x, KMEANS_SAMPLE, seed), k, seed, niter)
+    labels = np.concatenate([_nearest(x[s:s + LABEL_BLOCK], centroids.astype(np.float64))
                              for s in range(0, len(x), LABEL_BLOCK)])
-    return labels.astype(np.int64), centroids
+    return labels, centroids
+
+
+def _nearest(block: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """(n,) index of the highest-scoring float64 centroid of each row (lowest on ties)."""
+    return (np.asarray(block, np.float64) @ centroids.T).argmax(axis=1).astype(np.int64)
 
 
 def _block_mean(x: np.ndarray) -> np.ndarray:
@@ -487,28 +506,37 @@ def _block_mean(x: np.ndarray) -> np.ndarray:
     return (total / len(x)).astype(np.float32)[None, :]
 
 
-def _train_centroids(x: np.ndarray, k: int, seed: int, niter: int) -> np.ndarray:
-    if faiss_available():
-        import faiss
+def _faiss_centroids(x: np.ndarray, k: int, seed: int, niter: int) -> np.ndarray:
+    """FAISS's spherical k-means, for the IVF lists only (an IVF index needs FAISS anyway,
+    and its lists change which rows are proposed, never how they are scored)."""
+    import faiss
 
-        # max_points_per_centroid: train on every point given, never a subsample
-        km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed, spherical=True,
-                          max_points_per_centroid=len(x) // k + 1, min_points_per_centroid=1,
-                          verbose=False)
-        km.train(np.ascontiguousarray(x, dtype=np.float32))
-        return np.asarray(km.centroids, dtype=np.float32)
-    return _numpy_kmeans(x, k, seed, niter)
+    # max_points_per_centroid: train on every point given, never a subsample
+    km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed, spherical=True,
+                      max_points_per_centroid=len(x) // k + 1, min_points_per_centroid=1,
+                      verbose=False)
+    km.train(np.ascontiguousarray(x, dtype=np.float32))
+    return np.asarray(km.centroids, dtype=np.float32)
 
 
-def _numpy_kmeans(x: np.ndarray, k: int, seed: int, niter: int) -> np.ndarray:
+def _lloyd(x: np.ndarray, k: int, seed: int, niter: int) -> np.ndarray:
+    """Spherical Lloyd iterations from k seeded distinct rows (float32 products, as FAISS's
+    k-means does; the final labels are float64, see `kmeans`); a centroid that loses every
+    member keeps its place. Members are summed in float64, a block of rows at a time (grouped
+    by label), so memory stays at one block whatever the sample size."""
     rng = np.random.default_rng(seed)
-    centroids = x[rng.choice(len(x), size=k, replace=False)].astype(np.float64)
-    x64 = x.astype(np.float64)
+    centroids = np.asarray(x[rng.choice(len(x), size=k, replace=False)], np.float32)
+    centroids /= np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
     for _ in range(niter):
-        labels = (x64 @ centroids.T).argmax(axis=1)
-        for c in range(k):
-            members = x64[labels == c]
-            if len(members):
-                centroids[c] = members.sum(axis=0)
-        centroids /= np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
-    return centroids.astype(np.float32)
+        sums = np.zeros(centroids.shape, np.float64)
+        for s in range(0, len(x), LABEL_BLOCK):
+            block = np.asarray(x[s:s + LABEL_BLOCK], np.float32)
+            labels = (block @ centroids.T).argmax(axis=1)
+            grouped = block[np.argsort(labels, kind="stable")]
+            ends = np.cumsum(np.bincount(labels, minlength=k))
+            for c, (a, b) in enumerate(zip(np.concatenate([[0], ends[:-1]]), ends)):
+                sums[c] += grouped[a:b].sum(axis=0, dtype=np.float64)
+        norms = np.linalg.norm(sums, axis=1, keepdims=True)
+        moved = norms[:, 0] > 0
+        centroids[moved] = sums[moved] / norms[moved]
+    return centroids

@@ -3,6 +3,7 @@ the suspects — and reading the records back."""
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -118,12 +119,17 @@ def parquet_schema(ds: Dataset) -> tuple[Any, set[str]]:
 
 
 def _arrow_type(values: list[Any]) -> Any:
+    """The one Arrow type of the values that Parquet can write, or None (JSON text)."""
     import pyarrow as pa
+    import pyarrow.parquet as pq
 
     try:  # converting checks every value (inferring a type looks at the first ones only)
-        return pa.array(values).type
-    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError):
+        kind = pa.array(values).type
+        # some types have no Parquet form (a struct without fields: `{}`): the writer says
+        pq.ParquetWriter(io.BytesIO(), pa.schema([("value", kind)])).close()
+    except (pa.ArrowException, TypeError, OverflowError):
         return None
+    return kind
 
 
 def _parquet_row(record: dict[str, Any], as_json: set[str]) -> dict[str, Any]:

@@ -25,10 +25,10 @@ from hnm.encoders import (
     embedding_dim,
 )
 from hnm.errors import HnmError
-from hnm.gpus import fit_to_rows
+from hnm.gpus import fit_to_work
 from hnm.precision import resolve
 from hnm.rerun import Refuse, Resume, Start, Survey, decide
-from hnm.sizing import IndexChoice, Sizes, choose_index, estimate, memory_lines
+from hnm.sizing import IndexChoice, Sizes, choose_index, estimate, memory_lines, work_seconds
 from hnm.storage import RunDir, read_json, verify_marker
 
 # Bumped whenever the run directory's layout or plan.json changes meaning.
@@ -71,6 +71,7 @@ class Plan:
     input_format: str = "json"  # as detected (hnm.readers) or given by --input-format
     input_files: int = 1
     index: IndexChoice = IndexChoice()  # the search index, chosen once for the whole run
+    workers_note: str = ""  # why fewer CPU workers than cores, when the work is small
     images: str = ""  # the mined image files' fingerprint when planned (image_fingerprint)
     source: str = ""  # the annotations' digest when planned
 
@@ -217,12 +218,13 @@ def new_plan(config: Config, ds: Dataset, devices: list[str], precision: str,
     `keep`: an earlier plan whose embeddings are kept: its row and phrase ranges and its
     batch grids are reused as they are.
     """
+    note = ""
     if keep:
         rows = [s.rows for s in keep.shards]
         phrases = [s.phrases for s in keep.shards]
         batch, text_batch = keep.batch_size, keep.text_batch_size
     else:
-        devices = fit_to_rows(config, devices, len(ds))
+        devices, note = fit_workers(config, ds, devices)
         batch, text_batch = config.batch_size, max(config.batch_size, TEXT_BATCH)
         rows = follow_inputs(ds, len(devices), batch)
         # the first shards take the phrases: the tables phase runs where shard 0 ran (the
@@ -238,8 +240,8 @@ def new_plan(config: Config, ds: Dataset, devices: list[str], precision: str,
                 workdir=str(Path.cwd()), text_batch_size=text_batch, precision=precision,
                 shards=shards, input_format=ds.input_format,
                 input_files=max(1, len(ds.shard_ends)),
-                index=choose_index(config, len(ds), devices), images=image_fingerprint(ds),
-                source=ds.source_sha256[:16])
+                index=choose_index(config, len(ds), devices), workers_note=note,
+                images=image_fingerprint(ds), source=ds.source_sha256[:16])
 
 
 def write_plan(config: Config, run: RunDir, plan: Plan) -> None:
@@ -383,7 +385,7 @@ def start(config: Config, run: RunDir, ds: Dataset, devices: list[str], precisio
 
 def dry_run_lines(config: Config, ds: Dataset, devices: list[str]) -> list[str]:
     """What a run would do, with memory estimates, from validated inputs only."""
-    devices = fit_to_rows(config, devices, len(ds))
+    devices = fit_workers(config, ds, devices)[0]
     sizes = run_sizes(config, ds, devices)
     n, u, a = sizes.rows, sizes.phrases, sizes.anchors
     shards = make_shards(a, len(devices))
@@ -406,7 +408,7 @@ def dry_run_lines(config: Config, ds: Dataset, devices: list[str]) -> list[str]:
 
 def run_sizes(config: Config, ds: Dataset, devices: list[str]) -> Sizes:
     """The sizes a run's memory depends on."""
-    devices = fit_to_rows(config, devices, len(ds))
+    devices = fit_workers(config, ds, devices)[0]
     path = Path(config.annotations or "")
     return Sizes(rows=len(ds), phrases=len(ds.phrases), anchors=ds.num_anchors,
                  dv=_dim(config.image_embeddings, config.visual_encoder),
@@ -414,6 +416,13 @@ def run_sizes(config: Config, ds: Dataset, devices: list[str]) -> Sizes:
                  annotation_bytes=path.stat().st_size if path.is_file() else 0,
                  workers=len(devices),
                  device="cuda" if any(d.startswith("cuda") for d in devices) else "cpu")
+
+
+def fit_workers(config: Config, ds: Dataset, devices: list[str]) -> tuple[list[str], str]:
+    """The devices a run keeps busy (CPU workers: as many as its work is worth, see
+    `gpus.fit_to_work`), and why fewer than offered."""
+    dv = _dim(config.image_embeddings, config.visual_encoder)
+    return fit_to_work(config, devices, work_seconds(config, len(ds), len(ds.phrases), dv))
 
 
 def _dim(precomputed: str | None, encoder: str) -> int:

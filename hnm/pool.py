@@ -27,6 +27,11 @@ POLL_S = 0.2
 # Workers send at most one progress event per this many seconds: the view refreshes 4 times
 # a second, and a queue message per image would cost more than the images.
 PROGRESS_EVERY_S = 0.3
+# A task waits in a worker's queue while the worker starts (a respawned one imports torch
+# and FAISS first, which on a busy machine takes many seconds): --stall-timeout counts from
+# when the worker takes the task, and a worker that has not taken it this much later than
+# that is stalled too.
+START_GRACE_S = 120.0
 
 
 class RunFailed(HnmError):
@@ -112,6 +117,7 @@ def _worker_main(wid: int, config: Config, device: str, tasks: Any, events: Any)
     context = Context(config, device)
     while (item := _next_task(tasks)) is not None:
         attempt, phase, shard = item
+        events.put(("taken", attempt))
         task = Task(phase, shard)
         _redirect_output(context.run, context.run.log(task.shard))
         try:
@@ -161,11 +167,17 @@ def _redirect_output(run: RunDir, path: Any) -> None:
 
 @dataclass
 class Running:
-    """A task handed to a worker: which attempt, and when it last showed progress."""
+    """A task handed to a worker: which attempt, when it last showed progress, and whether
+    the worker has taken it from its queue yet."""
 
     task: Task
     attempt: int
     seen: float = field(default_factory=time.monotonic)
+    taken: bool = False
+
+    def stalled(self, stall: float) -> bool:
+        limit = stall if self.taken else stall + START_GRACE_S
+        return bool(stall) and time.monotonic() - self.seen > limit
 
 
 class WorkerPool:
@@ -248,7 +260,9 @@ class WorkerPool:
             return
         task = running[wid].task
         running[wid].seen = time.monotonic()
-        if kind == "progress":
+        if kind == "taken":
+            running[wid].taken = True
+        elif kind == "progress":
             self.view.progress(task.shard, *rest)
         elif kind == "done":
             del running[wid]
@@ -268,7 +282,7 @@ class WorkerPool:
         stall = self.config.stall_timeout
         for wid, (proc, _) in list(self.workers.items()):
             job = running.get(wid)
-            stalled = job is not None and stall and time.monotonic() - job.seen > stall
+            stalled = job is not None and job.stalled(stall)
             if proc.is_alive() and not stalled:
                 continue
             if stalled:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from hnm.config import Config, Fields
+from hnm.decoding import reading, reason
 from hnm.errors import HnmError
 
 # each --input-format (hnm.config.INPUT_FORMATS): the file suffixes it reads from a folder
@@ -28,6 +29,7 @@ SUFFIXES = {"json": (".json", ".jsonl", ".ndjson"), "jsonl": (".json", ".jsonl",
 # A folder holding several kinds of file is read as the first kind found in this order:
 # img2dataset writes .parquet and .json metadata next to its .tar shards.
 FOLDER_ORDER = ("webdataset", "parquet", "json", "csv", "tsv")
+STATS = "_stats.json"  # img2dataset's statistics of a shard, beside it
 HF_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "tif")  # a tar sample's image: the first present
 SHARD_FORMATS = ("parquet", "webdataset", "hf")  # identified by name, size and mtime
@@ -76,6 +78,9 @@ class Part:
     refs: list[ImageRef | None] | None = None  # None: the image field names a file
     keys: list[Any] | None = None  # a JSON dict's keys, the ids of records without one
     surrogates: bool = False  # the text escapes a surrogate: records must be checked
+    # the fields the file itself holds, where the reader fills some in (a tar sample's key
+    # as its id); None: the records' own fields
+    found: frozenset[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -91,6 +96,19 @@ class Source:
     keys: list[Any] | None
     surrogates: bool
     digest: str
+    found: frozenset[str] | None = None  # as Part.found, over every shard
+
+    def has(self, name: str) -> bool:
+        """Whether any record holds the field as read from the input."""
+        if self.found is not None:
+            return name in self.found
+        return any(isinstance(r, dict) and name in r for r in self.records)
+
+    def field_names(self) -> list[str]:
+        """Every field some record holds, sorted (for messages)."""
+        if self.found is not None:
+            return sorted(self.found)
+        return sorted({k for r in self.records if isinstance(r, dict) for k in r})
 
     def locate(self, pos: int) -> tuple[Path, int]:
         """The shard holding record `pos`, and the record's position in it."""
@@ -114,15 +132,30 @@ def read_input(config: Config) -> Source:
     has_keys = any(part.keys is not None for part in parts)
     keys = [k for part in parts for k in (part.keys or [None] * len(part.records))] \
         if has_keys else None
+    found = None if any(part.found is None for part in parts) \
+        else frozenset().union(*(part.found for part in parts))
     return Source(label, fmt, tuple(shards), tuple(ends), records, refs, keys,
-                  any(part.surrogates for part in parts), digest(fmt, shards))
+                  any(part.surrogates for part in parts), digest(fmt, shards), found)
 
 
 # ---------------------------------------------------------------- finding the shards
 
 
 def find_shards(config: Config) -> tuple[str, list[Shard]]:
-    """The input's format (detected from names unless --input-format says) and its files."""
+    """The input's format (detected from names unless --input-format says) and its files,
+    whose names must be UTF-8: they name the input in the run and its images' keys."""
+    fmt, shards = _find_shards(config)
+    for shard in shards:
+        try:
+            shard.name.encode("utf-8")
+        except UnicodeEncodeError:
+            raw = shard.name.encode("utf-8", "surrogateescape")
+            raise HnmError(f"--annotations {config.annotations}: file name {raw!r} is not "
+                           "valid UTF-8") from None
+    return fmt, shards
+
+
+def _find_shards(config: Config) -> tuple[str, list[Shard]]:
     given = str(config.annotations)
     fmt = config.input_format
     path = Path(given)
@@ -153,9 +186,23 @@ def detect(path: Path) -> str:
 
 
 def _folder_format(given: str, files: list[Path]) -> str:
-    for fmt in FOLDER_ORDER:
-        if any(p.name.lower().endswith(SUFFIXES[fmt]) for p in files):
-            return fmt
+    """The one format of the files, so that every file given is read: two formats are
+    refused, except the metadata img2dataset writes beside its shards (.parquet and .json
+    beside .tar shards, `*_stats.json` beside .parquet ones)."""
+    found: dict[str, Path] = {}  # format -> its first file
+    for p in files:
+        fmt = next((f for f in FOLDER_ORDER if p.name.lower().endswith(SUFFIXES[f])), None)
+        if fmt is not None and not (fmt == "json" and p.name.endswith(STATS)):
+            found.setdefault(fmt, p)
+    if "webdataset" in found or len(found) == 1:
+        return next(iter(sorted(found, key=FOLDER_ORDER.index)))
+    if found:
+        kinds = ", ".join(f"{fmt} ({p.name})" for fmt, p in found.items())
+        raise HnmError(f"--annotations {given}: holds annotations in {len(found)} formats, "
+                       f"{kinds}; hnm reads one at a time: name the files of one format "
+                       "(a glob) or pass --input-format")
+    if any(p.name.endswith(STATS) for p in files):
+        return "json"
     raise HnmError(f"{given}: cannot read annotations: a folder holding no .json, .jsonl, "
                    ".csv, .tsv, .parquet or .tar file and no Hugging Face dataset")
 
@@ -192,10 +239,8 @@ def _sha256_file(path: Path) -> str:
 
 
 def _read_bytes(path: Path) -> bytes:
-    try:
+    with reading(path, "annotations"):
         return path.read_bytes()
-    except OSError as exc:
-        raise HnmError(f"{path}: cannot read annotations: {exc.strerror}") from None
 
 
 def _decode(path: Path, raw: bytes, kind: str) -> str:
@@ -213,12 +258,13 @@ def read_json(shard: Shard, fields: Fields | None = None) -> Part:
     surrogates = bool(SURROGATE.search(text))
     if path.suffix == ".jsonl" or (not text.lstrip().startswith(("[", "{")) and text.strip()):
         return Part(read_jsonl(path, text), surrogates=surrogates)
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        if path.suffix != ".json" and text.lstrip().startswith("{"):
-            return Part(read_jsonl(path, text), surrogates=surrogates)
-        raise HnmError(f"{path}: malformed JSON at line {exc.lineno}: {exc.msg}") from None
+    with reading(path, "annotations"):  # e.g. nested too deeply
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            if path.suffix != ".json" and text.lstrip().startswith("{"):
+                return Part(read_jsonl(path, text), surrogates=surrogates)
+            raise HnmError(f"{path}: malformed JSON at line {exc.lineno}: {exc.msg}") from None
     if isinstance(data, list):
         return Part(data, surrogates=surrogates)
     if isinstance(data, dict):
@@ -232,13 +278,15 @@ def read_json(shard: Shard, fields: Fields | None = None) -> Part:
 def read_jsonl(path: Path, text: str) -> list[dict[str, Any]]:
     """One record a line. Lines end at "\\n" only: U+2028 or U+0085 inside a string is text."""
     records = []
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            raise HnmError(f"{path}: malformed JSON on line {number}: {exc.msg}") from None
+    with reading(path, "annotations") as place:
+        for number, line in enumerate(text.split("\n"), start=1):
+            if not line.strip():
+                continue
+            place.where = f"line {number}"
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise HnmError(f"{path}: malformed JSON on line {number}: {exc.msg}") from None
     return records
 
 
@@ -346,21 +394,23 @@ def read_parquet(shard: Shard, fields: Fields) -> Part:
     """Records from every column but the image bytes; the image as a path or a reference."""
     pa = _pa()
     path = shard.path
-    try:
-        handle = pa.parquet.ParquetFile(path)
-    except (OSError, pa.ArrowException) as exc:
-        raise HnmError(f"{path}: not a readable Parquet file: {exc}") from None
-    schema = handle.schema_arrow
+    with reading(path, "Parquet file"):
+        try:
+            handle = pa.parquet.ParquetFile(path)
+        except (OSError, pa.ArrowException) as exc:
+            raise HnmError(f"{path}: not a readable Parquet file: {reason(exc)}") from None
+        schema = handle.schema_arrow
     _require_columns(path, schema.names, fields)
     kind = image_kind(schema.field(fields.image).type)
     if kind is None:
         raise HnmError(f"{path}: image column '{fields.image}' ({schema.field(fields.image).type}"
                        ") holds neither paths nor bytes")
     keep, as_text = record_columns(path, schema, fields.image)
-    try:
-        records = _rows(handle.iter_batches(columns=keep, use_threads=False), as_text)
-    except (OSError, pa.ArrowException) as exc:
-        raise HnmError(f"{path}: cannot read: {exc}") from None
+    with reading(path, "Parquet file"):  # e.g. text that is not UTF-8
+        try:
+            records = _rows(handle.iter_batches(columns=keep, use_threads=False), as_text)
+        except (OSError, pa.ArrowException) as exc:
+            raise HnmError(f"{path}: cannot read: {reason(exc)}") from None
     if kind == "path":
         return Part(records)
     shard = Shard(shard.path, shard.name, shard.fmt, fields.image)
@@ -384,12 +434,15 @@ def hf_shards(path: Path, split: str | None) -> list[Shard]:
     except ImportError:
         raise HnmError(f"--annotations {path}: a Hugging Face dataset; reading it needs the "
                        "'datasets' package: pip install 'hnm[hf]'") from None
-    try:
-        loaded = datasets.load_from_disk(str(path))
-    except (FileNotFoundError, ValueError, OSError) as exc:
-        first = (str(exc).splitlines() or [""])[0]
-        raise HnmError(f"--annotations {path}: not a Hugging Face dataset saved with "
-                       f"save_to_disk: {first}") from None
+    # `datasets` trusts its JSON files' shapes (AttributeError, KeyError on a damaged one):
+    # only the loading is inside, so every error of it is the folder's
+    with reading(f"--annotations {path}", "a Hugging Face dataset", also=(Exception,)):
+        try:
+            loaded = datasets.load_from_disk(str(path))
+        except (FileNotFoundError, ValueError, OSError) as exc:
+            first = (str(exc).splitlines() or [""])[0]
+            raise HnmError(f"--annotations {path}: not a Hugging Face dataset saved with "
+                           f"save_to_disk: {first}") from None
     if isinstance(loaded, datasets.DatasetDict):
         names = list(loaded)
         if split is None and len(names) == 1:
@@ -415,7 +468,11 @@ def _arrow_table(path: Path) -> Any:
 def read_hf(shard: Shard, fields: Fields) -> Part:
     """Like Parquet; an `Image` value holding no bytes but a path is an image file."""
     pa = _pa()
-    table = _arrow_table(shard.path)
+    with reading(shard.path, "Arrow file"):
+        table = _arrow_table(shard.path)
+        # offsets and lengths checked against the buffers (no image is read): a damaged
+        # file read unchecked could make Arrow read outside it (a crash, not an error)
+        table.validate(full=True)
     _require_columns(shard.path, table.schema.names, fields)
     column = table.column(fields.image)
     kind = image_kind(column.type)
@@ -423,7 +480,8 @@ def read_hf(shard: Shard, fields: Fields) -> Part:
         raise HnmError(f"{shard.path}: image column '{fields.image}' ({column.type}) holds "
                        "neither paths nor bytes")
     keep, as_text = record_columns(shard.path, table.schema, fields.image)
-    records = _rows(table.select(keep).to_batches(), as_text)
+    with reading(shard.path, "Arrow file"):
+        records = _rows(table.select(keep).to_batches(), as_text)
     if kind == "path":
         return Part(records)
     shard = Shard(shard.path, shard.name, "hf", fields.image)
@@ -453,15 +511,18 @@ def read_tar(shard: Shard, fields: Fields) -> Part:
     headers and the small text members are read: images stay in the file until needed."""
     path = shard.path
     samples = _tar_samples(path)
-    records, refs, surrogates = [], [], False
+    records, refs, surrogates, held = [], [], False, {fields.image}
     with open(path, "rb") as handle:
         for key, members in samples:
-            meta, found = _sample_meta(path, handle, key, members)
-            surrogates |= found
+            meta, escaped = _sample_meta(path, handle, key, members)
+            surrogates |= escaped
+            held.update(meta)
             record = {} if fields.id in meta else {fields.id: key}
             record.update(meta)
             if fields.text not in meta and "txt" in members:
                 record[fields.text] = _member_text(path, handle, members["txt"], key)
+                if fields.text == Fields.text:  # a text field the user names is a .json one
+                    held.add(fields.text)
             ext = next((e for e in IMAGE_EXTS if e in members), None)
             if ext is None:
                 raise HnmError(f"{path}: sample '{key}' has no image (none of "
@@ -471,44 +532,57 @@ def read_tar(shard: Shard, fields: Fields) -> Part:
             record[fields.image] = ref.key
             records.append(record)
             refs.append(ref)
-    return Part(records, refs, surrogates=surrogates)
+    return Part(records, refs, surrogates=surrogates, found=frozenset(held))
 
 
 def _tar_samples(path: Path) -> list[tuple[str, dict[str, tarfile.TarInfo]]]:
     """Members grouped into samples in archive order; a damaged archive is one line."""
     samples: list[tuple[str, dict[str, tarfile.TarInfo]]] = []
-    try:
-        size = path.stat().st_size
-        with tarfile.open(path, "r:") as archive:
-            for info in archive:
-                if not info.isfile():
-                    continue
-                if info.offset_data + info.size > size:
-                    raise HnmError(f"{path}: truncated tar archive: member '{info.name}' ends "
-                                   "past the end of the file")
-                match = TAR_KEY.match(info.name)
-                if match is None:
-                    continue  # no extension: not part of a sample
-                key, ext = match.group(1), match.group(2).lower()
-                if not samples or samples[-1][0] != key:
-                    samples.append((key, {}))
-                samples[-1][1][ext] = info
-            end = archive.offset
-        with open(path, "rb") as handle:
-            handle.seek(end)
-            marker = handle.read(tarfile.BLOCKSIZE)
-    except tarfile.ReadError as exc:
-        if not samples and _compressed(path):
-            raise HnmError(f"{path}: a compressed tar archive; hnm reads images at their "
-                           "offsets in uncompressed .tar shards: decompress it first "
-                           "(e.g. gunzip)") from None
-        raise HnmError(f"{path}: not a readable tar archive{_after(samples)}: {exc}") from None
-    except OSError as exc:
-        raise HnmError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    if marker != bytes(tarfile.BLOCKSIZE):  # a tar ends with zero blocks: was it cut short?
-        raise HnmError(f"{path}: truncated tar archive: no end-of-archive marker"
-                       f"{_after(samples)}")
+    with reading(path, "tar shard") as place:
+        try:
+            size = path.stat().st_size
+            with tarfile.open(path, "r:") as archive:
+                for info in archive:
+                    place.where = f"member {_member_name(path, info)!r}"
+                    if not info.isfile():
+                        continue
+                    if info.offset_data + info.size > size:
+                        raise HnmError(f"{path}: truncated tar archive: member '{info.name}' "
+                                       "ends past the end of the file")
+                    match = TAR_KEY.match(info.name)
+                    if match is None:
+                        continue  # no extension: not part of a sample
+                    key, ext = match.group(1), match.group(2).lower()
+                    if not samples or samples[-1][0] != key:
+                        samples.append((key, {}))
+                    samples[-1][1][ext] = info
+                end = archive.offset
+            with open(path, "rb") as handle:
+                handle.seek(end)
+                marker = handle.read(tarfile.BLOCKSIZE)
+        except tarfile.ReadError as exc:
+            if not samples and _compressed(path):
+                raise HnmError(f"{path}: a compressed tar archive; hnm reads images at their "
+                               "offsets in uncompressed .tar shards: decompress it first "
+                               "(e.g. gunzip)") from None
+            raise HnmError(f"{path}: not a readable tar archive{_after(samples)}: {exc}") from None
+        except OSError as exc:
+            raise HnmError(f"{path}: cannot read: {exc.strerror or exc}") from None
+        if marker != bytes(tarfile.BLOCKSIZE):  # a tar ends with zero blocks: was it cut short?
+            raise HnmError(f"{path}: truncated tar archive: no end-of-archive marker"
+                           f"{_after(samples)}")
     return samples
+
+
+def _member_name(path: Path, info: tarfile.TarInfo) -> str:
+    """The member's name, which must be UTF-8: it becomes the image's key in every output
+    (tarfile keeps other bytes as lone surrogates, which no output can hold)."""
+    try:
+        info.name.encode("utf-8")
+    except UnicodeEncodeError:
+        raw = info.name.encode("utf-8", "surrogateescape")
+        raise HnmError(f"{path}: member name {raw!r} is not valid UTF-8") from None
+    return info.name
 
 
 # gzip, bzip2, xz and zstd files start with these bytes
@@ -546,11 +620,12 @@ def _sample_meta(path: Path, handle: BinaryIO, key: str, members: dict[str, tarf
     if "json" not in members:
         return {}, False
     text = _member_text(path, handle, members["json"], key)
-    try:
-        meta = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise HnmError(f"{path}: sample '{key}': malformed JSON in {members['json'].name}: "
-                       f"{exc.msg}") from None
+    with reading(path, "tar shard", f"sample '{key}'"):  # e.g. nested too deeply
+        try:
+            meta = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise HnmError(f"{path}: sample '{key}': malformed JSON in {members['json'].name}: "
+                           f"{exc.msg}") from None
     if not isinstance(meta, dict):
         raise HnmError(f"{path}: sample '{key}': {members['json'].name} is not an object")
     return meta, bool(SURROGATE.search(text))

@@ -73,6 +73,23 @@ def choose_index(config: Config, rows: int, devices: list[str]) -> IndexChoice:
     return IndexChoice("ivf", reason, nlist, nprobe, max(1, nprobe // FAR_SHARE))
 
 
+# One core's speed at each kind of work, for deciding how many CPU workers a run is worth
+# (hnm.gpus.fit_to_work). Measured on the developers' machine with bench/bench_embed.py and
+# bench/bench_orchestrator.py --small; only their order of magnitude matters.
+IMAGES_PER_CORE_SECOND = {"efficientnet-lite0": 30.0, "pixels": 500.0}
+MODEL_IMAGES_PER_CORE_SECOND = 10.0  # a Hugging Face vision model
+PHRASES_PER_CORE_SECOND = 400.0  # all-MiniLM-L6-v2; other text models count as this
+SEARCH_FLOPS_PER_CORE_SECOND = 1e11  # exact search and rescoring, every row against every row
+
+
+def work_seconds(config: Config, rows: int, phrases: int, dv: int) -> float:
+    """One core's time for a run's embedding and search: what more workers could share."""
+    images = 0.0 if config.image_embeddings else rows / IMAGES_PER_CORE_SECOND.get(
+        config.visual_encoder, MODEL_IMAGES_PER_CORE_SECOND)
+    texts = 0.0 if config.text_embeddings else phrases / PHRASES_PER_CORE_SECOND
+    return images + texts + 2.0 * rows * rows * dv / SEARCH_FLOPS_PER_CORE_SECOND
+
+
 @dataclass(frozen=True)
 class Sizes:
     """What the memory of a run depends on."""

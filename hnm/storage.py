@@ -31,7 +31,7 @@ RUN_FILES = re.compile(r"""(?x)
   | embeddings/((image|text)_\d{5,}\.npy | done_\d{5,})
   | tables/((visual|text|eligible|clusters|centroids)\.npy | ivf\.faiss | done)
   | candidates/(shard_\d{5,}\.npz | done_\d{5,})
-  | logs/(hnm\.log | tables\.log | shard_\d{5,}\.log | \.crashed_\w+)
+  | logs/(hnm\.log | tables\.log | shard_\d{5,}\.log | \.(crashed|held)_\w+)
   | index/(visual\.faiss | (visual|text|eligible|clusters|centroids)\.npy | done)""")
 SIGNATURE = "hnm run directory"  # the format marker of .hnm-run.json
 SIGNATURE_VERSION = 1

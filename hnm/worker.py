@@ -262,9 +262,11 @@ def shard_log(run: RunDir, task: Task) -> Iterator[None]:
 
 
 def _maybe_crash(run: RunDir, task: Task, progress: Progress) -> None:
-    """Test hook: HNM_TEST_CRASH=phase:shard kills this process (SIGKILL) once, as its task
-    starts, before any of the task's work; HNM_TEST_CRASH=phase:shard:stall makes it hang
-    there once instead (alive, no progress)."""
+    """Test hook, HNM_TEST_CRASH=phase:shard[:how], acting once as the task starts, before
+    any of its work: kill this process (SIGKILL; the default), `stall` (hang alive, with no
+    progress), or `hold` (write logs/.held_PHASE_SHARD, then wait, alive and reporting, until
+    logs/.release_PHASE_SHARD exists: a test holds the run at a named point instead of
+    racing it)."""
     phase, _, rest = os.environ.get("HNM_TEST_CRASH", "").partition(":")
     shard, _, how = rest.partition(":")
     if (phase, shard) != (task.phase, str(task.shard)):
@@ -274,6 +276,12 @@ def _maybe_crash(run: RunDir, task: Task, progress: Progress) -> None:
         return
     os.close(run.append(flag))
     progress(task.phase, 0, 1)
+    if how == "hold":
+        os.close(run.append(run.logs / f".held_{task.phase}_{task.shard}"))
+        while not (run.logs / f".release_{task.phase}_{task.shard}").exists():
+            progress(task.phase, 0, 1)
+            time.sleep(0.1)
+        return
     while how == "stall":
         time.sleep(1)
     os.kill(os.getpid(), signal.SIGKILL)

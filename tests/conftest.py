@@ -21,3 +21,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# Modules whose every test starts processes (launch.py, worker pools, torchrun): with the
+# tests marked `slow` by hand elsewhere, `make test-fast` leaves them out.
+PROCESS_MODULES = {"test_orchestrator", "test_processes"}
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    for item in items:
+        if item.module.__name__ in PROCESS_MODULES:
+            item.add_marker(pytest.mark.slow)

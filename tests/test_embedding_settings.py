@@ -17,7 +17,7 @@ from test_encoders import embed_images as raw_image_features
 from test_encoders import embed_texts as raw_text_features
 from test_gpus import FakeNvml
 
-from hnm import embed, gpus, precision, worker
+from hnm import embed, gpus, precision, sizing, worker
 from hnm.config import Config, Fields
 from hnm.demo import make_demo
 from hnm.encoders import build_image_encoder, build_text_encoder, finalize
@@ -37,16 +37,22 @@ def cpuinfo(tmp_path: Path, flags: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("flags,native", [("avx512f", False), ("avx512f avx512_bf16", True),
+@pytest.mark.parametrize("flags,native", [("", False), ("avx512f", False),
+                                          ("avx512f avx512_bf16", True),
                                           ("amx_tile amx_bf16", True)])
 def test_auto_precision_on_cpu_follows_the_native_bf16_flags(monkeypatch, tmp_path, flags,
                                                               native):
-    path = cpuinfo(tmp_path, flags)
-    monkeypatch.setattr(precision, "Path", lambda _: path)
+    monkeypatch.setenv(precision.CPUINFO_ENV, str(cpuinfo(tmp_path, flags)))
     choice = precision.resolve("auto", ["cpu", "cpu"])
     assert choice.precision == ("bf16" if native else "fp32")
     assert choice.reason.startswith("auto: this CPU has")
     assert precision.resolve("fp16", ["cpu"]) == precision.Choice("fp16", "--precision")
+
+
+def test_auto_precision_without_readable_cpu_flags_stays_fp32(monkeypatch, tmp_path):
+    monkeypatch.setenv(precision.CPUINFO_ENV, str(tmp_path / "missing"))
+    assert precision.resolve("auto", ["cpu"]) == precision.Choice(
+        "fp32", f"auto: {tmp_path / 'missing'} unreadable, so no native bf16 assumed")
 
 
 @pytest.mark.parametrize("capabilities,want", [([(8, 0), (9, 0)], "bf16"),
@@ -193,13 +199,29 @@ def test_available_memory_is_read_from_meminfo(tmp_path):
     assert gpus.available_memory_gb(str(tmp_path / "missing")) is None
 
 
-@pytest.mark.parametrize("rows,want", [(40, 1), (255, 1), (256, 2), (5000, 4)])
-def test_default_cpu_workers_are_no_more_than_the_rows_keep_busy(rows, want):
-    devices = ["cpu"] * 4
-    assert gpus.ROWS_PER_CPU_WORKER == 128
-    assert gpus.fit_to_rows(Config(), devices, rows) == ["cpu"] * want
-    assert gpus.fit_to_rows(Config(cpu_workers=4), devices, rows) == devices
-    assert gpus.fit_to_rows(Config(), ["cuda:0", "cuda:1"], rows) == ["cuda:0", "cuda:1"]
+@pytest.mark.parametrize("work,cores,want", [(0.5, 4, 1), (3.9, 4, 1), (4.1, 4, 4),
+                                             (5.9, 2, 1), (6.1, 2, 2), (100.0, 3, 3)])
+def test_default_cpu_workers_are_what_the_work_is_worth(work, cores, want):
+    """A worker beyond the first costs WORKER_START_SECONDS: the count that finishes first."""
+    assert gpus.WORKER_START_SECONDS == 3.0
+    devices = ["cpu"] * cores
+    chosen, why = gpus.fit_to_work(Config(), devices, work)
+    assert chosen == ["cpu"] * want
+    assert why == ("" if want == cores else
+                   f"about {work:.1f} s of work for one core keeps {want} CPU worker(s) busy; "
+                   "another takes about 3 s to start")
+    assert gpus.fit_to_work(Config(cpu_workers=cores), devices, work) == (devices, "")
+    assert gpus.fit_to_work(Config(), ["cuda:0", "cuda:1"], work) == (["cuda:0", "cuda:1"], "")
+
+
+def test_work_is_estimated_from_what_the_run_computes():
+    search = 2.0 * 8000 * 8000 * 512 / sizing.SEARCH_FLOPS_PER_CORE_SECOND
+    precomputed = Config(image_embeddings="i.npy", text_embeddings="t.npy")
+    assert sizing.work_seconds(precomputed, 8000, 3000, 512) == pytest.approx(search)
+    models = sizing.work_seconds(Config(), 8000, 3000, 512)
+    assert models == pytest.approx(search + 8000 / 30.0 + 3000 / 400.0)
+    assert sizing.work_seconds(Config(visual_encoder="pixels"), 8000, 3000, 512) == \
+        pytest.approx(search + 8000 / 500.0 + 3000 / 400.0)
 
 
 @pytest.mark.parametrize("requested,device,gpu_workers,want", [
@@ -272,7 +294,8 @@ def test_a_worker_loads_each_model_once_and_reports_it_once(demo, tmp_path, monk
     config = Config(annotations=str(demo / "annotations.json"), image_dir=str(demo),
                     output_dir=str(tmp_path / "run"),
                     fields=Fields(text="answer", group="first_instruction"),
-                    visual_encoder="pixels", blacklist="", cpu_workers=3, batch_size=2)
+                    visual_encoder="pixels", blacklist="", cpu_workers=3, batch_size=2,
+                    precision="fp32")
     prepare(config, ["cpu"] * 3, lambda: None, lambda _: None)
     loads = []
     real = worker.build_image_encoder

@@ -8,6 +8,7 @@ import types
 
 import numpy as np
 import pytest
+from builders import needs_faiss
 
 from hnm import index as hindex
 from hnm.encoders import finalize
@@ -56,6 +57,7 @@ def test_chunked_search_is_exact_over_a_memory_map(tmp_path, monkeypatch):
     assert lists(got) == brute_nearest(V, 30)
 
 
+@needs_faiss
 def test_a_capped_index_widens_with_the_exact_chunked_search(monkeypatch):
     """GPUs refuse k > 2048: with the cap at 64, searches past it go to the host's chunked
     search, and N(a) is still the exact one."""
@@ -93,6 +95,7 @@ class FakeGpuFaiss(types.SimpleNamespace):
         return index
 
 
+@needs_faiss
 def test_one_gpu_resources_per_device(monkeypatch):
     import faiss
 
@@ -140,6 +143,7 @@ def ivf_case(n: int = 600, nlist: int = 16):
     return V, train_ivf(V, nlist, seed=0, sample=10 * nlist)
 
 
+@needs_faiss
 def test_ivf_lists_are_exact_over_the_probed_rows():
     V, saved = ivf_case()
     index = IvfIndex(saved, nprobe=3)
@@ -158,6 +162,7 @@ def test_ivf_lists_are_exact_over_the_probed_rows():
     assert lists(got) != brute_nearest(V, 25)  # approximate: it misses some
 
 
+@needs_faiss
 def test_ivf_results_do_not_depend_on_the_batch():
     V, saved = ivf_case()
     index = IvfIndex(saved, nprobe=2)
@@ -170,6 +175,7 @@ def test_ivf_results_do_not_depend_on_the_batch():
     assert np.array_equal(whole, parts)
 
 
+@needs_faiss
 def test_ivf_probes_break_ties_to_the_lowest_list():
     V, saved = ivf_case(200, 8)
     index = IvfIndex(saved, nprobe=3)
@@ -180,6 +186,7 @@ def test_ivf_probes_break_ties_to_the_lowest_list():
     assert np.array_equal(index.probes(V[:5]), np.tile([0, 1, 2], (5, 1)))
 
 
+@needs_faiss
 def test_ivf_probes_from_float32_scores_are_the_exact_ones():
     V, saved = ivf_case(800, 64)
     index = IvfIndex(saved, nprobe=5)
@@ -205,3 +212,34 @@ def test_kmeans_on_a_sample_labels_every_row(monkeypatch):
     assert np.array_equal(labels, want)
     again, _ = kmeans(x, 5, seed=0)
     assert np.array_equal(labels, again)
+
+
+def reference_lloyd(x: np.ndarray, k: int, seed: int, niter: int) -> np.ndarray:
+    """Spherical Lloyd iterations written plainly: the same seeded start, each centroid the
+    normalised float64 sum of its members, an empty cluster keeping its centroid."""
+    c = x[np.random.default_rng(seed).choice(len(x), size=k, replace=False)].astype(np.float32)
+    c /= np.linalg.norm(c, axis=1, keepdims=True)
+    for _ in range(niter):
+        labels = (x.astype(np.float32) @ c.T).argmax(axis=1)
+        for j in range(k):
+            members = x[labels == j].astype(np.float64)
+            if len(members):
+                total = members.sum(axis=0)
+                c[j] = total / np.linalg.norm(total)
+    return c
+
+
+@pytest.mark.parametrize("block", [64, 1 << 16])
+def test_kmeans_is_plain_lloyd_whatever_is_installed(monkeypatch, block):
+    """One implementation: the clusters never depend on whether FAISS can be imported."""
+    rng = np.random.default_rng(3)
+    x = finalize(rng.normal(size=(8, 12))[rng.integers(0, 8, 700)]
+                 + 0.3 * rng.normal(size=(700, 12)))
+    monkeypatch.setattr(hindex, "LABEL_BLOCK", block)
+    labels, centroids = kmeans(x, 6, seed=1)
+    np.testing.assert_allclose(centroids, reference_lloyd(x, 6, 1, 20), atol=1e-6)
+    assert len(set(labels.tolist())) == 6
+    monkeypatch.setitem(__import__("sys").modules, "faiss", None)  # import faiss fails
+    assert not hindex.faiss_available()
+    without, again = kmeans(x, 6, seed=1)
+    assert np.array_equal(labels, without) and np.array_equal(centroids, again)

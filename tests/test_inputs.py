@@ -185,7 +185,8 @@ def test_record_without_a_mapped_text_field(capsys, tmp_path):
     assert msg.endswith("record 4 (id 'r4') has no text field 'answer'")
     # the mapping is what is asked for: without it the default name 'text' is missing
     msg = fails(capsys, root, tmp_path / "out", base(root))
-    assert msg.endswith("record 0 (id 'r0') has no text field 'text'")
+    assert msg == (f"--text-field text: no record of {root / 'annotations.json'} has a field "
+                   "'text' (fields: answer, extra, group, id, image)")
 
 
 @pytest.mark.parametrize("value", [42, "", "   ", None, ["a list"]])

@@ -174,6 +174,7 @@ def test_config_without_new_keys_still_loads(run: Path, tmp_path: Path):
 
 @pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium not installed (Debian package "
                     "`chromium`): the in-browser check of report.html is skipped")
+@pytest.mark.slow
 def test_report_renders_in_a_browser(run: Path, tmp_path: Path):
     """Chromium loads the page offline: every thumbnail decodes and every plot is drawn."""
     probe = ("<script>addEventListener('load', () => { const b = document.body.dataset;"

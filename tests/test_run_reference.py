@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import faiss
 import numpy as np
 import pytest
+from builders import needs_faiss
 from reference import reference_mine
 from synthetic import make_dataset, mine_args
 
@@ -65,6 +65,8 @@ def ivf_reach(run: RunDir, nprobe: int):
     """Rows each query reaches through the run's saved IVF index: its lists and centroids
     read with FAISS, the probed lists (highest float64 centroid scores, ties to the lowest
     list) computed here by brute force."""
+    import faiss
+
     saved = faiss.read_index(str(run.ivf))
     index = faiss.extract_index_ivf(saved)  # a view into `saved`, which must stay alive
     lists = index.invlists
@@ -86,6 +88,7 @@ def ivf_reach(run: RunDir, nprobe: int):
     ("--diverse-ratio", "0.4", "--sliding-window-size", "30", "--min-answer-length", "40"),
     ("--num-negatives", "2", "--k-nn", "8", "--n-clusters", "3", "--diverse-candidates", "3"),
 ], ids=["windowed", "two-negatives"])
+@needs_faiss
 def test_ivf_run_equals_the_reference_over_what_ivf_reaches(tmp_path: Path, flags: tuple):
     """With --index ivf, N(a) is exact over the rows of the lists probed for a, and a
     diverse negative comes first from a's list of the lowest-vis rows IVF reaches (through

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from builders import cli
+from builders import cli, needs_faiss
 from synthetic import make_dataset, mine_args
 
 from hnm import sizing, tables
@@ -26,7 +26,9 @@ from hnm.worker import Context, candidates_shard
     ("exact", 5_000_000, ["cpu"], "exact", "--index exact"),
     ("ivf", 300, ["cpu"], "ivf", "--index ivf"),
 ])
-def test_auto_chooses_by_size_on_the_device_at_hand(index, rows, devices, kind, why):
+def test_auto_chooses_by_size_on_the_device_at_hand(monkeypatch, index, rows, devices, kind,
+                                                     why):
+    monkeypatch.setattr(sizing, "faiss_available", lambda: True)  # the policy, on any machine
     choice = choose_index(Config(index=index), rows, devices)
     assert choice.kind == kind and why in choice.reason
     assert (choice.nlist > 0) == (kind == "ivf")
@@ -41,6 +43,7 @@ def test_without_faiss_auto_stays_exact_and_ivf_is_refused(monkeypatch):
         choose_index(Config(index="ivf"), 300, ["cpu"])
 
 
+@needs_faiss
 def test_the_choice_is_printed_and_stored_in_config_yaml(tmp_path: Path, capsys):
     paths = make_dataset(tmp_path / "data", n=60, seed=1)
     out = tmp_path / "run"
@@ -88,7 +91,7 @@ def test_an_exact_index_too_large_for_a_gpu_is_refused():
                       ["cuda:0"])  # float16 fits
 
 
-@pytest.mark.parametrize("index", ["exact", "ivf"])
+@pytest.mark.parametrize("index", ["exact", pytest.param("ivf", marks=needs_faiss)])
 def test_a_worker_builds_its_index_once_for_all_its_shards(tmp_path: Path, monkeypatch, index):
     paths = make_dataset(tmp_path / "data", n=90, seed=4)
     out = tmp_path / "run"
