@@ -174,55 +174,24 @@ def pooled(tensor: Any) -> Any:
 # ---------------------------------------------------------------- export in its own layout
 
 
-def export(run: Any, ds: Any, to: Path, overwrite: bool, tokenizer: str | None,
-           max_length: int | None) -> Path:
-    """Write the run's input chunks into `to` under their own names, each anchor that got a
-    negative with `contrastive_data.negative_text_2`, `validation_metadata_negative_2` and
-    (with a tokenizer) `tokenized_negative_2` added; nothing else changes. Every chunk is
-    written (atomically) into a hidden folder beside `to` first and moved into `to` once
-    all are: a failure leaves nothing behind."""
-    import shutil
-
-    from hnm.readers import find_shards
-    from hnm.storage import atomic_open
-
-    shards = find_shards(run.config)[1]
-    _check_target(to, [to / s.name for s in shards], [s.path for s in shards], overwrite)
-    encode = _tokenizer(tokenizer, max_length)
+def export(run: Any, ds: Any, shards: list[Any], area: Any, encode: Any) -> Path:
+    """Write the run's input chunks into the export's folder (`area`, checked by
+    hnm.export) under their own names, each anchor that got a negative with
+    `contrastive_data.negative_text_2`, `validation_metadata_negative_2` and (with a
+    tokenizer, `encode`) `tokenized_negative_2` added; nothing else changes. Each chunk is
+    written atomically (a temporary file renamed into place)."""
     added = dict(_additions(run, ds, encode))
-    staging = to.parent / f".{to.name}.hnm-export"
-    shutil.rmtree(staging, ignore_errors=True)  # left by an export that was killed
-    try:
-        for shard, start, end in zip(shards, (0, *ds.shard_ends), ds.shard_ends):
-            items = load_items(shard.path)
-            for pos, (index, item) in zip(range(start, end), items.items()):
-                if pos in added:
-                    _add(item, added[pos], shard.path, index)
-            (staging / shard.name).parent.mkdir(parents=True, exist_ok=True)
-            with atomic_open(staging / shard.name) as handle:
-                pickles.dump(items, handle)
-        for shard in shards:
-            (to / shard.name).parent.mkdir(parents=True, exist_ok=True)
-            os.replace(staging / shard.name, to / shard.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return to
+    for shard, start, end in zip(shards, (0, *ds.shard_ends), ds.shard_ends):
+        items = load_items(shard.path)
+        for pos, (index, item) in zip(range(start, end), items.items()):
+            if pos in added:
+                _add(item, added[pos], shard.path, index)
+        with area.open(area.root / shard.name) as handle:
+            pickles.dump(items, handle)
+    return area.root
 
 
-def _check_target(to: Path, targets: list[Path], inputs: list[Path], overwrite: bool) -> None:
-    if to.exists() and not to.is_dir():
-        raise HnmError(f"--to {to}: exists and is not a folder")
-    sources = {p.resolve() for p in inputs}
-    hit = next((t for t in targets if t.resolve() in sources), None)
-    if hit is not None:
-        raise HnmError(f"--to {to}: would replace the input {hit}; hnm never modifies its "
-                       "input: choose another folder")
-    if to.exists() and any(to.iterdir()) and not overwrite:
-        raise HnmError(f"--to {to}: exists and is not empty (--overwrite replaces the chunk "
-                       "files in it)")
-
-
-def _tokenizer(path: str | None, max_length: int | None) -> Any:
+def tokenizer(path: str | None, max_length: int | None) -> Any:
     """`text -> BatchEncoding` as the training code tokenizes answers, or None."""
     if path is None:
         if max_length is not None:

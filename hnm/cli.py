@@ -6,7 +6,6 @@ import argparse
 import contextlib
 import os
 import sys
-import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -15,7 +14,8 @@ from typing import Any
 
 from hnm.config import INPUT_FORMATS, OUTPUT_FORMATS
 from hnm.decoding import one_line
-from hnm.errors import HnmError, Terminated
+from hnm.errors import HnmError, InternalError, Terminated
+from hnm.safety import details_file
 from hnm.storage import RunDir, run_lock
 
 # A flag left out of the command line must not override the YAML or the defaults.
@@ -160,7 +160,7 @@ def _tool_flags(sub: Any) -> None:
     export.add_argument("--max-answer-length", type=int, help="avdn, with --tokenizer: the "
                         "tokenizer's max_length (the training code's answer length limit)")
     export.add_argument("--overwrite", action="store_true",
-                        help="avdn: replace the chunk files of an earlier export in --to")
+                        help="replace an existing file, or an earlier export in the folder")
 
 
 def _report(ns: argparse.Namespace) -> None:
@@ -173,9 +173,9 @@ def _report(ns: argparse.Namespace) -> None:
 
 def _locked(output_dir: str) -> Any:
     """The run directory's lock while a tool reads and writes it (no mining run may change
-    it meanwhile); nothing is created where there is no directory."""
-    if not Path(output_dir).is_dir():
-        return contextlib.nullcontext()
+    it meanwhile); nothing is created where there is no run directory."""
+    if not Path(output_dir).is_dir() or RunDir(output_dir).manifest() is None:
+        return contextlib.nullcontext()  # not a run: nothing is written there
     return run_lock(RunDir(output_dir), print, "OUTPUT_DIR")
 
 
@@ -255,6 +255,8 @@ def guarded(command: Callable[[], Any], place: dict[str, str | None]) -> int:
     `place["output_dir"]`: where a bug's traceback is logged, once known."""
     try:
         command()
+    except InternalError as exc:  # a bug behind the Python API, which raises only HnmError
+        return _internal(exc.__cause__ or exc, place)
     except HnmError as exc:
         print(f"hnm: error: {one_line(str(exc))}", file=sys.stderr)
         return exc.exit_status
@@ -266,28 +268,31 @@ def guarded(command: Callable[[], Any], place: dict[str, str | None]) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except Exception as exc:  # a bug: the details go to a log, not to the terminal
-        where = _log_traceback(place["output_dir"])
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
-        print(f"hnm: internal error: {type(exc).__name__}: {first} — details in {where}",
-              file=sys.stderr)
-        return 1
+        return _internal(exc, place)
     return 0
 
 
+def _internal(exc: BaseException, place: dict[str, str | None]) -> int:
+    """A bug: one line naming where its traceback went; exit status 1."""
+    where = _log_traceback(place["output_dir"])
+    first = (str(exc).strip().splitlines() or [""])[0][:200]
+    print(f"hnm: internal error: {type(exc).__name__}: {first} — details in {where}",
+          file=sys.stderr)
+    return 1
+
+
 def _log_traceback(output_dir: str | None) -> Path:
-    """Append the current exception's traceback to OUTPUT_DIR/logs/hnm.log (or, where that
-    cannot be written, a file in the temporary folder); returns where it went."""
+    """Append the current exception's traceback to OUTPUT_DIR/logs/hnm.log where
+    OUTPUT_DIR is an hnm run (else, or where that cannot be written, to a new file in the
+    temporary folder); returns where it went."""
     text = f"{time.strftime('%Y-%m-%d %H:%M:%S')} pid {os.getpid()}\n{traceback.format_exc()}\n"
-    if output_dir and Path(output_dir).is_dir():
-        path = Path(output_dir) / "logs" / "hnm.log"
+    run = RunDir(output_dir) if output_dir else None
+    if run is not None and run.root.is_dir() and run.manifest() is not None:
+        path = run.root / "logs" / "hnm.log"
         try:
-            path.parent.mkdir(exist_ok=True)
-            with open(path, "a", encoding="utf-8") as handle:
+            with os.fdopen(run.append(path), "a", encoding="utf-8") as handle:
                 handle.write(text)
             return path
-        except OSError:
+        except (OSError, HnmError):
             pass
-    fd, name = tempfile.mkstemp(prefix="hnm-internal-error-", suffix=".log")
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    return Path(name)
+    return details_file(text)

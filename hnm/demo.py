@@ -6,7 +6,6 @@ import argparse
 import io
 import json
 import math
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from hnm import writers
+from hnm.safety import Area
 
 Point = tuple[int, int]
 Line = tuple[Point, ...]
@@ -432,13 +432,11 @@ def _shorten(rng: np.random.Generator, records: list[dict[str, Any]], turns: int
         records[i]["answer"] = str(rng.choice(SHORT_ANSWERS))
 
 
-def _write_bytes(path: Path, data: bytes) -> None:
-    """Replace a file via a temporary sibling; an unchanged file is left untouched."""
-    if path.is_file() and path.read_bytes() == data:
+def _write_bytes(area: Area, path: Path, data: bytes) -> None:
+    """Replace a file atomically; an unchanged file is left untouched."""
+    if path.is_file() and not path.is_symlink() and path.read_bytes() == data:
         return
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    area.write_bytes(path, data)
 
 
 def generate(num_dialogs: int = 60, turns_per_dialog: int = 5, image_size: int = 96,
@@ -493,15 +491,16 @@ def _meta(record: dict[str, Any]) -> bytes:
 
 def _write_files(out_dir: Path, records: list[dict[str, Any]], images: dict[str, bytes],
                  fmt: str) -> Path:
-    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    area = Area(out_dir)
+    area.ensure_root()
     for name, data in images.items():
-        _write_bytes(out_dir / name, data)
+        _write_bytes(area, out_dir / name, data)
     if fmt == "jsonl":
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     else:
         text = json.dumps(records, indent=1, sort_keys=False, ensure_ascii=False) + "\n"
     path = out_dir / f"annotations.{fmt}"
-    _write_bytes(path, text.encode("utf-8"))
+    _write_bytes(area, path, text.encode("utf-8"))
     return path
 
 

@@ -12,19 +12,22 @@ from __future__ import annotations
 
 import io
 import json
-import tempfile
-from collections.abc import Iterator
+import os
+import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from hnm.config import Config
 from hnm.data import Dataset, load_dataset
 from hnm.errors import HnmError
 from hnm.outputs import read_records
-from hnm.plan import read_plan
-from hnm.readers import ImageRef, holds_tensor, payload, read_image, tensor_png
-from hnm.storage import RunDir, atomic_open
+from hnm.plan import check_unchanged, read_plan
+from hnm.readers import ImageRef, find_shards, holds_tensor, payload, read_image, tensor_png
+from hnm.safety import TEMPORARY, Area, cannot_write, link_refused
+from hnm.storage import RunDir
 from hnm.writers import chunks, write_tar_shards
 
 KINDS = ("pairs", "triplets")
@@ -34,13 +37,17 @@ ROW_GROUP = 1000
 PER_SHARD = 10_000  # samples per WebDataset shard, as img2dataset writes them
 IMAGE_COLUMNS = {"triplets": ("anchor_image", "negative_image"), "pairs": ("image",)}
 EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "TIFF": "tif"}  # PIL format -> ext
+SHARD_NAME = re.compile(r"\d{5,}\.tar")  # what a folder export holds
 
 
 def export(output_dir: str | Path, kind: str, to: str | Path, overwrite: bool = False,
            tokenizer: str | None = None, max_answer_length: int | None = None) -> Path:
     """Write the run's rows of `kind` to `to` (.parquet, .jsonl, or a folder); returns it.
-    Everything is checked before anything is written. `avdn`: the run's input, an AVDN
-    processed dataset, copied into the folder `to` with the negatives added (hnm.avdn)."""
+    Everything is checked before anything is written: the run (its results' checksums,
+    its annotations and images unchanged since it ran) and the target (not an input of the
+    run, not inside any hnm run directory, not a link, and replaced only with
+    `overwrite`). `avdn`: the run's input, an AVDN processed dataset, copied into the
+    folder `to` with the negatives added (hnm.avdn)."""
     from hnm.api import load_run
 
     if kind == "avdn":
@@ -52,31 +59,30 @@ def export(output_dir: str | Path, kind: str, to: str | Path, overwrite: bool = 
     run = load_run(output_dir)
     to = Path(to)
     target = to.suffix.lower() if to.suffix.lower() in (".parquet", ".jsonl") else "dir"
-    if target == "dir" and to.exists() and (not to.is_dir() or any(to.iterdir())):
-        raise HnmError(f"--to {to}: exists and is not an empty folder")
     plan = read_plan(RunDir(run.dir))
     ds = load_dataset(run.config, list(plan.skipped))
-    if not plan.run_key.endswith(ds.source_sha256[:16]):
-        raise HnmError(f"{run.config.annotations}: changed since the run in {run.dir}; its "
-                       "negatives no longer match the records")
+    check_unchanged(run.config, plan, ds, run.dir)
+    area = check_target(to, target, overwrite, inputs(run.config, ds))
     if target == ".jsonl" and any(isinstance(s, ImageRef) for s in ds.images):
         raise HnmError(f"--to {to}: a JSONL file names image files, and this run's images "
                        "are held in its input shards: export to a .parquet file or a folder")
+    _start(area, [to / n for n in _names_in(to, _is_shard)] if target == "dir" else [])
     rows = ROWS[kind](RunDir(run.dir), ds, run.config.fields.text)
     if target == ".jsonl":
-        _write_jsonl(to, rows, ds, kind)
+        _write_jsonl(area, to, rows, ds, kind)
         return to
-    with ImageBytes(ds, to.parent if target != "dir" else to,
-                    run.config.tensor_normalization) as images:
+    with ImageBytes(ds, area, area.root, run.config.tensor_normalization) as images:
         if target == ".parquet":
-            _write_parquet(to, rows, ds, kind, images)
+            _write_parquet(area, to, rows, ds, kind, images)
         else:
-            write_tar_shards(to, _samples(rows, kind, images), PER_SHARD)
+            write_tar_shards(to, _samples(rows, kind, images), PER_SHARD, area)
     return to
 
 
 def _export_avdn(output_dir: str | Path, to: Path, overwrite: bool, tokenizer: str | None,
                  max_answer_length: int | None) -> Path:
+    """The run's AVDN chunks again, in the folder `to`, under their own names (checked as
+    every export target is; an earlier avdn export there is replaced with `overwrite`)."""
     from hnm import avdn
     from hnm.api import load_run
 
@@ -86,10 +92,93 @@ def _export_avdn(output_dir: str | Path, to: Path, overwrite: bool, tokenizer: s
         raise HnmError(f"--format avdn: the input of the run in {run.dir} is {plan.input_format}"
                        ", not an AVDN processed dataset (.pkl chunks)")
     ds = load_dataset(run.config, list(plan.skipped))
-    if not plan.run_key.endswith(ds.source_sha256[:16]):
-        raise HnmError(f"{run.config.annotations}: changed since the run in {run.dir}; its "
-                       "negatives no longer match the records")
-    return avdn.export(run, ds, to, overwrite, tokenizer, max_answer_length)
+    check_unchanged(run.config, plan, ds, run.dir)
+    shards = find_shards(run.config)[1]
+    names = {s.name for s in shards}
+    area = check_target(to, "dir", overwrite, inputs(run.config, ds), names.__contains__)
+    encode = avdn.tokenizer(tokenizer, max_answer_length)
+    _start(area, [to / n for n in _names_in(to, names.__contains__)])
+    return avdn.export(run, ds, shards, area, encode)
+
+
+def inputs(config: Config, ds: Dataset) -> list[Path]:
+    """Every file the run read: annotations or shards, image files, embeddings, blacklist."""
+    files = [s.path for s in find_shards(config)[1]]
+    files += [p for p in ds.images if isinstance(p, Path)]
+    files += [Path(p) for p in (config.image_embeddings, config.text_embeddings,
+                                config.blacklist) if p]
+    return files
+
+
+def check_target(to: Path, target: str, overwrite: bool, read: list[Path],
+                 exported: Callable[[str], bool] | None = None) -> Area:
+    """The area an export writes `to` through, once `to` is known to be safe to write:
+    not inside an hnm run directory, not one of the run's inputs (nor, for a folder,
+    holding one), not a link, and not an existing file or export unless `overwrite`.
+    `exported`: the names a folder export writes (WebDataset shards by default)."""
+    exported = exported or _is_shard
+    real = Path(os.path.realpath(to.parent)) / to.name
+    for folder in ((real,) if target == "dir" else ()) + tuple(real.parents):
+        if _is_run(folder):
+            raise HnmError(f"--to {to}: inside the hnm run directory {folder}; an export "
+                           "never writes in a run directory: choose another --to")
+    if to.is_symlink():
+        raise link_refused(to)
+    _not_an_input(to, real, target, read)
+    if target != "dir":
+        if to.is_dir():
+            raise HnmError(f"--to {to}: is a folder; a {target[1:]} export is a file")
+        if to.exists() and not overwrite:
+            raise HnmError(f"--to {to}: exists; pass --overwrite to replace it")
+        return Area(to.parent, lambda rel: rel == to.name)
+    if to.exists() and not to.is_dir():
+        raise HnmError(f"--to {to}: exists and is not an empty folder")
+    names = [n for n in (os.listdir(to) if to.exists() else ()) if not TEMPORARY.fullmatch(n)]
+    if any(not exported(n) for n in names):  # not only an earlier export
+        raise HnmError(f"--to {to}: exists and is not an empty folder")
+    if names and not overwrite:
+        raise HnmError(f"--to {to}: holds an earlier export; pass --overwrite to replace it")
+    return Area(to, exported)
+
+
+def _is_run(folder: Path) -> bool:
+    """An hnm run directory: signed, or from before signatures (plan.json and config.yaml)."""
+    run = RunDir(folder)
+    return run.manifest() is not None or (run.plan.is_file() and run.config.is_file())
+
+
+def _not_an_input(to: Path, real: Path, target: str, read: list[Path]) -> None:
+    """Refuse a target that is one of the files the run read, or a folder holding one."""
+    if target != "dir" and not to.exists():
+        return  # a new name cannot be an input
+    here = os.path.realpath(real)
+    parents: dict[str, str] = {}  # folder -> its real path (a few folders hold every image)
+    for path in read:
+        folder = str(path.parent)
+        full = os.path.join(parents.setdefault(folder, os.path.realpath(folder)), path.name)
+        if full == here or (target == "dir" and full.startswith(here + os.sep)):
+            raise HnmError(f"--to {to}: {'holds' if full != here else 'is'} an input of the "
+                           f"run ({path}); an export never replaces one: choose another --to")
+
+
+def _is_shard(name: str) -> bool:
+    return SHARD_NAME.fullmatch(name) is not None
+
+
+def _names_in(folder: Path, exported: Callable[[str], bool]) -> list[str]:
+    return sorted(n for n in os.listdir(folder) if exported(n)) if folder.is_dir() else []
+
+
+def _start(area: Area, earlier: list[Path]) -> None:
+    """The export's first writes, once every check passed: its folder, then away with what
+    an export killed mid-write left and with the earlier export it replaces."""
+    try:
+        area.ensure_root()
+    except OSError as exc:
+        raise cannot_write(area.root, exc) from None
+    area.remove_temporary(deep=False)
+    for path in earlier:
+        area.remove(path)
 
 
 def _rows_by(ds: Dataset) -> tuple[dict[int, int], dict[Any, int]]:
@@ -137,9 +226,10 @@ class ImageBytes:
     it whole, so their images are first copied (tensors as PNG images), in input order,
     into a temporary file beside the export (removed afterwards)."""
 
-    def __init__(self, ds: Dataset, where: Path, normalization: str = "imagenet") -> None:
+    def __init__(self, ds: Dataset, area: Area, where: Path,
+                 normalization: str = "imagenet") -> None:
         self.images = ds.images
-        self.where = where
+        self.area, self.where = area, where
         self.normalization = normalization  # image tensors are spooled as PNG images
         self.offsets = np.full(len(ds.images), -1, dtype=np.int64)  # -1: not in the spool
         self.sizes = np.zeros(len(ds.images), dtype=np.int64)
@@ -149,8 +239,7 @@ class ImageBytes:
         parquet = [row for row, s in enumerate(self.images)
                    if isinstance(s, ImageRef) and s.shard.fmt in ("parquet", "avdn")]
         if parquet:
-            self.where.mkdir(parents=True, exist_ok=True)
-            self.spool = tempfile.TemporaryFile(dir=self.where, prefix=".hnm-export-")
+            self.spool = self.area.scratch(self.where)
             for row in parquet:
                 self.offsets[row] = self.spool.tell()
                 self.sizes[row] = self.spool.write(self._read(self.images[row]))
@@ -173,23 +262,24 @@ class ImageBytes:
         return data.read_bytes() if isinstance(data, Path) else data or b""
 
 
-def _write_jsonl(to: Path, rows: Iterator[dict[str, Any]], ds: Dataset, kind: str) -> None:
+def _write_jsonl(area: Area, to: Path, rows: Iterator[dict[str, Any]], ds: Dataset,
+                 kind: str) -> None:
     """Image columns hold absolute paths of the image files."""
-    with atomic_open(to, "w") as handle:
+    with area.open(to, "w") as handle:
         for row in rows:
             for column in IMAGE_COLUMNS[kind]:
                 row[column] = str(Path(ds.images[row[column]]).absolute())
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def _write_parquet(to: Path, rows: Iterator[dict[str, Any]], ds: Dataset, kind: str,
-                   images: ImageBytes) -> None:
+def _write_parquet(area: Area, to: Path, rows: Iterator[dict[str, Any]], ds: Dataset,
+                   kind: str, images: ImageBytes) -> None:
     """Image columns hold the images' bytes; written ROW_GROUP rows at a time."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     schema = _schema(ds, kind)
-    with atomic_open(to) as handle:
+    with area.open(to) as handle:
         writer = pq.ParquetWriter(handle, schema)
         for chunk in chunks(rows, ROW_GROUP):
             for row in chunk:

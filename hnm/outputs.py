@@ -14,7 +14,7 @@ from hnm.config import Config
 from hnm.data import Dataset, Progress, no_progress
 from hnm.outcome import RULES, Outcomes
 from hnm.select import Pick
-from hnm.storage import RunDir, atomic_open
+from hnm.storage import RunDir
 
 PRECISION = 6  # decimals of the similarities written (the choices use the exact values)
 PROGRESS_EVERY = 5000  # records written between progress reports (a report costs a refresh)
@@ -75,14 +75,14 @@ def write_negatives(config: Config, run: RunDir, ds: Dataset, picks: list[list[P
                     why: Outcomes, progress: Progress = no_progress) -> None:
     """OUTPUT_DIR/negatives.jsonl, or negatives.parquet with --output-format parquet."""
     if config.output_format == "parquet":
-        write_parquet(run.negatives_parquet, ds, output_records(config, ds, picks, why),
+        write_parquet(run, run.negatives_parquet, ds, output_records(config, ds, picks, why),
                       progress, config.num_negatives > 1)
         return
     which, outcomes = why.distinct(config.num_negatives > 1)
     # anchors share a few distinct outcomes: each is encoded once, and written as
     # json.dumps would write it, the key last
     texts = [', "outcome": ' + json.dumps(o, ensure_ascii=False) + "}\n" for o in outcomes]
-    with atomic_open(run.negatives, "w") as handle:
+    with run.open(run.negatives, "w") as handle:
         for pos, (record, k) in enumerate(_with_outcomes(config, ds, picks, which)):
             line = json.dumps(record, ensure_ascii=False)
             handle.write(line[:-1] + texts[k] if k >= 0 else line + "\n")
@@ -91,7 +91,7 @@ def write_negatives(config: Config, run: RunDir, ds: Dataset, picks: list[list[P
     progress("write", len(ds.records), len(ds.records))
 
 
-def write_parquet(path: Path, ds: Dataset, records: Iterable[dict[str, Any]],
+def write_parquet(run: RunDir, path: Path, ds: Dataset, records: Iterable[dict[str, Any]],
                   progress: Progress = no_progress, several: bool = False) -> None:
     """One row per record, its negatives a list of structs, its outcome a struct; written
     ROW_GROUP rows at a time, so that only one row group is ever held as a table."""
@@ -99,7 +99,7 @@ def write_parquet(path: Path, ds: Dataset, records: Iterable[dict[str, Any]],
     import pyarrow.parquet as pq
 
     schema, as_json = parquet_schema(ds, several)
-    with atomic_open(path) as handle:
+    with run.open(path) as handle:
         writer = pq.ParquetWriter(handle, schema)
         chunk: list[dict[str, Any]] = []
         for pos, record in enumerate(records, start=1):
@@ -230,7 +230,7 @@ def write_suspects(config: Config, run: RunDir, ds: Dataset, suspects: Iterable[
                    ) -> None:
     """OUTPUT_DIR/suspects.jsonl: every suspect, dropped or not, with its anchor."""
     f = config.fields
-    with atomic_open(run.suspects, "w") as handle:
+    with run.open(run.suspects, "w") as handle:
         for s in suspects:
             record = ds.records[ds.positions[s.anchor]]
             line = {"anchor_id": ds.ids[s.anchor], "anchor_text": record[f.text],

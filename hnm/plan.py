@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,7 @@ import numpy as np
 from hnm import __version__
 from hnm.blacklist import read_blacklist
 from hnm.config import EMBEDDING_KEYS, Config, config_hash, dump_yaml
-from hnm.data import Dataset, Progress, load_dataset, no_progress
+from hnm.data import Dataset, Progress, file_stats, load_dataset, no_progress
 from hnm.embed import check_precomputed
 from hnm.encoders import (
     BUILTIN_TEXT,
@@ -29,8 +28,9 @@ from hnm.errors import HnmError
 from hnm.gpus import fit_to_work
 from hnm.precision import resolve
 from hnm.readers import reads_tensors
+from hnm.rerun import Refuse, Resume, Start, Survey, decide
 from hnm.sizing import IndexChoice, Sizes, choose_index, estimate, memory_lines, work_seconds
-from hnm.storage import PHASE_DIRS, RunDir, read_json, verify_marker, write_json, write_text
+from hnm.storage import RunDir, read_json, verify_marker
 
 # Bumped whenever the run directory's layout or plan.json changes meaning.
 PLAN_VERSION = 3
@@ -73,6 +73,8 @@ class Plan:
     input_files: int = 1
     index: IndexChoice = IndexChoice()  # the search index, chosen once for the whole run
     workers_note: str = ""  # why fewer CPU workers than cores, when the work is small
+    images: str = ""  # the mined image files' fingerprint when planned (image_fingerprint)
+    source: str = ""  # the annotations' digest when planned
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -139,6 +141,30 @@ def run_keys(config: Config, ds: Dataset, precision: str) -> dict[str, str]:
     run = config_hash(config) + precision + _digest(
         config.image_embeddings, config.text_embeddings, config.blacklist) + images + source
     return {"run_key": run, "embed_key": embed}
+
+
+def check_unchanged(config: Config, plan: Plan, ds: Dataset, where: Path) -> None:
+    """Refuse to show or export the run in `where` when its annotations or its images
+    changed or vanished since it was planned (what a rerun of `mine` would notice)."""
+    source = ds.source_sha256[:16]
+    if (plan.source or plan.run_key[-16:]) != source:
+        raise HnmError(f"{config.annotations}: changed since the run in {where}; its "
+                       "negatives no longer match the records")
+    if plan.images and plan.images != image_fingerprint(ds):
+        gone = next((p for p in ds.images if isinstance(p, Path) and not p.is_file()), None)
+        what = f"{gone} is gone" if gone else "an image file was edited, replaced or added"
+        raise HnmError(f"--image-dir {config.image_dir}: images changed since the run in "
+                       f"{where} ({what}); rerun the mining command with --overwrite to mine "
+                       "them again")
+
+
+def image_fingerprint(ds: Dataset) -> str:
+    """The absolute path, size and modification time of every image file the run mines,
+    hashed (data.file_stats): the same from whatever folder it is computed; "" where the
+    images came as precomputed embeddings."""
+    if not ds.image_files:
+        return ""
+    return file_stats([p.absolute() if isinstance(p, Path) else p for p in ds.images])
 
 
 def _digest(*paths: str | None) -> str:
@@ -216,52 +242,56 @@ def new_plan(config: Config, ds: Dataset, devices: list[str], precision: str,
                 workdir=str(Path.cwd()), text_batch_size=text_batch, precision=precision,
                 shards=shards, input_format=ds.input_format,
                 input_files=max(1, len(ds.shard_ends)),
-                index=choose_index(config, len(ds), devices), workers_note=note)
+                index=choose_index(config, len(ds), devices), workers_note=note,
+                images=image_fingerprint(ds), source=ds.source_sha256[:16])
 
 
 def write_plan(config: Config, run: RunDir, plan: Plan) -> None:
     """config.yaml (the resolved config, its provenance and the index chosen), then
     plan.json."""
-    write_text(run.config, dump_yaml({**config.to_dict(),
-                                      "provenance": provenance(config, plan.precision),
-                                      "index_choice": dataclasses.asdict(plan.index)}))
-    write_json(run.plan, plan.to_json())
+    run.write_text(run.config, dump_yaml({**config.to_dict(),
+                                          "provenance": provenance(config, plan.precision),
+                                          "index_choice": dataclasses.asdict(plan.index)}))
+    run.write_json(run.plan, plan.to_json())
 
 
-def remove_outputs(run: RunDir, keep_embeddings: bool) -> None:
-    """Clear what a new config invalidates — only files and folders hnm writes."""
-    for phase in PHASE_DIRS:
-        if phase != "embed" or not keep_embeddings:
-            run.clear_phase(phase)
-    for name in LEGACY_DIRS:
-        folder = run.root / name
-        if folder.is_dir():
-            shutil.rmtree(folder)
-    for path in run.results():
-        path.unlink(missing_ok=True)
+# kept when a run is replaced: rewritten by the new plan, or appended to
+KEPT = ("config.yaml", "plan.json", ".hnm-run.json", ".hnm.lock")
 
 
-def _previous(run: RunDir, config: Config) -> Plan | None:
-    """The directory's plan, if it holds one this hnm reads; an older or damaged one is
-    replaced only with --overwrite."""
-    if not run.plan.exists():
-        return None
-    try:
-        return read_plan(run)
-    except HnmError:
-        if config.overwrite:
-            return None
-        raise
+def remove_outputs(run: RunDir, manifest: tuple[str, ...], keep_embeddings: bool) -> None:
+    """Clear what a new config invalidates: only the files the earlier run's manifest
+    lists (a file of anyone else's, even inside hnm's folders, stays)."""
+    for name in manifest:
+        if name in KEPT or name.startswith("logs/") or \
+                (keep_embeddings and name.startswith("embeddings/")):
+            continue
+        run.remove(run.root / name)
+    for folder in ("tables", "candidates", "embeddings", *LEGACY_DIRS):
+        run.remove_folder(run.root / folder)  # only where nothing else is left in it
 
 
-def _foreign(run: RunDir) -> list[str]:
-    """Names in an existing output directory that say it is not an hnm run: everything,
-    unless hnm's config.yaml or plan.json is there (a directory holding nothing but a
-    lock left by a killed run counts as empty)."""
-    names = sorted(p.name for p in run.root.iterdir() if p.name != run.lock_file.name)
-    if not names or run.plan.exists() or run.config.exists():
-        return []
-    return names
+def survey(run: RunDir) -> Survey:
+    """What the output directory holds. A folder is an hnm run only by its signature
+    (.hnm-run.json); one that holds a plan.json this hnm reads and its config.yaml, from
+    before signatures, is adopted as one (its manifest: the layout of its plan)."""
+    if not run.root.is_dir():
+        return Survey()
+    holds = tuple(sorted(p.name for p in run.root.iterdir() if p.name != run.lock_file.name))
+    manifest = run.manifest()
+    if manifest is None and not (run.plan.exists() and run.config.exists()):
+        return Survey(holds)
+    plan, error = None, None
+    if run.plan.exists():
+        try:
+            plan = read_plan(run)
+        except HnmError as exc:
+            error = str(exc)
+    if manifest is None:
+        if plan is None:
+            return Survey(holds)
+        manifest = run.layout(len(plan.shards))
+    return Survey(holds, tuple(manifest), plan, error, run.plan.exists(), run.config.exists())
 
 
 def check_phases(run: RunDir, plan: Plan, say: Callable[[str], Any], checksums: bool) -> None:
@@ -274,7 +304,7 @@ def check_phases(run: RunDir, plan: Plan, say: Callable[[str], Any], checksums: 
         if path.exists() and (why := verify_marker(path, run.root, checksums)):
             what = f"shard {shard}'s {phase} output" if shard is not None else "the tables"
             say(f"{why}: computing {what} again")
-            path.unlink()
+            run.remove(path)
 
 
 def finished(run: RunDir, say: Callable[[str], Any]) -> bool:
@@ -284,7 +314,7 @@ def finished(run: RunDir, say: Callable[[str], Any]) -> bool:
     why = verify_marker(run.done, run.root)
     if why:
         say(f"{why}: writing the results again")
-        run.done.unlink()
+        run.remove(run.done)
     return why is None
 
 
@@ -297,7 +327,7 @@ def _state(run: RunDir, plan: Plan, say: Callable[[str], Any]) -> str:
         if all(run.is_done(p, s.shard) for s in plan.shards for p in ("embed", "candidates")) \
                 and run.is_done("tables"):
             return "complete"
-        run.done.unlink()
+        run.remove(run.done)
     check_phases(run, plan, say, checksums=True)
     return "resume"
 
@@ -314,7 +344,10 @@ def prepare(config: Config, devices: list[str], lock: Callable[[], Any],
     blocker = next((p for p in (run.root, *run.root.parents) if p.exists()), None)
     if blocker is not None and not blocker.is_dir():
         raise HnmError(f"--output-dir {config.output_dir}: {blocker} is a file, not a directory")
-    old = _previous(run, config)
+    before = survey(run)
+    if isinstance(refused := decide(before, None, config.overwrite, config.output_dir), Refuse):
+        raise HnmError(refused.message)
+    old = before.plan
     ds = None
     precision = resolve(config.precision, devices).precision
     if old and config.annotations:
@@ -324,33 +357,32 @@ def prepare(config: Config, devices: list[str], lock: Callable[[], Any],
         if old.run_key != run_keys(config, ds, precision)["run_key"]:
             ds = None
     ds = ds or validate_inputs(config, progress)
-    if run.root.exists() and (foreign := _foreign(run)):
-        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3
-                                          else "")
-        raise HnmError(f"--output-dir {config.output_dir}: exists and is not an hnm run "
-                       f"directory (it holds {shown}); choose another directory")
     lock()
+    now = survey(run)  # again, now that no other run can change it
+    action = decide(now, run_keys(config, ds, precision), config.overwrite, config.output_dir)
+    if isinstance(action, Refuse):
+        raise HnmError(action.message)
     if (gone := run.remove_temporary()):
         say(f"Removed {gone} temporary file(s) left by an interrupted run")
-    old = _previous(run, config)  # again, now that no other run can change it
-    keys = run_keys(config, ds, precision)
-    if old and old.run_key == keys["run_key"]:
-        return ds, old, _state(run, old, say)
-    if old and not config.overwrite:
-        raise HnmError(f"--output-dir {config.output_dir}: holds a run with a different "
-                       "config or input; pass --overwrite to replace it, or choose another "
-                       "directory")
-    if not old and (run.plan.exists() or run.config.exists()) and not config.overwrite:
-        raise HnmError(f"--output-dir {config.output_dir}: holds an unfinished hnm run "
-                       "without its plan.json; pass --overwrite to start it again")
-    same = bool(old) and old.embed_key == keys["embed_key"]
-    if same:
-        check_phases(run, old, say, checksums=True)
+    if isinstance(action, Resume):
+        if run.manifest() is None:  # adopted from before signatures
+            run.sign(list(now.manifest or ()))
+        return ds, action.plan, _state(run, action.plan, say)
+    return ds, start(config, run, ds, devices, precision, action, say), "new"
+
+
+def start(config: Config, run: RunDir, ds: Dataset, devices: list[str], precision: str,
+          action: Start, say: Callable[[str], Any]) -> Plan:
+    """Replace what an earlier run left (only its manifest's files; its embeddings where
+    `action.keep`), sign the directory with the new manifest, write the plan."""
+    plan = new_plan(config, ds, devices, precision, keep=action.keep)
+    run.sign(sorted(set(action.clear) | set(run.layout(len(plan.shards)))))
+    if action.keep:
+        check_phases(run, action.keep, say, checksums=True)
     # nothing of another run may be trusted, except embeddings of the same inputs
-    remove_outputs(run, keep_embeddings=same)
-    plan = new_plan(config, ds, devices, precision, keep=old if same else None)
+    remove_outputs(run, action.clear, keep_embeddings=action.keep is not None)
     write_plan(config, run, plan)
-    return ds, plan, "new"
+    return plan
 
 
 def dry_run_lines(config: Config, ds: Dataset, devices: list[str]) -> list[str]:

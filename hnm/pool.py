@@ -119,7 +119,7 @@ def _worker_main(wid: int, config: Config, device: str, tasks: Any, events: Any)
         attempt, phase, shard = item
         events.put(("taken", attempt))
         task = Task(phase, shard)
-        _redirect_output(context.run.log(task.shard))
+        _redirect_output(context.run, context.run.log(task.shard))
         try:
             info = run_task(context, task, _progress_sender(attempt, events))
             events.put(("done", attempt, info))
@@ -155,12 +155,11 @@ def _progress_sender(attempt: int, events: Any) -> Any:
     return progress
 
 
-def _redirect_output(path: Any) -> None:
+def _redirect_output(run: RunDir, path: Any) -> None:
     """Workers never write to the terminal: stdout and stderr (C level too) go to the log."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     sys.stdout.flush()
     sys.stderr.flush()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
+    fd = run.append(path)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)

@@ -18,7 +18,7 @@ from hnm.metrics import Metrics
 from hnm.outcome import Outcomes
 from hnm.outputs import write_negatives, write_suspects
 from hnm.plan import Plan, provenance
-from hnm.storage import RunDir, read_npz, write_json, write_marker
+from hnm.storage import RunDir, read_npz
 from hnm.tables import load_tables
 
 
@@ -97,9 +97,9 @@ def reduce_phase(config: Config, run: RunDir, ds: Dataset, plan: Plan,
     metrics = metrics_document(config, ds, plan, parts, work, timing, wall)
     metrics["index"] = index_summary(run, plan)
     report.write_report(run, config, metrics, plan, ds)
-    write_json(run.metrics, metrics)
-    write_marker(run.done, {}, [run.records(config.output_format), run.suspects, run.report,
-                                run.metrics], run.root)
+    run.write_json(run.metrics, metrics)
+    run.write_marker(run.done, {}, [run.records(config.output_format), run.suspects,
+                                    run.report, run.metrics])
     return metrics
 
 

@@ -20,9 +20,9 @@ from hnm.errors import HnmError
 from hnm.outcome import REASON_LABELS
 from hnm.outputs import read_records
 from hnm.pages import esc, fmt, page, table
-from hnm.plan import Plan, read_plan
+from hnm.plan import Plan, check_unchanged, read_plan
 from hnm.readers import SHARD_FORMATS, ImageRef, holds_tensor, image_stream, tensor_png
-from hnm.storage import RunDir, read_json, write_text
+from hnm.storage import RunDir, read_json, verify_marker
 from hnm.summary import reason_shares, suggestion
 
 THUMB = 112  # longest side of a gallery thumbnail, in pixels
@@ -69,7 +69,15 @@ def report_from_dir(output_dir: str | Path, warn: Callable[[str], Any] = print) 
         if not path.exists():
             raise HnmError(f"{run.root}: no {path.name}; not a finished hnm run "
                            "(rerun the mining command to finish it)")
-    return write_report(run, config, read_json(run.metrics), read_plan(run), warn=warn)
+    plan = read_plan(run)
+    ds = load_dataset(config, list(plan.skipped))
+    check_unchanged(config, plan, ds, run.root)
+    vouched = run.done.exists() and verify_marker(run.done, run.root) is None
+    path = write_report(run, config, read_json(run.metrics), plan, ds, warn=warn)
+    if vouched:  # the final marker vouches for the new page, as it did for the old one
+        files = read_json(run.done)["files"]
+        run.write_marker(run.done, {}, [run.root / name for name in files])
+    return path
 
 
 def write_report(run: RunDir, config: Config, metrics: dict[str, Any], plan: Plan,
@@ -84,7 +92,7 @@ def write_report(run: RunDir, config: Config, metrics: dict[str, Any], plan: Pla
     with image_limit(config.max_image_pixels):
         if plan.input_format in SHARD_FORMATS:
             thumbs.find_in(config, plan, ds, shown_images(config, scan, suspects))
-        write_text(run.report, render(config, metrics, scan, suspects, thumbs, sweep))
+        run.write_text(run.report, render(config, metrics, scan, suspects, thumbs, sweep))
     if thumbs.missing:
         warn(f"warning: {len(thumbs.missing)} of {len(thumbs.cache)} images of the report "
              f"could not be shown (not found, unreadable or too large) under {config.image_dir}")

@@ -2,83 +2,45 @@
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import hashlib
 import json
 import os
-import shutil
+import re
 import socket
-import tempfile
 import time
 import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 
+from hnm import __version__
 from hnm.errors import HnmError
+from hnm.safety import Area
 
 # phase -> the folder holding its files and markers
 PHASE_DIRS = {"embed": "embeddings", "tables": "tables", "candidates": "candidates"}
-# errors that mean "this place cannot be written", reported as one line, not a traceback
-WRITE_ERRORS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EIO,
-                errno.ENOTDIR, errno.EISDIR)
-TMP_SUFFIX = ".tmp"  # atomic_open's temporary files: ".NAME.RANDOM.tmp"
+# Every name a run directory may hold (paths from its root): the only files hnm writes
+# or deletes there. `index/` is the tables' folder of older layouts.
+RUN_FILES = re.compile(r"""(?x)
+    (config\.yaml | plan\.json | negatives\.(jsonl|parquet) | suspects\.jsonl | metrics\.json
+     | report\.html | sweep\.(html|json) | done\.json | \.hnm\.lock | \.hnm-run\.json)
+  | embeddings/((image|text)_\d{5,}\.npy | done_\d{5,})
+  | tables/((visual|text|eligible|clusters|centroids)\.npy | ivf\.faiss | done)
+  | candidates/(shard_\d{5,}\.npz | done_\d{5,})
+  | logs/(hnm\.log | tables\.log | shard_\d{5,}\.log | \.(crashed|held)_\w+)
+  | index/(visual\.faiss | (visual|text|eligible|clusters|centroids)\.npy | done)""")
+SIGNATURE = "hnm run directory"  # the format marker of .hnm-run.json
+SIGNATURE_VERSION = 1
+TABLES = ("visual", "text", "eligible", "clusters", "centroids")
 
 
-def umask() -> int:
-    """The process's umask, read without changing it (Linux reports it in /proc)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def cannot_write(path: Path, exc: OSError) -> HnmError:
-    return HnmError(f"{path}: cannot write: {exc.strerror or exc}")
-
-
-@contextmanager
-def _replacing(path: Path) -> Iterator[str]:
-    """A temporary sibling of `path`, renamed over it when the block succeeds and removed
-    when it fails: nothing half-written remains. The file gets the mode a plain open()
-    would give it (0666 less the umask)."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
-        os.fchmod(fd, 0o666 & ~umask())  # mkstemp makes 0600 files
-        os.close(fd)
-    except OSError as exc:
-        raise cannot_write(path, exc) from None
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if exc.errno in WRITE_ERRORS:
-            raise cannot_write(path, exc) from None
-        raise
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-@contextmanager
-def atomic_open(path: Path, mode: str = "wb") -> Iterator[BinaryIO]:
-    """A file written through a temporary sibling, renamed over `path` when done."""
-    encoding = None if "b" in mode else "utf-8"
-    with _replacing(path) as tmp, open(tmp, mode, encoding=encoding) as handle:
-        yield handle
-        handle.flush()
-        os.fsync(handle.fileno())
+def owns_run_file(rel: str) -> bool:
+    """Whether `rel` (from a run directory's root) is a name of hnm's layout."""
+    return RUN_FILES.fullmatch(rel) is not None
 
 
 def file_digest(path: Path) -> list[Any]:
@@ -86,15 +48,6 @@ def file_digest(path: Path) -> list[Any]:
     with open(path, "rb") as handle:
         st = os.fstat(handle.fileno())
         return [st.st_size, hashlib.file_digest(handle, "sha256").hexdigest(), st.st_mtime_ns]
-
-
-def write_text(path: Path, text: str) -> None:
-    with atomic_open(path, "w") as handle:
-        handle.write(text)
-
-
-def write_json(path: Path, data: Any) -> None:
-    write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 def read_json(path: Path, what: str = "rerun with --overwrite to write it again") -> Any:
@@ -111,28 +64,6 @@ def _reason(exc: Exception) -> str:
     if isinstance(exc, json.JSONDecodeError):
         return f"not valid JSON at line {exc.lineno}: {exc.msg}"
     return getattr(exc, "strerror", None) or str(exc).splitlines()[0]
-
-
-def write_npy(path: Path, array: np.ndarray) -> None:
-    with atomic_open(path) as handle:
-        np.save(handle, array, allow_pickle=False)
-
-
-@contextmanager
-def atomic_npy(path: Path, shape: tuple[int, ...], dtype: Any) -> Iterator[np.ndarray]:
-    """A .npy file filled in place through a memory map, renamed over `path` when done."""
-    with _replacing(path) as tmp:
-        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
-        yield array
-        array.flush()
-        del array
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-
-
-def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    with atomic_open(path) as handle:  # straight to the file: no second copy in memory
-        np.savez(handle, **arrays)
 
 
 def read_npy(path: Path, mmap: bool = False) -> np.ndarray:
@@ -152,12 +83,32 @@ def read_npz(path: Path) -> dict[str, np.ndarray]:
         raise HnmError(f"{path}: damaged ({_reason(exc)}); rerun with --overwrite") from None
 
 
-class RunDir:
+def json_text(data: Any) -> str:
+    return json.dumps(data, indent=2, sort_keys=False) + "\n"
+
+
+class RunDir(Area):
     """Where each of a run's files lives; every phase's output is vouched for by a marker
-    that records the size and checksum of each file it vouches for."""
+    that records the size and checksum of each file it vouches for. Every file of the run
+    is written through it (`hnm.safety.Area`), and only names of the layout (RUN_FILES)."""
 
     def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
+        super().__init__(root, owns_run_file)
+        self.signed = False
+
+    def relative(self, path: str | Path) -> tuple[str, ...]:
+        """Below the root, a name of the layout, and — but for the signature and the
+        lock — in a folder that hnm's signature makes a run."""
+        parts = super().relative(path)
+        if not self.signed and "/".join(parts) not in (".hnm-run.json", ".hnm.lock"):
+            if self.manifest() is None:
+                raise HnmError(f"{self.root}: not an hnm run directory (it carries no hnm "
+                               "signature); hnm writes nothing there")
+            self.signed = True
+        return parts
+
+    def write_json(self, path: Path, data: Any) -> None:
+        self.write_text(path, json_text(data))
 
     config = property(lambda self: self.root / "config.yaml")
     plan = property(lambda self: self.root / "plan.json")
@@ -170,6 +121,7 @@ class RunDir:
     sweep_json = property(lambda self: self.root / "sweep.json")
     done = property(lambda self: self.root / "done.json")  # the final marker: results written
     lock_file = property(lambda self: self.root / ".hnm.lock")
+    signature = property(lambda self: self.root / ".hnm-run.json")  # what makes it a run
     logs = property(lambda self: self.root / "logs")
     tables_dir = property(lambda self: self.root / PHASE_DIRS["tables"])
 
@@ -209,36 +161,52 @@ class RunDir:
     def mark_done(self, phase: str, shard: int | None, info: dict[str, Any],
                   files: list[Path]) -> None:
         """Written last, after the files it vouches for were renamed into place."""
-        write_marker(self.marker(phase, shard), info, files, self.root)
+        self.write_marker(self.marker(phase, shard), info, files)
 
     def read_marker(self, phase: str, shard: int | None = None) -> dict[str, Any]:
         return read_json(self.marker(phase, shard))
-
-    def clear_phase(self, phase: str) -> None:
-        folder = self.root / PHASE_DIRS[phase]
-        if folder.exists():
-            shutil.rmtree(folder)
 
     def results(self) -> tuple[Path, ...]:
         """What the reduce phase and the tools derive from a run's phases."""
         return (self.done, self.negatives, self.negatives_parquet, self.suspects,
                 self.metrics, self.report, self.sweep_html, self.sweep_json)
 
-    def remove_temporary(self) -> int:
-        """Delete atomic_open's leftovers (a process killed mid-write); call under the lock."""
-        gone = 0
-        for path in self.root.rglob(f".*{TMP_SUFFIX}"):
-            if path.is_file():
-                path.unlink(missing_ok=True)
-                gone += 1
-        return gone
+    def write_marker(self, path: Path, info: dict[str, Any], files: list[Path]) -> None:
+        """A marker: `info` plus [size, sha256, mtime] of each file it vouches for (paths
+        from the root)."""
+        digests = {f.relative_to(self.root).as_posix(): file_digest(f) for f in files}
+        self.write_json(path, {**info, "files": digests})
 
+    def layout(self, shards: int) -> list[str]:
+        """Every name a run of `shards` shards may write (its manifest), from the root."""
+        names = ["config.yaml", "plan.json", "done.json", "negatives.jsonl",
+                 "negatives.parquet", "suspects.jsonl", "metrics.json", "report.html",
+                 "sweep.html", "sweep.json", "tables/done", "tables/ivf.faiss",
+                 "logs/hnm.log", "logs/tables.log"]
+        names += [f"tables/{name}.npy" for name in TABLES]
+        for s in range(shards):
+            names += [f"embeddings/image_{s:05d}.npy", f"embeddings/text_{s:05d}.npy",
+                      f"embeddings/done_{s:05d}", f"candidates/shard_{s:05d}.npz",
+                      f"candidates/done_{s:05d}", f"logs/shard_{s:05d}.log"]
+        return names
 
-def write_marker(path: Path, info: dict[str, Any], files: list[Path], root: Path) -> None:
-    """A marker: `info` plus [size, sha256, mtime] of each file it vouches for (paths from
-    root)."""
-    digests = {f.relative_to(root).as_posix(): file_digest(f) for f in files}
-    write_json(path, {**info, "files": digests})
+    def sign(self, manifest: list[str]) -> None:
+        """Make the folder an hnm run: hnm's format marker and version, and the names the
+        run writes (what --overwrite may delete)."""
+        self.write_json(self.signature, {"format": SIGNATURE, "version": SIGNATURE_VERSION,
+                                         "hnm_version": __version__, "files": manifest})
+
+    def manifest(self) -> list[str] | None:
+        """The names the signature lists (only those of hnm's layout), or None where the
+        folder carries no valid signature: then it is not an hnm run."""
+        try:
+            data = json.loads(self.signature.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):
+            return None
+        if not isinstance(data, dict) or data.get("format") != SIGNATURE or \
+                not isinstance(data.get("version"), int) or not isinstance(data.get("files"), list):
+            return None
+        return [f for f in data["files"] if isinstance(f, str) and owns_run_file(f)]
 
 
 def verify_marker(path: Path, root: Path, checksums: bool = True) -> str | None:
@@ -275,7 +243,7 @@ def run_lock(run: RunDir, notice: Callable[[str], Any], name: str = "--output-di
     meanwhile gets one line naming the holder. `name`: how messages call the directory.
     """
     try:
-        run.root.mkdir(parents=True, exist_ok=True)
+        run.ensure_root()
         fd = _locked_fd(run, name)
     except OSError as exc:
         raise HnmError(f"{name} {run.root}: cannot write: {exc.strerror or exc}") from None
@@ -288,14 +256,14 @@ def run_lock(run: RunDir, notice: Callable[[str], Any], name: str = "--output-di
                                   "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode(), 0)
         yield
     finally:
-        run.lock_file.unlink(missing_ok=True)
+        run.remove(run.lock_file)
         os.close(fd)  # closing releases the flock
 
 
 def _locked_fd(run: RunDir, name: str) -> int:
     """An fd of the lock file holding its flock; raises HnmError when another run holds it."""
     while True:
-        fd = os.open(run.lock_file, os.O_RDWR | os.O_CREAT, 0o666 & ~umask())
+        fd = run.lock_fd(run.lock_file)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -24,7 +24,7 @@ from hnm.outcome import REASON_LABELS, REASONS
 from hnm.pages import CSS, esc, fmt, page, table
 from hnm.plan import Plan, read_plan
 from hnm.report import load_run_config
-from hnm.storage import RunDir, read_json, read_npz, verify_marker, write_text
+from hnm.storage import RunDir, read_json, read_npz, verify_marker
 from hnm.summary import suggestion
 from hnm.tables import load_tables, open_index
 
@@ -297,8 +297,8 @@ def _cell_text(name: str, value: Any) -> str:
 def write_outputs(output_dir: str | Path, result: dict[str, Any]) -> tuple[Path, Path]:
     """OUTPUT_DIR/sweep.json (every point's full metrics) and sweep.html (heat maps)."""
     run = RunDir(output_dir)
-    write_text(run.sweep_json, json.dumps(result, indent=1) + "\n")
-    write_text(run.sweep_html, render_html(result))
+    run.write_text(run.sweep_json, json.dumps(result, indent=1) + "\n")
+    run.write_text(run.sweep_html, render_html(result))
     return run.sweep_json, run.sweep_html
 
 

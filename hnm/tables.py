@@ -17,23 +17,26 @@ from hnm.engine import recall_at_k, recall_sample
 from hnm.errors import HnmError
 from hnm.index import IvfIndex, SearchIndex, build_index, load_ivf, placement, train_ivf
 from hnm.miner import Tables, eligible_phrases
+from hnm.safety import Area
 from hnm.sizing import IVF_TRAIN_PER_LIST, RECALL_ANCHORS, IndexChoice
-from hnm.storage import RunDir, atomic_npy, atomic_open, read_npy
+from hnm.storage import RunDir, read_npy
 
 TABLES = ("visual", "text", "eligible", "clusters", "centroids")
 COPY_ROWS = 1 << 16  # rows copied per step while merging: the table is never held in memory
 
 
-def merge(paths: list, out: Path, order: np.ndarray | None = None) -> np.ndarray:
+def merge(paths: list, out: Path, order: np.ndarray | None = None, area: Area | None = None
+          ) -> np.ndarray:
     """Shards' arrays in shard order into one .npy file, streamed; returns it memory-mapped.
 
     With `order`, the i-th row read goes to row order[i] (rows embedded in
     embed.phrase_order, put back in the phrases' own order). A shard can hold no rows
-    (more workers than batches).
+    (more workers than batches). `area`: where `out` is written (its folder by default).
     """
     parts = [part for path in paths if len(part := read_npy(path, mmap=True))]
     rows = sum(len(p) for p in parts)
-    with atomic_npy(out, (rows, parts[0].shape[1]), np.float32) as table:
+    area = area or Area(out.parent, lambda rel: rel == out.name)
+    with area.npy(out, (rows, parts[0].shape[1]), np.float32) as table:
         start = 0
         for part in parts:
             for s in range(0, len(part), COPY_ROWS):
@@ -80,7 +83,7 @@ def build_ivf(run: RunDir, V: np.ndarray, choice: IndexChoice, config: Config,
 
     t0 = time.perf_counter()
     ivf = train_ivf(V, choice.nlist, config.seed, IVF_TRAIN_PER_LIST * choice.nlist)
-    with atomic_open(run.ivf) as handle:
+    with run.open(run.ivf) as handle:
         faiss.write_index(ivf, faiss.PyCallbackIOWriter(handle.write))
     del ivf  # measured as the workers will use it: memory-mapped, not held twice
     t1 = time.perf_counter()

@@ -26,7 +26,7 @@ from hnm.gpus import usable_cores
 from hnm.index import SearchIndex, kmeans, set_threads
 from hnm.miner import Tables
 from hnm.plan import Plan, read_plan
-from hnm.storage import RunDir, write_npy, write_npz
+from hnm.storage import RunDir
 
 log = logging.getLogger("hnm.worker")
 
@@ -169,8 +169,8 @@ def embed_shard(ctx: Context, shard: int, progress: Progress) -> dict[str, Any]:
     else:
         texts = _embed_phrases(ctx, text_encoder, [ds.phrases[i] for i in phrases])
     t2 = time.perf_counter()
-    write_npy(ctx.run.image_embeddings(shard), images)
-    write_npy(ctx.run.text_embeddings(shard), texts)
+    ctx.run.write_npy(ctx.run.image_embeddings(shard), images)
+    ctx.run.write_npy(ctx.run.text_embeddings(shard), texts)
     zeros = int((~images.any(axis=1)).sum() + (~texts.any(axis=1)).sum())
     if zeros:  # e.g. an all-black image with --visual-encoder pixels
         log.warning("%d embedding(s) are all zeros: similarity 0 to everything", zeros)
@@ -199,9 +199,9 @@ def tables_once(ctx: Context, _: None, progress: Progress) -> dict[str, Any]:
     eligibility, k-means clusters and, for an IVF run, its index and measured recall."""
     c, run, shards = ctx.config, ctx.run, range(len(ctx.plan.shards))
     t0 = time.perf_counter()
-    V = tables.merge([run.image_embeddings(s) for s in shards], run.table("visual"))
+    V = tables.merge([run.image_embeddings(s) for s in shards], run.table("visual"), area=run)
     T = tables.merge([run.text_embeddings(s) for s in shards], run.table("text"),
-                     ctx.phrase_order)
+                     ctx.phrase_order, area=run)
     progress("tables", 1, 3)
     eligible = tables.eligibility(c, T, ctx.dataset.phrases, ctx.embed_blacklist)
     progress("tables", 2, 3)
@@ -216,7 +216,7 @@ def tables_once(ctx: Context, _: None, progress: Progress) -> dict[str, Any]:
         info.update(tables.build_ivf(run, V, ctx.plan.index, c, ctx.plan.num_anchors))
         files.append(run.ivf)
     for name, array in zip(tables.TABLES[2:], (eligible, labels, centroids)):
-        write_npy(run.table(name), array)
+        run.write_npy(run.table(name), array)
     info["peak_rss_mb"] = round(peak_rss_mb(), 1)
     run.mark_done("tables", None, info, files)
     release_freed_memory()  # the IVF index was built in memory: the next phase needs none
@@ -232,7 +232,7 @@ def candidates_shard(ctx: Context, shard: int, progress: Progress) -> dict[str, 
     anchors = np.arange(*part.anchors)
     diverse_first = anchor_uniforms([ds.ids[i] for i in anchors], c.seed) < c.diverse_ratio
     cands, kind = find_candidates(c, tab, anchors, ctx.device, progress, diverse_first, index)
-    write_npz(ctx.run.candidates(shard), cands.to_arrays())
+    ctx.run.write_npz(ctx.run.candidates(shard), cands.to_arrays())
     info = {"search": time.perf_counter() - t1, "load_index": t1 - t0, "device": ctx.device,
             "index": kind, "peak_rss_mb": round(peak_rss_mb(), 1)}
     ctx.run.mark_done("candidates", shard, info, [ctx.run.candidates(shard)])
@@ -245,9 +245,8 @@ PHASES = {"embed": embed_shard, "tables": tables_once, "candidates": candidates_
 @contextlib.contextmanager
 def shard_log(run: RunDir, task: Task) -> Iterator[None]:
     """Send hnm's log records to the task's log file while it runs."""
-    path = run.log(task.shard)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path, encoding="utf-8")
+    stream = os.fdopen(run.append(run.log(task.shard)), "a", encoding="utf-8")
+    handler = logging.StreamHandler(stream)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger("hnm")
     root.addHandler(handler)
@@ -260,6 +259,7 @@ def shard_log(run: RunDir, task: Task) -> Iterator[None]:
     finally:
         root.removeHandler(handler)
         handler.close()
+        stream.close()
 
 
 def _maybe_crash(run: RunDir, task: Task, progress: Progress) -> None:
@@ -275,11 +275,10 @@ def _maybe_crash(run: RunDir, task: Task, progress: Progress) -> None:
     flag = run.logs / f".crashed_{task.phase}_{task.shard}"
     if flag.exists():
         return
-    flag.parent.mkdir(parents=True, exist_ok=True)
-    flag.touch()
+    os.close(run.append(flag))
     progress(task.phase, 0, 1)
     if how == "hold":
-        (run.logs / f".held_{task.phase}_{task.shard}").touch()
+        os.close(run.append(run.logs / f".held_{task.phase}_{task.shard}"))
         while not (run.logs / f".release_{task.phase}_{task.shard}").exists():
             progress(task.phase, 0, 1)
             time.sleep(0.1)

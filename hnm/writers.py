@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from hnm.errors import HnmError
-from hnm.storage import atomic_open
+from hnm.safety import Area
 
 
 def tar_add(archive: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -30,13 +30,15 @@ def chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
 
 
 def write_tar_shards(folder: Path, samples: Iterable[tuple[str, dict[str, bytes]]],
-                     per_shard: int) -> list[Path]:
-    """(key, {extension: bytes}) samples into folder/00000.tar, 00001.tar, ..."""
-    folder.mkdir(parents=True, exist_ok=True)
+                     per_shard: int, area: Area | None = None) -> list[Path]:
+    """(key, {extension: bytes}) samples into folder/00000.tar, 00001.tar, ... (written
+    through `area`: by default the folder, created for them)."""
+    area = area or Area(folder)
+    area.ensure_root()
     paths = []
     for number, chunk in enumerate(chunks(samples, per_shard)):
         path = folder / f"{number:05d}.tar"
-        with atomic_open(path) as handle, tarfile.open(fileobj=handle, mode="w",
+        with area.open(path) as handle, tarfile.open(fileobj=handle, mode="w",
                                                        format=tarfile.USTAR_FORMAT) as archive:
             for key, members in chunk:
                 for ext, data in members.items():
@@ -51,11 +53,12 @@ def write_parquet_files(folder: Path, rows: Iterable[dict[str, Any]], per_file: 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    folder.mkdir(parents=True, exist_ok=True)
+    area = Area(folder)
+    area.ensure_root()
     paths = []
     for number, chunk in enumerate(chunks(rows, per_file)):
         path = folder / f"part-{number:05d}.parquet"
-        with atomic_open(path) as handle:
+        with area.open(path) as handle:
             pq.write_table(pa.Table.from_pylist(chunk), handle, row_group_size=row_group)
         paths.append(path)
     return paths

@@ -493,7 +493,7 @@ def test_records_the_outputs_can_write(tmp_path, root):
             COUNTS.setdefault("outputs", Counter())["refused"] += 1
             continue
         run = RunDir(tmp_path / case.replace("/", "_"))
-        run.root.mkdir()
+        run.sign(run.layout(1))  # hnm writes only in a folder its signature makes a run
         write_negatives(config, run, ds, [], NO_ANCHORS)
         as_jsonl = [r for _, r in read_records(run)]
         write_negatives(Config(annotations=str(ann), output_format="parquet"), run, ds, [],

@@ -216,14 +216,12 @@ def test_output_files_follow_the_umask(data, tmp_path, umask, mask):
 
 
 def test_an_unwritable_output_directory_is_one_line(data, tmp_path, capsys, monkeypatch):
-    import tempfile
-
     def read_only(*_a, **_k):
         raise OSError(30, "Read-only file system")
 
     out = tmp_path / "run"
     assert main(mine_args(data, out)) == 0
-    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    monkeypatch.setattr("hnm.safety.create", read_only)
     for args in (["report", out], ["sweep", out], mine_args(data, tmp_path / "other")):
         rc, _, err = cli(capsys, *args)
         assert rc == 2 and "cannot write: Read-only file system" in one_line_error(err)
@@ -318,9 +316,10 @@ def test_report_from_another_folder_finds_the_images_the_run_used(tmp_path, caps
     rc, _, err = cli(capsys, "report", ".")
     assert rc == 0 and err == ""
     assert "image not shown" not in (tmp_path / "moved/report.html").read_text()
-    shutil.rmtree(tmp_path / "in" / "img")
+    shutil.rmtree(tmp_path / "in" / "img")  # the run's images are gone: nothing to show
     rc, _, err = cli(capsys, "report", ".")
-    assert rc == 0 and err.startswith("warning: 6 of 6 images of the report could not be")
+    assert rc == 2 and err.startswith("hnm: error: --image-dir ") and \
+        f"{tmp_path / 'in' / 'img' / '0.png'} is gone" in err
 
 
 def test_all_zero_precomputed_rows_are_named(data, tmp_path, capsys):
