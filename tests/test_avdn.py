@@ -143,8 +143,8 @@ def test_export_again_is_byte_identical_and_refuses_its_target(mined, capsys, tm
         assert (again / name).read_bytes() == (mined.export / name).read_bytes()
     before = snapshot(again)
     rc, _, err = cli(capsys, "export", mined.out, "--format", "avdn", "--to", again)
-    assert (rc, err) == (2, f"hnm: error: --to {again}: exists and is not empty (--overwrite "
-                            "replaces the chunk files in it)\n")
+    assert (rc, err) == (2, f"hnm: error: --to {again}: holds an earlier export; pass "
+                            "--overwrite to replace it\n")
     assert snapshot(again) == before
     rc, _, err = cli(capsys, "export", mined.out, "--format", "avdn", "--to", again,
                      "--overwrite")  # without a tokenizer: no tokenized_negative_2
@@ -156,8 +156,8 @@ def test_export_again_is_byte_identical_and_refuses_its_target(mined, capsys, tm
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--to", "{data}"], "--to {data}: would replace the input {data}/chunk_0.pkl; hnm never "
-                         "modifies its input: choose another folder"),
+    (["--to", "{data}"], "--to {data}: holds an input of the run ({data}/chunk_0.pkl); an "
+                         "export never replaces one: choose another --to"),
     (["--to", "{tmp}/x", "--tokenizer", "{tmp}"], "--tokenizer: needs --max-answer-length N "
      "(at least 1), the answer length limit of the training code"),
     (["--to", "{tmp}/x", "--tokenizer", "{tmp}/none", "--max-answer-length", "8"],

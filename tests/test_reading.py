@@ -266,7 +266,7 @@ def test_parquet_output_writes_what_parquet_cannot_hold_as_json(tmp_path, data, 
                     output_format="parquet")
     ds = load_dataset(config)
     run = RunDir(tmp_path / "run")
-    run.root.mkdir()
+    run.sign(run.layout(1))  # hnm writes only in a folder its signature makes a run
     write_negatives(config, run, ds, [], NO_ANCHORS)
     meta = pq.ParquetFile(run.negatives_parquet).schema_arrow.metadata
     assert json.loads(meta[JSON_COLUMNS.encode()]) == ["extra"]
