@@ -321,8 +321,10 @@ def _legend(items: list[tuple[str, str]]) -> str:
     return "".join(out)
 
 
-def bars_svg(title: str, items: list[tuple[str, float, str]], colour: str = HARD) -> str:
-    """Horizontal bars: (label, value, value as text) per row."""
+def bars_svg(title: str, items: list[tuple[str, float, str]], colour: str = HARD,
+             colours: list[str] | None = None) -> str:
+    """Horizontal bars: (label, value, value as text) per row; `colours`: one per row
+    (else every bar in `colour`)."""
     row = 20
     height = TOP + row * len(items) + 10
     top = max((v for _, v, _ in items), default=0) or 1
@@ -333,7 +335,8 @@ def bars_svg(title: str, items: list[tuple[str, float, str]], colour: str = HARD
         bw = value / top * width
         out.append(f"<text x='124' y='{y + 14}' font-size='11' text-anchor='end'>{esc(label)}"
                    f"</text><rect x='130' y='{y + 3}' width='{bw:.1f}' height='{row - 6}' "
-                   f"fill='{colour}'/><text x='{134 + bw:.1f}' y='{y + 14}' font-size='11'>"
+                   f"fill='{colours[k] if colours else colour}'/><text x='{134 + bw:.1f}' "
+                   f"y='{y + 14}' font-size='11'>"
                    f"{esc(text)}</text>")
     return "".join(out) + "</svg>"
 
@@ -396,7 +399,7 @@ def failures(metrics: dict[str, Any], scan: Scan, sweep: dict[str, Any] | None) 
         out.append(f"<p class='advice'><b>Suggestion:</b> {esc(advice)}</p>")
     bars = bars_svg("Anchors without a negative, by reason",
                     [(REASON_LABELS[r], n, f"{n:,} ({n / total:.0%})") for r, n in shares],
-                    ALERT)
+                    colours=[REASON_COLOURS[r] for r, _ in shares])
     along = position_svg(scan.failed_by_bin, [r for r, _ in shares])
     out.append(f"<div class='plots'>{bars}{along}</div>")
     reasons = [r for r, _ in shares]
