@@ -4,6 +4,7 @@ precomputed embeddings read and checked."""
 from __future__ import annotations
 
 import time
+import warnings
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ CPU_ROWS_PER_PASS = 4
 # Data-loading processes of one GPU worker at most: past this many, decoding outpaces any
 # single GPU, and each one holds its own copy of the dataset's paths and a queue of batches.
 MAX_LOADER_WORKERS = 16
+LOADER_ADVICE = "This DataLoader will create"  # torch's warning about the worker count
 
 
 def torch_setup(device: str) -> Any:
@@ -117,16 +119,19 @@ def embed_images(encoder: ImageEncoder, paths: list[Path], batch_size: int, num_
     if not paths:
         return np.zeros((0, 1), np.float32), 0.0
     quiet_loader_deaths()
-    # pinned host memory lets the copy to the GPU run without blocking (non_blocking=True)
     images = ImageFiles(paths, encoder.preprocess, max_pixels, encoder.draft_size,
                         tensor_input(encoder, normalization))
-    loader = DataLoader(images,
-                        batch_size=batch_size, num_workers=num_workers, shuffle=False,
-                        pin_memory=torch.device(encoder.device).type == "cuda",
-                        worker_init_fn=loader_worker_init if num_workers else None)
     rows = CPU_ROWS_PER_PASS if torch.device(encoder.device).type == "cpu" else batch_size
     parts, done, waited = [], 0, 0.0
-    with torch.inference_mode():
+    with torch.inference_mode(), warnings.catch_warnings():
+        # the loader processes are hnm's choice (--num-workers, or sized from the cores):
+        # torch's advice about them, printed on a machine of few cores, is noise there
+        warnings.filterwarnings("ignore", LOADER_ADVICE, UserWarning)
+        # pinned host memory lets the copy to the GPU run without blocking (non_blocking)
+        loader = DataLoader(images,
+                            batch_size=batch_size, num_workers=num_workers, shuffle=False,
+                            pin_memory=torch.device(encoder.device).type == "cuda",
+                            worker_init_fn=loader_worker_init if num_workers else None)
         asked = time.perf_counter()
         for batch in loader:
             waited += time.perf_counter() - asked

@@ -4,6 +4,8 @@ models loaded once per process."""
 from __future__ import annotations
 
 import json
+import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -307,3 +309,20 @@ def test_a_worker_loads_each_model_once_and_reports_it_once(demo, tmp_path, monk
     assert infos[0]["startup"] > 0 and infos[1]["startup"] == infos[2]["startup"] == 0
     assert all(i["data_wait"] >= 0 for i in infos)
     assert "waiting for data (0 loader workers)" in RunDir(config.output_dir).log(1).read_text()
+
+
+def test_loader_processes_on_few_cores_print_no_torch_advice(tmp_path, monkeypatch):
+    """Two loader processes on a one-core machine: torch's warning about the count would
+    break the terminal's one line per event; the embeddings are those of no loader."""
+    paths = []
+    for i in range(4):
+        write_image(tmp_path / f"{i}.png", i)
+        paths.append(tmp_path / f"{i}.png")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: {0})
+    encoder = build_image_encoder("pixels", "cpu")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded, _ = embed.embed_images(encoder, paths, 2, 2, 10**8)
+    assert not [w for w in caught if embed.LOADER_ADVICE in str(w.message)]
+    alone, _ = embed.embed_images(encoder, paths, 2, 0, 10**8)
+    assert np.array_equal(loaded, alone)
