@@ -153,17 +153,22 @@ def cpu_workers(config: Config) -> tuple[int, str | None]:
     return cores, None
 
 
-def fit_to_work(config: Config, devices: list[str], work: float) -> tuple[list[str], str]:
+def fit_to_work(config: Config, devices: list[str], work: float,
+                batches: int | None = None) -> tuple[list[str], str]:
     """Without --cpu-workers, the number of CPU workers that finishes `work` (seconds of
     one core, `hnm.sizing.work_seconds`) soonest, when every worker but a lone one (which
     runs in the parent) costs WORKER_START_SECONDS to start: small runs stay in one
-    process. Also why fewer workers than devices, or "" when none are dropped."""
+    process. Never more workers than `batches` (shards are cut on the batch grid: a worker
+    past them would embed nothing). Also why fewer workers than devices, or "" when none
+    are dropped."""
     if config.cpu_workers is not None or any(d != "cpu" for d in devices):
         return devices, ""
+
     def finish(workers: int) -> float:
         return (WORKER_START_SECONDS if workers > 1 else 0.0) + work / workers
 
-    best = min(range(1, len(devices) + 1), key=finish)  # the fewest workers on a tie
+    most = len(devices) if batches is None else max(1, min(len(devices), batches))
+    best = min(range(1, most + 1), key=finish)  # the fewest workers on a tie
     if best == len(devices):
         return devices, ""
     return devices[:best], (f"about {work:.1f} s of work for one core keeps {best} CPU "

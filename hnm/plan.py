@@ -421,10 +421,11 @@ def run_sizes(config: Config, ds: Dataset, devices: list[str]) -> Sizes:
 
 
 def fit_workers(config: Config, ds: Dataset, devices: list[str]) -> tuple[list[str], str]:
-    """The devices a run keeps busy (CPU workers: as many as its work is worth, see
-    `gpus.fit_to_work`), and why fewer than offered."""
+    """The devices a run keeps busy (CPU workers: as many as its work is worth and its
+    batches allow, see `gpus.fit_to_work`), and why fewer than offered."""
     dv = _dim(config.image_embeddings, config.visual_encoder)
-    return fit_to_work(config, devices, work_seconds(config, len(ds), len(ds.phrases), dv))
+    return fit_to_work(config, devices, work_seconds(config, len(ds), len(ds.phrases), dv),
+                       batches=-(-len(ds) // config.batch_size))
 
 
 def _dim(precomputed: str | None, encoder: str) -> int:

@@ -213,6 +213,10 @@ def test_default_cpu_workers_are_what_the_work_is_worth(work, cores, want):
                    f"about {work:.1f} s of work for one core keeps {want} CPU worker(s) busy; "
                    "another takes about 3 s to start")
     assert gpus.fit_to_work(Config(cpu_workers=cores), devices, work) == (devices, "")
+    # shards are cut on the batch grid: never more workers than batches
+    assert gpus.fit_to_work(Config(), devices, work, batches=1)[0] == ["cpu"]
+    two = 2 if work > 2 * gpus.WORKER_START_SECONDS else 1  # 3 + work / 2 < work
+    assert gpus.fit_to_work(Config(), devices, work, batches=2)[0] == ["cpu"] * two
     assert gpus.fit_to_work(Config(), ["cuda:0", "cuda:1"], work) == (["cuda:0", "cuda:1"], "")
 
 
