@@ -1,8 +1,7 @@
 """hnm: hard and diverse negative mining for image–text datasets."""
 
-__version__ = "0.1.0"
+from hnm.api import Run, load_run, mine
+from hnm.errors import HnmError
+from hnm.version import __version__
 
-from hnm.api import Run, load_run, mine  # noqa: E402  (modules import __version__ above)
-from hnm.errors import HnmError  # noqa: E402
-
-__all__ = ["HnmError", "Run", "load_run", "mine"]
+__all__ = ["HnmError", "Run", "__version__", "load_run", "mine"]

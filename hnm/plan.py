@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 
-from hnm import __version__
 from hnm.blacklist import read_blacklist
 from hnm.config import EMBEDDING_KEYS, Config, config_hash, dump_yaml
 from hnm.data import Dataset, Progress, file_stats, load_dataset, no_progress
@@ -31,6 +30,7 @@ from hnm.readers import reads_tensors
 from hnm.rerun import Refuse, Resume, Start, Survey, decide
 from hnm.sizing import IndexChoice, Sizes, choose_index, estimate, memory_lines, work_seconds
 from hnm.storage import RunDir, read_json, verify_marker
+from hnm.version import __version__
 
 # Bumped whenever the run directory's layout or plan.json changes meaning.
 PLAN_VERSION = 3

@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from hnm import __version__
 from hnm.errors import HnmError
 from hnm.safety import Area
+from hnm.version import __version__
 
 # phase -> the folder holding its files and markers
 PHASE_DIRS = {"embed": "embeddings", "tables": "tables", "candidates": "candidates"}
