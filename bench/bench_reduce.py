@@ -18,7 +18,7 @@ import hnm
 from hnm.data import load_dataset
 from hnm.plan import read_plan
 from hnm.reduce import reduce_phase
-from hnm.report import load_run_config
+from hnm.runs import load_run_config
 from hnm.storage import RunDir
 
 

@@ -2,6 +2,6 @@
 
 from hnm.api import Run, load_run, mine
 from hnm.errors import HnmError
-from hnm.version import __version__
+from hnm.version import __version__ as __version__
 
-__all__ = ["HnmError", "Run", "__version__", "load_run", "mine"]
+__all__ = ["HnmError", "Run", "load_run", "mine"]

@@ -20,13 +20,14 @@ from hnm import distributed, gpus, sizing
 from hnm.config import Config
 from hnm.data import Dataset, Progress
 from hnm.errors import Terminated
-from hnm.plan import Plan, dry_run_lines, prepare, read_plan, run_sizes, validate_inputs
+from hnm.plan import Plan, dry_run_lines, read_plan, run_sizes, validate_inputs
 from hnm.pool import InProcess, WorkerPool
 from hnm.precision import resolve
 from hnm.process import stopping
 from hnm.progress import ProgressView, choose_mode
 from hnm.reduce import reduce_phase
-from hnm.storage import RunDir, read_json, run_lock
+from hnm.runs import Lease
+from hnm.storage import RunDir, read_json
 from hnm.summary import print_summary, shard_lines
 from hnm.worker import Task
 
@@ -80,14 +81,12 @@ def drive(config: Config, ex: Executor) -> dict[str, Any]:
     """Plan, then every phase's unfinished tasks, then the reduce: the one pipeline."""
     t0 = time.perf_counter()
     run = RunDir(config.output_dir)
-    planned: dict[str, Dataset] = {}
-    with contextlib.ExitStack() as held:  # the leader holds the run directory's lock
+    with Lease(config, ex.say) as lease:  # the leader holds the run directory's lock
 
         def plan_run(progress: Progress) -> str:
-            lock = lambda: held.enter_context(run_lock(run, ex.say))  # noqa: E731
-            planned["ds"], plan, state = prepare(config, ex.devices, lock, ex.say, progress)
+            plan, state = lease.prepare(ex.devices, progress)
             if state != "complete":
-                check_memory(config, planned["ds"], ex.devices, None, plan.index)
+                check_memory(config, lease.dataset, ex.devices, None, plan.index)
             return state
 
         if ex.on_leader(plan_run) == "complete":
@@ -107,12 +106,12 @@ def drive(config: Config, ex: Executor) -> dict[str, Any]:
         reused = {p: sum(run.is_done(p, s) for s in shards) for p in ("embed", "candidates")}
         reused_tables = run.is_done("tables")
         load = time.perf_counter() - t0
-        ex.start(plan, planned.get("ds"))  # other ranks load the dataset when a task needs it
+        ex.start(plan, lease.dataset)  # other ranks load the dataset when a task needs it
         for phase in PHASES:
             ex.run_phase(phase, [t for t in _tasks(phase, shards)
                                  if not run.is_done(t.phase, t.shard)])
         metrics = ex.on_leader(lambda progress: reduce_phase(
-            config, run, planned["ds"], plan, {"load": load}, progress, t0))
+            config, run, lease.dataset, plan, {"load": load}, progress, t0))
     if any(reused.values()) or reused_tables:
         ex.say(f"Resumed: reused {reused['embed']} embedded and {reused['candidates']} mined "
                f"shard(s) of {len(shards)}" + (", and the tables" if reused_tables else ""))

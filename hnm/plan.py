@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from hnm.blacklist import read_blacklist
-from hnm.config import EMBEDDING_KEYS, Config, config_hash, dump_yaml
+from hnm.config import EMBEDDING_KEYS, Config, config_hash
 from hnm.data import Dataset, Progress, file_stats, load_dataset, no_progress
 from hnm.embed import check_precomputed
 from hnm.encoders import (
@@ -27,9 +26,8 @@ from hnm.errors import HnmError
 from hnm.gpus import fit_to_work
 from hnm.precision import resolve
 from hnm.readers import reads_tensors
-from hnm.rerun import Refuse, Resume, Start, Survey, decide
 from hnm.sizing import IndexChoice, Sizes, choose_index, estimate, memory_lines, work_seconds
-from hnm.storage import RunDir, read_json, verify_marker
+from hnm.storage import RunDir, read_json
 from hnm.version import __version__
 
 # Bumped whenever the run directory's layout or plan.json changes meaning.
@@ -37,7 +35,6 @@ PLAN_VERSION = 3
 # Phrases are short: a text batch this large costs little memory, and with phrases in
 # length order (embed.phrase_order) it holds few distinct token counts, so few passes.
 TEXT_BATCH = 256
-LEGACY_DIRS = ("index",)  # folders of older layouts, removed by --overwrite
 
 
 @dataclass(frozen=True)
@@ -244,145 +241,6 @@ def new_plan(config: Config, ds: Dataset, devices: list[str], precision: str,
                 input_files=max(1, len(ds.shard_ends)),
                 index=choose_index(config, len(ds), devices), workers_note=note,
                 images=image_fingerprint(ds), source=ds.source_sha256[:16])
-
-
-def write_plan(config: Config, run: RunDir, plan: Plan) -> None:
-    """config.yaml (the resolved config, its provenance and the index chosen), then
-    plan.json."""
-    run.write_text(run.config, dump_yaml({**config.to_dict(),
-                                          "provenance": provenance(config, plan.precision),
-                                          "index_choice": dataclasses.asdict(plan.index)}))
-    run.write_json(run.plan, plan.to_json())
-
-
-# kept when a run is replaced: rewritten by the new plan, or appended to
-KEPT = ("config.yaml", "plan.json", ".hnm-run.json", ".hnm.lock")
-
-
-def remove_outputs(run: RunDir, manifest: tuple[str, ...], keep_embeddings: bool) -> None:
-    """Clear what a new config invalidates: only the files the earlier run's manifest
-    lists (a file of anyone else's, even inside hnm's folders, stays)."""
-    for name in manifest:
-        if name in KEPT or name.startswith("logs/") or \
-                (keep_embeddings and name.startswith("embeddings/")):
-            continue
-        run.remove(run.root / name)
-    for folder in ("tables", "candidates", "embeddings", *LEGACY_DIRS):
-        run.remove_folder(run.root / folder)  # only where nothing else is left in it
-
-
-def survey(run: RunDir) -> Survey:
-    """What the output directory holds. A folder is an hnm run only by its signature
-    (.hnm-run.json); one that holds a plan.json this hnm reads and its config.yaml, from
-    before signatures, is adopted as one (its manifest: the layout of its plan)."""
-    if not run.root.is_dir():
-        return Survey()
-    holds = tuple(sorted(p.name for p in run.root.iterdir() if p.name != run.lock_file.name))
-    manifest = run.manifest()
-    if manifest is None and not (run.plan.exists() and run.config.exists()):
-        return Survey(holds)
-    plan, error = None, None
-    if run.plan.exists():
-        try:
-            plan = read_plan(run)
-        except HnmError as exc:
-            error = str(exc)
-    if manifest is None:
-        if plan is None:
-            return Survey(holds)
-        manifest = run.layout(len(plan.shards))
-    return Survey(holds, tuple(manifest), plan, error, run.plan.exists(), run.config.exists())
-
-
-def check_phases(run: RunDir, plan: Plan, say: Callable[[str], Any], checksums: bool) -> None:
-    """Forget every phase output whose files are not what its marker vouches for (a
-    damaged, truncated or missing file): that shard's phase runs again."""
-    markers = [("embed", s.shard) for s in plan.shards] + [("tables", None)] + \
-        [("candidates", s.shard) for s in plan.shards]
-    for phase, shard in markers:
-        path = run.marker(phase, shard)
-        if path.exists() and (why := verify_marker(path, run.root, checksums)):
-            what = f"shard {shard}'s {phase} output" if shard is not None else "the tables"
-            say(f"{why}: computing {what} again")
-            run.remove(path)
-
-
-def finished(run: RunDir, say: Callable[[str], Any]) -> bool:
-    """Whether the results are there and are what the final marker vouches for."""
-    if not run.done.exists():
-        return False
-    why = verify_marker(run.done, run.root)
-    if why:
-        say(f"{why}: writing the results again")
-        run.remove(run.done)
-    return why is None
-
-
-def _state(run: RunDir, plan: Plan, say: Callable[[str], Any]) -> str:
-    """"complete" when the results verify (checksums) and so do the phases' files (their
-    sizes and times, which `hnm sweep` reads), else "resume" with every damaged phase
-    output forgotten."""
-    if finished(run, say):
-        check_phases(run, plan, say, checksums=False)
-        if all(run.is_done(p, s.shard) for s in plan.shards for p in ("embed", "candidates")) \
-                and run.is_done("tables"):
-            return "complete"
-        run.remove(run.done)
-    check_phases(run, plan, say, checksums=True)
-    return "resume"
-
-
-def prepare(config: Config, devices: list[str], lock: Callable[[], Any],
-            say: Callable[[str], Any], progress: Progress = no_progress
-            ) -> tuple[Dataset, Plan, str]:
-    """Validate inputs, then — under the run directory's lock, taken by `lock()` —
-    create, resume or replace the run. Nothing is written before every check passed.
-
-    Returns the dataset, the plan and the state: "new", "resume" or "complete".
-    """
-    run = RunDir(config.output_dir)
-    blocker = next((p for p in (run.root, *run.root.parents) if p.exists()), None)
-    if blocker is not None and not blocker.is_dir():
-        raise HnmError(f"--output-dir {config.output_dir}: {blocker} is a file, not a directory")
-    before = survey(run)
-    if isinstance(refused := decide(before, None, config.overwrite, config.output_dir), Refuse):
-        raise HnmError(refused.message)
-    old = before.plan
-    ds = None
-    precision = resolve(config.precision, devices).precision
-    if old and config.annotations:
-        # resuming the same run: its inputs were validated when it was planned, and its
-        # key covers them, so the (slow) decoding of every image is not redone
-        ds = load_dataset(config, list(old.skipped))
-        if old.run_key != run_keys(config, ds, precision)["run_key"]:
-            ds = None
-    ds = ds or validate_inputs(config, progress)
-    lock()
-    now = survey(run)  # again, now that no other run can change it
-    action = decide(now, run_keys(config, ds, precision), config.overwrite, config.output_dir)
-    if isinstance(action, Refuse):
-        raise HnmError(action.message)
-    if (gone := run.remove_temporary()):
-        say(f"Removed {gone} temporary file(s) left by an interrupted run")
-    if isinstance(action, Resume):
-        if run.manifest() is None:  # adopted from before signatures
-            run.sign(list(now.manifest or ()))
-        return ds, action.plan, _state(run, action.plan, say)
-    return ds, start(config, run, ds, devices, precision, action, say), "new"
-
-
-def start(config: Config, run: RunDir, ds: Dataset, devices: list[str], precision: str,
-          action: Start, say: Callable[[str], Any]) -> Plan:
-    """Replace what an earlier run left (only its manifest's files; its embeddings where
-    `action.keep`), sign the directory with the new manifest, write the plan."""
-    plan = new_plan(config, ds, devices, precision, keep=action.keep)
-    run.sign(sorted(set(action.clear) | set(run.layout(len(plan.shards)))))
-    if action.keep:
-        check_phases(run, action.keep, say, checksums=True)
-    # nothing of another run may be trusted, except embeddings of the same inputs
-    remove_outputs(run, action.clear, keep_embeddings=action.keep is not None)
-    write_plan(config, run, plan)
-    return plan
 
 
 def dry_run_lines(config: Config, ds: Dataset, devices: list[str]) -> list[str]:

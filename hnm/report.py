@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from hnm.config import Config, make_config, read_yaml
+from hnm.config import Config
 from hnm.data import Dataset, image_limit, load_dataset, normalize, too_large
 from hnm.errors import HnmError
 from hnm.outcome import REASON_LABELS
@@ -22,6 +22,7 @@ from hnm.outputs import read_records
 from hnm.pages import esc, fmt, page, table
 from hnm.plan import Plan, check_unchanged, read_plan
 from hnm.readers import SHARD_FORMATS, ImageRef, holds_tensor, image_stream, tensor_png
+from hnm.runs import load_run_config
 from hnm.storage import RunDir, read_json, verify_marker
 from hnm.summary import reason_shares, suggestion
 
@@ -35,30 +36,6 @@ REASON_COLOURS = {"min_visual": "#8e24aa", "same_group": "#6d4c41", "ineligible"
                   "phrase_cap": "#c62828", "no_diverse": "#e08a1e",
                   "suspect_dropped": "#1f6fb4", None: "#bdbdbd"}
 HARD, DIVERSE, ALERT = "#1f6fb4", "#e08a1e", "#c62828"
-PATH_KEYS = ("annotations", "image_dir", "image_embeddings", "text_embeddings", "blacklist")
-
-
-def load_run_config(run: RunDir) -> Config:
-    """The run's config from its config.yaml (provenance left out), its relative input
-    paths resolved from the folder the run was started from, wherever this runs."""
-    if not run.config.exists():
-        raise HnmError(f"{run.root}: no config.yaml; not an hnm run directory")
-    values = read_yaml(run.config)
-    if not isinstance(values, dict):
-        raise HnmError(f"{run.config}: damaged; rerun the mining command with --overwrite")
-    values.pop("provenance", None)
-    values.pop("index_choice", None)  # the plan's, recorded beside the config
-    values["output_dir"] = str(run.root)  # the folder may have moved since the run
-    if run.plan.exists():
-        workdir = Path(read_plan(run).workdir)
-        for key in PATH_KEYS:
-            if isinstance(values.get(key), str) and values[key]:
-                values[key] = str(workdir / values[key])  # an absolute path stays as it is
-    try:
-        return make_config(values)
-    except HnmError as exc:
-        raise HnmError(f"{run.config}: {exc}; rerun the mining command with --overwrite") \
-            from None
 
 
 def report_from_dir(output_dir: str | Path, warn: Callable[[str], Any] = print) -> Path:

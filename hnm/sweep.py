@@ -23,7 +23,7 @@ from hnm.miner import Ragged, Tables, cut, neighbours
 from hnm.outcome import REASON_LABELS, REASONS
 from hnm.pages import CSS, esc, fmt, page, table
 from hnm.plan import Plan, read_plan
-from hnm.report import load_run_config
+from hnm.runs import load_run_config
 from hnm.storage import RunDir, read_json, read_npz, verify_marker
 from hnm.summary import suggestion
 from hnm.tables import load_tables, open_index

@@ -24,7 +24,8 @@ from hnm.config import Config, Fields
 from hnm.demo import make_demo
 from hnm.encoders import build_image_encoder, build_text_encoder, finalize
 from hnm.errors import HnmError
-from hnm.plan import TEXT_BATCH, make_shards, prepare
+from hnm.plan import TEXT_BATCH, make_shards
+from hnm.runs import prepare
 from hnm.storage import RunDir
 
 CPU = torch.device("cpu")

@@ -20,6 +20,7 @@ from hnm.cli import main
 from hnm.config import Config
 from hnm.plan import read_plan
 from hnm.report import BORDERLINE, FAILED, SAMPLE, SUSPECTS, THUMB
+from hnm.runs import load_run_config
 from hnm.storage import RunDir
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -92,7 +93,7 @@ def test_headline_and_plots_show_the_metrics(run: Path):
 
 
 def test_phrase_reuse_counts_agree_with_the_metrics(run: Path):
-    config = report.load_run_config(RunDir(run))
+    config = load_run_config(RunDir(run))
     plan = read_plan(RunDir(run))
     scan = report.scan_negatives(RunDir(run), config, plan)
     g = json.loads((run / "metrics.json").read_text())["global"]
@@ -167,7 +168,7 @@ def test_config_without_new_keys_still_loads(run: Path, tmp_path: Path):
     shutil.copytree(run, old)
     text = (old / "config.yaml").read_text()
     (old / "config.yaml").write_text(re.sub(r"(?m)^(audit_|drop_suspect).*\n", "", text))
-    config = report.load_run_config(RunDir(old))
+    config = load_run_config(RunDir(old))
     assert config.audit_text_similarity == Config().audit_text_similarity
     assert config.output_dir == str(old)
 

@@ -15,7 +15,7 @@ from synthetic import make_dataset, mine_args
 
 from hnm.cli import main
 from hnm.data import anchor_uniforms, load_dataset
-from hnm.report import load_run_config
+from hnm.runs import load_run_config
 from hnm.storage import RunDir
 
 
@@ -172,11 +172,11 @@ def test_a_run_directory_of_another_layout_needs_overwrite(tmp_path: Path, capsy
     first = (out / "negatives.jsonl").read_bytes()
     plan = json.loads((out / "plan.json").read_text())
     (out / "plan.json").write_text(json.dumps({**plan, "version": 1}))
-    (out / "index").mkdir()  # a folder of the older layout
+    (out / "index").mkdir()  # a folder the run's manifest does not list
     capsys.readouterr()
     assert main(mine_args(paths, out)) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "plan version 1" in err and "rerun with --overwrite" in err
     assert main(mine_args(paths, out, "--overwrite")) == 0
     assert (out / "negatives.jsonl").read_bytes() == first
-    assert not (out / "index").exists()
+    assert (out / "index").is_dir()  # not the run's, so kept

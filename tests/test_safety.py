@@ -478,7 +478,7 @@ def test_a_bug_before_the_run_directory_exists_names_where_its_details_went(
     def broken(*_a, **_k):
         raise KeyError("boom")
 
-    monkeypatch.setattr("hnm.plan.validate_inputs", broken)
+    monkeypatch.setattr("hnm.runs.validate_inputs", broken)
     out = tmp_path / "new"
     rc, _, err = cli(capsys, *mine_args(data, out))
     line = one_line(err)

@@ -103,7 +103,7 @@ def test_a_worker_builds_its_index_once_for_all_its_shards(tmp_path: Path, monke
     built = []
     opened = tables.open_index
     monkeypatch.setattr(tables, "open_index", lambda *a: built.append(a) or opened(*a))
-    from hnm.report import load_run_config
+    from hnm.runs import load_run_config
 
     ctx = Context(load_run_config(run), "cpu")
     before = {s: np.load(run.candidates(s))["hard_rows"] for s in range(3)}

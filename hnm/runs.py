@@ -1,0 +1,266 @@
+"""A run's life in one place: what running into an output directory does (decided by the
+pure `rerun.decide`), carried out under the directory's lock — start, resume, replace —
+and opening a finished run again (`Run`, `load_run`, `load_run_config`)."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hnm.boundary import boundary
+from hnm.config import Config, dump_yaml, make_config, read_yaml
+from hnm.data import Dataset, Progress, load_dataset, no_progress
+from hnm.errors import HnmError
+from hnm.outputs import read_records
+from hnm.plan import Plan, new_plan, provenance, read_plan, run_keys, validate_inputs
+from hnm.precision import resolve
+from hnm.rerun import Refuse, Resume, Start, Survey, decide
+from hnm.storage import RunDir, read_json, run_lock, verify_marker
+
+# config keys holding paths, relative to the folder the run was started from
+PATH_KEYS = ("annotations", "image_dir", "image_embeddings", "text_embeddings", "blacklist")
+
+
+def write_plan(config: Config, run: RunDir, plan: Plan) -> None:
+    """config.yaml (the resolved config, its provenance and the index chosen), then
+    plan.json."""
+    run.write_text(run.config, dump_yaml({**config.to_dict(),
+                                          "provenance": provenance(config, plan.precision),
+                                          "index_choice": dataclasses.asdict(plan.index)}))
+    run.write_json(run.plan, plan.to_json())
+
+
+# kept when a run is replaced: rewritten by the new plan, or appended to
+KEPT = ("config.yaml", "plan.json", ".hnm-run.json", ".hnm.lock")
+
+
+def remove_outputs(run: RunDir, manifest: tuple[str, ...], keep_embeddings: bool) -> None:
+    """Clear what a new config invalidates: only the files the earlier run's manifest
+    lists (a file of anyone else's, even inside hnm's folders, stays)."""
+    for name in manifest:
+        if name in KEPT or name.startswith("logs/") or \
+                (keep_embeddings and name.startswith("embeddings/")):
+            continue
+        run.remove(run.root / name)
+    for folder in ("tables", "candidates", "embeddings"):
+        run.remove_folder(run.root / folder)  # only where nothing else is left in it
+
+
+def survey(run: RunDir) -> Survey:
+    """What the output directory holds. A folder is an hnm run only by its signature
+    (.hnm-run.json); one that holds a plan.json this hnm reads and its config.yaml, from
+    before signatures, is adopted as one (its manifest: the layout of its plan)."""
+    if not run.root.is_dir():
+        return Survey()
+    holds = tuple(sorted(p.name for p in run.root.iterdir() if p.name != run.lock_file.name))
+    manifest = run.manifest()
+    if manifest is None and not (run.plan.exists() and run.config.exists()):
+        return Survey(holds)
+    plan, error = None, None
+    if run.plan.exists():
+        try:
+            plan = read_plan(run)
+        except HnmError as exc:
+            error = str(exc)
+    if manifest is None:
+        if plan is None:
+            return Survey(holds)
+        manifest = run.layout(len(plan.shards))
+    return Survey(holds, tuple(manifest), plan, error, run.plan.exists(), run.config.exists())
+
+
+def check_phases(run: RunDir, plan: Plan, say: Callable[[str], Any], checksums: bool) -> None:
+    """Forget every phase output whose files are not what its marker vouches for (a
+    damaged, truncated or missing file): that shard's phase runs again."""
+    markers = [("embed", s.shard) for s in plan.shards] + [("tables", None)] + \
+        [("candidates", s.shard) for s in plan.shards]
+    for phase, shard in markers:
+        path = run.marker(phase, shard)
+        if path.exists() and (why := verify_marker(path, run.root, checksums)):
+            what = f"shard {shard}'s {phase} output" if shard is not None else "the tables"
+            say(f"{why}: computing {what} again")
+            run.remove(path)
+
+
+def finished(run: RunDir, say: Callable[[str], Any]) -> bool:
+    """Whether the results are there and are what the final marker vouches for."""
+    if not run.done.exists():
+        return False
+    why = verify_marker(run.done, run.root)
+    if why:
+        say(f"{why}: writing the results again")
+        run.remove(run.done)
+    return why is None
+
+
+def _state(run: RunDir, plan: Plan, say: Callable[[str], Any]) -> str:
+    """"complete" when the results verify (checksums) and so do the phases' files (their
+    sizes and times, which `hnm sweep` reads), else "resume" with every damaged phase
+    output forgotten."""
+    if finished(run, say):
+        check_phases(run, plan, say, checksums=False)
+        if all(run.is_done(p, s.shard) for s in plan.shards for p in ("embed", "candidates")) \
+                and run.is_done("tables"):
+            return "complete"
+        run.remove(run.done)
+    check_phases(run, plan, say, checksums=True)
+    return "resume"
+
+
+def prepare(config: Config, devices: list[str], lock: Callable[[], Any],
+            say: Callable[[str], Any], progress: Progress = no_progress
+            ) -> tuple[Dataset, Plan, str]:
+    """Validate inputs, then — under the run directory's lock, taken by `lock()` —
+    create, resume or replace the run. Nothing is written before every check passed.
+
+    Returns the dataset, the plan and the state: "new", "resume" or "complete".
+    """
+    run = RunDir(config.output_dir)
+    blocker = next((p for p in (run.root, *run.root.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise HnmError(f"--output-dir {config.output_dir}: {blocker} is a file, not a directory")
+    before = survey(run)
+    if isinstance(refused := decide(before, None, config.overwrite, config.output_dir), Refuse):
+        raise HnmError(refused.message)
+    old = before.plan
+    ds = None
+    precision = resolve(config.precision, devices).precision
+    if old and config.annotations:
+        # resuming the same run: its inputs were validated when it was planned, and its
+        # key covers them, so the (slow) decoding of every image is not redone
+        ds = load_dataset(config, list(old.skipped))
+        if old.run_key != run_keys(config, ds, precision)["run_key"]:
+            ds = None
+    ds = ds or validate_inputs(config, progress)
+    lock()
+    now = survey(run)  # again, now that no other run can change it
+    action = decide(now, run_keys(config, ds, precision), config.overwrite, config.output_dir)
+    if isinstance(action, Refuse):
+        raise HnmError(action.message)
+    if (gone := run.remove_temporary()):
+        say(f"Removed {gone} temporary file(s) left by an interrupted run")
+    if isinstance(action, Resume):
+        if run.manifest() is None:  # adopted from before signatures
+            run.sign(list(now.manifest or ()))
+        return ds, action.plan, _state(run, action.plan, say)
+    return ds, start(config, run, ds, devices, precision, action, say), "new"
+
+
+def start(config: Config, run: RunDir, ds: Dataset, devices: list[str], precision: str,
+          action: Start, say: Callable[[str], Any]) -> Plan:
+    """Replace what an earlier run left (only its manifest's files; its embeddings where
+    `action.keep`), sign the directory with the new manifest, write the plan."""
+    plan = new_plan(config, ds, devices, precision, keep=action.keep)
+    run.sign(sorted(set(action.clear) | set(run.layout(len(plan.shards)))))
+    if action.keep:
+        check_phases(run, action.keep, say, checksums=True)
+    # nothing of another run may be trusted, except embeddings of the same inputs
+    remove_outputs(run, action.clear, keep_embeddings=action.keep is not None)
+    write_plan(config, run, plan)
+    return plan
+
+
+class Lease:
+    """The leader's hold on a run directory: `prepare` takes its lock once the inputs
+    passed every check, and it is held until the lease ends (the run finished or
+    stopped)."""
+
+    def __init__(self, config: Config, say: Callable[[str], Any]) -> None:
+        self.config, self.say = config, say
+        self.run = RunDir(config.output_dir)
+        self.dataset: Dataset | None = None  # the leader's validated inputs
+        self.held = contextlib.ExitStack()
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.held.close()
+
+    def prepare(self, devices: list[str], progress: Progress = no_progress) -> tuple[Plan, str]:
+        """Create, resume or replace the run (`prepare`); its plan and state."""
+        def lock() -> None:
+            self.held.enter_context(run_lock(self.run, self.say))
+
+        self.dataset, plan, state = prepare(self.config, devices, lock, self.say, progress)
+        return plan, state
+
+
+@dataclass(frozen=True)
+class Run:
+    """A finished run directory: its resolved config, its metrics and its records
+    (`hnm.Run` adds its export)."""
+
+    dir: Path
+    config: Config
+    metrics: dict[str, Any]
+
+    @boundary
+    def records(self) -> Iterator[dict[str, Any]]:
+        """Every input record in input order, with its `negatives` (read as you go)."""
+        for _, record in read_records(RunDir(self.dir)):
+            yield record
+
+    @boundary
+    def suspects(self) -> Iterator[dict[str, Any]]:
+        """Every suspected false negative, with its anchor (suspects.jsonl)."""
+        import json
+
+        path = RunDir(self.dir).suspects
+        again = "rerun the mining command to write it again"
+        try:
+            handle = open(path, "rb")  # noqa: SIM115  (closed below, once read)
+        except OSError as exc:
+            raise HnmError(f"{path}: cannot be read ({exc.strerror}); {again}") from None
+        with handle:
+            for number, line in enumerate(handle, start=1):
+                try:
+                    yield json.loads(line)
+                except ValueError:
+                    raise HnmError(f"{path}: damaged at line {number}; {again}") from None
+
+
+def load_run(output_dir: str | Path) -> Run:
+    """Open a finished run directory: its results must be what its final marker
+    (done.json) vouches for — sizes and checksums, as a rerun of the mining command checks
+    them."""
+    run = RunDir(output_dir)
+    config = load_run_config(run)
+    for path in (run.plan, run.records(config.output_format), run.metrics, run.done):
+        if not path.exists():
+            raise HnmError(f"{run.root}: no {path.name}; not a finished hnm run "
+                           "(rerun the mining command to finish it)")
+    if why := verify_marker(run.done, run.root):
+        raise HnmError(f"{why}; rerun the mining command to write the results again")
+    metrics = read_json(run.metrics, "rerun the mining command to write it again")
+    if not isinstance(metrics, dict):
+        raise HnmError(f"{run.metrics}: damaged (not a JSON object); rerun the mining "
+                       "command to write it again")
+    return Run(run.root, config, metrics)
+
+
+def load_run_config(run: RunDir) -> Config:
+    """The run's config from its config.yaml (provenance left out), its relative input
+    paths resolved from the folder the run was started from, wherever this runs."""
+    if not run.config.exists():
+        raise HnmError(f"{run.root}: no config.yaml; not an hnm run directory")
+    values = read_yaml(run.config)
+    if not isinstance(values, dict):
+        raise HnmError(f"{run.config}: damaged; rerun the mining command with --overwrite")
+    values.pop("provenance", None)
+    values.pop("index_choice", None)  # the plan's, recorded beside the config
+    values["output_dir"] = str(run.root)  # the folder may have moved since the run
+    if run.plan.exists():
+        workdir = Path(read_plan(run).workdir)
+        for key in PATH_KEYS:
+            if isinstance(values.get(key), str) and values[key]:
+                values[key] = str(workdir / values[key])  # an absolute path stays as it is
+    try:
+        return make_config(values)
+    except HnmError as exc:
+        raise HnmError(f"{run.config}: {exc}; rerun the mining command with --overwrite") \
+            from None
