@@ -6,13 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from hnm import runs
+from hnm import lifecycle
 from hnm.boundary import boundary
 from hnm.config import Config, load_config
 from hnm.errors import HnmError
 
 
-class Run(runs.Run):
+class Run(lifecycle.Run):
     """A finished run directory: its resolved config, its metrics and its records; and
     its training rows (`export`)."""
 
@@ -34,7 +34,7 @@ def mine(config_or_path: Config | dict[str, Any] | str | Path | None = None,
     `config_or_path`: a Config, a mapping of config keys, or a YAML file; `overrides`:
     config keys (`annotations=..., output_dir=..., fields={"text": "answer"}`), applied last.
     """
-    from hnm import driver
+    from hnm.run import driver
 
     config = make(config_or_path, overrides)
     driver.run(config)
@@ -63,5 +63,5 @@ def load_run(output_dir: str | Path) -> Run:
     """Open a finished run directory: its results must be what its final marker
     (done.json) vouches for — sizes and checksums, as a rerun of the mining command checks
     them."""
-    found = runs.load_run(output_dir)
+    found = lifecycle.load_run(output_dir)
     return Run(found.dir, found.config, found.metrics)

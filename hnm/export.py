@@ -48,7 +48,7 @@ def export(output_dir: str | Path, kind: str, to: str | Path, overwrite: bool = 
     run, not inside any hnm run directory, not a link, and replaced only with
     `overwrite`). `avdn`: the run's input, an AVDN processed dataset, copied into the
     folder `to` with the negatives added (hnm.avdn)."""
-    from hnm.runs import load_run
+    from hnm.lifecycle import load_run
 
     if kind == "avdn":
         return _export_avdn(output_dir, Path(to), overwrite, tokenizer, max_answer_length)
@@ -84,7 +84,7 @@ def _export_avdn(output_dir: str | Path, to: Path, overwrite: bool, tokenizer: s
     """The run's AVDN chunks again, in the folder `to`, under their own names (checked as
     every export target is; an earlier avdn export there is replaced with `overwrite`)."""
     from hnm import avdn
-    from hnm.runs import load_run
+    from hnm.lifecycle import load_run
 
     run = load_run(output_dir)
     plan = read_plan(RunDir(run.dir))

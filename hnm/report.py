@@ -17,12 +17,12 @@ import numpy as np
 from hnm.config import Config
 from hnm.data import Dataset, image_limit, load_dataset, normalize, too_large
 from hnm.errors import HnmError
+from hnm.lifecycle import load_run_config
 from hnm.outcome import REASON_LABELS
 from hnm.outputs import read_records
 from hnm.pages import esc, fmt, page, table
 from hnm.plan import Plan, check_unchanged, read_plan
 from hnm.readers import SHARD_FORMATS, ImageRef, holds_tensor, image_stream, tensor_png
-from hnm.runs import load_run_config
 from hnm.storage import RunDir, read_json, verify_marker
 from hnm.summary import reason_shares, suggestion
 

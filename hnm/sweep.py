@@ -18,12 +18,12 @@ from hnm.config import Config
 from hnm.data import Dataset, anchor_uniforms, load_dataset
 from hnm.engine import ANCHOR_BATCH, Candidates, find_candidates, make_selector, select
 from hnm.errors import HnmError
+from hnm.lifecycle import load_run_config
 from hnm.metrics import Metrics
 from hnm.miner import Ragged, Tables, cut, neighbours
 from hnm.outcome import REASON_LABELS, REASONS
 from hnm.pages import CSS, esc, fmt, page, table
 from hnm.plan import Plan, read_plan
-from hnm.runs import load_run_config
 from hnm.storage import RunDir, read_json, read_npz, verify_marker
 from hnm.summary import suggestion
 from hnm.tables import load_tables, open_index

@@ -19,13 +19,14 @@ from test_encoders import embed_images as raw_image_features
 from test_encoders import embed_texts as raw_text_features
 from test_gpus import FakeNvml
 
-from hnm import embed, gpus, precision, sizing, worker
+from hnm import embed, gpus, precision, sizing
 from hnm.config import Config, Fields
 from hnm.demo import make_demo
 from hnm.encoders import build_image_encoder, build_text_encoder, finalize
 from hnm.errors import HnmError
+from hnm.lifecycle import prepare
 from hnm.plan import TEXT_BATCH, make_shards
-from hnm.runs import prepare
+from hnm.run import worker
 from hnm.storage import RunDir
 
 CPU = torch.device("cpu")

@@ -397,8 +397,8 @@ def test_a_late_event_of_a_stopped_attempt_is_ignored():
     from collections import deque
 
     from hnm.config import Config
-    from hnm.pool import Running, WorkerPool
-    from hnm.worker import Task
+    from hnm.run.pool import Running, WorkerPool
+    from hnm.run.worker import Task
 
     class View:
         def __getattr__(self, name):
@@ -481,8 +481,8 @@ class FailsWhenCollected:
 
 @pytest.mark.parametrize("stop", [Terminated, KeyboardInterrupt])
 def test_what_a_stop_cut_short_fails_quietly_when_collected(monkeypatch, stop):
-    from hnm.driver import sigterm_raises
     from hnm.process import stopping
+    from hnm.run.driver import sigterm_raises
 
     reported = []  # what reaches the terminal: Python's hook, outside hnm's
     monkeypatch.setattr(sys, "unraisablehook", lambda info: reported.append(info.exc_value))

@@ -18,9 +18,9 @@ from synthetic import make_dataset, mine_args
 from hnm import report
 from hnm.cli import main
 from hnm.config import Config
+from hnm.lifecycle import load_run_config
 from hnm.plan import read_plan
 from hnm.report import BORDERLINE, FAILED, SAMPLE, SUSPECTS, THUMB
-from hnm.runs import load_run_config
 from hnm.storage import RunDir
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

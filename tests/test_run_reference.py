@@ -15,7 +15,7 @@ from synthetic import make_dataset, mine_args
 
 from hnm.cli import main
 from hnm.data import anchor_uniforms, load_dataset
-from hnm.runs import load_run_config
+from hnm.lifecycle import load_run_config
 from hnm.storage import RunDir
 
 

@@ -80,13 +80,14 @@ ALLOWED = {
 
 def writes_outside_safety() -> list[str]:
     found = []
-    for path in sorted((REPO / "hnm").glob("*.py")):
-        if path.name == "safety.py":
+    for path in sorted((REPO / "hnm").rglob("*.py")):  # packages (hnm/run, ...) too
+        module = path.relative_to(REPO / "hnm").as_posix()
+        if module == "safety.py":
             continue
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.Call) and _writes(node, path.name) and \
-                    (path.name, _name(node)) not in ALLOWED:
-                found.append(f"{path.name}:{node.lineno}: {ast.unparse(node)[:60]}")
+            if isinstance(node, ast.Call) and _writes(node, module) and \
+                    (module, _name(node)) not in ALLOWED:
+                found.append(f"{module}:{node.lineno}: {ast.unparse(node)[:60]}")
     return found
 
 
@@ -478,7 +479,7 @@ def test_a_bug_before_the_run_directory_exists_names_where_its_details_went(
     def broken(*_a, **_k):
         raise KeyError("boom")
 
-    monkeypatch.setattr("hnm.runs.validate_inputs", broken)
+    monkeypatch.setattr("hnm.lifecycle.validate_inputs", broken)
     out = tmp_path / "new"
     rc, _, err = cli(capsys, *mine_args(data, out))
     line = one_line(err)

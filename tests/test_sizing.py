@@ -14,9 +14,9 @@ from synthetic import make_dataset, mine_args
 from hnm import sizing, tables
 from hnm.config import Config
 from hnm.errors import HnmError
+from hnm.run.worker import Context, candidates_shard
 from hnm.sizing import choose_index
 from hnm.storage import RunDir
-from hnm.worker import Context, candidates_shard
 
 
 @pytest.mark.parametrize("index,rows,devices,kind,why", [
@@ -103,7 +103,7 @@ def test_a_worker_builds_its_index_once_for_all_its_shards(tmp_path: Path, monke
     built = []
     opened = tables.open_index
     monkeypatch.setattr(tables, "open_index", lambda *a: built.append(a) or opened(*a))
-    from hnm.runs import load_run_config
+    from hnm.lifecycle import load_run_config
 
     ctx = Context(load_run_config(run), "cpu")
     before = {s: np.load(run.candidates(s))["hard_rows"] for s in range(3)}

@@ -144,7 +144,7 @@ def test_sweep_embeds_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     def no_model(*_args, **_kwargs):
         raise AssertionError("sweep must not embed anything")
 
-    for module in ("hnm.encoders", "hnm.worker"):
+    for module in ("hnm.encoders", "hnm.run.worker"):
         for name in ("build_image_encoder", "build_text_encoder"):
             monkeypatch.setattr(f"{module}.{name}", no_model)
     monkeypatch.setattr("hnm.embed.embed_texts", no_model)

@@ -28,7 +28,7 @@ from hnm.miner import Tables
 from hnm.plan import Plan, read_plan
 from hnm.storage import RunDir
 
-log = logging.getLogger("hnm.worker")
+log = logging.getLogger("hnm.run.worker")
 
 
 @dataclass(frozen=True)

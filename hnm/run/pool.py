@@ -18,8 +18,8 @@ from hnm.data import Dataset
 from hnm.errors import HnmError, Terminated
 from hnm.process import die_with_parent, stopping
 from hnm.progress import ProgressView
+from hnm.run.worker import Context, Task, run_task
 from hnm.storage import RunDir
-from hnm.worker import Context, Task, run_task
 
 # How long the parent waits for a worker event before checking for dead workers: short
 # enough that a crash is noticed at once, long enough to cost nothing while idle.

@@ -20,8 +20,8 @@ from hnm.config import Config
 from hnm.data import Dataset, Progress
 from hnm.errors import HnmError
 from hnm.plan import Plan
+from hnm.run.worker import Context, Task, run_task
 from hnm.summary import print_summary
-from hnm.worker import Context, Task, run_task
 
 T = TypeVar("T")
 HEARTBEAT_S = 2.0  # how often a rank says it is alive

@@ -16,22 +16,23 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol, TypeVar
 
-from hnm import distributed, gpus, sizing
+from hnm import gpus, sizing
 from hnm.config import Config
 from hnm.data import Dataset, Progress
 from hnm.errors import Terminated
+from hnm.lifecycle import Lease
 from hnm.plan import Plan, dry_run_lines, read_plan, run_sizes, validate_inputs
-from hnm.pool import InProcess, WorkerPool
 from hnm.precision import resolve
 from hnm.process import stopping
 from hnm.progress import ProgressView, choose_mode
 from hnm.reduce import reduce_phase
-from hnm.runs import Lease
+from hnm.run import distributed
+from hnm.run.pool import InProcess, WorkerPool
+from hnm.run.worker import Task
 from hnm.storage import RunDir, read_json
 from hnm.summary import print_summary, shard_lines
-from hnm.worker import Task
 
-log = logging.getLogger("hnm.driver")
+log = logging.getLogger("hnm.run.driver")
 
 T = TypeVar("T")
 PHASES = ("embed", "tables", "candidates")
