@@ -12,11 +12,12 @@ import numpy as np
 
 from hnm.blacklist import read_blacklist
 from hnm.config import Config
-from hnm.data import Dataset, normalize
+from hnm.data import Dataset, Progress, no_progress, normalize
 from hnm.engine import recall_at_k, recall_sample
 from hnm.errors import HnmError
-from hnm.index import IvfIndex, SearchIndex, build_index, load_ivf, placement, train_ivf
+from hnm.index import IvfIndex, SearchIndex, build_index, kmeans, load_ivf, placement, train_ivf
 from hnm.miner import Tables, eligible_phrases
+from hnm.plan import Plan
 from hnm.safety import Area
 from hnm.sizing import IVF_TRAIN_PER_LIST, RECALL_ANCHORS, IndexChoice
 from hnm.storage import RunDir, read_npy
@@ -47,6 +48,34 @@ def merge(paths: list, out: Path, order: np.ndarray | None = None, area: Area | 
                     table[order[start:start + len(block)]] = block
                 start += len(block)
     return read_npy(out, mmap=True)
+
+
+def compute(config: Config, run: RunDir, plan: Plan, phrases: list[str],
+            phrase_order: np.ndarray, embed_blacklist: Callable[[list[str]], np.ndarray],
+            progress: Progress = no_progress) -> tuple[dict[str, Any], list[Path]]:
+    """All shards' embeddings into one table each (streamed, never whole in memory);
+    eligibility, k-means clusters and, for an IVF run, its index and measured recall.
+    Returns the timings and the files written, for the phase's marker."""
+    shards = range(len(plan.shards))
+    t0 = time.perf_counter()
+    V = merge([run.image_embeddings(s) for s in shards], run.table("visual"), area=run)
+    T = merge([run.text_embeddings(s) for s in shards], run.table("text"), phrase_order,
+              area=run)
+    progress("tables", 1, 3)
+    eligible = eligibility(config, T, phrases, embed_blacklist)
+    progress("tables", 2, 3)
+    t1 = time.perf_counter()
+    labels, centroids = kmeans(V, config.n_clusters, config.seed)
+    t2 = time.perf_counter()
+    progress("tables", 3, 3)
+    info: dict[str, Any] = {"tables": t1 - t0, "cluster": t2 - t1}
+    files = [run.table(name) for name in TABLES]
+    if plan.index.kind == "ivf":
+        info.update(build_ivf(run, V, plan.index, config, plan.num_anchors))
+        files.append(run.ivf)
+    for name, array in zip(TABLES[2:], (eligible, labels, centroids)):
+        run.write_npy(run.table(name), array)
+    return info, files
 
 
 def eligibility(config: Config, T: np.ndarray, phrases: list[str],

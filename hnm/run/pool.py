@@ -48,13 +48,14 @@ class Retries:
         self.view = view
         self.attempts: Counter = Counter()
 
-    def failed(self, task: Task, device: str, error: str) -> bool:
-        """Count a failure; True: run the task again; otherwise RunFailed is raised."""
+    def record(self, task: Task, device: str, error: str) -> None:
+        """Count a failure of `task`: it is to run again, unless it used up --max-retries
+        (then RunFailed is raised)."""
         self.attempts[task] += 1
         retrying = self.attempts[task] <= self.config.max_retries
         self.view.failed(task.shard, task.phase, error, retrying)
         if retrying:
-            return True
+            return
         log = RunDir(self.config.output_dir).log(task.shard)
         what = "the tables phase" if task.shard is None else f"shard {task.shard}"
         where = "" if task.shard is None else f" in {task.phase}"
@@ -96,8 +97,8 @@ class InProcess:
             except Exception as exc:  # e.g. a killed DataLoader worker: the shard again
                 if stopping.is_set():  # the loaders died of the SIGTERM that stops the run
                     raise Terminated() from None
-                if self.retries.failed(task, "cpu", _one_line(exc)):
-                    pending.append(task)
+                self.retries.record(task, "cpu", _one_line(exc))
+                pending.append(task)
                 continue
             self.view.finished(task.shard, task.phase)
         return results
@@ -272,8 +273,8 @@ class WorkerPool:
             raise HnmError(rest[0])
         else:
             del running[wid]
-            if self.retries.failed(task, self.devices[wid], rest[0]):
-                pending.append(task)
+            self.retries.record(task, self.devices[wid], rest[0])
+            pending.append(task)
 
     def _watch(self, pending: deque, running: dict[int, Running]) -> None:
         """A worker that died (crash, OOM, kill -9) loses its task, and so does one that
@@ -293,5 +294,6 @@ class WorkerPool:
                 why = f"worker exited with code {proc.exitcode}"
             running.pop(wid, None)
             self._spawn(wid)
-            if job is not None and self.retries.failed(job.task, self.devices[wid], why):
+            if job is not None:
+                self.retries.record(job.task, self.devices[wid], why)
                 pending.append(job.task)

@@ -23,7 +23,7 @@ from hnm.data import Dataset, Progress, anchor_uniforms, load_dataset
 from hnm.encoders import build_image_encoder, build_text_encoder
 from hnm.engine import find_candidates
 from hnm.gpus import usable_cores
-from hnm.index import SearchIndex, kmeans, set_threads
+from hnm.index import SearchIndex, set_threads
 from hnm.miner import Tables
 from hnm.plan import Plan, read_plan
 from hnm.storage import RunDir
@@ -195,30 +195,13 @@ def _embed_phrases(ctx: Context, encoder: Any, phrases: list[str]) -> np.ndarray
 
 
 def tables_once(ctx: Context, _: None, progress: Progress) -> dict[str, Any]:
-    """All shards' embeddings into one table each (streamed, never whole in memory);
-    eligibility, k-means clusters and, for an IVF run, its index and measured recall."""
-    c, run, shards = ctx.config, ctx.run, range(len(ctx.plan.shards))
-    t0 = time.perf_counter()
-    V = tables.merge([run.image_embeddings(s) for s in shards], run.table("visual"), area=run)
-    T = tables.merge([run.text_embeddings(s) for s in shards], run.table("text"),
-                     ctx.phrase_order, area=run)
-    progress("tables", 1, 3)
-    eligible = tables.eligibility(c, T, ctx.dataset.phrases, ctx.embed_blacklist)
-    progress("tables", 2, 3)
-    t1 = time.perf_counter()
-    labels, centroids = kmeans(V, c.n_clusters, c.seed)
-    t2 = time.perf_counter()
-    progress("tables", 3, 3)
-    info: dict[str, Any] = {"tables": t1 - t0, "cluster": t2 - t1, "startup": ctx.startup}
+    """The tables phase in this process (`tables.compute`), then its marker."""
+    info, files = tables.compute(ctx.config, ctx.run, ctx.plan, ctx.dataset.phrases,
+                                 ctx.phrase_order, ctx.embed_blacklist, progress)
+    info["startup"] = ctx.startup
     ctx.startup = 0.0
-    files = [run.table(name) for name in tables.TABLES]
-    if ctx.plan.index.kind == "ivf":
-        info.update(tables.build_ivf(run, V, ctx.plan.index, c, ctx.plan.num_anchors))
-        files.append(run.ivf)
-    for name, array in zip(tables.TABLES[2:], (eligible, labels, centroids)):
-        run.write_npy(run.table(name), array)
     info["peak_rss_mb"] = round(peak_rss_mb(), 1)
-    run.mark_done("tables", None, info, files)
+    ctx.run.mark_done("tables", None, info, files)
     release_freed_memory()  # the IVF index was built in memory: the next phase needs none
     return info
 
