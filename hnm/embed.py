@@ -15,7 +15,6 @@ from hnm.data import Progress, image_limit, no_progress, too_large
 from hnm.decoding import reading
 from hnm.encoders import ImageEncoder, TextEncoder, finalize
 from hnm.errors import HnmError
-from hnm.gpus import usable_cores
 from hnm.process import loader_worker_init
 from hnm.readers import ImageRef, holds_tensor, image_stream, read_tensor
 
@@ -24,9 +23,6 @@ from hnm.readers import ImageRef, holds_tensor, image_stream, read_tensor
 # one core as with 64 at a time (bench/bench_embed.py). The passes sit on the global batch
 # grid, so an embedding still never depends on the shard that computed it.
 CPU_ROWS_PER_PASS = 4
-# Data-loading processes of one GPU worker at most: past this many, decoding outpaces any
-# single GPU, and each one holds its own copy of the dataset's paths and a queue of batches.
-MAX_LOADER_WORKERS = 16
 LOADER_ADVICE = "This DataLoader will create"  # torch's warning about the worker count
 
 
@@ -46,17 +42,6 @@ def torch_setup(device: str) -> Any:
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     return torch.device(device)
-
-
-def loader_workers(requested: int | None, device: str, gpu_workers: int) -> int:
-    """Data-loading processes of one worker: --num-workers, or on a GPU the cores left to
-    each GPU worker after its own process; none on CPU, where model workers already fill
-    every core and decoding costs a few percent of an image's time."""
-    if requested is not None:
-        return requested
-    if not device.startswith("cuda"):
-        return 0
-    return max(1, min(MAX_LOADER_WORKERS, usable_cores() // max(1, gpu_workers) - 1))
 
 
 class ImageFiles:

@@ -16,8 +16,8 @@ from hnm.config import Config, dump_yaml, make_config, read_yaml
 from hnm.data import Dataset, Progress, load_dataset, no_progress
 from hnm.errors import HnmError
 from hnm.outputs import read_records
+from hnm.placement import Offer, Placement, place, resumed
 from hnm.plan import Plan, new_plan, provenance, read_plan, run_keys, validate_inputs
-from hnm.precision import resolve
 from hnm.rerun import Refuse, Resume, Start, Survey, decide
 from hnm.storage import RunDir, read_json, run_lock, verify_marker
 
@@ -111,11 +111,12 @@ def _state(run: RunDir, plan: Plan, say: Callable[[str], Any]) -> str:
     return "resume"
 
 
-def prepare(config: Config, devices: list[str], lock: Callable[[], Any],
+def prepare(config: Config, offered: Offer, lock: Callable[[], Any],
             say: Callable[[str], Any], progress: Progress = no_progress
             ) -> tuple[Dataset, Plan, str]:
-    """Validate inputs, then — under the run directory's lock, taken by `lock()` —
-    create, resume or replace the run. Nothing is written before every check passed.
+    """Validate inputs and place the run on what this machine offers, then — under the
+    run directory's lock, taken by `lock()` — create, resume or replace the run. Nothing
+    is written before every check passed.
 
     Returns the dataset, the plan and the state: "new", "resume" or "complete".
     """
@@ -127,18 +128,24 @@ def prepare(config: Config, devices: list[str], lock: Callable[[], Any],
     if isinstance(refused := decide(before, None, config.overwrite, config.output_dir), Refuse):
         raise HnmError(refused.message)
     old = before.plan
-    ds = None
-    precision = resolve(config.precision, devices).precision
     if old and config.annotations:
         # resuming the same run: its inputs were validated when it was planned, and its
         # key covers them, so the (slow) decoding of every image is not redone
         ds = load_dataset(config, list(old.skipped))
-        if old.run_key != run_keys(config, ds, precision)["run_key"]:
-            ds = None
-    ds = ds or validate_inputs(config, progress)
+        placement = place(config, offered, ds)
+        if old.run_key == run_keys(config, ds, placement.precision)["run_key"]:
+            return _prepare(config, run, ds, placement, offered, lock, say)
+    ds = validate_inputs(config, progress)
+    return _prepare(config, run, ds, place(config, offered, ds), offered, lock, say)
+
+
+def _prepare(config: Config, run: RunDir, ds: Dataset, placement: Placement, offered: Offer,
+             lock: Callable[[], Any], say: Callable[[str], Any]) -> tuple[Dataset, Plan, str]:
+    """The decision on validated inputs, carried out under the lock."""
     lock()
     now = survey(run)  # again, now that no other run can change it
-    action = decide(now, run_keys(config, ds, precision), config.overwrite, config.output_dir)
+    action = decide(now, run_keys(config, ds, placement.precision), config.overwrite,
+                    config.output_dir)
     if isinstance(action, Refuse):
         raise HnmError(action.message)
     if (gone := run.remove_temporary()):
@@ -146,15 +153,32 @@ def prepare(config: Config, devices: list[str], lock: Callable[[], Any],
     if isinstance(action, Resume):
         if run.manifest() is None:  # adopted from before signatures
             run.sign(list(now.manifest or ()))
-        return ds, action.plan, _state(run, action.plan, say)
-    return ds, start(config, run, ds, devices, precision, action, say), "new"
+        return ds, *_resume(config, run, action.plan, offered, say)
+    if action.keep:  # the shards are cut already: a worker each, as far as offered
+        placement = place(config, offered, ds, shards=len(action.keep.shards))
+    return ds, start(config, run, ds, placement, action, say), "new"
 
 
-def start(config: Config, run: RunDir, ds: Dataset, devices: list[str], precision: str,
-          action: Start, say: Callable[[str], Any]) -> Plan:
+def _resume(config: Config, run: RunDir, plan: Plan, offered: Offer,
+            say: Callable[[str], Any]) -> tuple[Plan, str]:
+    """The plan as it resumes: its workers, threads and loaders placed again on this
+    machine and these flags (the precision and the index are the run's identity), and
+    saved when they changed."""
+    state = _state(run, plan, say)
+    if state == "complete":
+        return plan, state
+    placement = resumed(plan.placement, offered, config, len(plan.shards))
+    if placement != plan.placement:
+        plan = dataclasses.replace(plan, placement=placement)
+        run.write_json(run.plan, plan.to_json())
+    return plan, state
+
+
+def start(config: Config, run: RunDir, ds: Dataset, placement: Placement, action: Start,
+          say: Callable[[str], Any]) -> Plan:
     """Replace what an earlier run left (only its manifest's files; its embeddings where
     `action.keep`), sign the directory with the new manifest, write the plan."""
-    plan = new_plan(config, ds, devices, precision, keep=action.keep)
+    plan = new_plan(config, ds, placement, keep=action.keep)
     run.sign(sorted(set(action.clear) | set(run.layout(len(plan.shards)))))
     if action.keep:
         check_phases(run, action.keep, say, checksums=True)
@@ -181,12 +205,12 @@ class Lease:
     def __exit__(self, *exc: Any) -> None:
         self.held.close()
 
-    def prepare(self, devices: list[str], progress: Progress = no_progress) -> tuple[Plan, str]:
+    def prepare(self, offered: Offer, progress: Progress = no_progress) -> tuple[Plan, str]:
         """Create, resume or replace the run (`prepare`); its plan and state."""
         def lock() -> None:
             self.held.enter_context(run_lock(self.run, self.say))
 
-        self.dataset, plan, state = prepare(self.config, devices, lock, self.say, progress)
+        self.dataset, plan, state = prepare(self.config, offered, lock, self.say, progress)
         return plan, state
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,23 +15,16 @@ from hnm.blacklist import read_blacklist
 from hnm.config import EMBEDDING_KEYS, Config, config_hash
 from hnm.data import Dataset, Progress, file_stats, load_dataset, no_progress
 from hnm.embed import check_precomputed
-from hnm.encoders import (
-    BUILTIN_TEXT,
-    BUILTIN_VISUAL,
-    check_encoder_name,
-    describe_encoder,
-    embedding_dim,
-)
+from hnm.encoders import BUILTIN_TEXT, BUILTIN_VISUAL, check_encoder_name, describe_encoder
 from hnm.errors import HnmError
-from hnm.gpus import fit_to_work
-from hnm.precision import resolve
+from hnm.placement import Placement, run_sizes
 from hnm.readers import reads_tensors
-from hnm.sizing import IndexChoice, Sizes, choose_index, estimate, memory_lines, work_seconds
+from hnm.sizing import IndexChoice, estimate, memory_lines
 from hnm.storage import RunDir, read_json
 from hnm.version import __version__
 
 # Bumped whenever the run directory's layout or plan.json changes meaning.
-PLAN_VERSION = 3
+PLAN_VERSION = 4
 # Phrases are short: a text batch this large costs little memory, and with phrases in
 # length order (embed.phrase_order) it holds few distinct token counts, so few passes.
 TEXT_BATCH = 256
@@ -64,26 +57,46 @@ class Plan:
     batch_size: int  # the embedding batch grid, fixed when the embeddings were planned
     workdir: str  # the folder the run was started from: relative input paths start there
     text_batch_size: int  # the grid of phrases, in embed.phrase_order
-    precision: str  # what the encoders compute in (fp32, bf16, fp16), resolved once
     shards: tuple[ShardPlan, ...]
+    placement: Placement  # devices, workers, precision and index, decided once
     input_format: str = "json"  # as detected (hnm.readers) or given by --input-format
     input_files: int = 1
-    index: IndexChoice = IndexChoice()  # the search index, chosen once for the whole run
-    workers_note: str = ""  # why fewer CPU workers than cores, when the work is small
     images: str = ""  # the mined image files' fingerprint when planned (image_fingerprint)
     source: str = ""  # the annotations' digest when planned
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @property
+    def precision(self) -> str:
+        return self.placement.precision
+
+    @property
+    def index(self) -> IndexChoice:
+        return self.placement.index
+
     @classmethod
     def from_json(cls, data: Any) -> Plan:
         shards = tuple(ShardPlan(**{**s, **{k: tuple(s[k]) for k in ("rows", "phrases",
                                                                      "anchors")}})
                        for s in data["shards"])
-        index = IndexChoice(**data["index"]) if "index" in data else IndexChoice()
-        return cls(**{**data, "skipped": tuple(data["skipped"]), "shards": shards,
-                      "index": index})
+        if data["version"] == 3:
+            data = _placed(data, shards)
+        return cls(**{**data, "version": PLAN_VERSION, "skipped": tuple(data["skipped"]),
+                      "shards": shards, "placement": Placement.from_json(data["placement"])})
+
+
+def _placed(data: dict[str, Any], shards: tuple[ShardPlan, ...]) -> dict[str, Any]:
+    """A plan of version 3 (hnm 0.1) read as version 4: its precision, index and workers
+    gathered into a placement (threads and loaders are placed again when it resumes, as
+    every resumed run is). Read until hnm 1.0, so that runs started before the upgrade
+    resume."""
+    data = dict(data)
+    data["placement"] = {
+        "devices": [s.device for s in shards], "precision": data.pop("precision"),
+        "precision_reason": "as planned", "index": data.pop("index", asdict(IndexChoice())),
+        "workers_note": data.pop("workers_note", "")}
+    return data
 
 
 def read_plan(run: RunDir) -> Plan:
@@ -92,7 +105,7 @@ def read_plan(run: RunDir) -> Plan:
     again = "rerun with --overwrite to start this run again"
     data = read_json(run.plan, again)
     version = data.get("version") if isinstance(data, dict) else None
-    if version != PLAN_VERSION:
+    if version not in (3, PLAN_VERSION):  # 3: hnm 0.1's (Plan.from_json)
         raise HnmError(f"{run.plan}: written by another version of hnm (plan version "
                        f"{version}, this hnm reads {PLAN_VERSION}); {again}")
     try:
@@ -209,21 +222,20 @@ def provenance(config: Config, precision: str | None = None) -> dict[str, Any]:
             "precision": precision or config.precision}
 
 
-def new_plan(config: Config, ds: Dataset, devices: list[str], precision: str,
-             keep: Plan | None = None) -> Plan:
-    """Shard ranges over rows, distinct phrases and anchors, one shard per device (CPU
-    workers: no more than the rows keep busy).
+def new_plan(config: Config, ds: Dataset, placement: Placement, keep: Plan | None = None
+             ) -> Plan:
+    """Shard ranges over rows, distinct phrases and anchors, one shard per worker of the
+    placement.
 
     `keep`: an earlier plan whose embeddings are kept: its row and phrase ranges and its
     batch grids are reused as they are.
     """
-    note = ""
+    devices = placement.devices
     if keep:
         rows = [s.rows for s in keep.shards]
         phrases = [s.phrases for s in keep.shards]
         batch, text_batch = keep.batch_size, keep.text_batch_size
     else:
-        devices, note = fit_workers(config, ds, devices)
         batch, text_batch = config.batch_size, max(config.batch_size, TEXT_BATCH)
         rows = follow_inputs(ds, len(devices), batch)
         # the first shards take the phrases: the tables phase runs where shard 0 ran (the
@@ -232,25 +244,23 @@ def new_plan(config: Config, ds: Dataset, devices: list[str], precision: str,
     anchors = make_shards(ds.num_anchors, len(rows))
     shards = tuple(ShardPlan(s, tuple(rows[s]), tuple(phrases[s]), anchors[s],
                              devices[s % len(devices)]) for s in range(len(rows)))
-    return Plan(version=PLAN_VERSION, **run_keys(config, ds, precision), num_rows=len(ds),
-                num_anchors=ds.num_anchors, num_phrases=len(ds.phrases),
+    return Plan(version=PLAN_VERSION, **run_keys(config, ds, placement.precision),
+                num_rows=len(ds), num_anchors=ds.num_anchors, num_phrases=len(ds.phrases),
                 num_records=len(ds.records),
                 skipped=tuple(ds.skipped.get("missing_image", [])), batch_size=batch,
-                workdir=str(Path.cwd()), text_batch_size=text_batch, precision=precision,
-                shards=shards, input_format=ds.input_format,
-                input_files=max(1, len(ds.shard_ends)),
-                index=choose_index(config, len(ds), devices), workers_note=note,
-                images=image_fingerprint(ds), source=ds.source_sha256[:16])
+                workdir=str(Path.cwd()), text_batch_size=text_batch, shards=shards,
+                placement=placement, input_format=ds.input_format,
+                input_files=max(1, len(ds.shard_ends)), images=image_fingerprint(ds),
+                source=ds.source_sha256[:16])
 
 
-def dry_run_lines(config: Config, ds: Dataset, devices: list[str]) -> list[str]:
+def dry_run_lines(config: Config, ds: Dataset, placement: Placement) -> list[str]:
     """What a run would do, with memory estimates, from validated inputs only."""
-    devices = fit_workers(config, ds, devices)[0]
-    sizes = run_sizes(config, ds, devices)
+    devices = placement.devices
+    sizes = run_sizes(config, ds, placement)
     n, u, a = sizes.rows, sizes.phrases, sizes.anchors
     shards = make_shards(a, len(devices))
     gib = 2.0**30
-    choice = choose_index(config, n, devices)
     return [
         f"Dry run: {len(ds.records)} records, {n} candidates, {a} anchors, {u} distinct "
         f"answers, {len(ds.skipped.get('missing_image', []))} skipped",
@@ -259,35 +269,8 @@ def dry_run_lines(config: Config, ds: Dataset, devices: list[str]) -> list[str]:
         + ", ".join(f"[{s}, {e})" for s, e in shards),
         f"Embeddings: images {n} x {sizes.dv} ({n * sizes.dv * 4 / gib:.3f} GiB), texts "
         f"{u} x {sizes.dt} ({u * sizes.dt * 4 / gib:.3f} GiB)",
-        resolve(config.precision, devices).line(),
-        f"Index: {choice.describe()}",
-        *memory_lines(estimate(config, sizes, choice)),
+        f"Precision: {placement.precision} ({placement.precision_reason})",
+        f"Index: {placement.index.describe()}",
+        *memory_lines(estimate(config, sizes, placement.index)),
         "Nothing was written.",
     ]
-
-
-def run_sizes(config: Config, ds: Dataset, devices: list[str]) -> Sizes:
-    """The sizes a run's memory depends on."""
-    devices = fit_workers(config, ds, devices)[0]
-    path = Path(config.annotations or "")
-    return Sizes(rows=len(ds), phrases=len(ds.phrases), anchors=ds.num_anchors,
-                 dv=_dim(config.image_embeddings, config.visual_encoder),
-                 dt=_dim(config.text_embeddings, config.text_encoder),
-                 annotation_bytes=path.stat().st_size if path.is_file() else 0,
-                 workers=len(devices),
-                 device="cuda" if any(d.startswith("cuda") for d in devices) else "cpu")
-
-
-def fit_workers(config: Config, ds: Dataset, devices: list[str]) -> tuple[list[str], str]:
-    """The devices a run keeps busy (CPU workers: as many as its work is worth and its
-    batches allow, see `gpus.fit_to_work`), and why fewer than offered."""
-    dv = _dim(config.image_embeddings, config.visual_encoder)
-    return fit_to_work(config, devices, work_seconds(config, len(ds), len(ds.phrases), dv),
-                       batches=-(-len(ds) // config.batch_size))
-
-
-def _dim(precomputed: str | None, encoder: str) -> int:
-    if precomputed:
-        return int(np.load(precomputed, mmap_mode="r").shape[1])
-    return embedding_dim(encoder)
-

@@ -32,12 +32,14 @@ class Choice:
         return f"Precision: {self.precision} ({self.reason})"
 
 
-def resolve(requested: str, devices: list[str]) -> Choice:
-    """`requested` as given, or for "auto": bf16 where every device runs it natively."""
+def resolve(requested: str, devices: list[str], found: list[gpus.Gpu] | None = None
+            ) -> Choice:
+    """`requested` as given, or for "auto": bf16 where every device runs it natively
+    (`found`: the GPUs NVML reported, asked again when not given)."""
     if requested != "auto":
         return Choice(requested, "--precision")
     if devices and all(d.startswith("cuda") for d in devices):
-        native, why = _gpus_bf16(devices)
+        native, why = _gpus_bf16(devices, gpus.discover()[0] if found is None else found)
     else:
         native, why = _cpu_bf16(Path(os.environ.get(CPUINFO_ENV) or "/proc/cpuinfo"))
     return Choice("bf16" if native else "fp32", f"auto: {why}")
@@ -55,8 +57,7 @@ def _cpu_bf16(cpuinfo: Path) -> tuple[bool, str]:
     return False, "this CPU has no native bf16 (AVX512-BF16 or AMX)"
 
 
-def _gpus_bf16(devices: list[str]) -> tuple[bool, str]:
-    found, _ = gpus.discover()
+def _gpus_bf16(devices: list[str], found: list[gpus.Gpu]) -> tuple[bool, str]:
     capability = {f"cuda:{g.index}": g.compute_capability for g in found}
     used = [capability.get(d) for d in dict.fromkeys(devices)]
     if any(c is None for c in used):

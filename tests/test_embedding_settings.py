@@ -19,12 +19,13 @@ from test_encoders import embed_images as raw_image_features
 from test_encoders import embed_texts as raw_text_features
 from test_gpus import FakeNvml
 
-from hnm import embed, gpus, precision, sizing
+from hnm import embed, gpus, placement, precision, sizing
 from hnm.config import Config, Fields
 from hnm.demo import make_demo
 from hnm.encoders import build_image_encoder, build_text_encoder, finalize
 from hnm.errors import HnmError
 from hnm.lifecycle import prepare
+from hnm.placement import Offer
 from hnm.plan import TEXT_BATCH, make_shards
 from hnm.run import worker
 from hnm.storage import RunDir
@@ -109,7 +110,7 @@ def test_the_resolved_precision_is_printed_stored_and_part_of_the_run(capsys, de
     assert "Precision: fp32 (auto: no bf16 here)" in stdout
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["precision"] == "auto" and saved["provenance"]["precision"] == "fp32"
-    assert json.loads((out / "plan.json").read_text())["precision"] == "fp32"
+    assert json.loads((out / "plan.json").read_text())["placement"]["precision"] == "fp32"
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["provenance"]["precision"] == "fp32"
     # what auto chose here, asked for by name, is the same run
@@ -178,20 +179,20 @@ def test_efficientnet_runs_channels_last_with_batch_norms_folded_in_fp32():
 
 
 def test_cpu_workers_default_to_every_usable_core(monkeypatch):
-    monkeypatch.setattr(gpus, "usable_cores", lambda: 6)
+    monkeypatch.setattr(placement, "usable_cores", lambda: 6)
     monkeypatch.setattr(gpus, "available_memory_gb", lambda: 64.0)
-    assert gpus.cpu_workers(Config()) == (6, None)
-    assert gpus.choose_devices(Config(), []) == ["cpu"] * 6
-    assert gpus.cpu_workers(Config(cpu_workers=2)) == (2, None)
-    assert gpus.describe([], "no NVML", ["cpu"] * 6, Config()) == [
+    assert placement.cpu_workers(Config()) == (6, None)
+    assert placement.choose_devices(Config(), []) == ["cpu"] * 6
+    assert placement.cpu_workers(Config(cpu_workers=2)) == (2, None)
+    assert placement.describe([], "no NVML", ["cpu"] * 6, Config()) == [
         "No GPU: no NVML. Running on 6 CPU worker(s)."]
 
 
 def test_fewer_cpu_workers_when_memory_is_short_and_the_line_says_why(monkeypatch):
-    monkeypatch.setattr(gpus, "usable_cores", lambda: 8)
+    monkeypatch.setattr(placement, "usable_cores", lambda: 8)
     monkeypatch.setattr(gpus, "available_memory_gb", lambda: 4.7)
-    assert gpus.choose_devices(Config(), []) == ["cpu"] * 3
-    assert gpus.describe([], "no NVML", ["cpu"] * 3, Config()) == [
+    assert placement.choose_devices(Config(), []) == ["cpu"] * 3
+    assert placement.describe([], "no NVML", ["cpu"] * 3, Config()) == [
         "No GPU: no NVML. Running on 3 CPU worker(s). (4.7 GiB of memory available, about "
         "1.5 GiB per worker: 3 of 8 usable cores used)"]
 
@@ -207,19 +208,19 @@ def test_available_memory_is_read_from_meminfo(tmp_path):
                                              (5.9, 2, 1), (6.1, 2, 2), (100.0, 3, 3)])
 def test_default_cpu_workers_are_what_the_work_is_worth(work, cores, want):
     """A worker beyond the first costs WORKER_START_SECONDS: the count that finishes first."""
-    assert gpus.WORKER_START_SECONDS == 3.0
+    assert placement.WORKER_START_SECONDS == 3.0
     devices = ["cpu"] * cores
-    chosen, why = gpus.fit_to_work(Config(), devices, work)
+    chosen, why = placement.fit_to_work(Config(), devices, work)
     assert chosen == ["cpu"] * want
     assert why == ("" if want == cores else
                    f"about {work:.1f} s of work for one core keeps {want} CPU worker(s) busy; "
                    "another takes about 3 s to start")
-    assert gpus.fit_to_work(Config(cpu_workers=cores), devices, work) == (devices, "")
+    assert placement.fit_to_work(Config(cpu_workers=cores), devices, work) == (devices, "")
     # shards are cut on the batch grid: never more workers than batches
-    assert gpus.fit_to_work(Config(), devices, work, batches=1)[0] == ["cpu"]
-    two = 2 if work > 2 * gpus.WORKER_START_SECONDS else 1  # 3 + work / 2 < work
-    assert gpus.fit_to_work(Config(), devices, work, batches=2)[0] == ["cpu"] * two
-    assert gpus.fit_to_work(Config(), ["cuda:0", "cuda:1"], work) == (["cuda:0", "cuda:1"], "")
+    assert placement.fit_to_work(Config(), devices, work, batches=1)[0] == ["cpu"]
+    two = 2 if work > 2 * placement.WORKER_START_SECONDS else 1  # 3 + work / 2 < work
+    assert placement.fit_to_work(Config(), devices, work, batches=2)[0] == ["cpu"] * two
+    assert placement.fit_to_work(Config(), ["cuda:0", "cuda:1"], work) == (["cuda:0", "cuda:1"], "")
 
 
 def test_work_is_estimated_from_what_the_run_computes():
@@ -237,10 +238,10 @@ def test_work_is_estimated_from_what_the_run_computes():
     (None, "cuda:0", 16, 1), (0, "cuda:0", 1, 0)])
 def test_loader_workers_are_sized_from_the_cores(monkeypatch, requested, device, gpu_workers,
                                                  want):
-    monkeypatch.setattr(embed, "usable_cores", lambda: 16)
-    assert embed.loader_workers(requested, device, gpu_workers) == want
-    monkeypatch.setattr(embed, "usable_cores", lambda: 96)
-    assert embed.loader_workers(None, "cuda:0", 1) == embed.MAX_LOADER_WORKERS
+    monkeypatch.setattr(placement, "usable_cores", lambda: 16)
+    assert placement.loader_workers(requested, device, gpu_workers) == want
+    monkeypatch.setattr(placement, "usable_cores", lambda: 96)
+    assert placement.loader_workers(None, "cuda:0", 1) == placement.MAX_LOADER_WORKERS
 
 
 # ---------------------------------------------------------------- decoding
@@ -304,7 +305,7 @@ def test_a_worker_loads_each_model_once_and_reports_it_once(demo, tmp_path, monk
                     fields=Fields(text="answer", group="first_instruction"),
                     visual_encoder="pixels", blacklist="", cpu_workers=3, batch_size=2,
                     precision="fp32")
-    prepare(config, ["cpu"] * 3, lambda: None, lambda _: None)
+    prepare(config, Offer(["cpu"] * 3), lambda: None, lambda _: None)
     loads = []
     real = worker.build_image_encoder
     monkeypatch.setattr(worker, "build_image_encoder",

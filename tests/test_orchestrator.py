@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from builders import tiny_bert
 
-from hnm import gpus
+from hnm import placement
 from hnm.config import Config
 from hnm.demo import make_demo
 
@@ -336,7 +336,7 @@ def test_by_default_the_work_decides_the_workers_and_the_output_matches_one_work
     monkeypatch.chdir(ROOT)
     assert main([*args, "--output-dir", str(tmp_path / "small")]) == 0
     said = " ".join(capsys.readouterr().out.split())
-    cores = gpus.cpu_workers(Config())[0]
+    cores = placement.cpu_workers(Config())[0]
     assert len(json.loads((tmp_path / "small/plan.json").read_text())["shards"]) == 1
     if cores > 1:
         assert f"1 of {cores} CPU worker(s): about" in said

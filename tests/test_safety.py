@@ -19,6 +19,7 @@ from synthetic import make_dataset, mine_args
 
 import hnm
 from hnm.errors import HnmError
+from hnm.placement import Placement
 from hnm.plan import Plan
 from hnm.rerun import Refuse, Resume, Start, Survey, decide
 from hnm.storage import RunDir
@@ -278,9 +279,9 @@ def test_overwrite_deletes_only_the_runs_own_files(data, finished, tmp_path):
 
 # ---------------------------------------------------------------- rerun decisions
 
-PLAN = Plan(version=3, run_key="r1", embed_key="e1", num_rows=1, num_anchors=1,
+PLAN = Plan(version=4, run_key="r1", embed_key="e1", num_rows=1, num_anchors=1,
             num_phrases=1, num_records=1, skipped=(), batch_size=1, workdir="/",
-            text_batch_size=1, precision="fp32", shards=())
+            text_batch_size=1, shards=(), placement=Placement())
 KEYS = {"run_key": "r1", "embed_key": "e1"}
 OTHER = {"run_key": "r2", "embed_key": "e1"}
 NEW_EMBED = {"run_key": "r2", "embed_key": "e2"}

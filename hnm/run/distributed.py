@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 from hnm.config import Config
 from hnm.data import Dataset, Progress
 from hnm.errors import HnmError
+from hnm.placement import ranks_offer
 from hnm.plan import Plan
 from hnm.run.worker import Context, Task, run_task
 from hnm.summary import print_summary
@@ -142,7 +143,7 @@ class RankExecutor:
         self.rank, self.world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         self.leader = self.rank == 0
         self.device = _device(int(os.environ.get("LOCAL_RANK", 0)))
-        self.devices = [self.device] * self.world
+        self.offered = ranks_offer(self.device, self.world, self.leader)
         self.context: Context | None = None
         self.ranks: Ranks | None = None
 

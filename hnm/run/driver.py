@@ -16,13 +16,13 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol, TypeVar
 
-from hnm import gpus, sizing
+from hnm import placement
 from hnm.config import Config
 from hnm.data import Dataset, Progress
 from hnm.errors import Terminated
 from hnm.lifecycle import Lease
-from hnm.plan import Plan, dry_run_lines, read_plan, run_sizes, validate_inputs
-from hnm.precision import resolve
+from hnm.placement import Offer
+from hnm.plan import Plan, dry_run_lines, read_plan, validate_inputs
 from hnm.process import stopping
 from hnm.progress import ProgressView, choose_mode
 from hnm.reduce import reduce_phase
@@ -42,7 +42,7 @@ class Executor(Protocol):
     """Where tasks run. The leader plans and reduces; every process runs phase tasks."""
 
     leader: bool
-    devices: list[str]  # one per shard of a new plan
+    offered: Offer  # the devices this machine offers the run (placement.offer)
 
     def __enter__(self) -> Executor: ...
 
@@ -85,9 +85,9 @@ def drive(config: Config, ex: Executor) -> dict[str, Any]:
     with Lease(config, ex.say) as lease:  # the leader holds the run directory's lock
 
         def plan_run(progress: Progress) -> str:
-            plan, state = lease.prepare(ex.devices, progress)
+            plan, state = lease.prepare(ex.offered, progress)
             if state != "complete":
-                check_memory(config, lease.dataset, ex.devices, None, plan.index)
+                placement.check_memory(config, lease.dataset, plan.placement)
             return state
 
         if ex.on_leader(plan_run) == "complete":
@@ -98,11 +98,10 @@ def drive(config: Config, ex: Executor) -> dict[str, Any]:
         plan = read_plan(run)
         ex.say(f"Input: {plan.input_format}, {plan.input_files} file(s)")
         ex.say(f"Sharding {plan.num_anchors} anchors ({plan.num_rows} candidates) into "
-               f"{len(plan.shards)} shard(s) on {min(len(plan.shards), len(ex.devices))} "
-               "worker(s)")
+               f"{len(plan.shards)} shard(s) on {len(plan.placement.devices)} worker(s)")
         ex.say(f"Index: {plan.index.describe()}")
         if ex.leader:
-            ex.say(resolve(config.precision, ex.devices).line())
+            ex.say(f"Precision: {plan.precision} ({plan.placement.precision_reason})")
         shards = [s.shard for s in plan.shards]
         reused = {p: sum(run.is_done(p, s) for s in shards) for p in ("embed", "candidates")}
         reused_tables = run.is_done("tables")
@@ -126,23 +125,14 @@ def _tasks(phase: str, shards: list[int]) -> list[Task]:
 
 def dry_run(config: Config, say: Callable[[str], Any]) -> dict[str, Any]:
     """Validate every input and print the plan; write nothing."""
-    found, reason = gpus.discover()
-    devices = gpus.choose_devices(config, found)
+    offered = placement.offer(config)
     ds = validate_inputs(config)
-    for line in gpus.describe(found, reason, devices, config) + dry_run_lines(config, ds,
-                                                                              devices):
+    placed = placement.place(config, offered, ds)
+    for line in offered.lines + dry_run_lines(config, ds, placed):
         say(line)
-    check_memory(config, ds, devices, min((g.total_gb for g in found), default=None))
+    placement.check_memory(config, ds, placed, min((g.total_gb for g in offered.gpus),
+                                                   default=None))
     return {}
-
-
-def check_memory(config: Config, ds: Dataset, devices: list[str], gpu_gib: float | None,
-                 choice: sizing.IndexChoice | None = None) -> None:
-    """Refuse a plan whose phases cannot fit this machine (one line naming the flag)."""
-    sizes = run_sizes(config, ds, devices)
-    choice = choice or sizing.choose_index(config, sizes.rows, devices)
-    sizing.check_fits(sizing.estimate(config, sizes, choice), sizing.host_available(),
-                      gpu_gib, choice, devices)
 
 
 @contextlib.contextmanager
@@ -191,16 +181,14 @@ class LocalExecutor:
 
     def __init__(self, config: Config, say: Callable[[str], Any] | None = None) -> None:
         self.config = config
-        found, reason = gpus.discover()
-        self.devices = gpus.choose_devices(config, found)
+        self.offered = placement.offer(config)
         self.mode = choose_mode(config.quiet)
-        self.nvml = {f"cuda:{g.index}": g.nvml_index for g in found}
         self.view: ProgressView | None = None
         self.loading: ProgressView | None = None
         self.pool: Any = None
         self._say = say
         self.stack = contextlib.ExitStack()
-        self.pending = gpus.describe(found, reason, self.devices, config)
+        self.pending = self.offered.lines
 
     def __enter__(self) -> LocalExecutor:
         return self
@@ -234,11 +222,11 @@ class LocalExecutor:
     def start(self, plan: Plan, ds: Dataset | None) -> None:
         self.view = self.stack.enter_context(ProgressView(
             [{"shard": s.shard, "device": s.device} for s in plan.shards], self.mode,
-            self.nvml))
-        devices = self.devices[:len(plan.shards)]  # CPU workers: as many as the plan keeps busy
-        if len(devices) < len(self.devices) and plan.workers_note:
-            self.say(f"{len(devices)} of {len(self.devices)} CPU worker(s): "
-                     f"{plan.workers_note}")
+            self.offered.nvml))
+        devices = list(plan.placement.devices)
+        if len(devices) < len(self.offered.devices) and plan.placement.workers_note:
+            self.say(f"{len(devices)} of {len(self.offered.devices)} CPU worker(s): "
+                     f"{plan.placement.workers_note}")
         self.pool = self.stack.enter_context(
             InProcess(self.config, self.view, ds) if devices == ["cpu"]
             else WorkerPool(self.config, devices, self.view))

@@ -22,7 +22,6 @@ from hnm.config import Config
 from hnm.data import Dataset, Progress, anchor_uniforms, load_dataset
 from hnm.encoders import build_image_encoder, build_text_encoder
 from hnm.engine import find_candidates
-from hnm.gpus import usable_cores
 from hnm.index import SearchIndex, set_threads
 from hnm.miner import Tables
 from hnm.plan import Plan, read_plan
@@ -101,20 +100,6 @@ class Context:
         return embed.phrase_order(self.dataset.phrases)
 
     @cached_property
-    def local_workers(self) -> int:
-        """Worker processes on this machine: torchrun says; otherwise one per device of
-        the plan (GPUs), or one per shard (CPU workers: the plan has a shard for each)."""
-        if (local := int(os.environ.get("LOCAL_WORLD_SIZE", 0))):
-            return local
-        if self.device == "cpu":
-            return len(self.plan.shards)
-        return len({s.device for s in self.plan.shards})
-
-    @cached_property
-    def loader_workers(self) -> int:
-        return embed.loader_workers(self.config.num_workers, self.device, self.local_workers)
-
-    @cached_property
     def tables(self) -> Tables:
         return tables.load_tables(self.run, self.dataset)
 
@@ -123,7 +108,7 @@ class Context:
         """The run's search index over every row, built (or loaded) once per process and
         used for all of its shards."""
         if self.device == "cpu":  # the CPU worker processes share the machine's cores
-            set_threads(max(1, usable_cores() // self.local_workers))
+            set_threads(self.plan.placement.threads)
         return tables.open_index(self.run, self.plan.index, self.tables.V, self.device)
 
     def embed_blacklist(self, phrases: list[str]) -> np.ndarray:
@@ -157,11 +142,11 @@ def embed_shard(ctx: Context, shard: int, progress: Progress) -> dict[str, Any]:
             if c.image_embeddings else np.zeros((0, 1), np.float32)
     else:
         images, waited = embed.embed_images(image_encoder, [ds.images[i] for i in rows],
-                                            ctx.plan.batch_size, ctx.loader_workers,
+                                            ctx.plan.batch_size, ctx.plan.placement.loaders,
                                             c.max_image_pixels, progress,
                                             c.tensor_normalization)
         log.info("%d images in %.1fs, %.1fs of it waiting for data (%d loader workers)",
-                 len(rows), time.perf_counter() - t0, waited, ctx.loader_workers)
+                 len(rows), time.perf_counter() - t0, waited, ctx.plan.placement.loaders)
     t1 = time.perf_counter()
     if c.text_embeddings:
         first = embed.first_rows(ds.text_ids, len(ds.phrases))[phrases]
