@@ -94,6 +94,8 @@ def read_hf(shard: Shard, fields: Fields) -> Part:
 
 
 class ArrowImages:
+    """`read_image` for an Arrow file: a row's image bytes from the memory-mapped column."""
+
     def __init__(self, shard: Shard) -> None:
         self.column = _arrow_table(shard.path).column(shard.column)
 

@@ -37,6 +37,8 @@ def _opened(shard: Shard) -> Any:
     return _open[key]
 
 
+# each shard format holding images: what opens a shard, whose `read(ref)` gives an image's
+# bytes and `close()` lets the shard go
 OPENERS: dict[str, Callable[[Shard], Any]] = {
     "webdataset": TarImages, "parquet": ParquetImages, "hf": ArrowImages,
     "avdn": ChunkImages}

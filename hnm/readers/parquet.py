@@ -19,6 +19,7 @@ READ_BUFFER = 1 << 20
 
 
 def load_pyarrow() -> Any:
+    """pyarrow with its parquet submodule, imported when a Parquet or Arrow file is read."""
     import pyarrow
     import pyarrow.parquet  # noqa: F401  (a submodule: imported for pyarrow.parquet)
 
@@ -70,12 +71,14 @@ def record_columns(path: Path, schema: Any, image: str) -> tuple[list[str], dict
 
 
 def require_columns(path: Path, names: list[str], fields: Fields) -> None:
+    """The text and image columns --text-field and --image-field name must be there."""
     for kind, name in (("text", fields.text), ("image", fields.image)):
         if name not in names:
             raise HnmError(f"{path}: no {kind} column '{name}' (columns: {', '.join(names)})")
 
 
 def batch_records(batches: Any, as_text: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rows of Arrow record batches as dicts, the `as_text` columns cast to text."""
     records: list[dict[str, Any]] = []
     for batch in batches:
         for name, kind in as_text.items():
@@ -132,8 +135,8 @@ class ParquetImages:
 
     def __init__(self, shard: Shard) -> None:
         self.shard = shard
-        self.file = load_pyarrow().parquet.ParquetFile(shard.path, buffer_size=READ_BUFFER,
-                                              pre_buffer=False)
+        self.file = load_pyarrow().parquet.ParquetFile(
+            shard.path, buffer_size=READ_BUFFER, pre_buffer=False)
         self._restart()
 
     def close(self) -> None:
@@ -160,4 +163,5 @@ class ParquetImages:
 
 
 def value_bytes(value: Any) -> bytes | None:
+    """An image cell's bytes: the cell itself, or the `bytes` of an {bytes, path} struct."""
     return value.get("bytes") if isinstance(value, dict) else value

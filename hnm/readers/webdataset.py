@@ -149,6 +149,8 @@ def _sample_meta(path: Path, handle: BinaryIO, key: str, members: dict[str, tarf
 
 
 class TarImages:
+    """`read_image` for a tar shard: a member's bytes read at its offset."""
+
     def __init__(self, shard: Shard) -> None:
         self.fd = os.open(shard.path, os.O_RDONLY)
 
