@@ -88,7 +88,7 @@ def tensor_input(encoder: ImageEncoder, normalization: str) -> Any:
 
 
 def _tensor_image(preprocess: Any, normalization: str, tensor: Any) -> Any:
-    from hnm.avdn import to_image
+    from hnm.readers.avdn import to_image
 
     return preprocess(to_image(tensor, normalization))
 

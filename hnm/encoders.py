@@ -90,7 +90,7 @@ class PixelEncoder:
     def preprocess_tensor(self, tensor: Any) -> Any:
         """An image tensor as the original script pools it, 8x8 (pooling 8x8 again in
         `encode` changes nothing)."""
-        from hnm.avdn import pooled
+        from hnm.readers.avdn import pooled
 
         return pooled(tensor)
 

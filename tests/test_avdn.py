@@ -223,7 +223,7 @@ def test_loader_processes_read_their_own_chunks(mined, one_thread):
 def test_triplets_of_a_run_on_tensors_hold_png_images(mined, capsys, tmp_path):
     from PIL import Image
 
-    from hnm.avdn import to_image
+    from hnm.readers.avdn import to_image
 
     rc, _, err = cli(capsys, "export", mined.out, "--to", tmp_path / "t.parquet")
     assert rc == 0, err
