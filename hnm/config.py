@@ -7,6 +7,7 @@ import hashlib
 import json
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -269,8 +270,11 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_config(path: str | Path | None, overrides: dict[str, Any]) -> Config:
-    """Defaults, then the YAML file (if any), then overrides (flags)."""
+def load_config(path: str | Path | None, overrides: dict[str, Any], *,
+                detect_format: Callable[[str], str | None]) -> Config:
+    """Defaults, then the YAML file (if any), then overrides (flags). `detect_format`: the
+    format --annotations is read as, where its names tell (hnm.readers.detect_format): the
+    AVDN processed dataset's field mapping has its own defaults."""
     values: dict[str, Any] = dict(read_yaml(path)) if path else {}
     from_yaml = {k.replace("-", "_") for k in values} - {
         k.replace("-", "_") for k in overrides if k != "fields"}
@@ -281,7 +285,7 @@ def load_config(path: str | Path | None, overrides: dict[str, Any]) -> Config:
         if not isinstance(base, dict):
             raise HnmError(f"{path}: config key 'fields': expected a mapping, got {base!r}")
         values["fields"] = {**base, **fields_override}
-    if _reads_avdn(values):
+    if _reads_avdn(values, detect_format):
         values["fields"] = {**AVDN_FIELDS, **(values.get("fields") or {})}
     try:
         return make_config(values)
@@ -292,14 +296,12 @@ def load_config(path: str | Path | None, overrides: dict[str, Any]) -> Config:
         raise HnmError(f"{path}: {exc}") from None
 
 
-def _reads_avdn(values: dict[str, Any]) -> bool:
-    """Whether the input is an AVDN processed dataset (--input-format avdn, or pickles by
-    the names, as hnm.readers detects them), whose field mapping has its own defaults."""
+def _reads_avdn(values: dict[str, Any], detect_format: Callable[[str], str | None]) -> bool:
+    """Whether the input is an AVDN processed dataset: --input-format avdn, or pickles by
+    the names."""
     fmt, given = values.get("input_format"), values.get("annotations")
     if fmt is not None or not isinstance(given, str):
         return fmt == "avdn"
-    from hnm.readers import detect_format
-
     return detect_format(given) == "avdn"
 
 
