@@ -27,8 +27,9 @@ def _mine_flags(p: argparse.ArgumentParser) -> None:
     groups = {INPUTS: p.add_argument_group(INPUTS)}
     groups[INPUTS].add_argument("--config", help="YAML config (defaults < YAML < flags)")
     for option in OPTIONS:
-        group = groups.get(option.group) or groups.setdefault(
-            option.group, p.add_argument_group(option.group))
+        if option.group not in groups:
+            groups[option.group] = p.add_argument_group(option.group)
+        group = groups[option.group]
         group.add_argument(option.flag, default=UNSET, help=option.help_text(),
                            **_kind(option))
         if option.former:  # a hidden flag, read until option.former.removed_in
