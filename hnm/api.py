@@ -44,6 +44,8 @@ def mine(config_or_path: Config | dict[str, Any] | str | Path | None = None,
 def make(config_or_path: Config | dict[str, Any] | str | Path | None,
          overrides: dict[str, Any]) -> Config:
     """The config a run uses: defaults, then the YAML file or mapping, then `overrides`."""
+    from hnm.readers import detect_format
+
     overrides = dict(overrides)
     for given in (config_or_path, overrides):
         fields = given.get("fields") if isinstance(given, dict) else None
@@ -51,11 +53,12 @@ def make(config_or_path: Config | dict[str, Any] | str | Path | None,
             raise HnmError(f"fields: must be a mapping of id/image/text/group to field names, "
                            f"got {type(fields).__name__}")
     if not isinstance(config_or_path, Config | dict):
-        return load_config(config_or_path, overrides)
+        return load_config(config_or_path, overrides, detect_format=detect_format)
     values = config_or_path.to_dict() if isinstance(config_or_path, Config) \
         else dict(config_or_path)
     fields = {**(values.pop("fields", None) or {}), **(overrides.pop("fields", None) or {})}
-    return load_config(None, {**values, **overrides, **({"fields": fields} if fields else {})})
+    return load_config(None, {**values, **overrides, **({"fields": fields} if fields else {})},
+                       detect_format=detect_format)
 
 
 @boundary

@@ -12,9 +12,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from hnm.config import INPUT_FORMATS, OUTPUT_FORMATS
 from hnm.decoding import one_line
 from hnm.errors import HnmError, InternalError, Terminated
+from hnm.options import INPUTS, OPTIONS, Option
 from hnm.safety import details_file
 from hnm.storage import RunDir, run_lock
 
@@ -23,90 +23,27 @@ UNSET = argparse.SUPPRESS
 
 
 def _mine_flags(p: argparse.ArgumentParser) -> None:
-    io = p.add_argument_group("inputs and outputs")
-    io.add_argument("--config", help="YAML config (defaults < YAML < flags)")
-    io.add_argument("--annotations", default=UNSET, help="a file, a folder or a glob of shards: "
-                    "JSON/JSONL, CSV/TSV, Parquet, WebDataset .tar, Hugging Face save_to_disk, "
-                    "AVDN .pkl chunks")
-    io.add_argument("--input-format", choices=INPUT_FORMATS, default=UNSET,
-                    help="read --annotations as this format (default: from the names)")
-    io.add_argument("--tensor-normalization", default=UNSET,
-                    help="image tensors (avdn): imagenet (default), none, MEAN,STD or "
-                    "M1,M2,M3,S1,S2,S3; maps them back to images for the model encoders")
-    io.add_argument("--hf-split", default=UNSET, help="split of a Hugging Face DatasetDict")
-    io.add_argument("--image-dir", default=UNSET, help="folder image paths are relative to")
-    io.add_argument("--output-dir", default=UNSET, help="run directory (resumable)")
-    io.add_argument("--split", default=UNSET, help="dataset split name (train, val_seen, ...)")
-    io.add_argument("--max-samples", type=int, default=UNSET, help="mine only the first N anchors")
-    io.add_argument("--on-missing-image", choices=("error", "skip"), default=UNSET)
-    io.add_argument("--max-image-pixels", type=int, default=UNSET,
-                    help="larger images count as unreadable (200000000)")
-    io.add_argument("--output-format", choices=OUTPUT_FORMATS, default=UNSET,
-                    help="negatives.jsonl (default) or negatives.parquet")
-    for name in ("id", "image", "text", "group"):
-        io.add_argument(f"--{name}-field", default=UNSET, help=f"record field holding the {name}")
-    enc = p.add_argument_group("encoders")
-    enc.add_argument("--visual-encoder", default=UNSET,
-                     help="efficientnet-lite0 | pixels | HF model folder or id")
-    enc.add_argument("--text-encoder", default=UNSET, help="minilm | HF model folder or id")
-    enc.add_argument("--image-embeddings", default=UNSET, help="precomputed .npy, one row/record")
-    enc.add_argument("--text-embeddings", default=UNSET, help="precomputed .npy, one row/record")
-    enc.add_argument("--batch-size", type=int, default=UNSET, help="batch size (default 64)")
-    enc.add_argument("--num-workers", type=int, default=UNSET,
-                     help="data-loading processes per GPU (default: sized from the cores)")
-    enc.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=UNSET,
-                     help="what the encoders compute in (auto: bf16 where the hardware runs "
-                     "it natively, else fp32)")
-    mine = p.add_argument_group("mining")
-    for flag, kind, text in (
-            ("--k-nn", int, "number of k-NN neighbours (30)"),
-            ("--cosine-threshold", float, "text similarity threshold (0.3)"),
-            ("--min-visual-similarity", float, "minimum visual similarity of hard negatives"),
-            ("--diverse-ratio", float, "share of anchors trying diverse first (0.3)"),
-            ("--min-answer-length", int, "minimum answer length of a negative (20)"),
-            ("--fallback-phrase-reuse-limit", int, "phrase reuse limit in fallback (3)"),
-            ("--sliding-window-size", int, "phrases remembered for reuse limits (1000)"),
-            ("--blacklist-similarity", float, "max similarity to a blacklist phrase (0.75)"),
-            ("--n-clusters", int, "k-means clusters for diverse negatives (30)"),
-            ("--num-negatives", int, "negatives per anchor (1)"),
-            ("--diverse-candidates", int, "diverse candidates kept per anchor (64)"),
-            ("--seed", int, "seed of strategy draws and k-means (0)")):
-        mine.add_argument(flag, type=kind, default=UNSET, help=text)
-    mine.add_argument("--index", choices=("exact", "ivf", "auto"), default=UNSET,
-                      help="search index: exact, ivf (FAISS IVF proposals, rescored exactly; "
-                      "recall measured), or auto (exact up to a size, default)")
-    mine.add_argument("--ivf-nlist", type=int, default=UNSET, help="IVF lists (~sqrt(rows))")
-    mine.add_argument("--ivf-nprobe", type=int, default=UNSET,
-                      help="IVF lists probed per query (more: higher recall, slower)")
-    mine.add_argument("--diverse-pool", type=int, dest="diverse_candidates", default=UNSET,
-                      help=argparse.SUPPRESS)  # the former name of --diverse-candidates
-    mine.add_argument("--blacklist", default=UNSET, help="file, one phrase per line ('' disables)")
-    audit = p.add_argument_group("false-negative audit")
-    audit.add_argument("--audit-text-similarity", type=float, default=UNSET,
-                       help="a negative whose text similarity to its anchor is above this is "
-                       "suspect (0.8)")
-    audit.add_argument("--audit-visual-similarity", type=float, default=UNSET,
-                       help="a negative whose visual similarity to its anchor is above this "
-                       "is suspect (0.98)")
-    audit.add_argument("--drop-suspect-negatives", action="store_true", default=UNSET,
-                       help="remove suspect negatives from the output; their anchors may be "
-                       "left without one")
-    dev = p.add_argument_group("devices and processes")
-    dev.add_argument("--gpu-id", type=int, default=UNSET, help="single-GPU mode on this GPU")
-    dev.add_argument("--gpu-ids", default=UNSET, help="comma-separated GPU indices")
-    dev.add_argument("--num-gpus", type=int, default=UNSET, help="GPUs to use (default: all)")
-    dev.add_argument("--cpu-workers", type=int, default=UNSET,
-                     help="CPU worker processes (default: one per usable core)")
-    dev.add_argument("--max-retries", type=int, default=UNSET, help="retries of a failed shard")
-    dev.add_argument("--stall-timeout", type=float, default=UNSET,
-                     help="seconds without progress before a worker is stopped and its shard "
-                     "retried (1800; 0: never)")
-    dev.add_argument("--quiet", action=argparse.BooleanOptionalAction, default=UNSET,
-                     help="only the final summary")
-    dev.add_argument("--dry-run", action="store_true", default=UNSET,
-                     help="validate every input and print the plan; embed nothing")
-    dev.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=UNSET,
-                     help="replace a run with another config in --output-dir")
+    """Every option of hnm.options as a flag, in its group; --config first."""
+    groups = {INPUTS: p.add_argument_group(INPUTS)}
+    groups[INPUTS].add_argument("--config", help="YAML config (defaults < YAML < flags)")
+    for option in OPTIONS:
+        if option.group not in groups:
+            groups[option.group] = p.add_argument_group(option.group)
+        group = groups[option.group]
+        group.add_argument(option.flag, default=UNSET, help=option.help_text(),
+                           **_kind(option))
+        if option.former:  # a hidden flag, read until option.former.removed_in
+            group.add_argument("--" + option.former.key.replace("_", "-"), dest=option.dest,
+                               default=UNSET, help=argparse.SUPPRESS, **_kind(option))
+
+
+def _kind(option: Option) -> dict[str, Any]:
+    """How argparse reads the option's value."""
+    if option.kind is bool:
+        return {"action": argparse.BooleanOptionalAction if option.negatable else "store_true"}
+    choices = option.rule.choices if option.rule else ()
+    return {"type": option.kind if option.kind in (int, float) else None,
+            **({"choices": choices} if choices else {})}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -217,11 +154,16 @@ TOOLS = {"report": _report, "sweep": _sweep, "export": _export}
 
 
 def _overrides(ns: argparse.Namespace) -> dict[str, Any]:
-    values = {k: v for k, v in vars(ns).items() if k not in ("command", "config")}
-    fields = {name: values.pop(f"{name}_field") for name in ("id", "image", "text", "group")
-              if f"{name}_field" in values}
-    if fields:
-        values["fields"] = fields
+    """The options given on the command line, by key (`fields.X` as X of `fields`)."""
+    values: dict[str, Any] = {}
+    for option in OPTIONS:
+        if option.dest in vars(ns):
+            name, _, part = option.key.partition(".")
+            value = getattr(ns, option.dest)
+            if part:
+                values.setdefault(name, {})[part] = value
+            else:
+                values[name] = value
     return values
 
 

@@ -7,6 +7,7 @@ import hashlib
 import json
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,14 @@ import yaml
 
 from hnm.decoding import reading
 from hnm.errors import HnmError
+from hnm.options import (  # the identity sets, made from the declarations
+    EMBEDDING_KEYS,  # noqa: F401  (read from here by hnm.plan)
+    IDENTITY_DEFAULTS,
+    OPTIONS,
+    RENAMED,
+    RUNTIME_ONLY,
+    Option,
+)
 
 
 @dataclass(frozen=True)
@@ -29,7 +38,9 @@ class Fields:
 
 @dataclass(frozen=True)
 class Config:
-    """Everything that defines a run. Defaults are the guide's."""
+    """Everything that defines a run. Defaults are the guide's. Each field's flag, checks
+    and role in the run's identity are declared in hnm.options, which agrees with the
+    fields and defaults here (tests/test_options.py)."""
 
     # inputs and outputs
     annotations: str | None = None
@@ -102,30 +113,10 @@ class Config:
         return out
 
 
-# Fields left out of the run's identity: they choose how the work is done, not what is
-# computed, so changing one resumes a run instead of starting it again. batch_size is the
-# exception worth knowing: some kernels round differently for other batch sizes, so a run
-# keeps the batch grid it was first planned with (Plan.batch_size) whatever the flag says.
-# precision is in the identity as resolved (Plan.precision): "auto" and the precision it
-# chooses on this hardware are the same run.
-RUNTIME_ONLY = frozenset(
-    {"output_dir", "num_workers", "gpu_id", "gpu_ids", "num_gpus", "cpu_workers",
-     "max_retries", "stall_timeout", "quiet", "overwrite", "batch_size", "dry_run",
-     "precision"}
-)
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-EMBEDDING_KEYS = ("annotations", "image_dir", "fields", "on_missing_image", "visual_encoder",
-                  "text_encoder", "image_embeddings", "text_embeddings", "input_format",
-                  "hf_split", "tensor_normalization")
-INPUT_FORMATS = ("json", "jsonl", "csv", "tsv", "parquet", "webdataset", "hf", "avdn")
-# Keys left out of the run's identity while they hold this value: added after runs existed,
-# they keep the identity (config hash) of every run made without them.
-IDENTITY_DEFAULTS = {"tensor_normalization": "imagenet"}
 # The field mapping of the AVDN processed dataset, under any the config gives
 AVDN_FIELDS = {"image": "current_view_image", "text": "answer", "group": "first_instruction"}
 TENSOR_NORMALIZATIONS = {"imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
                          "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))}
-OUTPUT_FORMATS = ("jsonl", "parquet")
 
 
 class ConfigError(HnmError):
@@ -143,48 +134,28 @@ def _check(ok: bool, flag: str, message: str) -> None:
 
 def validate(c: Config) -> None:
     """Reject out-of-range values, naming the flag."""
-    for name, value in [*vars(c).items(), *((f"{k}_field", v) for k, v in vars(c.fields).items())]:
+    values = [(o, _value(c, o)) for o in OPTIONS]
+    for option, value in values:
         # paths and names end up in the run's files, which hold UTF-8 only; the command
         # line keeps other bytes as lone surrogates
         if isinstance(value, str) and not _utf8(value):
-            _check(False, name, f"{value.encode('utf-8', 'surrogateescape')!r} is not "
+            _check(False, option.dest, f"{value.encode('utf-8', 'surrogateescape')!r} is not "
                    "valid UTF-8")
-    for name in ("cosine_threshold", "min_visual_similarity", "blacklist_similarity",
-                 "audit_text_similarity", "audit_visual_similarity"):
-        value = getattr(c, name)
-        _check(-1.0 <= value <= 1.0, name, f"must be within [-1, 1], got {value}")
-    _check(0.0 <= c.diverse_ratio <= 1.0, "diverse_ratio",
-           f"must be within [0, 1], got {c.diverse_ratio}")
-    for name in ("k_nn", "batch_size", "sliding_window_size", "n_clusters", "num_negatives",
-                 "diverse_candidates", "cpu_workers", "fallback_phrase_reuse_limit"):
-        value = getattr(c, name)
-        _check(value is None or value >= 1, name, f"must be at least 1, got {value}")
-    for name in ("num_workers", "min_answer_length", "max_retries", "stall_timeout"):
-        value = getattr(c, name)
-        _check(value is None or value >= 0, name, f"must not be negative, got {value}")
-    _check(0 <= c.seed < 2**31, "seed", f"must be within [0, {2**31 - 1}] (a 32-bit seed), "
-           f"got {c.seed}")
-    _check(c.max_image_pixels >= 1, "max_image_pixels",
-           f"must be at least 1, got {c.max_image_pixels}")
-    _check(c.index in ("exact", "ivf", "auto"), "index",
-           f"must be 'exact', 'ivf' or 'auto', got {c.index!r}")
-    for name in ("max_samples", "num_gpus", "gpu_id", "ivf_nlist", "ivf_nprobe"):
-        value = getattr(c, name)
-        _check(value is None or value >= (1 if name != "gpu_id" else 0), name,
-               f"out of range: {value}")
+    for option, value in values:
+        error = option.rule.error(value) if option.rule else None
+        if error:
+            raise ConfigError(f"{option.flag}: {error}", option.dest)
     if c.gpu_ids is not None:
         _check(len(c.gpu_ids) > 0 and min(c.gpu_ids) >= 0
                and len(set(c.gpu_ids)) == len(c.gpu_ids), "gpu_ids",
                f"must list distinct GPU indices (0 or more), got {list(c.gpu_ids)}")
-    _check(c.precision in PRECISIONS, "precision",
-           f"must be one of {', '.join(PRECISIONS)}, got {c.precision!r}")
-    _check(c.on_missing_image in ("error", "skip"), "on_missing_image",
-           f"must be 'error' or 'skip', got {c.on_missing_image!r}")
-    _check(c.input_format is None or c.input_format in INPUT_FORMATS, "input_format",
-           f"must be one of {', '.join(INPUT_FORMATS)}, got {c.input_format!r}")
-    _check(c.output_format in OUTPUT_FORMATS, "output_format",
-           f"must be one of {', '.join(OUTPUT_FORMATS)}, got {c.output_format!r}")
     tensor_normalization(c.tensor_normalization)
+
+
+def _value(c: Config, option: Option) -> Any:
+    """The value of an option in a config (`fields.X`: X of its fields)."""
+    name, _, part = option.key.partition(".")
+    return getattr(getattr(c, name), part) if part else getattr(c, name)
 
 
 def tensor_normalization(text: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -264,10 +235,6 @@ def _fields(value: Any) -> Fields:
     return dataclasses.replace(Fields(), **value)
 
 
-# Former names of config keys, still read (config files and run directories of older runs).
-RENAMED = {"diverse_pool": "diverse_candidates"}
-
-
 def make_config(values: dict[str, Any]) -> Config:
     """Build a Config from a flat mapping, naming unknown keys and wrong types."""
     hints = typing.get_type_hints(Config)
@@ -303,8 +270,11 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_config(path: str | Path | None, overrides: dict[str, Any]) -> Config:
-    """Defaults, then the YAML file (if any), then overrides (flags)."""
+def load_config(path: str | Path | None, overrides: dict[str, Any], *,
+                detect_format: Callable[[str], str | None]) -> Config:
+    """Defaults, then the YAML file (if any), then overrides (flags). `detect_format`: the
+    format --annotations is read as, where its names tell (hnm.readers.detect_format): the
+    AVDN processed dataset's field mapping has its own defaults."""
     values: dict[str, Any] = dict(read_yaml(path)) if path else {}
     from_yaml = {k.replace("-", "_") for k in values} - {
         k.replace("-", "_") for k in overrides if k != "fields"}
@@ -315,7 +285,7 @@ def load_config(path: str | Path | None, overrides: dict[str, Any]) -> Config:
         if not isinstance(base, dict):
             raise HnmError(f"{path}: config key 'fields': expected a mapping, got {base!r}")
         values["fields"] = {**base, **fields_override}
-    if _reads_avdn(values):
+    if _reads_avdn(values, detect_format):
         values["fields"] = {**AVDN_FIELDS, **(values.get("fields") or {})}
     try:
         return make_config(values)
@@ -326,14 +296,12 @@ def load_config(path: str | Path | None, overrides: dict[str, Any]) -> Config:
         raise HnmError(f"{path}: {exc}") from None
 
 
-def _reads_avdn(values: dict[str, Any]) -> bool:
-    """Whether the input is an AVDN processed dataset (--input-format avdn, or pickles by
-    the names, as hnm.readers detects them), whose field mapping has its own defaults."""
+def _reads_avdn(values: dict[str, Any], detect_format: Callable[[str], str | None]) -> bool:
+    """Whether the input is an AVDN processed dataset: --input-format avdn, or pickles by
+    the names."""
     fmt, given = values.get("input_format"), values.get("annotations")
     if fmt is not None or not isinstance(given, str):
         return fmt == "avdn"
-    from hnm.readers import detect_format
-
     return detect_format(given) == "avdn"
 
 

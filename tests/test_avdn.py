@@ -19,8 +19,9 @@ from builders import FAST, REPO, cli, fails, read_jsonl, snapshot, tiny_bert, ti
 from transformers import BatchEncoding
 
 from hnm import pickles
+from hnm.api import make
 from hnm.cli import main
-from hnm.config import Config, load_config
+from hnm.config import Config
 from hnm.embed import embed_images
 from hnm.encoders import build_image_encoder, finalize
 from hnm.readers import read_input
@@ -200,7 +201,7 @@ def test_model_encoders_see_the_images_the_tensors_came_from(tmp_path, one_threa
     (tmp_path / "data").mkdir()
     with open(tmp_path / "data" / "chunk_0.pkl", "wb") as handle:
         pickle.dump(items, handle)
-    refs = read_input(load_config(None, {"annotations": str(tmp_path / "data")})).refs
+    refs = read_input(make(None, {"annotations": str(tmp_path / "data")})).refs
     encoder = build_image_encoder(str(tiny_clip(tmp_path / "clip")), "cpu")
     from_files, _ = embed_images(encoder, files, 2, 0, 10**8)
     from_tensors, _ = embed_images(encoder, refs, 2, 0, 10**8, normalization="imagenet")
@@ -212,7 +213,7 @@ def test_model_encoders_see_the_images_the_tensors_came_from(tmp_path, one_threa
 def test_loader_processes_read_their_own_chunks(mined, one_thread):
     """Forked DataLoader processes each unpickle the chunks they need: the same embeddings
     as one process reading them all."""
-    refs = read_input(load_config(None, {"annotations": str(mined.data)})).refs
+    refs = read_input(make(None, {"annotations": str(mined.data)})).refs
     encoder = build_image_encoder("pixels", "cpu")
     alone, _ = embed_images(encoder, refs, 4, 0, 10**8)
     loaders, _ = embed_images(encoder, refs, 4, 2, 10**8)
@@ -248,12 +249,12 @@ def test_split_configs_read_processed_datasets(mined, capsys):
 
 def test_avdn_field_defaults_and_normalization_flag(tmp_path):
     (tmp_path / "chunk_0.pkl").write_bytes(b"")
-    fields = load_config(None, {"annotations": str(tmp_path)}).fields
+    fields = make(None, {"annotations": str(tmp_path)}).fields
     assert (fields.image, fields.text, fields.group) == (
         "current_view_image", "answer", "first_instruction")
-    given = load_config(None, {"annotations": str(tmp_path), "fields": {"text": "question"}})
+    given = make(None, {"annotations": str(tmp_path), "fields": {"text": "question"}})
     assert (given.fields.image, given.fields.text) == ("current_view_image", "question")
-    assert load_config(None, {"annotations": "a.json"}).fields.image == "image"
+    assert make(None, {"annotations": "a.json"}).fields.image == "image"
     assert Config(tensor_normalization="0.5,0.25").tensor_normalization == "0.5,0.25"
 
 
