@@ -16,9 +16,9 @@ import time
 
 import hnm
 from hnm.data import load_dataset
+from hnm.lifecycle import load_run_config
 from hnm.plan import read_plan
 from hnm.reduce import reduce_phase
-from hnm.runs import load_run_config
 from hnm.storage import RunDir
 
 

@@ -10,6 +10,7 @@ from hnm import lifecycle
 from hnm.boundary import boundary
 from hnm.config import Config, load_config
 from hnm.errors import HnmError
+from hnm.readers import detect_format
 
 
 class Run(lifecycle.Run):
@@ -44,8 +45,6 @@ def mine(config_or_path: Config | dict[str, Any] | str | Path | None = None,
 def make(config_or_path: Config | dict[str, Any] | str | Path | None,
          overrides: dict[str, Any]) -> Config:
     """The config a run uses: defaults, then the YAML file or mapping, then `overrides`."""
-    from hnm.readers import detect_format
-
     overrides = dict(overrides)
     for given in (config_or_path, overrides):
         fields = given.get("fields") if isinstance(given, dict) else None

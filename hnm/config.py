@@ -92,7 +92,7 @@ class Config:
     gpu_id: int | None = None
     gpu_ids: tuple[int, ...] | None = None
     num_gpus: int | None = None
-    cpu_workers: int | None = None  # None: every usable core, as memory allows (hnm.gpus)
+    cpu_workers: int | None = None  # None: as many as the work is worth (hnm.placement)
     max_retries: int = 2
     # a worker that reports no progress for this long is stopped and its shard retried
     # (0: never); long enough for the slowest single step (one batch, one k-means)

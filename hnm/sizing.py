@@ -74,7 +74,7 @@ def choose_index(config: Config, rows: int, devices: list[str]) -> IndexChoice:
 
 
 # One core's speed at each kind of work, for deciding how many CPU workers a run is worth
-# (hnm.gpus.fit_to_work). Measured on the developers' machine with bench/bench_embed.py and
+# (hnm.placement.fit_to_work). Measured on the developers' machine with bench/bench_embed.py and
 # bench/bench_orchestrator.py --small; only their order of magnitude matters.
 IMAGES_PER_CORE_SECOND = {"efficientnet-lite0": 30.0, "pixels": 500.0}
 MODEL_IMAGES_PER_CORE_SECOND = 10.0  # a Hugging Face vision model
