@@ -27,13 +27,16 @@ demo: $(STAMP)
 # fixtures are built once), and the 25 slowest are listed.
 PYTEST = $(BIN)/python -m pytest -q -n "$$(nproc)" --dist loadfile --durations=25
 
+# Style (ruff) and layers (import-linter: the contract in pyproject.toml), before any test.
+LINT = $(BIN)/ruff check . && $(BIN)/lint-imports --no-cache
+
 test: $(STAMP)
-	$(BIN)/ruff check .
+	$(LINT)
 	$(PYTEST) $(ARGS)
 
 # The inner loop: everything but the tests that start processes or real encoders.
 test-fast: $(STAMP)
-	$(BIN)/ruff check .
+	$(LINT)
 	$(PYTEST) -m "not slow" $(ARGS)
 
 # The suite as other machines run it: the CPU kinds `auto` tells apart (tests/cpuinfo),
@@ -52,7 +55,7 @@ fuzz: $(STAMP)
 	HNM_FUZZ_EXAMPLES=$(HNM_FUZZ_EXAMPLES) $(BIN)/python -m pytest -q -s tests/test_fuzz.py $(ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check .
+	$(LINT)
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_mining.py $(ARGS)
