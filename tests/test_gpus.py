@@ -115,3 +115,33 @@ def test_gpu_ids_must_be_distinct_indices(ids):
     with pytest.raises(HnmError) as err:
         Config(gpu_ids=ids)
     assert str(err.value).startswith("--gpu-ids: must list distinct GPU indices")
+
+
+def test_the_placement_is_decided_once_stored_and_decided_again_on_resume(tmp_path, capsys,
+                                                                           monkeypatch):
+    """NVML is asked once per run and the placement computed once; the plan holds it (the
+    workers read it there), and a resumed run places its workers again on its own flags."""
+    from synthetic import make_dataset, mine_args
+
+    from hnm.storage import RunDir
+
+    asked, placed = [], []
+    discover, place = gpus.discover, placement.place
+    monkeypatch.setattr(gpus, "discover", lambda: asked.append(1) or discover())
+    monkeypatch.setattr("hnm.lifecycle.place", lambda *a, **k: placed.append(1) or place(*a, **k))
+    monkeypatch.setattr(placement, "usable_cores", lambda: 6)
+    paths = make_dataset(tmp_path / "data", n=40, seed=3)
+    out = tmp_path / "run"
+    assert cli.main(mine_args(paths, out, "--cpu-workers", "2")) == 0
+    assert (len(asked), len(placed)) == (1, 1)
+    assert json_placement(out) == {"devices": ["cpu", "cpu"], "threads": 3, "loaders": 0}
+    RunDir(out).done.unlink()  # the results are to be written again: the run resumes
+    assert cli.main(mine_args(paths, out, "--cpu-workers", "1")) == 0
+    assert json_placement(out) == {"devices": ["cpu"], "threads": 6, "loaders": 0}
+
+
+def json_placement(out) -> dict:
+    import json
+
+    placed = json.loads((out / "plan.json").read_text())["placement"]
+    return {k: placed[k] for k in ("devices", "threads", "loaders")}

@@ -180,3 +180,28 @@ def test_a_run_directory_of_another_layout_needs_overwrite(tmp_path: Path, capsy
     assert main(mine_args(paths, out, "--overwrite")) == 0
     assert (out / "negatives.jsonl").read_bytes() == first
     assert (out / "index").is_dir()  # not the run's, so kept
+
+
+def test_a_run_planned_by_the_previous_plan_version_resumes(tmp_path: Path, capsys):
+    """A plan.json of version 3 (precision, index and the workers' note at its top level)
+    is read, placed again and resumed: the results are those of an uninterrupted run."""
+    paths = make_dataset(tmp_path / "data", n=40, seed=3)
+    out = tmp_path / "run"
+    assert main(mine_args(paths, out, "--cpu-workers", "2")) == 0
+    first = (out / "negatives.jsonl").read_bytes()
+    plan = json.loads((out / "plan.json").read_text())
+    placement = plan.pop("placement")
+    (out / "plan.json").write_text(json.dumps({
+        **plan, "version": 3, "precision": placement["precision"],
+        "index": placement["index"], "workers_note": placement["workers_note"]}))
+    run = RunDir(out)
+    kept = [run.marker(*m).read_bytes() for m in (("embed", 0), ("embed", 1), ("tables",),
+                                                   ("candidates", 0))]
+    run.marker("candidates", 1).unlink()  # stopped before shard 1's candidates
+    run.done.unlink()
+    assert main(mine_args(paths, out, "--cpu-workers", "2")) == 0
+    assert (out / "negatives.jsonl").read_bytes() == first
+    assert kept == [run.marker(*m).read_bytes() for m in (  # reused, not computed again
+        ("embed", 0), ("embed", 1), ("tables",), ("candidates", 0))]
+    assert run.is_done("candidates", 1)
+    assert main(mine_args(paths, out, "--cpu-workers", "1")) == 0  # complete: nothing to do
