@@ -21,8 +21,8 @@ from sklearn.neighbors import NearestNeighbors
 from hnm.blacklist import DEFAULT_BLACKLIST
 from hnm.config import Config
 from hnm.data import anchor_uniforms, normalize
-from hnm.encoders import finalize
 from hnm.engine import find_candidates, make_selector, mine_arrays, select
+from hnm.grid import finalize
 from hnm.index import kmeans
 from hnm.metrics import Metrics
 from hnm.miner import Tables, eligible_phrases, threshold_steps

@@ -16,6 +16,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from hnm.grid import finalize
+
 # FAISS on a GPU refuses to select more than this many results per query.
 GPU_MAX_K = 2048
 # Exact-search error floor: FAISS scores in float32, within this of the exact value.
@@ -318,8 +320,6 @@ def train_ivf(V: np.ndarray, nlist: int, seed: int, sample: int) -> Any:
     `IvfIndex.probes`). Rows are added a block at a time (V may be a memory map).
     """
     import faiss
-
-    from hnm.encoders import finalize
 
     centroids = finalize(_faiss_centroids(_sample(V, sample, seed), nlist, seed, 20))
     quantizer = faiss.IndexFlatIP(V.shape[1])

@@ -16,8 +16,8 @@ from test_engine import random_case
 
 from hnm.cli import main
 from hnm.data import anchor_uniforms, duplicate_images
-from hnm.encoders import finalize
 from hnm.engine import Selected, find_candidates, make_selector, select
+from hnm.grid import finalize
 from hnm.index import kmeans
 from hnm.miner import Tables, eligible_phrases
 

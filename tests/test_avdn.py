@@ -22,7 +22,8 @@ from hnm import pickles
 from hnm.cli import main
 from hnm.config import Config, load_config
 from hnm.embed import embed_images
-from hnm.encoders import build_image_encoder, finalize
+from hnm.encoders import build_image_encoder
+from hnm.grid import finalize
 from hnm.readers import read_input
 
 # The tiny random text encoder finds every pair of texts alike: a threshold this high lets

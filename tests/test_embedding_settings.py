@@ -22,8 +22,9 @@ from test_gpus import FakeNvml
 from hnm import embed, gpus, precision, sizing, worker
 from hnm.config import Config, Fields
 from hnm.demo import make_demo
-from hnm.encoders import build_image_encoder, build_text_encoder, finalize
+from hnm.encoders import build_image_encoder, build_text_encoder
 from hnm.errors import HnmError
+from hnm.grid import finalize
 from hnm.plan import TEXT_BATCH, make_shards, prepare
 from hnm.storage import RunDir
 

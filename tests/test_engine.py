@@ -8,8 +8,8 @@ from reference import reference_mine
 
 from hnm.config import Config
 from hnm.data import anchor_uniforms
-from hnm.encoders import finalize
 from hnm.engine import mine_arrays
+from hnm.grid import finalize
 from hnm.index import kmeans
 from hnm.miner import Tables, eligible_phrases
 

@@ -11,7 +11,7 @@ import pytest
 from builders import needs_faiss
 
 from hnm import index as hindex
-from hnm.encoders import finalize
+from hnm.grid import finalize
 from hnm.index import (
     ChunkedFlatIP,
     FaissFlatIP,
