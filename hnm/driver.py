@@ -17,8 +17,9 @@ from collections.abc import Callable, Iterator
 from typing import Any, Protocol, TypeVar
 
 from hnm import distributed, gpus, sizing
+from hnm.callbacks import Progress
 from hnm.config import Config
-from hnm.data import Dataset, Progress
+from hnm.data import Dataset
 from hnm.errors import Terminated
 from hnm.plan import Plan, dry_run_lines, prepare, read_plan, run_sizes, validate_inputs
 from hnm.pool import InProcess, WorkerPool

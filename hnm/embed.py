@@ -11,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from hnm.data import Progress, image_limit, no_progress, too_large
+from hnm.callbacks import Progress, no_progress
+from hnm.data import image_limit, too_large
 from hnm.decoding import reading
 from hnm.encoders import ImageEncoder, TextEncoder
 from hnm.errors import HnmError

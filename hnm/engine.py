@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 
 from hnm.audit import Suspect, audit_picks, count_suspects
+from hnm.callbacks import Progress, no_progress
 from hnm.config import Config
-from hnm.data import Progress, no_progress
 from hnm.errors import HnmError
 from hnm.index import ChunkedFlatIP, SearchIndex, build_index
 from hnm.metrics import Metrics, tally

@@ -14,8 +14,9 @@ import numpy as np
 
 from hnm import __version__
 from hnm.blacklist import read_blacklist
+from hnm.callbacks import Progress, no_progress
 from hnm.config import EMBEDDING_KEYS, Config, config_hash, dump_yaml
-from hnm.data import Dataset, Progress, file_stats, load_dataset, no_progress
+from hnm.data import Dataset, file_stats, load_dataset
 from hnm.embed import check_precomputed
 from hnm.encoders import (
     BUILTIN_TEXT,

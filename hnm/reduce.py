@@ -11,8 +11,9 @@ from typing import Any
 import numpy as np
 
 from hnm import report
+from hnm.callbacks import Progress, no_progress
 from hnm.config import Config
-from hnm.data import Dataset, Progress, anchor_uniforms, duplicate_images, no_progress
+from hnm.data import Dataset, anchor_uniforms, duplicate_images
 from hnm.engine import Candidates, make_selector, select
 from hnm.metrics import Metrics
 from hnm.outcome import Outcomes
