@@ -23,7 +23,7 @@ from hnm.config import Config
 from hnm.data import anchor_uniforms, normalize
 from hnm.engine import find_candidates, make_selector, mine_arrays, select
 from hnm.grid import finalize
-from hnm.index import kmeans
+from hnm.kmeans import kmeans
 from hnm.metrics import Metrics
 from hnm.miner import Tables, eligible_phrases, threshold_steps
 from hnm.select import Pick

@@ -9,7 +9,9 @@ from pathlib import Path
 
 from hnm.config import Config
 from hnm.errors import HnmError
-from hnm.index import KMEANS_SAMPLE, faiss_available, ivf_shape
+from hnm.index import faiss_available
+from hnm.ivf import ivf_shape
+from hnm.kmeans import KMEANS_SAMPLE
 from hnm.miner import MARGIN
 
 # Exact search costs N^2 x d: up to these many rows it takes minutes (about 4 minutes for

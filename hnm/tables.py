@@ -15,7 +15,8 @@ from hnm.config import Config
 from hnm.data import Dataset, normalize
 from hnm.engine import recall_at_k, recall_sample
 from hnm.errors import HnmError
-from hnm.index import IvfIndex, SearchIndex, build_index, load_ivf, placement, train_ivf
+from hnm.index import SearchIndex, build_index, placement
+from hnm.ivf import IvfIndex, load_ivf, train_ivf
 from hnm.miner import Tables, eligible_phrases
 from hnm.safety import Area
 from hnm.sizing import IVF_TRAIN_PER_LIST, RECALL_ANCHORS, IndexChoice

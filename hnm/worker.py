@@ -24,7 +24,8 @@ from hnm.data import Dataset, anchor_uniforms, load_dataset
 from hnm.encoders import build_image_encoder, build_text_encoder
 from hnm.engine import find_candidates
 from hnm.gpus import usable_cores
-from hnm.index import SearchIndex, kmeans, set_threads
+from hnm.index import SearchIndex, set_threads
+from hnm.kmeans import kmeans
 from hnm.miner import Tables
 from hnm.plan import Plan, read_plan
 from hnm.storage import RunDir

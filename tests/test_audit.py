@@ -18,7 +18,7 @@ from hnm.cli import main
 from hnm.data import anchor_uniforms, duplicate_images
 from hnm.engine import Selected, find_candidates, make_selector, select
 from hnm.grid import finalize
-from hnm.index import kmeans
+from hnm.kmeans import kmeans
 from hnm.miner import Tables, eligible_phrases
 
 

@@ -10,7 +10,7 @@ from hnm.config import Config
 from hnm.data import anchor_uniforms
 from hnm.engine import mine_arrays
 from hnm.grid import finalize
-from hnm.index import kmeans
+from hnm.kmeans import kmeans
 from hnm.miner import Tables, eligible_phrases
 
 WORDS = ("fly north south east west along road river lake field roof red grey building "

@@ -21,7 +21,7 @@ from test_sweep import templated
 from hnm.cli import main
 from hnm.data import anchor_uniforms
 from hnm.engine import find_candidates, make_selector, select
-from hnm.index import kmeans
+from hnm.kmeans import kmeans
 from hnm.miner import Tables, eligible_phrases
 from hnm.outcome import REASON_LABELS, REASONS
 from hnm.outputs import read_records

@@ -13,7 +13,7 @@ from hnm.config import Config
 from hnm.data import anchor_uniforms
 from hnm.engine import mine_arrays
 from hnm.grid import finalize
-from hnm.index import kmeans
+from hnm.kmeans import kmeans
 from hnm.metrics import Metrics
 from hnm.miner import Tables, eligible_phrases
 from hnm.select import FreeRows, PhraseWindow
