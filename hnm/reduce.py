@@ -14,7 +14,7 @@ from hnm import report
 from hnm.callbacks import Progress, no_progress
 from hnm.config import Config
 from hnm.data import Dataset, anchor_uniforms, duplicate_images
-from hnm.engine import Candidates, make_selector, select
+from hnm.engine import Candidates, make_selector, select_negatives
 from hnm.metrics import Metrics
 from hnm.outcome import Outcomes
 from hnm.outputs import write_negatives, write_suspects
@@ -83,7 +83,7 @@ def reduce_phase(config: Config, run: RunDir, ds: Dataset, plan: Plan,
     shards = ((np.arange(*s.anchors), Candidates.from_arrays(read_npz(run.candidates(s.shard))))
               for s in plan.shards)
     picks, parts, suspects, why = [], [], [], []
-    for done in select(config, selector, shards, u, ds.phrases):
+    for done in select_negatives(config, selector, shards, u, ds.phrases):
         picks += done.picks
         parts.append(done.metrics)
         suspects += done.suspects

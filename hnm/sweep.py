@@ -16,7 +16,7 @@ import numpy as np
 
 from hnm.config import Config
 from hnm.data import Dataset, anchor_uniforms, load_dataset
-from hnm.engine import ANCHOR_BATCH, Candidates, find_candidates, make_selector, select
+from hnm.engine import ANCHOR_BATCH, Candidates, find_candidates, make_selector, select_negatives
 from hnm.errors import HnmError
 from hnm.metrics import Metrics
 from hnm.miner import Ragged, Tables, cut, neighbours
@@ -213,8 +213,8 @@ def evaluate(saved: Saved, config: Config, cands: Candidates, widen: Callable
     selector = make_selector(config, saved.tab, saved.ds.phrases)
     selector.widen = widen
     shards = ((np.arange(*s.anchors), cands.window(*s.anchors)) for s in saved.plan.shards)
-    parts = [done.metrics for done in select(config, selector, shards, saved.u,
-                                             saved.ds.phrases)]
+    parts = [done.metrics
+             for done in select_negatives(config, selector, shards, saved.u, saved.ds.phrases)]
     summary = sum(parts, start=Metrics()).summary()
     # work done, not a result: it depends on which diverse lists were computed ahead
     summary.pop("diverse_widened_searches")
