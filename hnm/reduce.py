@@ -15,7 +15,7 @@ from hnm.callbacks import Progress, no_progress
 from hnm.config import Config
 from hnm.data import Dataset, anchor_uniforms, duplicate_images
 from hnm.engine import Candidates, make_selector, select_negatives
-from hnm.metrics import Metrics
+from hnm.metrics import Metrics, phrase_diversity_vs_data
 from hnm.outcome import Outcomes
 from hnm.outputs import write_negatives, write_suspects
 from hnm.plan import Plan, provenance
@@ -111,8 +111,7 @@ def metrics_document(config: Config, ds: Dataset, plan: Plan, parts: list[Metric
     total = sum(parts, start=Metrics())
     summary = total.summary()
     summary["distinct_answers"] = len(ds.phrases)
-    summary["phrase_diversity_vs_data"] = round(summary["distinct_negative_phrases"]
-                                                / len(ds.phrases), 6)
+    summary["phrase_diversity_vs_data"] = phrase_diversity_vs_data(summary, len(ds.phrases))
     summary["skipped_missing_image"] = len(ds.skipped.get("missing_image", []))
     summary["records"] = len(ds.records)
     summary["candidates"] = len(ds)

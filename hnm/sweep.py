@@ -18,7 +18,7 @@ from hnm.config import Config
 from hnm.data import Dataset, anchor_uniforms, load_dataset
 from hnm.engine import ANCHOR_BATCH, Candidates, find_candidates, make_selector, select_negatives
 from hnm.errors import HnmError
-from hnm.metrics import Metrics
+from hnm.metrics import Metrics, phrase_diversity_vs_data
 from hnm.miner import Ragged, Tables, cut, neighbours
 from hnm.outcome import REASON_LABELS, REASONS
 from hnm.pages import CSS, esc, fmt, page, table
@@ -218,8 +218,8 @@ def evaluate(saved: Saved, config: Config, cands: Candidates, widen: Callable
     summary = sum(parts, start=Metrics()).summary()
     # work done, not a result: it depends on which diverse lists were computed ahead
     summary.pop("diverse_widened_searches")
-    summary["phrase_diversity_vs_data"] = round(summary["distinct_negative_phrases"]
-                                                / len(saved.ds.phrases), 6)
+    summary["phrase_diversity_vs_data"] = phrase_diversity_vs_data(summary,
+                                                                   len(saved.ds.phrases))
     return summary
 
 
