@@ -21,6 +21,7 @@ import numpy as np
 
 from hnm import pickles
 from hnm.config import Fields, tensor_normalization
+from hnm.decoding import first_line
 from hnm.errors import HnmError
 from hnm.readers import ImageRef, Part, Shard
 
@@ -208,7 +209,7 @@ def tokenizer(path: str | None, max_length: int | None) -> Any:
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as exc:
         raise HnmError(f"--tokenizer {path}: not a readable tokenizer folder "
-                       f"({str(exc).splitlines()[0][:120]})") from None
+                       f"({first_line(str(exc))[:120]})") from None
     return lambda text: tok(text, max_length=max_length, padding="max_length",
                             truncation=True, return_tensors="pt")
 

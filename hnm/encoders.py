@@ -9,7 +9,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from hnm.decoding import reading
+from hnm.decoding import first_line, reading
 from hnm.errors import HnmError
 from hnm.precision import autocast
 
@@ -241,7 +241,7 @@ def _hf_config(source: str) -> Any:
         except (OSError, ValueError) as exc:
             raise HnmError(
                 f"encoder '{source}' is neither a built-in encoder nor a readable local model "
-                f"folder ({str(exc).splitlines()[0][:120]}); hub models need network access: "
+                f"folder ({first_line(str(exc))[:120]}); hub models need network access: "
                 "download the model elsewhere and pass its folder") from None
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from hnm import __version__
+from hnm.decoding import first_line
 from hnm.errors import HnmError
 from hnm.safety import Area
 
@@ -63,7 +64,7 @@ def read_json(path: Path, what: str = "rerun with --overwrite to write it again"
 def _reason(exc: Exception) -> str:
     if isinstance(exc, json.JSONDecodeError):
         return f"not valid JSON at line {exc.lineno}: {exc.msg}"
-    return getattr(exc, "strerror", None) or str(exc).splitlines()[0]
+    return getattr(exc, "strerror", None) or first_line(str(exc))
 
 
 def read_npy(path: Path, mmap: bool = False) -> np.ndarray:
