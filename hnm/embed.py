@@ -50,15 +50,16 @@ def torch_setup(device: str) -> Any:
     return torch.device(device)
 
 
-def loader_workers(requested: int | None, device: str, gpu_workers: int) -> int:
+def loader_workers(requested: int | None, device: str, local_workers: int) -> int:
     """Data-loading processes of one worker: --num-workers, or on a GPU the cores left to
-    each GPU worker after its own process; none on CPU, where model workers already fill
-    every core and decoding costs a few percent of an image's time."""
+    each of the machine's `local_workers` worker processes after its own; none on CPU,
+    where model workers already fill every core and decoding costs a few percent of an
+    image's time."""
     if requested is not None:
         return requested
     if not device.startswith("cuda"):
         return 0
-    return max(1, min(MAX_LOADER_WORKERS, usable_cores() // max(1, gpu_workers) - 1))
+    return max(1, min(MAX_LOADER_WORKERS, usable_cores() // max(1, local_workers) - 1))
 
 
 class ImageFiles:

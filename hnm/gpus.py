@@ -8,6 +8,7 @@ from typing import Any
 
 from hnm.config import Config
 from hnm.errors import HnmError
+from hnm.host import available_kib
 
 
 @dataclass(frozen=True)
@@ -129,14 +130,8 @@ def usable_cores() -> int:
 
 def available_memory_gb(meminfo: str = "/proc/meminfo") -> float | None:
     """Memory the kernel can give without swapping; None when it cannot be read."""
-    try:
-        with open(meminfo) as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) / 2**20
-    except OSError:
-        pass
-    return None
+    kib = available_kib(meminfo)
+    return None if kib is None else kib / 2**20
 
 
 def cpu_workers(config: Config) -> tuple[int, str | None]:

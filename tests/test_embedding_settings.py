@@ -231,13 +231,13 @@ def test_work_is_estimated_from_what_the_run_computes():
         pytest.approx(search + 8000 / 500.0 + 3000 / 400.0)
 
 
-@pytest.mark.parametrize("requested,device,gpu_workers,want", [
+@pytest.mark.parametrize("requested,device,local_workers,want", [
     (None, "cpu", 1, 0), (3, "cpu", 1, 3), (None, "cuda:0", 1, 15), (None, "cuda:1", 2, 7),
     (None, "cuda:0", 16, 1), (0, "cuda:0", 1, 0)])
-def test_loader_workers_are_sized_from_the_cores(monkeypatch, requested, device, gpu_workers,
+def test_loader_workers_are_sized_from_the_cores(monkeypatch, requested, device, local_workers,
                                                  want):
     monkeypatch.setattr(embed, "usable_cores", lambda: 16)
-    assert embed.loader_workers(requested, device, gpu_workers) == want
+    assert embed.loader_workers(requested, device, local_workers) == want
     monkeypatch.setattr(embed, "usable_cores", lambda: 96)
     assert embed.loader_workers(None, "cuda:0", 1) == embed.MAX_LOADER_WORKERS
 
