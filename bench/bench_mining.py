@@ -21,9 +21,9 @@ from sklearn.neighbors import NearestNeighbors
 from hnm.blacklist import DEFAULT_BLACKLIST
 from hnm.config import Config
 from hnm.data import anchor_uniforms, normalize
-from hnm.encoders import finalize
-from hnm.engine import find_candidates, make_selector, mine_arrays, select
-from hnm.index import kmeans
+from hnm.engine import find_candidates, make_selector, mine_arrays, select_negatives
+from hnm.grid import finalize
+from hnm.kmeans import kmeans
 from hnm.metrics import Metrics
 from hnm.miner import Tables, eligible_phrases, threshold_steps
 from hnm.select import Pick
@@ -247,7 +247,7 @@ def engine_split(s: Setup) -> tuple[float, float, Metrics]:
 
     def selection() -> Metrics:
         selector = make_selector(s.config, s.tab, s.phrases)
-        (done,) = select(s.config, selector, [(anchors, cands)], s.u, s.phrases)
+        (done,) = select_negatives(s.config, selector, [(anchors, cands)], s.u, s.phrases)
         return done.metrics
 
     t_sel, metrics = timed(selection)

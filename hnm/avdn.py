@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from hnm import pickles
+from hnm.decoding import first_line
 from hnm.errors import HnmError
 from hnm.outputs import read_records
 from hnm.readers.avdn import load_items
@@ -53,7 +54,7 @@ def tokenizer(path: str | None, max_length: int | None) -> Any:
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as exc:
         raise HnmError(f"--tokenizer {path}: not a readable tokenizer folder "
-                       f"({str(exc).splitlines()[0][:120]})") from None
+                       f"({first_line(str(exc))[:120]})") from None
     return lambda text: tok(text, max_length=max_length, padding="max_length",
                             truncation=True, return_tensors="pt")
 

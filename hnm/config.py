@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from hnm.decoding import reading
+from hnm.decoding import first_line, reading
 from hnm.errors import HnmError
 from hnm.options import (  # the identity sets, made from the declarations
     EMBEDDING_KEYS,  # noqa: F401  (read from here by hnm.plan)
@@ -259,7 +259,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as exc:
-            raise HnmError(f"{path}: invalid YAML: {str(exc).splitlines()[0]}") from None
+            raise HnmError(f"{path}: invalid YAML: {first_line(str(exc))}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

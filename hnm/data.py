@@ -10,7 +10,7 @@ import os
 import re
 import warnings
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import partial
@@ -19,13 +19,13 @@ from typing import Any
 
 import numpy as np
 
+from hnm.callbacks import Progress, no_progress
 from hnm.config import Config, Fields
 from hnm.decoding import DECODING
 from hnm.errors import HnmError
 from hnm.readers import ImageRef, Source, payload, read_input
 
 _SPACES = re.compile(r"\s+")
-Progress = Callable[[str, int, int], None]  # (stage, done, total)
 MAX_DEPTH = 100  # levels of lists and objects a record field may hold
 CONTAINERS = (dict, list)
 SHOWN_FIELDS = 12  # field names listed when a mapping names none of them
@@ -259,10 +259,6 @@ def _check_images(label: str, images: list[Path | ImageRef], policy: str, max_pi
         raise HnmError(f"{label}: {len(bad)} {kind} missing or unreadable: {names}{more}"
                        " (--on-missing-image skip drops them)")
     return [i for i, _, _ in bad]
-
-
-def no_progress(stage: str, done: int, total: int) -> None:
-    """The progress callback of callers that show none."""
 
 
 def load_dataset(config: Config, skip: list[int] | None = None,

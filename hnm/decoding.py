@@ -44,7 +44,7 @@ def reason(exc: BaseException) -> str:
         return exc.strerror
     if isinstance(exc, tokenize.TokenError | SyntaxError) and exc.args:
         return f"malformed ({exc.args[0]})"  # a header parsed as a literal (.npy)
-    first = (str(exc).strip().splitlines() or [""])[0][:200]
+    first = first_line(str(exc).strip())[:200]
     return first or type(exc).__name__
 
 
@@ -81,3 +81,9 @@ def one_line(message: str) -> str:
     if message.isprintable():
         return message
     return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in message)
+
+
+def first_line(message: str) -> str:
+    """The first line of a message, e.g. an exception's (a library's may run on for many
+    lines); empty when it has none."""
+    return (message.splitlines() or [""])[0]

@@ -11,10 +11,12 @@ from typing import Any
 
 import numpy as np
 
-from hnm.data import Progress, image_limit, no_progress, too_large
+from hnm.callbacks import Progress, no_progress
+from hnm.data import image_limit, too_large
 from hnm.decoding import reading
-from hnm.encoders import ImageEncoder, TextEncoder, finalize
+from hnm.encoders import ImageEncoder, TextEncoder
 from hnm.errors import HnmError
+from hnm.grid import finalize
 from hnm.process import loader_worker_init
 from hnm.readers import ImageRef, holds_tensor, image_stream, read_tensor
 

@@ -1,39 +1,20 @@
-"""Image and text encoders behind one small interface, plus the one place vectors are normalised."""
+"""Image and text encoders behind one small interface."""
 
 from __future__ import annotations
 
 import importlib.metadata
 import json
-import math
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-from hnm.decoding import reading
+from hnm.decoding import first_line, reading
 from hnm.errors import HnmError
 from hnm.precision import autocast
 
 BUILTIN_VISUAL = ("efficientnet-lite0", "pixels")
 BUILTIN_TEXT = ("minilm",)
-
-
-def finalize(x: np.ndarray) -> np.ndarray:
-    """L2-normalise rows, then snap them to a grid of 2^-b.
-
-    On that grid every product of two components is exact in float64 and so is every
-    sum of `dim` of them, so a float64 dot product has one exact value whatever the
-    summation order: BLAS, einsum and the reference agree bit for bit, and ties are real
-    ties. (FAISS scores in float32: its results are only proposals, rescored exactly.)
-    """
-    x = np.asarray(x, dtype=np.float64)
-    if x.ndim != 2:
-        raise ValueError(f"expected a 2-D array of embeddings, got shape {x.shape}")
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    x = x / np.where(norms > 0, norms, 1.0)
-    bits = min(24, (53 - math.ceil(math.log2(max(2, x.shape[1])))) // 2)
-    scale = float(2**bits)
-    return (np.round(x * scale) / scale).astype(np.float32)
 
 
 def _package_version(name: str) -> str:
@@ -260,7 +241,7 @@ def _hf_config(source: str) -> Any:
         except (OSError, ValueError) as exc:
             raise HnmError(
                 f"encoder '{source}' is neither a built-in encoder nor a readable local model "
-                f"folder ({str(exc).splitlines()[0][:120]}); hub models need network access: "
+                f"folder ({first_line(str(exc))[:120]}); hub models need network access: "
                 "download the model elsewhere and pass its folder") from None
 
 

@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 
 from hnm.audit import Suspect, audit_picks, count_suspects
+from hnm.callbacks import Progress, no_progress
 from hnm.config import Config
-from hnm.data import Progress, no_progress
 from hnm.errors import HnmError
 from hnm.index import ChunkedFlatIP, SearchIndex, build_index
 from hnm.metrics import Metrics, tally
@@ -170,8 +170,9 @@ class Selected:
     outcomes: Outcomes
 
 
-def select(config: Config, selector: Selector, shards: Iterable[tuple[np.ndarray, Candidates]],
-           u: np.ndarray, phrases: list[str]) -> Iterator[Selected]:
+def select_negatives(config: Config, selector: Selector,
+                     shards: Iterable[tuple[np.ndarray, Candidates]], u: np.ndarray,
+                     phrases: list[str]) -> Iterator[Selected]:
     """The selection pass over shards in input order, one selector (one phrase window) for
     all, then the audit and each anchor's outcome; each shard's metrics are counted from
     its final picks.
@@ -221,5 +222,5 @@ def mine_arrays(config: Config, tab: Tables, phrases: list[str], u: np.ndarray,
     cands, _ = find_candidates(config, tab, anchors,
                                diverse_first=u[:num_anchors] < config.diverse_ratio)
     selector = make_selector(config, tab, phrases)
-    (done,) = select(config, selector, [(anchors, cands)], u, phrases)
+    (done,) = select_negatives(config, selector, [(anchors, cands)], u, phrases)
     return done.picks

@@ -1,5 +1,4 @@
-"""GPU discovery through NVML (the parent process never initialises CUDA), and the
-machine's available memory."""
+"""GPU discovery through NVML; the parent process never initialises CUDA."""
 
 from __future__ import annotations
 
@@ -89,15 +88,3 @@ def memory_used_gb(nvml_index: int) -> float | None:
             nvml.nvmlShutdown()
     except Exception:
         return None
-
-
-def available_memory_gb(meminfo: str = "/proc/meminfo") -> float | None:
-    """Memory the kernel can give without swapping; None when it cannot be read."""
-    try:
-        with open(meminfo) as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) / 2**20
-    except OSError:
-        pass
-    return None

@@ -1,5 +1,6 @@
-"""Inner-product search over every row of a table — exact (FAISS, torch, or chunked numpy)
-or approximate (a FAISS IVF index) — and seeded k-means.
+"""Exact inner-product search over every row of a table (FAISS, torch, or chunked numpy),
+and what every index shares (the `SearchIndex` protocol, error bounds, threads, placement);
+the approximate IVF index is in `hnm.ivf`.
 
 Every index here only *proposes* rows: each proposal's score is within the index's `eps`
 of its exact similarity, and the miner rescores exactly (see `miner.exact_prefix`), so
@@ -8,10 +9,7 @@ which kernel ran never changes a result.
 
 from __future__ import annotations
 
-import copy
-import math
 import sys
-from collections.abc import Iterator
 from typing import Any, Protocol
 
 import numpy as np
@@ -68,7 +66,7 @@ _threads: list[int] = []  # the count set_threads was last given, for torch load
 def set_threads(threads: int) -> None:
     """Threads of FAISS and torch in this process (CPU workers share the machine's cores).
     torch is only told where it is loaded (a model ran, or the torch search backend runs,
-    see `_torch`): importing it takes seconds that a run on precomputed embeddings saves."""
+    see `threaded_torch`): importing it takes seconds that a run on precomputed embeddings saves."""
     _threads[:] = [threads]
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(threads)
@@ -78,7 +76,7 @@ def set_threads(threads: int) -> None:
         faiss.omp_set_num_threads(threads)
 
 
-def _torch() -> Any:
+def threaded_torch() -> Any:
     """torch, with the thread count set_threads was given."""
     import torch
 
@@ -110,12 +108,26 @@ def _pad(D: np.ndarray, I: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
             np.pad(I, ((0, 0), (0, extra)), constant_values=-1))
 
 
-class ChunkedFlatIP:
+class ExactIndex:
+    """What every exact index shares: a search reaches every row, and the farthest rows
+    of a diverse list are searched in the index itself."""
+
+    exact = True
+    ntotal: int
+
+    def reach(self, xq: np.ndarray) -> np.ndarray:
+        return np.full(len(xq), self.ntotal)
+
+    @property
+    def far(self) -> SearchIndex:
+        return self
+
+
+class ChunkedFlatIP(ExactIndex):
     """Exact search on the host, a block of rows at a time, over any array (a memory map
     is read block by block and never copied whole)."""
 
     kind = "chunked-cpu"
-    exact = True
 
     def __init__(self, xb: np.ndarray) -> None:
         self.xb = xb
@@ -136,13 +148,6 @@ class ChunkedFlatIP:
             D, I = _best(D, I, np.take_along_axis(S, top, 1), s + top, kk)
         return _pad(*_sorted(D, I), k)
 
-    def reach(self, xq: np.ndarray) -> np.ndarray:
-        return np.full(len(xq), self.ntotal)
-
-    @property
-    def far(self) -> SearchIndex:
-        return self
-
 
 def _best(D: np.ndarray, I: np.ndarray, D2: np.ndarray, I2: np.ndarray, k: int
           ) -> tuple[np.ndarray, np.ndarray]:
@@ -157,14 +162,12 @@ def _sorted(D: np.ndarray, I: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.take_along_axis(D, order, 1), np.take_along_axis(I, order, 1)
 
 
-class FaissFlatIP:
+class FaissFlatIP(ExactIndex):
     """faiss.IndexFlatIP on the host, or on a GPU (float16 storage where asked).
 
     A GPU refuses k > GPU_MAX_K: such searches (anchors among thousands of near-duplicates)
     go to `wide`, an exact search on the host, instead. `max_k` is that limit.
     """
-
-    exact = True
 
     def __init__(self, xb: np.ndarray, gpu: int | None = None, float16: bool = False,
                  max_k: int | None = None) -> None:
@@ -191,25 +194,16 @@ class FaissFlatIP:
         D, I = self.index.search(np.ascontiguousarray(xq, dtype=np.float32), k)  # (nq, k)
         return D, I.astype(np.int64)
 
-    def reach(self, xq: np.ndarray) -> np.ndarray:
-        return np.full(len(xq), self.ntotal)
 
-    @property
-    def far(self) -> SearchIndex:
-        return self
-
-
-class TorchFlatIP:
+class TorchFlatIP(ExactIndex):
     """Exact k-NN with a matrix product and top-k, for devices without faiss-gpu.
 
     Queries go through in chunks whose score block stays within SCORE_BYTES whatever N
     is; rows stored in float16 are converted to float32 a block at a time.
     """
 
-    exact = True
-
     def __init__(self, xb: np.ndarray, device: Any = "cpu", float16: bool = False) -> None:
-        torch = _torch()
+        torch = threaded_torch()
         dtype = torch.float16 if float16 else torch.float32
         # a block at a time; torch wants writable arrays (a memory-mapped table is not)
         self.xb = torch.cat([torch.from_numpy(np.require(xb[s:s + (1 << 16)], np.float32,
@@ -241,13 +235,6 @@ class TorchFlatIP:
             Ds.append(D.cpu().numpy())
             Is.append(I.cpu().numpy())
         return _pad(np.concatenate(Ds), np.concatenate(Is).astype(np.int64), k)
-
-    def reach(self, xq: np.ndarray) -> np.ndarray:
-        return np.full(len(xq), self.ntotal)
-
-    @property
-    def far(self) -> SearchIndex:
-        return self
 
 
 def _torch_best(D: Any, I: Any, D2: Any, I2: Any, k: int) -> tuple[Any, Any]:
@@ -292,251 +279,3 @@ def build_index(xb: np.ndarray, device: str = "cpu", float16: bool = False,
     if gpu is not None and faiss_gpu():
         return FaissFlatIP(xb, gpu, float16, max_k)
     return TorchFlatIP(xb, device, float16)
-
-
-# ---- approximate: a FAISS IVF index ------------------------------------------------------
-
-
-def ivf_shape(n: int) -> tuple[int, int]:
-    """(nlist, nprobe) for n rows: about sqrt(n) lists, a power of two (lists of ~1,000
-    rows at a million); the probes scan 1/80 of the lists, at least 8 (recall@30 0.99 on
-    bench_scale's million rows, 0.97 with 8 probes)."""
-    nlist = 2 ** max(0, round(math.log2(max(1.0, math.sqrt(n)))))
-    return nlist, min(nlist, max(8, nlist // 80))
-
-
-# Queries per IVF search: each list is read once per search and multiplied with all the
-# queries probing it, so more queries per search make fewer, larger products.
-IVF_BATCH = 8192
-
-
-def train_ivf(V: np.ndarray, nlist: int, seed: int, sample: int) -> Any:
-    """A FAISS IVF index over every row of V (its lists hold the float32 rows).
-
-    Centroids: spherical k-means on a seeded sample of `sample` rows, snapped to the
-    embedding grid so that which lists a query probes is computed exactly (see
-    `IvfIndex.probes`). Rows are added a block at a time (V may be a memory map).
-    """
-    import faiss
-
-    from hnm.encoders import finalize
-
-    centroids = finalize(_faiss_centroids(_sample(V, sample, seed), nlist, seed, 20))
-    quantizer = faiss.IndexFlatIP(V.shape[1])
-    quantizer.add(centroids)
-    index = faiss.IndexIVFFlat(quantizer, V.shape[1], len(centroids),
-                               faiss.METRIC_INNER_PRODUCT)
-    for s in range(0, V.shape[0], 1 << 16):
-        index.add(np.ascontiguousarray(V[s:s + (1 << 16)], dtype=np.float32))
-    return index
-
-
-def _sample(x: np.ndarray, size: int, seed: int) -> np.ndarray:
-    """A seeded sample of rows in row order (every row when there are no more)."""
-    if x.shape[0] <= size:
-        return np.asarray(x, dtype=np.float32)
-    rows = np.sort(np.random.default_rng(seed).choice(x.shape[0], size, replace=False))
-    return np.asarray(x[rows], dtype=np.float32)
-
-
-class IvfIndex:
-    """Search through a FAISS IVF index: every row of the `nprobe` lists whose centroids
-    score highest against the query, ranked by float32 (or, on a GPU short of memory,
-    float16) products.
-
-    Which lists are probed is exact (float64 products of grid values, ties to the lowest
-    list), so a query probes the same lists on every device and in every batch; within
-    them the proposals are certain up to `eps`, as an exact search's are. The lists are
-    scanned one at a time, all the queries probing a list together (one matrix product),
-    with torch on the host or on a GPU.
-    """
-
-    exact = False
-
-    def __init__(self, index: Any, nprobe: int, device: str = "cpu",
-                 float16: bool = False, far_nprobe: int | None = None) -> None:
-        import faiss
-
-        torch = _torch()
-        self.device = torch.device(device)
-        self.nlist, self.ntotal, d = index.nlist, index.ntotal, index.d
-        self.nprobe = min(nprobe, self.nlist)
-        xb = faiss.downcast_index(index.quantizer).get_xb()
-        centroids = faiss.rev_swig_ptr(xb, self.nlist * d).reshape(self.nlist, d)
-        self.centroids = torch.from_numpy(centroids.astype(np.float64))
-        self.centroids32 = torch.from_numpy(centroids.astype(np.float32))
-        lists = faiss.extract_index_ivf(index).invlists
-        self.sizes = np.array([lists.list_size(j) for j in range(self.nlist)], np.int64)
-        dtype = torch.float16 if float16 else torch.float32
-        self.ids, self.vectors = [], []
-        for j, n in enumerate(self.sizes.tolist()):
-            ids = faiss.rev_swig_ptr(lists.get_ids(j), n) if n else np.zeros(0, np.int64)
-            codes = faiss.rev_swig_ptr(lists.get_codes(j), n * lists.code_size) if n \
-                else np.zeros(0, np.uint8)
-            self.ids.append(torch.from_numpy(np.array(ids, np.int64)).to(self.device))
-            vectors = torch.from_numpy(np.frombuffer(codes, np.float32).reshape(n, d))
-            self.vectors.append(vectors.to(self.device, dtype))  # on the host: no copy
-        self.index = index  # owns the lists' memory (a memory map when loaded so)
-        self.eps = search_eps(d, float16)
-        self.kind = f"ivf-{self.device.type}" + ("-fp16" if float16 else "")
-        self.batch = IVF_BATCH
-        self._far: IvfIndex | None = None
-        if far_nprobe is not None and far_nprobe != self.nprobe:
-            self._far = copy.copy(self)  # the same lists, fewer probes
-            self._far.nprobe = min(far_nprobe, self.nlist)
-
-    @property
-    def far(self) -> IvfIndex:
-        return self._far or self
-
-    def probes(self, xq: np.ndarray) -> np.ndarray:
-        """(nq, nprobe) lists each query probes, ascending: those of the nprobe highest
-        exact centroid scores, ties to the lowest list.
-
-        float32 scores decide wherever the nprobe-th and the next one are more than twice
-        their error apart (then the exact order agrees); other queries are scored exactly.
-        """
-        import torch
-
-        if self.nprobe >= self.nlist:
-            return np.broadcast_to(np.arange(self.nlist), (len(xq), self.nlist)).copy()
-        xq = np.asarray(xq, np.float32)
-        scores = (torch.from_numpy(xq) @ self.centroids32.T).numpy()
-        part = -np.partition(-scores, self.nprobe, axis=1)
-        inner, outer = part[:, :self.nprobe].min(axis=1), part[:, self.nprobe]
-        out = np.empty((len(xq), self.nprobe), np.int64)
-        clear = inner - outer > 2 * self.eps
-        out[clear] = np.nonzero(scores[clear] >= inner[clear, None])[1].reshape(-1, self.nprobe)
-        if not clear.all():
-            exact = (torch.from_numpy(xq[~clear].astype(np.float64)) @ self.centroids.T).numpy()
-            out[~clear] = self._exact_probes(exact)
-        return out
-
-    def _exact_probes(self, scores: np.ndarray) -> np.ndarray:
-        cut = -np.partition(-scores, self.nprobe - 1, axis=1)[:, self.nprobe - 1:self.nprobe]
-        tied = scores == cut
-        need = self.nprobe - (scores > cut).sum(axis=1, keepdims=True)
-        chosen = (scores > cut) | (tied & (np.cumsum(tied, axis=1) <= need))
-        return np.nonzero(chosen)[1].reshape(len(scores), self.nprobe)
-
-    def reach(self, xq: np.ndarray) -> np.ndarray:
-        return self.sizes[self.probes(xq)].sum(axis=1)
-
-    def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        import torch
-
-        xq = np.ascontiguousarray(xq, dtype=np.float32)
-        probes = self.probes(xq)
-        q = torch.from_numpy(xq).to(self.device)
-        # each query's best k of each probed list, then its best k of those
-        D = torch.full((len(xq), self.nprobe, k), -torch.inf, device=self.device)
-        I = torch.full(D.shape, -1, dtype=torch.int64, device=self.device)
-        for j, who, slot in _by_list(probes, self.device):
-            kk = min(k, int(self.sizes[j]))
-            S = q[who] @ self.vectors[j].to(torch.float32).T  # (queries of list j, n_j)
-            top, pos = torch.topk(S, kk, dim=1, sorted=False)
-            D[who, slot, :kk] = top
-            I[who, slot, :kk] = self.ids[j][pos]
-        top, pos = torch.topk(D.reshape(len(xq), -1), k, dim=1)
-        rows = torch.gather(I.reshape(len(xq), -1), 1, pos)
-        return top.cpu().numpy(), rows.cpu().numpy()
-
-
-def _by_list(probes: np.ndarray, device: Any) -> Iterator[tuple[int, Any, Any]]:
-    """(list, the queries probing it, their probe slot) for every probed non-empty list."""
-    import torch
-
-    flat = probes.ravel()
-    order = np.argsort(flat, kind="stable")
-    lists = flat[order]
-    query, slot = np.divmod(order, probes.shape[1])
-    edges = np.concatenate([[0], np.flatnonzero(np.diff(lists)) + 1, [len(lists)]])
-    for s, e in zip(edges[:-1], edges[1:]):
-        yield (int(lists[s]), torch.from_numpy(query[s:e]).to(device),
-               torch.from_numpy(slot[s:e]).to(device))
-
-
-def load_ivf(path: str) -> Any:
-    """The saved IVF index, its lists memory-mapped (shared by every worker on a machine)."""
-    import faiss
-
-    return faiss.read_index(path, faiss.IO_FLAG_MMAP)
-
-
-# ---- k-means ------------------------------------------------------------------------------
-
-# k-means trains on every row up to this many, on a seeded sample of this many above:
-# clusters only need to be coarse ("elsewhere in the visual space"), and a sample keeps
-# training time and memory flat in N.
-KMEANS_SAMPLE = 100_000
-LABEL_BLOCK = 1 << 16  # rows labelled per step: a (block, k) float64 score array
-
-
-def kmeans(x: np.ndarray, k: int, seed: int, niter: int = 20) -> tuple[np.ndarray, np.ndarray]:
-    """Spherical k-means; returns (labels (n,), centroids (k, d)).
-
-    Trained on every point up to KMEANS_SAMPLE, else on a seeded sample; `x` may be a
-    memory map. One implementation whatever is installed (`_lloyd`, in float64), so the
-    clusters, and the diverse negatives drawn from them, never depend on whether FAISS is
-    there. Labels are the float64 argmax over the centroids (ties to the lowest centroid),
-    computed a block at a time. The centroids are not on the embedding grid, so these dot
-    products are not exact: a point almost equidistant from two centroids could be
-    labelled differently by another BLAS, which moves it to the other cluster and nothing
-    more. `niter`: clusters only need to be coarse.
-    """
-    k = min(k, len(x))
-    if k == 1:
-        centroids = np.asarray(x, dtype=np.float32).mean(axis=0, keepdims=True) \
-            if len(x) <= KMEANS_SAMPLE else _block_mean(x)
-    else:
-        centroids = _lloyd(_sample(x, KMEANS_SAMPLE, seed), k, seed, niter)
-    labels = np.concatenate([_nearest(x[s:s + LABEL_BLOCK], centroids.astype(np.float64))
-                             for s in range(0, len(x), LABEL_BLOCK)])
-    return labels, centroids
-
-
-def _nearest(block: np.ndarray, centroids: np.ndarray) -> np.ndarray:
-    """(n,) index of the highest-scoring float64 centroid of each row (lowest on ties)."""
-    return (np.asarray(block, np.float64) @ centroids.T).argmax(axis=1).astype(np.int64)
-
-
-def _block_mean(x: np.ndarray) -> np.ndarray:
-    total = sum(np.asarray(x[s:s + LABEL_BLOCK], np.float64).sum(axis=0)
-                for s in range(0, len(x), LABEL_BLOCK))
-    return (total / len(x)).astype(np.float32)[None, :]
-
-
-def _faiss_centroids(x: np.ndarray, k: int, seed: int, niter: int) -> np.ndarray:
-    """FAISS's spherical k-means, for the IVF lists only (an IVF index needs FAISS anyway,
-    and its lists change which rows are proposed, never how they are scored)."""
-    import faiss
-
-    # max_points_per_centroid: train on every point given, never a subsample
-    km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed, spherical=True,
-                      max_points_per_centroid=len(x) // k + 1, min_points_per_centroid=1,
-                      verbose=False)
-    km.train(np.ascontiguousarray(x, dtype=np.float32))
-    return np.asarray(km.centroids, dtype=np.float32)
-
-
-def _lloyd(x: np.ndarray, k: int, seed: int, niter: int) -> np.ndarray:
-    """Spherical Lloyd iterations from k seeded distinct rows (float32 products, as FAISS's
-    k-means does; the final labels are float64, see `kmeans`); a centroid that loses every
-    member keeps its place. Members are summed in float64, a block of rows at a time (grouped
-    by label), so memory stays at one block whatever the sample size."""
-    rng = np.random.default_rng(seed)
-    centroids = np.asarray(x[rng.choice(len(x), size=k, replace=False)], np.float32)
-    centroids /= np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
-    for _ in range(niter):
-        sums = np.zeros(centroids.shape, np.float64)
-        for s in range(0, len(x), LABEL_BLOCK):
-            block = np.asarray(x[s:s + LABEL_BLOCK], np.float32)
-            labels = (block @ centroids.T).argmax(axis=1)
-            grouped = block[np.argsort(labels, kind="stable")]
-            ends = np.cumsum(np.bincount(labels, minlength=k))
-            for c, (a, b) in enumerate(zip(np.concatenate([[0], ends[:-1]]), ends)):
-                sums[c] += grouped[a:b].sum(axis=0, dtype=np.float64)
-        norms = np.linalg.norm(sums, axis=1, keepdims=True)
-        moved = norms[:, 0] > 0
-        centroids[moved] = sums[moved] / norms[moved]
-    return centroids

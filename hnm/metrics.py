@@ -216,5 +216,11 @@ def _count(m: Metrics, pick: Pick, phrase: int, lengths: Sequence[int], min_visu
         m.diverse_other_cluster += pick.negative_cluster != pick.anchor_cluster
 
 
+def phrase_diversity_vs_data(summary: dict[str, Any], distinct_answers: int) -> float:
+    """SPEC §9's phrase diversity against the data: the distinct negative phrases of a
+    `Metrics.summary()` per distinct answer in the input (the run's and a sweep's alike)."""
+    return round(summary["distinct_negative_phrases"] / distinct_answers, 6)
+
+
 def _ratio(a: float, b: float) -> float | None:
     return round(a / b, 6) if b else None

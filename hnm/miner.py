@@ -1,7 +1,7 @@
 """Pure, vectorised candidate generation: arrays in, arrays out, no I/O.
 
 Similarities are exact float64 dot products of grid-snapped embeddings (see
-`encoders.finalize`); an index (exact, or IVF over the lists it probes) only proposes
+`grid.finalize`); an index (exact, or IVF over the lists it probes) only proposes
 rows, and a row list is widened until the exact order is certain, so the results never
 depend on the search kernel, the device or the batch.
 """

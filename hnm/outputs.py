@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from hnm.audit import Suspect, is_suspect
+from hnm.callbacks import Progress, no_progress
 from hnm.config import Config
-from hnm.data import Dataset, Progress, no_progress
+from hnm.data import Dataset
 from hnm.outcome import RULES, Outcomes
 from hnm.select import Pick
 from hnm.storage import RunDir

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from hnm import gpus, precision, sizing
+from hnm import gpus, host, precision, sizing
 from hnm.config import Config
 from hnm.data import Dataset
 from hnm.encoders import embedding_dim
@@ -101,7 +101,7 @@ def cpu_workers(config: Config) -> tuple[int, str | None]:
     if config.cpu_workers is not None:
         return config.cpu_workers, None
     cores = usable_cores()
-    memory = gpus.available_memory_gb()
+    memory = host.available_memory_gb()
     fits = cores if memory is None else max(1, int(memory // CPU_WORKER_GB))
     if fits < cores:
         return fits, (f"{memory:.1f} GiB of memory available, about {CPU_WORKER_GB} GiB "

@@ -12,8 +12,9 @@ from typing import Any
 import numpy as np
 
 from hnm.blacklist import read_blacklist
+from hnm.callbacks import Progress, no_progress
 from hnm.config import EMBEDDING_KEYS, Config, config_hash
-from hnm.data import Dataset, Progress, file_stats, load_dataset, no_progress
+from hnm.data import Dataset, file_stats, load_dataset
 from hnm.embed import check_precomputed
 from hnm.encoders import BUILTIN_TEXT, BUILTIN_VISUAL, check_encoder_name, describe_encoder
 from hnm.errors import HnmError

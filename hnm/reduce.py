@@ -11,10 +11,11 @@ from typing import Any
 import numpy as np
 
 from hnm import report
+from hnm.callbacks import Progress, no_progress
 from hnm.config import Config
-from hnm.data import Dataset, Progress, anchor_uniforms, duplicate_images, no_progress
-from hnm.engine import Candidates, make_selector, select
-from hnm.metrics import Metrics
+from hnm.data import Dataset, anchor_uniforms, duplicate_images
+from hnm.engine import Candidates, make_selector, select_negatives
+from hnm.metrics import Metrics, phrase_diversity_vs_data
 from hnm.outcome import Outcomes
 from hnm.outputs import write_negatives, write_suspects
 from hnm.plan import Plan, provenance
@@ -82,7 +83,7 @@ def reduce_phase(config: Config, run: RunDir, ds: Dataset, plan: Plan,
     shards = ((np.arange(*s.anchors), Candidates.from_arrays(read_npz(run.candidates(s.shard))))
               for s in plan.shards)
     picks, parts, suspects, why = [], [], [], []
-    for done in select(config, selector, shards, u, ds.phrases):
+    for done in select_negatives(config, selector, shards, u, ds.phrases):
         picks += done.picks
         parts.append(done.metrics)
         suspects += done.suspects
@@ -110,8 +111,7 @@ def metrics_document(config: Config, ds: Dataset, plan: Plan, parts: list[Metric
     total = sum(parts, start=Metrics())
     summary = total.summary()
     summary["distinct_answers"] = len(ds.phrases)
-    summary["phrase_diversity_vs_data"] = round(summary["distinct_negative_phrases"]
-                                                / len(ds.phrases), 6)
+    summary["phrase_diversity_vs_data"] = phrase_diversity_vs_data(summary, len(ds.phrases))
     summary["skipped_missing_image"] = len(ds.skipped.get("missing_image", []))
     summary["records"] = len(ds.records)
     summary["candidates"] = len(ds)

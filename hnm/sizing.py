@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 from hnm.config import Config
 from hnm.errors import HnmError
-from hnm.index import KMEANS_SAMPLE, faiss_available, ivf_shape
+from hnm.host import available_kib
+from hnm.index import faiss_available
+from hnm.ivf import ivf_shape
+from hnm.kmeans import KMEANS_SAMPLE
 from hnm.miner import MARGIN
 
 # Exact search costs N^2 x d: up to these many rows it takes minutes (about 4 minutes for
@@ -154,12 +156,9 @@ def estimate(config: Config, s: Sizes, choice: IndexChoice) -> list[PhaseMemory]
 
 def host_available() -> float:
     """Bytes of memory available to a new process on this machine (Linux: MemAvailable)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return float(line.split()[1]) * 1024
-    except OSError:
-        pass
+    kib = available_kib()
+    if kib is not None:
+        return float(kib) * 1024
     return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 

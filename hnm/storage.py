@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from hnm.decoding import first_line
 from hnm.errors import HnmError
 from hnm.safety import Area
 from hnm.version import __version__
@@ -63,7 +64,7 @@ def read_json(path: Path, what: str = "rerun with --overwrite to write it again"
 def _reason(exc: Exception) -> str:
     if isinstance(exc, json.JSONDecodeError):
         return f"not valid JSON at line {exc.lineno}: {exc.msg}"
-    return getattr(exc, "strerror", None) or str(exc).splitlines()[0]
+    return getattr(exc, "strerror", None) or first_line(str(exc))
 
 
 def read_npy(path: Path, mmap: bool = False) -> np.ndarray:

@@ -16,10 +16,10 @@ import numpy as np
 
 from hnm.config import Config
 from hnm.data import Dataset, anchor_uniforms, load_dataset
-from hnm.engine import ANCHOR_BATCH, Candidates, find_candidates, make_selector, select
+from hnm.engine import ANCHOR_BATCH, Candidates, find_candidates, make_selector, select_negatives
 from hnm.errors import HnmError
 from hnm.lifecycle import load_run_config
-from hnm.metrics import Metrics
+from hnm.metrics import Metrics, phrase_diversity_vs_data
 from hnm.miner import Ragged, Tables, cut, neighbours
 from hnm.outcome import REASON_LABELS, REASONS
 from hnm.pages import CSS, esc, fmt, page, table
@@ -213,13 +213,13 @@ def evaluate(saved: Saved, config: Config, cands: Candidates, widen: Callable
     selector = make_selector(config, saved.tab, saved.ds.phrases)
     selector.widen = widen
     shards = ((np.arange(*s.anchors), cands.window(*s.anchors)) for s in saved.plan.shards)
-    parts = [done.metrics for done in select(config, selector, shards, saved.u,
-                                             saved.ds.phrases)]
+    parts = [done.metrics
+             for done in select_negatives(config, selector, shards, saved.u, saved.ds.phrases)]
     summary = sum(parts, start=Metrics()).summary()
     # work done, not a result: it depends on which diverse lists were computed ahead
     summary.pop("diverse_widened_searches")
-    summary["phrase_diversity_vs_data"] = round(summary["distinct_negative_phrases"]
-                                                / len(saved.ds.phrases), 6)
+    summary["phrase_diversity_vs_data"] = phrase_diversity_vs_data(summary,
+                                                                   len(saved.ds.phrases))
     return summary
 
 

@@ -15,7 +15,9 @@ from hnm.config import Config
 from hnm.data import Dataset, Progress, no_progress, normalize
 from hnm.engine import recall_at_k, recall_sample
 from hnm.errors import HnmError
-from hnm.index import IvfIndex, SearchIndex, build_index, kmeans, load_ivf, placement, train_ivf
+from hnm.index import SearchIndex, build_index, placement
+from hnm.ivf import IvfIndex, load_ivf, train_ivf
+from hnm.kmeans import kmeans
 from hnm.miner import Tables, eligible_phrases
 from hnm.plan import Plan
 from hnm.safety import Area

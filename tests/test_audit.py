@@ -16,9 +16,9 @@ from test_engine import random_case
 
 from hnm.cli import main
 from hnm.data import anchor_uniforms, duplicate_images
-from hnm.encoders import finalize
-from hnm.engine import Selected, find_candidates, make_selector, select
-from hnm.index import kmeans
+from hnm.engine import Selected, find_candidates, make_selector, select_negatives
+from hnm.grid import finalize
+from hnm.kmeans import kmeans
 from hnm.miner import Tables, eligible_phrases
 
 
@@ -33,8 +33,8 @@ def selection(seed: int, **changes) -> tuple:
     anchors = np.arange(n)
     u = anchor_uniforms([f"r{i}" for i in range(n)], config.seed)
     cands, _ = find_candidates(config, tab, anchors)
-    (done,) = select(config, make_selector(config, tab, phrases), [(anchors, cands)], u,
-                     phrases)
+    (done,) = select_negatives(config, make_selector(config, tab, phrases), [(anchors, cands)],
+                               u, phrases)
     return config, tab, phrases, u, done
 
 

@@ -23,7 +23,8 @@ from hnm.api import make
 from hnm.cli import main
 from hnm.config import Config
 from hnm.embed import embed_images
-from hnm.encoders import build_image_encoder, finalize
+from hnm.encoders import build_image_encoder
+from hnm.grid import finalize
 from hnm.readers import read_input
 
 # The tiny random text encoder finds every pair of texts alike: a threshold this high lets

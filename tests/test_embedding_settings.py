@@ -19,11 +19,12 @@ from test_encoders import embed_images as raw_image_features
 from test_encoders import embed_texts as raw_text_features
 from test_gpus import FakeNvml
 
-from hnm import embed, gpus, placement, precision, sizing
+from hnm import embed, gpus, host, placement, precision, sizing
 from hnm.config import Config, Fields
 from hnm.demo import make_demo
-from hnm.encoders import build_image_encoder, build_text_encoder, finalize
+from hnm.encoders import build_image_encoder, build_text_encoder
 from hnm.errors import HnmError
+from hnm.grid import finalize
 from hnm.lifecycle import prepare
 from hnm.placement import Offer
 from hnm.plan import TEXT_BATCH, make_shards
@@ -180,7 +181,7 @@ def test_efficientnet_runs_channels_last_with_batch_norms_folded_in_fp32():
 
 def test_cpu_workers_default_to_every_usable_core(monkeypatch):
     monkeypatch.setattr(placement, "usable_cores", lambda: 6)
-    monkeypatch.setattr(gpus, "available_memory_gb", lambda: 64.0)
+    monkeypatch.setattr(host, "available_memory_gb", lambda: 64.0)
     assert placement.cpu_workers(Config()) == (6, None)
     assert placement.choose_devices(Config(), []) == ["cpu"] * 6
     assert placement.cpu_workers(Config(cpu_workers=2)) == (2, None)
@@ -190,7 +191,7 @@ def test_cpu_workers_default_to_every_usable_core(monkeypatch):
 
 def test_fewer_cpu_workers_when_memory_is_short_and_the_line_says_why(monkeypatch):
     monkeypatch.setattr(placement, "usable_cores", lambda: 8)
-    monkeypatch.setattr(gpus, "available_memory_gb", lambda: 4.7)
+    monkeypatch.setattr(host, "available_memory_gb", lambda: 4.7)
     assert placement.choose_devices(Config(), []) == ["cpu"] * 3
     assert placement.describe([], "no NVML", ["cpu"] * 3, Config()) == [
         "No GPU: no NVML. Running on 3 CPU worker(s). (4.7 GiB of memory available, about "
@@ -200,8 +201,8 @@ def test_fewer_cpu_workers_when_memory_is_short_and_the_line_says_why(monkeypatc
 def test_available_memory_is_read_from_meminfo(tmp_path):
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal:       24000000 kB\nMemAvailable:    3145728 kB\n")
-    assert gpus.available_memory_gb(str(meminfo)) == 3.0
-    assert gpus.available_memory_gb(str(tmp_path / "missing")) is None
+    assert host.available_memory_gb(str(meminfo)) == 3.0
+    assert host.available_memory_gb(str(tmp_path / "missing")) is None
 
 
 @pytest.mark.parametrize("work,cores,want", [(0.5, 4, 1), (3.9, 4, 1), (4.1, 4, 4),
@@ -233,13 +234,13 @@ def test_work_is_estimated_from_what_the_run_computes():
         pytest.approx(search + 8000 / 500.0 + 3000 / 400.0)
 
 
-@pytest.mark.parametrize("requested,device,gpu_workers,want", [
+@pytest.mark.parametrize("requested,device,local_workers,want", [
     (None, "cpu", 1, 0), (3, "cpu", 1, 3), (None, "cuda:0", 1, 15), (None, "cuda:1", 2, 7),
     (None, "cuda:0", 16, 1), (0, "cuda:0", 1, 0)])
-def test_loader_workers_are_sized_from_the_cores(monkeypatch, requested, device, gpu_workers,
+def test_loader_workers_are_sized_from_the_cores(monkeypatch, requested, device, local_workers,
                                                  want):
     monkeypatch.setattr(placement, "usable_cores", lambda: 16)
-    assert placement.loader_workers(requested, device, gpu_workers) == want
+    assert placement.loader_workers(requested, device, local_workers) == want
     monkeypatch.setattr(placement, "usable_cores", lambda: 96)
     assert placement.loader_workers(None, "cuda:0", 1) == placement.MAX_LOADER_WORKERS
 

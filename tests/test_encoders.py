@@ -14,7 +14,8 @@ from PIL import Image
 from hnm.data import normalize
 from hnm.demo import make_demo
 from hnm.embed import ImageFiles
-from hnm.encoders import build_image_encoder, build_text_encoder, finalize
+from hnm.encoders import build_image_encoder, build_text_encoder
+from hnm.grid import finalize
 
 CPU = torch.device("cpu")
 TEXTS = ["Fly north along the road until you reach the red roof.",

@@ -8,9 +8,9 @@ from reference import reference_mine
 
 from hnm.config import Config
 from hnm.data import anchor_uniforms
-from hnm.encoders import finalize
 from hnm.engine import mine_arrays
-from hnm.index import kmeans
+from hnm.grid import finalize
+from hnm.kmeans import kmeans
 from hnm.miner import Tables, eligible_phrases
 
 WORDS = ("fly north south east west along road river lake field roof red grey building "

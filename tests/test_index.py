@@ -11,17 +11,11 @@ import pytest
 from builders import needs_faiss
 
 from hnm import index as hindex
-from hnm.encoders import finalize
-from hnm.index import (
-    ChunkedFlatIP,
-    FaissFlatIP,
-    IvfIndex,
-    TorchFlatIP,
-    ivf_shape,
-    kmeans,
-    placement,
-    train_ivf,
-)
+from hnm import kmeans as hkmeans
+from hnm.grid import finalize
+from hnm.index import ChunkedFlatIP, FaissFlatIP, TorchFlatIP, placement
+from hnm.ivf import IvfIndex, ivf_shape, train_ivf
+from hnm.kmeans import kmeans
 from hnm.miner import nearest
 
 
@@ -204,8 +198,8 @@ def test_kmeans_on_a_sample_labels_every_row(monkeypatch):
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(5, 6))[rng.integers(0, 5, 3000)]
     x = finalize(centres + 0.1 * rng.normal(size=(3000, 6)))
-    monkeypatch.setattr(hindex, "KMEANS_SAMPLE", 500)
-    monkeypatch.setattr(hindex, "LABEL_BLOCK", 128)
+    monkeypatch.setattr(hkmeans, "KMEANS_SAMPLE", 500)
+    monkeypatch.setattr(hkmeans, "LABEL_BLOCK", 128)
     labels, centroids = kmeans(x, 5, seed=0)
     assert len(labels) == 3000
     want = (x.astype(np.float64) @ centroids.astype(np.float64).T).argmax(axis=1)
@@ -235,7 +229,7 @@ def test_kmeans_is_plain_lloyd_whatever_is_installed(monkeypatch, block):
     rng = np.random.default_rng(3)
     x = finalize(rng.normal(size=(8, 12))[rng.integers(0, 8, 700)]
                  + 0.3 * rng.normal(size=(700, 12)))
-    monkeypatch.setattr(hindex, "LABEL_BLOCK", block)
+    monkeypatch.setattr(hkmeans, "LABEL_BLOCK", block)
     labels, centroids = kmeans(x, 6, seed=1)
     np.testing.assert_allclose(centroids, reference_lloyd(x, 6, 1, 20), atol=1e-6)
     assert len(set(labels.tolist())) == 6

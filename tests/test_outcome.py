@@ -20,8 +20,8 @@ from test_sweep import templated
 
 from hnm.cli import main
 from hnm.data import anchor_uniforms
-from hnm.engine import find_candidates, make_selector, select
-from hnm.index import kmeans
+from hnm.engine import find_candidates, make_selector, select_negatives
+from hnm.kmeans import kmeans
 from hnm.miner import Tables, eligible_phrases
 from hnm.outcome import REASON_LABELS, REASONS
 from hnm.outputs import read_records
@@ -42,8 +42,8 @@ def both(case, drop: bool):
     u = anchor_uniforms([f"r{i}" for i in range(n)], config.seed)
     anchors = np.arange(n)
     cands, _ = find_candidates(config, tab, anchors, diverse_first=u < config.diverse_ratio)
-    (done,) = select(config, make_selector(config, tab, phrases), [(anchors, cands)], u,
-                     phrases)
+    (done,) = select_negatives(config, make_selector(config, tab, phrases), [(anchors, cands)],
+                               u, phrases)
     got = []
     for i in range(n):
         record = done.outcomes.record(i, several=True)

@@ -20,7 +20,9 @@ from hnm.cli import main
 from hnm.config import Config
 from hnm.lifecycle import load_run_config
 from hnm.plan import read_plan
-from hnm.report import BORDERLINE, FAILED, SAMPLE, SUSPECTS, THUMB
+from hnm.report_charts import reuse_rows
+from hnm.report_gallery import THUMB
+from hnm.report_scan import BORDERLINE, FAILED, SAMPLE, SUSPECTS, scan_negatives
 from hnm.storage import RunDir
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -95,7 +97,7 @@ def test_headline_and_plots_show_the_metrics(run: Path):
 def test_phrase_reuse_counts_agree_with_the_metrics(run: Path):
     config = load_run_config(RunDir(run))
     plan = read_plan(RunDir(run))
-    scan = report.scan_negatives(RunDir(run), config, plan)
+    scan = scan_negatives(RunDir(run), config, plan)
     g = json.loads((run / "metrics.json").read_text())["global"]
     assert sum(scan.reuse.values()) == g["distinct_negative_phrases"]
     assert sum(n * c for n, c in scan.reuse.items()) == g["negatives"]
@@ -202,6 +204,6 @@ def test_report_renders_in_a_browser(run: Path, tmp_path: Path):
 
 def test_phrase_reuse_bars_group_the_long_tail():
     reuse = Counter({1: 5, 2: 3, 11: 1, 12: 4, 30: 2})
-    rows = report.reuse_rows(reuse)
+    rows = reuse_rows(reuse)
     assert [label for label, _, _ in rows] == [f"{n}×" for n in range(1, 12)] + ["12+×"]
     assert [value for _, value, _ in rows] == [5, 3, 0, 0, 0, 0, 0, 0, 0, 0, 1, 6]

@@ -72,8 +72,8 @@ ALLOWED = {
     ("tables.py", "write_index"): "faiss writes through a handle hnm.safety opened",
     ("writers.py", "write_table"): "pyarrow writes through a handle hnm.safety opened",
     ("cli.py", "open"): "/dev/null over stdout when the reader of a pipe left",
-    ("demo.py", "save"): "a PNG into an in-memory buffer",
-    ("report.py", "save"): "a JPEG thumbnail into an in-memory buffer",
+    ("demo_scene.py", "save"): "a PNG into an in-memory buffer",
+    ("report_gallery.py", "save"): "a JPEG thumbnail into an in-memory buffer",
     ("readers/avdn.py", "save"): "an image tensor as a PNG into an in-memory buffer",
     ("pickles.py", "save"): "the pickler writing an object into the stream it was given",
 }

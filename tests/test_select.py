@@ -11,9 +11,9 @@ from reference import reference_mine
 from hnm import select
 from hnm.config import Config
 from hnm.data import anchor_uniforms
-from hnm.encoders import finalize
 from hnm.engine import mine_arrays
-from hnm.index import kmeans
+from hnm.grid import finalize
+from hnm.kmeans import kmeans
 from hnm.metrics import Metrics
 from hnm.miner import Tables, eligible_phrases
 from hnm.select import FreeRows, PhraseWindow

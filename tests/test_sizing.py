@@ -11,7 +11,7 @@ import yaml
 from builders import cli, needs_faiss
 from synthetic import make_dataset, mine_args
 
-from hnm import sizing, tables
+from hnm import host, sizing, tables
 from hnm.config import Config
 from hnm.errors import HnmError
 from hnm.run.worker import Context, candidates_shard
@@ -68,6 +68,19 @@ def test_dry_run_prints_memory_per_phase(tmp_path: Path, capsys):
     for phase in ("embed", "tables", "candidates", "reduce"):
         assert f"  {phase}: host " in text
     assert "per worker x 2" in text and "Index: exact (auto: " in text
+
+
+def test_available_memory_is_read_from_meminfo_or_else_from_sysconf(tmp_path, monkeypatch):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24000000 kB\nMemFree:  10 kB\n")
+    assert host.available_kib(str(meminfo)) is None  # no MemAvailable line
+    meminfo.write_text("MemTotal:       24000000 kB\nMemAvailable:    3145728 kB\n")
+    assert host.available_kib(str(meminfo)) == 3145728
+    monkeypatch.setattr(sizing, "available_kib", lambda: 3145728)
+    assert sizing.host_available() == 3145728 * 1024.0
+    monkeypatch.setattr(sizing, "available_kib", lambda: None)
+    monkeypatch.setattr(sizing.os, "sysconf", {"SC_AVPHYS_PAGES": 5, "SC_PAGE_SIZE": 4096}.get)
+    assert sizing.host_available() == 5 * 4096.0
 
 
 def test_a_plan_that_cannot_fit_is_refused_naming_the_flag(tmp_path: Path, capsys, monkeypatch):

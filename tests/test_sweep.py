@@ -14,7 +14,8 @@ from test_engine import random_case
 
 from hnm import sweep
 from hnm.cli import main
-from hnm.index import build_index, kmeans
+from hnm.index import build_index
+from hnm.kmeans import kmeans
 from hnm.miner import Tables, cut, eligible_phrases, hard_candidates, neighbours
 
 # figures of the dataset rather than of the selection: a sweep does not recompute them

@@ -16,8 +16,9 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, TypeVar
 
+from hnm.callbacks import Progress
 from hnm.config import Config
-from hnm.data import Dataset, Progress
+from hnm.data import Dataset
 from hnm.errors import HnmError
 from hnm.placement import ranks_offer
 from hnm.plan import Plan

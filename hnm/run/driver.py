@@ -17,8 +17,9 @@ from collections.abc import Callable, Iterator
 from typing import Any, Protocol, TypeVar
 
 from hnm import placement
+from hnm.callbacks import Progress
 from hnm.config import Config
-from hnm.data import Dataset, Progress
+from hnm.data import Dataset
 from hnm.errors import Terminated
 from hnm.lifecycle import Lease
 from hnm.placement import Offer

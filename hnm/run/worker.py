@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 
 from hnm import embed, tables
+from hnm.callbacks import Progress
 from hnm.config import Config
-from hnm.data import Dataset, Progress, anchor_uniforms, load_dataset
+from hnm.data import Dataset, anchor_uniforms, load_dataset
 from hnm.encoders import build_image_encoder, build_text_encoder
 from hnm.engine import find_candidates
 from hnm.index import SearchIndex, set_threads
