@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from hnm import writers  # noqa: E402
 from hnm.config import Config, Fields  # noqa: E402
-from hnm.data import load_dataset  # noqa: E402
+from hnm.data import load_corpus  # noqa: E402
 from hnm.readers import image_stream, payload  # noqa: E402
 
 FORMATS = ("jsonl", "csv", "parquet", "webdataset", "hf")
@@ -113,7 +113,7 @@ def config(folder: Path, fmt: str) -> Config:
 def load(folder: Path, fmt: str) -> float:
     """Seconds to read and validate every record (no image read)."""
     t0 = time.perf_counter()
-    load_dataset(config(folder, fmt), skip=[])
+    load_corpus(config(folder, fmt), skip=[])
     return time.perf_counter() - t0
 
 
@@ -121,7 +121,7 @@ def load_read(folder: Path, fmt: str, decode: bool) -> float:
     """Seconds to load, then read (and decode to RGB) every image in input order, in one
     thread: what an embedding DataLoader does per image, without the model."""
     t0 = time.perf_counter()
-    ds = load_dataset(config(folder, fmt), skip=[])
+    ds = load_corpus(config(folder, fmt), skip=[])
     for source in ds.images:
         if decode:
             with Image.open(image_stream(source)) as img:
@@ -136,7 +136,7 @@ def load_read(folder: Path, fmt: str, decode: bool) -> float:
 def validate(folder: Path, fmt: str) -> float:
     """Seconds of the plan's check: load, then decode every image (a thread pool)."""
     t0 = time.perf_counter()
-    load_dataset(config(folder, fmt))
+    load_corpus(config(folder, fmt))
     return time.perf_counter() - t0
 
 

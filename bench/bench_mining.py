@@ -25,7 +25,7 @@ from hnm.engine import find_candidates, make_selector, mine_arrays, select_negat
 from hnm.grid import finalize
 from hnm.kmeans import kmeans
 from hnm.metrics import Metrics
-from hnm.miner import Tables, eligible_phrases, threshold_steps
+from hnm.miner import Arrays, eligible_phrases, threshold_steps
 from hnm.select import Pick
 
 Plain = tuple[int, str, Any]  # (row, kind, step | (anchor_cluster, negative_cluster))
@@ -39,7 +39,7 @@ class Setup:
     """One synthetic dataset, ready for both miners."""
 
     config: Config
-    tab: Tables
+    tab: Arrays
     phrases: list[str]
     u: np.ndarray  # (N,) per-anchor strategy draws, SPEC §7
 
@@ -96,7 +96,7 @@ def sample_visual(rng: np.random.Generator, groups: np.ndarray, dim: int, centre
 
 
 def make_setup(n: int, args: argparse.Namespace) -> Setup:
-    """A realistic synthetic dataset of n samples, and the Tables the engine reads."""
+    """A realistic synthetic dataset of n samples, and the arrays the engine reads."""
     rng = np.random.default_rng(args.seed)
     words = make_words(rng, 400)
     banned = [normalize(p) for p in DEFAULT_BLACKLIST]
@@ -115,7 +115,7 @@ def make_setup(n: int, args: argparse.Namespace) -> Setup:
     blacklist = embed_phrases(banned, vectors, common)
     ok = eligible_phrases(T, phrases, blacklist, config.min_answer_length,
                           config.blacklist_similarity)
-    tab = Tables(V, T, text_ids.astype(np.int64), groups, ok[text_ids], clusters)
+    tab = Arrays(V, T, text_ids.astype(np.int64), groups, ok[text_ids], clusters)
     return Setup(config, tab, phrases, anchor_uniforms([f"s{i}" for i in range(n)], args.seed))
 
 

@@ -53,11 +53,11 @@ def mine(args: list[str], **env: str) -> float:
 def export_embeddings(run_dir: Path, out: Path) -> tuple[Path, Path]:
     """Per-record image and text embeddings of a finished run, for the CPU rerun."""
     from hnm.config import make_config
-    from hnm.data import load_dataset
+    from hnm.data import load_corpus
 
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     cfg.pop("provenance", None)
-    ds = load_dataset(make_config(cfg))
+    ds = load_corpus(make_config(cfg))
     np.save(out / "image.npy", np.load(run_dir / "tables/visual.npy"))
     np.save(out / "text.npy", np.load(run_dir / "tables/text.npy")[ds.text_ids])
     return out / "image.npy", out / "text.npy"

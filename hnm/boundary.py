@@ -10,6 +10,7 @@ import typing
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from hnm.decoding import first_line
 from hnm.errors import HnmError, InternalError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -60,7 +61,7 @@ class _as_hnm_error:
     def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> bool:
         if exc is None or isinstance(exc, HnmError) or not isinstance(exc, Exception):
             return False
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        first = first_line(str(exc))[:200]
         raise InternalError(f"internal error: {type(exc).__name__}: {first}") from exc
 
 

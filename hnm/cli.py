@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from hnm.decoding import one_line
+from hnm.decoding import first_line, one_line
 from hnm.errors import HnmError, InternalError, Terminated
 from hnm.options import INPUTS, OPTIONS, Option
 from hnm.safety import details_file
@@ -217,7 +217,7 @@ def guarded(command: Callable[[], Any], place: dict[str, str | None]) -> int:
 def _internal(exc: BaseException, place: dict[str, str | None]) -> int:
     """A bug: one line naming where its traceback went; exit status 1."""
     where = _log_traceback(place["output_dir"])
-    first = (str(exc).strip().splitlines() or [""])[0][:200]
+    first = first_line(str(exc))[:200]
     print(f"hnm: internal error: {type(exc).__name__}: {first} — details in {where}",
           file=sys.stderr)
     return 1

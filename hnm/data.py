@@ -40,8 +40,10 @@ def normalize(text: str) -> str:
 
 
 @dataclass(frozen=True)
-class Dataset:
-    """The mined rows of the input (rows with skipped images excluded)."""
+class Corpus:
+    """The input as hnm mines it: every record, and the mined rows (rows with skipped
+    images excluded) with their ids, images, phrases and groups. (Not a Hugging Face
+    `Dataset`, which is one of the input formats.)"""
 
     records: list[dict[str, Any]]  # every input record in input order (image bytes as keys)
     positions: np.ndarray  # (n,) position in `records` of each mined row
@@ -261,8 +263,8 @@ def _check_images(label: str, images: list[Path | ImageRef], policy: str, max_pi
     return [i for i, _, _ in bad]
 
 
-def load_dataset(config: Config, skip: list[int] | None = None,
-                 progress: Progress = no_progress) -> Dataset:
+def load_corpus(config: Config, skip: list[int] | None = None,
+                 progress: Progress = no_progress) -> Corpus:
     """Read, validate and index the input named by the config (hnm.readers: any format).
 
     `skip`: record positions already known to be left out (workers pass the plan's),
@@ -315,7 +317,7 @@ def file_stats(images: list[Path | ImageRef]) -> str:
 
 
 def _index_rows(config: Config, src: Source, ids: list, texts: list, images: list,
-                keep: np.ndarray, skipped: set) -> Dataset:
+                keep: np.ndarray, skipped: set) -> Corpus:
     records = src.records
     phrase_ids: dict[str, int] = {}
     text_ids = np.array([phrase_ids.setdefault(normalize(texts[i]), len(phrase_ids))
@@ -328,7 +330,7 @@ def _index_rows(config: Config, src: Source, ids: list, texts: list, images: lis
         key = json.dumps(value, sort_keys=True) if value is not None else f"\0row{pos}"
         groups[row] = group_codes.setdefault(key, len(group_codes))
     anchors = len(keep) if config.max_samples is None else min(config.max_samples, len(keep))
-    return Dataset(
+    return Corpus(
         records=records, positions=keep, ids=[ids[i] for i in keep],
         images=[images[i] for i in keep], phrases=list(phrase_ids), text_ids=text_ids,
         groups=groups, num_anchors=anchors,

@@ -85,5 +85,5 @@ def one_line(message: str) -> str:
 
 def first_line(message: str) -> str:
     """The first line of a message, e.g. an exception's (a library's may run on for many
-    lines); empty when it has none."""
-    return (message.splitlines() or [""])[0]
+    lines), its surrounding blank space left out; empty when it has none."""
+    return (message.strip().splitlines() or [""])[0]

@@ -18,7 +18,7 @@ from hnm.config import Config
 from hnm.errors import HnmError
 from hnm.index import ChunkedFlatIP, SearchIndex, build_index
 from hnm.metrics import Metrics, tally
-from hnm.miner import Cands, Ragged, Tables, farthest, hard_candidates, nearest, scatter
+from hnm.miner import Arrays, Cands, Ragged, farthest, hard_candidates, nearest, scatter
 from hnm.outcome import Outcomes, other_groups_eligible, outcomes
 from hnm.select import Pick, Rules, Selector
 
@@ -84,7 +84,7 @@ class Candidates:
                           self.complete[a0:a1], self.hard_before, self.hard_fixed[a0:a1])
 
 
-def find_candidates(c: Config, tab: Tables, anchors: np.ndarray, device: str = "cpu",
+def find_candidates(c: Config, tab: Arrays, anchors: np.ndarray, device: str = "cpu",
                     progress: Progress = no_progress,
                     diverse_first: np.ndarray | None = None,
                     index: SearchIndex | None = None) -> tuple[Candidates, str]:
@@ -125,7 +125,7 @@ class Widener:
     table a block of rows at a time: it is never copied whole.
     """
 
-    def __init__(self, tab: Tables) -> None:
+    def __init__(self, tab: Arrays) -> None:
         self.tab = tab
         self.index = ChunkedFlatIP(tab.V)
         self.cache: dict[int, tuple[int, Any, bool]] = {}  # anchor -> (size, list, complete)
@@ -150,7 +150,7 @@ class Widener:
             self.cache[a] = (size, lists.get(i), bool(complete[i]))
 
 
-def make_selector(config: Config, tab: Tables, phrases: list[str]) -> Selector:
+def make_selector(config: Config, tab: Arrays, phrases: list[str]) -> Selector:
     """The selection pass, with an exact wider search past exhausted diverse lists."""
     rules = Rules(config.cosine_threshold, config.min_visual_similarity, config.diverse_ratio,
                   config.fallback_phrase_reuse_limit, config.num_negatives)
@@ -215,7 +215,7 @@ def recall_at_k(index: SearchIndex, V: np.ndarray, anchors: np.ndarray, k_nn: in
             "anchors": len(anchors), "neighbours": total, "found": found}
 
 
-def mine_arrays(config: Config, tab: Tables, phrases: list[str], u: np.ndarray,
+def mine_arrays(config: Config, tab: Arrays, phrases: list[str], u: np.ndarray,
                 num_anchors: int) -> list[list[Pick]]:
     """The whole engine on in-memory arrays: the first `num_anchors` rows' negatives."""
     anchors = np.arange(num_anchors)

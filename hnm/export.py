@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from hnm.config import Config
-from hnm.data import Dataset, load_dataset
+from hnm.data import Corpus, load_corpus
 from hnm.errors import HnmError
 from hnm.outputs import read_records
 from hnm.plan import check_unchanged, read_plan
@@ -60,7 +60,7 @@ def export(output_dir: str | Path, kind: str, to: str | Path, overwrite: bool = 
     to = Path(to)
     target = to.suffix.lower() if to.suffix.lower() in (".parquet", ".jsonl") else "dir"
     plan = read_plan(RunDir(run.dir))
-    ds = load_dataset(run.config, list(plan.skipped))
+    ds = load_corpus(run.config, list(plan.skipped))
     check_unchanged(run.config, plan, ds, run.dir)
     area = check_target(to, target, overwrite, inputs(run.config, ds))
     if target == ".jsonl" and any(isinstance(s, ImageRef) for s in ds.images):
@@ -91,7 +91,7 @@ def _export_avdn(output_dir: str | Path, to: Path, overwrite: bool, tokenizer: s
     if plan.input_format != "avdn":
         raise HnmError(f"--format avdn: the input of the run in {run.dir} is {plan.input_format}"
                        ", not an AVDN processed dataset (.pkl chunks)")
-    ds = load_dataset(run.config, list(plan.skipped))
+    ds = load_corpus(run.config, list(plan.skipped))
     check_unchanged(run.config, plan, ds, run.dir)
     shards = find_shards(run.config)[1]
     names = {s.name for s in shards}
@@ -101,7 +101,7 @@ def _export_avdn(output_dir: str | Path, to: Path, overwrite: bool, tokenizer: s
     return avdn.export(run, ds, shards, area, encode)
 
 
-def inputs(config: Config, ds: Dataset) -> list[Path]:
+def inputs(config: Config, ds: Corpus) -> list[Path]:
     """Every file the run read: annotations or shards, image files, embeddings, blacklist."""
     files = [s.path for s in find_shards(config)[1]]
     files += [p for p in ds.images if isinstance(p, Path)]
@@ -181,13 +181,13 @@ def _start(area: Area, earlier: list[Path]) -> None:
         area.remove(path)
 
 
-def _rows_by(ds: Dataset) -> tuple[dict[int, int], dict[Any, int]]:
+def _rows_by(ds: Corpus) -> tuple[dict[int, int], dict[Any, int]]:
     """Mined row of each record position, and of each id."""
     return ({int(p): row for row, p in enumerate(ds.positions)},
             {rid: row for row, rid in enumerate(ds.ids)})
 
 
-def triplets(run: RunDir, ds: Dataset, text: str) -> Iterator[dict[str, Any]]:
+def triplets(run: RunDir, ds: Corpus, text: str) -> Iterator[dict[str, Any]]:
     """One row per (anchor, negative); image columns hold mined rows, read when written."""
     by_position, by_id = _rows_by(ds)
     for pos, record in read_records(run):
@@ -200,7 +200,7 @@ def triplets(run: RunDir, ds: Dataset, text: str) -> Iterator[dict[str, Any]]:
                    "visual_similarity": n["visual_similarity"], "suspect": n["suspect"]}
 
 
-def pairs(run: RunDir, ds: Dataset, text: str) -> Iterator[dict[str, Any]]:
+def pairs(run: RunDir, ds: Corpus, text: str) -> Iterator[dict[str, Any]]:
     """Each anchor that has negatives, then its negatives, one image–text pair a row."""
     by_position, by_id = _rows_by(ds)
     for pos, record in read_records(run):
@@ -226,7 +226,7 @@ class ImageBytes:
     it whole, so their images are first copied (tensors as PNG images), in input order,
     into a temporary file beside the export (removed afterwards)."""
 
-    def __init__(self, ds: Dataset, area: Area, where: Path,
+    def __init__(self, ds: Corpus, area: Area, where: Path,
                  normalization: str = "imagenet") -> None:
         self.images = ds.images
         self.area, self.where = area, where
@@ -262,7 +262,7 @@ class ImageBytes:
         return data.read_bytes() if isinstance(data, Path) else data or b""
 
 
-def _write_jsonl(area: Area, to: Path, rows: Iterator[dict[str, Any]], ds: Dataset,
+def _write_jsonl(area: Area, to: Path, rows: Iterator[dict[str, Any]], ds: Corpus,
                  kind: str) -> None:
     """Image columns hold absolute paths of the image files."""
     with area.open(to, "w") as handle:
@@ -272,7 +272,7 @@ def _write_jsonl(area: Area, to: Path, rows: Iterator[dict[str, Any]], ds: Datas
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def _write_parquet(area: Area, to: Path, rows: Iterator[dict[str, Any]], ds: Dataset,
+def _write_parquet(area: Area, to: Path, rows: Iterator[dict[str, Any]], ds: Corpus,
                    kind: str, images: ImageBytes) -> None:
     """Image columns hold the images' bytes; written ROW_GROUP rows at a time."""
     import pyarrow as pa
@@ -290,7 +290,7 @@ def _write_parquet(area: Area, to: Path, rows: Iterator[dict[str, Any]], ds: Dat
         writer.close()
 
 
-def _schema(ds: Dataset, kind: str) -> Any:
+def _schema(ds: Corpus, kind: str) -> Any:
     import pyarrow as pa
 
     try:

@@ -13,7 +13,7 @@ from typing import Any
 
 from hnm.boundary import boundary
 from hnm.config import Config, dump_yaml, make_config, read_yaml
-from hnm.data import Dataset, Progress, load_dataset, no_progress
+from hnm.data import Corpus, Progress, load_corpus, no_progress
 from hnm.errors import HnmError
 from hnm.outputs import read_records
 from hnm.placement import Offer, Placement, place, resumed
@@ -113,7 +113,7 @@ def _state(run: RunDir, plan: Plan, say: Callable[[str], Any]) -> str:
 
 def prepare(config: Config, offered: Offer, lock: Callable[[], Any],
             say: Callable[[str], Any], progress: Progress = no_progress
-            ) -> tuple[Dataset, Plan, str]:
+            ) -> tuple[Corpus, Plan, str]:
     """Validate inputs and place the run on what this machine offers, then — under the
     run directory's lock, taken by `lock()` — create, resume or replace the run. Nothing
     is written before every check passed.
@@ -131,7 +131,7 @@ def prepare(config: Config, offered: Offer, lock: Callable[[], Any],
     if old and config.annotations:
         # resuming the same run: its inputs were validated when it was planned, and its
         # key covers them, so the (slow) decoding of every image is not redone
-        ds = load_dataset(config, list(old.skipped))
+        ds = load_corpus(config, list(old.skipped))
         placement = place(config, offered, ds)
         if old.run_key == run_keys(config, ds, placement.precision)["run_key"]:
             return _prepare(config, run, ds, placement, offered, lock, say)
@@ -139,8 +139,8 @@ def prepare(config: Config, offered: Offer, lock: Callable[[], Any],
     return _prepare(config, run, ds, place(config, offered, ds), offered, lock, say)
 
 
-def _prepare(config: Config, run: RunDir, ds: Dataset, placement: Placement, offered: Offer,
-             lock: Callable[[], Any], say: Callable[[str], Any]) -> tuple[Dataset, Plan, str]:
+def _prepare(config: Config, run: RunDir, ds: Corpus, placement: Placement, offered: Offer,
+             lock: Callable[[], Any], say: Callable[[str], Any]) -> tuple[Corpus, Plan, str]:
     """The decision on validated inputs, carried out under the lock."""
     lock()
     now = survey(run)  # again, now that no other run can change it
@@ -174,7 +174,7 @@ def _resume(config: Config, run: RunDir, plan: Plan, offered: Offer,
     return plan, state
 
 
-def start(config: Config, run: RunDir, ds: Dataset, placement: Placement, action: Start,
+def start(config: Config, run: RunDir, ds: Corpus, placement: Placement, action: Start,
           say: Callable[[str], Any]) -> Plan:
     """Replace what an earlier run left (only its manifest's files; its embeddings where
     `action.keep`), sign the directory with the new manifest, write the plan."""
@@ -196,7 +196,7 @@ class Lease:
     def __init__(self, config: Config, say: Callable[[str], Any]) -> None:
         self.config, self.say = config, say
         self.run = RunDir(config.output_dir)
-        self.dataset: Dataset | None = None  # the leader's validated inputs
+        self.corpus: Corpus | None = None  # the leader's validated inputs
         self.held = contextlib.ExitStack()
 
     def __enter__(self) -> Lease:
@@ -210,7 +210,7 @@ class Lease:
         def lock() -> None:
             self.held.enter_context(run_lock(self.run, self.say))
 
-        self.dataset, plan, state = prepare(self.config, offered, lock, self.say, progress)
+        self.corpus, plan, state = prepare(self.config, offered, lock, self.say, progress)
         return plan, state
 
 

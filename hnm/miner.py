@@ -183,7 +183,7 @@ def nearest(index: SearchIndex, V: np.ndarray, anchors: np.ndarray, k_nn: int, f
 
 
 @dataclass(frozen=True)
-class Tables:
+class Arrays:
     """Per-row facts every anchor's search needs (all arrays indexed by row)."""
 
     V: np.ndarray  # (N, dv) visual embeddings, grid-snapped float32
@@ -214,7 +214,7 @@ class Neighbours:
     size: np.ndarray
 
 
-def neighbours(index: SearchIndex, tab: Tables, anchors: np.ndarray, k_nn: int,
+def neighbours(index: SearchIndex, tab: Arrays, anchors: np.ndarray, k_nn: int,
                floor: float) -> Neighbours:
     """SPEC §5 N(a) down to `floor`, with what the fixed rules say of each row."""
     rows, vis = nearest(index, tab.V, anchors, k_nn, floor)
@@ -256,14 +256,14 @@ def cut(nb: Neighbours, tau: float, min_vis: float) -> HardLists:
                      fixed.astype(np.int32))
 
 
-def hard_candidates(index: SearchIndex, tab: Tables, anchors: np.ndarray, k_nn: int,
+def hard_candidates(index: SearchIndex, tab: Arrays, anchors: np.ndarray, k_nn: int,
                     min_vis: float, tau: float) -> HardLists:
     """Per anchor, in N(a) order: rows that can ever pass SPEC §5, with vis and txt, and
     what the fixed rules removed."""
     return cut(neighbours(index, tab, anchors, k_nn, min_vis), tau, min_vis)
 
 
-def text_sims(tab: Tables, a: np.ndarray, j: np.ndarray) -> np.ndarray:
+def text_sims(tab: Arrays, a: np.ndarray, j: np.ndarray) -> np.ndarray:
     """Exact txt(a, j) for pairs of rows (P,) -> (P,) float64."""
     out = np.empty(len(a), dtype=np.float64)
     step = max(1, CHUNK_BYTES // (tab.T.shape[1] * 4))
@@ -274,7 +274,7 @@ def text_sims(tab: Tables, a: np.ndarray, j: np.ndarray) -> np.ndarray:
     return out
 
 
-def farthest(index: SearchIndex, tab: Tables, anchors: np.ndarray, size: int
+def farthest(index: SearchIndex, tab: Arrays, anchors: np.ndarray, size: int
              ) -> tuple[Ragged, np.ndarray]:
     """SPEC §6 candidates: the `size` lowest-vis eligible rows of other groups, ascending
     (vis, row), among the rows `index` can return for the query -v_a.

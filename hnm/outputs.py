@@ -12,7 +12,7 @@ from typing import Any
 from hnm.audit import Suspect, is_suspect
 from hnm.callbacks import Progress, no_progress
 from hnm.config import Config
-from hnm.data import Dataset
+from hnm.data import Corpus
 from hnm.outcome import RULES, Outcomes
 from hnm.select import Pick
 from hnm.storage import RunDir
@@ -32,7 +32,7 @@ def similarity(value: float) -> float:
     return min(1.0, max(-1.0, round(value, PRECISION)))
 
 
-def negative_record(config: Config, ds: Dataset, pick: Pick) -> dict[str, Any]:
+def negative_record(config: Config, ds: Corpus, pick: Pick) -> dict[str, Any]:
     """SPEC §8: what one negative carries."""
     record = ds.records[ds.positions[pick.row]]
     out = {"id": ds.ids[pick.row], "text": record[config.fields.text],
@@ -48,7 +48,7 @@ def negative_record(config: Config, ds: Dataset, pick: Pick) -> dict[str, Any]:
     return out
 
 
-def output_records(config: Config, ds: Dataset, picks: list[list[Pick]], why: Outcomes
+def output_records(config: Config, ds: Corpus, picks: list[list[Pick]], why: Outcomes
                    ) -> Iterator[dict[str, Any]]:
     """Every input record, unchanged and in input order, plus its `negatives` (picks[a]:
     anchor row a's) and, for an anchor, its `outcome` (why: every anchor's, by row)."""
@@ -59,7 +59,7 @@ def output_records(config: Config, ds: Dataset, picks: list[list[Pick]], why: Ou
         yield record
 
 
-def _with_outcomes(config: Config, ds: Dataset, picks: list[list[Pick]], which: list[int]
+def _with_outcomes(config: Config, ds: Corpus, picks: list[list[Pick]], which: list[int]
                    ) -> Iterator[tuple[dict[str, Any], int]]:
     """(record with its negatives, which[a] for anchor a's record or -1), in input order."""
     by_position = {int(ds.positions[a]): a for a in range(len(picks))}
@@ -72,7 +72,7 @@ def _with_outcomes(config: Config, ds: Dataset, picks: list[list[Pick]], which: 
             yield {**record, "negatives": negs}, which[a]
 
 
-def write_negatives(config: Config, run: RunDir, ds: Dataset, picks: list[list[Pick]],
+def write_negatives(config: Config, run: RunDir, ds: Corpus, picks: list[list[Pick]],
                     why: Outcomes, progress: Progress = no_progress) -> None:
     """OUTPUT_DIR/negatives.jsonl, or negatives.parquet with --output-format parquet."""
     if config.output_format == "parquet":
@@ -92,7 +92,7 @@ def write_negatives(config: Config, run: RunDir, ds: Dataset, picks: list[list[P
     progress("write", len(ds.records), len(ds.records))
 
 
-def write_parquet(run: RunDir, path: Path, ds: Dataset, records: Iterable[dict[str, Any]],
+def write_parquet(run: RunDir, path: Path, ds: Corpus, records: Iterable[dict[str, Any]],
                   progress: Progress = no_progress, several: bool = False) -> None:
     """One row per record, its negatives a list of structs, its outcome a struct; written
     ROW_GROUP rows at a time, so that only one row group is ever held as a table."""
@@ -112,7 +112,7 @@ def write_parquet(run: RunDir, path: Path, ds: Dataset, records: Iterable[dict[s
         writer.close()
 
 
-def parquet_schema(ds: Dataset, several: bool = False) -> tuple[Any, set[str]]:
+def parquet_schema(ds: Corpus, several: bool = False) -> tuple[Any, set[str]]:
     """The records' columns, each with the Arrow type of all its values (a column whose
     values have none, e.g. numbers in some records and text in others, is JSON text), then
     `negatives` and `outcome` (with `missing` when several negatives are asked for). The
@@ -227,7 +227,7 @@ def _negative_from_parquet(n: dict[str, Any], as_json: set[str]) -> dict[str, An
     return out
 
 
-def write_suspects(config: Config, run: RunDir, ds: Dataset, suspects: Iterable[Suspect]
+def write_suspects(config: Config, run: RunDir, ds: Corpus, suspects: Iterable[Suspect]
                    ) -> None:
     """OUTPUT_DIR/suspects.jsonl: every suspect, dropped or not, with its anchor."""
     f = config.fields

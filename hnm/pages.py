@@ -51,7 +51,7 @@ def fmt(value: Any, spec: str = ".3f") -> str:
     return "n/a" if value is None else format(value, spec)
 
 
-def table(head: list[str], rows: list[list[Any]]) -> str:
+def html_table(head: list[str], rows: list[list[Any]]) -> str:
     """A plain HTML table; numbers right-aligned."""
     body = "".join("<tr>" + "".join(_cell(c) for c in r) + "</tr>" for r in rows)
     return ("<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr>" + body

@@ -16,7 +16,7 @@ import numpy as np
 
 from hnm import gpus, host, precision, sizing
 from hnm.config import Config
-from hnm.data import Dataset
+from hnm.data import Corpus
 from hnm.encoders import embedding_dim
 from hnm.errors import HnmError
 from hnm.gpus import Gpu
@@ -161,7 +161,7 @@ class Placement:
                       "index": IndexChoice(**data["index"])})
 
 
-def place(config: Config, offered: Offer, ds: Dataset, shards: int | None = None
+def place(config: Config, offered: Offer, ds: Corpus, shards: int | None = None
           ) -> Placement:
     """The run's placement on what is offered: CPU workers as many as its work is worth
     and its batches allow (`fit_to_work`), or `shards` workers at most where the shards
@@ -230,12 +230,12 @@ def fit_to_work(config: Config, devices: list[str], work: float,
                             "s to start")
 
 
-def _work(config: Config, ds: Dataset) -> float:
+def _work(config: Config, ds: Corpus) -> float:
     return work_seconds(config, len(ds), len(ds.phrases), _dim(config.image_embeddings,
                                                               config.visual_encoder))
 
 
-def run_sizes(config: Config, ds: Dataset, placement: Placement) -> Sizes:
+def run_sizes(config: Config, ds: Corpus, placement: Placement) -> Sizes:
     """The sizes a run's memory depends on."""
     path = Path(config.annotations or "")
     return Sizes(rows=len(ds), phrases=len(ds.phrases), anchors=ds.num_anchors,
@@ -247,7 +247,7 @@ def run_sizes(config: Config, ds: Dataset, placement: Placement) -> Sizes:
                  else "cpu")
 
 
-def check_memory(config: Config, ds: Dataset, placement: Placement,
+def check_memory(config: Config, ds: Corpus, placement: Placement,
                  gpu_gib: float | None = None) -> None:
     """Refuse a plan whose phases cannot fit this machine (one line naming the flag);
     `gpu_gib`: the smallest GPU's memory, where an exact index must fit it."""

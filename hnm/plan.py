@@ -14,7 +14,7 @@ import numpy as np
 from hnm.blacklist import read_blacklist
 from hnm.callbacks import Progress, no_progress
 from hnm.config import EMBEDDING_KEYS, Config, config_hash
-from hnm.data import Dataset, file_stats, load_dataset
+from hnm.data import Corpus, file_stats, load_corpus
 from hnm.embed import check_precomputed
 from hnm.encoders import BUILTIN_TEXT, BUILTIN_VISUAL, check_encoder_name, describe_encoder
 from hnm.errors import HnmError
@@ -76,6 +76,10 @@ class Plan:
     def index(self) -> IndexChoice:
         return self.placement.index
 
+    def planned_from(self, ds: Corpus) -> bool:
+        """Whether `ds` holds the annotations this run was planned from (their digest)."""
+        return self.source == ds.source_sha256[:16]
+
     @classmethod
     def from_json(cls, data: Any) -> Plan:
         shards = tuple(ShardPlan(**{**s, **{k: tuple(s[k]) for k in ("rows", "phrases",
@@ -83,6 +87,8 @@ class Plan:
                        for s in data["shards"])
         if data["version"] == 3:
             data = _placed(data, shards)
+        if not data.get("source"):  # planned before `source` existed (hnm 0.1), whose run
+            data = {**data, "source": data["run_key"][-16:]}  # key ends with it; until 1.0
         return cls(**{**data, "version": PLAN_VERSION, "skipped": tuple(data["skipped"]),
                       "shards": shards, "placement": Placement.from_json(data["placement"])})
 
@@ -124,7 +130,7 @@ def make_shards(n: int, k: int, grain: int = 1, front: bool = False) -> list[tup
     return [(edges[i], edges[i + 1]) for i in range(k)]
 
 
-def follow_inputs(ds: Dataset, k: int, grain: int) -> list[tuple[int, int]]:
+def follow_inputs(ds: Corpus, k: int, grain: int) -> list[tuple[int, int]]:
     """k contiguous row ranges on the batch grid whose edges are the input files' edges
     nearest an even split (snapped to the grid), so that a worker reads the images of its
     own files; an even split where there are fewer files than workers."""
@@ -140,12 +146,12 @@ def follow_inputs(ds: Dataset, k: int, grain: int) -> list[tuple[int, int]]:
     return list(zip(edges[:-1], edges[1:]))
 
 
-def run_keys(config: Config, ds: Dataset, precision: str) -> dict[str, str]:
+def run_keys(config: Config, ds: Corpus, precision: str) -> dict[str, str]:
     """Identity of the run's results, and of its embeddings alone: the config, the
     precision it resolved to, the annotations' bytes, the bytes of every other input file
     it names, and the size and modification time of every image file (cheap: an edited,
     added or restored image is noticed without reading it)."""
-    source = ds.source_sha256[:16]  # last, where `hnm sweep` looks for it
+    source = ds.source_sha256[:16]  # last, where plans of hnm 0.1 kept it (Plan.from_json)
     images = ds.image_files
     embed = config_hash(config, EMBEDDING_KEYS) + precision + _digest(
         config.image_embeddings, config.text_embeddings) + images + source
@@ -154,11 +160,10 @@ def run_keys(config: Config, ds: Dataset, precision: str) -> dict[str, str]:
     return {"run_key": run, "embed_key": embed}
 
 
-def check_unchanged(config: Config, plan: Plan, ds: Dataset, where: Path) -> None:
+def check_unchanged(config: Config, plan: Plan, ds: Corpus, where: Path) -> None:
     """Refuse to show or export the run in `where` when its annotations or its images
     changed or vanished since it was planned (what a rerun of `mine` would notice)."""
-    source = ds.source_sha256[:16]
-    if (plan.source or plan.run_key[-16:]) != source:
+    if not plan.planned_from(ds):
         raise HnmError(f"{config.annotations}: changed since the run in {where}; its "
                        "negatives no longer match the records")
     if plan.images and plan.images != image_fingerprint(ds):
@@ -169,7 +174,7 @@ def check_unchanged(config: Config, plan: Plan, ds: Dataset, where: Path) -> Non
                        "them again")
 
 
-def image_fingerprint(ds: Dataset) -> str:
+def image_fingerprint(ds: Corpus) -> str:
     """The absolute path, size and modification time of every image file the run mines,
     hashed (data.file_stats): the same from whatever folder it is computed; "" where the
     images came as precomputed embeddings."""
@@ -190,7 +195,7 @@ def _digest(*paths: str | None) -> str:
     return h.hexdigest()[:16]
 
 
-def validate_inputs(config: Config, progress: Progress = no_progress) -> Dataset:
+def validate_inputs(config: Config, progress: Progress = no_progress) -> Corpus:
     """Every input check that can fail, before anything is written."""
     for flag, name, builtins, pre in (
             ("--visual-encoder", config.visual_encoder, BUILTIN_VISUAL, config.image_embeddings),
@@ -204,7 +209,7 @@ def validate_inputs(config: Config, progress: Progress = no_progress) -> Dataset
             and not reads_tensors(config):  # an AVDN processed dataset holds its images
         raise HnmError(f"--image-dir {config.image_dir}: not a directory")
     read_blacklist(config.blacklist)
-    ds = load_dataset(config, progress=progress)
+    ds = load_corpus(config, progress=progress)
     for flag, path in (("--image-embeddings", config.image_embeddings),
                        ("--text-embeddings", config.text_embeddings)):
         if path:
@@ -223,7 +228,7 @@ def provenance(config: Config, precision: str | None = None) -> dict[str, Any]:
             "precision": precision or config.precision}
 
 
-def new_plan(config: Config, ds: Dataset, placement: Placement, keep: Plan | None = None
+def new_plan(config: Config, ds: Corpus, placement: Placement, keep: Plan | None = None
              ) -> Plan:
     """Shard ranges over rows, distinct phrases and anchors, one shard per worker of the
     placement.
@@ -255,7 +260,7 @@ def new_plan(config: Config, ds: Dataset, placement: Placement, keep: Plan | Non
                 source=ds.source_sha256[:16])
 
 
-def dry_run_lines(config: Config, ds: Dataset, placement: Placement) -> list[str]:
+def dry_run_lines(config: Config, ds: Corpus, placement: Placement) -> list[str]:
     """What a run would do, with memory estimates, from validated inputs only."""
     devices = placement.devices
     sizes = run_sizes(config, ds, placement)

@@ -13,14 +13,14 @@ import numpy as np
 from hnm import report
 from hnm.callbacks import Progress, no_progress
 from hnm.config import Config
-from hnm.data import Dataset, anchor_uniforms, duplicate_images
+from hnm.data import Corpus, anchor_uniforms, duplicate_images
 from hnm.engine import Candidates, make_selector, select_negatives
 from hnm.metrics import Metrics, phrase_diversity_vs_data
 from hnm.outcome import Outcomes
 from hnm.outputs import write_negatives, write_suspects
 from hnm.plan import Plan, provenance
 from hnm.storage import RunDir, read_npz
-from hnm.tables import load_tables
+from hnm.tables import load_arrays
 
 
 @dataclass(frozen=True)
@@ -70,14 +70,14 @@ def index_summary(run: RunDir, plan: Plan) -> dict[str, Any]:
     return out
 
 
-def reduce_phase(config: Config, run: RunDir, ds: Dataset, plan: Plan,
+def reduce_phase(config: Config, run: RunDir, ds: Corpus, plan: Plan,
                  timing: dict[str, float], progress: Progress = no_progress,
                  started: float | None = None) -> dict[str, Any]:
     """Select and audit, write the outputs, then metrics.json (written last: the run is
     done). `timing`: seconds of the phases before; `started`: perf_counter() at the start
     of this invocation, for its wall time."""
     t0 = time.perf_counter()
-    tab = load_tables(run, ds)
+    tab = load_arrays(run, ds)
     u = anchor_uniforms(ds.ids[:ds.num_anchors], config.seed)
     selector = make_selector(config, tab, ds.phrases)
     shards = ((np.arange(*s.anchors), Candidates.from_arrays(read_npz(run.candidates(s.shard))))
@@ -104,7 +104,7 @@ def reduce_phase(config: Config, run: RunDir, ds: Dataset, plan: Plan,
     return metrics
 
 
-def metrics_document(config: Config, ds: Dataset, plan: Plan, parts: list[Metrics],
+def metrics_document(config: Config, ds: Corpus, plan: Plan, parts: list[Metrics],
                      work: list[ShardWork], timing: dict[str, float], wall: float
                      ) -> dict[str, Any]:
     """Global figures from merged counts, never averages of per-shard averages."""

@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from hnm.config import Config
-from hnm.data import Dataset, image_limit, load_dataset
+from hnm.data import Corpus, image_limit, load_corpus
 from hnm.errors import HnmError
 from hnm.lifecycle import load_run_config
-from hnm.pages import esc, fmt, page, table
+from hnm.pages import esc, fmt, html_table, page
 from hnm.plan import Plan, check_unchanged, read_plan
 from hnm.readers import SHARD_FORMATS
 from hnm.report_charts import failures, plots
@@ -33,7 +33,7 @@ def report_from_dir(output_dir: str | Path, warn: Callable[[str], Any] = print) 
             raise HnmError(f"{run.root}: no {path.name}; not a finished hnm run "
                            "(rerun the mining command to finish it)")
     plan = read_plan(run)
-    ds = load_dataset(config, list(plan.skipped))
+    ds = load_corpus(config, list(plan.skipped))
     check_unchanged(config, plan, ds, run.root)
     vouched = run.done.exists() and verify_marker(run.done, run.root) is None
     path = write_report(run, config, read_json(run.metrics), plan, ds, warn=warn)
@@ -44,7 +44,7 @@ def report_from_dir(output_dir: str | Path, warn: Callable[[str], Any] = print) 
 
 
 def write_report(run: RunDir, config: Config, metrics: dict[str, Any], plan: Plan,
-                 ds: Dataset | None = None, warn: Callable[[str], Any] = lambda _: None
+                 ds: Corpus | None = None, warn: Callable[[str], Any] = lambda _: None
                  ) -> Path:
     """Render OUTPUT_DIR/report.html from the metrics document and the run's files.
     `ds`: the run's dataset, where images held in shards are found (read again if None)."""
@@ -129,7 +129,7 @@ def shard_table(metrics: dict[str, Any]) -> str:
             "diverse_negatives", "mean_hard_text_similarity", "mean_hard_visual_similarity",
             "suspect_negatives", "seconds", "peak_rss_mb"]
     rows = [[s.get(k) for k in keys] for s in metrics["shards"]]
-    return "<h2>Shards</h2>" + table([k.replace("_", " ") for k in keys], rows)
+    return "<h2>Shards</h2>" + html_table([k.replace("_", " ") for k in keys], rows)
 
 
 def config_table(config: Config, metrics: dict[str, Any]) -> str:
@@ -137,5 +137,5 @@ def config_table(config: Config, metrics: dict[str, Any]) -> str:
     values["fields"] = ", ".join(f"{k}={v}" for k, v in values["fields"].items())
     rows = [[k, json.dumps(v) if not isinstance(v, str) else v] for k, v in values.items()]
     prov = [[k, v] for k, v in metrics["provenance"].items()]
-    return ("<h2>Configuration</h2>" + table(["key", "value"], rows)
-            + "<h3>Provenance</h3>" + table(["key", "value"], prov))
+    return ("<h2>Configuration</h2>" + html_table(["key", "value"], rows)
+            + "<h3>Provenance</h3>" + html_table(["key", "value"], prov))

@@ -8,7 +8,7 @@ from typing import Any
 
 from hnm.config import Config
 from hnm.outcome import REASON_LABELS
-from hnm.pages import esc, table
+from hnm.pages import esc, html_table
 from hnm.report_scan import Scan
 from hnm.summary import reason_shares, suggestion
 
@@ -167,7 +167,7 @@ def failures(metrics: dict[str, Any], scan: Scan, sweep: dict[str, Any] | None) 
     reasons = [r for r, _ in shares]
     rows = [[s["shard"], s["anchors"], *(s.get("failure_reasons", {}).get(r, 0)
                                           for r in reasons)] for s in metrics["shards"]]
-    out.append(table(["shard", "anchors", *(REASON_LABELS[r] for r in reasons)], rows))
+    out.append(html_table(["shard", "anchors", *(REASON_LABELS[r] for r in reasons)], rows))
     short = reason_shares(g.get("fewer_than_asked") or {})
     if short:
         out.append(f"<p class='muted'>fewer negatives than asked: {sum(n for _, n in short):,} "

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from hnm.config import Config
-from hnm.data import Dataset, load_dataset, too_large
+from hnm.data import Corpus, load_corpus, too_large
 from hnm.errors import HnmError
 from hnm.outcome import REASON_LABELS
 from hnm.pages import esc
@@ -38,12 +38,12 @@ class Thumbs:
             return f"<div class='noimg'>image not shown<br>{esc(image)}</div>"
         return f"<img class='thumb' src='{uri}' alt='{esc(image)}'>"
 
-    def find_in(self, config: Config, plan: Plan, ds: Dataset | None, keys: set[str]) -> None:
+    def find_in(self, config: Config, plan: Plan, ds: Corpus | None, keys: set[str]) -> None:
         """Thumbnails of images held in the input's shards, named in the records by their
         keys: read in input order (a Parquet column streams once)."""
         if ds is None:
             try:
-                ds = load_dataset(config, list(plan.skipped))
+                ds = load_corpus(config, list(plan.skipped))
             except HnmError:
                 return  # the input moved or changed: its images show as not found
         f = config.fields

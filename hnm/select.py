@@ -9,7 +9,7 @@ from typing import Protocol
 
 import numpy as np
 
-from hnm.miner import GROWTH, Cands, Ragged, Tables, dots_with, text_sims, threshold_steps
+from hnm.miner import GROWTH, Arrays, Cands, Ragged, dots_with, text_sims, threshold_steps
 
 # Above this many free phrases their rows are found with one vectorised mask over the
 # eligible rows instead of phrase by phrase: both cost about the same there.
@@ -159,7 +159,7 @@ class Selector:
     many rows are free, first at one wider list).
     """
 
-    def __init__(self, tab: Tables, phrases: list[str], rules: Rules, window: int,
+    def __init__(self, tab: Arrays, phrases: list[str], rules: Rules, window: int,
                  widen: Widen, list_size: int) -> None:
         self.tab = tab
         self.rules = rules

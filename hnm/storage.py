@@ -25,15 +25,14 @@ from hnm.version import __version__
 # phase -> the folder holding its files and markers
 PHASE_DIRS = {"embed": "embeddings", "tables": "tables", "candidates": "candidates"}
 # Every name a run directory may hold (paths from its root): the only files hnm writes
-# or deletes there. `index/` is the tables' folder of older layouts.
+# or deletes there.
 RUN_FILES = re.compile(r"""(?x)
     (config\.yaml | plan\.json | negatives\.(jsonl|parquet) | suspects\.jsonl | metrics\.json
      | report\.html | sweep\.(html|json) | done\.json | \.hnm\.lock | \.hnm-run\.json)
   | embeddings/((image|text)_\d{5,}\.npy | done_\d{5,})
   | tables/((visual|text|eligible|clusters|centroids)\.npy | ivf\.faiss | done)
   | candidates/(shard_\d{5,}\.npz | done_\d{5,})
-  | logs/(hnm\.log | tables\.log | shard_\d{5,}\.log | \.(crashed|held)_\w+)
-  | index/(visual\.faiss | (visual|text|eligible|clusters|centroids)\.npy | done)""")
+  | logs/(hnm\.log | tables\.log | shard_\d{5,}\.log | \.(crashed|held)_\w+)""")
 SIGNATURE = "hnm run directory"  # the format marker of .hnm-run.json
 SIGNATURE_VERSION = 1
 TABLES = ("visual", "text", "eligible", "clusters", "centroids")

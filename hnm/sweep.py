@@ -15,18 +15,18 @@ from typing import Any
 import numpy as np
 
 from hnm.config import Config
-from hnm.data import Dataset, anchor_uniforms, load_dataset
+from hnm.data import Corpus, anchor_uniforms, load_corpus
 from hnm.engine import ANCHOR_BATCH, Candidates, find_candidates, make_selector, select_negatives
 from hnm.errors import HnmError
 from hnm.lifecycle import load_run_config
 from hnm.metrics import Metrics, phrase_diversity_vs_data
-from hnm.miner import Ragged, Tables, cut, neighbours
+from hnm.miner import Arrays, Ragged, cut, neighbours
 from hnm.outcome import REASON_LABELS, REASONS
-from hnm.pages import CSS, esc, fmt, page, table
+from hnm.pages import CSS, esc, fmt, html_table, page
 from hnm.plan import Plan, read_plan
 from hnm.storage import RunDir, read_json, read_npz, verify_marker
 from hnm.summary import suggestion
-from hnm.tables import load_tables, open_index
+from hnm.tables import load_arrays, open_index
 
 STEP = 0.1  # spacing of the default grid around the run's own values
 # Wider diverse lists remembered across grid points: the same anchors exhaust their lists
@@ -45,8 +45,8 @@ class Saved:
 
     config: Config
     plan: Plan
-    ds: Dataset
-    tab: Tables
+    ds: Corpus
+    tab: Arrays
     u: np.ndarray
 
 
@@ -63,12 +63,12 @@ def load_saved(output_dir: str | Path) -> Saved:
         if (why := verify_marker(marker, run.root, checksums=False)):
             raise HnmError(f"{why}; rerun the mining command: it computes it again")
     config = load_run_config(run)
-    ds = load_dataset(config, list(plan.skipped))
-    if not plan.run_key.endswith(ds.source_sha256[:16]):
+    ds = load_corpus(config, list(plan.skipped))
+    if not plan.planned_from(ds):
         raise HnmError(f"{config.annotations}: changed since the run in {run.root}; its saved "
                        "embeddings no longer match the records")
     u = anchor_uniforms(ds.ids[:ds.num_anchors], config.seed)
-    return Saved(config, plan, ds, load_tables(run, ds), u)
+    return Saved(config, plan, ds, load_arrays(run, ds), u)
 
 
 def default_grid(value: float) -> list[float]:
@@ -315,7 +315,7 @@ def render_html(result: dict[str, Any]) -> str:
     css = (".maps{display:flex;gap:24px;flex-wrap:wrap}.heat td{width:64px;text-align:center}"
            ".heat td.run{outline:3px solid #222;outline-offset:-3px;font-weight:700}")
     return page("hnm sweep", intro + f"<div class='maps'>{maps}</div><h2>All figures</h2>"
-                + table(head, rows), CSS + css)
+                + html_table(head, rows), CSS + css)
 
 
 def heat_map(result: dict[str, Any], name: str) -> str:

@@ -12,13 +12,13 @@ import numpy as np
 
 from hnm.blacklist import read_blacklist
 from hnm.config import Config
-from hnm.data import Dataset, Progress, no_progress, normalize
+from hnm.data import Corpus, Progress, no_progress, normalize
 from hnm.engine import recall_at_k, recall_sample
 from hnm.errors import HnmError
 from hnm.index import SearchIndex, build_index, placement
 from hnm.ivf import IvfIndex, load_ivf, train_ivf
 from hnm.kmeans import kmeans
-from hnm.miner import Tables, eligible_phrases
+from hnm.miner import Arrays, eligible_phrases
 from hnm.plan import Plan
 from hnm.safety import Area
 from hnm.sizing import IVF_TRAIN_PER_LIST, RECALL_ANCHORS, IndexChoice
@@ -95,9 +95,9 @@ def eligibility(config: Config, T: np.ndarray, phrases: list[str],
                             config.blacklist_similarity)
 
 
-def load_tables(run: RunDir, ds: Dataset) -> Tables:
+def load_arrays(run: RunDir, ds: Corpus) -> Arrays:
     """The tables phase's arrays, memory-mapped, with the dataset's row facts."""
-    return Tables(
+    return Arrays(
         V=read_npy(run.table("visual"), mmap=True),
         T=read_npy(run.table("text"), mmap=True),
         text_ids=ds.text_ids, groups=ds.groups,

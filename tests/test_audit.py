@@ -19,7 +19,7 @@ from hnm.data import anchor_uniforms, duplicate_images
 from hnm.engine import Selected, find_candidates, make_selector, select_negatives
 from hnm.grid import finalize
 from hnm.kmeans import kmeans
-from hnm.miner import Tables, eligible_phrases
+from hnm.miner import Arrays, eligible_phrases
 
 
 def selection(seed: int, **changes) -> tuple:
@@ -29,7 +29,7 @@ def selection(seed: int, **changes) -> tuple:
     clusters, _ = kmeans(V, config.n_clusters, config.seed)
     eligible = eligible_phrases(T, phrases, blacklist, config.min_answer_length,
                                 config.blacklist_similarity)
-    tab = Tables(V, T, text_ids, groups, eligible[text_ids], clusters)
+    tab = Arrays(V, T, text_ids, groups, eligible[text_ids], clusters)
     anchors = np.arange(n)
     u = anchor_uniforms([f"r{i}" for i in range(n)], config.seed)
     cands, _ = find_candidates(config, tab, anchors)
@@ -38,7 +38,7 @@ def selection(seed: int, **changes) -> tuple:
     return config, tab, phrases, u, done
 
 
-def exact_sims(tab: Tables, a: int, row: int) -> tuple[float, float]:
+def exact_sims(tab: Arrays, a: int, row: int) -> tuple[float, float]:
     """(txt, vis) of a pair, from the embeddings themselves."""
     t = tab.T[tab.text_ids]
     return (float(np.dot(t[a].astype(np.float64), t[row].astype(np.float64))),

@@ -11,7 +11,7 @@ from hnm.data import anchor_uniforms
 from hnm.engine import mine_arrays
 from hnm.grid import finalize
 from hnm.kmeans import kmeans
-from hnm.miner import Tables, eligible_phrases
+from hnm.miner import Arrays, eligible_phrases
 
 WORDS = ("fly north south east west along road river lake field roof red grey building "
          "bridge turn left right past the next to until you reach land near big small").split()
@@ -68,7 +68,7 @@ def engine_vs_reference(seed):
     clusters, _ = kmeans(V, config.n_clusters, config.seed)
     eligible = eligible_phrases(T, phrases, blacklist, config.min_answer_length,
                                 config.blacklist_similarity)
-    tab = Tables(V, T, text_ids, groups, eligible[text_ids], clusters)
+    tab = Arrays(V, T, text_ids, groups, eligible[text_ids], clusters)
     ids = [f"r{i}" for i in range(n)]
     anchors = int(np.random.default_rng(seed).integers(1, n + 1))
     u = anchor_uniforms(ids[:anchors], config.seed)

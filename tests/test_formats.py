@@ -20,7 +20,7 @@ from PIL import Image
 from hnm import demo, outputs
 from hnm.cli import main
 from hnm.config import Config, Fields
-from hnm.data import Dataset, load_dataset
+from hnm.data import Corpus, load_corpus
 from hnm.plan import follow_inputs, read_plan
 from hnm.readers import ImageRef
 from hnm.storage import RunDir
@@ -110,7 +110,7 @@ def test_records_of_shard_formats_hold_image_keys(inputs):
     fields = Fields(text="answer", group="first_instruction")
     for fmt, key in (("parquet", "part-00001.parquet/0"), ("webdataset", "00001.tar/d005_t1.png"),
                      ("hf", "data-00001-of-00003.arrow/0")):
-        ds = load_dataset(Config(annotations=str(inputs[fmt]), fields=fields))
+        ds = load_corpus(Config(annotations=str(inputs[fmt]), fields=fields))
         assert ds.records[PER_SHARD if fmt != "hf" else 20]["image"] == key
         assert isinstance(ds.images[0], ImageRef)
         assert ds.images[0].key == ds.records[0]["image"]
@@ -120,10 +120,10 @@ def test_records_of_shard_formats_hold_image_keys(inputs):
 # ---------------------------------------------------------------- where workers read
 
 
-def _ds(ends: tuple[int, ...], skipped: tuple[int, ...] = ()) -> Dataset:
+def _ds(ends: tuple[int, ...], skipped: tuple[int, ...] = ()) -> Corpus:
     keep = np.array([i for i in range(ends[-1]) if i not in skipped])
     n = len(keep)
-    return Dataset([{}] * ends[-1], keep, list(range(n)), [Path()] * n, ["x"],
+    return Corpus([{}] * ends[-1], keep, list(range(n)), [Path()] * n, ["x"],
                    np.zeros(n, np.int64), np.arange(n), n, {}, "", "parquet", ends)
 
 
@@ -160,7 +160,7 @@ def test_folder_and_glob_and_format_flag(capsys, tmp_path, inputs):
     for name, given, fmt in (("folder", folder, None),
                                    ("glob", folder / "part-*.parquet", None),
                                    ("flag", folder, "parquet")):
-        ds = load_dataset(Config(annotations=str(given), input_format=fmt,
+        ds = load_corpus(Config(annotations=str(given), input_format=fmt,
                                  fields=fields))
         found[name] = (ds.input_format, len(ds.shard_ends), ds.ids[:2])
     assert found == {"folder": ("webdataset", 3, ["d000_t1", "d000_t2"]),
@@ -283,7 +283,7 @@ def test_hugging_face_splits(capsys, tmp_path, inputs):
     msg = fails(capsys, tmp_path, tmp_path / "out", ["--annotations", both, *DEMO_FIELDS])
     assert msg == f"--hf-split: {both} holds the splits train, test; choose one"
     fields = Fields(text="answer", group="first_instruction")
-    ds = load_dataset(Config(annotations=str(both), hf_split="test", fields=fields))
+    ds = load_corpus(Config(annotations=str(both), hf_split="test", fields=fields))
     assert len(ds) == 10 and ds.records[0]["image"] == "data-00000-of-00001.arrow/0"
 
 
@@ -301,12 +301,12 @@ def test_cc3m_style_tsv_and_quoted_csv(tmp_path):
         Image.new("RGB", (8, 8)).save(root / f"{r['id']}.png")
     tsv = root / "cc3m.tsv"
     tsv.write_text("".join(f"{r['text']} \"quoted\"\t{r['id']}.png\n" for r in recs))
-    ds = load_dataset(Config(annotations=str(tsv), image_dir=str(root)))
+    ds = load_corpus(Config(annotations=str(tsv), image_dir=str(root)))
     assert ds.ids == [0, 1, 2, 3]
     assert ds.records[1] == {"text": recs[1]["text"] + ' "quoted"', "image": "r1.png"}
     quoted = root / "a.csv"
     quoted.write_text('id,text,image\nx,"a, b\nc",r0.png\ny,plain,r1.png\n')
-    ds = load_dataset(Config(annotations=str(quoted), image_dir=str(root)))
+    ds = load_corpus(Config(annotations=str(quoted), image_dir=str(root)))
     assert ds.records == [{"id": "x", "text": "a, b\nc", "image": "r0.png"},
                           {"id": "y", "text": "plain", "image": "r1.png"}]
 

@@ -29,7 +29,7 @@ from builders import FAST, cli, records, snapshot
 from PIL import Image
 
 from hnm.config import Config, Fields
-from hnm.data import load_dataset
+from hnm.data import load_corpus
 from hnm.errors import HnmError
 from hnm.outcome import Outcomes
 from hnm.outputs import read_records, write_negatives
@@ -487,7 +487,7 @@ def test_records_the_outputs_can_write(tmp_path, root):
         ann.write_bytes(dumps(data, rng.random() < 0.5))
         config = Config(annotations=str(ann), image_dir=str(root), fields=Fields())
         try:
-            ds = load_dataset(config)
+            ds = load_corpus(config)
         except HnmError as exc:
             assert str(ann) in str(exc), (case, str(exc))
             COUNTS.setdefault("outputs", Counter())["refused"] += 1

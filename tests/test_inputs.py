@@ -27,7 +27,7 @@ from builders import (
 )
 
 from hnm.config import Config, Fields
-from hnm.data import load_dataset
+from hnm.data import load_corpus
 from hnm.demo import make_demo
 
 
@@ -478,7 +478,7 @@ def test_error_through_launch_py(data, tmp_path):
 
 
 def _load(annotations: Path, root: Path, **kw) -> object:
-    return load_dataset(Config(annotations=str(annotations), image_dir=str(root), **kw))
+    return load_corpus(Config(annotations=str(annotations), image_dir=str(root), **kw))
 
 
 def test_formats_load_the_same_samples(tmp_path):

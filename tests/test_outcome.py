@@ -22,7 +22,7 @@ from hnm.cli import main
 from hnm.data import anchor_uniforms
 from hnm.engine import find_candidates, make_selector, select_negatives
 from hnm.kmeans import kmeans
-from hnm.miner import Tables, eligible_phrases
+from hnm.miner import Arrays, eligible_phrases
 from hnm.outcome import REASON_LABELS, REASONS
 from hnm.outputs import read_records
 from hnm.storage import RunDir
@@ -38,7 +38,7 @@ def both(case, drop: bool):
     clusters, _ = kmeans(V, config.n_clusters, config.seed)
     eligible = eligible_phrases(T, phrases, blacklist, config.min_answer_length,
                                 config.blacklist_similarity)
-    tab = Tables(V, T, text_ids, groups, eligible[text_ids], clusters)
+    tab = Arrays(V, T, text_ids, groups, eligible[text_ids], clusters)
     u = anchor_uniforms([f"r{i}" for i in range(n)], config.seed)
     anchors = np.arange(n)
     cands, _ = find_candidates(config, tab, anchors, diverse_first=u < config.diverse_ratio)

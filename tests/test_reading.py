@@ -17,7 +17,7 @@ import pytest
 from builders import FAST, cli, dataset, fails, records, write_annotations
 
 from hnm.config import Config, Fields
-from hnm.data import MAX_DEPTH, load_dataset
+from hnm.data import MAX_DEPTH, load_corpus
 from hnm.decoding import one_line
 from hnm.outcome import Outcomes
 from hnm.outputs import JSON_COLUMNS, read_records, write_negatives
@@ -103,7 +103,7 @@ def test_records_without_a_named_field_keep_todays_meaning(data):
     recs = records(6)
     del recs[1]["group"], recs[0]["group"], recs[4]["id"]
     write_annotations(data / "annotations.json", recs)
-    ds = load_dataset(Config(annotations=str(data / "annotations.json"), image_dir=str(data),
+    ds = load_corpus(Config(annotations=str(data / "annotations.json"), image_dir=str(data),
                              fields=Fields(group="group")))
     assert ds.ids == ["r0", "r1", "r2", "r3", 4, "r5"]
     assert list(ds.groups) == [0, 1, 2, 2, 3, 3]
@@ -264,7 +264,7 @@ def test_parquet_output_writes_what_parquet_cannot_hold_as_json(tmp_path, data, 
     write_annotations(data / "annotations.json", recs)
     config = Config(annotations=str(data / "annotations.json"), image_dir=str(data),
                     output_format="parquet")
-    ds = load_dataset(config)
+    ds = load_corpus(config)
     run = RunDir(tmp_path / "run")
     run.sign(run.layout(1))  # hnm writes only in a folder its signature makes a run
     write_negatives(config, run, ds, [], NO_ANCHORS)

@@ -14,7 +14,7 @@ from reference import reference_mine
 from synthetic import make_dataset, mine_args
 
 from hnm.cli import main
-from hnm.data import anchor_uniforms, load_dataset
+from hnm.data import anchor_uniforms, load_corpus
 from hnm.lifecycle import load_run_config
 from hnm.storage import RunDir
 
@@ -42,7 +42,7 @@ def test_three_shard_run_equals_the_reference_on_its_files(tmp_path: Path, flags
     plan = json.loads(run.plan.read_text())
     assert len(plan["shards"]) == 3 and all(s["rows"][1] > s["rows"][0] for s in plan["shards"])
     config = load_run_config(run)
-    ds = load_dataset(config, plan["skipped"])
+    ds = load_corpus(config, plan["skipped"])
     V, T = np.load(run.table("visual")), np.load(run.table("text"))
     clusters = np.load(run.table("clusters"))
     u = anchor_uniforms(ds.ids[:ds.num_anchors], config.seed)
@@ -114,7 +114,7 @@ def test_ivf_run_equals_the_reference_over_what_ivf_reaches(tmp_path: Path, flag
     assert (tmp_path / "one/negatives.jsonl").read_bytes() == (out / "negatives.jsonl").read_bytes()
     run = RunDir(out)
     config = load_run_config(run)
-    ds = load_dataset(config, [])
+    ds = load_corpus(config, [])
     V, T = np.load(run.table("visual")), np.load(run.table("text"))
     clusters = np.load(run.table("clusters"))
     eligible = np.load(run.table("eligible"))[ds.text_ids]

@@ -15,7 +15,7 @@ from hnm.engine import mine_arrays
 from hnm.grid import finalize
 from hnm.kmeans import kmeans
 from hnm.metrics import Metrics
-from hnm.miner import Tables, eligible_phrases
+from hnm.miner import Arrays, eligible_phrases
 from hnm.select import FreeRows, PhraseWindow
 
 
@@ -55,7 +55,7 @@ def mine_both(seed: int):
     V, T, text_ids, groups, phrases, config, n = templated_case(seed)
     clusters, _ = kmeans(V, config.n_clusters, config.seed)
     eligible = eligible_phrases(T, phrases, None, config.min_answer_length, 1.0)
-    tab = Tables(V, T, text_ids, groups, eligible[text_ids], clusters)
+    tab = Arrays(V, T, text_ids, groups, eligible[text_ids], clusters)
     u = anchor_uniforms([f"r{i}" for i in range(n)], config.seed)
     got = mine_arrays(config, tab, phrases, u, n)
     want = reference_mine(V, T, text_ids, groups, phrases, clusters, None, u, config)
@@ -116,7 +116,7 @@ def test_no_free_row_is_answered_without_searching():
     T = finalize(rng.normal(size=(3, 6)))
     phrases = ["short caption one", "short caption two", "short caption three"]
     text_ids = np.arange(n) % 3
-    tab = Tables(V, T, text_ids, np.arange(n), np.ones(n, bool), np.zeros(n, np.int64))
+    tab = Arrays(V, T, text_ids, np.arange(n), np.ones(n, bool), np.zeros(n, np.int64))
     config = Config(diverse_ratio=1.0, n_clusters=1, diverse_candidates=4)
     calls = []
     selector = select.Selector(tab, phrases, select.Rules(0.3, 0.3, 1.0, 3, 1), 1000,

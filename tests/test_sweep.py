@@ -16,7 +16,7 @@ from hnm import sweep
 from hnm.cli import main
 from hnm.index import build_index
 from hnm.kmeans import kmeans
-from hnm.miner import Tables, cut, eligible_phrases, hard_candidates, neighbours
+from hnm.miner import Arrays, cut, eligible_phrases, hard_candidates, neighbours
 
 # figures of the dataset rather than of the selection: a sweep does not recompute them
 DATASET_KEYS = {"distinct_answers", "skipped_missing_image", "records", "candidates",
@@ -66,7 +66,7 @@ def test_cut_lists_equal_a_direct_search():
         clusters, _ = kmeans(V, config.n_clusters, config.seed)
         eligible = eligible_phrases(T, phrases, blacklist, config.min_answer_length,
                                     config.blacklist_similarity)
-        tab = Tables(V, T, text_ids, groups, eligible[text_ids], clusters)
+        tab = Arrays(V, T, text_ids, groups, eligible[text_ids], clusters)
         index, anchors = build_index(V), np.arange(n)
         loose = neighbours(index, tab, anchors, config.k_nn, -1.0)
         for tau, mvs in ((0.6, -1.0), (0.1, 0.0), (-0.2, 0.5), (0.3, 0.9)):

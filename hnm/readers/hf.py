@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from hnm.config import Fields
-from hnm.decoding import reading
+from hnm.decoding import first_line, reading
 from hnm.errors import HnmError
 from hnm.readers.base import ImageRef, Part, Shard
 from hnm.readers.parquet import (
@@ -32,7 +32,7 @@ def hf_shards(path: Path, split: str | None) -> list[Shard]:
         try:
             loaded = datasets.load_from_disk(str(path))
         except (FileNotFoundError, ValueError, OSError) as exc:
-            first = (str(exc).splitlines() or [""])[0]
+            first = first_line(str(exc))
             raise HnmError(f"--annotations {path}: not a Hugging Face dataset saved with "
                            f"save_to_disk: {first}") from None
     if isinstance(loaded, datasets.DatasetDict):

@@ -18,7 +18,8 @@ from typing import Any, TypeVar
 
 from hnm.callbacks import Progress
 from hnm.config import Config
-from hnm.data import Dataset
+from hnm.data import Corpus
+from hnm.decoding import first_line
 from hnm.errors import HnmError
 from hnm.placement import ranks_offer
 from hnm.plan import Plan
@@ -161,7 +162,7 @@ class RankExecutor:
 
         assert self.ranks is not None
         if exc is not None and not isinstance(exc, RankFailed):
-            first = (str(exc).strip().splitlines() or [""])[0]
+            first = first_line(str(exc))
             self.ranks.fail(first if isinstance(exc, HnmError)
                             else f"{type(exc).__name__}: {first}")
         self.ranks.close()
@@ -185,7 +186,7 @@ class RankExecutor:
             raise HnmError(value)
         return value
 
-    def start(self, plan: Plan, ds: Dataset | None) -> None:
+    def start(self, plan: Plan, ds: Corpus | None) -> None:
         self.context = Context(self.config, self.device, ds)
         self.say(f"torchrun: {self.world} rank(s), {len(plan.shards)} shard(s)")
 

@@ -19,7 +19,7 @@ from typing import Any, Protocol, TypeVar
 from hnm import placement
 from hnm.callbacks import Progress
 from hnm.config import Config
-from hnm.data import Dataset
+from hnm.data import Corpus
 from hnm.errors import Terminated
 from hnm.lifecycle import Lease
 from hnm.placement import Offer
@@ -54,7 +54,7 @@ class Executor(Protocol):
     def on_leader(self, fn: Callable[[Progress], T]) -> T:
         """Run fn on the leader only; every process gets its result (or its HnmError)."""
 
-    def start(self, plan: Plan, ds: Dataset | None) -> None:
+    def start(self, plan: Plan, ds: Corpus | None) -> None:
         """Get ready to run the plan's tasks (views, worker processes)."""
 
     def run_phase(self, phase: str, tasks: list[Task]) -> None:
@@ -88,7 +88,7 @@ def drive(config: Config, ex: Executor) -> dict[str, Any]:
         def plan_run(progress: Progress) -> str:
             plan, state = lease.prepare(ex.offered, progress)
             if state != "complete":
-                placement.check_memory(config, lease.dataset, plan.placement)
+                placement.check_memory(config, lease.corpus, plan.placement)
             return state
 
         if ex.on_leader(plan_run) == "complete":
@@ -107,12 +107,12 @@ def drive(config: Config, ex: Executor) -> dict[str, Any]:
         reused = {p: sum(run.is_done(p, s) for s in shards) for p in ("embed", "candidates")}
         reused_tables = run.is_done("tables")
         load = time.perf_counter() - t0
-        ex.start(plan, lease.dataset)  # other ranks load the dataset when a task needs it
+        ex.start(plan, lease.corpus)  # other ranks load the dataset when a task needs it
         for phase in PHASES:
             ex.run_phase(phase, [t for t in _tasks(phase, shards)
                                  if not run.is_done(t.phase, t.shard)])
         metrics = ex.on_leader(lambda progress: reduce_phase(
-            config, run, lease.dataset, plan, {"load": load}, progress, t0))
+            config, run, lease.corpus, plan, {"load": load}, progress, t0))
     if any(reused.values()) or reused_tables:
         ex.say(f"Resumed: reused {reused['embed']} embedded and {reused['candidates']} mined "
                f"shard(s) of {len(shards)}" + (", and the tables" if reused_tables else ""))
@@ -220,7 +220,7 @@ class LocalExecutor:
         self.pending = []
         return result
 
-    def start(self, plan: Plan, ds: Dataset | None) -> None:
+    def start(self, plan: Plan, ds: Corpus | None) -> None:
         self.view = self.stack.enter_context(ProgressView(
             [{"shard": s.shard, "device": s.device} for s in plan.shards], self.mode,
             self.offered.nvml))

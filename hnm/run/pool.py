@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hnm.config import Config
-from hnm.data import Dataset
+from hnm.data import Corpus
+from hnm.decoding import first_line
 from hnm.errors import HnmError, Terminated
 from hnm.process import die_with_parent, stopping
 from hnm.progress import ProgressView
@@ -67,7 +68,7 @@ class Retries:
 class InProcess:
     """One CPU worker: tasks run in the parent, one after the other, retried on failure."""
 
-    def __init__(self, config: Config, view: ProgressView, ds: Dataset | None = None) -> None:
+    def __init__(self, config: Config, view: ProgressView, ds: Corpus | None = None) -> None:
         self.context = Context(config, "cpu", ds)
         self.view = view
         self.retries = Retries(config, view)
@@ -105,7 +106,7 @@ class InProcess:
 
 
 def _one_line(exc: BaseException) -> str:
-    first = (str(exc).strip().splitlines() or [""])[0]  # the full trace is in the shard log
+    first = first_line(str(exc))  # the full trace is in the shard log
     return f"{type(exc).__name__}: {first}"
 
 

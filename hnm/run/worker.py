@@ -20,11 +20,11 @@ import numpy as np
 from hnm import embed, tables
 from hnm.callbacks import Progress
 from hnm.config import Config
-from hnm.data import Dataset, anchor_uniforms, load_dataset
+from hnm.data import Corpus, anchor_uniforms, load_corpus
 from hnm.encoders import build_image_encoder, build_text_encoder
 from hnm.engine import find_candidates
 from hnm.index import SearchIndex, set_threads
-from hnm.miner import Tables
+from hnm.miner import Arrays
 from hnm.plan import Plan, read_plan
 from hnm.storage import RunDir
 
@@ -61,21 +61,21 @@ def peak_rss_mb() -> float:
 class Context:
     """What one worker process builds once and keeps between its tasks."""
 
-    def __init__(self, config: Config, device: str, ds: Dataset | None = None) -> None:
+    def __init__(self, config: Config, device: str, ds: Corpus | None = None) -> None:
         self.config = config
         self.device = device
         self.run = RunDir(config.output_dir)
         self.startup = 0.0  # seconds spent loading models, not yet reported in a marker
         if ds is not None:
-            self.__dict__["dataset"] = ds
+            self.__dict__["corpus"] = ds
 
     @cached_property
     def plan(self) -> Plan:
         return read_plan(self.run)
 
     @cached_property
-    def dataset(self) -> Dataset:
-        return load_dataset(self.config, list(self.plan.skipped))
+    def corpus(self) -> Corpus:
+        return load_corpus(self.config, list(self.plan.skipped))
 
     @cached_property
     def image_encoder(self) -> Any:
@@ -98,11 +98,11 @@ class Context:
 
     @cached_property
     def phrase_order(self) -> np.ndarray:
-        return embed.phrase_order(self.dataset.phrases)
+        return embed.phrase_order(self.corpus.phrases)
 
     @cached_property
-    def tables(self) -> Tables:
-        return tables.load_tables(self.run, self.dataset)
+    def arrays(self) -> Arrays:
+        return tables.load_arrays(self.run, self.corpus)
 
     @cached_property
     def search_index(self) -> SearchIndex:
@@ -110,7 +110,7 @@ class Context:
         used for all of its shards."""
         if self.device == "cpu":  # the CPU worker processes share the machine's cores
             set_threads(self.plan.placement.threads)
-        return tables.open_index(self.run, self.plan.index, self.tables.V, self.device)
+        return tables.open_index(self.run, self.plan.index, self.arrays.V, self.device)
 
     def embed_blacklist(self, phrases: list[str]) -> np.ndarray:
         """Blacklist phrases through the run's text encoder, on the run's text batch grid."""
@@ -131,7 +131,7 @@ def run_task(ctx: Context, task: Task, progress: Progress) -> dict[str, Any]:
 def embed_shard(ctx: Context, shard: int, progress: Progress) -> dict[str, Any]:
     """Embed the shard's images and distinct texts (in embed.phrase_order); write both
     arrays, then the marker."""
-    c, ds, part = ctx.config, ctx.dataset, ctx.plan.shards[shard]
+    c, ds, part = ctx.config, ctx.corpus, ctx.plan.shards[shard]
     rows = np.arange(*part.rows)
     phrases = ctx.phrase_order[part.phrases[0]:part.phrases[1]]
     image_encoder = None if c.image_embeddings or not len(rows) else ctx.image_encoder
@@ -182,7 +182,7 @@ def _embed_phrases(ctx: Context, encoder: Any, phrases: list[str]) -> np.ndarray
 
 def tables_once(ctx: Context, _: None, progress: Progress) -> dict[str, Any]:
     """The tables phase in this process (`tables.compute`), then its marker."""
-    info, files = tables.compute(ctx.config, ctx.run, ctx.plan, ctx.dataset.phrases,
+    info, files = tables.compute(ctx.config, ctx.run, ctx.plan, ctx.corpus.phrases,
                                  ctx.phrase_order, ctx.embed_blacklist, progress)
     info["startup"] = ctx.startup
     ctx.startup = 0.0
@@ -194,9 +194,9 @@ def tables_once(ctx: Context, _: None, progress: Progress) -> dict[str, Any]:
 
 def candidates_shard(ctx: Context, shard: int, progress: Progress) -> dict[str, Any]:
     """Hard and diverse candidate lists of the shard's anchors against every row."""
-    c, ds, part = ctx.config, ctx.dataset, ctx.plan.shards[shard]
+    c, ds, part = ctx.config, ctx.corpus, ctx.plan.shards[shard]
     t0 = time.perf_counter()
-    tab, index = ctx.tables, ctx.search_index
+    tab, index = ctx.arrays, ctx.search_index
     t1 = time.perf_counter()
     anchors = np.arange(*part.anchors)
     diverse_first = anchor_uniforms([ds.ids[i] for i in anchors], c.seed) < c.diverse_ratio
