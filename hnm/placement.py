@@ -63,10 +63,16 @@ class Offer:
 
 
 def offer(config: Config) -> Offer:
-    """This machine's offer: NVML asked once, the device flags applied."""
+    """This machine's offer: NVML asked once, the device flags applied. Without any GPU
+    the run falls back to CPU workers (as the original script did), even when GPUs were
+    asked for."""
     found, reason = gpus.discover()
-    devices = choose_devices(config, found)
-    return Offer(devices, found, describe(found, reason, devices, config))
+    if not found:
+        count, fewer = cpu_workers(config)
+        return Offer(["cpu"] * count, [], [f"No GPU: {reason}. Running on {count} CPU "
+                                           "worker(s)." + (f" ({fewer})" if fewer else "")])
+    devices = choose_gpus(config, found)
+    return Offer(devices, found, describe(found, devices))
 
 
 def ranks_offer(device: str, world: int, leader: bool) -> Offer:
@@ -76,14 +82,9 @@ def ranks_offer(device: str, world: int, leader: bool) -> Offer:
     return Offer([device] * world, found)
 
 
-def choose_devices(config: Config, found: list[Gpu]) -> list[str]:
-    """Devices the run uses, from --gpu-id / --gpu-ids / --num-gpus.
-
-    Without any GPU the run falls back to CPU workers (as the original script did), even
-    when GPUs were asked for; with too few GPUs it is an error listing what exists.
-    """
-    if not found:
-        return ["cpu"] * cpu_workers(config)[0]
+def choose_gpus(config: Config, found: list[Gpu]) -> list[str]:
+    """The GPUs the run uses, from --gpu-id / --gpu-ids / --num-gpus; too few GPUs is an
+    error listing what exists."""
     wanted = _wanted(config)
     if wanted is None:
         return [f"cuda:{g.index}" for g in found]
@@ -109,13 +110,8 @@ def cpu_workers(config: Config) -> tuple[int, str | None]:
     return cores, None
 
 
-def describe(found: list[Gpu], reason: str | None, devices: list[str],
-             config: Config | None = None) -> list[str]:
-    """The guide's "Detected N GPU(s)" lines, or why the run uses CPU workers."""
-    if not found:
-        fewer = cpu_workers(config)[1] if config is not None else None
-        return [f"No GPU: {reason}. Running on {len(devices)} CPU worker(s)."
-                + (f" ({fewer})" if fewer else "")]
+def describe(found: list[Gpu], devices: list[str]) -> list[str]:
+    """The guide's "Detected N GPU(s)" lines."""
     lines = [f"Detected {len(found)} GPU(s): {[g.index for g in found]}"]
     lines += [f"   GPU {g.index}: {g.name}, {g.total_gb:.1f} GB ({g.free_gb:.1f} GB free)"
               for g in found]

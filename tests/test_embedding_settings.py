@@ -182,20 +182,20 @@ def test_efficientnet_runs_channels_last_with_batch_norms_folded_in_fp32():
 def test_cpu_workers_default_to_every_usable_core(monkeypatch):
     monkeypatch.setattr(placement, "usable_cores", lambda: 6)
     monkeypatch.setattr(host, "available_memory_gb", lambda: 64.0)
+    monkeypatch.setattr(gpus, "discover", lambda: ([], "no NVML"))
     assert placement.cpu_workers(Config()) == (6, None)
-    assert placement.choose_devices(Config(), []) == ["cpu"] * 6
     assert placement.cpu_workers(Config(cpu_workers=2)) == (2, None)
-    assert placement.describe([], "no NVML", ["cpu"] * 6, Config()) == [
-        "No GPU: no NVML. Running on 6 CPU worker(s)."]
+    assert placement.offer(Config()) == placement.Offer(["cpu"] * 6, [], [
+        "No GPU: no NVML. Running on 6 CPU worker(s)."])
 
 
 def test_fewer_cpu_workers_when_memory_is_short_and_the_line_says_why(monkeypatch):
     monkeypatch.setattr(placement, "usable_cores", lambda: 8)
     monkeypatch.setattr(host, "available_memory_gb", lambda: 4.7)
-    assert placement.choose_devices(Config(), []) == ["cpu"] * 3
-    assert placement.describe([], "no NVML", ["cpu"] * 3, Config()) == [
+    monkeypatch.setattr(gpus, "discover", lambda: ([], "no NVML"))
+    assert placement.offer(Config()) == placement.Offer(["cpu"] * 3, [], [
         "No GPU: no NVML. Running on 3 CPU worker(s). (4.7 GiB of memory available, about "
-        "1.5 GiB per worker: 3 of 8 usable cores used)"]
+        "1.5 GiB per worker: 3 of 8 usable cores used)"])
 
 
 def test_available_memory_is_read_from_meminfo(tmp_path):

@@ -53,16 +53,15 @@ def test_without_the_nvml_library_the_run_says_why_and_uses_cpu_workers(monkeypa
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     found, reason = gpus.discover()
     assert found == [] and "NVML" in reason
-    devices = placement.choose_devices(Config(cpu_workers=3, num_gpus=8), found)
-    assert devices == ["cpu"] * 3
-    assert placement.describe(found, reason, devices) == [
-        f"No GPU: {reason}. Running on 3 CPU worker(s)."]
+    offered = placement.offer(Config(cpu_workers=3, num_gpus=8))
+    assert offered.devices == ["cpu"] * 3
+    assert offered.lines == [f"No GPU: {reason}. Running on 3 CPU worker(s)."]
 
 
 def test_faked_gpus_are_listed_like_the_guide(fake):
     found, reason = gpus.discover()
     assert reason is None and [g.index for g in found] == [0, 1, 2, 3]
-    lines = placement.describe(found, None, placement.choose_devices(Config(), found))
+    lines = placement.offer(Config()).lines
     assert lines[0] == "Detected 4 GPU(s): [0, 1, 2, 3]"
     assert lines[1] == "   GPU 0: RTX 2080 Ti, 11.0 GB (11.0 GB free)"
     assert lines[-1] == "Using 4 GPU(s): cuda:0, cuda:1, cuda:2, cuda:3"
@@ -85,12 +84,12 @@ def test_cuda_visible_devices_is_honoured(fake, monkeypatch):
     (Config(gpu_ids=(0, 2)), ["cuda:0", "cuda:2"]),
 ])
 def test_device_choice(fake, config, devices):
-    assert placement.choose_devices(config, gpus.discover()[0]) == devices
+    assert placement.choose_gpus(config, gpus.discover()[0]) == devices
 
 
 def test_more_gpus_than_present_is_an_error_listing_them(fake):
     with pytest.raises(HnmError) as err:
-        placement.choose_devices(Config(num_gpus=8), gpus.discover()[0])
+        placement.choose_gpus(Config(num_gpus=8), gpus.discover()[0])
     assert str(err.value) == ("--num-gpus: asks for GPU(s) [4, 5, 6, 7] but only 4 exist: "
                               "0 (RTX 2080 Ti), 1 (RTX 2080 Ti), 2 (RTX 2080 Ti), "
                               "3 (RTX 2080 Ti)")
