@@ -53,7 +53,8 @@ def remove_outputs(run: RunDir, manifest: tuple[str, ...], keep_embeddings: bool
 def survey(run: RunDir) -> Survey:
     """What the output directory holds. A folder is an hnm run only by its signature
     (.hnm-run.json); one that holds a plan.json this hnm reads and its config.yaml, from
-    before signatures, is adopted as one (its manifest: the layout of its plan)."""
+    before signatures, is adopted as one (its manifest: the layout of its plan; adopted
+    until hnm 1.0)."""
     if not run.root.is_dir():
         return Survey()
     holds = tuple(sorted(p.name for p in run.root.iterdir() if p.name != run.lock_file.name))
@@ -151,7 +152,7 @@ def _prepare(config: Config, run: RunDir, ds: Corpus, placement: Placement, offe
     if (gone := run.remove_temporary()):
         say(f"Removed {gone} temporary file(s) left by an interrupted run")
     if isinstance(action, Resume):
-        if run.manifest() is None:  # adopted from before signatures
+        if run.manifest() is None:  # adopted from before signatures (read until hnm 1.0)
             run.sign(list(now.manifest or ()))
         return ds, *_resume(config, run, action.plan, offered, say)
     if action.keep:  # the shards are cut already: a worker each, as far as offered

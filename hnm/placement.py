@@ -148,6 +148,13 @@ class Placement:
     index: IndexChoice = IndexChoice()  # the search index over every row
     workers_note: str = ""  # why fewer CPU workers than offered, when the work is small
 
+    def workers_line(self) -> str:
+        """Each worker's share of the machine, as printed."""
+        kinds = ", ".join(sorted(set(self.devices)))
+        threads = f"{self.threads} search thread(s) and " if "cpu" in self.devices else ""
+        return (f"Workers: {len(self.devices)} on {kinds}, each with {threads}{self.loaders} "
+                "data-loading process(es)")
+
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 

@@ -11,7 +11,7 @@ import yaml
 from builders import cli, needs_faiss
 from synthetic import make_dataset, mine_args
 
-from hnm import host, sizing, tables
+from hnm import host, placement, sizing, tables
 from hnm.config import Config
 from hnm.errors import HnmError
 from hnm.run.worker import Context, candidates_shard
@@ -68,6 +68,9 @@ def test_dry_run_prints_memory_per_phase(tmp_path: Path, capsys):
     for phase in ("embed", "tables", "candidates", "reduce"):
         assert f"  {phase}: host " in text
     assert "per worker x 2" in text and "Index: exact (auto: " in text
+    threads = max(1, placement.usable_cores() // 2)
+    assert f"Workers: 2 on cpu, each with {threads} search thread(s) and 0 data-loading " \
+        "process(es)\n" in text
 
 
 def test_available_memory_is_read_from_meminfo_or_else_from_sysconf(tmp_path, monkeypatch):

@@ -103,6 +103,7 @@ def drive(config: Config, ex: Executor) -> dict[str, Any]:
         ex.say(f"Index: {plan.index.describe()}")
         if ex.leader:
             ex.say(f"Precision: {plan.precision} ({plan.placement.precision_reason})")
+            ex.say(plan.placement.workers_line())
         shards = [s.shard for s in plan.shards]
         reused = {p: sum(run.is_done(p, s) for s in shards) for p in ("embed", "candidates")}
         reused_tables = run.is_done("tables")
