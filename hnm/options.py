@@ -248,9 +248,10 @@ OPTIONS: tuple[Option, ...] = (
         Option("gpu_ids", tuple, None, "comma-separated GPU indices", RUNTIME, metavar="0,2,5"),
         Option("num_gpus", int, None, "GPUs to use", RUNTIME, _IN_RANGE, default_text="all"),
         Option("cpu_workers", int, None, "CPU worker processes", RUNTIME, _POSITIVE,
-               default_text="one per usable core",
-               doc="CPU worker processes where there is no GPU (by default as memory allows "
-               "and as many as the images keep busy, one per 128)"),
+               default_text="as many as the work is worth",
+               doc="CPU worker processes where there is no GPU (by default one per usable "
+               "core as memory allows, fewer where starting one would cost more than it "
+               "saves, never more than the run's batches; the run prints why)"),
         Option("max_retries", int, 2, "retries of a failed shard", RUNTIME, _COUNT),
         Option("stall_timeout", float, 1800.0, "seconds without progress before a worker is "
                "stopped and its shard retried; 0: never", RUNTIME, _COUNT, metavar="S"),
