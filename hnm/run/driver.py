@@ -84,41 +84,56 @@ def drive(config: Config, ex: Executor) -> dict[str, Any]:
     t0 = time.perf_counter()
     run = RunDir(config.output_dir)
     with Lease(config, ex.say) as lease:  # the leader holds the run directory's lock
-
-        def plan_run(progress: Progress) -> str:
-            plan, state = lease.prepare(ex.offered, progress)
-            if state != "complete":
-                placement.check_memory(config, lease.corpus, plan.placement)
-            return state
-
-        if ex.on_leader(plan_run) == "complete":
+        if ex.on_leader(lambda progress: _plan(config, lease, ex.offered, progress)) \
+                == "complete":
             ex.say(f"Nothing to do: {run.root} already holds this run's results.")
             metrics = read_json(run.metrics)
             ex.finish(metrics)
             return metrics
         plan = read_plan(run)
-        ex.say(f"Input: {plan.input_format}, {plan.input_files} file(s)")
-        ex.say(f"Sharding {plan.num_anchors} anchors ({plan.num_rows} candidates) into "
-               f"{len(plan.shards)} shard(s) on {len(plan.placement.devices)} worker(s)")
-        ex.say(f"Index: {plan.index.describe()}")
-        if ex.leader:
-            ex.say(f"Precision: {plan.precision} ({plan.placement.precision_reason})")
-            ex.say(plan.placement.workers_line())
-        shards = [s.shard for s in plan.shards]
-        reused = {p: sum(run.is_done(p, s) for s in shards) for p in ("embed", "candidates")}
-        reused_tables = run.is_done("tables")
+        _announce(ex, plan)
+        resumed = _reused(run, plan)
         load = time.perf_counter() - t0
-        ex.start(plan, lease.corpus)  # other ranks load the dataset when a task needs it
+        ex.start(plan, lease.corpus)  # other ranks load the corpus when a task needs it
         for phase in PHASES:
-            ex.run_phase(phase, [t for t in _tasks(phase, shards)
+            ex.run_phase(phase, [t for t in _tasks(phase, [s.shard for s in plan.shards])
                                  if not run.is_done(t.phase, t.shard)])
         metrics = ex.on_leader(lambda progress: reduce_phase(
             config, run, lease.corpus, plan, {"load": load}, progress, t0))
-    if any(reused.values()) or reused_tables:
-        ex.say(f"Resumed: reused {reused['embed']} embedded and {reused['candidates']} mined "
-               f"shard(s) of {len(shards)}" + (", and the tables" if reused_tables else ""))
+    if resumed:
+        ex.say(resumed)
     ex.finish(metrics)
     return metrics
+
+
+def _plan(config: Config, lease: Lease, offered: Offer, progress: Progress) -> str:
+    """The leader's planning: the run created, resumed or found complete; its state."""
+    plan, state = lease.prepare(offered, progress)
+    if state != "complete":
+        placement.check_memory(config, lease.corpus, plan.placement)
+    return state
+
+
+def _announce(ex: Executor, plan: Plan) -> None:
+    """The input, the shards and the placement, as the run starts its phases."""
+    ex.say(f"Input: {plan.input_format}, {plan.input_files} file(s)")
+    ex.say(f"Sharding {plan.num_anchors} anchors ({plan.num_rows} candidates) into "
+           f"{len(plan.shards)} shard(s) on {len(plan.placement.devices)} worker(s)")
+    ex.say(f"Index: {plan.index.describe()}")
+    if ex.leader:
+        ex.say(f"Precision: {plan.precision} ({plan.placement.precision_reason})")
+        ex.say(plan.placement.workers_line())
+
+
+def _reused(run: RunDir, plan: Plan) -> str:
+    """What a resumed run found done ("" when nothing was), said once it finished."""
+    shards = [s.shard for s in plan.shards]
+    done = {p: sum(run.is_done(p, s) for s in shards) for p in ("embed", "candidates")}
+    tables = run.is_done("tables")
+    if not any(done.values()) and not tables:
+        return ""
+    return (f"Resumed: reused {done['embed']} embedded and {done['candidates']} mined "
+            f"shard(s) of {len(shards)}" + (", and the tables" if tables else ""))
 
 
 def _tasks(phase: str, shards: list[int]) -> list[Task]:
