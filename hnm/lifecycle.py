@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from hnm.boundary import boundary
+from hnm.callbacks import Progress, no_progress
 from hnm.config import Config, dump_yaml, make_config, read_yaml
-from hnm.data import Corpus, Progress, load_corpus, no_progress
+from hnm.data import Corpus, load_corpus
 from hnm.errors import HnmError
 from hnm.outputs import read_records
 from hnm.placement import Offer, Placement, place, resumed

@@ -11,8 +11,9 @@ from typing import Any
 import numpy as np
 
 from hnm.blacklist import read_blacklist
+from hnm.callbacks import Progress, no_progress
 from hnm.config import Config
-from hnm.data import Corpus, Progress, no_progress, normalize
+from hnm.data import Corpus, normalize
 from hnm.engine import recall_at_k, recall_sample
 from hnm.errors import HnmError
 from hnm.index import SearchIndex, build_index, placement
