@@ -132,6 +132,13 @@ def hold(phase: str, shard: int) -> dict[str, str]:
     return {**os.environ, "HNM_TEST_CRASH": f"{phase}:{shard}:hold"}
 
 
+def default_signals() -> None:
+    """A run started by a test gets Ctrl-C and SIGTERM as a terminal would send them,
+    whatever the test process inherited (an ignored SIGINT is inherited across exec)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def wait_held(proc: subprocess.Popen, out: Path, phase: str, shard: int) -> None:
     held = out / "logs" / f".held_{phase}_{shard}"
     deadline = time.monotonic() + 300
@@ -152,13 +159,21 @@ def test_interrupt_stops_workers_and_a_rerun_resumes(demo, light, light_single, 
            "--output-dir", str(out), "--num-workers", "0", "--batch-size", "8",
            "--cpu-workers", "2", *light]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=hold("candidates", 0))
+                            text=True, env=hold("candidates", 0), preexec_fn=default_signals)
     wait_held(proc, out, "candidates", 0)
     assert len(list(out.glob("embeddings/done_*"))) == 2
     workers = _children(proc.pid)
     t0 = time.monotonic()
     proc.send_signal(sig)
-    _, err = proc.communicate(timeout=60)
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        status_ = Path(f"/proc/{proc.pid}/status").read_text()
+        wchan = Path(f"/proc/{proc.pid}/wchan").read_text()
+        proc.kill()
+        raise AssertionError(f"no stop 60 s after {sig!r}: wchan {wchan}; " + " ".join(
+            line for line in status_.splitlines() if line.startswith(("State", "Sig")))) \
+            from None
     assert time.monotonic() - t0 < 30
     assert proc.returncode == status
     assert "rerun the same command to resume" in err
