@@ -148,6 +148,10 @@ class Placement:
     index: IndexChoice = IndexChoice()  # the search index over every row
     workers_note: str = ""  # why fewer CPU workers than offered, when the work is small
 
+    def precision_line(self) -> str:
+        """The precision and why, as `precision.Choice` says it."""
+        return precision.Choice(self.precision, self.precision_reason).line()
+
     def workers_line(self) -> str:
         """Each worker's share of the machine, as printed."""
         kinds = ", ".join(sorted(set(self.devices)))

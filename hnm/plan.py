@@ -275,7 +275,7 @@ def dry_run_lines(config: Config, ds: Corpus, placement: Placement) -> list[str]
         + ", ".join(f"[{s}, {e})" for s, e in shards),
         f"Embeddings: images {n} x {sizes.dv} ({n * sizes.dv * 4 / gib:.3f} GiB), texts "
         f"{u} x {sizes.dt} ({u * sizes.dt * 4 / gib:.3f} GiB)",
-        f"Precision: {placement.precision} ({placement.precision_reason})",
+        placement.precision_line(),
         placement.workers_line() + (f" ({placement.workers_note})"
                                      if placement.workers_note else ""),
         f"Index: {placement.index.describe()}",

@@ -121,7 +121,7 @@ def _announce(ex: Executor, plan: Plan) -> None:
            f"{len(plan.shards)} shard(s) on {len(plan.placement.devices)} worker(s)")
     ex.say(f"Index: {plan.index.describe()}")
     if ex.leader:
-        ex.say(f"Precision: {plan.precision} ({plan.placement.precision_reason})")
+        ex.say(plan.placement.precision_line())
         ex.say(plan.placement.workers_line())
 
 
