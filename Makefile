@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE ?= 1
 SPLIT_ARGS = $(if $(IMAGE_DIR),--image-dir $(IMAGE_DIR)) \
              $(if $(ANNOTATIONS),--annotations $(ANNOTATIONS)) $(ARGS)
 
-.PHONY: install demo test test-fast test-machines fuzz lint bench train val_seen val_unseen clean
+.PHONY: install demo test test-fast test-stress test-machines fuzz lint bench train val_seen val_unseen clean
 
 $(STAMP): setup.cfg pyproject.toml tools/install.sh
 	PYTHON=$(PYTHON) bash tools/install.sh $(VENV) $(EXTRAS)
@@ -38,6 +38,20 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(LINT)
 	$(PYTEST) -m "not slow" $(ARGS)
+
+# The tests that start processes (marker `processes`) as a loaded or small machine runs
+# them: three rounds in a row while another process keeps a core busy, then on one core
+# (sharing it with the busy process). Each round must pass.
+BUSY = $(BIN)/python -c "while True: pass"
+test-stress: $(STAMP)
+	$(BUSY) & busy=$$!; trap 'kill $$busy' EXIT; \
+	for round in 1 2 3; do \
+	    echo "== round $$round of 3, one core kept busy"; \
+	    $(PYTEST) -m processes $(ARGS) || exit 1; \
+	done; \
+	kill $$busy; taskset -c 0 $(BUSY) & busy=$$!; \
+	echo "== one core (taskset -c 0), kept busy"; \
+	taskset -c 0 sh -c '$(PYTEST) -m processes $(ARGS)'
 
 # The suite as other machines run it: the CPU kinds `auto` tells apart (tests/cpuinfo),
 # one core, and no FAISS.

@@ -19,6 +19,7 @@ from hnm.errors import HnmError
 from hnm.grid import finalize
 from hnm.process import loader_worker_init
 from hnm.readers import ImageRef, holds_tensor, image_stream, read_tensor
+from hnm.testpoints import reach
 
 # On CPU a batch goes through the model this many images at a time: the feature maps of a
 # few images stay in the caches, and EfficientNet-Lite0 then runs about twice as fast on
@@ -120,12 +121,15 @@ def embed_images(encoder: ImageEncoder, paths: list[Path], batch_size: int, num_
                             pin_memory=torch.device(encoder.device).type == "cuda",
                             worker_init_fn=loader_worker_init if num_workers else None)
         asked = time.perf_counter()
-        for batch in loader:
+        batches = iter(loader)
+        for batch in batches:
             waited += time.perf_counter() - asked
             # snapped pass by pass: no float64 copy of the shard
             parts += [finalize(encoder.encode(part)) for part in batch.split(rows)]
             done += len(batch)
             progress("embed", done, len(paths))
+            reach("embed-batch", partial(progress, "embed", done, len(paths)),
+                  loaders=[w.pid for w in getattr(batches, "_workers", ())])
             asked = time.perf_counter()
     return np.concatenate(parts), waited
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from hnm import report
+from hnm import report, testpoints
 from hnm.callbacks import Progress, no_progress
 from hnm.config import Config
 from hnm.data import Corpus, anchor_uniforms, duplicate_images
@@ -83,12 +83,14 @@ def reduce_phase(config: Config, run: RunDir, ds: Corpus, plan: Plan,
     shards = ((np.arange(*s.anchors), Candidates.from_arrays(read_npz(run.candidates(s.shard))))
               for s in plan.shards)
     picks, parts, suspects, why = [], [], [], []
-    for done in select_negatives(config, selector, shards, u, ds.phrases):
+    for part, done in zip(plan.shards, select_negatives(config, selector, shards, u,
+                                                        ds.phrases)):
         picks += done.picks
         parts.append(done.metrics)
         suspects += done.suspects
         why.append(done.outcomes)
         progress("select", len(picks), ds.num_anchors)
+        testpoints.reach("reduce", at=(run.logs, part.shard))
     t1 = time.perf_counter()
     write_negatives(config, run, ds, picks, Outcomes.concat(why), progress)
     write_suspects(config, run, ds, suspects)

@@ -116,7 +116,7 @@ def fails(capsys: Any, root: Path, out: Path, args: list, *culprits: str) -> str
     return lines[0][len("hnm: error: "):]
 
 
-def launch(*args: Any, timeout: float = 300) -> subprocess.CompletedProcess:
+def launch(*args: Any, timeout: float = 600) -> subprocess.CompletedProcess:
     """`python launch.py ARGS` from the repository root, the way a user types it."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "CUDA_VISIBLE_DEVICES": ""}

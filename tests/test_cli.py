@@ -260,6 +260,7 @@ def test_precomputed_embeddings_give_the_same_negatives(capsys, demo, first, tmp
 
 
 @pytest.mark.slow
+@pytest.mark.processes
 def test_run_with_the_offline_default_encoders(demo, tmp_path):
     out = tmp_path / "defaults"
     proc = launch(*demo.args(out))

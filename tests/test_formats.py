@@ -95,6 +95,7 @@ def test_every_format_gives_the_same_negatives(capsys, tmp_path, inputs, bert, r
     assert "image not found" not in page
 
 
+@pytest.mark.processes
 def test_shards_with_two_workers_give_the_same_bytes(capsys, tmp_path, inputs, bert):
     """Workers follow the input shards (on the batch grid), and each one's DataLoader
     processes stream the Parquet column themselves: any worker count, the same bytes."""

@@ -459,6 +459,7 @@ def test_blacklist_file_that_does_not_exist(capsys, data, tmp_path):
           "--blacklist", "bl.txt")
 
 
+@pytest.mark.processes
 def test_error_through_launch_py(data, tmp_path):
     """The real command: one line on stderr, status 2, nothing written."""
     recs = records(6)
@@ -466,7 +467,7 @@ def test_error_through_launch_py(data, tmp_path):
     write_annotations(data / "annotations.json", recs)
     before = snapshot(data)
     proc = launch("--annotations", data / "annotations.json", "--image-dir", data,
-                  "--output-dir", tmp_path / "out", timeout=120)
+                  "--output-dir", tmp_path / "out", timeout=600)
     assert proc.returncode == 2
     assert proc.stderr == (f"hnm: error: {data / 'annotations.json'}: duplicate id 'r0' in "
                            "records 0 and 2\n")

@@ -12,13 +12,13 @@ import socket
 import struct
 import subprocess
 import sys
-import time
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 from builders import REPO, cli
+from points import SAFETY_S, hold_env, wait_point
 from synthetic import make_dataset, mine_args
 
 from hnm.cli import main
@@ -46,7 +46,7 @@ def launch(data: dict, out: Path, *flags: str, env: dict | None = None, **kw) ->
                             text=True, env={**os.environ, **(env or {})}, **kw)
 
 
-def finish(proc: subprocess.Popen, timeout: float = 120) -> tuple[int, str, str]:
+def finish(proc: subprocess.Popen, timeout: float = SAFETY_S) -> tuple[int, str, str]:
     out, err = proc.communicate(timeout=timeout)
     return proc.returncode, out, err
 
@@ -69,18 +69,11 @@ def same_results(out: Path, clean: Path) -> bool:
 
 # ---------------------------------------------------------------- one run per directory
 
-def wait_for(path: Path, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        time.sleep(0.1)
-
-
 @pytest.mark.slow
 def test_a_second_run_on_a_busy_directory_is_refused_naming_the_first(data, clean, tmp_path):
     out = tmp_path / "run"
-    first = launch(data, out, env={"HNM_TEST_CRASH": "embed:0:stall"})  # holds the lock
-    wait_for(out / "logs" / ".crashed_embed_0")
+    first = launch(data, out, env=hold_env("embed", 0))  # holds the lock, and waits
+    wait_point(first, out, "embed", 0)
     rc, stdout, err = finish(launch(data, out, "--k-nn", "5", "--overwrite"))
     line = one_line_error(err)
     assert rc == 2
@@ -97,8 +90,8 @@ def test_a_second_run_on_a_busy_directory_is_refused_naming_the_first(data, clea
 @pytest.mark.slow
 def test_a_lock_left_by_a_killed_run_is_taken_over(data, clean, tmp_path):
     out = tmp_path / "run"
-    first = launch(data, out, env={"HNM_TEST_CRASH": "embed:0:stall"})
-    wait_for(out / "logs" / ".crashed_embed_0")
+    first = launch(data, out, env=hold_env("embed", 0))
+    wait_point(first, out, "embed", 0)
     first.kill()
     first.wait()
     assert str(first.pid) in (out / ".hnm.lock").read_text()
@@ -423,7 +416,7 @@ def test_a_stalled_worker_is_stopped_and_its_shard_retried(data, clean, tmp_path
     # that takes many seconds, so the limit leaves room for it
     proc = launch(data, out, "--cpu-workers", "2", "--batch-size", "16", "--stall-timeout",
                   "30", env={"HNM_TEST_CRASH": "candidates:1:stall"})
-    rc, stdout, err = finish(proc, timeout=300)
+    rc, stdout, err = finish(proc)
     assert rc == 0, err
     assert "no progress for 30 s (--stall-timeout): worker stopped (will retry)" in stdout
     assert same_results(out, clean)

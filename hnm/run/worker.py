@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from hnm import embed, tables
+from hnm import embed, tables, testpoints
 from hnm.callbacks import Progress
 from hnm.config import Config
 from hnm.data import Corpus, anchor_uniforms, load_corpus
@@ -119,13 +118,25 @@ class Context:
 
 def run_task(ctx: Context, task: Task, progress: Progress) -> dict[str, Any]:
     """Execute one task in this process; the same code whatever runs it."""
-    _maybe_crash(ctx.run, task, progress)
-    with shard_log(ctx.run, task):
-        log.info("%s %s on %s", task.phase, "tables" if task.shard is None
-                 else f"shard {task.shard}", ctx.device)
-        info = PHASES[task.phase](ctx, task.shard, progress)
-        log.info("done: %s", info)
+    with testpoints.task(ctx.run.logs, task.shard):
+        testpoints.reach(task.phase, lambda: progress(task.phase, 0, 1))
+        with shard_log(ctx.run, task):
+            log.info("%s %s on %s", task.phase, "tables" if task.shard is None
+                     else f"shard {task.shard}", ctx.device)
+            info = PHASES[task.phase](ctx, task.shard, _search_point(progress))
+            log.info("done: %s", info)
     return info
+
+
+def _search_point(progress: Progress) -> Progress:
+    """`progress`, reaching the `search` test point once a block of anchors is searched."""
+
+    def reported(phase: str, done: int, total: int) -> None:
+        progress(phase, done, total)
+        if phase == "search":
+            testpoints.reach("search", lambda: progress(phase, done, total))
+
+    return reported
 
 
 def embed_shard(ctx: Context, shard: int, progress: Progress) -> dict[str, Any]:
@@ -229,29 +240,3 @@ def shard_log(run: RunDir, task: Task) -> Iterator[None]:
         root.removeHandler(handler)
         handler.close()
         stream.close()
-
-
-def _maybe_crash(run: RunDir, task: Task, progress: Progress) -> None:
-    """Test hook, HNM_TEST_CRASH=phase:shard[:how], acting once as the task starts, before
-    any of its work: kill this process (SIGKILL; the default), `stall` (hang alive, with no
-    progress), or `hold` (write logs/.held_PHASE_SHARD, then wait, alive and reporting, until
-    logs/.release_PHASE_SHARD exists: a test holds the run at a named point instead of
-    racing it)."""
-    phase, _, rest = os.environ.get("HNM_TEST_CRASH", "").partition(":")
-    shard, _, how = rest.partition(":")
-    if (phase, shard) != (task.phase, str(task.shard)):
-        return
-    flag = run.logs / f".crashed_{task.phase}_{task.shard}"
-    if flag.exists():
-        return
-    os.close(run.append(flag))
-    progress(task.phase, 0, 1)
-    if how == "hold":
-        os.close(run.append(run.logs / f".held_{task.phase}_{task.shard}"))
-        while not (run.logs / f".release_{task.phase}_{task.shard}").exists():
-            progress(task.phase, 0, 1)
-            time.sleep(0.1)
-        return
-    while how == "stall":
-        time.sleep(1)
-    os.kill(os.getpid(), signal.SIGKILL)
