@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import textwrap
 from collections.abc import Callable
 from typing import Any
 
@@ -144,9 +146,22 @@ def index_lines(metrics: dict[str, Any]) -> list[str]:
     return [line]
 
 
-def print_summary(metrics: dict[str, Any], say: Callable[[str], Any] = print) -> None:
+def print_summary(metrics: dict[str, Any], say: Callable[[str], Any] = print,
+                  width: int | None = None) -> None:
+    """The summary, each line wrapped to `width` (the terminal's; 80 columns in a pipe or
+    a log) with its continuation indented under it: no figure is cut or lost."""
+    width = width or shutil.get_terminal_size().columns
     for line in summary_lines(metrics):
-        say(line)
+        for part in wrapped(line, width):
+            say(part)
+
+
+def wrapped(line: str, width: int) -> list[str]:
+    """`line` in lines of at most `width` characters where its words allow, the
+    continuations indented 4 more than the line."""
+    indent = " " * (len(line) - len(line.lstrip()) + 4)
+    return textwrap.wrap(line, width, subsequent_indent=indent, break_long_words=False,
+                         break_on_hyphens=False) or [line]
 
 
 def shard_lines(metrics: dict[str, Any]) -> list[str]:

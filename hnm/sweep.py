@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from hnm import columns
 from hnm.config import Config
 from hnm.data import Corpus, anchor_uniforms, load_corpus
 from hnm.engine import ANCHOR_BATCH, Candidates, find_candidates, make_selector, select_negatives
@@ -267,23 +268,33 @@ def rows_of(result: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
 
 
 def print_table(result: dict[str, Any], console: Any = None) -> None:
-    """The grid as a rich table in the terminal; the run's own values marked."""
+    """The grid as text that fits the console's width (80 columns in a pipe or a log):
+    headers wrapped, no value ever cut. Points are numbered; when the columns do not fit
+    side by side, the first table holds the knobs and each further one leads with the
+    point's number. The run's own point is marked with "*" (and bold in a terminal)."""
     from rich.console import Console
-    from rich.table import Table
+    from rich.text import Text
 
     console = console or Console()
-    grid = Table(title="hnm sweep: what a rerun would give")
     head, rows = rows_of(result)
-    for label in head:
-        grid.add_column(label, justify="right")
     names = shown_knobs(result) + list(COLUMNS)
-    for p, row in zip(result["points"], rows):
-        cells = [_cell_text(names[k] if k < len(names) else "", v) for k, v in enumerate(row)]
-        grid.add_row(*cells, style="bold" if is_run_point(result, p) else None)
-    console.print(grid)
+    own = [is_run_point(result, p) for p in result["points"]]
+    cells = [[f"{i + 1}{'*' if mine else ''}",
+              *(_cell_text(names[k] if k < len(names) else "", v) for k, v in enumerate(row))]
+             for i, (mine, row) in enumerate(zip(own, rows))]
+    tables = columns.tables(["point", *head], cells, 1 + len(shown_knobs(result)),
+                            console.width)
+    for number, lines in enumerate(tables):
+        more = f" ({number + 1} of {len(tables)})" if len(tables) > 1 else ""
+        console.print(Text(f"hnm sweep: what a rerun would give{more}"), soft_wrap=True)
+        header = len(lines) - len(cells)
+        for i, line in enumerate(lines):
+            bold = i >= header and own[i - header]
+            console.print(Text(line, style="bold" if bold else ""), soft_wrap=True)
+        console.print()
     s = result["seconds"]
-    console.print(f"{len(result['points'])} points: candidates {s['candidates']:.2f}s, "
-                  f"selection {s['select']:.2f}s (bold: the run's own values)")
+    console.print(Text(f"{len(result['points'])} points: candidates {s['candidates']:.2f}s, "
+                       f"selection {s['select']:.2f}s (*: the run's own values)"))
 
 
 def _cell_text(name: str, value: Any) -> str:

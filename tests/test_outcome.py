@@ -26,7 +26,7 @@ from hnm.miner import Arrays, eligible_phrases
 from hnm.outcome import REASON_LABELS, REASONS
 from hnm.outputs import read_records
 from hnm.storage import RunDir
-from hnm.summary import suggestion, summary_lines
+from hnm.summary import print_summary, suggestion, summary_lines
 
 
 def both(case, drop: bool):
@@ -115,6 +115,14 @@ def test_outputs_metrics_summary_and_report(tmp_path: Path):
     shares = sorted(((n, r) for r, n in want.items()), key=lambda x: -x[0])
     assert line == f"  No negative for {g['failures']:,} anchors: " + ", ".join(
         f"{REASON_LABELS[r]} {n / g['failures']:.0%}" for n, r in shares)
+    printed: list[str] = []
+    print_summary(metrics, printed.append, width=80)  # a pipe, a log, an 80-column terminal
+    assert max(map(len, printed)) <= 80
+    lines = summary_lines(metrics)
+    assert any(len(x) > 80 for x in lines)  # the timing line at least: it was wrapped
+    joined = [x for x in printed if not x.startswith(" " * 6)]  # continuations: indent + 4
+    assert len(joined) == len(lines)
+    assert " ".join(printed).split() == " ".join(lines).split()  # every word kept, in order
     page = (tmp_path / "j/report.html").read_text()
     assert "<h2>Why anchors got no negative</h2>" in page
     failed = page.split("<h3>Anchors without a negative</h3>")[1].split("<h2>")[0]

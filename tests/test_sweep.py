@@ -14,6 +14,7 @@ from test_engine import random_case
 
 from hnm import sweep
 from hnm.cli import main
+from hnm.config import Config
 from hnm.index import build_index
 from hnm.kmeans import kmeans
 from hnm.miner import Arrays, cut, eligible_phrases, hard_candidates, neighbours
@@ -207,3 +208,56 @@ def test_sweep_of_a_run_interrupted_before_its_candidates(tmp_path: Path):
         marker.unlink()
     assert sweep.sweep(run, *grid)["points"] == whole["points"]
     assert sweep.sweep(run, [0.2, 0.3, 0.5], [0.1, 0.3, 0.5])["points"] == looser["points"]
+
+
+@pytest.fixture(scope="module")
+def wide_sweep(tmp_path_factory) -> dict:
+    """A sweep varying every knob, with anchors stopped by several reasons: more columns
+    than 80 characters hold."""
+    root = tmp_path_factory.mktemp("wide")
+    paths = make_dataset(root / "data", n=80, seed=4)
+    assert main(mine_args(paths, root / "run", "--min-answer-length", "30")) == 0
+    c = Config()  # the run's own values, and one other each
+    return sweep.sweep(root / "run", [c.cosine_threshold, 0.6], [c.min_visual_similarity, 0.7],
+                       fallback_phrase_reuse_limit=[c.fallback_phrase_reuse_limit, 1],
+                       sliding_window_size=[c.sliding_window_size, 5],
+                       diverse_ratio=[c.diverse_ratio, 0.9])
+
+
+def _printed(result: dict, width: int) -> list[str]:
+    import io
+
+    from rich.console import Console
+
+    out = io.StringIO()
+    sweep.print_table(result, Console(file=out, width=width))  # a pipe: no terminal
+    return out.getvalue().splitlines()
+
+
+@pytest.mark.parametrize("width", [80, 100, 400])
+def test_the_sweep_table_fits_its_width_and_keeps_every_value(wide_sweep, width):
+    """Printed to a pipe or a log at 80 columns (or any width): no line longer, no value
+    cut, every point's every figure found in the row of its number, the run's own point
+    marked with '*'."""
+    lines = _printed(wide_sweep, width)
+    assert max(map(len, lines)) <= width
+    assert "…" not in "\n".join(lines)
+    head, rows = sweep.rows_of(wide_sweep)
+    # every knob, every figure and a failure reason: a wide grid
+    assert len(head) == 13 and head[-1].startswith("no negative: ")
+    names = sweep.shown_knobs(wide_sweep) + list(sweep.COLUMNS)
+    found: dict[str, list[str]] = {}
+    tables = [i for i, line in enumerate(lines) if line.startswith("hnm sweep: what a rerun")]
+    for start in tables:
+        rule = next(i for i in range(start, len(lines)) if lines[i].startswith("-----"))
+        for line in lines[rule + 1:rule + 1 + len(rows)]:
+            key, *cells = line.split()
+            found[key] = found.get(key, []) + cells
+    own = [sweep.is_run_point(wide_sweep, p) for p in wide_sweep["points"]]
+    assert sum(own) == 1
+    for i, (row, mine) in enumerate(zip(rows, own)):
+        expected = [sweep._cell_text(names[k] if k < len(names) else "", v)
+                    for k, v in enumerate(row)]
+        assert found[f"{i + 1}{'*' if mine else ''}"] == expected
+    assert (len(tables) > 1) == (width < 200)
+    assert lines[-1].endswith("(*: the run's own values)")
