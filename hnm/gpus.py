@@ -81,13 +81,13 @@ def _migs(count: int, nvml: Any) -> dict[str, tuple[int, int]]:
 
 def _visible_mig(count: int, nvml: Any, entries: list[str]) -> tuple[int, int]:
     """The one MIG device CUDA_VISIBLE_DEVICES names: (NVML index of its GPU, its slot).
-    A CUDA process enumerates a single MIG device, so a list of several is refused, as is
-    a MIG device NVML does not know."""
+    A CUDA process enumerates a single MIG device, so a list of several (or of a MIG
+    device and GPUs) is refused, as is a MIG device NVML does not know."""
     env = ",".join(entries)
     if len(entries) > 1:
-        raise HnmError(f"CUDA_VISIBLE_DEVICES={env}: a CUDA process can use only one MIG "
-                       "device, and this lists several; list one MIG device (hnm then runs "
-                       "one worker on it) or whole GPUs")
+        raise HnmError(f"CUDA_VISIBLE_DEVICES={env}: a CUDA process can use one MIG device "
+                       f"only, listed alone, and this lists {len(entries)} devices; list one "
+                       "MIG device (hnm then runs one worker on it) or whole GPUs")
     migs = _migs(count, nvml)
     where = next((v for u, v in migs.items() if u.startswith(entries[0])), None)
     if where is None:

@@ -173,10 +173,13 @@ def memory_lines(phases: list[PhaseMemory]) -> list[str]:
     return lines
 
 
-def _gib(nbytes: float) -> str:
-    """GiB with one decimal, or three below one GiB (small GPUs and MIG slices)."""
-    gib = nbytes / GIB
-    return f"{gib:.1f}" if gib >= 1 else f"{gib:.3f}"
+def size_text(nbytes: float) -> str:
+    """A size for a message: GiB with one decimal, MiB or KiB below (small GPUs, MIG
+    slices and small tables)."""
+    for unit, scale in (("GiB", GIB), ("MiB", 2.0**20)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes / 1024:.1f} KiB"
 
 
 def check_fits(phases: list[PhaseMemory], host: float, gpu_gib: float | None,
@@ -189,10 +192,10 @@ def check_fits(phases: list[PhaseMemory], host: float, gpu_gib: float | None,
     if gpu_gib is not None and choice.kind == "exact":
         need = next((p.gpu for p in phases if p.phase == "candidates"), 0.0)
         if need / 2 > GPU_SHARE * gpu_gib * GIB:
-            raise HnmError(f"--index: an exact index of this table needs {_gib(need)} GiB "
-                           f"per GPU while it is built ({_gib(need / 2)} in float16), more "
-                           f"than {GPU_SHARE:.0%} of the {_gib(gpu_gib * GIB)} GiB free on the "
-                           "fullest GPU used; use --index ivf")
+            raise HnmError(f"--index: an exact index of this table needs {size_text(need)} "
+                           f"per GPU while it is built ({size_text(need / 2)} in float16), "
+                           f"more than {GPU_SHARE:.0%} of the {size_text(gpu_gib * GIB)} free "
+                           "on the fullest GPU used; use --index ivf")
     worst = max(phases, key=lambda p: p.per_worker * p.workers)
     private = worst.per_worker * worst.workers
     if private <= host:

@@ -22,7 +22,7 @@ from hnm.kmeans import kmeans
 from hnm.miner import Arrays, eligible_phrases
 from hnm.plan import Plan
 from hnm.safety import Area
-from hnm.sizing import IVF_TRAIN_PER_LIST, RECALL_ANCHORS, IndexChoice
+from hnm.sizing import IVF_TRAIN_PER_LIST, RECALL_ANCHORS, IndexChoice, size_text
 from hnm.storage import RunDir, read_npy
 
 TABLES = ("visual", "text", "eligible", "clusters", "centroids")
@@ -138,7 +138,7 @@ def open_index(run: RunDir, choice: IndexChoice, V: np.ndarray, device: str) -> 
     if where is None:
         peak = BUILD_PEAK * nbytes
         raise HnmError(f"--index: an exact index of {V.shape[0]} rows needs "
-                       f"{peak / 2**30:.1f} GiB while it is built ({peak / 2**31:.1f} in "
+                       f"{size_text(peak)} while it is built ({size_text(peak / 2)} in "
                        f"float16), more than {GPU_SHARE:.0%} of what {device} has free; use "
                        "--index ivf")
     return build_index(V, device, float16=where[1])

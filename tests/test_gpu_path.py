@@ -183,6 +183,19 @@ def test_without_set_device_first_faiss_opens_a_context_on_gpu_0(gpu, finished_r
     assert cuda.contexts == {1}
 
 
+def test_a_worker_refuses_an_exact_index_its_gpu_cannot_hold_in_one_line(gpu, finished_run):
+    """The GPU filled since the run was planned (another job): the candidates phase stops
+    with one line naming the flag, instead of failing inside FAISS."""
+    cuda, _ = gpu
+    ctx = worker.Context(load_run_config(RunDir(finished_run)), "cuda:0")
+    cuda.faiss[0] = 64 * MIB - 40_000  # 40,000 bytes free; the table is 61,440
+    with pytest.raises(HnmError) as err:
+        ctx.search_index
+    assert str(err.value) == ("--index: an exact index of 60 rows needs 120.0 KiB while it is "
+                              "built (60.0 KiB in float16), more than 80% of what cuda:0 has "
+                              "free; use --index ivf")
+
+
 def test_a_run_checks_that_its_index_fits_the_gpus_before_embedding(monkeypatch, tmp_path,
                                                                      capsys):
     """Not only --dry-run: a real run on a GPU too small for its exact index stops while
@@ -197,8 +210,8 @@ def test_a_run_checks_that_its_index_fits_the_gpus_before_embedding(monkeypatch,
     status = cli.main(mine_args(paths, out, "--index", "exact"))
     err = capsys.readouterr().err.strip()
     assert status != 0
-    assert err == ("hnm: error: --index: an exact index of this table needs 0.004 GiB per GPU "
-                   "while it is built (0.002 in float16), more than 80% of the 0.002 GiB "
+    assert err == ("hnm: error: --index: an exact index of this table needs 3.9 MiB per GPU "
+                   "while it is built (2.0 MiB in float16), more than 80% of the 2.0 MiB "
                    "free on the fullest GPU used; use --index ivf")
     assert not list((out / "embeddings").glob("*.npy"))
 
@@ -212,6 +225,14 @@ def test_gpu_workers_number_gpus_as_nvml_does(monkeypatch):
     assert hpool.os.environ["CUDA_DEVICE_ORDER"] == "FASTEST_FIRST"
     hpool.WorkerPool(Config(), ["cuda:0", "cuda:1"], None)
     assert hpool.os.environ["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+
+
+def test_a_torchrun_rank_numbers_gpus_as_nvml_does(gpu, monkeypatch):
+    from hnm.run import distributed
+
+    monkeypatch.setenv("CUDA_DEVICE_ORDER", "FASTEST_FIRST")
+    assert distributed._device(1) == "cuda:1"
+    assert distributed.os.environ["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
 
 
 @pytest.fixture
@@ -235,8 +256,11 @@ def test_a_mig_device_in_cuda_visible_devices_is_the_runs_gpu(mig_nvml, monkeypa
 
 @pytest.mark.parametrize("env,message", [
     ("MIG-0100,MIG-0101", "CUDA_VISIBLE_DEVICES=MIG-0100,MIG-0101: a CUDA process can use "
-                          "only one MIG device, and this lists several; list one MIG device "
-                          "(hnm then runs one worker on it) or whole GPUs"),
+                          "one MIG device only, listed alone, and this lists 2 devices; list "
+                          "one MIG device (hnm then runs one worker on it) or whole GPUs"),
+    ("0,MIG-0101", "CUDA_VISIBLE_DEVICES=0,MIG-0101: a CUDA process can use one MIG device "
+                   "only, listed alone, and this lists 2 devices; list one MIG device (hnm "
+                   "then runs one worker on it) or whole GPUs"),
     ("MIG-9999", "CUDA_VISIBLE_DEVICES=MIG-9999: NVML knows no such MIG device (MIG "
                  "devices: MIG-0100-ef01, MIG-0101-ef01); name one by its MIG-<uuid>"),
 ])
