@@ -21,6 +21,15 @@ SEARCH_EPS = 1e-4
 # Error of a float16 copy of a unit vector's inner products (2^-11 relative per component,
 # doubled for safety): proposals from float16 storage are only trusted this far.
 FLOAT16_EPS = 2.0**-10
+# Building an exact index on a GPU holds the table about twice at its peak: each append
+# reallocates the stored vectors (FAISS) or concatenates the blocks copied (torch), and the
+# old copy lives until the new one is filled.
+BUILD_PEAK = 2.0
+# Share of a GPU's free memory an index may take at its peak: the rest is FAISS's and
+# torch's scratch space.
+GPU_SHARE = 0.8
+# Rows copied into an index per step: a memory-mapped table is never copied whole.
+ADD_ROWS = 1 << 16
 # Bytes of scores one step of a chunked search holds (queries x rows): large enough for
 # full-speed matrix products, small enough for any host or GPU at a million rows.
 SCORE_BYTES = 1 << 27
@@ -178,8 +187,8 @@ class FaissFlatIP(ExactIndex):
             options = faiss.GpuClonerOptions()
             options.useFloat16 = float16
             index = faiss.index_cpu_to_gpu(gpu_resources(gpu), gpu, index, options)
-        for s in range(0, xb.shape[0], 1 << 16):  # a memory map is copied a block at a time
-            index.add(np.ascontiguousarray(xb[s:s + (1 << 16)], dtype=np.float32))
+        for s in range(0, xb.shape[0], ADD_ROWS):
+            index.add(np.ascontiguousarray(xb[s:s + ADD_ROWS], dtype=np.float32))
         self.index = index
         self.ntotal = xb.shape[0]
         self.eps = search_eps(xb.shape[1], float16)
@@ -189,10 +198,13 @@ class FaissFlatIP(ExactIndex):
             else "faiss-cpu"
 
     def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        if self.max_k is not None and min(k, self.ntotal) > self.max_k:
+        # FAISS on a GPU refuses any k above its limit, even past ntotal: it is asked for
+        # at most the rows it holds, and the rest is padded
+        kk = min(k, self.ntotal)
+        if self.max_k is not None and kk > self.max_k:
             return self.wide.search(xq, k)
-        D, I = self.index.search(np.ascontiguousarray(xq, dtype=np.float32), k)  # (nq, k)
-        return D, I.astype(np.int64)
+        D, I = self.index.search(np.ascontiguousarray(xq, dtype=np.float32), kk)  # (nq, kk)
+        return _pad(D, I.astype(np.int64), k)
 
 
 class TorchFlatIP(ExactIndex):
@@ -247,21 +259,29 @@ def _torch_best(D: Any, I: Any, D2: Any, I2: Any, k: int) -> tuple[Any, Any]:
 
 
 def gpu_free_bytes(device: str) -> int:
+    """Free memory of a GPU as the driver counts it, after this process gives back what it
+    no longer uses: unreferenced objects collected, torch's cache of freed blocks emptied
+    (memory torch keeps cached is free to torch, not to FAISS)."""
+    import gc
+
     import torch
 
+    gc.collect()
+    torch.cuda.empty_cache()
     return int(torch.cuda.mem_get_info(torch.device(device))[0])
 
 
 def placement(nbytes: float, device: str, free: int | None = None,
-              share: float = 0.8) -> tuple[str, bool] | None:
+              share: float = GPU_SHARE, peak: float = BUILD_PEAK) -> tuple[str, bool] | None:
     """Where an index of `nbytes` (float32) lives: (device, float16?). On a GPU: float32
-    if it fits in `share` of the free memory, else float16 if that fits, else None."""
+    if its build peak (`peak` times the table) fits in `share` of the free memory, else
+    float16 if that fits, else None."""
     if not device.startswith("cuda"):
         return device, False
     free = gpu_free_bytes(device) if free is None else free
-    if nbytes <= share * free:
+    if peak * nbytes <= share * free:
         return device, False
-    if nbytes / 2 <= share * free:
+    if peak * nbytes / 2 <= share * free:
         return device, True
     return None
 

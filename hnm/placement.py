@@ -57,9 +57,9 @@ class Offer:
     lines: list[str] = field(default_factory=list)
 
     @property
-    def nvml(self) -> dict[str, int]:
-        """Device name -> NVML index, for the progress view's memory readings."""
-        return {f"cuda:{g.index}": g.nvml_index for g in self.gpus}
+    def nvml(self) -> dict[str, tuple[int, int | None]]:
+        """Device name -> NVML index and MIG slot, for the progress view's memory readings."""
+        return {f"cuda:{g.index}": (g.nvml_index, g.mig) for g in self.gpus}
 
 
 def offer(config: Config) -> Offer:
@@ -255,11 +255,21 @@ def run_sizes(config: Config, ds: Corpus, placement: Placement) -> Sizes:
 
 
 def check_memory(config: Config, ds: Corpus, placement: Placement,
-                 gpu_gib: float | None = None) -> None:
-    """Refuse a plan whose phases cannot fit this machine (one line naming the flag);
-    `gpu_gib`: the smallest GPU's memory, where an exact index must fit it."""
+                 offered: Offer | None = None) -> None:
+    """Refuse a plan whose phases cannot fit this machine (one line naming the flag): its
+    host memory, and the GPUs `offered` where an exact index must fit each one used."""
     check_fits(estimate(config, run_sizes(config, ds, placement), placement.index),
-               sizing.host_available(), gpu_gib, placement.index, list(placement.devices))
+               sizing.host_available(), gpu_free_gib(offered, placement.devices),
+               placement.index, list(placement.devices))
+
+
+def gpu_free_gib(offered: Offer | None, devices: tuple[str, ...] | list[str]
+                 ) -> float | None:
+    """The least free memory (GiB, as NVML saw it when the run started) of the GPUs the
+    run uses; None without any."""
+    used = {d for d in devices if d.startswith("cuda")}
+    free = [g.free_gb for g in (offered.gpus if offered else []) if f"cuda:{g.index}" in used]
+    return min(free, default=None)
 
 
 def _dim(precomputed: str | None, encoder: str) -> int:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from hnm import gpus
+from hnm.errors import HnmError
 
 # CPU flags of native bf16 arithmetic; without them bf16 is emulated and slower than fp32
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
@@ -36,6 +37,8 @@ def resolve(requested: str, devices: list[str], found: list[gpus.Gpu] | None = N
             ) -> Choice:
     """`requested` as given, or for "auto": bf16 where every device runs it natively
     (`found`: the GPUs NVML reported, asked again when not given)."""
+    if requested == "bf16" and devices and all(d.startswith("cuda") for d in devices):
+        _refuse_bf16(devices, gpus.discover()[0] if found is None else found)
     if requested != "auto":
         return Choice(requested, "--precision")
     if devices and all(d.startswith("cuda") for d in devices):
@@ -66,6 +69,20 @@ def _gpus_bf16(devices: list[str], found: list[gpus.Gpu]) -> tuple[bool, str]:
     if low >= GPU_BF16_CAPABILITY:
         return True, "every GPU has bf16 tensor cores"
     return False, f"a GPU of compute capability {low[0]}.{low[1]} has no bf16 tensor cores"
+
+
+def _refuse_bf16(devices: list[str], found: list[gpus.Gpu]) -> None:
+    """--precision bf16 on a GPU older than Ampere: one line naming it (torch would run
+    without complaint, emulating bf16 far slower, or fail inside a kernel)."""
+    by_device = {f"cuda:{g.index}": g for g in found}
+    for device in dict.fromkeys(devices):
+        gpu = by_device.get(device)
+        if gpu is not None and gpu.compute_capability is not None \
+                and gpu.compute_capability < GPU_BF16_CAPABILITY:
+            major, minor = gpu.compute_capability
+            raise HnmError(f"--precision bf16: {device} ({gpu.name}) is of compute capability "
+                           f"{major}.{minor}, without bf16 (8.0 and later have it); use "
+                           "--precision fp16 or fp32")
 
 
 def autocast(device: Any, precision: str) -> Any:

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from hnm.gpus import memory_used_gb
+from hnm.gpus import MemoryReader
 from hnm.summary import device_name
 
 
@@ -48,13 +48,15 @@ def choose_mode(quiet: bool, stream: Any = None) -> str:
 class ProgressView:
     """Renders worker events; the only writer to the terminal during a run."""
 
-    def __init__(self, shards: list[dict[str, Any]], mode: str, nvml: dict[str, int] | None = None,
+    def __init__(self, shards: list[dict[str, Any]], mode: str,
+                 nvml: dict[str, tuple[int, int | None]] | None = None,
                  transient: bool = False) -> None:
         self.transient = transient
         self.rows: dict[int | str, ShardRow] = {
             s["shard"]: ShardRow(s["shard"], s["device"]) for s in shards}
         self.mode = mode
-        self.nvml = nvml or {}  # device -> NVML index, for memory readings
+        self.nvml = nvml or {}  # device -> NVML index and MIG slot, for memory readings
+        self.memory = MemoryReader()  # NVML, opened once for the whole view
         self.console = Console(highlight=False)
         self.live: Live | None = None
         self._memory: dict[str, float | None] = {}
@@ -72,6 +74,7 @@ class ProgressView:
             self.live.update(self._table())
             self.live.__exit__(*exc)
             self.live = None
+        self.memory.close()
 
     def say(self, text: str) -> None:
         """A line above the live table (or a plain line); nothing when quiet."""
@@ -130,7 +133,7 @@ class ProgressView:
             return "-"
         now = time.monotonic()
         if now - self._memory_at > 1.0:  # NVML queries are cheap, but not free
-            self._memory = {d: memory_used_gb(i) for d, i in self.nvml.items()}
+            self._memory = {d: self.memory.used_gb(*where) for d, where in self.nvml.items()}
             self._memory_at = now
         used = self._memory.get(device)
         return "-" if used is None else f"{used:.1f} GB"

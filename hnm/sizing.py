@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from hnm.config import Config
 from hnm.errors import HnmError
 from hnm.host import available_kib
-from hnm.index import faiss_available
+from hnm.index import BUILD_PEAK, GPU_SHARE, faiss_available
 from hnm.ivf import ivf_shape
 from hnm.kmeans import KMEANS_SAMPLE
 from hnm.miner import MARGIN
@@ -22,8 +22,6 @@ IVF_TRAIN_PER_LIST = 64  # k-means sample rows per IVF list (FAISS asks for at l
 # the centroids farthest from it hold them, so its search probes this many times fewer.
 FAR_SHARE = 4
 RECALL_ANCHORS = 1000  # anchors whose IVF hard lists are compared with an exact search
-# Share of a GPU's memory an index may take: the rest is FAISS's and torch's scratch space.
-GPU_SHARE = 0.8
 # Python objects of the loaded annotations, per byte of the file and per row (ids, paths,
 # phrase and group codes): measured 1.1 GiB for a million short JSONL records (126 MiB).
 RECORD_OVERHEAD, ROW_BYTES = 3.0, 750
@@ -134,6 +132,8 @@ def estimate(config: Config, s: Sizes, choice: IndexChoice) -> list[PhaseMemory]
         * CANDIDATE_BYTES
     shard_cands = -(-s.anchors // s.workers) * per_anchor
     index = visual + s.rows * 8.0  # an exact copy, or the IVF lists (vectors and ids)
+    # on a GPU an exact index peaks at BUILD_PEAK tables while it is built (no ids there)
+    gpu_index = BUILD_PEAK * visual if choice.kind == "exact" else index
     train = 0.0
     if choice.kind == "ivf":
         train = min(s.rows, IVF_TRAIN_PER_LIST * choice.nlist) * s.dv * 4.0
@@ -148,7 +148,7 @@ def estimate(config: Config, s: Sizes, choice: IndexChoice) -> list[PhaseMemory]
                     dataset + shard_cands + (index if choice.kind == "exact" and not on_gpu
                                              else 0.0) + block,
                     visual + text + (index if choice.kind == "ivf" else 0.0),
-                    index if on_gpu else 0.0, s.workers),
+                    gpu_index if on_gpu else 0.0, s.workers),
         PhaseMemory("reduce", dataset + shard_cands + s.rows * 40.0 + s.anchors * PICK_BYTES,
                     visual + text, 0.0, 1),
     ]
@@ -173,19 +173,29 @@ def memory_lines(phases: list[PhaseMemory]) -> list[str]:
     return lines
 
 
+def size_text(nbytes: float) -> str:
+    """A size for a message: GiB with one decimal, MiB or KiB below (small GPUs, MIG
+    slices and small tables)."""
+    for unit, scale in (("GiB", GIB), ("MiB", 2.0**20)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes / 1024:.1f} KiB"
+
+
 def check_fits(phases: list[PhaseMemory], host: float, gpu_gib: float | None,
                choice: IndexChoice, devices: list[str]) -> None:
     """Refuse, in one line naming the flag to change, a plan that cannot fit: memory private
     to the workers beyond what the host has available, or an exact index too large for a
-    GPU even in float16. (Mapped table files are paged by the kernel: they only slow a run
-    down when they exceed the memory.)"""
+    GPU even in float16 (`gpu_gib`: the least free memory of the GPUs used; the index is
+    counted at its build peak, the encoders being released by then). (Mapped table files
+    are paged by the kernel: they only slow a run down when they exceed the memory.)"""
     if gpu_gib is not None and choice.kind == "exact":
-        need = max(p.gpu for p in phases)
+        need = next((p.gpu for p in phases if p.phase == "candidates"), 0.0)
         if need / 2 > GPU_SHARE * gpu_gib * GIB:
-            raise HnmError(f"--index: an exact index of this table needs {need / GIB:.1f} GiB "
-                           f"per GPU ({need / 2 / GIB:.1f} in float16), more than "
-                           f"{GPU_SHARE:.0%} of the smallest GPU's {gpu_gib:.1f} GiB; use "
-                           "--index ivf")
+            raise HnmError(f"--index: an exact index of this table needs {size_text(need)} "
+                           f"per GPU while it is built ({size_text(need / 2)} in float16), "
+                           f"more than {GPU_SHARE:.0%} of the {size_text(gpu_gib * GIB)} free "
+                           "on the fullest GPU used; use --index ivf")
     worst = max(phases, key=lambda p: p.per_worker * p.workers)
     private = worst.per_worker * worst.workers
     if private <= host:

@@ -16,13 +16,13 @@ from hnm.config import Config
 from hnm.data import Corpus, normalize
 from hnm.engine import recall_at_k, recall_sample
 from hnm.errors import HnmError
-from hnm.index import SearchIndex, build_index, placement
+from hnm.index import BUILD_PEAK, GPU_SHARE, SearchIndex, build_index, placement
 from hnm.ivf import IvfIndex, load_ivf, train_ivf
 from hnm.kmeans import kmeans
 from hnm.miner import Arrays, eligible_phrases
 from hnm.plan import Plan
 from hnm.safety import Area
-from hnm.sizing import IVF_TRAIN_PER_LIST, RECALL_ANCHORS, IndexChoice
+from hnm.sizing import IVF_TRAIN_PER_LIST, RECALL_ANCHORS, IndexChoice, size_text
 from hnm.storage import RunDir, read_npy
 
 TABLES = ("visual", "text", "eligible", "clusters", "centroids")
@@ -130,13 +130,15 @@ def open_index(run: RunDir, choice: IndexChoice, V: np.ndarray, device: str) -> 
     (never trained again). On a GPU it is kept in float32, or in float16 where float32
     does not fit; IVF lists that fit neither are scanned on the host."""
     nbytes = float(V.shape[0]) * V.shape[1] * 4
-    where = placement(nbytes, device)
-    if choice.kind == "ivf":
-        target, float16 = where or ("cpu", False)
+    if choice.kind == "ivf":  # its lists are copied one at a time: no build peak
+        target, float16 = placement(nbytes, device, peak=1.0) or ("cpu", False)
         return IvfIndex(load_ivf(str(run.ivf)), choice.nprobe, target, float16,
                         choice.far_nprobe)
+    where = placement(nbytes, device)
     if where is None:
+        peak = BUILD_PEAK * nbytes
         raise HnmError(f"--index: an exact index of {V.shape[0]} rows needs "
-                       f"{nbytes / 2**30:.1f} GiB ({nbytes / 2**31:.1f} in float16), more than "
-                       f"{device} has free; use --index ivf")
+                       f"{size_text(peak)} while it is built ({size_text(peak / 2)} in "
+                       f"float16), more than {GPU_SHARE:.0%} of what {device} has free; use "
+                       "--index ivf")
     return build_index(V, device, float16=where[1])

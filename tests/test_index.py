@@ -4,11 +4,10 @@ searches that do not depend on the batch."""
 
 from __future__ import annotations
 
-import types
-
 import numpy as np
 import pytest
 from builders import needs_faiss
+from fake_gpu import GPU_MAX_SELECTION_K, MIB, FakeCuda, FakeFaiss
 
 from hnm import index as hindex
 from hnm import kmeans as hkmeans
@@ -69,37 +68,15 @@ def test_a_capped_index_widens_with_the_exact_chunked_search(monkeypatch):
     assert min(asked["chunked"]) > 64
 
 
-class FakeGpuFaiss(types.SimpleNamespace):
-    """Enough of faiss's GPU API to count resources: 'GPU' indexes are the host's."""
-
-    def __init__(self, faiss) -> None:
-        super().__init__(created=[])
-        self.IndexFlatIP = faiss.IndexFlatIP
-        outer = self
-
-        class StandardGpuResources:
-            def __init__(self) -> None:
-                outer.created.append(self)
-
-        self.StandardGpuResources = StandardGpuResources
-        self.GpuClonerOptions = types.SimpleNamespace
-
-    def index_cpu_to_gpu(self, res, gpu, index, options):
-        assert isinstance(res, self.StandardGpuResources)
-        return index
-
-
-@needs_faiss
 def test_one_gpu_resources_per_device(monkeypatch):
-    import faiss
-
-    fake = FakeGpuFaiss(faiss)
-    monkeypatch.setitem(__import__("sys").modules, "faiss", fake)
+    cuda = FakeCuda([64 * MIB, 64 * MIB]).install(monkeypatch)
+    fake = FakeFaiss(cuda).install(monkeypatch)
     monkeypatch.setattr(hindex, "_GPU_RESOURCES", {})
     V = near_duplicates(60)
     indexes = [FaissFlatIP(V, gpu) for gpu in (0, 0, 1, 0, 1)]
-    assert len(fake.created) == 2
-    assert indexes[0].max_k == hindex.GPU_MAX_K and indexes[0].kind == "faiss-gpu"
+    assert len(fake.resources) == 2
+    assert indexes[0].max_k == hindex.GPU_MAX_K == GPU_MAX_SELECTION_K
+    assert indexes[0].kind == "faiss-gpu"
     got, _ = nearest(indexes[0], V, np.arange(len(V)), 5, -np.inf)
     assert lists(got) == brute_nearest(V, 5)
 
@@ -123,10 +100,13 @@ def test_float16_proposals_are_rescored_to_the_exact_lists(monkeypatch):
     assert lists(got) == brute_nearest(V, 30)
 
 
-@pytest.mark.parametrize("nbytes,free,want", [(1e9, 2e9, ("cuda:0", False)),
-                                              (2e9, 2e9, ("cuda:0", True)),
-                                              (4e9, 2e9, None)])
+@pytest.mark.parametrize("nbytes,free,want", [(0.8e9, 2e9, ("cuda:0", False)),
+                                              (0.81e9, 2e9, ("cuda:0", True)),
+                                              (1.6e9, 2e9, ("cuda:0", True)),
+                                              (1.61e9, 2e9, None)])
 def test_placement_falls_back_to_float16_then_refuses(nbytes, free, want):
+    """Up to 0.8 of the free memory at the build's peak: twice the table in float32, once
+    in float16."""
     assert placement(nbytes, "cuda:0", free=int(free)) == want
     assert placement(nbytes, "cpu") == ("cpu", False)
 

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, TypeVar
 
+from hnm import gpus
 from hnm.callbacks import Progress
 from hnm.config import Config
 from hnm.data import Corpus
@@ -45,6 +46,7 @@ def under_torchrun() -> bool:
 
 
 def _device(local_rank: int) -> str:
+    os.environ.update(gpus.worker_environment())  # before this rank initialises CUDA
     import torch
 
     return f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"

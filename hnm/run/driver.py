@@ -110,7 +110,8 @@ def _plan(config: Config, lease: Lease, offered: Offer, progress: Progress) -> s
     """The leader's planning: the run created, resumed or found complete; its state."""
     plan, state = lease.prepare(offered, progress)
     if state != "complete":
-        placement.check_memory(config, lease.corpus, plan.placement)
+        # before any embedding: an exact index too large for a GPU fails here, not after
+        placement.check_memory(config, lease.corpus, plan.placement, offered)
     return state
 
 
@@ -147,8 +148,7 @@ def dry_run(config: Config, say: Callable[[str], Any]) -> dict[str, Any]:
     placed = placement.place(config, offered, ds)
     for line in offered.lines + dry_run_lines(config, ds, placed):
         say(line)
-    placement.check_memory(config, ds, placed, min((g.total_gb for g in offered.gpus),
-                                                   default=None))
+    placement.check_memory(config, ds, placed, offered)
     return {}
 
 

@@ -13,6 +13,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from hnm import gpus
 from hnm.config import Config
 from hnm.data import Corpus
 from hnm.decoding import first_line
@@ -191,6 +192,8 @@ class WorkerPool:
         # A worker killed mid-write (kill -9, OOM) can leave a queue semaphore behind; the
         # tracker that reclaims it would print a warning, which is noise once it is reclaimed.
         os.environ.setdefault("PYTHONWARNINGS", "ignore:resource_tracker:UserWarning")
+        if any(d.startswith("cuda") for d in devices):  # inherited by the spawned workers
+            os.environ.update(gpus.worker_environment())
         self.config = config
         self.devices = devices
         self.view = view

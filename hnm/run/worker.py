@@ -67,6 +67,11 @@ class Context:
         self.startup = 0.0  # seconds spent loading models, not yet reported in a marker
         if ds is not None:
             self.__dict__["corpus"] = ds
+        if device.startswith("cuda"):
+            # first: any CUDA call made before (FAISS's too) would open a context on GPU 0
+            import torch
+
+            torch.cuda.set_device(torch.device(device))
 
     @cached_property
     def plan(self) -> Plan:
@@ -109,7 +114,14 @@ class Context:
         used for all of its shards."""
         if self.device == "cpu":  # the CPU worker processes share the machine's cores
             set_threads(self.plan.placement.threads)
+        else:  # the encoders' GPU memory is the index's now (free memory is read after)
+            self.release_encoders()
         return tables.open_index(self.run, self.plan.index, self.arrays.V, self.device)
+
+    def release_encoders(self) -> None:
+        """Drop the encoders (built again if a later task needs them)."""
+        for name in ("image_encoder", "text_encoder"):
+            self.__dict__.pop(name, None)
 
     def embed_blacklist(self, phrases: list[str]) -> np.ndarray:
         """Blacklist phrases through the run's text encoder, on the run's text batch grid."""
