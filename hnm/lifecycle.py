@@ -16,6 +16,7 @@ from hnm.callbacks import Progress, no_progress
 from hnm.config import Config, dump_yaml, make_config, read_yaml
 from hnm.data import Corpus, load_corpus
 from hnm.errors import HnmError
+from hnm.inputs import guard_run
 from hnm.outputs import read_records
 from hnm.placement import Offer, Placement, place, resumed
 from hnm.plan import Plan, new_plan, provenance, read_plan, run_keys, validate_inputs
@@ -144,6 +145,7 @@ def prepare(config: Config, offered: Offer, lock: Callable[[], Any],
 def _prepare(config: Config, run: RunDir, ds: Corpus, placement: Placement, offered: Offer,
              lock: Callable[[], Any], say: Callable[[str], Any]) -> tuple[Corpus, Plan, str]:
     """The decision on validated inputs, carried out under the lock."""
+    guard_run(run, config, ds.images)  # before the lock file is written
     lock()
     now = survey(run)  # again, now that no other run can change it
     action = decide(now, run_keys(config, ds, placement.precision), config.overwrite,

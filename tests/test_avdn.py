@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import pickle
 import subprocess
@@ -87,8 +88,10 @@ def test_export_in_its_own_layout(mined):
     negative; everything else, the language-model negative included, as it was."""
     records = read_jsonl(mined.out / "negatives.jsonl")
     originals = mined.originals()
-    assert sorted(p.name for p in mined.export.iterdir()) == ["chunk_0.pkl", "chunk_1.pkl",
-                                                             "chunk_2.pkl"]
+    chunks = ["chunk_0.pkl", "chunk_1.pkl", "chunk_2.pkl"]
+    assert sorted(p.name for p in mined.export.iterdir()) == [".hnm-export.json", *chunks]
+    assert json.loads((mined.export / ".hnm-export.json").read_text()) == {
+        "format": "hnm export", "version": 1, "kind": "avdn", "files": chunks}
     tok = avdn_data.tokenizer(mined.root / "tokenizer_again")
     added = 0
     for k in range(3):

@@ -369,14 +369,18 @@ def test_export_refuses_a_link_and_a_foreign_folder(capsys, run, tmp_path):
     link.symlink_to(victim)
     rc, err = export(capsys, run, link, "--overwrite")
     assert rc == 2 and "is a symbolic link" in one_line(err)
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    (folder / "00000.tar").write_text("x")
-    (folder / "holiday.jpg").write_text("y")
-    rc, err = export(capsys, run, folder, "--overwrite")
-    assert rc == 2 and one_line(err) == f"hnm: error: --to {folder}: exists and is not an " \
-        "empty folder"
-    assert victim.read_text() == "precious" and (folder / "00000.tar").read_text() == "x"
+    for names in (("00000.tar", "holiday.jpg"), ("00000.tar", "00001.tar")):
+        folder = tmp_path / "-".join(names)  # a look-alike of an export is not one
+        folder.mkdir()
+        for name in names:
+            (folder / name).write_text("x")
+        before = snapshot(folder)
+        rc, err = export(capsys, run, folder, "--overwrite")
+        assert rc == 2 and one_line(err) == (
+            f"hnm: error: --to {folder}: exists and is not an empty folder or an earlier hnm "
+            "export (one carries .hnm-export.json and nothing else): choose another --to")
+        assert snapshot(folder) == before
+    assert victim.read_text() == "precious"
 
 
 def test_export_replaces_an_earlier_folder_export_with_overwrite(capsys, run, tmp_path):
