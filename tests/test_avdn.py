@@ -160,6 +160,29 @@ def test_export_again_is_byte_identical_and_refuses_its_target(mined, capsys, tm
     assert not list(tmp_path.glob(".*"))  # no staging folder left
 
 
+def test_an_export_that_fails_on_its_last_chunk_leaves_the_target_as_it_was(
+        mined, capsys, tmp_path, monkeypatch):
+    """Built beside the target and moved in only when complete: a new target stays absent,
+    a complete earlier export (replaced with --overwrite) stays as it was."""
+    from test_safety import failing_write
+
+    to = tmp_path / "again"
+    for flags in ((), ("--overwrite",)):
+        before = snapshot(tmp_path)
+        with failing_write(monkeypatch, "chunk_2.pkl"):
+            rc, _, err = cli(capsys, "export", mined.out, "--format", "avdn", "--to", to,
+                             *flags)
+        assert rc == 2 and err.count("\n") == 1 and err.endswith(
+            "/chunk_2.pkl: cannot write: No space left on device\n"), err
+        assert snapshot(tmp_path) == before
+        rc, _, err = cli(capsys, "export", mined.out, "--format", "avdn", "--to", to,
+                         "--tokenizer", mined.root / "tokenizer", "--max-answer-length", "10",
+                         *flags)
+        assert rc == 0, err
+        assert {n: (to / n).read_bytes() for n in os.listdir(to)} == {
+            n: (mined.export / n).read_bytes() for n in os.listdir(mined.export)}
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--to", "{data}"], "--to {data}: holds an input of the run ({data}/chunk_0.pkl); an "
                          "export never replaces one: choose another --to"),
