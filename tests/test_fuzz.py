@@ -15,6 +15,7 @@ import io
 import json
 import os
 import random
+import shutil
 import sys
 import tarfile
 from collections import Counter
@@ -863,3 +864,88 @@ def test_the_reported_pickles(tmp_path, name):
     else:
         assert rc == 2 and message.count("\n") == 1, message
         assert message.startswith(f"hnm: error: {chunk}: refused to unpickle: {why}"), message
+
+
+# ---------------------------------------------------------------- a run's own files
+
+RUN_FILES = [".hnm-run.json", "done.json", "plan.json", "metrics.json", "tables/done",
+             "embeddings/done_00000", "candidates/done_00000"]
+
+
+def run_file_bytes(rng: random.Random, original: bytes) -> bytes:
+    """A run file edited, damaged or planted: its bytes mutated, one of its values given
+    another type or a nested or enormous one, its keys removed, or another value whole."""
+    roll = rng.random()
+    if roll < 0.3:
+        return mutate_bytes(rng, original)
+    data = json.loads(original)
+    if roll < 0.85 and isinstance(data, dict):
+        for _ in range(rng.randrange(1, 3)):
+            key = rng.choice([*data, "files", "version"])
+            inner = data.get(key)
+            if isinstance(inner, dict) and inner and rng.random() < 0.5:
+                name = rng.choice(list(inner))
+                inner[name] = rng.choice([value(rng), [1, "x"], [2**70, "x", 1], None, {}])
+            elif rng.random() < 0.2:
+                data.pop(key, None)
+            else:
+                data[key] = rng.choice([value(rng), {}, [], nested(rng.choice([40, 5000])),
+                                        "x" * rng.choice([10, 10**6])])
+        return dumps(data)
+    return dumps(rng.choice([value(rng), [], {}, {"files": {}}, nested(10_000)]))
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> tuple[Path, list[Any]]:
+    """A tiny finished run (pixels encoder) and the command line that made it."""
+    root = tmp_path_factory.mktemp("fuzzrun")
+    for i in range(N):
+        (root / "img").mkdir(exist_ok=True)
+        (root / f"img/{i}.png").write_bytes(png(i))
+    (root / "annotations.json").write_bytes(dumps(records(N)))
+    args = [*FAST, "--annotations", root / "annotations.json", "--image-dir", root,
+            "--blacklist", "", "--cpu-workers", "1", "--quiet", "--output-dir", root / "run"]
+    from hnm.cli import main
+
+    assert main([str(a) for a in args]) == 0
+    return root / "run", args
+
+
+def test_damaged_run_files(capsys, tmp_path, finished_run):
+    """A run file damaged in any way: `hnm export` (a finished run opened) and the mining
+    command again (a run resumed) each finish, or stop with one line naming the file or
+    the run directory; never a traceback, never the damaged file's results trusted."""
+    original, args = finished_run
+    for case, rng in cases("run-files", 14):
+        run = tmp_path / case.replace("/", "_")
+        shutil.copytree(original, run)
+        name = rng.choice(RUN_FILES)
+        (run / name).write_bytes(run_file_bytes(rng, (original / name).read_bytes()))
+        for command in (["export", run, "--to", tmp_path / "rows.parquet", "--overwrite"],
+                        [*args[:-1], run]):
+            rc, _, err = cli(capsys, *command)
+            where = f"{case} ({name}): {command[0]} exit {rc}, {err[:300]!r}"
+            assert rc in (0, 2), where
+            if rc == 2:
+                assert err.count("\n") == 1 and err.startswith("hnm: error: "), where
+                assert str(run) in err and "Traceback" not in err, where
+            elif command[0] == "export":  # only results that verify are exported
+                assert read_records_count(run) == N, where
+            COUNTS.setdefault("run-files", Counter())["ok" if rc == 0 else "refused"] += 1
+    report("run-files")
+
+
+def read_records_count(run: Path) -> int:
+    return sum(1 for _ in read_records(RunDir(run)))
+
+
+def test_an_empty_final_marker_vouches_for_nothing(capsys, tmp_path, finished_run):
+    original, _ = finished_run
+    run = tmp_path / "run"
+    shutil.copytree(original, run)
+    (run / "done.json").write_text('{"files": {}}')
+    records_file = run / "negatives.jsonl"
+    records_file.write_bytes(records_file.read_bytes()[:-40])  # cut short
+    rc, _, err = cli(capsys, "export", run, "--to", tmp_path / "rows.parquet")
+    assert (rc, err) == (2, f"hnm: error: {run}/done.json does not vouch for negatives.jsonl;"
+                            " rerun the mining command to write the results again\n")
