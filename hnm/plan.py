@@ -214,6 +214,9 @@ def validate_inputs(config: Config, progress: Progress = no_progress) -> Corpus:
         raise HnmError(f"--image-dir {config.image_dir}: not a directory")
     read_blacklist(config.blacklist)
     ds = load_corpus(config, progress=progress)
+    if config.num_negatives > max(1, len(ds) - 1):  # more than the selection can find
+        raise HnmError(f"--num-negatives: at most {max(1, len(ds) - 1)} (the mined rows "
+                       f"other than the anchor), got {config.num_negatives}")
     for flag, path in (("--image-embeddings", config.image_embeddings),
                        ("--text-embeddings", config.text_embeddings)):
         if path:

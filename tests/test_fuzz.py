@@ -949,3 +949,15 @@ def test_an_empty_final_marker_vouches_for_nothing(capsys, tmp_path, finished_ru
     rc, _, err = cli(capsys, "export", run, "--to", tmp_path / "rows.parquet")
     assert (rc, err) == (2, f"hnm: error: {run}/done.json does not vouch for negatives.jsonl;"
                             " rerun the mining command to write the results again\n")
+
+
+@pytest.mark.parametrize(("n", "refused"), [(N - 1, False), (N, True), (10**9, True)])
+def test_more_negatives_than_rows_is_refused_while_planning(capsys, tmp_path, root, n, refused):
+    """Before, 10**9 passed the dry run and failed at the end of the run allocating
+    anchors x 10**9 slots."""
+    ann = root / "annotations.json"
+    ann.write_bytes(dumps(records(N)))
+    rc, _, err = cli(capsys, *FAST, "--annotations", ann, "--image-dir", root, "--blacklist",
+                     "", "--output-dir", tmp_path / "out", "--dry-run", "--num-negatives", n)
+    assert (rc, err) == ((2, f"hnm: error: --num-negatives: at most {N - 1} (the mined rows "
+                             f"other than the anchor), got {n}\n") if refused else (0, ""))
