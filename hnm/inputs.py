@@ -101,6 +101,8 @@ def guard_run(run: Any, config: Config, images: Iterable[Any]) -> None:
     layout that is there now) is one of the run's inputs; then let the run's area refuse
     any such write too."""
     folders = [run.root / name for name in RUN_FOLDERS]
+    if not any(f.is_dir() for f in folders):
+        return  # a new run directory: nothing there to replace
     found = Inputs(config, images).files_in(f for f in folders if f.is_dir())
     if found:
         names = [f"{sub}/{n}" if sub else n for sub, folder in zip(RUN_FOLDERS, folders)
