@@ -961,3 +961,16 @@ def test_more_negatives_than_rows_is_refused_while_planning(capsys, tmp_path, ro
                      "", "--output-dir", tmp_path / "out", "--dry-run", "--num-negatives", n)
     assert (rc, err) == ((2, f"hnm: error: --num-negatives: at most {N - 1} (the mined rows "
                              f"other than the anchor), got {n}\n") if refused else (0, ""))
+
+
+def test_ids_that_are_one_id_as_text_are_refused(capsys, tmp_path, root):
+    """7 and "7" were two ids while mining and one in a Parquet export (ids of both kinds
+    are written as text): refused while planning, naming both records."""
+    recs = records(N)
+    recs[1]["id"], recs[4]["id"] = 7, "7"
+    ann = root / "annotations.json"
+    ann.write_bytes(dumps(recs))
+    rc, _, err = cli(capsys, *FAST, "--annotations", ann, "--image-dir", root, "--blacklist",
+                     "", "--output-dir", tmp_path / "out", "--dry-run")
+    assert (rc, err) == (2, f"hnm: error: {ann}: ids 7 and '7', one id once written as text, "
+                            "in records 1 and 4\n")
