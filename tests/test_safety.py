@@ -614,3 +614,16 @@ def test_a_folder_export_that_fails_on_its_last_shard_leaves_the_target_as_it_wa
         assert export(capsys, run, to, "--format", kind, *flags)[0] == 0
         assert {name: data for name, (data, _) in snapshot(to).items()} == {
             name: data for name, (data, _) in snapshot(tmp_path / "count").items()}
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".jsonl"])
+def test_a_file_export_that_fails_leaves_the_earlier_one(capsys, run, tmp_path, monkeypatch,
+                                                         suffix):
+    to = tmp_path / f"rows{suffix}"
+    assert export(capsys, run, to)[0] == 0
+    before = snapshot(tmp_path)
+    with failing_write(monkeypatch, to.name):
+        rc, err = export(capsys, run, to, "--format", "pairs", "--overwrite")
+    assert (rc, one_line(err)) == (2, f"hnm: error: {to}: cannot write: No space left on "
+                                      "device")
+    assert snapshot(tmp_path) == before
