@@ -98,12 +98,16 @@ def _record_ids(src: Source, id_field: str) -> list:
         rid = record.get(id_field, pos if key is None else key)
         if not isinstance(rid, str | int) or isinstance(rid, bool):
             raise HnmError(f"{path}: record {at}: id must be a string or integer, got {rid!r}")
-        if rid in seen:
-            first, first_at = src.locate(seen[rid])
+        text = str(rid)  # 7 and "7" are one id in the outputs (Parquet writes both as text)
+        if text in seen:
+            first, first_at = src.locate(seen[text])
             where = f"records {first_at} and {at}" if first == path \
                 else f"record {at} and {first} record {first_at}"
-            raise HnmError(f"{path}: duplicate id {rid!r} in {where}")
-        seen[rid] = pos
+            prev = ids[seen[text]]
+            what = f"duplicate id {rid!r}" if type(prev) is type(rid) else \
+                f"ids {prev!r} and {rid!r}, one id once written as text,"
+            raise HnmError(f"{path}: {what} in {where}")
+        seen[text] = pos
         ids.append(rid)
     return ids
 

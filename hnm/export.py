@@ -14,19 +14,20 @@ import io
 import json
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from hnm.config import Config
 from hnm.data import Corpus, load_corpus
 from hnm.errors import HnmError
+from hnm.inputs import Inputs, identity
 from hnm.outputs import read_records
 from hnm.plan import check_unchanged, read_plan
 from hnm.readers import ImageRef, find_shards, holds_tensor, payload, read_image, tensor_png
-from hnm.safety import TEMPORARY, Area, cannot_write, link_refused
+from hnm.safety import Area, cannot_write, link_refused
+from hnm.staging import check_earlier, staged
 from hnm.storage import RunDir
 from hnm.writers import chunks, write_tar_shards
 
@@ -62,20 +63,22 @@ def export(output_dir: str | Path, kind: str, to: str | Path, overwrite: bool = 
     plan = read_plan(RunDir(run.dir))
     ds = load_corpus(run.config, list(plan.skipped))
     check_unchanged(run.config, plan, ds, run.dir)
-    area = check_target(to, target, overwrite, inputs(run.config, ds))
+    area = check_target(to, target, overwrite, Inputs(run.config, ds.images))
     if target == ".jsonl" and any(isinstance(s, ImageRef) for s in ds.images):
         raise HnmError(f"--to {to}: a JSONL file names image files, and this run's images "
                        "are held in its input shards: export to a .parquet file or a folder")
-    _start(area, [to / n for n in _names_in(to, _is_shard)] if target == "dir" else [])
     rows = ROWS[kind](RunDir(run.dir), ds, run.config.fields.text)
+    if area is None:  # a folder: built beside it, moved in when complete
+        with staged(to, _is_shard, kind) as stage, ImageBytes(
+                ds, stage, stage.root, run.config.tensor_normalization) as images:
+            write_tar_shards(stage.root, _samples(rows, kind, images), PER_SHARD, stage)
+        return to
+    _start(area)
     if target == ".jsonl":
         _write_jsonl(area, to, rows, ds, kind)
         return to
     with ImageBytes(ds, area, area.root, run.config.tensor_normalization) as images:
-        if target == ".parquet":
-            _write_parquet(area, to, rows, ds, kind, images)
-        else:
-            write_tar_shards(to, _samples(rows, kind, images), PER_SHARD, area)
+        _write_parquet(area, to, rows, ds, kind, images)
     return to
 
 
@@ -95,28 +98,19 @@ def _export_avdn(output_dir: str | Path, to: Path, overwrite: bool, tokenizer: s
     check_unchanged(run.config, plan, ds, run.dir)
     shards = find_shards(run.config)[1]
     names = {s.name for s in shards}
-    area = check_target(to, "dir", overwrite, inputs(run.config, ds), names.__contains__)
+    check_target(to, "dir", overwrite, Inputs(run.config, ds.images))
     encode = avdn.tokenizer(tokenizer, max_answer_length)
-    _start(area, [to / n for n in _names_in(to, names.__contains__)])
-    return avdn.export(run, ds, shards, area, encode)
+    with staged(to, names.__contains__, "avdn") as stage:  # moved in when complete
+        avdn.export(run, ds, shards, stage, encode)
+    return to
 
 
-def inputs(config: Config, ds: Corpus) -> list[Path]:
-    """Every file the run read: annotations or shards, image files, embeddings, blacklist."""
-    files = [s.path for s in find_shards(config)[1]]
-    files += [p for p in ds.images if isinstance(p, Path)]
-    files += [Path(p) for p in (config.image_embeddings, config.text_embeddings,
-                                config.blacklist) if p]
-    return files
-
-
-def check_target(to: Path, target: str, overwrite: bool, read: list[Path],
-                 exported: Callable[[str], bool] | None = None) -> Area:
-    """The area an export writes `to` through, once `to` is known to be safe to write:
-    not inside an hnm run directory, not one of the run's inputs (nor, for a folder,
-    holding one), not a link, and not an existing file or export unless `overwrite`.
-    `exported`: the names a folder export writes (WebDataset shards by default)."""
-    exported = exported or _is_shard
+def check_target(to: Path, target: str, overwrite: bool, inputs: Inputs) -> Area | None:
+    """The area an export of a file writes `to` through (None for a folder, which is
+    staged), once `to` is known to be safe to write: not inside an hnm run directory, not
+    one of the run's inputs (nor, for a folder, holding one) whatever its name, not a link,
+    and not an existing file or earlier export (known by its signature) unless
+    `overwrite`."""
     real = Path(os.path.realpath(to.parent)) / to.name
     for folder in ((real,) if target == "dir" else ()) + tuple(real.parents):
         if _is_run(folder):
@@ -124,21 +118,17 @@ def check_target(to: Path, target: str, overwrite: bool, read: list[Path],
                            "never writes in a run directory: choose another --to")
     if to.is_symlink():
         raise link_refused(to)
-    _not_an_input(to, real, target, read)
-    if target != "dir":
-        if to.is_dir():
-            raise HnmError(f"--to {to}: is a folder; a {target[1:]} export is a file")
-        if to.exists() and not overwrite:
-            raise HnmError(f"--to {to}: exists; pass --overwrite to replace it")
-        return Area(to.parent, lambda rel: rel == to.name)
-    if to.exists() and not to.is_dir():
-        raise HnmError(f"--to {to}: exists and is not an empty folder")
-    names = [n for n in (os.listdir(to) if to.exists() else ()) if not TEMPORARY.fullmatch(n)]
-    if any(not exported(n) for n in names):  # not only an earlier export
-        raise HnmError(f"--to {to}: exists and is not an empty folder")
-    if names and not overwrite:
-        raise HnmError(f"--to {to}: holds an earlier export; pass --overwrite to replace it")
-    return Area(to, exported)
+    _not_an_input(to, target, inputs)
+    if target == "dir":
+        check_earlier(to, overwrite)
+        return None
+    if to.is_dir():
+        raise HnmError(f"--to {to}: is a folder; a {target[1:]} export is a file")
+    if to.exists() and not overwrite:
+        raise HnmError(f"--to {to}: exists; pass --overwrite to replace it")
+    area = Area(to.parent, lambda rel: rel == to.name)
+    area.inputs = inputs.files_in([to.parent])  # checked again as the file is replaced
+    return area
 
 
 def _is_run(folder: Path) -> bool:
@@ -147,38 +137,29 @@ def _is_run(folder: Path) -> bool:
     return run.manifest() is not None or (run.plan.is_file() and run.config.is_file())
 
 
-def _not_an_input(to: Path, real: Path, target: str, read: list[Path]) -> None:
-    """Refuse a target that is one of the files the run read, or a folder holding one."""
-    if target != "dir" and not to.exists():
-        return  # a new name cannot be an input
-    here = os.path.realpath(real)
-    parents: dict[str, str] = {}  # folder -> its real path (a few folders hold every image)
-    for path in read:
-        folder = str(path.parent)
-        full = os.path.join(parents.setdefault(folder, os.path.realpath(folder)), path.name)
-        if full == here or (target == "dir" and full.startswith(here + os.sep)):
-            raise HnmError(f"--to {to}: {'holds' if full != here else 'is'} an input of the "
-                           f"run ({path}); an export never replaces one: choose another --to")
+def _not_an_input(to: Path, target: str, inputs: Inputs) -> None:
+    """Refuse a target that is one of the files the run read, or a folder holding one,
+    compared as files (device and inode): any name for them is refused."""
+    held, how = inputs.files_in([to.parent]).get(identity(to) or (-1, -1)), "is"
+    if held is None and target == "dir":
+        held, how = inputs.held_by(to), "holds"
+    if held is not None:
+        raise HnmError(f"--to {to}: {how} an input of the run ({held}); an export never "
+                       "replaces one: choose another --to")
 
 
 def _is_shard(name: str) -> bool:
     return SHARD_NAME.fullmatch(name) is not None
 
 
-def _names_in(folder: Path, exported: Callable[[str], bool]) -> list[str]:
-    return sorted(n for n in os.listdir(folder) if exported(n)) if folder.is_dir() else []
-
-
-def _start(area: Area, earlier: list[Path]) -> None:
-    """The export's first writes, once every check passed: its folder, then away with what
-    an export killed mid-write left and with the earlier export it replaces."""
+def _start(area: Area) -> None:
+    """A file export's first writes, once every check passed: its folder, then away with
+    what an export killed mid-write left."""
     try:
         area.ensure_root()
     except OSError as exc:
         raise cannot_write(area.root, exc) from None
     area.remove_temporary(deep=False)
-    for path in earlier:
-        area.remove(path)
 
 
 def _rows_by(ds: Corpus) -> tuple[dict[int, int], dict[Any, int]]:

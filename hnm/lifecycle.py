@@ -11,16 +11,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hnm import schema
 from hnm.boundary import boundary
 from hnm.callbacks import Progress, no_progress
 from hnm.config import Config, dump_yaml, make_config, read_yaml
 from hnm.data import Corpus, load_corpus
 from hnm.errors import HnmError
+from hnm.inputs import guard_run
 from hnm.outputs import read_records
 from hnm.placement import Offer, Placement, place, resumed
 from hnm.plan import Plan, new_plan, provenance, read_plan, run_keys, validate_inputs
 from hnm.rerun import Refuse, Resume, Start, Survey, decide
-from hnm.storage import RunDir, read_json, run_lock, verify_marker
+from hnm.storage import RESULTS, RunDir, read_json, run_lock, verify_marker
 
 # config keys holding paths, relative to the folder the run was started from
 PATH_KEYS = ("annotations", "image_dir", "image_embeddings", "text_embeddings", "blacklist")
@@ -92,7 +94,7 @@ def finished(run: RunDir, say: Callable[[str], Any]) -> bool:
     """Whether the results are there and are what the final marker vouches for."""
     if not run.done.exists():
         return False
-    why = verify_marker(run.done, run.root)
+    why = verify_marker(run.done, run.root, required=RESULTS)
     if why:
         say(f"{why}: writing the results again")
         run.remove(run.done)
@@ -144,6 +146,7 @@ def prepare(config: Config, offered: Offer, lock: Callable[[], Any],
 def _prepare(config: Config, run: RunDir, ds: Corpus, placement: Placement, offered: Offer,
              lock: Callable[[], Any], say: Callable[[str], Any]) -> tuple[Corpus, Plan, str]:
     """The decision on validated inputs, carried out under the lock."""
+    guard_run(run, config, ds.images)  # before the lock file is written
     lock()
     now = survey(run)  # again, now that no other run can change it
     action = decide(now, run_keys(config, ds, placement.precision), config.overwrite,
@@ -260,12 +263,11 @@ def load_run(output_dir: str | Path) -> Run:
         if not path.exists():
             raise HnmError(f"{run.root}: no {path.name}; not a finished hnm run "
                            "(rerun the mining command to finish it)")
-    if why := verify_marker(run.done, run.root):
+    results = ((run.records(config.output_format).name,), *RESULTS[1:])
+    if why := verify_marker(run.done, run.root, required=results):
         raise HnmError(f"{why}; rerun the mining command to write the results again")
-    metrics = read_json(run.metrics, "rerun the mining command to write it again")
-    if not isinstance(metrics, dict):
-        raise HnmError(f"{run.metrics}: damaged (not a JSON object); rerun the mining "
-                       "command to write it again")
+    metrics = read_json(run.metrics, "rerun the mining command to write it again",
+                        schema.METRICS)
     return Run(run.root, config, metrics)
 
 

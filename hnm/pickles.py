@@ -2,8 +2,12 @@
 and a writer that puts back what was read (for the AVDN processed dataset, hnm.avdn).
 
 Unpickling calls whatever the file names; this unpickler resolves a name only when it is on
-`allowed()`, every other one is refused (`Refused`), so that a pickle can rebuild tensors,
-arrays and containers and nothing else. Torch tensors are rebuilt from their bytes by hnm
+`allowed()`, every other one is refused (`Refused`), and each allowed name is one of hnm's
+own constructors (hnm.pickle_values) that builds data from bytes the file holds, so that a
+pickle can rebuild tensors, arrays and containers and nothing else. It is Python's own
+unpickler with every opcode checked: nothing is called but those constructors, state goes
+only to what hnm builds, and every allocation is paid from a budget the file's size sets
+(`Rejected` says what was refused). Torch tensors are rebuilt from their bytes by hnm
 itself: torch's own route (`torch.storage._load_from_bytes`) calls `torch.load` unrestricted.
 """
 
@@ -12,11 +16,15 @@ from __future__ import annotations
 import copyreg
 import io
 import pickle
+import sys
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, BinaryIO
 
 import numpy as np
+
+from hnm import pickle_values as values
+from hnm.pickle_values import Kept, KeptMapping, Rejected  # noqa: F401 (for the readers)
 
 # torch.save's legacy format (what pickling a storage embeds) starts with this number
 TORCH_MAGIC = 0x1950A86A20F9469CFC6C
@@ -35,179 +43,70 @@ class Refused(Exception):
         self.qualname = f"{module}.{name}"
 
 
-class Kept:
-    """An object of a class hnm never constructs (a fast tokenizer's `tokenizers.Encoding`):
-    its class's name, arguments and state are kept, and written back as they came."""
-
-    origin: tuple[str, str] = ("", "")
-
-    def __new__(cls, *args: Any) -> Kept:
-        obj = super().__new__(cls)
-        obj.args, obj.state = args, None
-        return obj
-
-    def __setstate__(self, state: Any) -> None:
-        self.state = state
-
-    def __repr__(self) -> str:
-        return f"<{'.'.join(self.origin)} (kept as read)>"
-
-
-class KeptMapping(dict):
-    """A tokenizer's `BatchEncoding`, read as the plain mapping of its data (input_ids,
-    attention_mask, ...) without importing transformers; its whole state is kept, and it is
-    written back as a BatchEncoding."""
-
-    origin: tuple[str, str] = ("", "")
-
-    def __new__(cls, *args: Any) -> KeptMapping:
-        obj = super().__new__(cls)
-        obj.args, obj.state = args, None
-        return obj
-
-    def __init__(self, *args: Any) -> None:  # called when a pickle calls the class itself
-        if args and isinstance(args[0], dict):
-            self.update(args[0])
-
-    def __setstate__(self, state: Any) -> None:
-        self.state = state
-        if isinstance(state, dict) and isinstance(state.get("data"), dict):
-            self.update(state["data"])
-
-
-_kept_classes: dict[tuple[str, str], type] = {}
-
-
-def _kept(base: type, module: str, name: str) -> type:
-    """The stand-in class of one named class (one per name, so that it can be written back)."""
-    key = (module, name)
-    if key not in _kept_classes:
-        _kept_classes[key] = type(name, (base,), {"origin": key, "__module__": __name__})
-    return _kept_classes[key]
-
-
-# ---------------------------------------------------------------- torch tensors, safely
-
-
-class _StorageRef:
-    def __init__(self, dtype: str, key: str, numel: int) -> None:
-        self.dtype, self.key, self.numel = dtype, key, numel
-
-
-class _StorageType:
-    def __init__(self, dtype: str) -> None:
-        self.dtype = dtype
-
-
-class _Header(pickle.Unpickler):
-    """The plain values of torch's legacy format: numbers, a dict of sizes, a list of keys."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        raise Refused(module, name)
-
-
-class _StorageRecord(pickle.Unpickler):
-    """The record of one storage: its class (the element type) and its key."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if module == "torch" and name in STORAGE_DTYPES:
-            return _StorageType(STORAGE_DTYPES[name])
-        raise Refused(module, name)
-
-    def persistent_load(self, pid: Any) -> Any:
-        if not (isinstance(pid, tuple) and len(pid) == 6 and pid[0] == "storage"
-                and isinstance(pid[1], _StorageType) and pid[5] is None):
-            raise pickle.UnpicklingError(f"unexpected storage record {pid!r}")
-        return _StorageRef(pid[1].dtype, str(pid[2]), int(pid[4]))
-
-
-def storage_from_bytes(data: bytes) -> Any:
-    """A pickled torch storage (torch.save's legacy format) as a flat tensor on the CPU,
-    read without torch.load: plain values, then the storage's record, then its raw bytes."""
-    import torch
-
-    f = io.BytesIO(data)
-    if _Header(f).load() != TORCH_MAGIC:
-        raise pickle.UnpicklingError("a pickled torch storage without torch's magic number")
-    _Header(f).load()  # format version
-    info = _Header(f).load()
-    order = "<" if not isinstance(info, dict) or info.get("little_endian", True) else ">"
-    ref = _StorageRecord(f).load()
-    keys = _Header(f).load()
-    if not isinstance(ref, _StorageRef) or keys != [ref.key]:
-        raise pickle.UnpicklingError("a pickled torch storage holding something else")
-    numel = int.from_bytes(f.read(8), "little" if order == "<" else "big")
-    bfloat = ref.dtype == "bfloat16"
-    dtype = np.dtype("uint16" if bfloat else ref.dtype).newbyteorder(order)
-    if numel != ref.numel or len(data) - f.tell() < numel * dtype.itemsize:
-        raise pickle.UnpicklingError("a pickled torch storage cut short")
-    # one copy, straight from the pickle's bytes, in this machine's byte order
-    values = np.frombuffer(data, dtype, count=numel, offset=f.tell())
-    flat = torch.from_numpy(values.astype(dtype.newbyteorder("="), copy=True))
-    return flat.view(torch.bfloat16) if bfloat else flat
-
-
-def rebuild_tensor(storage: Any, offset: int, size: tuple, stride: tuple,
-                   requires_grad: bool = False, hooks: Any = None, metadata: Any = None) -> Any:
-    """torch._utils._rebuild_tensor_v2 (and _rebuild_tensor): a view of the storage."""
-    tensor = storage.as_strided(tuple(size), tuple(stride), int(offset))
-    return tensor.requires_grad_(bool(requires_grad)) if tensor.is_floating_point() else tensor
-
-
-def rebuild_from_type(func: Callable, new_type: Any, args: tuple, state: Any) -> Any:
-    """torch._tensor._rebuild_from_type_v2, for plain tensors only."""
-    import torch
-
-    if new_type is not torch.Tensor or func not in (rebuild_tensor,):
-        raise pickle.UnpicklingError("a tensor subclass, which hnm does not rebuild")
-    return func(*args)
-
-
 # ---------------------------------------------------------------- the allow-list
 
 
-def _latin1(text: str, encoding: str = "latin1") -> bytes:
-    """_codecs.encode as protocol 0-2 pickles use it for bytes (nothing else)."""
-    if encoding not in ("latin1", "latin-1"):
-        raise pickle.UnpicklingError(f"_codecs.encode with {encoding!r}")
-    return text.encode("latin1")
+def storage_from_bytes(data: Any) -> values.Storage:
+    """A pickled torch storage (torch.save's legacy format), read without torch.load: plain
+    values, then the storage's record, then its raw bytes, all through this unpickler."""
+    import torch
+
+    if not isinstance(data, bytes):
+        raise values.Rejected("a torch storage is read from bytes")
+    f = io.BytesIO(data)
+    if _Unpickler(f, {}).load() != TORCH_MAGIC:
+        raise values.Rejected("a pickled torch storage without torch's magic number")
+    _Unpickler(f, {}).load()  # format version
+    info = _Unpickler(f, {}).load()
+    order = "<" if not isinstance(info, dict) or info.get("little_endian", True) else ">"
+    record = _Unpickler(f, {("torch", n): d for n, d in STORAGE_DTYPES.items()}, True).load()
+    keys = _Unpickler(f, {}).load()
+    if not (isinstance(record, tuple) and len(record) == 6 and record[0] == "storage"
+            and record[1] in STORAGE_DTYPES.values() and type(record[4]) is int
+            and record[5] is None and keys == [record[2]]):
+        raise values.Rejected("a pickled torch storage holding something else")
+    numel = int.from_bytes(f.read(8), "little" if order == "<" else "big")
+    bfloat = record[1] == "bfloat16"
+    dtype = np.dtype("uint16" if bfloat else record[1]).newbyteorder(order)
+    if numel != record[4] or len(data) - f.tell() < numel * dtype.itemsize:
+        raise values.Rejected("a pickled torch storage cut short")
+    # one copy, straight from the pickle's bytes, in this machine's byte order
+    flat = np.frombuffer(data, dtype, count=numel, offset=f.tell())
+    flat = torch.from_numpy(flat.astype(dtype.newbyteorder("="), copy=True))
+    return values.Storage(flat.view(torch.bfloat16) if bfloat else flat)
 
 
 def _reconstructor(cls: Any, base: Any, state: Any) -> Any:
     """copyreg._reconstructor (protocols 0 and 1), for the stand-in classes only."""
     if not (isinstance(cls, type) and issubclass(cls, Kept | KeptMapping)):
-        raise pickle.UnpicklingError("copyreg._reconstructor of a class hnm does not build")
+        raise values.Rejected("copyreg._reconstructor of a class hnm does not build")
     obj = cls.__new__(cls)
     if isinstance(obj, dict) and isinstance(state, dict):
-        obj.update(state)
+        for key, value in state.items():
+            obj[values.hashable(key, "a mapping")] = value
     return obj
 
 
 def _numpy() -> dict[tuple[str, str], Any]:
-    core = getattr(np, "_core", None) or np.core
-    names = {}
+    names: dict[tuple[str, str], Any] = {}
     for package in ("numpy.core", "numpy._core"):
-        names[(f"{package}.multiarray", "_reconstruct")] = core.multiarray._reconstruct
-        names[(f"{package}.multiarray", "scalar")] = core.multiarray.scalar
-        names[(f"{package}.numeric", "_frombuffer")] = core.numeric._frombuffer
-    names[("numpy", "ndarray")] = np.ndarray
-    names[("numpy", "dtype")] = np.dtype
+        names[(f"{package}.multiarray", "_reconstruct")] = values.PendingArray
+        names[(f"{package}.multiarray", "scalar")] = values.scalar
+        names[(f"{package}.numeric", "_frombuffer")] = values.frombuffer
+    names[("numpy", "ndarray")] = values.NDARRAY
+    names[("numpy", "dtype")] = values.PendingDtype
     return names
 
 
-def _torch() -> dict[tuple[str, str], Any]:
-    import torch
-
-    return {("torch._utils", "_rebuild_tensor_v2"): rebuild_tensor,
-            ("torch._utils", "_rebuild_tensor"): rebuild_tensor,
-            ("torch._tensor", "_rebuild_from_type_v2"): rebuild_from_type,
-            ("torch.storage", "_load_from_bytes"): storage_from_bytes,
-            ("torch._tensor", "Tensor"): torch.Tensor, ("torch", "Tensor"): torch.Tensor,
-            ("torch", "Size"): torch.Size}
-
-
-BUILTINS = {"set": set, "frozenset": frozenset, "bytearray": bytearray, "complex": complex,
-            "slice": slice, "range": range}
+TORCH = {("torch._utils", "_rebuild_tensor_v2"): values.tensor_view,
+         ("torch._utils", "_rebuild_tensor"): values.tensor_view,
+         ("torch._tensor", "_rebuild_from_type_v2"): values.tensor_from_type,
+         ("torch.storage", "_load_from_bytes"): storage_from_bytes,
+         ("torch._tensor", "Tensor"): values.TENSOR, ("torch", "Tensor"): values.TENSOR,
+         ("torch", "Size"): values.torch_size}
+BUILTINS = {"set": values.make_set, "frozenset": values.make_frozenset,
+            "bytearray": values.make_bytearray, "complex": values.make_complex,
+            "slice": values.make_slice, "range": values.make_range}
 # classes read through a stand-in: (module, name) -> stand-in base class
 STAND_INS = {("transformers.tokenization_utils_base", "BatchEncoding"): KeptMapping,
              ("transformers.tokenization_utils", "BatchEncoding"): KeptMapping,
@@ -216,35 +115,236 @@ _allowed: dict[tuple[str, str], Any] = {}
 
 
 def allowed() -> dict[tuple[str, str], Any]:
-    """Every global a pickle may name, and what hnm gives it instead (built once)."""
+    """Every global a pickle may name, and the hnm constructor it gets instead (built once)."""
     if not _allowed:
         _allowed.update({(m, n): f for m in ("builtins", "__builtin__")
                          for n, f in BUILTINS.items()})
-        _allowed.update({("collections", "OrderedDict"): OrderedDict,
-                         ("_codecs", "encode"): _latin1,
+        _allowed.update({("collections", "OrderedDict"): values.make_ordered_dict,
+                         ("_codecs", "encode"): values.latin1,
                          ("copyreg", "_reconstructor"): _reconstructor,
                          ("copy_reg", "_reconstructor"): _reconstructor,
-                         **_numpy(), **_torch()})
-        _allowed.update({key: _kept(base, *key) for key, base in STAND_INS.items()})
+                         **_numpy(), **TORCH})
+        _allowed.update({key: values.kept(base, *key) for key, base in STAND_INS.items()})
     return _allowed
 
 
-class SafeUnpickler(pickle.Unpickler):
-    """Resolves only the names on the allow-list; anything else raises `Refused`."""
+# ---------------------------------------------------------------- the unpickler
+
+# what an opcode allocates beyond the bytes it reads (a new list, dict, set, mark or memo
+# entry); the rest cost at most a pointer and an object header
+_COSTS = {op[0]: cost for op, cost in (
+    (pickle.EMPTY_LIST, 64), (pickle.LIST, 64), (pickle.EMPTY_DICT, 64), (pickle.DICT, 64),
+    (pickle.EMPTY_SET, 216), (pickle.FROZENSET, 216), (pickle.MARK, 64), (pickle.PUT, 64),
+    (pickle.BINPUT, 64), (pickle.LONG_BINPUT, 64), (pickle.MEMOIZE, 64))}
+_KEPT = (Kept, KeptMapping)
+
+
+def _charged(op: int, original: Callable) -> Callable:
+    """An opcode's handler that first pays what the opcode allocates."""
+    cost = _COSTS.get(op, 32)
+
+    def charged(self: pickle._Unpickler) -> None:
+        values.pay(cost, "the pickle's objects")
+        original(self)
+    return charged
+
+
+def _unread(self: pickle._Unpickler) -> None:
+    raise values.Rejected("an opcode that calls a constructor hnm does not offer "
+                          "(NEWOBJ_EX or an extension code)")
+
+
+def _unknown(self: pickle._Unpickler) -> None:
+    raise pickle.UnpicklingError("an unknown opcode")
+
+
+class _Unpickler(pickle._Unpickler):  # the Python unpickler: every opcode can be checked
+    """Resolves only the names in `names` (each an hnm constructor); calls nothing else,
+    gives state (BUILD) only to what hnm builds, adds items only to plain containers with
+    keys that hash apart, and pays for every opcode's allocation from the current budget."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+
+    def __init__(self, file: Any, names: dict[tuple[str, str], Any],
+                 records: bool = False) -> None:
+        super().__init__(file)
+        self.names, self.records = names, records
+        self.callables = {id(v): f"{m}.{n}" for (m, n), v in names.items() if callable(v)}
 
     def find_class(self, module: str, name: str) -> Any:
-        found = allowed().get((module, name))
+        found = self.names.get((module, name))
         if found is None:
             raise Refused(module, name)
         return found
 
     def persistent_load(self, pid: Any) -> Any:
-        raise pickle.UnpicklingError("persistent ids (a torch.save file?) are not read")
+        if self.records:  # a storage's record in torch's legacy format
+            return pid
+        raise values.Rejected("persistent ids (a torch.save file?) are not read")
+
+    for _op, _original in list(dispatch.items()):
+        dispatch[_op] = _charged(_op, _original)
+
+    def _call(self, func: Any, args: Any) -> Any:
+        name = self.callables.get(id(func))
+        if name is None or not isinstance(args, tuple):
+            raise values.Rejected(f"a call of {_name(func)}, which is not an hnm constructor")
+        try:
+            return func(*args)
+        except TypeError:
+            raise values.Rejected(f"{name} called with arguments it does not take") from None
+
+    def load_reduce(self) -> None:
+        args = self.stack.pop()
+        self.stack[-1] = self._call(self.stack[-1], args)
+
+    def load_newobj(self) -> None:
+        args, cls = self.stack.pop(), self.stack.pop()
+        if not (isinstance(cls, type) and issubclass(cls, _KEPT)):
+            raise values.Rejected(f"{_name(cls)}.__new__, which hnm does not call")
+        if not isinstance(args, tuple):
+            raise values.Rejected(f"{_name(cls)}.__new__ without a tuple of arguments")
+        self.append(cls.__new__(cls, *args))
+
+    def _instantiate(self, klass: Any, args: Any) -> None:
+        self.append(self._call(klass, tuple(args)))
+
+    def load_build(self) -> None:
+        state = self.stack.pop()
+        inst = self.stack[-1]
+        if isinstance(inst, values.Pending):
+            built = self.stack[-1] = inst.build(state)
+            for key in inst.memo_keys:
+                if self.memo.get(key) is inst:
+                    self.memo[key] = built
+        elif isinstance(inst, _KEPT):
+            inst.__setstate__(state)
+        else:
+            raise values.Rejected(f"state given to {_name(inst)}: only the objects hnm "
+                                  "builds take state")
+
+    def _memo(self, key: Any) -> None:
+        obj = self.memo[key] = self.stack[-1]
+        if isinstance(obj, values.Pending):
+            obj.memo_keys.append(key)
+
+    def load_put(self) -> None:
+        self._memo(int(self.readline()[:-1]))
+
+    def load_binput(self) -> None:
+        self._memo(self.read(1)[0])
+
+    def load_long_binput(self) -> None:
+        self._memo(int.from_bytes(self.read(4), "little"))
+
+    def load_memoize(self) -> None:
+        self._memo(len(self.memo))
+
+    def load_bytearray8(self) -> None:
+        size = int.from_bytes(self.read(8), "little")
+        data = self.read(size)
+        if len(data) != size:
+            raise values.Rejected(f"a bytearray of {size:,} bytes cut short")
+        self.append(bytearray(data))
+
+    def _items(self, target: Any, items: list, pairs: bool) -> None:
+        if pairs:
+            if type(target) not in (dict, OrderedDict) and not isinstance(target, KeptMapping):
+                raise values.Rejected(f"items set on {_name(target)}, not a mapping")
+            if len(items) % 2:
+                raise values.Rejected("a dict given a key without its value")
+            values.pay(24 * len(items), "a dict")
+            for i in range(0, len(items), 2):
+                target[values.hashable(items[i], "a dict")] = items[i + 1]
+        elif type(target) is list:
+            target.extend(items)
+        else:
+            raise values.Rejected(f"items appended to {_name(target)}, not a list")
+
+    def load_setitems(self) -> None:
+        items = self.pop_mark()
+        self._items(self.stack[-1], items, True)
+
+    def load_setitem(self) -> None:
+        value, key = self.stack.pop(), self.stack.pop()
+        self._items(self.stack[-1], [key, value], True)
+
+    def load_dict(self) -> None:
+        made: dict = {}
+        self._items(made, self.pop_mark(), True)
+        self.append(made)
+
+    def load_appends(self) -> None:
+        items = self.pop_mark()
+        self._items(self.stack[-1], items, False)
+
+    def load_append(self) -> None:
+        value = self.stack.pop()
+        self._items(self.stack[-1], [value], False)
+
+    def load_additems(self) -> None:
+        items, target = self.pop_mark(), self.stack[-1]
+        if type(target) is not set:
+            raise values.Rejected(f"items added to {_name(target)}, not a set")
+        target.update(values.make_set(items))
+
+    def load_frozenset(self) -> None:
+        self.append(values.make_frozenset(self.pop_mark()))
+
+    for _op, _name_ in ((pickle.REDUCE, "load_reduce"), (pickle.NEWOBJ, "load_newobj"),
+                        (pickle.BUILD, "load_build"), (pickle.PUT, "load_put"),
+                        (pickle.BINPUT, "load_binput"), (pickle.LONG_BINPUT, "load_long_binput"),
+                        (pickle.MEMOIZE, "load_memoize"), (pickle.BYTEARRAY8, "load_bytearray8"),
+                        (pickle.SETITEMS, "load_setitems"), (pickle.SETITEM, "load_setitem"),
+                        (pickle.DICT, "load_dict"), (pickle.APPENDS, "load_appends"),
+                        (pickle.APPEND, "load_append"), (pickle.ADDITEMS, "load_additems"),
+                        (pickle.FROZENSET, "load_frozenset")):
+        dispatch[_op[0]] = _charged(_op[0], locals()[_name_])
+    for _op in (pickle.NEWOBJ_EX, pickle.EXT1, pickle.EXT2, pickle.EXT4):
+        dispatch[_op[0]] = _unread
+    for _op in set(range(256)) - set(dispatch):
+        dispatch[_op] = _unknown
+    del _op, _name_, _original
+
+
+def _name(obj: Any) -> str:
+    if isinstance(obj, values.Marker):
+        return obj.name
+    return getattr(obj, "__qualname__", None) or f"a {type(obj).__name__}"
+
+
+class _Bounded:
+    """A file read no further than its size: a length in the pickle past the end reads what
+    is there (and fails as cut short), never allocating the length it claims."""
+
+    def __init__(self, handle: BinaryIO, size: int) -> None:
+        self.handle, self.left = handle, size
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.handle.read(self.left if n < 0 else min(n, self.left))
+        self.left -= len(data)
+        return data
+
+    def readline(self) -> bytes:
+        line = self.handle.readline(self.left)
+        self.left -= len(line)
+        return line
 
 
 def load(handle: BinaryIO) -> Any:
-    """One pickle from an open file, through the allow-list."""
-    return SafeUnpickler(handle).load()
+    """One pickle from an open file, through the allow-list, its objects paid from a budget
+    the file's size sets, then checked whole (`check`)."""
+    start = handle.tell()
+    size = handle.seek(0, io.SEEK_END) - start
+    handle.seek(start)
+    budget = values.Budget(size)
+    token = values.current.set(budget)
+    try:
+        data = _Unpickler(_Bounded(handle, size), allowed()).load()
+        values.check(data, budget.limit)
+        return data
+    finally:
+        values.current.reset(token)
 
 
 # ---------------------------------------------------------------- writing back
@@ -301,8 +401,6 @@ def storage_bytes(t: Any) -> bytes:
     """A contiguous CPU tensor's data as a pickled torch storage (torch.save's legacy
     format): magic number, format version, system info, the storage's record, its key,
     then its element count and raw bytes."""
-    import sys
-
     import torch
 
     name = next(n for n, d in STORAGE_DTYPES.items() if getattr(torch, d) == t.dtype)

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from hnm import schema
 from hnm.blacklist import read_blacklist
 from hnm.callbacks import Progress, no_progress
 from hnm.config import EMBEDDING_KEYS, Config, config_hash
@@ -110,14 +111,17 @@ def read_plan(run: RunDir) -> Plan:
     """The run's plan; a damaged plan, or one of another layout version, is one line
     saying what to do."""
     again = "rerun with --overwrite to start this run again"
-    data = read_json(run.plan, again)
+    data = read_json(run.plan, again, limit=None)
     version = data.get("version") if isinstance(data, dict) else None
     if version not in (3, PLAN_VERSION):  # 3: hnm 0.1's (Plan.from_json)
         raise HnmError(f"{run.plan}: written by another version of hnm (plan version "
                        f"{version}, this hnm reads {PLAN_VERSION}); {again}")
+    why = schema.problem(data, schema.PLAN)
+    if why is not None:
+        raise HnmError(f"{run.plan}: damaged ({why}); {again}")
     try:
         return Plan.from_json(data)
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise HnmError(f"{run.plan}: damaged ({type(exc).__name__}: {exc}); {again}") from None
 
 
@@ -210,6 +214,9 @@ def validate_inputs(config: Config, progress: Progress = no_progress) -> Corpus:
         raise HnmError(f"--image-dir {config.image_dir}: not a directory")
     read_blacklist(config.blacklist)
     ds = load_corpus(config, progress=progress)
+    if config.num_negatives > max(1, len(ds) - 1):  # more than the selection can find
+        raise HnmError(f"--num-negatives: at most {max(1, len(ds) - 1)} (the mined rows "
+                       f"other than the anchor), got {config.num_negatives}")
     for flag, path in (("--image-embeddings", config.image_embeddings),
                        ("--text-embeddings", config.text_embeddings)):
         if path:

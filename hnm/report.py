@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from hnm import schema
 from hnm.config import Config
 from hnm.data import Corpus, image_limit, load_corpus
 from hnm.errors import HnmError
@@ -36,9 +37,10 @@ def report_from_dir(output_dir: str | Path, warn: Callable[[str], Any] = print) 
     ds = load_corpus(config, list(plan.skipped))
     check_unchanged(config, plan, ds, run.root)
     vouched = run.done.exists() and verify_marker(run.done, run.root) is None
-    path = write_report(run, config, read_json(run.metrics), plan, ds, warn=warn)
+    path = write_report(run, config, read_json(run.metrics, shape=schema.METRICS), plan, ds,
+                        warn=warn)
     if vouched:  # the final marker vouches for the new page, as it did for the old one
-        files = read_json(run.done)["files"]
+        files = read_json(run.done, shape=schema.MARKER)["files"]
         run.write_marker(run.done, {}, [run.root / name for name in files])
     return path
 

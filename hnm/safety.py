@@ -57,6 +57,22 @@ class Area:
     def __init__(self, root: str | Path, owns: Callable[[str], bool] = owns_anything) -> None:
         self.root = Path(root)
         self.owns = owns
+        # the files of the command's input that could lie here, by (device, inode): never
+        # replaced, deleted or appended to, whatever name reaches them (hnm.inputs)
+        self.inputs: dict[tuple[int, int], Path] = {}
+
+    def _not_input(self, folder: int, name: str, path: Path) -> None:
+        """One line naming `path` when the file there is an input of the command."""
+        if not self.inputs:
+            return
+        try:
+            st = os.stat(name, dir_fd=folder, follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        if (st.st_dev, st.st_ino) in self.inputs:
+            raise HnmError(f"{path}: is an input of this run "
+                           f"({self.inputs[(st.st_dev, st.st_ino)]}); hnm never deletes or "
+                           "replaces an input")
 
     # ---- where: a path below the root, its folders opened without following links
 
@@ -143,6 +159,7 @@ class Area:
                 handle.flush()
                 os.fsync(handle.fileno())
             self._refuse_link(folder, name, Path(path))
+            self._not_input(folder, name, Path(path))
             os.replace(tmp, name, src_dir_fd=folder, dst_dir_fd=folder)
         except OSError as exc:
             _unlink(tmp, folder)
@@ -194,6 +211,7 @@ class Area:
         folder = self._folder(parts[:-1], create=True)
         try:
             self._refuse_link(folder, parts[-1], Path(path))
+            self._not_input(folder, parts[-1], Path(path))
             return os.open(parts[-1], os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW
                            | os.O_CLOEXEC, 0o666, dir_fd=folder)
         except OSError as exc:
@@ -238,6 +256,7 @@ class Area:
             st = os.lstat(parts[-1], dir_fd=folder)
             if stat.S_ISDIR(st.st_mode):
                 return False
+            self._not_input(folder, parts[-1], Path(path))
             os.unlink(parts[-1], dir_fd=folder)
             return True
         except FileNotFoundError:
@@ -280,6 +299,53 @@ class Area:
                         path.unlink(missing_ok=True)
                         gone += 1
         return gone
+
+
+def new_folder(path: Path) -> None:
+    """A new folder (its parents created where missing); raises OSError, FileExistsError
+    where something is there already."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.mkdir()
+
+
+def discard_folder(folder: Path) -> None:
+    """Delete a folder that is hnm's own (an export's staging folder, or an earlier export
+    moved into one): its files, never through a link, then the folder; what cannot go
+    stays."""
+    with suppress(OSError):
+        for name in os.listdir(folder):
+            if stat.S_ISREG(os.lstat(folder / name).st_mode):
+                (folder / name).unlink()
+        folder.rmdir()
+
+
+def move_in(stage: Path, to: Path, aside: Path) -> Path | None:
+    """Put the folder `stage` in the place of `to` in one rename; returns where what `to`
+    held is now (to be discarded), or None. `to` missing or an empty folder: a rename;
+    else an exchange of the two (renameat2), or where the system lacks one, `to` renamed
+    to `aside` first. Raises OSError."""
+    if to.is_dir() and not to.is_symlink() and not os.listdir(to):
+        to.rmdir()
+    if not os.path.lexists(to):
+        os.rename(stage, to)
+        return None
+    if _exchange(stage, to):
+        return stage
+    os.rename(to, aside)
+    os.rename(stage, to)
+    return aside
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two folders in one step (renameat2 with RENAME_EXCHANGE, Linux 3.15+)."""
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def create(name: str, folder: int, readable: bool) -> int:

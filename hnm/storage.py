@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from hnm import schema
 from hnm.decoding import first_line
 from hnm.errors import HnmError
 from hnm.safety import Area
@@ -34,6 +35,8 @@ RUN_FILES = re.compile(r"""(?x)
   | candidates/(shard_\d{5,}\.npz | done_\d{5,})
   | logs/(hnm\.log | tables\.log | shard_\d{5,}\.log | \.(crashed|held)_\w+)""")
 SIGNATURE = "hnm run directory"  # the format marker of .hnm-run.json
+# what done.json must vouch for (one name of each): the results the reduce phase writes
+RESULTS = (("negatives.jsonl", "negatives.parquet"), ("suspects.jsonl",), ("metrics.json",))
 SIGNATURE_VERSION = 1
 TABLES = ("visual", "text", "eligible", "clusters", "centroids")
 
@@ -50,14 +53,33 @@ def file_digest(path: Path) -> list[Any]:
         return [st.st_size, hashlib.file_digest(handle, "sha256").hexdigest(), st.st_mtime_ns]
 
 
-def read_json(path: Path, what: str = "rerun with --overwrite to write it again") -> Any:
-    """A JSON file hnm wrote; damage is one line naming the file and `what` to do."""
+def read_json(path: Path, what: str = "rerun with --overwrite to write it again",
+              shape: Any = schema.ANY, limit: int | None = schema.MAX_BYTES) -> Any:
+    """A JSON file hnm wrote, of the shape `shape` describes (hnm.schema) and at most
+    `limit` bytes; damage is one line naming the file and `what` to do."""
+    data, why = parse_json(path, shape, limit)
+    if why == "missing":
+        raise HnmError(f"{path}: missing; {what}")
+    if why is not None:
+        raise HnmError(f"{path}: damaged ({why}); {what}")
+    return data
+
+
+def parse_json(path: Path, shape: Any = schema.ANY, limit: int | None = schema.MAX_BYTES
+               ) -> tuple[Any, str | None]:
+    """(the value, None), or (None, why it cannot be used: "missing", or the damage)."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        if limit is not None and (size := path.stat().st_size) > limit:
+            return None, f"{size:,} bytes, more than a file hnm writes holds"
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise HnmError(f"{path}: missing; {what}") from None
+        return None, "missing"
+    except RecursionError:
+        return None, "nested too deeply"
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise HnmError(f"{path}: damaged ({_reason(exc)}); {what}") from None
+        return None, _reason(exc)
+    why = schema.problem(data, shape)
+    return (None, why) if why is not None else (data, None)
 
 
 def _reason(exc: Exception) -> str:
@@ -199,29 +221,31 @@ class RunDir(Area):
     def manifest(self) -> list[str] | None:
         """The names the signature lists (only those of hnm's layout), or None where the
         folder carries no valid signature: then it is not an hnm run."""
-        try:
-            data = json.loads(self.signature.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError):
-            return None
-        if not isinstance(data, dict) or data.get("format") != SIGNATURE or \
-                not isinstance(data.get("version"), int) or not isinstance(data.get("files"), list):
+        data, why = parse_json(self.signature, schema.SIGNATURE, 16 << 20)
+        if why is not None or data["format"] != SIGNATURE:
             return None
         return [f for f in data["files"] if isinstance(f, str) and owns_run_file(f)]
 
 
-def verify_marker(path: Path, root: Path, checksums: bool = True) -> str | None:
-    """Why the marker at `path` cannot be trusted (damaged, or a file it vouches for is
-    missing, of another size or of other content), or None.
+def verify_marker(path: Path, root: Path, checksums: bool = True,
+                  required: tuple[tuple[str, ...], ...] = ()) -> str | None:
+    """Why the marker at `path` cannot be trusted (damaged, not vouching for one of each of
+    `required`'s names, or a file it vouches for is missing, of another size or of other
+    content), or None.
 
     Without `checksums`, a file is read only when its modification time changed (a copy
     of the run directory without times, or an edit): its size and time vouch for it.
     """
-    try:
-        files = json.loads(path.read_text(encoding="utf-8"))["files"]
-        items = [(root / name, int(size), str(digest), int(mtime))
-                 for name, (size, digest, mtime) in files.items()]
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
-        return f"{path} is damaged ({_reason(exc)})"
+    data, why = parse_json(path, schema.MARKER, 64 << 20)
+    if why is not None:
+        return f"{path} is damaged ({why})"
+    files = data["files"]
+    if any(owns_run_file(name) is False or "/.." in f"/{name}" for name in files):
+        return f"{path} is damaged (it names a file outside the run's layout)"
+    for names in required:
+        if not any(name in files for name in names):
+            return f"{path} does not vouch for {names[0]}"
+    items = [(root / name, size, digest, mtime) for name, (size, digest, mtime) in files.items()]
     for file, size, digest, mtime in items:
         if not file.is_file():
             return f"{file} is missing"

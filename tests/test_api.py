@@ -137,7 +137,9 @@ def test_export_is_the_same_from_shards_and_from_files(tmp_path, runs):
         assert files.read_bytes() == shards.read_bytes()
         runs["json"].export(tmp_path / f"files-{kind}", kind)
         runs["webdataset"].export(tmp_path / f"shards-{kind}", kind)
-        assert snapshot(tmp_path / f"files-{kind}").keys() == {"00000.tar"}
+        assert snapshot(tmp_path / f"files-{kind}").keys() == {".hnm-export.json", "00000.tar"}
+        assert (tmp_path / f"files-{kind}/.hnm-export.json").read_bytes() == \
+            (tmp_path / f"shards-{kind}/.hnm-export.json").read_bytes()
         assert (tmp_path / f"files-{kind}/00000.tar").read_bytes() == \
             (tmp_path / f"shards-{kind}/00000.tar").read_bytes()
 
@@ -170,7 +172,9 @@ def test_export_webdataset_pairs_read_like_img2dataset_shards(tmp_path, data, ru
 @pytest.mark.parametrize(("case", "message"), [
     ("jsonl_of_shards", "--to {to}: a JSONL file names image files, and this run's images "
                         "are held in its input shards: export to a .parquet file or a folder"),
-    ("folder_not_empty", "--to {to}: exists and is not an empty folder"),
+    ("folder_not_empty", "--to {to}: exists and is not an empty folder or an earlier hnm "
+                         "export (one carries .hnm-export.json and nothing else): choose "
+                         "another --to"),
     ("not_a_run", "{run}: no config.yaml; not an hnm run directory"),
 ])
 def test_export_errors(capsys, tmp_path, runs, case, message):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import pickle
 import subprocess
@@ -87,8 +88,10 @@ def test_export_in_its_own_layout(mined):
     negative; everything else, the language-model negative included, as it was."""
     records = read_jsonl(mined.out / "negatives.jsonl")
     originals = mined.originals()
-    assert sorted(p.name for p in mined.export.iterdir()) == ["chunk_0.pkl", "chunk_1.pkl",
-                                                             "chunk_2.pkl"]
+    chunks = ["chunk_0.pkl", "chunk_1.pkl", "chunk_2.pkl"]
+    assert sorted(p.name for p in mined.export.iterdir()) == [".hnm-export.json", *chunks]
+    assert json.loads((mined.export / ".hnm-export.json").read_text()) == {
+        "format": "hnm export", "version": 1, "kind": "avdn", "files": chunks}
     tok = avdn_data.tokenizer(mined.root / "tokenizer_again")
     added = 0
     for k in range(3):
@@ -155,6 +158,29 @@ def test_export_again_is_byte_identical_and_refuses_its_target(mined, capsys, tm
         data = pickle.load(handle)[9]["contrastive_data"]
     assert "negative_text_2" in data and "tokenized_negative_2" not in data
     assert not list(tmp_path.glob(".*"))  # no staging folder left
+
+
+def test_an_export_that_fails_on_its_last_chunk_leaves_the_target_as_it_was(
+        mined, capsys, tmp_path, monkeypatch):
+    """Built beside the target and moved in only when complete: a new target stays absent,
+    a complete earlier export (replaced with --overwrite) stays as it was."""
+    from test_safety import failing_write
+
+    to = tmp_path / "again"
+    for flags in ((), ("--overwrite",)):
+        before = snapshot(tmp_path)
+        with failing_write(monkeypatch, "chunk_2.pkl"):
+            rc, _, err = cli(capsys, "export", mined.out, "--format", "avdn", "--to", to,
+                             *flags)
+        assert rc == 2 and err.count("\n") == 1 and err.endswith(
+            "/chunk_2.pkl: cannot write: No space left on device\n"), err
+        assert snapshot(tmp_path) == before
+        rc, _, err = cli(capsys, "export", mined.out, "--format", "avdn", "--to", to,
+                         "--tokenizer", mined.root / "tokenizer", "--max-answer-length", "10",
+                         *flags)
+        assert rc == 0, err
+        assert {n: (to / n).read_bytes() for n in os.listdir(to)} == {
+            n: (mined.export / n).read_bytes() for n in os.listdir(mined.export)}
 
 
 @pytest.mark.parametrize(("args", "message"), [

@@ -15,6 +15,7 @@ import io
 import json
 import os
 import random
+import shutil
 import sys
 import tarfile
 from collections import Counter
@@ -527,3 +528,449 @@ def test_whole_runs(capsys, tmp_path, root):
         COUNTS.setdefault("runs", Counter())["ok" if rc == 0 else "refused"] += 1
     report("runs")
 
+
+
+# ---------------------------------------------------------------- hostile pickles
+
+HUGE = [-1, 0, 1, 3, 2**16, 2**31 - 1, 2**31, 2**33, 2**40, 2**62, 2**63, 2**64 + 5]
+
+
+def _int(n: int) -> bytes:
+    """A pickle fragment pushing the integer n."""
+    if -(2**31) <= n < 2**31:
+        return b"J" + n.to_bytes(4, "little", signed=True)
+    data = n.to_bytes((n.bit_length() + 8) // 8, "little", signed=True)
+    return b"\x8a" + bytes([len(data)]) + data
+
+
+def _str(s: str) -> bytes:
+    data = s.encode("utf-8", "surrogatepass")
+    return b"X" + len(data).to_bytes(4, "little") + data
+
+
+def _bytes(b: bytes) -> bytes:
+    return b"B" + len(b).to_bytes(4, "little") + b
+
+
+def _global(name: str) -> bytes:
+    module, _, attr = name.rpartition(".")
+    return b"c" + f"{module}\n{attr}\n".encode()
+
+
+def _tuple(*items: bytes) -> bytes:
+    return b"(" + b"".join(items) + b"t"
+
+
+def _list(*items: bytes) -> bytes:
+    return b"](" + b"".join(items) + b"e"
+
+
+def _call(name: str, *args: bytes) -> bytes:
+    return _global(name) + _tuple(*args) + b"R"
+
+
+def _storage(values: list[float], dtype: str = "float32", numel: int | None = None) -> bytes:
+    """torch.storage._load_from_bytes of a storage's legacy bytes (numel as claimed)."""
+    import torch
+
+    from hnm import pickles
+
+    raw = pickles.storage_bytes(torch.tensor(values, dtype=getattr(torch, dtype)))
+    if numel is not None:  # the count written just before the raw values
+        at = len(raw) - len(values) * torch.tensor([], dtype=getattr(torch, dtype)
+                                                   ).element_size() - 8
+        raw = raw[:at] + (numel % 2**64).to_bytes(8, "little") + raw[at + 8:]
+    return _call("torch.storage._load_from_bytes", _bytes(raw))
+
+
+def _view(storage: bytes, offset: int, size: tuple, stride: tuple, extra: bytes = b"") -> bytes:
+    return _call("torch._utils._rebuild_tensor_v2", storage, _int(offset),
+                 _tuple(*map(_int, size)), _tuple(*map(_int, stride)), b"\x89",
+                 _call("collections.OrderedDict"), extra)
+
+
+def _dtype(rng: random.Random) -> bytes:
+    spec = rng.choice(["f8", "f4", "i8", "u1", "b1", "U3", "S2", "O8", "V8", "M8", "f16",
+                       "c16", "U99999999", ">f8"])
+    order = rng.choice(["<", ">", "|", "="])
+    size = rng.choice([-1, -1, 8, 4, 2**31 - 1, 0, 12])
+    state = _tuple(_int(3), _str(order), b"N", b"N", b"N", _int(size), _int(-1), _int(0))
+    if rng.random() < 0.2:  # a structured type, or another state version
+        state = _tuple(_int(rng.choice([3, 4, 1])), _str("<"), _tuple(_str("f8"), _int(2)),
+                       _tuple(_str("a")), b"N", _int(size), _int(-1), _int(0))
+    return _call("numpy.dtype", _str(spec), b"\x89", b"\x88") + state + b"b"
+
+
+def hostile_value(rng: random.Random) -> bytes:
+    """A pickle fragment attacking one allowed global (or the opcodes) with hostile
+    arguments: sizes without content, views past their storage, dtypes that lie about
+    their size, state given to what hnm did not build, shared references that explode when
+    walked, nesting, cycles, colliding keys."""
+    n = rng.choice(HUGE)
+    kind = rng.randrange(22)
+    if kind == 0:
+        return _call(f"builtins.{rng.choice(['bytearray', 'set', 'frozenset'])}", _int(n))
+    if kind == 1:
+        inner = _call("builtins.range", _int(n))
+        return _call(rng.choice(["builtins.set", "builtins.frozenset", "torch.Size",
+                                 "builtins.bytearray", "collections.OrderedDict"]), inner)
+    if kind == 2:
+        return _call("torch.Size", _list(*[_int(rng.choice(HUGE)) for _ in range(rng.randrange(
+            0, 40))]))
+    if kind == 3:
+        return _call("builtins.range", *[_int(rng.choice(HUGE)) for _ in range(rng.randrange(
+            1, 4))])
+    if kind == 4:  # an array whose dtype's state claims another size, or data that lies
+        data = bytes(rng.choice([0, 8, 16, 24, 7]))
+        shape = _tuple(*[_int(rng.choice([0, 1, 3, n])) for _ in range(rng.randrange(0, 3))])
+        state = _tuple(_int(1), shape, _dtype(rng), rng.choice([b"\x89", b"\x88", _int(1)]),
+                       _bytes(data) if rng.random() < 0.8 else _list(b"N"))
+        array = _call("numpy._core.multiarray._reconstruct", _global("numpy.ndarray"),
+                      _tuple(_int(0)), _bytes(b"b"))
+        return array + state + b"b"
+    if kind == 5:
+        return _call("numpy._core.numeric._frombuffer", _bytes(bytes(rng.choice([0, 8, 9]))),
+                     _dtype(rng), _tuple(_int(n)), _str(rng.choice(["C", "F", "K"])))
+    if kind == 6:
+        return _call("numpy.core.multiarray.scalar", _dtype(rng),
+                     _bytes(bytes(rng.choice([0, 1, 8, 16]))))
+    if kind == 7:  # views: stride 0, past the end, negative, overlapping, huge
+        size = tuple(rng.choice([1, 3, 8, 12000, n]) for _ in range(rng.randrange(0, 4)))
+        stride = tuple(rng.choice([0, 1, -1, n, 2**40]) for _ in size)
+        return _view(_storage([1.0, 2.0, 3.0]), rng.choice([0, 2, 3, -1, n]), size, stride)
+    if kind == 8:
+        return _view(_storage([0.5] * 4, rng.choice(["float32", "float64", "int64"]),
+                              numel=rng.choice([4, 5, n])), 0, (4,), (1,))
+    if kind == 9:  # uninitialised memory: the classes called or built directly
+        cls = rng.choice(["torch.Tensor", "torch._tensor.Tensor", "numpy.ndarray"])
+        args = _tuple(_tuple(_int(rng.choice([3, 2**20, n]))))
+        return _global(cls) + args + rng.choice([b"R", b"\x81"])
+    if kind == 10:
+        return _call("torch._tensor._rebuild_from_type_v2",
+                     _global(rng.choice(["torch._utils._rebuild_tensor_v2", "builtins.set"])),
+                     _global(rng.choice(["torch.Tensor", "numpy.ndarray"])),
+                     _tuple(_storage([1.0] * 3), _int(0), _tuple(_int(3)), _tuple(_int(1))),
+                     rng.choice([b"N", b"}", b"}" + _str("a") + _int(1) + b"s"]))
+    if kind == 11:
+        return _call(rng.choice(["collections.OrderedDict", "copyreg._reconstructor",
+                                 "_codecs.encode", "builtins.complex", "builtins.slice"]),
+                     *[rng.choice([_int(n), _str("x" * rng.randrange(5)), _list(_int(1)),
+                                   _global("builtins.set"), b"N"])
+                       for _ in range(rng.randrange(0, 4))])
+    if kind == 12:  # state given to what hnm did not build
+        target = rng.choice([_call("collections.OrderedDict"), b"]", _view(
+            _storage([1.0]), 0, (1,), (1,)), _call("builtins.set", _list())])
+        return target + b"}" + _str(rng.choice(["__class__", "x", "data"])) + _int(n) + b"s" + \
+            rng.choice([b"b", _tuple(_int(1), _int(2)) + b"b"])
+    if kind == 13:  # items added to what is not a plain container
+        target = rng.choice([_call("builtins.bytearray", _bytes(b"ab")), _view(
+            _storage([1.0, 2.0]), 0, (2,), (1,)), _call("builtins.range", _int(3))])
+        return target + rng.choice([b"(" + _int(0) + _int(n) + b"u", b"(" + _int(n) + b"e",
+                                    _int(0) + _int(1) + b"s"])
+    if kind == 14:  # a memo index, a frame or a length past anything the file holds
+        index = rng.choice([2**31 - 1, 2**32 - 1, 2**20])
+        return rng.choice([b"N" + b"r" + index.to_bytes(4, "little"),
+                           b"\x96" + (n % 2**64).to_bytes(8, "little") + b"ab",
+                           b"\x8e" + (n % 2**64).to_bytes(8, "little") + b"ab",
+                           b"\x95" + (n % 2**64).to_bytes(8, "little") + b"N"])
+    if kind == 15:  # lists of shared references: small in the file, vast when walked
+        levels, width = rng.choice([(3, 100), (6, 30), (20, 2), (40, 2)])
+        out = _str("x" * rng.choice([1, 1000])) + b"r" + (10**6).to_bytes(4, "little")
+        for level in range(1, levels + 1):
+            out += _list(*[b"j" + (10**6 + level - 1).to_bytes(4, "little")] * width) + \
+                b"r" + (10**6 + level).to_bytes(4, "little")
+        return b"(" + out + b"1" + b"j" + (10**6 + levels).to_bytes(4, "little")
+    if kind == 16:  # nested past the limit
+        depth = rng.choice([99, 101, 1000, 100_000])
+        return b"]" * depth + b"a" * (depth - 1)
+    if kind == 17:  # a cycle
+        return b"]r" + (10**6).to_bytes(4, "little") + b"j" + (10**6).to_bytes(4, "little") + \
+            b"a"
+    if kind == 18:  # keys that share one hash (a quadratic dict or set)
+        keys = [_int(k * (2**61 - 1)) if rng.random() < 0.5 else _tuple(_int(k), _int(-k))
+                for k in range(1, rng.choice([10, 3000]))]
+        if rng.random() < 0.5:
+            return b"}(" + b"".join(k + b"N" for k in keys) + b"u"
+        return _call("builtins.frozenset", _list(*keys))
+    if kind == 19:  # opcodes that allocate more than they hold
+        return b"(" + rng.choice([b"\x8f", b"}", b"]", b"("]) * rng.choice([10, 10**5]) + b"l"
+    if kind == 20:  # an image tensor expanded from one value, or of a type no phase takes
+        return _view(_storage([0.5], rng.choice(["float32", "float16", "int64", "bool"])),
+                     0, (3, rng.choice([8, 12000]), rng.choice([8, 12000])), (0, 0, 0))
+    return _call(rng.choice(["builtins.eval", "os.system", "torch.empty", "numpy.empty",
+                             "torch.storage.UntypedStorage", "builtins.getattr"]), _int(n))
+
+
+def hostile_chunk(rng: random.Random) -> bytes:
+    """A chunk of one item whose image or another field is a hostile value (or whose bytes
+    are a valid chunk's, mutated)."""
+    import torch
+
+    from hnm import pickles
+
+    image = io.BytesIO()
+    pickles.dump(torch.full((3, 8, 8), 0.25), image, protocol=2)
+    image_frag = image.getvalue()[2:-1]  # without PROTO and STOP
+    attack = hostile_value(rng)
+    field, other = ("current_view_image", b"N") if rng.random() < 0.3 else ("extra", image_frag)
+    item = b"}(" + _str(field) + attack + _str("current_view_image" if field == "extra"
+                                               else "extra") + other + \
+        _str("answer") + _str("fly north") + _str("first_instruction") + _str("go") + b"u"
+    data = b"\x80\x02}(" + _int(0) + item + b"u."
+    return mutate_bytes(rng, data) if rng.random() < 0.1 else data
+
+
+def _rss_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def run_limited(args: list[Any], err: Path, check_export: Path | None) -> tuple[int, int]:
+    """hnm's CLI on `args` in a forked child under a memory limit (1 GiB beyond what the
+    process holds) and a CPU-time limit; returns (exit status, peak memory growth in KiB).
+    A child killed by a signal (a crash, or past a limit) is a failure of the case."""
+    import resource
+
+    from hnm.cli import main
+
+    start = err.with_suffix(".rss")
+    pid = os.fork()
+    if pid == 0:  # the child: limits, the CLI, and then what an export reads of the chunk
+        code = 3
+        try:
+            start.write_text(str(_rss_kib()))
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+            pages = int(Path("/proc/self/statm").read_text().split()[0])
+            vm = pages * os.sysconf("SC_PAGE_SIZE") + (1 << 30)
+            resource.setrlimit(resource.RLIMIT_AS, (vm, vm))
+            resource.setrlimit(resource.RLIMIT_CPU, (120, 120))  # a safety net of minutes
+            sys.stderr = open(err, "w", encoding="utf-8")  # noqa: SIM115
+            code = main([str(a) for a in args])
+            if code == 0 and check_export is not None:
+                from hnm import pickles
+                from hnm.readers.avdn import load_items
+
+                items = load_items(check_export)
+                pickles.dump(items, io.BytesIO())
+                for item in items.values():
+                    for value in item.values():
+                        if hasattr(value, "numpy"):
+                            value.contiguous().numpy().tobytes()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+    _, status, usage = os.wait4(pid, 0)
+    assert os.WIFEXITED(status), f"killed by signal {os.WTERMSIG(status)}"
+    return os.WEXITSTATUS(status), max(0, usage.ru_maxrss - int(start.read_text()))
+
+
+PEAKS: dict[str, tuple[int, str]] = {}  # surface -> (worst peak growth in KiB, its case)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="cases run in forked children")
+def test_hostile_pickles(tmp_path):
+    """Each allowed global (and the opcodes around them) attacked with hostile arguments:
+    a dry run reads the chunk and exits 0 (and then the chunk reads and writes back as an
+    export does) or 2 with one line naming the chunk; never a crash, never past 1 GiB or a
+    minute of CPU, never a refusal for running out of memory."""
+    for case, rng in cases("pickles", 40):
+        folder = tmp_path / case.replace("/", "_")
+        folder.mkdir()
+        chunk = folder / "chunk_0.pkl"
+        chunk.write_bytes(hostile_chunk(rng))
+        err = tmp_path / "err.txt"
+        pixels = ["--max-image-pixels", str(rng.choice([32, 64, 10**6]))]
+        rc, peak = run_limited([*FAST, "--annotations", folder, "--output-dir",
+                                tmp_path / "out", "--dry-run", *pixels], err, chunk)
+        message = err.read_text(encoding="utf-8")
+        where = f"{case}: exit {rc}, {message!r}"
+        assert rc in (0, 2), where
+        assert not (tmp_path / "out").exists(), where
+        if rc == 2:
+            assert message.count("\n") == 1 and message.startswith(f"hnm: error: {chunk}: ")
+            assert "MemoryError" not in message and "RecursionError" not in message, where
+            assert "Traceback" not in message and "internal error" not in message, where
+        assert peak < 512 << 10, f"{where}: peak memory grew by {peak} KiB"
+        if peak >= PEAKS.get("pickles", (-1, ""))[0]:
+            PEAKS["pickles"] = (peak, case)
+        COUNTS.setdefault("pickles", Counter())["ok" if rc == 0 else "refused"] += 1
+        if os.environ.get("HNM_FUZZ_SHOW"):
+            print(f"{case}: rc {rc} peak {peak} KiB {message[:200]!r}", file=sys.__stderr__)
+    report("pickles")
+    print(f"fuzz pickles: worst peak memory growth {PEAKS['pickles'][0]} KiB "
+          f"({PEAKS['pickles'][1]})")
+
+
+def _dtype_resized() -> bytes:
+    """An array of 2 float64 whose (shared) dtype is then told it is 1 MiB an element: read
+    outside the buffer when the array is used, before hnm built its own dtypes."""
+    dtype = _call("numpy.dtype", _str("f8"), b"\x89", b"\x88") + b"r" + _int(10**6)[1:] + \
+        _tuple(_int(3), _str("<"), b"N", b"N", b"N", _int(-1), _int(-1), _int(0)) + b"b"
+    array = _call("numpy._core.multiarray._reconstruct", _global("numpy.ndarray"),
+                  _tuple(_int(0)), _bytes(b"b"))
+    state = _tuple(_int(1), _tuple(_int(2)), dtype, b"\x89", _bytes(bytes(16)))
+    resize = b"j" + _int(10**6)[1:] + _tuple(_int(3), _str("<"), b"N", b"N", b"N",
+                                             _int(1 << 20), _int(-1), _int(0)) + b"b0"
+    return array + state + b"b" + resize
+
+
+REPORTED = {  # the examples of the report: what each now says
+    "dtype resized": (_dtype_resized(), "state given to a Float64DType"),
+    "uninitialised tensor": (_global("torch.Tensor") + _tuple(_int(1 << 20)) + b"R",
+                             "a call of torch.Tensor, which is not an hnm constructor"),
+    "uninitialised __new__": (_global("torch._tensor.Tensor") + _tuple(_int(1 << 20)) +
+                              b"\x81", "torch.Tensor.__new__, which hnm does not call"),
+    "bytearray(n)": (_call("builtins.bytearray", _int(8 << 30)),
+                     "bytearray(8589934592): a bytearray is built from bytes the file holds"),
+    "set(range(n))": (_call("builtins.set", _call("builtins.range", _int(10**9))),
+                      "a range would take its contents past"),
+    "torch.Size(range(n))": (_call("torch.Size", _call("builtins.range", _int(10**8))),
+                             "a range would take its contents past"),
+    "stride-0 image": (_view(_storage([0.5]), 0, (3, 12000, 12000), (0, 0, 0)),
+                       "a tensor of size (3, 12000, 12000) and stride (0, 0, 0) from offset 0 "
+                       "claims more than its storage of 1 elements holds"),
+    "shared references": (b"(" + _str("x" * 1000) + b"r" + _int(10**6)[1:] + b"".join(
+        _list(*[b"j" + _int(10**6 + k)[1:]] * 30) + b"r" + _int(10**6 + k + 1)[1:]
+        for k in range(6)) + b"1j" + _int(10**6 + 6)[1:],
+        "its objects, followed through every reference, hold more than"),
+    "nesting": (b"]" * 5000 + b"a" * 4999, "containers nested more than 100 levels deep"),
+    "memo index": (b"Nr\xff\xff\xff\x7f", None),  # 16 GiB of memo in the C unpickler
+}
+
+
+@pytest.mark.parametrize("name", list(REPORTED))
+def test_the_reported_pickles(tmp_path, name):
+    """Each pickle of the report, as the image of an item or another field: refused in one
+    line naming the chunk (or read), within 512 MiB of memory and without a crash."""
+    attack, why = REPORTED[name]
+    image = io.BytesIO()
+    from hnm import pickles
+
+    pickles.dump(__import__("torch").full((3, 8, 8), 0.25), image, protocol=2)
+    item = b"}(" + _str("extra") + attack + _str("current_view_image") + \
+        image.getvalue()[2:-1] + _str("answer") + _str("a") + _str("first_instruction") + \
+        _str("b") + b"u"
+    (tmp_path / "data").mkdir()
+    chunk = tmp_path / "data" / "chunk_0.pkl"
+    chunk.write_bytes(b"\x80\x02}(" + _int(0) + item + b"u.")
+    rc, peak = run_limited([*FAST, "--annotations", tmp_path / "data", "--output-dir",
+                            tmp_path / "out", "--dry-run"], tmp_path / "err.txt", chunk)
+    message = (tmp_path / "err.txt").read_text(encoding="utf-8")
+    assert peak < 512 << 10, peak
+    if why is None:
+        assert rc == 0, message
+    else:
+        assert rc == 2 and message.count("\n") == 1, message
+        assert message.startswith(f"hnm: error: {chunk}: refused to unpickle: {why}"), message
+
+
+# ---------------------------------------------------------------- a run's own files
+
+RUN_FILES = [".hnm-run.json", "done.json", "plan.json", "metrics.json", "tables/done",
+             "embeddings/done_00000", "candidates/done_00000"]
+
+
+def run_file_bytes(rng: random.Random, original: bytes) -> bytes:
+    """A run file edited, damaged or planted: its bytes mutated, one of its values given
+    another type or a nested or enormous one, its keys removed, or another value whole."""
+    roll = rng.random()
+    if roll < 0.3:
+        return mutate_bytes(rng, original)
+    data = json.loads(original)
+    if roll < 0.85 and isinstance(data, dict):
+        for _ in range(rng.randrange(1, 3)):
+            key = rng.choice([*data, "files", "version"])
+            inner = data.get(key)
+            if isinstance(inner, dict) and inner and rng.random() < 0.5:
+                name = rng.choice(list(inner))
+                inner[name] = rng.choice([value(rng), [1, "x"], [2**70, "x", 1], None, {}])
+            elif rng.random() < 0.2:
+                data.pop(key, None)
+            else:
+                data[key] = rng.choice([value(rng), {}, [], nested(rng.choice([40, 5000])),
+                                        "x" * rng.choice([10, 10**6])])
+        return dumps(data)
+    return dumps(rng.choice([value(rng), [], {}, {"files": {}}, nested(10_000)]))
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> tuple[Path, list[Any]]:
+    """A tiny finished run (pixels encoder) and the command line that made it."""
+    root = tmp_path_factory.mktemp("fuzzrun")
+    for i in range(N):
+        (root / "img").mkdir(exist_ok=True)
+        (root / f"img/{i}.png").write_bytes(png(i))
+    (root / "annotations.json").write_bytes(dumps(records(N)))
+    args = [*FAST, "--annotations", root / "annotations.json", "--image-dir", root,
+            "--blacklist", "", "--cpu-workers", "1", "--quiet", "--output-dir", root / "run"]
+    from hnm.cli import main
+
+    assert main([str(a) for a in args]) == 0
+    return root / "run", args
+
+
+def test_damaged_run_files(capsys, tmp_path, finished_run):
+    """A run file damaged in any way: `hnm export` (a finished run opened) and the mining
+    command again (a run resumed) each finish, or stop with one line naming the file or
+    the run directory; never a traceback, never the damaged file's results trusted."""
+    original, args = finished_run
+    for case, rng in cases("run-files", 14):
+        run = tmp_path / case.replace("/", "_")
+        shutil.copytree(original, run)
+        name = rng.choice(RUN_FILES)
+        (run / name).write_bytes(run_file_bytes(rng, (original / name).read_bytes()))
+        for command in (["export", run, "--to", tmp_path / "rows.parquet", "--overwrite"],
+                        [*args[:-1], run]):
+            rc, _, err = cli(capsys, *command)
+            where = f"{case} ({name}): {command[0]} exit {rc}, {err[:300]!r}"
+            assert rc in (0, 2), where
+            if rc == 2:
+                assert err.count("\n") == 1 and err.startswith("hnm: error: "), where
+                assert str(run) in err and "Traceback" not in err, where
+            elif command[0] == "export":  # only results that verify are exported
+                assert read_records_count(run) == N, where
+            COUNTS.setdefault("run-files", Counter())["ok" if rc == 0 else "refused"] += 1
+    report("run-files")
+
+
+def read_records_count(run: Path) -> int:
+    return sum(1 for _ in read_records(RunDir(run)))
+
+
+def test_an_empty_final_marker_vouches_for_nothing(capsys, tmp_path, finished_run):
+    original, _ = finished_run
+    run = tmp_path / "run"
+    shutil.copytree(original, run)
+    (run / "done.json").write_text('{"files": {}}')
+    records_file = run / "negatives.jsonl"
+    records_file.write_bytes(records_file.read_bytes()[:-40])  # cut short
+    rc, _, err = cli(capsys, "export", run, "--to", tmp_path / "rows.parquet")
+    assert (rc, err) == (2, f"hnm: error: {run}/done.json does not vouch for negatives.jsonl;"
+                            " rerun the mining command to write the results again\n")
+
+
+@pytest.mark.parametrize(("n", "refused"), [(N - 1, False), (N, True), (10**9, True)])
+def test_more_negatives_than_rows_is_refused_while_planning(capsys, tmp_path, root, n, refused):
+    """Before, 10**9 passed the dry run and failed at the end of the run allocating
+    anchors x 10**9 slots."""
+    ann = root / "annotations.json"
+    ann.write_bytes(dumps(records(N)))
+    rc, _, err = cli(capsys, *FAST, "--annotations", ann, "--image-dir", root, "--blacklist",
+                     "", "--output-dir", tmp_path / "out", "--dry-run", "--num-negatives", n)
+    assert (rc, err) == ((2, f"hnm: error: --num-negatives: at most {N - 1} (the mined rows "
+                             f"other than the anchor), got {n}\n") if refused else (0, ""))
+
+
+def test_ids_that_are_one_id_as_text_are_refused(capsys, tmp_path, root):
+    """7 and "7" were two ids while mining and one in a Parquet export (ids of both kinds
+    are written as text): refused while planning, naming both records."""
+    recs = records(N)
+    recs[1]["id"], recs[4]["id"] = 7, "7"
+    ann = root / "annotations.json"
+    ann.write_bytes(dumps(recs))
+    rc, _, err = cli(capsys, *FAST, "--annotations", ann, "--image-dir", root, "--blacklist",
+                     "", "--output-dir", tmp_path / "out", "--dry-run")
+    assert (rc, err) == (2, f"hnm: error: {ann}: ids 7 and '7', one id once written as text, "
+                            "in records 1 and 4\n")

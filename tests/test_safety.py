@@ -6,10 +6,15 @@ input or anything in a run directory; the Python API raises only HnmError."""
 from __future__ import annotations
 
 import ast
+import errno
 import inspect
 import json
+import os
 import shutil
+import subprocess
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -369,14 +374,18 @@ def test_export_refuses_a_link_and_a_foreign_folder(capsys, run, tmp_path):
     link.symlink_to(victim)
     rc, err = export(capsys, run, link, "--overwrite")
     assert rc == 2 and "is a symbolic link" in one_line(err)
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    (folder / "00000.tar").write_text("x")
-    (folder / "holiday.jpg").write_text("y")
-    rc, err = export(capsys, run, folder, "--overwrite")
-    assert rc == 2 and one_line(err) == f"hnm: error: --to {folder}: exists and is not an " \
-        "empty folder"
-    assert victim.read_text() == "precious" and (folder / "00000.tar").read_text() == "x"
+    for names in (("00000.tar", "holiday.jpg"), ("00000.tar", "00001.tar")):
+        folder = tmp_path / "-".join(names)  # a look-alike of an export is not one
+        folder.mkdir()
+        for name in names:
+            (folder / name).write_text("x")
+        before = snapshot(folder)
+        rc, err = export(capsys, run, folder, "--overwrite")
+        assert rc == 2 and one_line(err) == (
+            f"hnm: error: --to {folder}: exists and is not an empty folder or an earlier hnm "
+            "export (one carries .hnm-export.json and nothing else): choose another --to")
+        assert snapshot(folder) == before
+    assert victim.read_text() == "precious"
 
 
 def test_export_replaces_an_earlier_folder_export_with_overwrite(capsys, run, tmp_path):
@@ -516,3 +525,105 @@ def test_export_creates_the_folders_of_a_new_target_after_its_checks(capsys, run
     assert len(to.read_text().splitlines()) > 0
     rc, err = export(capsys, run, tmp_path / "other" / "rows.jsonl", "--format", "nope")
     assert rc == 2 and not (tmp_path / "other").exists()
+
+
+@contextmanager
+def second_name(folder: Path, where: Path, how: str) -> Iterator[Path]:
+    """Another name for `folder`: a symbolic link to it, or a bind mount of it (as root)."""
+    alias = where / f"alias-{how}"
+    if how == "symlink":
+        alias.symlink_to(folder, target_is_directory=True)
+        yield alias
+        return
+    alias.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "--bind", str(folder), str(alias)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("a bind mount needs root and mount(8)")
+    try:
+        yield alias
+    finally:
+        subprocess.run(["umount", str(alias)], check=True)
+
+
+@pytest.mark.parametrize("how", ["symlink", "bind"])
+def test_export_knows_an_input_by_any_name(capsys, data, run, tmp_path, how):
+    root = Path(data["annotations"]).parent
+    before = snapshot(root)
+    with second_name(root, tmp_path, how) as alias:
+        cases = {alias / "annotations.jsonl": "is", alias / "text_embeddings.npy": "is",
+                 alias / "images": "holds"}
+        if how == "bind":  # (a link itself is refused as a link)
+            cases[alias] = "holds"
+        for to, how_much in cases.items():
+            for flags in ((), ("--overwrite",)):
+                rc, err = export(capsys, run, to, *flags)
+                assert rc == 2 and one_line(err).startswith(
+                    f"hnm: error: --to {to}: {how_much} an input of the run ("), (to, err)
+        assert snapshot(root) == before
+
+
+@pytest.mark.parametrize("how", ["symlink", "bind"])
+def test_mine_never_replaces_an_input_in_its_output_dir(capsys, data, run, tmp_path, how):
+    """A finished run's negatives.jsonl (or embeddings) given as the input of a new run into
+    the same directory, under another name: --overwrite refuses before writing anything."""
+    shutil.copy(data["text_embeddings"], run / "embeddings/text_00000.npy")  # the user's
+    before = snapshot(run)
+    with second_name(run, tmp_path, how) as alias:
+        for flag, name in (("--annotations", "negatives.jsonl"),
+                           ("--text-embeddings", "embeddings/text_00000.npy")):
+            args = image_args(data, alias, "--overwrite", "--n-clusters", "4")
+            args[args.index(flag) + 1] = str(alias / name)
+            rc, _, err = cli(capsys, *args)
+            assert rc == 2 and one_line(err) == (
+                f"hnm: error: --output-dir {alias}: {name} there is an input of this run "
+                f"({alias / name}); hnm never deletes or replaces an input: choose another "
+                "directory"), err
+    assert snapshot(run) == before
+
+
+@contextmanager
+def failing_write(monkeypatch, name: str) -> Iterator[None]:
+    """Writing the file `name` fails as a full disk does (when it is flushed to disk)."""
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}").rsplit("/", 1)[-1].startswith(f".{name}."):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(fd)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "fsync", fsync)
+        yield
+
+
+@pytest.mark.parametrize("kind", ["triplets", "pairs"])
+def test_a_folder_export_that_fails_on_its_last_shard_leaves_the_target_as_it_was(
+        capsys, run, tmp_path, monkeypatch, kind):
+    monkeypatch.setattr("hnm.export.PER_SHARD", 25)
+    assert export(capsys, run, tmp_path / "count", "--format", kind)[0] == 0
+    shards = sorted(n for n in os.listdir(tmp_path / "count") if n.endswith(".tar"))
+    assert len(shards) > 1
+    to = tmp_path / "shards"
+    for flags in ((), ("--overwrite",)):  # a new target; a complete earlier export
+        before = snapshot(tmp_path)
+        with failing_write(monkeypatch, shards[-1]):
+            rc, err = export(capsys, run, to, "--format", kind, *flags)
+        assert rc == 2 and one_line(err).endswith(
+            f"/{shards[-1]}: cannot write: No space left on device"), err
+        assert snapshot(tmp_path) == before  # no shard, no staging folder left
+        assert export(capsys, run, to, "--format", kind, *flags)[0] == 0
+        assert {name: data for name, (data, _) in snapshot(to).items()} == {
+            name: data for name, (data, _) in snapshot(tmp_path / "count").items()}
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".jsonl"])
+def test_a_file_export_that_fails_leaves_the_earlier_one(capsys, run, tmp_path, monkeypatch,
+                                                         suffix):
+    to = tmp_path / f"rows{suffix}"
+    assert export(capsys, run, to)[0] == 0
+    before = snapshot(tmp_path)
+    with failing_write(monkeypatch, to.name):
+        rc, err = export(capsys, run, to, "--format", "pairs", "--overwrite")
+    assert (rc, one_line(err)) == (2, f"hnm: error: {to}: cannot write: No space left on "
+                                      "device")
+    assert snapshot(tmp_path) == before

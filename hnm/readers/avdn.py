@@ -18,11 +18,12 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from hnm import pickles
-from hnm.config import Fields, tensor_normalization
+from hnm.config import Config, Fields, tensor_normalization
 from hnm.errors import HnmError
 from hnm.readers.base import ImageRef, Part, Shard
 
 MIN_SIDE = 8  # the pixels feature pools to 8 x 8
+MAX_PIXELS = Config.max_image_pixels  # --max-image-pixels' default
 
 
 def load_items(path: Path) -> dict[Any, Any]:
@@ -35,6 +36,8 @@ def load_items(path: Path) -> dict[Any, Any]:
                                "items; hnm reads chunks written with pickle.dump")
             handle.seek(0)
             data = pickles.load(handle)
+    except pickles.Rejected as exc:
+        raise HnmError(f"{path}: refused to unpickle: {exc}") from None
     except pickles.Refused as exc:
         raise HnmError(f"{path}: refused to unpickle '{exc.qualname}': not a data-only type "
                        "on hnm's allow-list (README: Coming from add_hard_negatives.py)"
@@ -51,9 +54,10 @@ def load_items(path: Path) -> dict[Any, Any]:
     return data
 
 
-def read_chunk(shard: Shard, fields: Fields) -> Part:
+def read_chunk(shard: Shard, fields: Fields, max_pixels: int = MAX_PIXELS) -> Part:
     """Records of one chunk: the item's index as its id (its key), every plain field, and
-    the image field as the image's key (`chunk_0.pkl/17`); each image tensor checked."""
+    the image field as the image's key (`chunk_0.pkl/17`); each image tensor checked (at
+    most `max_pixels` pixels, as --max-image-pixels says of image files)."""
     items = load_items(shard.path)
     shard = Shard(shard.path, shard.name, "avdn", fields.image)
     records, refs, keys = [], [], []
@@ -64,7 +68,8 @@ def read_chunk(shard: Shard, fields: Fields) -> Part:
             raise HnmError(f"{shard.path}: item {index} is a {type(item).__name__}, not a dict")
         if fields.image not in item:
             raise HnmError(f"{shard.path}: item {index} has no image field '{fields.image}'")
-        size = check_tensor(item[fields.image], f"{shard.path}: item {index}", fields.image)
+        size = check_tensor(item[fields.image], f"{shard.path}: item {index}", fields.image,
+                            max_pixels)
         ref = ImageRef(shard, at, size, str(index))
         record = {k: v for k, v in item.items() if k != fields.image and is_plain(v)}
         record[fields.image] = ref.key
@@ -88,7 +93,7 @@ def is_plain(value: Any) -> bool:
     return False
 
 
-def check_tensor(value: Any, where: str, field: str) -> int:
+def check_tensor(value: Any, where: str, field: str, max_pixels: int = MAX_PIXELS) -> int:
     """An image tensor's size in bytes; one line naming the item when it cannot be one."""
     import torch
 
@@ -97,12 +102,15 @@ def check_tensor(value: Any, where: str, field: str) -> int:
     shape = "x".join(map(str, value.shape))
     if value.dim() != 3:
         raise HnmError(f"{where}: '{field}' has shape {shape}; an image tensor is C x H x W")
-    if not value.is_floating_point():
+    if value.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         raise HnmError(f"{where}: '{field}' holds {value.dtype}; an image tensor holds floats "
                        "(a normalised image)")
     if value.shape[0] != 3 or min(value.shape[1:]) < MIN_SIDE:
         raise HnmError(f"{where}: '{field}' has shape {shape}; expected 3 channels of at least "
                        f"{MIN_SIDE}x{MIN_SIDE} pixels")
+    if value.shape[1] * value.shape[2] > max_pixels:
+        raise HnmError(f"{where}: '{field}' has shape {shape}, more than --max-image-pixels "
+                       f"({max_pixels:,}) pixels")
     if not np.isfinite(_array(value)).all():
         raise HnmError(f"{where}: '{field}' holds NaN or infinite values")
     return value.numel() * value.element_size()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from hnm.config import Config, Fields
@@ -24,7 +25,9 @@ def read_input(config: Config) -> Source:
     """Every record of --annotations (a file, a folder or a glob), shards sorted by name."""
     label = str(Path(str(config.annotations)))
     fmt, shards = find_shards(config)
-    parts = [READERS[fmt](shard, config.fields) for shard in shards]
+    read = partial(read_chunk, max_pixels=config.max_image_pixels) if fmt == "avdn" \
+        else READERS[fmt]
+    parts = [read(shard, config.fields) for shard in shards]
     ends, total = [], 0
     for part in parts:
         total += len(part.records)

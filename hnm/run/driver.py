@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol, TypeVar
 
-from hnm import placement
+from hnm import placement, schema
 from hnm.callbacks import Progress
 from hnm.config import Config
 from hnm.data import Corpus
@@ -87,7 +87,7 @@ def drive(config: Config, ex: Executor) -> dict[str, Any]:
         if ex.on_leader(lambda progress: _plan(config, lease, ex.offered, progress)) \
                 == "complete":
             ex.say(f"Nothing to do: {run.root} already holds this run's results.")
-            metrics = read_json(run.metrics)
+            metrics = read_json(run.metrics, shape=schema.METRICS)
             ex.finish(metrics)
             return metrics
         plan = read_plan(run)
