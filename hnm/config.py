@@ -64,8 +64,8 @@ class Config:
     num_workers: int | None = None  # data-loading processes per GPU; None: sized from the cores
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (hnm.precision)
     # how image tensors (the AVDN processed dataset) were normalised: mapped back to images
-    # with it for the model encoders (imagenet | none | MEAN,STD)
-    tensor_normalization: str = "imagenet"
+    # with it for the model encoders (avdn | imagenet | none | MEAN,STD)
+    tensor_normalization: str = "avdn"
     # mining (SPEC §3-7)
     k_nn: int = 30
     cosine_threshold: float = 0.3
@@ -115,7 +115,11 @@ class Config:
 
 # The field mapping of the AVDN processed dataset, under any the config gives
 AVDN_FIELDS = {"image": "current_view_image", "text": "answer", "group": "first_instruction"}
-TENSOR_NORMALIZATIONS = {"imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+# Per-channel (mean, std) of each named --tensor-normalization, in 0-1 units. avdn: AVDN's
+# preprocessing (AnsweringAgentNormalizer: (pixels 0-255 - RGB_MEAN) / RGB_STD)
+AVDN_RGB = ((60.134, 49.697, 40.746), (29.99, 24.498, 22.046))
+TENSOR_NORMALIZATIONS = {"avdn": tuple(tuple(v / 255 for v in part) for part in AVDN_RGB),
+                         "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
                          "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))}
 
 
@@ -159,8 +163,8 @@ def _value(c: Config, option: Option) -> Any:
 
 
 def tensor_normalization(text: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel (mean, std) of --tensor-normalization: imagenet, none, `MEAN,STD` (every
-    channel) or `M1,M2,M3,S1,S2,S3`."""
+    """Per-channel (mean, std) of --tensor-normalization: avdn, imagenet, none, `MEAN,STD`
+    (every channel) or `M1,M2,M3,S1,S2,S3`."""
     if text in TENSOR_NORMALIZATIONS:
         return TENSOR_NORMALIZATIONS[text]
     try:
@@ -168,8 +172,8 @@ def tensor_normalization(text: str) -> tuple[tuple[float, ...], tuple[float, ...
     except ValueError:
         values = []
     _check(len(values) in (2, 6) and all(v == v for v in values) and all(values[len(values) // 2:]),
-           "tensor_normalization", "must be imagenet, none, MEAN,STD or M1,M2,M3,S1,S2,S3 with "
-           f"non-zero STDs, got {text!r}")
+           "tensor_normalization", "must be avdn, imagenet, none, MEAN,STD or "
+           f"M1,M2,M3,S1,S2,S3 with non-zero STDs, got {text!r}")
     if len(values) == 2:
         return (values[0],) * 3, (values[1],) * 3
     return tuple(values[:3]), tuple(values[3:])

@@ -23,7 +23,7 @@ from hnm.callbacks import Progress, no_progress
 from hnm.config import Config, Fields
 from hnm.decoding import DECODING
 from hnm.errors import HnmError
-from hnm.readers import ImageRef, Source, payload, read_input
+from hnm.readers import ImageRef, Source, check_normalization, payload, read_input
 
 _SPACES = re.compile(r"\s+")
 MAX_DEPTH = 100  # levels of lists and objects a record field may hold
@@ -58,6 +58,9 @@ class Corpus:
     input_format: str = "json"
     shard_ends: tuple[int, ...] = ()  # input shards [:i + 1] hold records [0, shard_ends[i])
     image_files: str = ""  # hash of every image file's path, size and mtime (file_stats)
+    # the id of every record, by position: its id field, else its key or position (the
+    # outputs then write it into the record's row)
+    record_ids: tuple[Any, ...] = ()
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -276,6 +279,7 @@ def load_corpus(config: Config, skip: list[int] | None = None,
     records = src.records
     if not records:
         raise HnmError(f"{src.label}: no records")
+    check_normalization(src.sample, config.tensor_normalization)
     f = config.fields
     ids = _record_ids(src, f.id)  # every record an object
     check_mapping(src, f)
@@ -336,6 +340,7 @@ def _index_rows(config: Config, src: Source, ids: list, texts: list, images: lis
         groups=groups, num_anchors=anchors,
         skipped={"missing_image": sorted(skipped)} if skipped else {},
         source_sha256=src.digest, input_format=src.fmt, shard_ends=src.ends,
+        record_ids=tuple(ids),
     )
 
 
@@ -385,6 +390,8 @@ def _size(image: Path | ImageRef) -> int | None:
 
 
 def _sha256(image: Path | ImageRef) -> str | None:
+    if isinstance(image, ImageRef) and image.digest is not None:
+        return image.digest  # hashed when the reader had its bytes in hand
     try:
         data = payload(image)
         if isinstance(data, Path):

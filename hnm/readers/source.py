@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+
 from hnm.config import Config, Fields
 from hnm.readers.avdn import read_chunk
 from hnm.readers.base import Part, Shard, Source
@@ -38,5 +40,7 @@ def read_input(config: Config) -> Source:
         if has_keys else None
     found = None if any(part.found is None for part in parts) \
         else frozenset().union(*(part.found for part in parts))
+    samples = [part.sample for part in parts if part.sample is not None]
     return Source(label, fmt, tuple(shards), tuple(ends), records, refs, keys,
-                  any(part.surrogates for part in parts), digest(fmt, shards), found)
+                  any(part.surrogates for part in parts), digest(fmt, shards), found,
+                  np.concatenate(samples) if samples else None)
