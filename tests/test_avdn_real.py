@@ -359,3 +359,77 @@ def test_bad_missing_negative_choice(capsys, mined, tmp_path):
                      "--missing-negative", "skip")
     assert (rc, err) == (2, "hnm: error: --tokenizer, --max-answer-length and "
                             "--missing-negative: only with --format avdn\n")
+
+
+# ---------------------------------------------------------------- one read, memory
+
+
+def test_duplicates_are_counted_from_the_read_that_checked_them(tmp_path, monkeypatch):
+    """The duplicate-image count of a chunked input reads no chunk again: each tensor was
+    hashed (its values in C order, whatever its strides) when its chunk was checked; the
+    count equals one made by hashing every tensor's bytes."""
+    import hashlib
+
+    from hnm.data import duplicate_images, load_corpus
+    from hnm.readers import avdn as reader
+
+    base = [avdn_data.image(i, 12) for i in range(4)]
+    strided = base[1].permute(1, 2, 0).contiguous().permute(2, 0, 1)  # H x W x C strides
+    tensors = [base[0], base[1], strided, base[2], base[0].clone(), base[3]]
+    data = _write(tmp_path / "d", tensors)
+    ds = load_corpus(make(None, {"annotations": str(data)}))
+
+    def no_read(path):
+        raise AssertionError(f"{path} read again")
+
+    monkeypatch.setattr(reader, "load_items", no_read)
+    counted = duplicate_images(ds.images)
+    digests = [hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest() for t in tensors]
+    assert counted == {"rows": 6, "unreadable": 0, "duplicate_rows": 6 - len(set(digests)),
+                       "groups": 2}
+
+
+def test_dry_run_counts_the_chunk_each_loader_holds(capsys, tmp_path):
+    """Each process reading images holds one whole chunk: the dry run says so, and the
+    embed phase's memory counts the largest chunk once per such process (the worker itself
+    without loaders); the other phases are unchanged."""
+    from hnm.sizing import Sizes, choose_index, estimate
+
+    data = _write(tmp_path / "d", [avdn_data.image(i, 40) for i in range(6)])
+    largest = max(p.stat().st_size for p in data.glob("*.pkl"))
+    rc, out, err = cli(capsys, *FAST[:2], "--annotations", data, "--output-dir",
+                       tmp_path / "o", "--dry-run", "--num-workers", "2", "--cpu-workers", "1")
+    assert rc == 0, err
+    assert (f"Image tensors: chunks of up to {largest / 2**20:.1f} MiB, each process reading "
+            "images (2 per worker) holding one whole (counted in embed below)") in out
+    config = make(None, {"annotations": str(data)})
+    sizes = Sizes(rows=6, phrases=6, anchors=6, dv=192, dt=384, annotation_bytes=0,
+                  workers=1, device="cpu")
+    choice = choose_index(config, 6, ["cpu"])
+    plain = estimate(config, sizes, choice)
+    for loaders, held in ((0, 1), (3, 3)):
+        chunked = estimate(config, Sizes(**{**sizes.__dict__, "chunk_bytes": float(largest),
+                                            "loaders": loaders}), choice)
+        assert chunked[0].per_worker - plain[0].per_worker == held * largest
+        assert [p.per_worker for p in chunked[1:]] == [p.per_worker for p in plain[1:]]
+
+
+def test_pixels_of_tensors_with_image_strides_are_the_original_pooling(tmp_path, one_thread):
+    """Tensors as the preprocessing stores them (torch.tensor of a transposed H x W x C
+    array keeps its strides): the pixels features are the original's, the 8 x 8 pool of
+    its stacked batch, L2-normalised, snapped to hnm's grid."""
+    import torch.nn.functional as F
+
+    from hnm.grid import finalize
+
+    rng = np.random.default_rng(2)
+    mean, std = (np.array(v, np.float32).reshape(3, 1, 1) for v in avdn_data.AVDN_RGB)
+    tensors = [torch.tensor((rng.integers(0, 256, (30, 26, 3)).astype(np.float32)
+                             .transpose(2, 0, 1) - mean) / std) for _ in range(5)]
+    assert not any(t.is_contiguous() for t in tensors)
+    refs = read_input(make(None, {"annotations": str(_write(tmp_path / "d", tensors))})).refs
+    embedded, _ = embed_images(build_image_encoder("pixels", "cpu"), refs, 2, 0, 10**8)
+    pooled = F.adaptive_avg_pool2d(torch.stack(tensors), (8, 8)).flatten(1)
+    np.testing.assert_allclose(embedded, F.normalize(pooled, dim=1).numpy(), rtol=0,
+                               atol=1e-6)
+    assert np.array_equal(embedded, finalize(pooled.double().numpy()))
