@@ -64,8 +64,9 @@ class Config:
     num_workers: int | None = None  # data-loading processes per GPU; None: sized from the cores
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (hnm.precision)
     # how image tensors (the AVDN processed dataset) were normalised: mapped back to images
-    # with it for the model encoders (avdn | imagenet | none | MEAN,STD)
-    tensor_normalization: str = "avdn"
+    # with it for the model encoders (avdn | imagenet | none | MEAN,STD); an AVDN input
+    # gets avdn where the config does not say (load_config)
+    tensor_normalization: str = "imagenet"
     # mining (SPEC §3-7)
     k_nn: int = 30
     cosine_threshold: float = 0.3
@@ -291,6 +292,11 @@ def load_config(path: str | Path | None, overrides: dict[str, Any], *,
         values["fields"] = {**base, **fields_override}
     if _reads_avdn(values, detect_format):
         values["fields"] = {**AVDN_FIELDS, **(values.get("fields") or {})}
+        # AVDN's own normalisation, named in the config (and so in the run's identity:
+        # a run made when the default was imagenet is not taken for one made with avdn)
+        given = {RENAMED.get(k.replace("-", "_"), k.replace("-", "_")) for k in values}
+        if "tensor_normalization" not in given:
+            values["tensor_normalization"] = "avdn"
     try:
         return make_config(values)
     except HnmError as exc:

@@ -97,7 +97,7 @@ def _tensor_image(preprocess: Any, normalization: str, tensor: Any) -> Any:
 
 def embed_images(encoder: ImageEncoder, paths: list[Path], batch_size: int, num_workers: int,
                  max_pixels: int, progress: Progress = no_progress,
-                 normalization: str = "avdn") -> tuple[np.ndarray, float]:
+                 normalization: str = "imagenet") -> tuple[np.ndarray, float]:
     """Grid-snapped embeddings of the image files (or image tensors), batch by batch in
     order, and the seconds the model waited for decoded batches."""
     import torch

@@ -239,7 +239,7 @@ class ImageBytes:
     into a temporary file beside the export (removed afterwards)."""
 
     def __init__(self, ds: Corpus, area: Area, where: Path,
-                 normalization: str = "avdn") -> None:
+                 normalization: str = "imagenet") -> None:
         self.images = ds.images
         self.area, self.where = area, where
         self.normalization = normalization  # image tensors are spooled as PNG images

@@ -145,9 +145,10 @@ OPTIONS: tuple[Option, ...] = (
                "input format (see *Inputs*)"),
         Option("input_format", str, None, "read --annotations as this format", EMBEDDINGS,
                one_of(INPUT_FORMATS), default_text="from the names", metavar="F"),
-        Option("tensor_normalization", str, "avdn", "image tensors (avdn): avdn, imagenet, "
-               "none, MEAN,STD or M1,M2,M3,S1,S2,S3; maps them back to images for the model "
-               "encoders", EMBEDDINGS, metavar="N", omitted_at_default=True,
+        Option("tensor_normalization", str, "imagenet", "image tensors (avdn): avdn, "
+               "imagenet, none, MEAN,STD or M1,M2,M3,S1,S2,S3; maps them back to images for "
+               "the model encoders", EMBEDDINGS, metavar="N", omitted_at_default=True,
+               default_text="avdn",
                doc="how image tensors (`avdn` input) were normalised: `avdn` (AVDN's "
                "preprocessing), `imagenet`, `none`, `MEAN,STD` or `M1,M2,M3,S1,S2,S3` (0-1 "
                "units); the model encoders see the images mapped back with it, and a "

@@ -52,7 +52,7 @@ class Thumbs:
             if key in keys and key not in self.cache:
                 self.cache[key] = self._data_uri(ds.images[row], config.tensor_normalization)
 
-    def _data_uri(self, source: Path | ImageRef, normalization: str = "avdn") -> str | None:
+    def _data_uri(self, source: Path | ImageRef, normalization: str = "imagenet") -> str | None:
         from PIL import Image
 
         try:
