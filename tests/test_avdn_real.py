@@ -433,3 +433,24 @@ def test_pixels_of_tensors_with_image_strides_are_the_original_pooling(tmp_path,
     np.testing.assert_allclose(embedded, F.normalize(pooled, dim=1).numpy(), rtol=0,
                                atol=1e-6)
     assert np.array_equal(embedded, finalize(pooled.double().numpy()))
+
+
+def test_report_thumbnails_of_tensors_are_those_of_their_images(tmp_path):
+    """The gallery's thumbnail of a tensor, made from the values read, is the thumbnail of
+    the image file the tensor maps back to."""
+    import base64
+
+    from hnm.readers import tensor_png
+    from hnm.report_gallery import THUMB, Thumbs
+
+    data = _write(tmp_path / "d", [avdn_data.image(i, 200) for i in range(3)])
+    refs = read_input(make(None, {"annotations": str(data)})).refs
+    thumbs = Thumbs(tmp_path, 10**8)
+    for ref in refs:
+        with Image.open(tensor_png(ref, "avdn")) as img:
+            img = img.convert("RGB")
+            img.thumbnail((THUMB, THUMB))
+            buffer = io.BytesIO()
+            img.save(buffer, "JPEG", quality=72)
+        expected = "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+        assert thumbs._data_uri(ref, "avdn") == expected
