@@ -267,15 +267,16 @@ def _check_images(label: str, images: list[Path | ImageRef], policy: str, max_pi
 
 
 def load_corpus(config: Config, skip: list[int] | None = None,
-                 progress: Progress = no_progress) -> Corpus:
+                 progress: Progress = no_progress, planned: bool = False) -> Corpus:
     """Read, validate and index the input named by the config (hnm.readers: any format).
 
     `skip`: record positions already known to be left out (workers pass the plan's),
-    which also spares re-checking every image.
+    which also spares re-checking every image. `planned`: a worker of a planned run reads
+    the input (image tensors are not hashed or sampled again).
     """
     if not config.annotations:
         raise HnmError("--annotations: no annotation file given")
-    src = read_input(config)
+    src = read_input(config, planned)
     records = src.records
     if not records:
         raise HnmError(f"{src.label}: no records")

@@ -62,9 +62,10 @@ def load_items(path: Path) -> dict[Any, Any]:
     return data
 
 
-def read_chunk(shard: Shard, fields: Fields) -> Part:
+def read_chunk(shard: Shard, fields: Fields, planned: bool = False) -> Part:
     """Records of one chunk: the item's index as its id (its key), every plain field, and
-    the image field as the image's key (`chunk_0.pkl/17`); each image tensor checked."""
+    the image field as the image's key (`chunk_0.pkl/17`); each image tensor checked,
+    hashed and sampled (`planned`, a worker of a planned run: checked only)."""
     items = load_items(shard.path)
     shard = Shard(shard.path, shard.name, "avdn", fields.image)
     records, refs, keys, tensors = [], [], [], []
@@ -76,13 +77,16 @@ def read_chunk(shard: Shard, fields: Fields) -> Part:
         if fields.image not in item:
             raise HnmError(f"{shard.path}: item {index} has no image field '{fields.image}'")
         size = check_tensor(item[fields.image], f"{shard.path}: item {index}", fields.image)
-        ref = ImageRef(shard, at, size, str(index), tensor_digest(item[fields.image]))
+        digest = None if planned else tensor_digest(item[fields.image])
+        ref = ImageRef(shard, at, size, str(index), digest)
         record = {k: v for k, v in item.items() if k != fields.image and is_plain(v)}
         record[fields.image] = ref.key
         records.append(record)
         refs.append(ref)
         keys.append(index)
         tensors.append(item[fields.image])
+    if planned:
+        return Part(records, refs, keys)
     return Part(records, refs, keys, sample=sample(tensors, zlib.crc32(shard.name.encode())))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +23,14 @@ READERS: dict[str, Callable[[Shard, Fields], Part]] = {
     "parquet": read_parquet, "webdataset": read_tar, "hf": read_hf, "avdn": read_chunk}
 
 
-def read_input(config: Config) -> Source:
-    """Every record of --annotations (a file, a folder or a glob), shards sorted by name."""
+def read_input(config: Config, planned: bool = False) -> Source:
+    """Every record of --annotations (a file, a folder or a glob), shards sorted by name.
+    `planned`: read by a worker of a planned run (AVDN chunks: no tensor hashed or
+    sampled again)."""
     label = str(Path(str(config.annotations)))
     fmt, shards = find_shards(config)
-    parts = [READERS[fmt](shard, config.fields) for shard in shards]
+    read = partial(read_chunk, planned=True) if planned and fmt == "avdn" else READERS[fmt]
+    parts = [read(shard, config.fields) for shard in shards]
     ends, total = [], 0
     for part in parts:
         total += len(part.records)
