@@ -5,8 +5,11 @@ pixels encoder and the default one, and whether both inputs gave the same negati
     python bench/bench_avdn.py --n 10000 --encoders pixels,default
 
 The data are the demo's aerial views (hnm.demo) at --size pixels: PNG files for the JSON
-input, and the same pixels as ImageNet-normalised float32 tensors, 1,000 items a chunk,
-with tokenizer-output fields and a language-model negative like the original's items.
+input, and the same pixels as float32 tensors normalised as AVDN's preprocessing does
+((pixels 0-255 - mean) / std, AVDN's values), 1,000 items a chunk, with tokenizer-output
+fields and a language-model negative like the original's items. The chunk runs name the
+normalisation as numbers (what `--tensor-normalization avdn` stands for), so that the
+script measures any version of hnm the same way; `--label` names the results file.
 """
 
 from __future__ import annotations
@@ -32,8 +35,11 @@ sys.path.insert(0, str(ROOT))
 from hnm.demo import generate  # noqa: E402
 
 PER_CHUNK = 1000
-MEAN = np.array([0.485, 0.456, 0.406], np.float32).reshape(3, 1, 1)
-STD = np.array([0.229, 0.224, 0.225], np.float32).reshape(3, 1, 1)
+# AVDN's normalisation (data/Normalizer.py), in 0-255 units
+AVDN_MEAN, AVDN_STD = (60.134, 49.697, 40.746), (29.99, 24.498, 22.046)
+MEAN = np.array(AVDN_MEAN, np.float32).reshape(3, 1, 1)
+STD = np.array(AVDN_STD, np.float32).reshape(3, 1, 1)
+NORMALIZATION = ",".join(repr(v / 255) for v in AVDN_MEAN + AVDN_STD)
 ENCODERS = {"pixels": ["--visual-encoder", "pixels"], "default": []}
 JSON_FIELDS = ["--text-field", "answer", "--group-field", "first_instruction"]
 
@@ -55,10 +61,11 @@ def write_data(root: Path, n: int, size: int) -> tuple[Path, Path]:
         data = pngs[record["image"]]
         (root / "json" / record["image"]).write_bytes(data)
         pixels = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), np.float32)
-        tensor = (pixels.transpose(2, 0, 1) / 255 - MEAN) / STD
+        tensor = (pixels.transpose(2, 0, 1) - MEAN) / STD
         tokens = BatchEncoding({"input_ids": torch.zeros(1, 64, dtype=torch.long),
                                 "attention_mask": torch.ones(1, 64, dtype=torch.long)})
-        items[index] = {"current_view_image": torch.from_numpy(tensor),
+        # torch.tensor copies into C order, as the preprocessing's torch.tensor(view) does
+        items[index] = {"current_view_image": torch.tensor(tensor),
                         "answer": record["answer"], "first_instruction":
                         record["first_instruction"], "map_name": record["map_name"],
                         "question": "where next?", "tokenized_answer": tokens,
@@ -73,14 +80,14 @@ def write_data(root: Path, n: int, size: int) -> tuple[Path, Path]:
     return json_file, chunks
 
 
-def mine(root: Path, fmt: str, source: Path, encoder: str) -> dict[str, Any]:
-    """One fresh run, timed; its phase times from metrics.json."""
-    out = root / "runs" / f"{fmt}-{encoder}"
+def mine(runs: Path, fmt: str, source: Path, encoder: str) -> dict[str, Any]:
+    """One fresh run in `runs`, timed; its phase times from metrics.json."""
+    out = runs / f"{fmt}-{encoder}"
     shutil.rmtree(out, ignore_errors=True)
     args = ["--annotations", source, "--output-dir", out, "--config",
             ROOT / "configs" / "train.yaml", "--quiet", *ENCODERS[encoder]]
     args += ["--image-dir", source.parent, *JSON_FIELDS] if fmt == "json" \
-        else ["--input-format", "avdn"]
+        else ["--input-format", "avdn", "--tensor-normalization", NORMALIZATION]
     t0 = time.perf_counter()
     done = subprocess.run([sys.executable, str(ROOT / "launch.py"), *map(str, args)],
                           capture_output=True, text=True)
@@ -107,6 +114,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224, help="image side in pixels")
     parser.add_argument("--root", type=Path, default=Path("/tmp/hnm-bench-avdn"))
     parser.add_argument("--encoders", default="pixels,default")
+    parser.add_argument("--label", default="results", help="results file: LABEL.json")
     args = parser.parse_args()
     root = args.root / f"n{args.n}-s{args.size}"
     t0 = time.perf_counter()
@@ -118,7 +126,7 @@ def main() -> None:
     results = []
     for encoder in args.encoders.split(","):
         for fmt, source in (("json", json_file), ("avdn", chunks)):
-            results.append(mine(root, fmt, source, encoder))
+            results.append(mine(root / "runs" / args.label, fmt, source, encoder))
             r = results[-1]
             print(f"{encoder:8s} {fmt:5s} wall {r['wall_s']:7.1f}s  phases {r['phases_s']}",
                   flush=True)
@@ -129,8 +137,8 @@ def main() -> None:
     report = {"n": args.n, "size": args.size, "machine": platform.processor() or
               platform.machine(), "cores": len(__import__("os").sched_getaffinity(0)),
               **sizes, "runs": results}
-    (root / "results.json").write_text(json.dumps(report, indent=1))
-    print(f"wrote {root / 'results.json'}")
+    (root / f"{args.label}.json").write_text(json.dumps(report, indent=1))
+    print(f"wrote {root / args.label}.json")
 
 
 if __name__ == "__main__":

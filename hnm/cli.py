@@ -96,6 +96,10 @@ def _tool_flags(sub: Any) -> None:
                         "add tokenized_negative_2")
     export.add_argument("--max-answer-length", type=int, help="avdn, with --tokenizer: the "
                         "tokenizer's max_length (the training code's answer length limit)")
+    export.add_argument("--missing-negative", choices=("skip", "lm-negative"),
+                        help="avdn: an item that got no mined negative is left without the "
+                        "_2 fields (skip, the default) or given its own language-model "
+                        "negative in them (lm-negative, its metadata saying so)")
     export.add_argument("--overwrite", action="store_true",
                         help="replace an existing file, or an earlier export in the folder")
 
@@ -146,7 +150,7 @@ def _export(ns: argparse.Namespace) -> None:
 
     with _locked(ns.output_dir):
         path = export(ns.output_dir, ns.format, ns.to, ns.overwrite, ns.tokenizer,
-                      ns.max_answer_length)
+                      ns.max_answer_length, ns.missing_negative, print)
         print(f"wrote {path}")
 
 

@@ -64,7 +64,8 @@ class Config:
     num_workers: int | None = None  # data-loading processes per GPU; None: sized from the cores
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (hnm.precision)
     # how image tensors (the AVDN processed dataset) were normalised: mapped back to images
-    # with it for the model encoders (imagenet | none | MEAN,STD)
+    # with it for the model encoders (avdn | imagenet | none | MEAN,STD); an AVDN input
+    # gets avdn where the config does not say (load_config)
     tensor_normalization: str = "imagenet"
     # mining (SPEC §3-7)
     k_nn: int = 30
@@ -115,7 +116,11 @@ class Config:
 
 # The field mapping of the AVDN processed dataset, under any the config gives
 AVDN_FIELDS = {"image": "current_view_image", "text": "answer", "group": "first_instruction"}
-TENSOR_NORMALIZATIONS = {"imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+# Per-channel (mean, std) of each named --tensor-normalization, in 0-1 units. avdn: AVDN's
+# preprocessing (AnsweringAgentNormalizer: (pixels 0-255 - RGB_MEAN) / RGB_STD)
+AVDN_RGB = ((60.134, 49.697, 40.746), (29.99, 24.498, 22.046))
+TENSOR_NORMALIZATIONS = {"avdn": tuple(tuple(v / 255 for v in part) for part in AVDN_RGB),
+                         "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
                          "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))}
 
 
@@ -159,8 +164,8 @@ def _value(c: Config, option: Option) -> Any:
 
 
 def tensor_normalization(text: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel (mean, std) of --tensor-normalization: imagenet, none, `MEAN,STD` (every
-    channel) or `M1,M2,M3,S1,S2,S3`."""
+    """Per-channel (mean, std) of --tensor-normalization: avdn, imagenet, none, `MEAN,STD`
+    (every channel) or `M1,M2,M3,S1,S2,S3`."""
     if text in TENSOR_NORMALIZATIONS:
         return TENSOR_NORMALIZATIONS[text]
     try:
@@ -168,8 +173,8 @@ def tensor_normalization(text: str) -> tuple[tuple[float, ...], tuple[float, ...
     except ValueError:
         values = []
     _check(len(values) in (2, 6) and all(v == v for v in values) and all(values[len(values) // 2:]),
-           "tensor_normalization", "must be imagenet, none, MEAN,STD or M1,M2,M3,S1,S2,S3 with "
-           f"non-zero STDs, got {text!r}")
+           "tensor_normalization", "must be avdn, imagenet, none, MEAN,STD or "
+           f"M1,M2,M3,S1,S2,S3 with non-zero STDs, got {text!r}")
     if len(values) == 2:
         return (values[0],) * 3, (values[1],) * 3
     return tuple(values[:3]), tuple(values[3:])
@@ -287,6 +292,11 @@ def load_config(path: str | Path | None, overrides: dict[str, Any], *,
         values["fields"] = {**base, **fields_override}
     if _reads_avdn(values, detect_format):
         values["fields"] = {**AVDN_FIELDS, **(values.get("fields") or {})}
+        # AVDN's own normalisation, named in the config (and so in the run's identity:
+        # a run made when the default was imagenet is not taken for one made with avdn)
+        given = {RENAMED.get(k.replace("-", "_"), k.replace("-", "_")) for k in values}
+        if "tensor_normalization" not in given:
+            values["tensor_normalization"] = "avdn"
     try:
         return make_config(values)
     except HnmError as exc:

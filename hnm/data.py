@@ -23,7 +23,7 @@ from hnm.callbacks import Progress, no_progress
 from hnm.config import Config, Fields
 from hnm.decoding import DECODING
 from hnm.errors import HnmError
-from hnm.readers import ImageRef, Source, payload, read_input
+from hnm.readers import ImageRef, Source, check_normalization, payload, read_input
 
 _SPACES = re.compile(r"\s+")
 MAX_DEPTH = 100  # levels of lists and objects a record field may hold
@@ -58,6 +58,9 @@ class Corpus:
     input_format: str = "json"
     shard_ends: tuple[int, ...] = ()  # input shards [:i + 1] hold records [0, shard_ends[i])
     image_files: str = ""  # hash of every image file's path, size and mtime (file_stats)
+    # the id of every record, by position: its id field, else its key or position (the
+    # outputs then write it into the record's row)
+    record_ids: tuple[Any, ...] = ()
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -268,18 +271,20 @@ def _check_images(label: str, images: list[Path | ImageRef], policy: str, max_pi
 
 
 def load_corpus(config: Config, skip: list[int] | None = None,
-                 progress: Progress = no_progress) -> Corpus:
+                 progress: Progress = no_progress, planned: bool = False) -> Corpus:
     """Read, validate and index the input named by the config (hnm.readers: any format).
 
     `skip`: record positions already known to be left out (workers pass the plan's),
-    which also spares re-checking every image.
+    which also spares re-checking every image. `planned`: a worker of a planned run reads
+    the input (image tensors are not hashed or sampled again).
     """
     if not config.annotations:
         raise HnmError("--annotations: no annotation file given")
-    src = read_input(config)
+    src = read_input(config, planned)
     records = src.records
     if not records:
         raise HnmError(f"{src.label}: no records")
+    check_normalization(src.sample, config.tensor_normalization)
     f = config.fields
     ids = _record_ids(src, f.id)  # every record an object
     check_mapping(src, f)
@@ -340,6 +345,7 @@ def _index_rows(config: Config, src: Source, ids: list, texts: list, images: lis
         groups=groups, num_anchors=anchors,
         skipped={"missing_image": sorted(skipped)} if skipped else {},
         source_sha256=src.digest, input_format=src.fmt, shard_ends=src.ends,
+        record_ids=tuple(ids),
     )
 
 
@@ -389,6 +395,8 @@ def _size(image: Path | ImageRef) -> int | None:
 
 
 def _sha256(image: Path | ImageRef) -> str | None:
+    if isinstance(image, ImageRef) and image.digest is not None:
+        return image.digest  # hashed when the reader had its bytes in hand
     try:
         data = payload(image)
         if isinstance(data, Path):

@@ -14,7 +14,7 @@ import io
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,19 +42,24 @@ SHARD_NAME = re.compile(r"\d{5,}\.tar")  # what a folder export holds
 
 
 def export(output_dir: str | Path, kind: str, to: str | Path, overwrite: bool = False,
-           tokenizer: str | None = None, max_answer_length: int | None = None) -> Path:
+           tokenizer: str | None = None, max_answer_length: int | None = None,
+           missing_negative: str | None = None,
+           say: Callable[[str], None] | None = None) -> Path:
     """Write the run's rows of `kind` to `to` (.parquet, .jsonl, or a folder); returns it.
     Everything is checked before anything is written: the run (its results' checksums,
     its annotations and images unchanged since it ran) and the target (not an input of the
     run, not inside any hnm run directory, not a link, and replaced only with
     `overwrite`). `avdn`: the run's input, an AVDN processed dataset, copied into the
-    folder `to` with the negatives added (hnm.avdn)."""
+    folder `to` with the negatives added (hnm.avdn; `missing_negative`: what an item
+    without one gets, `say`: the summary's lines)."""
     from hnm.lifecycle import load_run
 
     if kind == "avdn":
-        return _export_avdn(output_dir, Path(to), overwrite, tokenizer, max_answer_length)
-    if tokenizer is not None or max_answer_length is not None:
-        raise HnmError("--tokenizer and --max-answer-length: only with --format avdn")
+        return _export_avdn(output_dir, Path(to), overwrite, tokenizer, max_answer_length,
+                            missing_negative or "skip", say or (lambda line: None))
+    if tokenizer is not None or max_answer_length is not None or missing_negative is not None:
+        raise HnmError("--tokenizer, --max-answer-length and --missing-negative: only with "
+                       "--format avdn")
     if kind not in KINDS:
         raise HnmError(f"--format: must be one of {', '.join(KINDS)}, got {kind!r}")
     run = load_run(output_dir)
@@ -83,7 +88,8 @@ def export(output_dir: str | Path, kind: str, to: str | Path, overwrite: bool = 
 
 
 def _export_avdn(output_dir: str | Path, to: Path, overwrite: bool, tokenizer: str | None,
-                 max_answer_length: int | None) -> Path:
+                 max_answer_length: int | None, missing: str, say: Callable[[str], None]
+                 ) -> Path:
     """The run's AVDN chunks again, in the folder `to`, under their own names (checked as
     every export target is; an earlier avdn export there is replaced with `overwrite`)."""
     from hnm import avdn
@@ -98,10 +104,15 @@ def _export_avdn(output_dir: str | Path, to: Path, overwrite: bool, tokenizer: s
     check_unchanged(run.config, plan, ds, run.dir)
     shards = find_shards(run.config)[1]
     names = {s.name for s in shards}
+    if missing not in avdn.MISSING:
+        raise HnmError(f"--missing-negative: must be one of {', '.join(avdn.MISSING)}, got "
+                       f"{missing!r}")
     check_target(to, "dir", overwrite, Inputs(run.config, ds.images))
     encode = avdn.tokenizer(tokenizer, max_answer_length)
     with staged(to, names.__contains__, "avdn") as stage:  # moved in when complete
-        avdn.export(run, ds, shards, stage, encode)
+        _, lines = avdn.export(run, ds, shards, stage, encode, missing)
+    for line in lines:
+        say(line)
     return to
 
 

@@ -145,11 +145,15 @@ OPTIONS: tuple[Option, ...] = (
                "input format (see *Inputs*)"),
         Option("input_format", str, None, "read --annotations as this format", EMBEDDINGS,
                one_of(INPUT_FORMATS), default_text="from the names", metavar="F"),
-        Option("tensor_normalization", str, "imagenet", "image tensors (avdn): imagenet, none, "
-               "MEAN,STD or M1,M2,M3,S1,S2,S3; maps them back to images for the model encoders",
-               EMBEDDINGS, metavar="N", omitted_at_default=True,
-               doc="how image tensors (`avdn`) were normalised: `imagenet`, `none`, `MEAN,STD` "
-               "or `M1,M2,M3,S1,S2,S3`; the model encoders see the images mapped back with it"),
+        Option("tensor_normalization", str, "imagenet", "image tensors (avdn): avdn, "
+               "imagenet, none, MEAN,STD or M1,M2,M3,S1,S2,S3; maps them back to images for "
+               "the model encoders", EMBEDDINGS, metavar="N", omitted_at_default=True,
+               default_text="avdn",
+               doc="how image tensors (`avdn` input) were normalised: `avdn` (AVDN's "
+               "preprocessing), `imagenet`, `none`, `MEAN,STD` or `M1,M2,M3,S1,S2,S3` (0-1 "
+               "units); the model encoders see the images mapped back with it, and a "
+               "normalisation that maps them outside the image range is refused (see *Coming "
+               "from add_hard_negatives.py*)"),
         Option("hf_split", str, None, "split of a Hugging Face DatasetDict", EMBEDDINGS,
                metavar="NAME", doc="the split of a Hugging Face `DatasetDict`"),
         Option("image_dir", str, ".", "folder image paths are relative to", EMBEDDINGS,

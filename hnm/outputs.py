@@ -59,11 +59,22 @@ def output_records(config: Config, ds: Corpus, picks: list[list[Pick]], why: Out
         yield record
 
 
+def adds_id(ds: Corpus, id_field: str) -> bool:
+    """Whether some record has no id field (its id is its key or position): every row
+    then carries its id under that name, first, so that any row can be joined back."""
+    return bool(ds.record_ids) and any(id_field not in r for r in ds.records)
+
+
 def _with_outcomes(config: Config, ds: Corpus, picks: list[list[Pick]], which: list[int]
                    ) -> Iterator[tuple[dict[str, Any], int]]:
-    """(record with its negatives, which[a] for anchor a's record or -1), in input order."""
+    """(record with its negatives, which[a] for anchor a's record or -1), in input order;
+    a record without an id field gets its id first (`adds_id`)."""
     by_position = {int(ds.positions[a]): a for a in range(len(picks))}
+    id_field = config.fields.id
+    add = adds_id(ds, id_field)
     for pos, record in enumerate(ds.records):
+        if add and id_field not in record:
+            record = {id_field: ds.record_ids[pos], **record}
         a = by_position.get(pos)
         if a is None:  # not an anchor (past --max-samples): no scan, no outcome
             yield {**record, "negatives": []}, -1
@@ -77,7 +88,7 @@ def write_negatives(config: Config, run: RunDir, ds: Corpus, picks: list[list[Pi
     """OUTPUT_DIR/negatives.jsonl, or negatives.parquet with --output-format parquet."""
     if config.output_format == "parquet":
         write_parquet(run, run.negatives_parquet, ds, output_records(config, ds, picks, why),
-                      progress, config.num_negatives > 1)
+                      progress, config.num_negatives > 1, config.fields.id)
         return
     which, outcomes = why.distinct(config.num_negatives > 1)
     # anchors share a few distinct outcomes: each is encoded once, and written as
@@ -93,13 +104,14 @@ def write_negatives(config: Config, run: RunDir, ds: Corpus, picks: list[list[Pi
 
 
 def write_parquet(run: RunDir, path: Path, ds: Corpus, records: Iterable[dict[str, Any]],
-                  progress: Progress = no_progress, several: bool = False) -> None:
+                  progress: Progress = no_progress, several: bool = False,
+                  id_field: str = "id") -> None:
     """One row per record, its negatives a list of structs, its outcome a struct; written
     ROW_GROUP rows at a time, so that only one row group is ever held as a table."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    schema, as_json = parquet_schema(ds, several)
+    schema, as_json = parquet_schema(ds, several, id_field)
     with run.open(path) as handle:
         writer = pq.ParquetWriter(handle, schema)
         chunk: list[dict[str, Any]] = []
@@ -112,18 +124,24 @@ def write_parquet(run: RunDir, path: Path, ds: Corpus, records: Iterable[dict[st
         writer.close()
 
 
-def parquet_schema(ds: Corpus, several: bool = False) -> tuple[Any, set[str]]:
+def parquet_schema(ds: Corpus, several: bool = False, id_field: str = "id"
+                   ) -> tuple[Any, set[str]]:
     """The records' columns, each with the Arrow type of all its values (a column whose
     values have none, e.g. numbers in some records and text in others, is JSON text), then
     `negatives` and `outcome` (with `missing` when several negatives are asked for). The
-    JSON columns are named in the schema's metadata."""
+    JSON columns are named in the schema's metadata. Records without an id field get the
+    id column first (`adds_id`)."""
     import pyarrow as pa
 
     fields, as_json = [], set()
-    for name in dict.fromkeys(k for r in ds.records for k in r):
+    add = adds_id(ds, id_field)
+    names = dict.fromkeys(([id_field] if add else []) + [k for r in ds.records for k in r])
+    for name in names:
         if name in ("negatives", "outcome"):
             continue  # replaced by the run's, as in negatives.jsonl
-        kind = _arrow_type([r.get(name) for r in ds.records])
+        values = list(ds.record_ids) if add and name == id_field else \
+            [r.get(name) for r in ds.records]
+        kind = _arrow_type(values)
         if kind is None:
             as_json.add(name)
         fields.append(pa.field(name, kind or pa.string()))

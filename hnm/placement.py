@@ -20,6 +20,7 @@ from hnm.data import Corpus
 from hnm.encoders import embedding_dim
 from hnm.errors import HnmError
 from hnm.gpus import Gpu
+from hnm.readers import ImageRef, holds_tensor
 from hnm.sizing import (
     IndexChoice,
     Sizes,
@@ -251,7 +252,13 @@ def run_sizes(config: Config, ds: Corpus, placement: Placement) -> Sizes:
                  annotation_bytes=path.stat().st_size if path.is_file() else 0,
                  workers=len(placement.devices),
                  device="cuda" if any(d.startswith("cuda") for d in placement.devices)
-                 else "cpu")
+                 else "cpu", chunk_bytes=chunk_bytes(ds), loaders=placement.loaders)
+
+
+def chunk_bytes(ds: Corpus) -> float:
+    """The largest AVDN chunk's file size (a process reading its images holds it whole)."""
+    shards = {s.shard.path for s in ds.images if isinstance(s, ImageRef) and holds_tensor(s)}
+    return float(max((p.stat().st_size for p in shards), default=0))
 
 
 def check_memory(config: Config, ds: Corpus, placement: Placement,

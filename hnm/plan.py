@@ -286,6 +286,9 @@ def dry_run_lines(config: Config, ds: Corpus, placement: Placement) -> list[str]
         placement.workers_line() + (f" ({placement.workers_note})"
                                      if placement.workers_note else ""),
         f"Index: {placement.index.describe()}",
+        *([f"Image tensors: chunks of up to {sizes.chunk_bytes / 2**20:.1f} MiB, each "
+           f"process reading images ({max(1, sizes.loaders)} per worker) holding one whole "
+           "(counted in embed below)"] if sizes.chunk_bytes else []),
         *memory_lines(estimate(config, sizes, placement.index)),
         "Nothing was written.",
     ]

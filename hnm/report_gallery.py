@@ -14,7 +14,7 @@ from hnm.errors import HnmError
 from hnm.outcome import REASON_LABELS
 from hnm.pages import esc
 from hnm.plan import Plan
-from hnm.readers import ImageRef, holds_tensor, image_stream, tensor_png
+from hnm.readers import ImageRef, holds_tensor, image_stream, read_tensor, to_image
 from hnm.report_scan import Scan, Suspects
 
 THUMB = 112  # longest side of a gallery thumbnail, in pixels
@@ -56,8 +56,10 @@ class Thumbs:
         from PIL import Image
 
         try:
-            with Image.open(tensor_png(source, normalization) if holds_tensor(source)
-                            else image_stream(source)) as img:
+            # a tensor: the image it was made from, straight from the values read (no
+            # image file is written and decoded again)
+            with to_image(read_tensor(source), normalization) if holds_tensor(source) \
+                    else Image.open(image_stream(source)) as img:
                 if too_large(img, self.max_pixels):
                     return None
                 img.draft("RGB", (THUMB, THUMB))  # JPEG: decode at a fraction of the size

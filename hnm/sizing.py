@@ -102,6 +102,10 @@ class Sizes:
     annotation_bytes: int
     workers: int
     device: str  # "cpu" | "cuda"
+    # image tensors (AVDN chunks): the largest chunk's bytes, which each process reading
+    # images (each loader, or the worker itself) unpickles and holds whole; loaders a worker
+    chunk_bytes: float = 0.0
+    loaders: int = 0
 
 
 @dataclass(frozen=True)
@@ -139,8 +143,9 @@ def estimate(config: Config, s: Sizes, choice: IndexChoice) -> list[PhaseMemory]
         train = min(s.rows, IVF_TRAIN_PER_LIST * choice.nlist) * s.dv * 4.0
     kmeans_sample = min(s.rows, KMEANS_SAMPLE) * s.dv * 4.0 * 2
     on_gpu = s.device == "cuda"
+    held = s.chunk_bytes * max(1, s.loaders)  # one chunk a process reading images
     return [
-        PhaseMemory("embed", dataset + shard_rows * s.dv * 4.0 + block + encoders,
+        PhaseMemory("embed", dataset + shard_rows * s.dv * 4.0 + block + encoders + held,
                     precomputed, encoders if on_gpu else 0.0, s.workers),
         PhaseMemory("tables", dataset + block + max(kmeans_sample, train + index),
                     visual + text, 0.0, 1),

@@ -10,6 +10,23 @@ from typing import Any
 from builders import VOCAB, answer
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+# AVDN's preprocessing (data/Normalizer.py): (pixels 0-255 - RGB_MEAN) / RGB_STD
+AVDN_RGB = ((60.134, 49.697, 40.746), (29.99, 24.498, 22.046))
+
+
+def normalise(pixels: Any, way: str = "avdn") -> Any:
+    """A C x H x W float array or tensor of pixels in [0, 1], normalised as AVDN's
+    preprocessing does (in 0-255 units) or the ImageNet way (0-1 units)."""
+    import numpy as np
+
+    mean, std = (np.array(v, np.float32).reshape(3, 1, 1)
+                 for v in (AVDN_RGB if way == "avdn" else IMAGENET))
+    scale = 255 if way == "avdn" else 1
+    if hasattr(pixels, "numpy"):
+        import torch
+
+        mean, std = torch.from_numpy(mean), torch.from_numpy(std)
+    return (pixels * scale - mean) / std
 
 
 def tokenizer(folder: Path) -> Any:
@@ -23,15 +40,15 @@ def tokenizer(folder: Path) -> Any:
     return tok
 
 
-def image(seed: int, size: int = 16) -> Any:
-    """A normalised (ImageNet) C x H x W tensor of a noisy colour that depends on the seed."""
+def image(seed: int, size: int = 16, way: str = "avdn") -> Any:
+    """A C x H x W tensor of a noisy colour that depends on the seed, normalised as AVDN's
+    preprocessing does (or `way` imagenet)."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
     base = torch.rand(3, 1, 1, generator=g) * 0.6 + 0.2
     pixels = (base + (torch.rand(3, size, size, generator=g) - 0.5) * 0.3).clamp(0, 1)
-    mean, std = (torch.tensor(v).view(3, 1, 1) for v in IMAGENET)
-    return (pixels - mean) / std
+    return normalise(pixels, way)
 
 
 def item(i: int, tok: Any) -> dict[str, Any]:

@@ -8,6 +8,7 @@ import os
 import pickle
 import subprocess
 import sys
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import avdn_data
@@ -72,9 +73,10 @@ def mined(tmp_path_factory) -> Mined:
 
 def test_records_keep_the_index_and_every_plain_field(mined):
     records = read_jsonl(mined.out / "negatives.jsonl")
-    assert [r.get("id") for r in records] == [None] * 12  # the id is the item's key
+    assert [r["id"] for r in records] == list(range(12))  # the item's key, written first
+    assert all(next(iter(r)) == "id" for r in records)
     first = records[5]
-    assert set(first) == {"answer", "question", "first_instruction", "dialog_context",
+    assert set(first) == {"id", "answer", "question", "first_instruction", "dialog_context",
                           "map_name", "current_view_image", "negatives", "outcome"}
     assert first["current_view_image"] == "chunk_1.pkl/5"
     ids = [n["id"] for r in records for n in r["negatives"]]
@@ -93,6 +95,13 @@ def test_export_in_its_own_layout(mined):
     assert json.loads((mined.export / ".hnm-export.json").read_text()) == {
         "format": "hnm export", "version": 1, "kind": "avdn", "files": chunks}
     tok = avdn_data.tokenizer(mined.root / "tokenizer_again")
+    # the original's format, datetime.now().isoformat(): local time to the microsecond, of
+    # the moment the run wrote its records
+    mtime_ns = json.loads((mined.out / "done.json").read_text())["files"]["negatives.jsonl"][2]
+    stamp = (datetime.fromtimestamp(mtime_ns // 10**9)
+             + timedelta(microseconds=mtime_ns // 1000 % 10**6)).isoformat(
+                 timespec="microseconds")
+    assert len(stamp) == 26
     added = 0
     for k in range(3):
         with open(mined.export / f"chunk_{k}.pkl", "rb") as handle:
@@ -122,6 +131,8 @@ def test_export_in_its_own_layout(mined):
             assert data["negative_text_2"] == n["text"]
             expected = tok(n["text"], max_length=10, padding="max_length", truncation=True,
                            return_tensors="pt")
+            assert type(data["tokenized_negative_2"]) is dict  # tensors only, no Encoding
+            assert data["tokenized_negative_2"].keys() == expected.keys()
             assert torch.equal(data["tokenized_negative_2"]["input_ids"], expected["input_ids"])
             assert torch.equal(data["tokenized_negative_2"]["attention_mask"],
                                expected["attention_mask"])
@@ -133,7 +144,7 @@ def test_export_in_its_own_layout(mined):
                                              "diverse": "diverse_negative_clustering"}[n["type"]]
             for key in META[n["type"]] & set(n):
                 assert meta[key] == n[key]
-            assert meta["mining_timestamp"].endswith("+00:00")
+            assert meta["mining_timestamp"] == stamp
     assert added == sum(bool(r["negatives"]) for r in records) >= 8
     assert snapshot(mined.data) == mined.before
 
@@ -261,7 +272,7 @@ def test_triplets_of_a_run_on_tensors_hold_png_images(mined, capsys, tmp_path):
                                                                       "negatives.jsonl"))
     for row in rows[:3]:
         image = Image.open(io.BytesIO(row["negative_image"]))
-        expected = to_image(originals[row["negative_id"]]["current_view_image"], "imagenet")
+        expected = to_image(originals[row["negative_id"]]["current_view_image"], "avdn")
         assert image.format == "PNG" and np.array_equal(np.asarray(image), np.asarray(expected))
 
 
@@ -336,7 +347,7 @@ def test_bad_image_tensors_name_the_item(capsys, tmp_path, tensor, why):
 def test_bad_normalization_flag(capsys, tmp_path):
     message = fails(capsys, tmp_path, tmp_path / "out", ["--annotations", tmp_path,
                                                          "--tensor-normalization", "0.5"])
-    assert message == ("--tensor-normalization: must be imagenet, none, MEAN,STD or "
+    assert message == ("--tensor-normalization: must be avdn, imagenet, none, MEAN,STD or "
                        "M1,M2,M3,S1,S2,S3 with non-zero STDs, got '0.5'")
 
 

@@ -549,7 +549,8 @@ def test_avdn_style_field_mapping(tmp_path):
 
 @pytest.mark.parametrize("fmt", ["jsonl", "dict"])
 def test_every_format_mines_the_same_negatives(capsys, tmp_path, models, fmt):
-    """A JSON list, JSONL and a dict keyed by id (no id field) give the same negatives."""
+    """A JSON list, JSONL and a dict keyed by id (no id field) give the same negatives and
+    the same rows."""
     root = tmp_path / "in"
     recs = records(8)
     write_images(root, recs)
@@ -565,9 +566,10 @@ def test_every_format_mines_the_same_negatives(capsys, tmp_path, models, fmt):
         runs[name] = read_jsonl(tmp_path / name / "negatives.jsonl")
     assert sum(bool(r["negatives"]) for r in runs["list"]) > 0
     assert [r["negatives"] for r in runs[fmt]] == [r["negatives"] for r in runs["list"]]
-    expected = list(keyed.values()) if fmt == "dict" else recs
+    # keyed by id, a record's row carries its key as its id, first: the same rows
     assert [{k: v for k, v in r.items() if k not in ("negatives", "outcome")}
-            for r in runs[fmt]] == expected
+            for r in runs[fmt]] == recs
+    assert all(next(iter(r)) == "id" for r in runs[fmt])
 
 
 def test_extra_fields_pass_through_in_input_order(capsys, tmp_path):

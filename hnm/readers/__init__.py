@@ -8,12 +8,13 @@ pickled chunks.
 image's bytes from its shard when needed. The names below are what the rest of hnm uses.
 """
 
-from hnm.readers.avdn import read_tensor, tensor_png
+from hnm.readers.avdn import check_normalization, read_tensor, tensor_png, to_image
 from hnm.readers.base import ImageRef, Part, Shard, Source
 from hnm.readers.files import SHARD_FORMATS, detect_format, find_shards, reads_tensors
 from hnm.readers.images import holds_tensor, image_stream, payload, read_image
 from hnm.readers.source import read_input
 
-__all__ = ["SHARD_FORMATS", "ImageRef", "Part", "Shard", "Source", "detect_format",
+__all__ = ["SHARD_FORMATS", "ImageRef", "Part", "Shard", "Source", "check_normalization",
+           "detect_format",
            "find_shards", "holds_tensor", "image_stream", "payload", "read_image",
-           "read_input", "read_tensor", "reads_tensors", "tensor_png"]
+           "read_input", "read_tensor", "reads_tensors", "tensor_png", "to_image"]

@@ -9,21 +9,32 @@ process keeps the tensors of one chunk at a time). hnm.avdn writes the export in
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import os
+import zlib
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
 
 from hnm import pickles
-from hnm.config import Config, Fields, tensor_normalization
+from hnm.config import TENSOR_NORMALIZATIONS, Config, Fields, tensor_normalization
 from hnm.errors import HnmError
 from hnm.readers.base import ImageRef, Part, Shard
 
 MIN_SIDE = 8  # the pixels feature pools to 8 x 8
 MAX_PIXELS = Config.max_image_pixels  # --max-image-pixels' default
+# The check of --tensor-normalization: a seeded sample of SAMPLE_ITEMS items a chunk,
+# SAMPLE_VALUES pixel values of each channel of each, mapped back to the image range [0, 1].
+# AVDN's augmentations (brightness and contrast x 0.8-1.2, noise) take a few values up to
+# about 0.3 past it; a wrong normalisation takes many far past it.
+SAMPLE_ITEMS, SAMPLE_VALUES = 8, 1024
+TOLERANCE = 0.25  # how far outside [0, 1] a recovered value may fall
+OUTSIDE_SHARE = 0.01  # the share of sampled values that may fall further out
+DARK, FULL = 0.6, 0.9  # a named preset whose values stay below DARK, beside one that
+# reaches FULL (99.9th percentiles), maps the images to their dark part only
 
 
 def load_items(path: Path) -> dict[Any, Any]:
@@ -54,13 +65,15 @@ def load_items(path: Path) -> dict[Any, Any]:
     return data
 
 
-def read_chunk(shard: Shard, fields: Fields, max_pixels: int = MAX_PIXELS) -> Part:
+def read_chunk(shard: Shard, fields: Fields, max_pixels: int = MAX_PIXELS,
+               planned: bool = False) -> Part:
     """Records of one chunk: the item's index as its id (its key), every plain field, and
     the image field as the image's key (`chunk_0.pkl/17`); each image tensor checked (at
-    most `max_pixels` pixels, as --max-image-pixels says of image files)."""
+    most `max_pixels` pixels, as --max-image-pixels says of image files), hashed and
+    sampled (`planned`, a worker of a planned run: checked only)."""
     items = load_items(shard.path)
     shard = Shard(shard.path, shard.name, "avdn", fields.image)
-    records, refs, keys = [], [], []
+    records, refs, keys, tensors = [], [], [], []
     for at, (index, item) in enumerate(items.items()):
         if not isinstance(index, int) or isinstance(index, bool):
             raise HnmError(f"{shard.path}: key {index!r} is not an item index (an integer)")
@@ -70,13 +83,65 @@ def read_chunk(shard: Shard, fields: Fields, max_pixels: int = MAX_PIXELS) -> Pa
             raise HnmError(f"{shard.path}: item {index} has no image field '{fields.image}'")
         size = check_tensor(item[fields.image], f"{shard.path}: item {index}", fields.image,
                             max_pixels)
-        ref = ImageRef(shard, at, size, str(index))
+        digest = None if planned else tensor_digest(item[fields.image])
+        ref = ImageRef(shard, at, size, str(index), digest)
         record = {k: v for k, v in item.items() if k != fields.image and is_plain(v)}
         record[fields.image] = ref.key
         records.append(record)
         refs.append(ref)
         keys.append(index)
-    return Part(records, refs, keys)
+        tensors.append(item[fields.image])
+    if planned:
+        return Part(records, refs, keys)
+    return Part(records, refs, keys, sample=sample(tensors, zlib.crc32(shard.name.encode())))
+
+
+def sample(tensors: list[Any], seed: int) -> np.ndarray:
+    """Pixel values of a seeded sample of the tensors: items x 3 x SAMPLE_VALUES."""
+    rng = np.random.default_rng(seed)
+    chosen = np.sort(rng.choice(len(tensors), min(SAMPLE_ITEMS, len(tensors)), replace=False))
+    out = np.empty((len(chosen), 3, SAMPLE_VALUES), np.float32)
+    for k, i in enumerate(chosen):
+        flat = _array(tensors[i]).reshape(3, -1)
+        out[k] = flat[:, rng.choice(flat.shape[1], SAMPLE_VALUES,
+                                    replace=flat.shape[1] < SAMPLE_VALUES)]
+    return out
+
+
+def check_normalization(values: np.ndarray | None, normalization: str) -> None:
+    """Refuse --tensor-normalization when it maps the sampled tensors outside the image
+    range (more than OUTSIDE_SHARE of the values beyond TOLERANCE), or, a named preset,
+    into its dark half only where another preset fills it: one line naming the flag, what
+    the sample showed and the preset the tensors look normalised with."""
+    if values is None or not len(values):
+        return
+    flag = f"--tensor-normalization {normalization}"
+    items = f"{len(values)} item(s) sampled"
+    outside, top = _fit(values, normalization)
+    fits = {name: _fit(values, name) for name in TENSOR_NORMALIZATIONS}
+    good = [n for n, (out, _) in fits.items() if out <= OUTSIDE_SHARE]
+    likely = min(good, key=lambda n: abs(1 - fits[n][1])) if good else None
+    hint = (f"the tensors look normalised as {likely}: pass --tensor-normalization {likely}"
+            if likely else "no preset (" + ", ".join(TENSOR_NORMALIZATIONS) + ") fits them: "
+            "give the mean and std they were normalised with (M1,M2,M3,S1,S2,S3, 0-1 units)")
+    if outside > OUTSIDE_SHARE:
+        raise HnmError(f"{flag}: maps {outside:.0%} of the sampled pixel values outside the "
+                       f"image range (beyond [{-TOLERANCE:g}, {1 + TOLERANCE:g}]; {items}); "
+                       f"{hint}")
+    if normalization in TENSOR_NORMALIZATIONS and top < DARK and likely is not None \
+            and likely != normalization and fits[likely][1] >= FULL:
+        raise HnmError(f"{flag}: maps the sampled pixel values to [0, {top:.2f}] only, the "
+                       f"dark part of the image range ({items}); {hint} (or give these "
+                       "values as numbers to keep them)")
+
+
+def _fit(values: np.ndarray, normalization: str) -> tuple[float, float]:
+    """(share of the values mapped beyond the tolerance, their 99.9th percentile)."""
+    mean, std = (np.array(v, np.float64).reshape(1, 3, 1)
+                 for v in tensor_normalization(normalization))
+    pixels = values * std + mean
+    outside = float(np.mean((pixels < -TOLERANCE) | (pixels > 1 + TOLERANCE)))
+    return outside, float(np.quantile(pixels, 0.999))
 
 
 def is_plain(value: Any) -> bool:
@@ -114,6 +179,19 @@ def check_tensor(value: Any, where: str, field: str, max_pixels: int = MAX_PIXEL
     if not np.isfinite(_array(value)).all():
         raise HnmError(f"{where}: '{field}' holds NaN or infinite values")
     return value.numel() * value.element_size()
+
+
+def tensor_digest(tensor: Any) -> str:
+    """SHA-256 of a tensor's values in C order (what `ChunkImages.read` gives)."""
+    return hashlib.sha256(_c_order(tensor)).hexdigest()
+
+
+def _c_order(tensor: Any) -> np.ndarray:
+    """A tensor's values as a C-ordered array. AVDN's preprocessing stores its tensors
+    with the strides of the H x W x C image they came from (`torch.tensor` of a transposed
+    array keeps them): NumPy puts them in order over a hundred times faster than torch's
+    `contiguous()` on one thread."""
+    return np.ascontiguousarray(_array(tensor))
 
 
 def _array(tensor: Any) -> np.ndarray:
@@ -154,18 +232,20 @@ class ChunkImages:
         """Nothing held open: the tensors are kept by `read_tensor`."""
 
     def read(self, ref: ImageRef) -> bytes:
-        return read_tensor(ref).contiguous().numpy().tobytes()
+        return _c_order(read_tensor(ref)).tobytes()
 
 
 def to_image(tensor: Any, normalization: str) -> Any:
     """The RGB image a normalised tensor was made from: x * std + mean, clipped to [0, 1]."""
-    import torch
     from PIL import Image
 
-    mean, std = (torch.tensor(v, dtype=torch.float32).view(3, 1, 1)
-                 for v in tensor_normalization(normalization))
-    pixels = (tensor.float() * std + mean).clamp(0.0, 1.0).mul(255.0).round()
-    return Image.fromarray(pixels.to(torch.uint8).permute(1, 2, 0).contiguous().numpy(), "RGB")
+    mean, std = (np.array(v, np.float32) for v in tensor_normalization(normalization))
+    hwc = _array(tensor).transpose(1, 2, 0).astype(np.float32)  # one copy, in H x W x C
+    hwc *= std
+    hwc += mean
+    np.clip(hwc, 0.0, 1.0, out=hwc)
+    hwc *= 255.0
+    return Image.fromarray(np.rint(hwc, out=hwc).astype(np.uint8), "RGB")
 
 
 def tensor_png(ref: ImageRef, normalization: str) -> BinaryIO:
@@ -179,6 +259,10 @@ def tensor_png(ref: ImageRef, normalization: str) -> BinaryIO:
 def pooled(tensor: Any) -> Any:
     """The original script's visual feature before its L2 norm: the 8 x 8 adaptive average
     pool of the tensor (float32), per channel (flattened by the pixels encoder)."""
+    import torch
     import torch.nn.functional as F
 
-    return F.adaptive_avg_pool2d(tensor.float().unsqueeze(0), MIN_SIDE)[0]
+    # in C order first, as the original's batches are (torch.stack): pooling runs several
+    # times faster on it, with the same values
+    values = torch.from_numpy(_c_order(tensor).astype(np.float32, copy=False))
+    return F.adaptive_avg_pool2d(values.unsqueeze(0), MIN_SIDE)[0]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import bisect
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,9 @@ class ImageRef:
     at: int  # tar: offset of the member's data; Parquet / Hugging Face: row in the shard
     size: int  # bytes, where the shard says without reading them (tar); else -1
     member: str  # tar: the member's name; else the row, as text
+    # SHA-256 of the image's bytes where the reader had them in hand (an AVDN chunk's
+    # tensors, hashed as they were checked): the duplicate-image count reads no image again
+    digest: str | None = field(default=None, compare=False, repr=False)
 
     @property
     def key(self) -> str:
@@ -56,6 +59,9 @@ class Part:
     # the fields the file itself holds, where the reader fills some in (a tar sample's key
     # as its id); None: the records' own fields
     found: frozenset[str] | None = None
+    # image tensors: pixel values of a seeded sample of items (items x 3 x values), what
+    # the check of --tensor-normalization reads
+    sample: Any = None
 
 
 @dataclass(frozen=True)
@@ -72,6 +78,7 @@ class Source:
     surrogates: bool
     digest: str
     found: frozenset[str] | None = None  # as Part.found, over every shard
+    sample: Any = None  # as Part.sample, over every shard
 
     def has(self, name: str) -> bool:
         """Whether any record holds the field as read from the input."""

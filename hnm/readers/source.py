@@ -6,6 +6,8 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
+import numpy as np
+
 from hnm.config import Config, Fields
 from hnm.readers.avdn import read_chunk
 from hnm.readers.base import Part, Shard, Source
@@ -21,12 +23,14 @@ READERS: dict[str, Callable[[Shard, Fields], Part]] = {
     "parquet": read_parquet, "webdataset": read_tar, "hf": read_hf, "avdn": read_chunk}
 
 
-def read_input(config: Config) -> Source:
-    """Every record of --annotations (a file, a folder or a glob), shards sorted by name."""
+def read_input(config: Config, planned: bool = False) -> Source:
+    """Every record of --annotations (a file, a folder or a glob), shards sorted by name.
+    `planned`: read by a worker of a planned run (AVDN chunks: no tensor hashed or
+    sampled again)."""
     label = str(Path(str(config.annotations)))
     fmt, shards = find_shards(config)
-    read = partial(read_chunk, max_pixels=config.max_image_pixels) if fmt == "avdn" \
-        else READERS[fmt]
+    read = partial(read_chunk, max_pixels=config.max_image_pixels, planned=planned) \
+        if fmt == "avdn" else READERS[fmt]
     parts = [read(shard, config.fields) for shard in shards]
     ends, total = [], 0
     for part in parts:
@@ -41,5 +45,7 @@ def read_input(config: Config) -> Source:
         if has_keys else None
     found = None if any(part.found is None for part in parts) \
         else frozenset().union(*(part.found for part in parts))
+    samples = [part.sample for part in parts if part.sample is not None]
     return Source(label, fmt, tuple(shards), tuple(ends), records, refs, keys,
-                  any(part.surrogates for part in parts), digest(fmt, shards), found)
+                  any(part.surrogates for part in parts), digest(fmt, shards), found,
+                  np.concatenate(samples) if samples else None)

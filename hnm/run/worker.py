@@ -79,7 +79,7 @@ class Context:
 
     @cached_property
     def corpus(self) -> Corpus:
-        return load_corpus(self.config, list(self.plan.skipped))
+        return load_corpus(self.config, list(self.plan.skipped), planned=True)
 
     @cached_property
     def image_encoder(self) -> Any:
