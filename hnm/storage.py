@@ -135,6 +135,10 @@ class RunDir(Area):
     def text_embeddings(self, shard: int) -> Path:
         return self.root / PHASE_DIRS["embed"] / f"text_{shard:05d}.npy"
 
+    def cross_embeddings(self, shard: int) -> Path:
+        """The joint model's text embeddings, where the text rule uses another encoder."""
+        return self.root / PHASE_DIRS["embed"] / f"cross_{shard:05d}.npy"
+
     def table(self, name: str) -> Path:
         """One array of the tables phase: visual, text, eligible, clusters, centroids."""
         return self.tables_dir / f"{name}.npy"

@@ -69,7 +69,7 @@ def load_saved(output_dir: str | Path) -> Saved:
         raise HnmError(f"{config.annotations}: changed since the run in {run.root}; its saved "
                        "embeddings no longer match the records")
     u = anchor_uniforms(ds.ids[:ds.num_anchors], config.seed)
-    return Saved(config, plan, ds, load_arrays(run, ds), u)
+    return Saved(config, plan, ds, load_arrays(run, ds, config), u)
 
 
 def default_grid(value: float) -> list[float]:
