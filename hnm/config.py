@@ -157,11 +157,11 @@ def validate(c: Config) -> None:
                and len(set(c.gpu_ids)) == len(c.gpu_ids), "gpu_ids",
                f"must list distinct GPU indices (0 or more), got {list(c.gpu_ids)}")
     tensor_normalization(c.tensor_normalization)
-    _check_joint(c)
 
 
-def _check_joint(c: Config) -> None:
-    """The joint model, the joint space and the cross rule agree with the other settings."""
+def check_joint(c: Config) -> None:
+    """The joint model, the joint space and the cross rule agree with the other settings
+    (checked before a run, with its inputs: one setting alone is never wrong)."""
     if c.joint_model:
         _check(c.visual_encoder == "efficientnet-lite0" and not c.image_embeddings,
                "joint_model", "gives the images' embeddings: leave out --visual-encoder and "

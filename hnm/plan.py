@@ -13,7 +13,7 @@ import numpy as np
 
 from hnm.blacklist import read_blacklist
 from hnm.callbacks import Progress, no_progress
-from hnm.config import EMBEDDING_KEYS, Config, config_hash, has_joint_space
+from hnm.config import EMBEDDING_KEYS, Config, check_joint, config_hash, has_joint_space
 from hnm.data import Corpus, file_stats, load_corpus
 from hnm.embed import check_precomputed
 from hnm.encoders import BUILTIN_TEXT, BUILTIN_VISUAL, check_encoder_name, describe_encoder
@@ -198,6 +198,7 @@ def _digest(*paths: str | None) -> str:
 
 def validate_inputs(config: Config, progress: Progress = no_progress) -> Corpus:
     """Every input check that can fail, before anything is written."""
+    check_joint(config)
     for flag, name, builtins, pre in (
             ("--visual-encoder", config.visual_encoder, BUILTIN_VISUAL,
              config.image_embeddings or config.joint_model),

@@ -1,0 +1,115 @@
+"""The positive-aware cross-score rule (a joint image-text space): the engine's negatives,
+outcomes and recorded scores equal the plain reference's (tests/reference.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+
+import numpy as np
+import pytest
+from reference import reference_mine
+from test_engine import random_case
+
+from hnm.data import anchor_uniforms
+from hnm.engine import find_candidates, make_selector, select_negatives
+from hnm.grid import finalize
+from hnm.kmeans import kmeans
+from hnm.miner import Arrays, eligible_phrases
+
+RULES = ((0.95, None), (0.8, None), (None, 0.05), (0.9, 0.2), (0.0, None))
+
+
+def cross_case(seed):
+    """A random case with phrase embeddings C in V's space: each phrase near the mean image
+    of its rows (so captions score well with their own and similar images), and a rule."""
+    V, T, text_ids, groups, phrases, blacklist, config, n = random_case(seed)
+    rng = np.random.default_rng(1000 + seed)
+    means = np.zeros((len(phrases), V.shape[1]))
+    np.add.at(means, text_ids, V)
+    C = finalize(means + rng.normal(scale=float(rng.choice([0.2, 0.8])), size=means.shape))
+    ratio, margin = RULES[seed % len(RULES)]
+    config = dataclasses.replace(config, max_cross_score_ratio=ratio,
+                                 min_cross_score_margin=margin, joint_space=True,
+                                 drop_suspect_negatives=seed % 3 == 0)
+    return V, T, C, text_ids, groups, phrases, blacklist, config, n
+
+
+def run_both(seed):
+    V, T, C, text_ids, groups, phrases, blacklist, config, n = cross_case(seed)
+    clusters, _ = kmeans(V, config.n_clusters, config.seed)
+    eligible = eligible_phrases(T, phrases, blacklist, config.min_answer_length,
+                                config.blacklist_similarity)
+    tab = Arrays(V, T, text_ids, groups, eligible[text_ids], clusters, C)
+    u = anchor_uniforms([f"r{i}" for i in range(n)], config.seed)
+    anchors = np.arange(n)
+    cands, _ = find_candidates(config, tab, anchors, diverse_first=u < config.diverse_ratio)
+    (done,) = select_negatives(config, make_selector(config, tab, phrases), [(anchors, cands)],
+                               u, phrases)
+    outcomes: list = []
+    want = reference_mine(V, T, text_ids, groups, phrases, clusters, blacklist, u, config,
+                          outcomes=outcomes, C=C)
+    got_outcomes = [(r["reason"], r["missing"], r["skipped"]) for r in
+                    (done.outcomes.record(i, several=True) for i in range(n))]
+    return done, want, got_outcomes, outcomes, (V, C, text_ids, config)
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_cross_rule_matches_reference(seed):
+    done, want, got_outcomes, want_outcomes, (V, C, text_ids, config) = run_both(seed)
+    # the picks before the audit drops any: the reference's are the selection's
+    raw = [[(p.row, p.kind, p.step if p.kind == "hard" else
+             (p.anchor_cluster, p.negative_cluster)) for p in picks] for picks in done.picks]
+    if not config.drop_suspect_negatives:
+        assert raw == want
+    assert got_outcomes == want_outcomes
+    sc = np.asarray(V, np.float64) @ np.asarray(C, np.float64).T
+    for a, picks in zip(done.anchors.tolist(), done.picks):
+        for p in picks:  # every negative records its cross score and its anchor's own
+            assert p.cross == sc[a, text_ids[p.row]] and p.own == sc[a, text_ids[a]]
+
+
+def test_cross_rule_is_reached_and_changes_picks():
+    """Worth something only if the rule skips rows, ends scans, and changes negatives."""
+    skipped, reasons, changed = 0, Counter(), 0
+    for seed in range(60):
+        done, _, got, _, (V, C, text_ids, config) = run_both(seed)
+        skipped += sum((s or {}).get("cross_score", 0) for _, _, s in got)
+        reasons.update(r for r, _, _ in got)
+        off = dataclasses.replace(config, max_cross_score_ratio=None,
+                                  min_cross_score_margin=None)
+        V, T, C, text_ids, groups, phrases, blacklist, _, n = cross_case(seed)
+        clusters, _ = kmeans(V, off.n_clusters, off.seed)
+        u = anchor_uniforms([f"r{i}" for i in range(n)], off.seed)
+        plain = reference_mine(V, T, text_ids, groups, phrases, clusters, blacklist, u, off)
+        with_rule = reference_mine(V, T, text_ids, groups, phrases, clusters, blacklist, u,
+                                   config, C=C)
+        changed += plain != with_rule
+    assert skipped > 50 and changed > 5, (skipped, changed)
+    assert "suspect_dropped" in reasons
+
+
+def test_rule_off_or_no_joint_space_changes_nothing():
+    """Without the rule (or without C) the picks are those of a run without a joint space;
+    the scores are recorded only with one."""
+    for seed in range(20):
+        V, T, C, text_ids, groups, phrases, blacklist, config, n = cross_case(seed)
+        off = dataclasses.replace(config, max_cross_score_ratio=None,
+                                  min_cross_score_margin=None, drop_suspect_negatives=False)
+        clusters, _ = kmeans(V, off.n_clusters, off.seed)
+        eligible = eligible_phrases(T, phrases, blacklist, off.min_answer_length,
+                                    off.blacklist_similarity)
+        u = anchor_uniforms([f"r{i}" for i in range(n)], off.seed)
+        runs = []
+        for c in (C, None):
+            tab = Arrays(V, T, text_ids, groups, eligible[text_ids], clusters, c)
+            anchors = np.arange(n)
+            cands, _ = find_candidates(off, tab, anchors, diverse_first=u < off.diverse_ratio)
+            (done,) = select_negatives(off, make_selector(off, tab, phrases),
+                                       [(anchors, cands)], u, phrases)
+            runs.append(done)
+        strip = [[dataclasses.replace(p, cross=None, own=None) for p in row]
+                 for row in runs[0].picks]
+        assert strip == runs[1].picks
+        assert all(p.cross is None for row in runs[1].picks for p in row)
+        assert all(p.cross is not None for row in runs[0].picks for p in row)
