@@ -30,12 +30,17 @@ from hnm.errors import HnmError
 from hnm.precision import autocast
 
 OPEN_CLIP, TIMM = "open_clip:", "timm:"
+OPEN_CLIP_SCHEMAS = ("local-dir:", "hf-hub:")
 log = logging.getLogger("hnm")
 
 
 def _split(spec: str, prefix: str) -> tuple[str, str | None]:
-    """'PREFIX NAME[:PRETRAINED]' -> (NAME, PRETRAINED or None)."""
-    name, _, pretrained = spec[len(prefix):].partition(":")
+    """'PREFIX NAME[:PRETRAINED]' -> (NAME, PRETRAINED or None); open_clip's own
+    `local-dir:FOLDER` and `hf-hub:ORG/REPO` names hold their weights."""
+    rest = spec[len(prefix):]
+    if prefix == OPEN_CLIP and rest.startswith(OPEN_CLIP_SCHEMAS):
+        return rest, None
+    name, _, pretrained = rest.partition(":")
     if not name:
         raise HnmError(f"'{spec}': expected {prefix}NAME[:PRETRAINED]")
     return name, pretrained or None
@@ -125,13 +130,14 @@ class OpenClipModel:
                 arch, pretrained=pretrained, device=device)
         except (RuntimeError, ValueError, OSError) as exc:
             raise HnmError(f"--joint-model {spec}: {str(exc).splitlines()[0][:160]}") from None
-        if pretrained is None:
+        if pretrained is None and not arch.startswith(OPEN_CLIP_SCHEMAS):
             log.warning("%s: no pretrained weights named; random weights", spec)
         self.model = model.eval()
         self.transform = transform
         self.tokenizer = open_clip.get_tokenizer(arch)
         self.device, self.precision, self.name = device, precision, spec
-        self.version = f"{arch} {pretrained or 'random'} (open_clip " \
+        weights = pretrained or ("its own" if arch.startswith(OPEN_CLIP_SCHEMAS) else "random")
+        self.version = f"{arch} {weights} (open_clip " \
             f"{_package_version('open_clip_torch')})"
         self.text = JointText(self)
 
@@ -202,13 +208,19 @@ def image_encoder(name: str, device: Any, precision: str = "fp32") -> Any:
 def check_spec(flag: str, spec: str) -> None:
     """Fail early on a spec that cannot load: a missing package, an unknown architecture,
     a missing checkpoint file, a Hugging Face folder that is not an image–text model."""
+    if flag == "--joint-model" and spec.startswith(TIMM):
+        raise HnmError(f"--joint-model {spec}: a timm model has no text side; give it as "
+                       "--visual-encoder")
     for prefix, package, pip in ((OPEN_CLIP, "open_clip", "open_clip_torch"),
                                  (TIMM, "timm", "timm")):
         if spec.startswith(prefix):
             name, pretrained = _split(spec, prefix)
             module = _import(package, pip)
-            known = module.list_models() if prefix == OPEN_CLIP else None
-            if known is not None and name not in known:
+            if name.startswith("local-dir:"):
+                if not (Path(name[10:]) / "open_clip_config.json").is_file():
+                    raise HnmError(f"{flag} {spec}: no open_clip_config.json in {name[10:]}")
+            elif prefix == OPEN_CLIP and not name.startswith("hf-hub:") \
+                    and name not in module.list_models():
                 raise HnmError(f"{flag} {spec}: unknown open_clip architecture '{name}'")
             if prefix == TIMM and not module.is_model(name):
                 raise HnmError(f"{flag} {spec}: unknown timm model '{name}'")
