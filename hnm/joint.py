@@ -18,12 +18,12 @@ from typing import Any
 
 import numpy as np
 
+from hnm import encoders
 from hnm.encoders import (
     HFVisionEncoder,
     _hf_config,
     _package_version,
     _pick_tensor,
-    build_image_encoder,
     check_encoder_name,
 )
 from hnm.errors import HnmError
@@ -196,13 +196,13 @@ def build_joint_model(spec: str, device: Any, precision: str = "fp32") -> Any:
     return HFJointModel(spec, device, precision)
 
 
-def image_encoder(name: str, device: Any, precision: str = "fp32") -> Any:
+def build_image_encoder(name: str, device: Any, precision: str = "fp32") -> Any:
     """--visual-encoder: timm:NAME, open_clip:ARCH (its image side), else hnm.encoders."""
     if name.startswith(TIMM):
         return TimmEncoder(name, device, precision)
     if name.startswith(OPEN_CLIP):
         return OpenClipModel(name, device, precision)
-    return build_image_encoder(name, device, precision)
+    return encoders.build_image_encoder(name, device, precision)
 
 
 def check_spec(flag: str, spec: str) -> None:

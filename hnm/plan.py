@@ -220,10 +220,12 @@ def validate_inputs(config: Config, progress: Progress = no_progress) -> Corpus:
         raise HnmError(f"--image-dir {config.image_dir}: not a directory")
     read_blacklist(config.blacklist)
     ds = load_corpus(config, progress=progress)
-    for flag, path in (("--image-embeddings", config.image_embeddings),
-                       ("--text-embeddings", config.text_embeddings)):
-        if path:
-            check_precomputed(path, flag, len(ds.records))
+    dims = {flag: check_precomputed(path, flag, len(ds.records))
+            for flag, path in (("--image-embeddings", config.image_embeddings),
+                               ("--text-embeddings", config.text_embeddings)) if path}
+    if config.joint_space and len(set(dims.values())) > 1:
+        raise HnmError("--joint-space: the image embeddings have {} dimensions, the text "
+                       "embeddings {}; one space has one width".format(*dims.values()))
     return ds
 
 

@@ -113,3 +113,81 @@ def test_rule_off_or_no_joint_space_changes_nothing():
         assert strip == runs[1].picks
         assert all(p.cross is None for row in runs[1].picks for p in row)
         assert all(p.cross is not None for row in runs[0].picks for p in row)
+
+
+# ---------------------------------------------------------------- paraphrases, end to end
+
+from pathlib import Path  # noqa: E402
+
+from builders import cli, read_jsonl  # noqa: E402
+from paraphrase import caught_missed_wrong, mine_case, paraphrase_case, write_case  # noqa: E402
+from synthetic import make_dataset, mine_args  # noqa: E402
+from test_sweep import DATASET_KEYS, _global  # noqa: E402
+
+from hnm import sweep  # noqa: E402
+from hnm.cli import main  # noqa: E402
+from hnm.config import Config  # noqa: E402
+
+
+def test_paraphrases_only_the_cross_rule_catches():
+    """Captions that paraphrase another image's caption in the joint space, unseen by the
+    text rule and the audit's text and visual thresholds: with the rule off they are mined
+    as negatives (the audit flags them for their cross score alone); at 0.95 every one is
+    caught, none missed, and the rule removes almost nothing else."""
+    case = paraphrase_case()
+    base = {"joint_space": True, "min_answer_length": 0, "n_clusters": 8}
+    on_config = Config(max_cross_score_ratio=0.95, **base)
+    off, on = mine_case(case, Config(**base)), mine_case(case, on_config)
+    partner = {**case["pairs"], **{b: a for a, b in case["pairs"].items()}}
+    mined = [(a, p) for a, row in zip(off.anchors.tolist(), off.picks) for p in row
+             if p.row == partner.get(a)]
+    assert mined and {s.reasons for s in off.suspects if s.pick in dict(mined).values()} \
+        == {("cross",)}
+    got = caught_missed_wrong(case, off, on, on_config)
+    assert got["caught"] == got["false_negatives_off"] == len(mined) > 30
+    assert got["missed"] == 0 and got["partner_rows_removed"] == 2 * len(case["pairs"])
+    assert got["wrongly_removed_rows"] <= got["partner_rows_removed"] // 20
+    assert not on.suspects  # nothing left for the audit to flag
+
+
+def test_joint_space_run_sweep_and_worker_counts(tmp_path: Path, capsys):
+    """Precomputed embeddings of one space (--joint-space): 1 and 2 workers write the same
+    bytes; `hnm sweep --max-cross-score-ratios` gives what reruns give, without embedding."""
+    case = paraphrase_case(n=240, planted=24, seed=1)
+    paths = write_case(tmp_path / "data", case)
+    # the text rule in the same space: a loose threshold leaves the cross rule rows to skip
+    common = ("--joint-space", "--min-answer-length", "0", "--cosine-threshold", "0.8")
+    flags = (*common, "--max-cross-score-ratio", "0.95")
+    runs = [tmp_path / "one", tmp_path / "two"]
+    for run, workers in zip(runs, ("1", "2")):
+        assert main(mine_args(paths, run, *flags, "--cpu-workers", workers)) == 0
+    assert (runs[0] / "negatives.jsonl").read_bytes() == (runs[1] / "negatives.jsonl").read_bytes()
+    assert (runs[0] / "suspects.jsonl").read_bytes() == (runs[1] / "suspects.jsonl").read_bytes()
+    rows = read_jsonl(runs[0] / "negatives.jsonl")
+    skipped = sum((r["outcome"]["skipped"] or {}).get("cross_score", 0) for r in rows)
+    assert _global(runs[0])["skipped"]["cross_score"] == skipped > 0
+    result = sweep.sweep(runs[0], max_cross_score_ratio=[None, 0.8, 0.95])
+    points = {p["max_cross_score_ratio"]: p["global"] for p in result["points"]}
+    assert {k: v for k, v in points[0.95].items() if k not in DATASET_KEYS} == _global(runs[0])
+    for ratio in (None, 0.8):
+        rerun = tmp_path / f"rerun_{ratio}"
+        extra = ("--max-cross-score-ratio", str(ratio)) if ratio else ()
+        assert main(mine_args(paths, rerun, *common, *extra)) == 0
+        assert points[ratio] == _global(rerun)
+    assert points[None]["skipped"]["cross_score"] == 0 and points[None] != points[0.95]
+    assert points[0.8]["skipped"]["cross_score"] > points[0.95]["skipped"]["cross_score"]
+    rc, out, _ = cli(capsys, "sweep", runs[0], "--max-cross-score-ratios", "off,0.8")
+    assert rc == 0 and "max cross" in out and " off " in out
+
+
+def test_cross_settings_refused_without_one_space(tmp_path: Path, capsys):
+    paths = make_dataset(tmp_path / "data", n=40)  # image 24, text 32 dimensions
+    rc, _, err = cli(capsys, *mine_args(paths, tmp_path / "a", "--joint-space"))
+    assert rc == 2 and err.strip() == ("hnm: error: --joint-space: the image embeddings have "
+                                       "24 dimensions, the text embeddings 32; one space has "
+                                       "one width")
+    assert main(mine_args(paths, tmp_path / "b")) == 0
+    rc, _, err = cli(capsys, "sweep", tmp_path / "b", "--max-cross-score-ratios", "0.9")
+    assert rc == 2 and err.strip() == (f"hnm: error: --max-cross-score-ratios: the run in "
+                                       f"{tmp_path / 'b'} has no joint image-text space "
+                                       "(--joint-model or --joint-space)")

@@ -16,7 +16,7 @@ from PIL import Image
 
 from hnm.demo import make_demo
 from hnm.grid import finalize
-from hnm.joint import build_joint_model, image_encoder
+from hnm.joint import build_image_encoder, build_joint_model
 
 CPU = torch.device("cpu")
 TEXTS = ["fly north along the road", "turn left past the red building",
@@ -104,7 +104,7 @@ def test_open_clip_embeds_both_sides_in_its_own_joint_space(tmp_path):
 def test_timm_image_encoder_is_the_models_pooled_features():
     import timm
 
-    encoder = image_encoder("timm:resnet18", CPU)
+    encoder = build_image_encoder("timm:resnet18", CPU)
     assert "random" in encoder.version
     images = pictures(3)
     got = finalize(encoder.encode(torch.stack([encoder.preprocess(i) for i in images])))

@@ -23,7 +23,7 @@ from hnm.data import Corpus, anchor_uniforms, load_corpus
 from hnm.encoders import build_text_encoder
 from hnm.engine import find_candidates
 from hnm.index import SearchIndex, set_threads
-from hnm.joint import build_joint_model, image_encoder
+from hnm.joint import build_image_encoder, build_joint_model
 from hnm.miner import Arrays
 from hnm.plan import Plan, read_plan
 from hnm.storage import RunDir
@@ -94,8 +94,8 @@ class Context:
         if self.config.joint_model:
             return self.joint
         with self._loading():
-            return image_encoder(self.config.visual_encoder, embed.torch_setup(self.device),
-                                 self.plan.precision)
+            return build_image_encoder(self.config.visual_encoder,
+                                       embed.torch_setup(self.device), self.plan.precision)
 
     @cached_property
     def text_encoder(self) -> Any:
