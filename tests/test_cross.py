@@ -4,6 +4,7 @@ outcomes and recorded scores equal the plain reference's (tests/reference.py).""
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections import Counter
 
 import numpy as np
@@ -178,6 +179,22 @@ def test_joint_space_run_sweep_and_worker_counts(tmp_path: Path, capsys):
     assert points[0.8]["skipped"]["cross_score"] > points[0.95]["skipped"]["cross_score"]
     rc, out, _ = cli(capsys, "sweep", runs[0], "--max-cross-score-ratios", "off,0.8")
     assert rc == 0 and "max cross" in out and " off " in out
+    # the report: every negative plotted by its scores, the rule's line, and the anchors
+    # whose nearest candidates the rule removed, most first
+    rc, _, err = cli(capsys, "report", runs[0])
+    assert rc == 0, err
+    html = (runs[0] / "report.html").read_text()
+    negatives = [n for r in rows for n in r["negatives"]]
+    assert html.count("<circle ") == len(negatives)
+    for n in negatives[:20]:
+        assert f"own {n['own_score']:.3f}, cross {n['cross_score']:.3f}" in html
+    assert "rule: cross = 0.95 × own" in html
+    counts = sorted(((r["outcome"]["skipped"] or {}).get("cross_score", 0) for r in rows),
+                    reverse=True)
+    section = html.split("Anchors whose nearest candidates the cross rule removed")[1]
+    shown = [int(c) for c in re.findall(r"<td class='num'>(\d+)</td>", section)]
+    top = [c for c in counts[:12] if c]
+    assert top and shown[:len(top)] == top
 
 
 def test_cross_settings_refused_without_one_space(tmp_path: Path, capsys):
