@@ -168,6 +168,8 @@ def check_joint(c: Config) -> None:
                "--image-embeddings")
     _check(c.text_encoder != "joint" or bool(c.joint_model), "text_encoder",
            "'joint' needs --joint-model")
+    _check(c.text_encoder != "joint" or not c.text_embeddings, "text_encoder",
+           "'joint' embeds the texts: leave out --text-embeddings")
     _check(not c.joint_space or bool(c.image_embeddings and c.text_embeddings), "joint_space",
            "needs both --image-embeddings and --text-embeddings (from one image-text model)")
     if c.max_cross_score_ratio is not None or c.min_cross_score_margin is not None:
