@@ -350,6 +350,49 @@ def machine() -> str:
             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
 
 
+def bench_joint(args: argparse.Namespace, images: list[Path]) -> None:
+    """One joint image-text model for both sides next to the two separate encoders
+    (EfficientNet-Lite0 images, MiniLM texts), fp32, as the pipeline runs them on CPU:
+    images CPU_ROWS_PER_PASS a pass, texts by length TEXT_BATCH a batch."""
+    import torch
+
+    from hnm.embed import CPU_ROWS_PER_PASS, embed_texts, phrase_order
+    from hnm.encoders import build_image_encoder, build_text_encoder
+    from hnm.joint import build_joint_model
+    from hnm.plan import TEXT_BATCH
+
+    cpu = torch.device("cpu")
+    phrases = make_phrases(args.phrases)
+    by_length = [phrases[i] for i in phrase_order(phrases)]
+    print(f"\n## Joint model against the two separate encoders (CPU, fp32, {args.images} "
+          f"images, {len(phrases)} phrases; best of {args.repeats}; weights do not change "
+          "the speed)\n")
+    print("| model | images/s | phrases/s | threads |")
+    print("|---|---|---|---|")
+
+    def images_per_s(encoder: Any) -> float:
+        x = _preprocessed(encoder, images[:args.images])
+        seconds, _ = timed(lambda: [encoder.encode(p) for p in x.split(CPU_ROWS_PER_PASS)],
+                           args.repeats)
+        return len(x) / seconds
+
+    def phrases_per_s(encoder: Any) -> float:
+        seconds, _ = timed(partial(embed_texts, encoder, by_length, TEXT_BATCH), args.repeats)
+        return len(phrases) / seconds
+
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        image, text = build_image_encoder("efficientnet-lite0", cpu), \
+            build_text_encoder("minilm", cpu)
+        print(f"| efficientnet-lite0 + minilm (separate) | {images_per_s(image):.1f} | "
+              f"{phrases_per_s(text):.1f} | {threads} |", flush=True)
+        for spec in args.joint_models:
+            joint = build_joint_model(spec, cpu)
+            print(f"| {spec} | {images_per_s(joint):.1f} | {phrases_per_s(joint.text):.1f} | "
+                  f"{threads} |", flush=True)
+    torch.set_num_threads(1)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--images", type=int, default=64, help="images per encoder timing")
@@ -370,20 +413,26 @@ def main() -> int:
                         help="whole runs to time, of default, fp32-1 (--precision fp32 "
                         "--cpu-workers 1), bf16, baseline (--baseline-repo's code)")
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: "
-                        "models,text,formats,runs,quality")
+                        "models,text,formats,runs,quality,joint")
+    parser.add_argument("--joint-models", default="open_clip:ViT-B-32",
+                        help="comma-separated --joint-model specs timed against the two "
+                        "separate encoders (open_clip:ARCH without weights: random ones)")
     args = parser.parse_args()
     args.precisions = args.precisions.split(",")
+    args.joint_models = [m for m in args.joint_models.split(",") if m]
     args.threads = [int(t) for t in args.threads.split(",")]
     skip = set(args.skip.split(","))
     print(machine())
     tmp = Path(tempfile.mkdtemp(prefix="hnm_bench_embed_"))
     try:
-        if not {"models", "formats"} <= skip:
+        if not {"models", "formats", "joint"} <= skip:
             images = make_images(tmp / "images", args.images, args.image_size)
         if "models" not in skip:
             bench_image_models(args, images["png"])
         if "text" not in skip:
             bench_text_model(args)
+        if "joint" not in skip:
+            bench_joint(args, images["png"])
         if "formats" not in skip:
             bench_formats(args, images)
         if "runs" not in skip:

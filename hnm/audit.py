@@ -8,18 +8,36 @@ import numpy as np
 
 from hnm.config import Config
 from hnm.metrics import Metrics
+from hnm.miner import CrossRule
 from hnm.select import Pick
+
+# With a joint space and the cross rule off, a negative whose text scores with the anchor's
+# image above this share of the anchor's own score is suspect (the rule's starting point).
+AUDIT_CROSS_RATIO = 0.95
+
+
+def cross_audit_rule(config: Config) -> CrossRule:
+    """What makes a negative's cross score suspect: the run's cross rule where it is on,
+    else AUDIT_CROSS_RATIO."""
+    rule = CrossRule(config.max_cross_score_ratio, config.min_cross_score_margin)
+    return rule if rule.on else CrossRule(AUDIT_CROSS_RATIO)
 
 
 def suspect_reasons(config: Config, pick: Pick) -> tuple[str, ...]:
-    """Why `pick` may be a false negative: "text" (says the same as its anchor) and/or
-    "visual" (a near-duplicate image). Strictly above the audit thresholds, judged on
-    the exact similarities the selection used (not the rounded ones in the output)."""
+    """Why `pick` may be a false negative: "text" (says the same as its anchor), "visual"
+    (a near-duplicate image) and/or "cross" (with a joint space: its text describes the
+    anchor's image about as well as the anchor's own caption, `cross_audit_rule`; only a
+    diverse negative can be, where the cross rule is on). Strictly above the audit
+    thresholds, judged on the exact similarities the selection used (not the rounded ones
+    in the output)."""
     reasons: tuple[str, ...] = ()
     if pick.txt > config.audit_text_similarity:
         reasons += ("text",)
     if pick.vis > config.audit_visual_similarity:
         reasons += ("visual",)
+    if pick.cross is not None and pick.own is not None \
+            and cross_audit_rule(config).rejects(np.float64(pick.cross), np.float64(pick.own)):
+        reasons += ("cross",)
     return reasons
 
 

@@ -81,7 +81,9 @@ def _tool_flags(sub: Any) -> None:
                        "(default: the run's and two steps of 0.1 either side)")
     for flag, what in (("--fallback-phrase-reuse-limits", "whole numbers >= 1"),
                        ("--sliding-window-sizes", "whole numbers >= 1"),
-                       ("--diverse-ratios", "values within [0, 1]")):
+                       ("--diverse-ratios", "values within [0, 1]"),
+                       ("--max-cross-score-ratios", "values within [0, 1], `off` for the "
+                        "rule off (a run with a joint space)")):
         sweep.add_argument(flag, help=f"comma-separated {what} (default: the run's value; "
                            "with no knob given, the two thresholds get their default grids)")
     export = sub.add_parser("export", help="training-ready rows of a finished run: triplets "
@@ -134,6 +136,11 @@ def _sweep(ns: argparse.Namespace) -> None:
                  ("sliding_window_size", "sliding_window_sizes", "--sliding-window-sizes",
                   (int, 1, float("inf"))),
                  ("diverse_ratio", "diverse_ratios", "--diverse-ratios", (float, 0.0, 1.0)))}
+    if ns.max_cross_score_ratios:  # `off`: the rule off, first
+        given = [v for v in ns.max_cross_score_ratios.split(",") if v.strip()]
+        ratios = [v for v in given if v.strip() != "off"]
+        knobs["max_cross_score_ratio"] = [None] * (len(ratios) < len(given)) + (sweep.parse_grid(
+            ",".join(ratios), "--max-cross-score-ratios", float, 0.0, 1.0) if ratios else [])
     with _locked(ns.output_dir):
         result = sweep.sweep(ns.output_dir, taus or None, mvss or None,
                              **{k: v or None for k, v in knobs.items()})

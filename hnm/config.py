@@ -60,6 +60,10 @@ class Config:
     text_encoder: str = "minilm"
     image_embeddings: str | None = None
     text_embeddings: str | None = None
+    # one image-text model for both sides (hnm.joint); joint_space: the precomputed image
+    # and text embeddings come from one such model
+    joint_model: str | None = None
+    joint_space: bool = False
     batch_size: int = 64
     num_workers: int | None = None  # data-loading processes per GPU; None: sized from the cores
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (hnm.precision)
@@ -77,6 +81,9 @@ class Config:
     sliding_window_size: int = 1000
     blacklist: str | None = None
     blacklist_similarity: float = 0.75
+    # the positive-aware rule (miner.CrossRule), with a joint space only
+    max_cross_score_ratio: float | None = None
+    min_cross_score_margin: float | None = None
     n_clusters: int = 30
     num_negatives: int = 1
     diverse_candidates: int = 64
@@ -155,6 +162,31 @@ def validate(c: Config) -> None:
                and len(set(c.gpu_ids)) == len(c.gpu_ids), "gpu_ids",
                f"must list distinct GPU indices (0 or more), got {list(c.gpu_ids)}")
     tensor_normalization(c.tensor_normalization)
+
+
+def check_joint(c: Config) -> None:
+    """The joint model, the joint space and the cross rule agree with the other settings
+    (checked before a run, with its inputs: one setting alone is never wrong)."""
+    if c.joint_model:
+        _check(c.visual_encoder == "efficientnet-lite0" and not c.image_embeddings,
+               "joint_model", "gives the images' embeddings: leave out --visual-encoder and "
+               "--image-embeddings")
+    _check(c.text_encoder != "joint" or bool(c.joint_model), "text_encoder",
+           "'joint' needs --joint-model")
+    _check(c.text_encoder != "joint" or not c.text_embeddings, "text_encoder",
+           "'joint' embeds the texts: leave out --text-embeddings")
+    _check(not c.joint_space or bool(c.image_embeddings and c.text_embeddings), "joint_space",
+           "needs both --image-embeddings and --text-embeddings (from one image-text model)")
+    if c.max_cross_score_ratio is not None or c.min_cross_score_margin is not None:
+        flag = "max_cross_score_ratio" if c.max_cross_score_ratio is not None \
+            else "min_cross_score_margin"
+        _check(bool(c.joint_model) or c.joint_space, flag, "needs a joint image-text space: "
+               "--joint-model, or precomputed embeddings with --joint-space")
+
+
+def has_joint_space(c: Config) -> bool:
+    """Whether the run's images and texts are embedded in one space (cross scores exist)."""
+    return bool(c.joint_model) or c.joint_space
 
 
 def _value(c: Config, option: Option) -> Any:

@@ -375,6 +375,9 @@ def describe_encoder(name: str) -> str:
     }
     if name in versions:
         return f"{name}: {versions[name]}"
+    for prefix, package in (("open_clip:", "open_clip_torch"), ("timm:", "timm")):
+        if name.startswith(prefix):
+            return f"{name}: {package} {_package_version(package)}"
     return f"{name}: transformers {_package_version('transformers')}"
 
 
@@ -383,6 +386,8 @@ def embedding_dim(name: str) -> int:
     builtin = {"efficientnet-lite0": 1280, "pixels": 192, "minilm": 384}
     if name in builtin:
         return builtin[name]
+    if name == "joint" or name.startswith(("open_clip:", "timm:")):
+        return 768  # for sizing only: read from the model once it is loaded
     config = _hf_config(name)
     for source in (config, getattr(config, "vision_config", None)):
         for key in ("projection_dim", "hidden_size"):

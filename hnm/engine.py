@@ -6,6 +6,7 @@ tests and the benchmarks. Nothing here reads or writes files.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +19,19 @@ from hnm.config import Config
 from hnm.errors import HnmError
 from hnm.index import ChunkedFlatIP, SearchIndex, build_index
 from hnm.metrics import Metrics, tally
-from hnm.miner import Arrays, Cands, Ragged, farthest, hard_candidates, nearest, scatter
+from hnm.miner import (
+    FIXED_RULES,
+    Arrays,
+    Cands,
+    CrossRule,
+    Ragged,
+    cross_sims,
+    farthest,
+    hard_candidates,
+    nearest,
+    own_scores,
+    scatter,
+)
 from hnm.outcome import Outcomes, other_groups_eligible, outcomes
 from hnm.select import Pick, Rules, Selector
 
@@ -61,7 +74,7 @@ class Candidates:
 
     @classmethod
     def from_arrays(cls, z: dict[str, np.ndarray]) -> Candidates:
-        if "hard_fixed" not in z:
+        if "hard_fixed" not in z or z["hard_fixed"].shape[1] != len(FIXED_RULES):
             raise HnmError("candidate lists written by an older hnm (without the counts of "
                            "the outcomes); rerun the mining command with --overwrite")
         hard, diverse = (Ragged(z[f"{k}_offsets"], z[f"{k}_rows"], z[f"{k}_vis"],
@@ -74,9 +87,10 @@ class Candidates:
         return cls(Ragged.concat([p.hard for p in parts]),
                    Ragged.concat([p.diverse for p in parts]),
                    np.concatenate([p.complete for p in parts]) if parts else np.zeros(0, bool),
-                   np.concatenate(before) if parts else np.zeros((0, 3), np.int32),
+                   np.concatenate(before) if parts
+                   else np.zeros((0, len(FIXED_RULES) - 1), np.int32),
                    np.concatenate([p.hard_fixed for p in parts]) if parts
-                   else np.zeros((0, 4), np.int32))
+                   else np.zeros((0, len(FIXED_RULES)), np.int32))
 
     def window(self, a0: int, a1: int) -> Candidates:
         """Lists of anchors a0..a1-1 (positions in this object), sharing the arrays."""
@@ -104,7 +118,7 @@ def find_candidates(c: Config, tab: Arrays, anchors: np.ndarray, device: str = "
     for s in range(0, len(anchors), batch):
         a = anchors[s:s + batch]
         hard = hard_candidates(index, tab, a, c.k_nn, c.min_visual_similarity,
-                               c.cosine_threshold)
+                               c.cosine_threshold, cross_rule(c))
         need = wanted[s:s + batch] | (np.diff(hard.lists.offsets) == 0)
         sub, sub_complete = farthest(index.far, tab, a[need], c.diverse_candidates)
         complete = np.zeros(len(a), bool)
@@ -150,6 +164,26 @@ class Widener:
             self.cache[a] = (size, lists.get(i), bool(complete[i]))
 
 
+def cross_rule(config: Config) -> CrossRule:
+    """The config's positive-aware rule (off unless a ratio or a margin is given)."""
+    return CrossRule(config.max_cross_score_ratio, config.min_cross_score_margin)
+
+
+def with_cross(tab: Arrays, anchors: np.ndarray, picks: list[list[Pick]]
+               ) -> list[list[Pick]]:
+    """The picks with their cross score and their anchor's own score (a joint space only)."""
+    flat = [(i, p) for i, row in enumerate(picks) for p in row]
+    if tab.C is None or not flat:
+        return picks
+    a = anchors[[i for i, _ in flat]]
+    cross = cross_sims(tab, a, np.array([p.row for _, p in flat], np.int64)).tolist()
+    own = own_scores(tab, a).tolist()
+    out: list[list[Pick]] = [[] for _ in picks]
+    for (i, p), x, o in zip(flat, cross, own):
+        out[i].append(dataclasses.replace(p, cross=x, own=o))
+    return out
+
+
 def make_selector(config: Config, tab: Arrays, phrases: list[str]) -> Selector:
     """The selection pass, with an exact wider search past exhausted diverse lists."""
     rules = Rules(config.cosine_threshold, config.min_visual_similarity, config.diverse_ratio,
@@ -185,7 +219,8 @@ def select_negatives(config: Config, selector: Selector,
     diverse_possible = other_groups_eligible(np.asarray(tab.groups), np.asarray(tab.eligible))
     for anchors, cands in shards:
         m = Metrics()
-        raw = selector.run(anchors, u[anchors], cands.hard, cands.diverse, cands.complete, m)
+        raw = with_cross(tab, anchors, selector.run(anchors, u[anchors], cands.hard,
+                                                   cands.diverse, cands.complete, m))
         picks, suspects = audit_picks(config, anchors, raw)
         count_suspects(m, suspects)
         why = outcomes(selector.rules, selector.pid, cands.hard, cands.hard_before,

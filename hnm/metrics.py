@@ -153,6 +153,7 @@ class Metrics:
         s = self.suspects
         return {"total": s["hard"] + s["diverse"], "hard": s["hard"], "diverse": s["diverse"],
                 "text_similarity": s["text"], "visual_similarity": s["visual"],
+                **({"cross_score": s["cross"]} if "cross" in s else {}),
                 "dropped": self.suspects_dropped}
 
     def shard_summary(self) -> dict[str, Any]:

@@ -192,12 +192,55 @@ class Arrays:
     groups: np.ndarray  # (N,)
     eligible: np.ndarray  # (N,) bool, SPEC §3
     clusters: np.ndarray  # (N,)
+    # (U, dv) per distinct phrase, in V's space (a joint image-text model's texts), or None
+    # without a joint space: cross(a, j) = V[a] . C[text_ids[j]]
+    C: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class CrossRule:
+    """The positive-aware rule: candidate j is no negative of anchor a when its text scores
+    with a's image above `ratio` times a's own image-caption score, or within `margin` of
+    it. Off (both None) without a joint space."""
+
+    ratio: float | None = None
+    margin: float | None = None
+
+    @property
+    def on(self) -> bool:
+        return self.ratio is not None or self.margin is not None
+
+    def rejects(self, cross: np.ndarray, own: np.ndarray) -> np.ndarray:
+        """Which (cross, own) pairs the rule removes (broadcast)."""
+        out = np.zeros(np.broadcast(cross, own).shape, bool)
+        if self.ratio is not None:
+            out |= cross > self.ratio * own
+        if self.margin is not None:
+            out |= cross > own - self.margin
+        return out
+
+
+def cross_sims(tab: Arrays, a: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """Exact cross(a, j) = V[a] . C[text_ids[j]] for pairs of rows (P,) -> (P,) float64."""
+    out = np.empty(len(a), dtype=np.float64)
+    step = max(1, CHUNK_BYTES // (tab.V.shape[1] * 4))
+    for s in range(0, len(a), step):
+        va = np.asarray(tab.V[a[s:s + step]])
+        cj = np.asarray(tab.C[tab.text_ids[j[s:s + step]]])
+        out[s:s + step] = np.einsum("pd,pd->p", va, cj, dtype=np.float64)
+    return out
+
+
+def own_scores(tab: Arrays, a: np.ndarray) -> np.ndarray:
+    """Each anchor's own image-caption score cross(a, a) (P,) float64."""
+    return cross_sims(tab, a, a)
 
 
 # SPEC §5's rules that do not depend on the phrase state, in the order they apply: a
-# neighbour of N(a) below min_visual_similarity, of a's group, not eligible, or whose text
-# is too similar at every threshold step can never be a's hard negative.
-FIXED_RULES = ("min_visual", "same_group", "ineligible", "text_similar")
+# neighbour of N(a) below min_visual_similarity, of a's group, not eligible, whose text
+# is too similar at every threshold step, or whose text scores with a's image about as well
+# as a's own caption (CrossRule) can never be a's hard negative.
+FIXED_RULES = ("min_visual", "same_group", "ineligible", "text_similar", "cross_score")
 SAME_GROUP, INELIGIBLE, OPEN = 1, 2, 0  # Neighbours.code
 
 
@@ -205,13 +248,16 @@ SAME_GROUP, INELIGIBLE, OPEN = 1, 2, 0  # Neighbours.code
 class Neighbours:
     """N(a) above a visual floor, per anchor (B, k), with each row's fixed-rule code
     (OPEN, SAME_GROUP or INELIGIBLE) and txt for the OPEN ones (inf elsewhere); `size`:
-    how many rows N(a) holds, those below the floor included."""
+    how many rows N(a) holds, those below the floor included. With a joint space, cross
+    for the OPEN rows (nan elsewhere) and each anchor's own score; else None."""
 
     rows: np.ndarray
     vis: np.ndarray
     txt: np.ndarray
     code: np.ndarray
     size: np.ndarray
+    cross: np.ndarray | None = None
+    own: np.ndarray | None = None
 
 
 def neighbours(index: SearchIndex, tab: Arrays, anchors: np.ndarray, k_nn: int,
@@ -228,28 +274,39 @@ def neighbours(index: SearchIndex, tab: Arrays, anchors: np.ndarray, k_nn: int,
     if len(a_sub):
         txt[a_sub, k_sub] = text_sims(tab, anchors[a_sub], rows[a_sub, k_sub])
     size = np.full(len(anchors), min(k_nn, max(index.ntotal - 1, 0)), np.int64)
-    return Neighbours(rows, vis, txt, code, size)
+    if tab.C is None:
+        return Neighbours(rows, vis, txt, code, size)
+    cross = np.full(rows.shape, np.nan)
+    if len(a_sub):
+        cross[a_sub, k_sub] = cross_sims(tab, anchors[a_sub], rows[a_sub, k_sub])
+    return Neighbours(rows, vis, txt, code, size, cross, own_scores(tab, anchors))
 
 
 @dataclass
 class HardLists:
     """What the hard scan can use of N(a): the rows that pass every fixed rule (`lists`,
     in N(a) order), for each of them how many rows before it each fixed rule removed
-    (`before`, (E, 3): same_group, ineligible, text_similar), and per anchor how many
-    rows of N(a) each fixed rule removed (`fixed`, (B, 4): FIXED_RULES)."""
+    (`before`, (E, 4): same_group, ineligible, text_similar, cross_score), and per anchor how many
+    rows of N(a) each fixed rule removed (`fixed`, (B, 5): FIXED_RULES)."""
 
     lists: Ragged
     before: np.ndarray
     fixed: np.ndarray
 
 
-def cut(nb: Neighbours, tau: float, min_vis: float) -> HardLists:
-    """The hard lists a run with (tau, min_vis) uses, from neighbours found down to a
-    floor at most min_vis; the fixed rules are counted from masks."""
+def cut(nb: Neighbours, tau: float, min_vis: float, rule: CrossRule = CrossRule()
+        ) -> HardLists:
+    """The hard lists a run with (tau, min_vis, rule) uses, from neighbours found down to
+    a floor at most min_vis; the fixed rules are counted from masks."""
     valid = (nb.code >= 0) & (nb.vis >= min_vis)
     masks = [valid & (nb.code == SAME_GROUP), valid & (nb.code == INELIGIBLE),
              valid & (nb.code == OPEN) & (nb.txt >= threshold_steps(tau)[-1])]
     keep = valid & (nb.code == OPEN) & ~masks[2]
+    cross = np.zeros_like(keep)
+    if rule.on and nb.cross is not None:
+        cross = keep & rule.rejects(np.nan_to_num(nb.cross, nan=-np.inf), nb.own[:, None])
+    masks.append(cross)
+    keep &= ~cross
     fixed = np.stack([nb.size - valid.sum(1), *(m.sum(1) for m in masks)], axis=1)
     before = np.stack([(np.cumsum(m, 1) - m)[keep] for m in masks], axis=1)
     return HardLists(_ragged(keep, nb.rows, nb.vis, nb.txt), before.astype(np.int32),
@@ -257,10 +314,10 @@ def cut(nb: Neighbours, tau: float, min_vis: float) -> HardLists:
 
 
 def hard_candidates(index: SearchIndex, tab: Arrays, anchors: np.ndarray, k_nn: int,
-                    min_vis: float, tau: float) -> HardLists:
+                    min_vis: float, tau: float, rule: CrossRule = CrossRule()) -> HardLists:
     """Per anchor, in N(a) order: rows that can ever pass SPEC §5, with vis and txt, and
     what the fixed rules removed."""
-    return cut(neighbours(index, tab, anchors, k_nn, min_vis), tau, min_vis)
+    return cut(neighbours(index, tab, anchors, k_nn, min_vis), tau, min_vis, rule)
 
 
 def text_sims(tab: Arrays, a: np.ndarray, j: np.ndarray) -> np.ndarray:

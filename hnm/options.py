@@ -179,16 +179,25 @@ OPTIONS: tuple[Option, ...] = (
     ),
     *_group(
         ENCODERS,
-        Option("visual_encoder", str, "efficientnet-lite0", "efficientnet-lite0 | pixels | HF "
-               "model folder or id", EMBEDDINGS, metavar="E", doc="`efficientnet-lite0`, "
-               "`pixels` (the original 8×8 pooled pixels), or a Hugging Face CLIP/SigLIP model "
-               "folder or id"),
-        Option("text_encoder", str, "minilm", "minilm | HF model folder or id", EMBEDDINGS,
-               metavar="E", doc="`minilm` (all-MiniLM-L6-v2) or a Hugging Face sentence-encoder "
-               "folder or id"),
+        Option("visual_encoder", str, "efficientnet-lite0", "efficientnet-lite0 | pixels | "
+               "timm:NAME | open_clip:ARCH[:PRETRAINED] | HF model folder or id", EMBEDDINGS,
+               metavar="E", doc="`efficientnet-lite0`, `pixels` (the original 8×8 pooled "
+               "pixels), `timm:NAME`, `open_clip:ARCH[:PRETRAINED]`, or a Hugging Face "
+               "CLIP/SigLIP model folder or id"),
+        Option("text_encoder", str, "minilm", "minilm | joint | HF model folder or id",
+               EMBEDDINGS, metavar="E", doc="`minilm` (all-MiniLM-L6-v2), `joint` (the "
+               "`--joint-model`'s text side) or a Hugging Face sentence-encoder folder or id"),
         *(Option(f"{kind}_embeddings", str, None, "precomputed .npy, one row/record",
                  EMBEDDINGS, metavar="FILE.npy", doc=f"precomputed {kind} embeddings, one row "
                  "per record in input order") for kind in ("image", "text")),
+        Option("joint_model", str, None, "one image-text model for images and cross scores: HF "
+               "CLIP/SigLIP folder or id, open_clip:ARCH[:PRETRAINED]", EMBEDDINGS,
+               metavar="SPEC", omitted_at_default=True, doc="one image–text model embeds the "
+               "images (in place of `--visual-encoder`) and, in its joint space, the texts for "
+               "cross scores: a Hugging Face CLIP/SigLIP folder or id, or "
+               "`open_clip:ARCH[:PRETRAINED]` (see *Joint image–text space*)"),
+        Option("joint_space", bool, False, "the precomputed image and text embeddings come "
+               "from one image-text model (cross scores)", omitted_at_default=True),
         # RUNTIME, yet some kernels round differently for other batch sizes: a run keeps the
         # batch grid it was first planned with (Plan.batch_size) whatever the flag says
         Option("batch_size", int, 64, "batch size", RUNTIME, _POSITIVE),
@@ -218,6 +227,13 @@ OPTIONS: tuple[Option, ...] = (
                rule=_POSITIVE),
         Option("blacklist_similarity", float, 0.75, "max similarity to a blacklist phrase",
                rule=_SIMILARITY),
+        Option("max_cross_score_ratio", float, None, "a joint space: skip a candidate whose "
+               "text scores with the anchor's image above this share of the anchor's own "
+               "image-caption score (0.95 a starting point)", rule=within(0, 1),
+               default_text="off", omitted_at_default=True),
+        Option("min_cross_score_margin", float, None, "a joint space: skip a candidate whose "
+               "cross score is within this margin of the anchor's own score",
+               rule=within(0, 2), default_text="off", omitted_at_default=True),
         Option("n_clusters", int, 30, "k-means clusters for diverse negatives", rule=_POSITIVE),
         Option("num_negatives", int, 1, "negatives per anchor", rule=_POSITIVE),
         Option("diverse_candidates", int, 64, "diverse candidates kept per anchor",

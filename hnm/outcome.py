@@ -25,10 +25,12 @@ REASONS = (*RULES, "no_diverse", "suspect_dropped")
 # How the summary, the report and the sweep name each reason.
 REASON_LABELS = {"min_visual": "below min visual sim", "same_group": "same group",
                  "ineligible": "answer filter", "text_similar": "text too similar",
+                 "cross_score": "scores like own caption",
                  "repeated_phrase": "phrase already used", "phrase_cap": "phrase caps",
                  "no_diverse": "no diverse left", "suspect_dropped": "suspects dropped"}
 NONE = -1  # reason of an anchor that got every negative it asked for
-MIN_VISUAL, TEXT, REPEATED, CAP = 0, 3, 4, 5
+FIXED = len(FIXED_RULES)
+MIN_VISUAL, TEXT, REPEATED, CAP = 0, 3, FIXED, FIXED + 1
 NO_DIVERSE, DROPPED = len(RULES), len(RULES) + 1
 
 
@@ -155,9 +157,9 @@ class Scans:
             cut[self.owner[hit]] = self.pos[hit]
             thr[at] = [self.steps[0] if p.step == "fallback" else self.steps[p.step]
                        for p in (picks[a] for a in at.tolist())]
-            self.skipped[self.owner[hit], 1:4] += self.before[hit]
+            self.skipped[self.owner[hit], 1:FIXED] += self.before[hit]
         whole = ran & ~is_hard  # the scan went through all of N(a)
-        self.skipped[whole, :4] += self.fixed[whole]
+        self.skipped[whole, :FIXED] += self.fixed[whole]
         scanned = ran[self.owner] & (self.pos < cut[self.owner])
         text = scanned & (self.txt >= thr[self.owner])
         repeated = scanned & ~text & (self.phrase[:, None] == self.taken[self.owner, :i]).any(1)

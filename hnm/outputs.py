@@ -11,7 +11,7 @@ from typing import Any
 
 from hnm.audit import Suspect, is_suspect
 from hnm.callbacks import Progress, no_progress
-from hnm.config import Config
+from hnm.config import Config, has_joint_space
 from hnm.data import Corpus
 from hnm.outcome import RULES, Outcomes
 from hnm.select import Pick
@@ -40,6 +40,9 @@ def negative_record(config: Config, ds: Corpus, pick: Pick) -> dict[str, Any]:
            "text_similarity": similarity(pick.txt),
            "visual_similarity": similarity(pick.vis),
            "suspect": is_suspect(config, pick)}
+    if pick.cross is not None:  # a joint space: the scores the cross rule and audit judge
+        out["cross_score"] = similarity(pick.cross)
+        out["own_score"] = similarity(pick.own)
     if pick.kind == "hard":
         out["threshold_step"] = pick.step
     else:
@@ -88,7 +91,8 @@ def write_negatives(config: Config, run: RunDir, ds: Corpus, picks: list[list[Pi
     """OUTPUT_DIR/negatives.jsonl, or negatives.parquet with --output-format parquet."""
     if config.output_format == "parquet":
         write_parquet(run, run.negatives_parquet, ds, output_records(config, ds, picks, why),
-                      progress, config.num_negatives > 1, config.fields.id)
+                      progress, config.num_negatives > 1, config.fields.id,
+                      has_joint_space(config))
         return
     which, outcomes = why.distinct(config.num_negatives > 1)
     # anchors share a few distinct outcomes: each is encoded once, and written as
@@ -105,13 +109,13 @@ def write_negatives(config: Config, run: RunDir, ds: Corpus, picks: list[list[Pi
 
 def write_parquet(run: RunDir, path: Path, ds: Corpus, records: Iterable[dict[str, Any]],
                   progress: Progress = no_progress, several: bool = False,
-                  id_field: str = "id") -> None:
+                  id_field: str = "id", cross: bool = False) -> None:
     """One row per record, its negatives a list of structs, its outcome a struct; written
     ROW_GROUP rows at a time, so that only one row group is ever held as a table."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    schema, as_json = parquet_schema(ds, several, id_field)
+    schema, as_json = parquet_schema(ds, several, id_field, cross)
     with run.open(path) as handle:
         writer = pq.ParquetWriter(handle, schema)
         chunk: list[dict[str, Any]] = []
@@ -124,13 +128,15 @@ def write_parquet(run: RunDir, path: Path, ds: Corpus, records: Iterable[dict[st
         writer.close()
 
 
-def parquet_schema(ds: Corpus, several: bool = False, id_field: str = "id"
+def parquet_schema(ds: Corpus, several: bool = False, id_field: str = "id",
+                   cross: bool = False
                    ) -> tuple[Any, set[str]]:
     """The records' columns, each with the Arrow type of all its values (a column whose
     values have none, e.g. numbers in some records and text in others, is JSON text), then
     `negatives` and `outcome` (with `missing` when several negatives are asked for). The
     JSON columns are named in the schema's metadata. Records without an id field get the
-    id column first (`adds_id`)."""
+    id column first (`adds_id`). `cross`: a run with a joint space, whose negatives carry
+    their cross and own scores and whose scans the cross rule skips rows of."""
     import pyarrow as pa
 
     fields, as_json = [], set()
@@ -151,11 +157,14 @@ def parquet_schema(ds: Corpus, several: bool = False, id_field: str = "id"
                           ("image", pa.string()), ("type", pa.string()),
                           ("text_similarity", pa.float64()),
                           ("visual_similarity", pa.float64()), ("suspect", pa.bool_()),
+                          *([("cross_score", pa.float64()), ("own_score", pa.float64())]
+                            if cross else []),
                           ("threshold_step", pa.string()), ("anchor_cluster", pa.int64()),
                           ("negative_cluster", pa.int64())])
+    rules = [r for r in RULES if cross or r != "cross_score"]
     fields.append(pa.field("negatives", pa.list_(negative)))
     outcome = [("reason", pa.string())] + ([("missing", pa.int64())] if several else []) \
-        + [("skipped", pa.struct([(rule, pa.int64()) for rule in RULES]))]
+        + [("skipped", pa.struct([(rule, pa.int64()) for rule in rules]))]
     fields.append(pa.field("outcome", pa.struct(outcome)))
     meta = {JSON_COLUMNS: json.dumps(sorted(as_json))}
     return pa.schema(fields, metadata=meta), as_json

@@ -239,15 +239,15 @@ def fit_to_work(config: Config, devices: list[str], work: float,
 
 
 def _work(config: Config, ds: Corpus) -> float:
-    return work_seconds(config, len(ds), len(ds.phrases), _dim(config.image_embeddings,
-                                                              config.visual_encoder))
+    return work_seconds(config, len(ds), len(ds.phrases), _dim(
+        config.image_embeddings, config.joint_model or config.visual_encoder))
 
 
 def run_sizes(config: Config, ds: Corpus, placement: Placement) -> Sizes:
     """The sizes a run's memory depends on."""
     path = Path(config.annotations or "")
     return Sizes(rows=len(ds), phrases=len(ds.phrases), anchors=ds.num_anchors,
-                 dv=_dim(config.image_embeddings, config.visual_encoder),
+                 dv=_dim(config.image_embeddings, config.joint_model or config.visual_encoder),
                  dt=_dim(config.text_embeddings, config.text_encoder),
                  annotation_bytes=path.stat().st_size if path.is_file() else 0,
                  workers=len(placement.devices),

@@ -14,11 +14,12 @@ import numpy as np
 from hnm import schema
 from hnm.blacklist import read_blacklist
 from hnm.callbacks import Progress, no_progress
-from hnm.config import EMBEDDING_KEYS, Config, config_hash
+from hnm.config import EMBEDDING_KEYS, Config, check_joint, config_hash, has_joint_space
 from hnm.data import Corpus, file_stats, load_corpus
 from hnm.embed import check_precomputed
 from hnm.encoders import BUILTIN_TEXT, BUILTIN_VISUAL, check_encoder_name, describe_encoder
 from hnm.errors import HnmError
+from hnm.joint import OPEN_CLIP, TIMM, check_spec
 from hnm.placement import Placement, run_sizes
 from hnm.readers import reads_tensors
 from hnm.sizing import IndexChoice, estimate, memory_lines
@@ -201,14 +202,23 @@ def _digest(*paths: str | None) -> str:
 
 def validate_inputs(config: Config, progress: Progress = no_progress) -> Corpus:
     """Every input check that can fail, before anything is written."""
+    check_joint(config)
     for flag, name, builtins, pre in (
-            ("--visual-encoder", config.visual_encoder, BUILTIN_VISUAL, config.image_embeddings),
-            ("--text-encoder", config.text_encoder, BUILTIN_TEXT, config.text_embeddings)):
+            ("--visual-encoder", config.visual_encoder, BUILTIN_VISUAL,
+             config.image_embeddings or config.joint_model),
+            ("--text-encoder", config.text_encoder, BUILTIN_TEXT,
+             config.text_embeddings or config.text_encoder == "joint")):
         if not pre:
             try:
-                check_encoder_name(name, builtins)
+                if name.startswith((OPEN_CLIP, TIMM)):
+                    check_spec(flag, name)
+                else:
+                    check_encoder_name(name, builtins)
             except HnmError as exc:
-                raise HnmError(f"{flag}: {exc}") from None
+                raise HnmError(f"{flag}: {exc}".replace(f"{flag}: {flag} ", f"{flag} ")) \
+                    from None
+    if config.joint_model:
+        check_spec("--joint-model", config.joint_model)
     if config.image_dir and not config.image_embeddings and not Path(config.image_dir).is_dir() \
             and not reads_tensors(config):  # an AVDN processed dataset holds its images
         raise HnmError(f"--image-dir {config.image_dir}: not a directory")
@@ -217,21 +227,27 @@ def validate_inputs(config: Config, progress: Progress = no_progress) -> Corpus:
     if config.num_negatives > max(1, len(ds) - 1):  # more than the selection can find
         raise HnmError(f"--num-negatives: at most {max(1, len(ds) - 1)} (the mined rows "
                        f"other than the anchor), got {config.num_negatives}")
-    for flag, path in (("--image-embeddings", config.image_embeddings),
-                       ("--text-embeddings", config.text_embeddings)):
-        if path:
-            check_precomputed(path, flag, len(ds.records))
+    dims = {flag: check_precomputed(path, flag, len(ds.records))
+            for flag, path in (("--image-embeddings", config.image_embeddings),
+                               ("--text-embeddings", config.text_embeddings)) if path}
+    if config.joint_space and len(set(dims.values())) > 1:
+        raise HnmError("--joint-space: the image embeddings have {} dimensions, the text "
+                       "embeddings {}; one space has one width".format(*dims.values()))
     return ds
 
 
 def provenance(config: Config, precision: str | None = None) -> dict[str, Any]:
     """Encoder names and versions, the precision, the config hash and hnm's version."""
     visual = "precomputed: " + config.image_embeddings if config.image_embeddings \
-        else describe_encoder(config.visual_encoder)
+        else describe_encoder(config.joint_model or config.visual_encoder)
     text = "precomputed: " + config.text_embeddings if config.text_embeddings \
-        else describe_encoder(config.text_encoder)
+        else describe_encoder(config.joint_model if config.text_encoder == "joint"
+                              else config.text_encoder)
     return {"hnm_version": __version__, "config_hash": config_hash(config),
             "visual_encoder": visual, "text_encoder": text,
+            **({"joint_space": describe_encoder(config.joint_model) if config.joint_model
+                else "precomputed: one model's image and text embeddings"}
+               if has_joint_space(config) else {}),
             "precision": precision or config.precision}
 
 

@@ -77,7 +77,7 @@ def reduce_phase(config: Config, run: RunDir, ds: Corpus, plan: Plan,
     done). `timing`: seconds of the phases before; `started`: perf_counter() at the start
     of this invocation, for its wall time."""
     t0 = time.perf_counter()
-    tab = load_arrays(run, ds)
+    tab = load_arrays(run, ds, config)
     u = anchor_uniforms(ds.ids[:ds.num_anchors], config.seed)
     selector = make_selector(config, tab, ds.phrases)
     shards = ((np.arange(*s.anchors), Candidates.from_arrays(read_npz(run.candidates(s.shard))))

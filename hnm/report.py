@@ -20,6 +20,7 @@ from hnm.pages import esc, fmt, html_table, page
 from hnm.plan import Plan, check_unchanged, read_plan
 from hnm.readers import SHARD_FORMATS
 from hnm.report_charts import failures, plots
+from hnm.report_cross import cross_section
 from hnm.report_gallery import Thumbs, gallery, shown_images, suspect_table
 from hnm.report_scan import Scan, Suspects, scan_negatives, top_suspects
 from hnm.storage import RunDir, read_json, verify_marker
@@ -74,7 +75,8 @@ def render(config: Config, metrics: dict[str, Any], scan: Scan, suspects: Suspec
         f"<h1>{esc(title)}</h1>",
         f"<p class='muted'>{esc(config.annotations or '')} · "
         f"{esc(metrics['provenance']['config_hash'])}</p>",
-        headline(metrics), plots(config, metrics, scan), failures(metrics, scan, sweep),
+        headline(metrics), plots(config, metrics, scan), cross_section(config, scan),
+        failures(metrics, scan, sweep),
         shard_table(metrics),
         gallery(config, scan, thumbs), suspect_table(config, suspects, thumbs),
         config_table(config, metrics),

@@ -14,7 +14,8 @@ from hnm.summary import reason_shares, suggestion
 
 # a colour per failure reason (README's codes), in the charts of "Why anchors got no negative"
 REASON_COLOURS = {"min_visual": "#8e24aa", "same_group": "#6d4c41", "ineligible": "#757575",
-                  "text_similar": "#00897b", "repeated_phrase": "#f9a825",
+                  "text_similar": "#00897b", "cross_score": "#d81b60",
+                  "repeated_phrase": "#f9a825",
                   "phrase_cap": "#c62828", "no_diverse": "#e08a1e",
                   "suspect_dropped": "#1f6fb4", None: "#bdbdbd"}
 HARD, DIVERSE, ALERT = "#1f6fb4", "#e08a1e", "#c62828"

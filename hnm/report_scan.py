@@ -19,6 +19,7 @@ from hnm.storage import RunDir
 
 # Gallery rows per section: bounded so the page stays small (~1 MB) whatever the run's size.
 SAMPLE, BORDERLINE, FAILED, SUSPECTS = 24, 12, 12, 40
+CROSS_POINTS = 3000  # negatives plotted by their cross and own scores (the first ones)
 POSITION_BINS = 20  # stretches of the input order in the failure chart
 
 
@@ -41,6 +42,10 @@ class Scan:
     records: dict[int, dict] = field(default_factory=dict)
     # anchors without a negative, by reason, in POSITION_BINS stretches of the input order
     failed_by_bin: list[Counter] = field(default_factory=list)
+    # a joint space: (own score, cross score, type) of the first CROSS_POINTS negatives, and
+    # the anchors whose nearest candidates the cross rule removed most (most first)
+    cross: list[tuple[float, float, str]] = field(default_factory=list)
+    cross_removed: list[int] = field(default_factory=list)
 
 
 def scan_negatives(run: RunDir, config: Config, plan: Plan) -> Scan:
@@ -57,6 +62,7 @@ def scan_negatives(run: RunDir, config: Config, plan: Plan) -> Scan:
     high: list[tuple[float, int]] = []
     low: list[tuple[float, int]] = []
     uses: Counter = Counter()
+    removed: list[tuple[int, int]] = []
     bins = min(POSITION_BINS, len(anchors))
     scan.failed_by_bin = [Counter() for _ in range(bins)]
     for k, (pos, record) in enumerate(read_records(run, set(anchors))):
@@ -67,6 +73,11 @@ def scan_negatives(run: RunDir, config: Config, plan: Plan) -> Scan:
         if not negatives and len(scan.failed) < FAILED:
             scan.failed.append(pos)
         uses.update(normalize(n["text"]) for n in negatives)
+        scan.cross += [(n["own_score"], n["cross_score"], n["type"]) for n in negatives
+                       if "cross_score" in n][:CROSS_POINTS - len(scan.cross)]
+        count = ((record.get("outcome") or {}).get("skipped") or {}).get("cross_score", 0)
+        if count:
+            _push(removed, BORDERLINE, (count, -pos))
         hard = [n for n in negatives if n["type"] == "hard"]
         if hard:
             _push(high, BORDERLINE, (max(n["text_similarity"] for n in hard), -pos))
@@ -74,7 +85,9 @@ def scan_negatives(run: RunDir, config: Config, plan: Plan) -> Scan:
     scan.high_text = [-p for _, p in sorted(high, reverse=True)]
     scan.low_visual = [-p for _, p in sorted(low, reverse=True)]
     scan.reuse = Counter(uses.values())
-    wanted = {*scan.sample, *scan.high_text, *scan.low_visual, *scan.failed}
+    scan.cross_removed = [-p for _, p in sorted(removed, reverse=True)]
+    wanted = {*scan.sample, *scan.high_text, *scan.low_visual, *scan.failed,
+              *scan.cross_removed}
     scan.records = dict(read_records(run, wanted))
     return scan
 

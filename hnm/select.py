@@ -120,6 +120,8 @@ class Pick:
     step: int | str | None = None  # hard: 0, 1, 2 or "fallback"
     anchor_cluster: int | None = None
     negative_cluster: int | None = None
+    cross: float | None = None  # a joint space: the negative's text with the anchor's image
+    own: float | None = None  # ... and the anchor's own image-caption score
 
 
 @dataclass(frozen=True)

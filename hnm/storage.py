@@ -30,8 +30,8 @@ PHASE_DIRS = {"embed": "embeddings", "tables": "tables", "candidates": "candidat
 RUN_FILES = re.compile(r"""(?x)
     (config\.yaml | plan\.json | negatives\.(jsonl|parquet) | suspects\.jsonl | metrics\.json
      | report\.html | sweep\.(html|json) | done\.json | \.hnm\.lock | \.hnm-run\.json)
-  | embeddings/((image|text)_\d{5,}\.npy | done_\d{5,})
-  | tables/((visual|text|eligible|clusters|centroids)\.npy | ivf\.faiss | done)
+  | embeddings/((image|text|cross)_\d{5,}\.npy | done_\d{5,})
+  | tables/((visual|text|cross|eligible|clusters|centroids)\.npy | ivf\.faiss | done)
   | candidates/(shard_\d{5,}\.npz | done_\d{5,})
   | logs/(hnm\.log | tables\.log | shard_\d{5,}\.log | \.(crashed|held)_\w+)""")
 SIGNATURE = "hnm run directory"  # the format marker of .hnm-run.json
@@ -157,6 +157,10 @@ class RunDir(Area):
     def text_embeddings(self, shard: int) -> Path:
         return self.root / PHASE_DIRS["embed"] / f"text_{shard:05d}.npy"
 
+    def cross_embeddings(self, shard: int) -> Path:
+        """The joint model's text embeddings, where the text rule uses another encoder."""
+        return self.root / PHASE_DIRS["embed"] / f"cross_{shard:05d}.npy"
+
     def table(self, name: str) -> Path:
         """One array of the tables phase: visual, text, eligible, clusters, centroids."""
         return self.tables_dir / f"{name}.npy"
@@ -205,9 +209,10 @@ class RunDir(Area):
                  "negatives.parquet", "suspects.jsonl", "metrics.json", "report.html",
                  "sweep.html", "sweep.json", "tables/done", "tables/ivf.faiss",
                  "logs/hnm.log", "logs/tables.log"]
-        names += [f"tables/{name}.npy" for name in TABLES]
+        names += [f"tables/{name}.npy" for name in (*TABLES, "cross")]
         for s in range(shards):
             names += [f"embeddings/image_{s:05d}.npy", f"embeddings/text_{s:05d}.npy",
+                      f"embeddings/cross_{s:05d}.npy",
                       f"embeddings/done_{s:05d}", f"candidates/shard_{s:05d}.npz",
                       f"candidates/done_{s:05d}", f"logs/shard_{s:05d}.log"]
         return names

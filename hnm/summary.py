@@ -21,11 +21,13 @@ KNOBS = {"phrase_cap": ("fallback_phrase_reuse_limit", "sliding_window_size"),
          "ineligible": ("min_answer_length", "blacklist_similarity"),
          "repeated_phrase": ("num_negatives",),
          "suspect_dropped": ("audit_text_similarity", "audit_visual_similarity"),
-         "same_group": ()}
+         "same_group": (),
+         "cross_score": ("max_cross_score_ratio", "min_cross_score_margin")}
 SWEPT = {"cosine_threshold": "--cosine-thresholds",
          "min_visual_similarity": "--min-visual-similarities",
          "fallback_phrase_reuse_limit": "--fallback-phrase-reuse-limits",
-         "sliding_window_size": "--sliding-window-sizes", "diverse_ratio": "--diverse-ratios"}
+         "sliding_window_size": "--sliding-window-sizes", "diverse_ratio": "--diverse-ratios",
+         "max_cross_score_ratio": "--max-cross-score-ratios"}
 
 
 def _fmt(value: Any, spec: str = ".3f") -> str:
@@ -116,14 +118,15 @@ def measured(g: dict[str, Any], sweep: dict[str, Any], knobs: list[str]) -> str:
     """The sweep's point with the most successes among those that change only `knobs`."""
     run = sweep["run"]
     others = [k for k in SWEPT if k not in knobs]
-    points = [p for p in sweep["points"] if all(p[k] == run[k] for k in others)]
+    points = [p for p in sweep["points"] if all(p.get(k) == run.get(k) for k in others)]
     changed = [p for p in points if any(p[k] != run[k] for k in knobs)]
     if not changed:
         return "the sweep did not vary " + " or ".join(flag(k) for k in knobs)
     # the most successes; of equals, the point that changes fewest knobs, then the first
     best = max(changed, key=lambda p: (p["global"]["successes"],
                                        -sum(p[k] != run[k] for k in knobs)))
-    values = " ".join(f"{flag(k)} {best[k]:g}" for k in knobs if best[k] != run[k])
+    values = " ".join(f"{flag(k)} {'off' if best[k] is None else format(best[k], 'g')}"
+                      for k in knobs if best[k] != run[k])
     found = best["global"]["successes"]
     if found <= g["successes"]:
         return (f"no value of {' or '.join(flag(k) for k in knobs)} the sweep tried finds "

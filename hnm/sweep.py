@@ -21,7 +21,7 @@ from hnm.engine import ANCHOR_BATCH, Candidates, find_candidates, make_selector,
 from hnm.errors import HnmError
 from hnm.lifecycle import load_run_config
 from hnm.metrics import Metrics, phrase_diversity_vs_data
-from hnm.miner import Arrays, Ragged, cut, neighbours
+from hnm.miner import Arrays, CrossRule, Ragged, cut, neighbours
 from hnm.outcome import REASON_LABELS, REASONS
 from hnm.pages import CSS, esc, fmt, html_table, page
 from hnm.plan import Plan, read_plan
@@ -69,7 +69,7 @@ def load_saved(output_dir: str | Path) -> Saved:
         raise HnmError(f"{config.annotations}: changed since the run in {run.root}; its saved "
                        "embeddings no longer match the records")
     u = anchor_uniforms(ds.ids[:ds.num_anchors], config.seed)
-    return Saved(config, plan, ds, load_arrays(run, ds), u)
+    return Saved(config, plan, ds, load_arrays(run, ds, config), u)
 
 
 def default_grid(value: float) -> list[float]:
@@ -97,7 +97,8 @@ KNOBS = (("cosine_threshold", "cosine_thresholds", float),
          ("min_visual_similarity", "min_visual_similarities", float),
          ("fallback_phrase_reuse_limit", "fallback_phrase_reuse_limits", int),
          ("sliding_window_size", "sliding_window_sizes", int),
-         ("diverse_ratio", "diverse_ratios", float))
+         ("diverse_ratio", "diverse_ratios", float),
+         ("max_cross_score_ratio", "max_cross_score_ratios", float))
 THRESHOLDS = ("cosine_threshold", "min_visual_similarity")
 
 
@@ -119,7 +120,7 @@ def sweep(output_dir: str | Path, taus: list[float] | None = None,
           min_visuals: list[float] | None = None, **knobs: list | None) -> dict[str, Any]:
     """Metrics a rerun would give at every combination of the knobs' values
     (cosine_threshold, min_visual_similarity, and as keywords fallback_phrase_reuse_limit,
-    sliding_window_size, diverse_ratio).
+    sliding_window_size, diverse_ratio, max_cross_score_ratio: None is the rule off).
 
     Only the selection runs again: the hard lists of every (cosine_threshold,
     min_visual_similarity) pair are cut from one set of neighbour lists (the run's own
@@ -133,15 +134,19 @@ def sweep(output_dir: str | Path, taus: list[float] | None = None,
     c = saved.config
     grid = grid_values(c, {"cosine_threshold": taus, "min_visual_similarity": min_visuals,
                            **knobs})
-    pairs = [(tau, mvs) for tau in grid["cosine_threshold"]
-             for mvs in grid["min_visual_similarity"]]
+    if grid["max_cross_score_ratio"] != [c.max_cross_score_ratio] and saved.tab.C is None:
+        raise HnmError(f"--max-cross-score-ratios: the run in {output_dir} has no joint "
+                       "image-text space (--joint-model or --joint-space)")
+    pairs = [(tau, mvs, ratio) for tau in grid["cosine_threshold"]
+             for mvs in grid["min_visual_similarity"] for ratio in grid["max_cross_score_ratio"]]
     lists = point_lists(saved, pairs)
     t1 = time.perf_counter()
     widen = _shared_widen(saved)
     points = []
     for values in itertools.product(*(grid[name] for name, _, _ in KNOBS)):
         point = dict(zip((name for name, _, _ in KNOBS), values))
-        cands = lists(point["cosine_threshold"], point["min_visual_similarity"])
+        cands = lists(point["cosine_threshold"], point["min_visual_similarity"],
+                      point["max_cross_score_ratio"])
         points.append({**point, "global": evaluate(saved, dataclasses.replace(c, **point),
                                                    cands, widen)})
     return {"run": {**{name: getattr(c, name) for name, _, _ in KNOBS},
@@ -167,11 +172,11 @@ def advice(output_dir: str | Path, result: dict[str, Any]) -> str | None:
     return suggestion(read_json(run.metrics), result) if run.metrics.exists() else None
 
 
-def point_lists(saved: Saved, pairs: list[tuple[float, float]]
-                ) -> Callable[[float, float], Candidates]:
-    """(cosine_threshold, min_visual_similarity) -> the candidate lists a rerun with those
-    values would write. A run interrupted before its candidates were all written has
-    everything searched."""
+def point_lists(saved: Saved, pairs: list[tuple[float, float, float | None]]
+                ) -> Callable[[float, float, float | None], Candidates]:
+    """(cosine_threshold, min_visual_similarity, max_cross_score_ratio) -> the candidate
+    lists a rerun with those values would write. A run interrupted before its candidates
+    were all written has everything searched."""
     c = saved.config
     run = RunDir(c.output_dir)
     anchors = np.arange(saved.ds.num_anchors)
@@ -179,19 +184,21 @@ def point_lists(saved: Saved, pairs: list[tuple[float, float]]
     if all(run.is_done("candidates", p.shard) for p in saved.plan.shards):
         cands = Candidates.concat([Candidates.from_arrays(read_npz(run.candidates(p.shard)))
                                    for p in saved.plan.shards])
-        if all(pair == (c.cosine_threshold, c.min_visual_similarity) for pair in pairs):
-            return lambda tau, mvs: cands
+        if all(pair == (c.cosine_threshold, c.min_visual_similarity, c.max_cross_score_ratio)
+               for pair in pairs):
+            return lambda tau, mvs, ratio: cands
     else:
         index = open_index(run, saved.plan.index, saved.tab.V, "cpu")
         cands = find_candidates(c, saved.tab, anchors, index=index)[0]
     index = index or open_index(run, saved.plan.index, saved.tab.V, "cpu")  # the run's own
-    floor = min(mvs for _, mvs in pairs)
+    floor = min(mvs for _, mvs, _ in pairs)
     found = [neighbours(index, saved.tab, anchors[s:s + ANCHOR_BATCH], c.k_nn, floor)
              for s in range(0, len(anchors), ANCHOR_BATCH)]
 
     @functools.lru_cache(maxsize=1)  # points come knob after knob: a pair's run together
-    def lists(tau: float, mvs: float) -> Candidates:
-        hard = [cut(nb, tau, mvs) for nb in found]
+    def lists(tau: float, mvs: float, ratio: float | None) -> Candidates:
+        rule = CrossRule(ratio, c.min_cross_score_margin)
+        hard = [cut(nb, tau, mvs, rule) for nb in found]
         return dataclasses.replace(
             cands, hard=Ragged.concat([h.lists for h in hard]),
             hard_before=np.concatenate([h.before for h in hard]),
@@ -228,7 +235,8 @@ def evaluate(saved: Saved, config: Config, cands: Candidates, widen: Callable
 
 KNOB_LABELS = {"cosine_threshold": "cosine threshold", "min_visual_similarity": "min visual sim",
                "fallback_phrase_reuse_limit": "fallback limit",
-               "sliding_window_size": "window size", "diverse_ratio": "diverse ratio"}
+               "sliding_window_size": "window size", "diverse_ratio": "diverse ratio",
+               "max_cross_score_ratio": "max cross score ratio"}
 MAX_MAPS = 6  # heat maps per figure; the table below them holds every point
 
 
@@ -297,11 +305,15 @@ def print_table(result: dict[str, Any], console: Any = None) -> None:
                        f"selection {s['select']:.2f}s (*: the run's own values)"))
 
 
+def _knob(value: float | None) -> str:
+    return "off" if value is None else f"{value:g}"
+
+
 def _cell_text(name: str, value: Any) -> str:
     if isinstance(value, int):
         return str(value)
     if name in KNOB_LABELS:
-        return f"{value:g}"
+        return _knob(value)
     return fmt(value, ".1%" if name in ("success_rate", "hard_share") else ".3f")
 
 
@@ -316,7 +328,7 @@ def write_outputs(output_dir: str | Path, result: dict[str, Any]) -> tuple[Path,
 def render_html(result: dict[str, Any]) -> str:
     """Heat maps of success rate and hard share, then every figure of every point."""
     run = result["run"]
-    values = ", ".join(f"{KNOB_LABELS[k]} {run[k]:g}" for k in shown_knobs(result))
+    values = ", ".join(f"{KNOB_LABELS[k]} {_knob(run[k])}" for k in shown_knobs(result))
     intro = (f"<h1>hnm sweep</h1><p class='muted'>the run used {esc(values)} (outlined); the "
              "figures are what a rerun with each combination of values gives, computed from "
              "the saved embeddings. Colours run from the grid's lowest value (pale) to its "
@@ -346,7 +358,7 @@ def heat_map(result: dict[str, Any], name: str) -> str:
     for combo in combos[:MAX_MAPS]:
         by = {(p[row_knob], p[col_knob]): p for p in result["points"]
               if all(p[k] == v for k, v in zip(rest, combo))}
-        head = "".join(f"<th>{v:g}</th>" for v in result[plural[col_knob]])
+        head = "".join(f"<th>{_knob(v)}</th>" for v in result[plural[col_knob]])
         rows = []
         for rv in result[plural[row_knob]]:
             cells = []
@@ -357,8 +369,8 @@ def heat_map(result: dict[str, Any], name: str) -> str:
                 shade = colour(None if value is None else
                                (value - lo) / (hi - lo) if hi > lo else 0.5)
                 cells.append(f"<td{cls} style='{shade}'>{esc(_cell_text(name, value))}</td>")
-            rows.append(f"<tr><th>{rv:g}</th>{''.join(cells)}</tr>")
-        title = name.replace("_", " ") + "".join(f", {KNOB_LABELS[k]} {v:g}"
+            rows.append(f"<tr><th>{_knob(rv)}</th>{''.join(cells)}</tr>")
+        title = name.replace("_", " ") + "".join(f", {KNOB_LABELS[k]} {_knob(v)}"
                                                  for k, v in zip(rest, combo))
         corner = f"{KNOB_LABELS[row_knob]} \\ {KNOB_LABELS[col_knob]}"
         out.append(f"<div><h2>{esc(title)}</h2><table class='heat'><tr><th>{esc(corner)}</th>"

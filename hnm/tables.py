@@ -12,7 +12,7 @@ import numpy as np
 
 from hnm.blacklist import read_blacklist
 from hnm.callbacks import Progress, no_progress
-from hnm.config import Config
+from hnm.config import Config, has_joint_space
 from hnm.data import Corpus, normalize
 from hnm.engine import recall_at_k, recall_sample
 from hnm.errors import HnmError
@@ -64,6 +64,9 @@ def compute(config: Config, run: RunDir, plan: Plan, phrases: list[str],
     V = merge([run.image_embeddings(s) for s in shards], run.table("visual"), area=run)
     T = merge([run.text_embeddings(s) for s in shards], run.table("text"), phrase_order,
               area=run)
+    if cross_table(config):
+        merge([run.cross_embeddings(s) for s in shards], run.table("cross"), phrase_order,
+              area=run)
     progress("tables", 1, 3)
     eligible = eligibility(config, T, phrases, embed_blacklist)
     progress("tables", 2, 3)
@@ -72,7 +75,7 @@ def compute(config: Config, run: RunDir, plan: Plan, phrases: list[str],
     t2 = time.perf_counter()
     progress("tables", 3, 3)
     info: dict[str, Any] = {"tables": t1 - t0, "cluster": t2 - t1}
-    files = [run.table(name) for name in TABLES]
+    files = [run.table(name) for name in TABLES + (("cross",) if cross_table(config) else ())]
     if plan.index.kind == "ivf":
         info.update(build_ivf(run, V, plan.index, config, plan.num_anchors))
         files.append(run.ivf)
@@ -96,14 +99,23 @@ def eligibility(config: Config, T: np.ndarray, phrases: list[str],
                             config.blacklist_similarity)
 
 
-def load_arrays(run: RunDir, ds: Corpus) -> Arrays:
-    """The tables phase's arrays, memory-mapped, with the dataset's row facts."""
+def cross_table(config: Config) -> bool:
+    """Whether the joint model's texts need a table of their own: the text rule uses
+    another encoder (with --text-encoder joint, the text table is in the joint space)."""
+    return bool(config.joint_model) and config.text_encoder != "joint"
+
+
+def load_arrays(run: RunDir, ds: Corpus, config: Config) -> Arrays:
+    """The tables phase's arrays, memory-mapped, with the dataset's row facts; with a
+    joint space, the texts in it (miner.Arrays.C)."""
+    T = read_npy(run.table("text"), mmap=True)
+    C = read_npy(run.table("cross"), mmap=True) if cross_table(config) \
+        else T if has_joint_space(config) else None
     return Arrays(
-        V=read_npy(run.table("visual"), mmap=True),
-        T=read_npy(run.table("text"), mmap=True),
+        V=read_npy(run.table("visual"), mmap=True), T=T,
         text_ids=ds.text_ids, groups=ds.groups,
         eligible=read_npy(run.table("eligible"))[ds.text_ids],
-        clusters=read_npy(run.table("clusters")),
+        clusters=read_npy(run.table("clusters")), C=C,
     )
 
 

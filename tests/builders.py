@@ -147,6 +147,49 @@ def tiny_clip(folder: Path) -> Path:
     return folder
 
 
+def tiny_joint_clip(folder: Path) -> Path:
+    """A randomly initialised CLIP with both towers and projections (one joint space), a
+    word-piece tokenizer from the small vocab (its [SEP] ends a text, as CLIP's end token
+    does), and an image processor."""
+    import torch
+    from transformers import BertTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    torch.manual_seed(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = folder / "vocab.txt"
+    vocab.write_text("\n".join(VOCAB) + "\n", encoding="utf-8")
+    BertTokenizer(str(vocab)).save_pretrained(folder)
+    text = {"vocab_size": len(VOCAB), "hidden_size": 32, "intermediate_size": 37,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 40,
+            "pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 3, "projection_dim": 16}
+    vision = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "image_size": 32, "patch_size": 8, "projection_dim": 16}
+    config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
+    CLIPModel(config).eval().save_pretrained(folder)
+    CLIPImageProcessor(size={"height": 32, "width": 32}, do_center_crop=False
+                       ).save_pretrained(folder)
+    return folder
+
+
+def tiny_open_clip(folder: Path) -> Path:
+    """A randomly initialised open_clip ViT of a few layers, saved as open_clip's own
+    `local-dir:` folder (config and weights; open_clip's bundled tokenizer)."""
+    import open_clip
+    import torch
+
+    torch.manual_seed(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = {"embed_dim": 16,
+           "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16,
+                          "patch_size": 8},
+           "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 32, "heads": 4,
+                        "layers": 2}}
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}))
+    model = open_clip.create_model(f"local-dir:{folder}")
+    torch.save(model.state_dict(), folder / "open_clip_pytorch_model.bin")
+    return folder
+
+
 def tiny_bert(folder: Path) -> Path:
     """A randomly initialised BERT with a word-piece tokenizer built from a small vocab."""
     import torch

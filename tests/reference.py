@@ -7,8 +7,17 @@ from collections import Counter, OrderedDict
 import numpy as np
 
 
+def cross_rejects(cfg, cross, own, ratio=None, margin=None):
+    """The positive-aware rule on one pair: cross above ratio * own, or within margin of
+    own (ratio and margin: the config's unless given)."""
+    ratio = cfg.max_cross_score_ratio if ratio is None else ratio
+    margin = cfg.min_cross_score_margin if margin is None else margin
+    return (ratio is not None and cross > ratio * own) or \
+        (margin is not None and cross > own - margin)
+
+
 def reference_mine(V, T, text_ids, groups, phrases, clusters, blacklist, u, cfg,
-                   searched=None, first_lists=None, outcomes=None):
+                   searched=None, first_lists=None, outcomes=None, C=None):
     """Returns, per anchor, a list of (row, kind, detail) exactly as SPEC §3-7 describes.
 
     V: (N, dv) visual embeddings; T: (U, dt) phrase embeddings; blacklist: (B, dt) or None.
@@ -19,11 +28,17 @@ def reference_mine(V, T, text_ids, groups, phrases, clusters, blacklist, u, cfg,
     the lists probed for a); first_lists(a) is a's diverse candidate list, whose free rows
     are tried first (per cluster condition) before every row is.
     outcomes: a list that receives each anchor's `reference_outcome`.
+    C: (U, dv) phrase embeddings in V's space (a joint space): the cross rule of the config
+    applies, cross(a, j) = V[a] . C[pid[j]] against own(a) = cross(a, a).
     """
     n = len(V)
     sv = np.asarray(V, np.float64) @ np.asarray(V, np.float64).T
     st = np.asarray(T, np.float64) @ np.asarray(T, np.float64).T
     pid = list(text_ids)
+    sc = None if C is None else np.asarray(V, np.float64) @ np.asarray(C, np.float64).T
+
+    def cross_out(a, j, **rule):
+        return sc is not None and cross_rejects(cfg, sc[a, pid[j]], sc[a, pid[a]], **rule)
     eligible = []
     for j in range(n):
         ok = len(phrases[pid[j]]) >= cfg.min_answer_length
@@ -57,6 +72,11 @@ def reference_mine(V, T, text_ids, groups, phrases, clusters, blacklist, u, cfg,
             return "same_group"
         if not eligible[j]:
             return "ineligible"
+        # too similar at every step, then the cross rule, then this step's threshold
+        if st[pid[a], pid[j]] >= cfg.cosine_threshold + 0.18:
+            return "text_similar"
+        if cross_out(a, j):
+            return "cross_score"
         if st[pid[a], pid[j]] >= threshold:
             return "text_similar"
         if pid[j] in taken:
@@ -124,8 +144,11 @@ def reference_mine(V, T, text_ids, groups, phrases, clusters, blacklist, u, cfg,
             picks.append(found)
         out.append(picks)
         if outcomes is not None:
+            audit = {} if cfg.max_cross_score_ratio is not None or \
+                cfg.min_cross_score_margin is not None else {"ratio": 0.95}
             suspect = [st[pid[a], pid[j]] > cfg.audit_text_similarity
-                       or sv[a, j] > cfg.audit_visual_similarity for j, _, _ in picks]
+                       or sv[a, j] > cfg.audit_visual_similarity
+                       or cross_out(a, j, **audit) for j, _, _ in picks]
             outcomes.append(reference_outcome(cfg, suspect, ended, skipped, scanned,
                                               any(groups[j] != groups[a] and eligible[j]
                                                   for j in range(n))))
@@ -146,7 +169,8 @@ def reference_outcome(cfg, suspect, ended, skipped, scanned, diverse_possible):
                 break
         else:
             reason = "no_diverse" if diverse_possible else next(
-                (r for r in ("text_similar", "ineligible", "same_group") if ended[r]),
+                (r for r in ("cross_score", "text_similar", "ineligible", "same_group")
+                 if ended[r]),
                 "min_visual")
     if len(kept) < len(picks) and (len(picks) == asked or not kept):
         reason = "suspect_dropped"

@@ -56,8 +56,10 @@ def test_identity_sets_are_those_runs_were_made_with():
     assert sorted(EMBEDDING_KEYS) == sorted((
         "annotations", "image_dir", "fields", "on_missing_image", "visual_encoder",
         "text_encoder", "image_embeddings", "text_embeddings", "input_format", "hf_split",
-        "tensor_normalization"))
-    assert IDENTITY_DEFAULTS == {"tensor_normalization": "imagenet"}
+        "tensor_normalization", "joint_model"))
+    assert IDENTITY_DEFAULTS == {"tensor_normalization": "imagenet", "joint_model": None,
+                                 "joint_space": False, "max_cross_score_ratio": None,
+                                 "min_cross_score_margin": None}
     config = Config(annotations="a.json", tensor_normalization="none", k_nn=5)
     assert (config_hash(Config()), config_hash(Config(), EMBEDDING_KEYS)) == (
         "84f86cd9f269aaad", "773420187951e67d")

@@ -20,9 +20,10 @@ from hnm import embed, tables, testpoints
 from hnm.callbacks import Progress
 from hnm.config import Config
 from hnm.data import Corpus, anchor_uniforms, load_corpus
-from hnm.encoders import build_image_encoder, build_text_encoder
+from hnm.encoders import build_text_encoder
 from hnm.engine import find_candidates
 from hnm.index import SearchIndex, set_threads
+from hnm.joint import build_image_encoder, build_joint_model
 from hnm.miner import Arrays
 from hnm.plan import Plan, read_plan
 from hnm.storage import RunDir
@@ -82,13 +83,24 @@ class Context:
         return load_corpus(self.config, list(self.plan.skipped), planned=True)
 
     @cached_property
+    def joint(self) -> Any:
+        """The --joint-model, loaded once for both of its sides."""
+        with self._loading():
+            return build_joint_model(self.config.joint_model, embed.torch_setup(self.device),
+                                     self.plan.precision)
+
+    @cached_property
     def image_encoder(self) -> Any:
+        if self.config.joint_model:
+            return self.joint
         with self._loading():
             return build_image_encoder(self.config.visual_encoder,
                                        embed.torch_setup(self.device), self.plan.precision)
 
     @cached_property
     def text_encoder(self) -> Any:
+        if self.config.text_encoder == "joint":
+            return self.joint.text
         with self._loading():
             return build_text_encoder(self.config.text_encoder,
                                       embed.torch_setup(self.device), self.plan.precision)
@@ -106,7 +118,7 @@ class Context:
 
     @cached_property
     def arrays(self) -> Arrays:
-        return tables.load_arrays(self.run, self.corpus)
+        return tables.load_arrays(self.run, self.corpus, self.config)
 
     @cached_property
     def search_index(self) -> SearchIndex:
@@ -120,7 +132,7 @@ class Context:
 
     def release_encoders(self) -> None:
         """Drop the encoders (built again if a later task needs them)."""
-        for name in ("image_encoder", "text_encoder"):
+        for name in ("image_encoder", "text_encoder", "joint"):
             self.__dict__.pop(name, None)
 
     def embed_blacklist(self, phrases: list[str]) -> np.ndarray:
@@ -177,6 +189,12 @@ def embed_shard(ctx: Context, shard: int, progress: Progress) -> dict[str, Any]:
         texts = embed.precomputed(c.text_embeddings, ds.positions[first])
     else:
         texts = _embed_phrases(ctx, text_encoder, [ds.phrases[i] for i in phrases])
+    files = [ctx.run.image_embeddings(shard), ctx.run.text_embeddings(shard)]
+    if tables.cross_table(c):  # the joint model's texts, beside the text encoder's
+        cross = _embed_phrases(ctx, ctx.joint.text if len(phrases) else None,
+                               [ds.phrases[i] for i in phrases])
+        ctx.run.write_npy(ctx.run.cross_embeddings(shard), cross)
+        files.append(ctx.run.cross_embeddings(shard))
     t2 = time.perf_counter()
     ctx.run.write_npy(ctx.run.image_embeddings(shard), images)
     ctx.run.write_npy(ctx.run.text_embeddings(shard), texts)
@@ -187,8 +205,7 @@ def embed_shard(ctx: Context, shard: int, progress: Progress) -> dict[str, Any]:
             "startup": ctx.startup, "device": ctx.device,
             "peak_rss_mb": round(peak_rss_mb(), 1), "zero_embeddings": zeros}
     ctx.startup = 0.0  # reported once, by the first task that loaded the models
-    ctx.run.mark_done("embed", shard, info, [ctx.run.image_embeddings(shard),
-                                             ctx.run.text_embeddings(shard)])
+    ctx.run.mark_done("embed", shard, info, files)
     return info
 
 
