@@ -180,10 +180,8 @@ def check_unchanged(config: Config, plan: Plan, ds: Corpus, where: Path) -> None
 
 def image_fingerprint(ds: Corpus) -> str:
     """The absolute path, size and modification time of every image file the run mines,
-    hashed (data.file_stats): the same from whatever folder it is computed; "" where the
-    images came as precomputed embeddings."""
-    if not ds.image_files:
-        return ""
+    hashed (data.file_stats): the same from whatever folder it is computed. Also where the
+    images came as precomputed embeddings: an export still writes the image files."""
     return file_stats([p.absolute() if isinstance(p, Path) else p for p in ds.images])
 
 
