@@ -1209,7 +1209,9 @@ def test_images_of_a_precomputed_run_changed_before_export(capsys, tmp_path, roo
     """A run of precomputed image embeddings recorded nothing of its image files: an export
     after one was edited or removed wrote the new bytes, or none, with exit 0. Now the plan
     holds their fingerprint (path, size, mtime) as for every run, and the export is refused
-    in one line; a file moved and reached through a link is the same image."""
+    in one line, and so is the report (which shows them as gone only when every image is
+    gone, tests/test_report.py); a file moved and reached through a link is the same
+    image."""
     ann = root / "annotations.json"
     ann.write_bytes(dumps(records(N)))
     emb = tmp_path / "emb.npy"
@@ -1246,3 +1248,6 @@ def test_images_of_a_precomputed_run_changed_before_export(capsys, tmp_path, roo
                             f" {out} ({what}); rerun the mining command with --overwrite to "
                             "mine them again\n")
     assert not (tmp_path / "after.parquet").exists()
+    before = snapshot(out)
+    rc, _, report_err = cli(capsys, "report", out)  # it would show the new image as the run's
+    assert (rc, report_err) == (2, err) and snapshot(out) == before
