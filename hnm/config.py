@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from hnm.decoding import first_line, reading
+from hnm.decoding import first_line, load_yaml, reading
 from hnm.errors import HnmError
 from hnm.options import (  # the identity sets, made from the declarations
     EMBEDDING_KEYS,  # noqa: F401  (read from here by hnm.plan)
@@ -294,16 +294,22 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     with reading(path, "config"):  # bad bytes, nesting too deep: one line naming the file
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+            data = load_yaml(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as exc:
             raise HnmError(f"{path}: invalid YAML: {first_line(str(exc))}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise HnmError(f"{path}: a config file must hold a mapping of keys to values")
+    named: dict[str, str] = {}
     for key in data:
         if not isinstance(key, str):
             raise HnmError(f"{path}: config key {key!r}: a key must be a name")
+        option = RENAMED.get(key.replace("-", "_"), key.replace("-", "_"))
+        if option in named:  # k-nn and k_nn: one option given twice
+            raise HnmError(f"{path}: config keys {named[option]!r} and {key!r} name one "
+                           "option; give it once")
+        named[option] = key
     return data
 
 

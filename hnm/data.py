@@ -8,6 +8,7 @@ import io
 import json
 import os
 import re
+import unicodedata
 import warnings
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -101,14 +102,19 @@ def _record_ids(src: Source, id_field: str) -> list:
         rid = record.get(id_field, pos if key is None else key)
         if not isinstance(rid, str | int) or isinstance(rid, bool):
             raise HnmError(f"{path}: record {at}: id must be a string or integer, got {rid!r}")
-        text = str(rid)  # 7 and "7" are one id in the outputs (Parquet writes both as text)
+        # 7 and "7" are one id in the outputs (Parquet writes both as text); "café" in NFC
+        # and in NFD, or "r1" and "r1 ", are one id to whoever reads or types it
+        text = unicodedata.normalize("NFC", str(rid).strip())
         if text in seen:
             first, first_at = src.locate(seen[text])
             where = f"records {first_at} and {at}" if first == path \
                 else f"record {at} and {first} record {first_at}"
             prev = ids[seen[text]]
-            what = f"duplicate id {rid!r}" if type(prev) is type(rid) else \
-                f"ids {prev!r} and {rid!r}, one id once written as text,"
+            what = f"duplicate id {rid!r}" if prev == rid else \
+                f"ids {prev!r} and {rid!r}, one id once written as text," \
+                if str(prev) == str(rid) else \
+                f"ids {ascii(prev)} and {ascii(rid)}, which differ only in Unicode " \
+                "normalisation or surrounding blank space,"
             raise HnmError(f"{path}: {what} in {where}")
         seen[text] = pos
         ids.append(rid)

@@ -42,6 +42,8 @@ def reason(exc: BaseException) -> str:
         return "too large to hold in memory"
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
+    if isinstance(exc, ValueError) and "integer string conversion" in str(exc):
+        return f"a number of more than {sys.get_int_max_str_digits()} digits"
     if isinstance(exc, tokenize.TokenError | SyntaxError) and exc.args:
         return f"malformed ({exc.args[0]})"  # a header parsed as a literal (.npy)
     first = first_line(str(exc).strip())[:200]
@@ -87,3 +89,56 @@ def first_line(message: str) -> str:
     """The first line of a message, e.g. an exception's (a library's may run on for many
     lines), its surrounding blank space left out; empty when it has none."""
     return (message.strip().splitlines() or [""])[0]
+
+
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are all different (`object_pairs_hook`): json keeps the
+    last of two values of one key silently, which makes the record mean two things."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        key = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise ValueError(f"key {one_line(repr(key))} given twice in one object")
+    return obj
+
+
+def load_yaml(text: str) -> Any:
+    """YAML (safe tags only) that means one thing and holds no more than its bytes: a key
+    given twice in one mapping, an alias that refers to itself and aliases that expand past
+    a budget proportional to the text ("billion laughs") raise ValueError."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded(node, {}, set(), 2 * len(text) + 1000)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _expanded(node: yaml.Node, sizes: dict[int, int], open_: set[int], budget: int) -> int:
+    """Values `node` stands for once its aliases are expanded (each node counted once)."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    if id(node) in open_:
+        raise ValueError("an alias refers to the value that holds it")
+    open_.add(id(node))
+    size = 1
+    if isinstance(node, yaml.MappingNode):
+        keys = set()
+        for key, item in node.value:
+            if isinstance(key, yaml.ScalarNode):
+                name = (key.tag, key.value)
+                if name in keys:
+                    raise ValueError(f"key {one_line(repr(key.value))} given twice in one "
+                                     "mapping")
+                keys.add(name)
+            size += _expanded(key, sizes, open_, budget) + _expanded(item, sizes, open_, budget)
+    elif isinstance(node, yaml.SequenceNode):
+        size += sum(_expanded(item, sizes, open_, budget) for item in node.value)
+    if size > budget:
+        raise ValueError(f"aliases expand it to more than {budget} values")
+    open_.discard(id(node))
+    sizes[id(node)] = size
+    return size

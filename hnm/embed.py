@@ -211,6 +211,14 @@ def check_precomputed(path: str, flag: str, rows: int) -> int:
         if not np.isfinite(block).all():
             raise HnmError(f"{flag} {path}: values must be finite floats")
         zero += (s + np.flatnonzero(~block.any(axis=1))).tolist()
+        with np.errstate(all="ignore"):  # as mining normalises them
+            unit = finalize(block)
+        lost = np.flatnonzero(block.any(axis=1) & ~(np.isfinite(unit).all(axis=1)
+                                                    & unit.any(axis=1)))
+        if len(lost):  # overflows to inf or underflows to zero once squared
+            raise HnmError(f"{flag} {path}: row {s + int(lost[0])} cannot be normalised "
+                           "(its values are too large or too small for float64); scale "
+                           "the embeddings")
     if len(zero):
         shown = ", ".join(map(str, zero[:5])) + (" ..." if len(zero) > 5 else "")
         raise HnmError(f"{flag} {path}: {len(zero)} row(s) are all zeros (rows {shown}); "

@@ -165,12 +165,18 @@ def run_keys(config: Config, ds: Corpus, precision: str) -> dict[str, str]:
     return {"run_key": run, "embed_key": embed}
 
 
-def check_unchanged(config: Config, plan: Plan, ds: Corpus, where: Path) -> None:
+def check_unchanged(config: Config, plan: Plan, ds: Corpus, where: Path,
+                    shown: bool = False) -> None:
     """Refuse to show or export the run in `where` when its annotations or its images
-    changed or vanished since it was planned (what a rerun of `mine` would notice)."""
+    changed or vanished since it was planned (what a rerun of `mine` would notice).
+    `shown`: for a page that shows the images of a run on precomputed embeddings, which
+    needs none of them: every image gone is shown as gone, not refused."""
     if not plan.planned_from(ds):
         raise HnmError(f"{config.annotations}: changed since the run in {where}; its "
                        "negatives no longer match the records")
+    if shown and config.image_embeddings and not any(
+            isinstance(p, Path) and p.is_file() for p in ds.images):
+        return
     if plan.images and plan.images != image_fingerprint(ds):
         gone = next((p for p in ds.images if isinstance(p, Path) and not p.is_file()), None)
         what = f"{gone} is gone" if gone else "an image file was edited, replaced or added"
@@ -181,10 +187,8 @@ def check_unchanged(config: Config, plan: Plan, ds: Corpus, where: Path) -> None
 
 def image_fingerprint(ds: Corpus) -> str:
     """The absolute path, size and modification time of every image file the run mines,
-    hashed (data.file_stats): the same from whatever folder it is computed; "" where the
-    images came as precomputed embeddings."""
-    if not ds.image_files:
-        return ""
+    hashed (data.file_stats): the same from whatever folder it is computed. Also where the
+    images came as precomputed embeddings: an export still writes the image files."""
     return file_stats([p.absolute() if isinstance(p, Path) else p for p in ds.images])
 
 

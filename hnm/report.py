@@ -36,7 +36,7 @@ def report_from_dir(output_dir: str | Path, warn: Callable[[str], Any] = print) 
                            "(rerun the mining command to finish it)")
     plan = read_plan(run)
     ds = load_corpus(config, list(plan.skipped))
-    check_unchanged(config, plan, ds, run.root)
+    check_unchanged(config, plan, ds, run.root, shown=True)
     vouched = run.done.exists() and verify_marker(run.done, run.root) is None
     path = write_report(run, config, read_json(run.metrics, shape=schema.METRICS), plan, ds,
                         warn=warn)

@@ -977,3 +977,280 @@ def test_ids_that_are_one_id_as_text_are_refused(capsys, tmp_path, root):
                      "", "--output-dir", tmp_path / "out", "--dry-run")
     assert (rc, err) == (2, f"hnm: error: {ann}: ids 7 and '7', one id once written as text, "
                             "in records 1 and 4\n")
+
+
+# ---------------------------------------------------------------- text that expands
+
+def alias_yaml(rng: random.Random) -> tuple[bytes, int]:
+    """A config whose aliases stand for `fanout ** depth` values ("billion laughs"), under
+    a key hnm knows or not, some referring to themselves; returns its bytes and that count."""
+    fanout, depth = rng.randrange(1, 12), rng.randrange(1, 12)
+    lines = [f"l0: &l0 [{', '.join(['lol'] * fanout)}]"]
+    for d in range(1, depth):
+        lines.append(f"l{d}: &l{d} [{', '.join([f'*l{d - 1}'] * fanout)}]")
+    top = f"*l{depth - 1}"
+    where = rng.choice(["key", "fields", "list", "self"])
+    if where == "fields":
+        lines.append(f"fields: {{text: {top}}}")
+    elif where == "list":
+        lines.append(f"cpu_workers: [{top}, {top}]")
+    elif where == "self":
+        lines.insert(0, "loop: &loop [1, *loop]")
+    return ("\n".join(lines) + "\n").encode(), fanout ** depth
+
+
+def _values(data: Any) -> int:
+    """Values `data` stands for, each shared one counted every time it is reached."""
+    if isinstance(data, dict):
+        return 1 + sum(_values(k) + _values(v) for k, v in data.items())
+    if isinstance(data, list):
+        return 1 + sum(map(_values, data))
+    return 1
+
+
+def test_yaml_aliases_expand_no_further_than_the_file(capsys, tmp_path, root):
+    """Before, a 400-byte config whose aliases stood for 10**9 values was expanded by
+    whatever walked it; now the aliases are counted as composed, within a budget of twice
+    the file's bytes, and one referring to itself is refused."""
+    from hnm.decoding import load_yaml
+
+    ann = root / "annotations.json"
+    ann.write_bytes(dumps(records(N)))
+    for case, rng in cases("yaml-aliases", 12, share=4):
+        path = root / "config.yaml"
+        data, values = alias_yaml(rng)
+        path.write_bytes(data)
+        outcome = check(capsys, "yaml-aliases", case, ["--config", path, "--annotations",
+                                                       ann, "--image-dir", root],
+                        [str(path)], tmp_path)
+        assert outcome == "refused", case  # every generated config holds a key hnm refuses
+        budget = 2 * len(data) + 1000
+        if b"*loop" in data:
+            with pytest.raises(ValueError, match="refers to the value that holds it"):
+                load_yaml(data.decode())
+            continue
+        import yaml
+        if values <= 10**5:  # the reference: yaml.safe_load's result, walked
+            values = _values(yaml.safe_load(data))
+        if values > budget:
+            with pytest.raises(ValueError, match=f"more than {budget} values"):
+                load_yaml(data.decode())
+        else:  # within the budget: what yaml.safe_load makes of it
+            assert load_yaml(data.decode()) == yaml.safe_load(data), case
+    report("yaml-aliases")
+
+
+# ---------------------------------------------------------------- one name, two meanings
+
+def _with_key_twice(record: dict[str, Any], key: str, again: Any) -> str:
+    """A JSON object holding `key` twice: json.loads keeps the second value silently."""
+    body = json.dumps(record)
+    return "{" + json.dumps(key) + ": " + json.dumps(again) + ", " + body[1:]
+
+
+@pytest.mark.parametrize("fmt", ["json", "jsonl", "csv", "tsv", "parquet", "yaml", "tar"])
+def test_names_given_twice_are_refused(capsys, tmp_path, root, fmt):
+    """A key given twice in one JSON object or YAML mapping, a column named twice in a CSV,
+    TSV or Parquet header, or a config option given under both of its spellings (k-nn and
+    k_nn): before, the last one won silently (exit 0); now one line naming the file and the
+    name."""
+    recs = plain_records()
+    for case, rng in cases(f"twice-{fmt}", 6):
+        at = rng.randrange(N)
+        key = rng.choice([*recs[at], "note", "é"])
+        again = rng.choice([recs[at].get(key, "x"), "other", 3])  # the same value too
+        record = {**recs[at], key: recs[at].get(key, "x")}
+        args: list[Any] = ["--image-dir", root]
+        if fmt in ("json", "jsonl"):
+            lines = [json.dumps(r) if i != at else _with_key_twice(record, key, again)
+                     for i, r in enumerate(recs)]
+            path = root / f"annotations.{fmt}"
+            path.write_text("[" + ", ".join(lines) + "]" if fmt == "json"
+                            else "\n".join(lines) + "\n")
+            shown = f"key {key!r} given twice"
+        elif fmt in ("csv", "tsv"):
+            sep = "," if fmt == "csv" else "\t"
+            names = list(dict.fromkeys([*recs[0], key]))
+            names.insert(rng.randrange(len(names) + 1), key)
+            path = root / f"annotations.{fmt}"
+            path.write_text("\n".join([sep.join(names)] + [
+                sep.join(str(r.get(n, again)) for n in names) for r in recs]) + "\n")
+            shown = f"column {key!r} is named twice"
+        elif fmt == "parquet":
+            names = list(dict.fromkeys([*recs[0], key]))
+            columns = [pa.array([str(r.get(n, again)) for r in recs]) for n in names]
+            names.append(key)
+            columns.append(pa.array([str(again)] * N))
+            path = root / "annotations.parquet"
+            pq.write_table(pa.Table.from_arrays(columns, names=names), path)
+            shown = f"column {key!r} is named twice"
+        elif fmt == "yaml":
+            option = rng.choice(["k_nn", "batch_size", "seed"])
+            spellings = rng.choice([(option, option), (option, option.replace("_", "-"))])
+            path = root / "config.yaml"
+            path.write_text(f"{spellings[0]}: 3\nindex: exact\n{spellings[1]}: 4\n")
+            args += ["--config", path]
+            shown = f"key {option!r} given twice" if spellings[0] == spellings[1] else \
+                f"config keys {spellings[0]!r} and {spellings[1]!r} name one option"
+            path, ann = root / "annotations.json", path
+            path.write_bytes(dumps(recs))
+            path = ann
+        else:
+            path = root / "00000.tar"
+            with tarfile.open(path, "w") as tar:
+                for i, r in enumerate(recs):
+                    meta = _with_key_twice(record, key, again) if i == at else json.dumps(r)
+                    for name, data in ((f"s{i}.png", png(i)), (f"s{i}.json", meta.encode())):
+                        info = tarfile.TarInfo(name)
+                        info.size = len(data)
+                        tar.addfile(info, io.BytesIO(data))
+            shown = f"key {key!r} given twice"
+            args = []
+        if fmt not in ("yaml",):
+            args = ["--annotations", path, *args]
+        else:
+            args = ["--annotations", root / "annotations.json", *args]
+        check(capsys, f"twice-{fmt}", case, args, [str(path)], tmp_path)
+        _, _, err = cli(capsys, *FAST, "--output-dir", tmp_path / "out", "--dry-run", *args)
+        assert err.startswith(f"hnm: error: {path}") and shown in err, (case, err)
+    report(f"twice-{fmt}")
+
+
+SPELLINGS = [
+    ("café", "cafe\u0301"),  # NFC and NFD
+    ("Å", "A\u030a"), ("\u212b", "Å"),  # the angstrom sign's NFC is Å
+    ("x1", " x1"), ("x1", "x1\t"), ("x1", "x1\u00a0"), ("x1", "\u3000x1\n"),
+    ("한", "\u1112\u1161\u11ab"),  # a Hangul syllable and its jamo
+]
+
+
+@pytest.mark.parametrize("first,second", SPELLINGS)
+def test_ids_one_reader_cannot_tell_apart_are_refused(capsys, tmp_path, root, first, second):
+    """Ids that differ only in Unicode normalisation or surrounding blank space print the
+    same and mean one record to whoever types them: before, two records (exit 0); now
+    refused while planning, naming both records with the difference escaped. Ids that
+    differ in case stay two ids: no output of hnm merges them."""
+    for where in range(2):
+        recs = records(N)
+        a, b = (1, 4) if where == 0 else (3, 2)
+        recs[a]["id"], recs[b]["id"] = first, second
+        ann = root / "annotations.json"
+        ann.write_bytes(dumps(recs, escaped=where == 0))
+        rc, _, err = cli(capsys, *FAST, "--annotations", ann, "--image-dir", root,
+                         "--blacklist", "", "--output-dir", tmp_path / "out", "--dry-run")
+        lo, hi = sorted((a, b))
+        x, y = (first, second) if a < b else (second, first)
+        assert (rc, err) == (2, f"hnm: error: {ann}: ids {ascii(x)} and {ascii(y)}, which "
+                                "differ only in Unicode normalisation or surrounding blank "
+                                f"space, in records {lo} and {hi}\n"), err
+        assert not (tmp_path / "out").exists()
+
+
+def test_ids_that_differ_in_case_are_two_ids(capsys, tmp_path, root):
+    recs = records(N)
+    recs[1]["id"], recs[4]["id"] = "Café", "café"
+    ann = root / "annotations.json"
+    ann.write_bytes(dumps(recs))
+    rc, _, err = cli(capsys, *FAST, "--annotations", ann, "--image-dir", root,
+                     "--blacklist", "", "--output-dir", tmp_path / "out", "--dry-run")
+    assert (rc, err) == (0, "")
+
+
+# ---------------------------------------------------------------- values past the computation
+
+def extreme_rows(rng: random.Random) -> np.ndarray:
+    """Embeddings of a float dtype whose rows reach the ends of its range: huge, subnormal,
+    mixed, negative; a few rows scaled so that their squares overflow or underflow."""
+    dtype = np.dtype(rng.choice(["f2", "f4", "f8", ">f8", ">f4"]))
+    info = np.finfo(dtype)
+    arr = np.random.default_rng(rng.randrange(2**32)).standard_normal((N, 4))
+    arr[arr == 0] = 1.0
+    for _ in range(rng.randrange(0, 3)):
+        row = rng.randrange(N)
+        scale = rng.choice([float(info.max) / 4, float(info.tiny), float(info.tiny) / 8,
+                            float(info.smallest_subnormal) if hasattr(info, "smallest_subnormal")
+                            else float(info.tiny), 1e-160, 1e160, 1e154, 1e-154])
+        arr[row] = arr[row] / np.abs(arr[row]).max() * scale
+    with np.errstate(over="ignore"):  # a float16 row past its range: made its largest
+        return np.nan_to_num(arr.astype(dtype), nan=1.0, posinf=float(info.max),
+                             neginf=-float(info.max))
+
+
+@pytest.mark.parametrize("flag", ["--image-embeddings", "--text-embeddings"])
+def test_embedding_rows_past_float64_are_refused(capsys, tmp_path, root, flag):
+    """A row a float dtype holds but whose squares overflow float64 (1e300) or underflow to
+    zero (1e-320) was normalised to all zeros or NaN and mined silently (exit 0); now it is
+    refused while planning, naming the flag, file and row. The reference: the row's sum of
+    squares in float64, which a row can be normalised by only when finite and positive."""
+    ann = root / "annotations.json"
+    ann.write_bytes(dumps(records(N)))
+    for case, rng in cases(f"extreme{flag}", 10):
+        arr = extreme_rows(rng)
+        path = root / "emb.npy"
+        np.save(path, arr)
+        with np.errstate(all="ignore"):
+            squares = (arr.astype(np.float64) ** 2).sum(axis=1)
+        zero = ~arr.astype(bool).any(axis=1)
+        bad = np.flatnonzero(~zero & ~(np.isfinite(squares) & (squares > 0)))
+        outcome = check(capsys, f"extreme{flag}", case, [flag, path, "--annotations", ann,
+                                                         "--image-dir", root], [flag], tmp_path)
+        _, _, err = cli(capsys, *FAST, "--output-dir", tmp_path / "out", "--dry-run", flag,
+                        path, "--annotations", ann, "--image-dir", root)
+        if zero.any():
+            assert "are all zeros" in err, (case, err)
+        elif len(bad):
+            assert outcome == "refused" and f"{path}: row {bad[0]} cannot be normalised" in err
+        else:
+            assert outcome == "ok", (case, err)
+    report(f"extreme{flag}")
+
+
+# ---------------------------------------------------------------- what the images were
+
+@pytest.mark.parametrize("change", ["edited", "touched", "removed", "another", "moved"])
+def test_images_of_a_precomputed_run_changed_before_export(capsys, tmp_path, root, change):
+    """A run of precomputed image embeddings recorded nothing of its image files: an export
+    after one was edited or removed wrote the new bytes, or none, with exit 0. Now the plan
+    holds their fingerprint (path, size, mtime) as for every run, and the export is refused
+    in one line, and so is the report (which shows them as gone only when every image is
+    gone, tests/test_report.py); a file moved and reached through a link is the same
+    image."""
+    ann = root / "annotations.json"
+    ann.write_bytes(dumps(records(N)))
+    emb = tmp_path / "emb.npy"
+    np.save(emb, np.random.default_rng(0).standard_normal((N, 4)).astype("f4"))
+    out = tmp_path / "run"
+    rc, _, err = cli(capsys, *FAST, "--annotations", ann, "--image-dir", root, "--blacklist",
+                     "", "--image-embeddings", emb, "--output-dir", out, "--quiet")
+    assert rc == 0, err
+    rc, _, err = cli(capsys, "export", out, "--to", tmp_path / "before.parquet")
+    assert (rc, err) == (0, "")
+    image = root / "img/2.png"
+    if change == "edited":
+        image.write_bytes(png(40))
+    elif change == "touched":
+        os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))
+    elif change == "removed":
+        image.unlink()
+    elif change == "another":  # a link to another image
+        (tmp_path / "other.png").write_bytes(png(40))
+        image.unlink()
+        image.symlink_to(tmp_path / "other.png")
+    else:  # the same file, moved and linked to: the same image, exported as it was
+        image.rename(tmp_path / "moved.png")
+        image.symlink_to(tmp_path / "moved.png")
+        rc, _, err = cli(capsys, "export", out, "--to", tmp_path / "after.parquet")
+        assert (rc, err) == (0, "")
+        after = pq.read_table(tmp_path / "after.parquet")
+        assert after.equals(pq.read_table(tmp_path / "before.parquet"))
+        return
+    rc, _, err = cli(capsys, "export", out, "--to", tmp_path / "after.parquet")
+    what = f"{image} is gone" if change == "removed" else \
+        "an image file was edited, replaced or added"
+    assert (rc, err) == (2, f"hnm: error: --image-dir {root}: images changed since the run in"
+                            f" {out} ({what}); rerun the mining command with --overwrite to "
+                            "mine them again\n")
+    assert not (tmp_path / "after.parquet").exists()
+    before = snapshot(out)
+    rc, _, report_err = cli(capsys, "report", out)  # it would show the new image as the run's
+    assert (rc, report_err) == (2, err) and snapshot(out) == before

@@ -6,6 +6,7 @@ import csv
 import io
 
 from hnm.config import Fields
+from hnm.decoding import one_line
 from hnm.errors import HnmError
 from hnm.readers.base import Part, Shard, decode, read_bytes
 
@@ -28,6 +29,10 @@ def read_table(shard: Shard, fields: Fields) -> Part:
     header = rows[0][1]
     if fields.text in header and fields.image in header:
         rows = rows[1:]
+        twice = next((name for i, name in enumerate(header) if name in header[:i]), None)
+        if twice is not None:  # a record would keep the last of the two columns silently
+            raise HnmError(f"{path}: column {one_line(repr(twice))} is named twice in the "
+                           "header")
     elif len(header) == 2:
         header = [fields.text, fields.image]
     else:

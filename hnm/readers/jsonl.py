@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from hnm.config import Fields
-from hnm.decoding import reading
+from hnm.decoding import reading, unique_keys
 from hnm.errors import HnmError
 from hnm.readers.base import SURROGATE, Part, Shard, decode, read_bytes
 
@@ -21,7 +21,7 @@ def read_json(shard: Shard, fields: Fields | None = None) -> Part:
         return Part(read_jsonl(path, text), surrogates=surrogates)
     with reading(path, "annotations"):  # e.g. nested too deeply
         try:
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=unique_keys)
         except json.JSONDecodeError as exc:
             if path.suffix != ".json" and text.lstrip().startswith("{"):
                 return Part(read_jsonl(path, text), surrogates=surrogates)
@@ -45,7 +45,7 @@ def read_jsonl(path: Path, text: str) -> list[dict[str, Any]]:
                 continue
             place.where = f"line {number}"
             try:
-                records.append(json.loads(line))
+                records.append(json.loads(line, object_pairs_hook=unique_keys))
             except json.JSONDecodeError as exc:
                 raise HnmError(f"{path}: malformed JSON on line {number}: {exc.msg}") from None
     return records

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from hnm.config import Fields
-from hnm.decoding import reading, reason
+from hnm.decoding import one_line, reading, reason
 from hnm.errors import HnmError
 from hnm.readers.base import ImageRef, Part, Shard
 
@@ -71,7 +71,11 @@ def record_columns(path: Path, schema: Any, image: str) -> tuple[list[str], dict
 
 
 def require_columns(path: Path, names: list[str], fields: Fields) -> None:
-    """The text and image columns --text-field and --image-field name must be there."""
+    """The text and image columns --text-field and --image-field name must be there, and
+    no column name twice (a record would keep one of the two silently)."""
+    twice = next((name for i, name in enumerate(names) if name in names[:i]), None)
+    if twice is not None:
+        raise HnmError(f"{path}: column {one_line(repr(twice))} is named twice")
     for kind, name in (("text", fields.text), ("image", fields.image)):
         if name not in names:
             raise HnmError(f"{path}: no {kind} column '{name}' (columns: {', '.join(names)})")

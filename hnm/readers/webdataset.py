@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from hnm.config import Fields
-from hnm.decoding import reading
+from hnm.decoding import reading, unique_keys
 from hnm.errors import HnmError
 from hnm.readers.base import SURROGATE, ImageRef, Part, Shard
 
@@ -136,7 +136,7 @@ def _sample_meta(path: Path, handle: BinaryIO, key: str, members: dict[str, tarf
     text = _member_text(path, handle, members["json"], key)
     with reading(path, "tar shard", f"sample '{key}'"):  # e.g. nested too deeply
         try:
-            meta = json.loads(text)
+            meta = json.loads(text, object_pairs_hook=unique_keys)
         except json.JSONDecodeError as exc:
             raise HnmError(f"{path}: sample '{key}': malformed JSON in {members['json'].name}: "
                            f"{exc.msg}") from None
