@@ -129,7 +129,7 @@ def embed_images(encoder: ImageEncoder, paths: list[Path], batch_size: int, num_
             done += len(batch)
             progress("embed", done, len(paths))
             reach("embed-batch", partial(progress, "embed", done, len(paths)),
-                  loaders=[w.pid for w in getattr(batches, "_workers", ())])
+                  facts=lambda: {"loaders": [w.pid for w in getattr(batches, "_workers", ())]})
             asked = time.perf_counter()
     return np.concatenate(parts), waited
 

@@ -62,9 +62,11 @@ def wanted() -> tuple[str, str, str] | None:
 
 
 def reach(point: str, progress: Callable[[], None] = _nothing,
-          at: tuple[Path, int | None] | None = None, **facts: Any) -> None:
+          at: tuple[Path, int | None] | None = None,
+          facts: Callable[[], dict[str, Any]] = dict) -> None:
     """This process reached `point` of the running task's shard (or of `at`: a logs folder
-    and a shard): act there if a test asked."""
+    and a shard): act there if a test asked. `facts`, asked only then: what the held file
+    tells the test."""
     asked = wanted()
     if asked is None or asked[0] != point or not (at or _task):
         return
@@ -79,7 +81,7 @@ def reach(point: str, progress: Callable[[], None] = _nothing,
     how = asked[2]
     progress()
     if how == "hold":
-        _hold(area, name, progress, {"pid": os.getpid(), "point": point, **facts})
+        _hold(area, name, progress, {"pid": os.getpid(), "point": point, **facts()})
     elif how == "raise":
         raise RuntimeError(f"{VARIABLE}: raised at {point} of shard {shard}")
     elif how == "stall":
