@@ -92,6 +92,7 @@ class Config:
     index: str = "auto"
     ivf_nlist: int | None = None  # None: about sqrt(rows)
     ivf_nprobe: int | None = None  # None: from the number of lists
+    index_parts: int = 1  # the index in parts of consecutive rows (hnm.parts)
     # false-negative audit (hnm.audit): negatives this close to their anchor are suspect
     audit_text_similarity: float = 0.8
     audit_visual_similarity: float = 0.98

@@ -17,7 +17,7 @@ from hnm.audit import Suspect, audit_picks, count_suspects
 from hnm.callbacks import Progress, no_progress
 from hnm.config import Config
 from hnm.errors import HnmError
-from hnm.index import ChunkedFlatIP, SearchIndex, build_index
+from hnm.index import ChunkedFlatIP, MappedFlatIP, SearchIndex, build_index
 from hnm.metrics import Metrics, tally
 from hnm.miner import (
     FIXED_RULES,
@@ -33,6 +33,7 @@ from hnm.miner import (
     scatter,
 )
 from hnm.outcome import Outcomes, other_groups_eligible, outcomes
+from hnm.parts import PartedIndex, part_edges
 from hnm.select import Pick, Rules, Selector
 
 # Anchors per search call: its (B, k) candidate arrays stay a few MB and a search of
@@ -111,7 +112,9 @@ def find_candidates(c: Config, tab: Arrays, anchors: np.ndarray, device: str = "
     anchor whose hard strategy fails gets its list from the selection pass's exact search
     past the list, so the picks are the same.
     """
-    index = index if index is not None else build_index(tab.V, device)
+    if index is None:
+        index = exact_parts(tab.V, c.index_parts) if c.index_parts > 1 and device == "cpu" \
+            else build_index(tab.V, device)
     wanted = np.ones(len(anchors), bool) if diverse_first is None else diverse_first
     batch = getattr(index, "batch", ANCHOR_BATCH)
     parts = []
@@ -136,12 +139,13 @@ class Widener:
     their lists (the same far-away phrases get used up) it is computed for a block of
     upcoming anchors at once (WIDEN_BLOCK); an isolated widening searches for its anchor
     alone (a block costs several single searches). The search reads the (memory-mapped)
-    table a block of rows at a time: it is never copied whole.
+    table a block of rows at a time: it is never copied whole. `parts` > 1: the search
+    runs over the run's index parts one at a time (`exact_parts`).
     """
 
-    def __init__(self, tab: Arrays) -> None:
+    def __init__(self, tab: Arrays, parts: int = 1) -> None:
         self.tab = tab
-        self.index = ChunkedFlatIP(tab.V)
+        self.index = ChunkedFlatIP(tab.V) if parts <= 1 else exact_parts(tab.V, parts)
         self.cache: dict[int, tuple[int, Any, bool]] = {}  # anchor -> (size, list, complete)
         self.last = -WIDEN_BLOCK  # the anchor last widened
 
@@ -162,6 +166,13 @@ class Widener:
         lists, complete = farthest(self.index, self.tab, block, size)
         for i, a in enumerate(block.tolist()):
             self.cache[a] = (size, lists.get(i), bool(complete[i]))
+
+
+def exact_parts(V: np.ndarray, parts: int) -> SearchIndex:
+    """An exact search over every row of V in `parts` parts, each searched straight over
+    its slice of the (memory-mapped) table and merged exactly (`parts.PartedIndex`)."""
+    edges = part_edges(len(V), parts)
+    return PartedIndex(edges, lambda p: MappedFlatIP(V[edges[p]:edges[p + 1]]))
 
 
 def cross_rule(config: Config) -> CrossRule:
@@ -188,8 +199,8 @@ def make_selector(config: Config, tab: Arrays, phrases: list[str]) -> Selector:
     """The selection pass, with an exact wider search past exhausted diverse lists."""
     rules = Rules(config.cosine_threshold, config.min_visual_similarity, config.diverse_ratio,
                   config.fallback_phrase_reuse_limit, config.num_negatives)
-    return Selector(tab, phrases, rules, config.sliding_window_size, Widener(tab),
-                    config.diverse_candidates)
+    return Selector(tab, phrases, rules, config.sliding_window_size,
+                    Widener(tab, config.index_parts), config.diverse_candidates)
 
 
 @dataclass

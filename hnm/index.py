@@ -158,6 +158,60 @@ class ChunkedFlatIP(ExactIndex):
         return _pad(*_sorted(D, I), k)
 
 
+class MappedFlatIP(ExactIndex):
+    """Exact search straight over an array's rows (a part of a memory-mapped table), a
+    block at a time: nothing is copied or kept, and ties at the cut go to the lowest row,
+    so that parts searched one by one merge into exactly the whole table's order (see
+    `hnm.parts`)."""
+
+    kind = "mapped-cpu"
+
+    def __init__(self, xb: np.ndarray) -> None:
+        self.xb = xb
+        self.ntotal = xb.shape[0]
+        self.eps = search_eps(xb.shape[1])
+
+    def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        xq = np.ascontiguousarray(xq, dtype=np.float32)
+        kk = min(k, self.ntotal)
+        D = np.zeros((len(xq), 0), np.float32)
+        I = np.zeros((len(xq), 0), np.int64)
+        # a block's scores and the masks of its selection: ~12 bytes per (query, row)
+        block = max(kk, SCORE_BYTES // (12 * max(1, len(xq))))
+        for s in range(0, self.ntotal, block):
+            S = xq @ np.asarray(self.xb[s:s + block], dtype=np.float32).T  # (nq, b)
+            cols = top_by_row(S, kk)
+            D, I = merge_by_row(D, I, np.take_along_axis(S, cols, 1), s + cols, kk)
+        return _pad(D, I, k)
+
+
+def top_by_row(scores: np.ndarray, k: int) -> np.ndarray:
+    """(nq, min(k, b)) columns of the k highest scores of each row of `scores` (nq, b), ties to
+    the lowest column (in no particular order)."""
+    if scores.shape[1] <= k:
+        return np.broadcast_to(np.arange(scores.shape[1]), scores.shape)
+    if k <= 0:
+        return np.zeros((len(scores), 0), np.int64)
+    cut = -np.partition(-scores, k - 1, axis=1)[:, k - 1:k]  # each query's k-th score
+    chosen = scores >= cut
+    over = np.flatnonzero(chosen.sum(axis=1) > k)  # ties at the cut: the lowest columns
+    if len(over):
+        tied = scores[over] == cut[over]
+        need = k - (scores[over] > cut[over]).sum(axis=1, keepdims=True)
+        chosen[over] = (scores[over] > cut[over]) | (tied & (np.cumsum(tied, axis=1) <= need))
+    return np.nonzero(chosen)[1].reshape(len(scores), k)
+
+
+def merge_by_row(D: np.ndarray, I: np.ndarray, D2: np.ndarray, I2: np.ndarray, k: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """The k best of two (nq, .) sets of scores and rows, best first, ties by row; row -1
+    (a missing result, score -inf) after every row."""
+    allD, allI = np.concatenate([D, D2], axis=1), np.concatenate([I, I2], axis=1)
+    order = np.lexsort((np.where(allI < 0, np.iinfo(np.int64).max, allI), -allD),
+                       axis=1)[:, :k]
+    return np.take_along_axis(allD, order, 1), np.take_along_axis(allI, order, 1)
+
+
 def _best(D: np.ndarray, I: np.ndarray, D2: np.ndarray, I2: np.ndarray, k: int
           ) -> tuple[np.ndarray, np.ndarray]:
     """The k best of two (nq, .) sets of scores and rows."""

@@ -28,8 +28,10 @@ def ivf_shape(n: int) -> tuple[int, int]:
 IVF_BATCH = 8192
 
 
-def train_ivf(V: np.ndarray, nlist: int, seed: int, sample: int) -> Any:
-    """A FAISS IVF index over every row of V (its lists hold the float32 rows).
+def train_ivf(V: np.ndarray, nlist: int, seed: int, sample: int,
+              rows: tuple[int, int] | None = None) -> Any:
+    """A FAISS IVF index over every row of V (its lists hold the float32 rows); `rows`:
+    (start, stop) to add only those (none: (0, 0), a trained index to copy per part).
 
     Centroids: spherical k-means on a seeded sample of `sample` rows, snapped to the
     embedding grid so that which lists a query probes is computed exactly (see
@@ -42,9 +44,15 @@ def train_ivf(V: np.ndarray, nlist: int, seed: int, sample: int) -> Any:
     quantizer.add(centroids)
     index = faiss.IndexIVFFlat(quantizer, V.shape[1], len(centroids),
                                faiss.METRIC_INNER_PRODUCT)
-    for s in range(0, V.shape[0], 1 << 16):
-        index.add(np.ascontiguousarray(V[s:s + (1 << 16)], dtype=np.float32))
+    add_rows(index, V, *(rows if rows is not None else (0, V.shape[0])))
     return index
+
+
+def add_rows(index: Any, V: np.ndarray, start: int, stop: int) -> None:
+    """Rows start..stop-1 of V into an index (numbered on from its ntotal), a block at a
+    time (V may be a memory map)."""
+    for s in range(start, stop, 1 << 16):
+        index.add(np.ascontiguousarray(V[s:min(s + (1 << 16), stop)], dtype=np.float32))
 
 
 class IvfIndex:

@@ -73,7 +73,7 @@ def survey(run: RunDir) -> Survey:
     if manifest is None:
         if plan is None:
             return Survey(holds)
-        manifest = run.layout(len(plan.shards))
+        manifest = run.layout(len(plan.shards), plan.placement.index_parts)
     return Survey(holds, tuple(manifest), plan, error, run.plan.exists(), run.config.exists())
 
 
@@ -184,7 +184,8 @@ def start(config: Config, run: RunDir, ds: Corpus, placement: Placement, action:
     """Replace what an earlier run left (only its manifest's files; its embeddings where
     `action.keep`), sign the directory with the new manifest, write the plan."""
     plan = new_plan(config, ds, placement, keep=action.keep)
-    run.sign(sorted(set(action.clear) | set(run.layout(len(plan.shards)))))
+    layout = run.layout(len(plan.shards), plan.placement.index_parts)
+    run.sign(sorted(set(action.clear) | set(layout)))
     if action.keep:
         check_phases(run, action.keep, say, checksums=True)
     # nothing of another run may be trusted, except embeddings of the same inputs

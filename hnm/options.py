@@ -248,6 +248,13 @@ OPTIONS: tuple[Option, ...] = (
         Option("ivf_nlist", int, None, "IVF lists", rule=_IN_RANGE, default_text="~sqrt(rows)"),
         Option("ivf_nprobe", int, None, "IVF lists probed per query (more: higher recall, "
                "slower)", rule=_IN_RANGE, default_text="from the number of lists"),
+        Option("index_parts", int, 1, "split the search index into this many parts of "
+               "consecutive rows, searched one at a time and merged exactly: a worker holds "
+               "one part's index, not the whole; the results do not change", RUNTIME,
+               _POSITIVE, metavar="N", doc="parts of the search index (consecutive rows, even "
+               "split): each search opens one part at a time and merges the lists exactly, so "
+               "a worker's index memory is one part's; the results do not change. Fixed when "
+               "the run is planned (a resumed run keeps its parts)"),
         Option("blacklist", str, None, "file, one phrase per line ('' disables)",
                metavar="FILE", doc="phrases negatives must not resemble (one per line; an "
                "empty file disables the filter)"),

@@ -148,6 +148,7 @@ class Placement:
     precision_reason: str = "--precision"
     index: IndexChoice = IndexChoice()  # the search index over every row
     workers_note: str = ""  # why fewer CPU workers than offered, when the work is small
+    index_parts: int = 1  # the index in parts of consecutive rows (hnm.parts), as planned
 
     def precision_line(self) -> str:
         """The precision and why, as `precision.Choice` says it."""
@@ -181,7 +182,8 @@ def place(config: Config, offered: Offer, ds: Corpus, shards: int | None = None
                                     batches=-(-len(ds) // config.batch_size))
     chosen = precision.resolve(config.precision, devices, offered.gpus)
     return Placement(tuple(devices), *_processes(config, devices), chosen.precision,
-                     chosen.reason, choose_index(config, len(ds), devices), note)
+                     chosen.reason, choose_index(config, len(ds), devices), note,
+                     max(1, min(config.index_parts, len(ds))))
 
 
 def resumed(stored: Placement, offered: Offer, config: Config, shards: int) -> Placement:

@@ -118,6 +118,7 @@ class PhaseMemory:
     shared: float
     gpu: float
     workers: int
+    note: str = ""  # what the line adds (the index's parts)
 
     def total(self) -> float:
         return self.per_worker * self.workers + self.shared
@@ -136,8 +137,15 @@ def estimate(config: Config, s: Sizes, choice: IndexChoice) -> list[PhaseMemory]
         * CANDIDATE_BYTES
     shard_cands = -(-s.anchors // s.workers) * per_anchor
     index = visual + s.rows * 8.0  # an exact copy, or the IVF lists (vectors and ids)
+    parts = max(1, min(config.index_parts, s.rows))
+    note = ""
+    if parts > 1:  # one part's index held at a time; an exact part is searched where it lies
+        part_rows = -(-s.rows // parts)
+        index = part_rows * (s.dv * 4.0 + 8.0)
+        note = f"index in {parts} parts of {part_rows:,} rows, {size_text(index)} each"
     # on a GPU an exact index peaks at BUILD_PEAK tables while it is built (no ids there)
-    gpu_index = BUILD_PEAK * visual if choice.kind == "exact" else index
+    gpu_index = BUILD_PEAK * (visual if parts == 1 else index) if choice.kind == "exact" \
+        else index
     train = 0.0
     if choice.kind == "ivf":
         train = min(s.rows, IVF_TRAIN_PER_LIST * choice.nlist) * s.dv * 4.0
@@ -151,9 +159,9 @@ def estimate(config: Config, s: Sizes, choice: IndexChoice) -> list[PhaseMemory]
                     visual + text, 0.0, 1),
         PhaseMemory("candidates",
                     dataset + shard_cands + (index if choice.kind == "exact" and not on_gpu
-                                             else 0.0) + block,
+                                             and parts == 1 else 0.0) + block,
                     visual + text + (index if choice.kind == "ivf" else 0.0),
-                    gpu_index if on_gpu else 0.0, s.workers),
+                    gpu_index if on_gpu else 0.0, s.workers, note),
         PhaseMemory("reduce", dataset + shard_cands + s.rows * 40.0 + s.anchors * PICK_BYTES,
                     visual + text, 0.0, 1),
     ]
@@ -173,8 +181,9 @@ def memory_lines(phases: list[PhaseMemory]) -> list[str]:
              "paged by the kernel):"]
     for p in phases:
         gpu = f"; GPU {p.gpu / GIB:.2f} per worker" if p.gpu else ""
+        note = f"; {p.note}" if p.note else ""
         lines.append(f"  {p.phase}: host {p.per_worker / GIB:.2f} per worker x {p.workers} "
-                     f"+ mapped {p.shared / GIB:.2f} = {p.total() / GIB:.2f}{gpu}")
+                     f"+ mapped {p.shared / GIB:.2f} = {p.total() / GIB:.2f}{gpu}{note}")
     return lines
 
 

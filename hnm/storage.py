@@ -31,7 +31,7 @@ RUN_FILES = re.compile(r"""(?x)
     (config\.yaml | plan\.json | negatives\.(jsonl|parquet) | suspects\.jsonl | metrics\.json
      | report\.html | sweep\.(html|json) | done\.json | \.hnm\.lock | \.hnm-run\.json)
   | embeddings/((image|text|cross)_\d{5,}\.npy | done_\d{5,})
-  | tables/((visual|text|cross|eligible|clusters|centroids)\.npy | ivf\.faiss | done)
+  | tables/((visual|text|cross|eligible|clusters|centroids)\.npy | ivf(_\d{5,})?\.faiss | done)
   | candidates/(shard_\d{5,}\.npz | done_\d{5,})
   | logs/(hnm\.log | tables\.log | shard_\d{5,}\.log | \.(crashed|held)_\w+)""")
 SIGNATURE = "hnm run directory"  # the format marker of .hnm-run.json
@@ -170,6 +170,10 @@ class RunDir(Area):
         """The tables phase's FAISS IVF index (runs with --index ivf)."""
         return self.tables_dir / "ivf.faiss"
 
+    def ivf_part(self, part: int) -> Path:
+        """The IVF index of one part of the rows (runs with --index-parts above 1)."""
+        return self.tables_dir / f"ivf_{part:05d}.faiss"
+
     def candidates(self, shard: int) -> Path:
         return self.root / PHASE_DIRS["candidates"] / f"shard_{shard:05d}.npz"
 
@@ -203,13 +207,15 @@ class RunDir(Area):
         digests = {f.relative_to(self.root).as_posix(): file_digest(f) for f in files}
         self.write_json(path, {**info, "files": digests})
 
-    def layout(self, shards: int) -> list[str]:
-        """Every name a run of `shards` shards may write (its manifest), from the root."""
+    def layout(self, shards: int, parts: int = 1) -> list[str]:
+        """Every name a run of `shards` shards (and `parts` index parts) may write (its
+        manifest), from the root."""
         names = ["config.yaml", "plan.json", "done.json", "negatives.jsonl",
                  "negatives.parquet", "suspects.jsonl", "metrics.json", "report.html",
                  "sweep.html", "sweep.json", "tables/done", "tables/ivf.faiss",
                  "logs/hnm.log", "logs/tables.log"]
         names += [f"tables/{name}.npy" for name in (*TABLES, "cross")]
+        names += [f"tables/ivf_{p:05d}.faiss" for p in range(parts if parts > 1 else 0)]
         for s in range(shards):
             names += [f"embeddings/image_{s:05d}.npy", f"embeddings/text_{s:05d}.npy",
                       f"embeddings/cross_{s:05d}.npy",

@@ -188,9 +188,11 @@ def point_lists(saved: Saved, pairs: list[tuple[float, float, float | None]]
                for pair in pairs):
             return lambda tau, mvs, ratio: cands
     else:
-        index = open_index(run, saved.plan.index, saved.tab.V, "cpu")
+        index = open_index(run, saved.plan.index, saved.tab.V, "cpu",
+                           saved.plan.placement.index_parts)
         cands = find_candidates(c, saved.tab, anchors, index=index)[0]
-    index = index or open_index(run, saved.plan.index, saved.tab.V, "cpu")  # the run's own
+    index = index or open_index(run, saved.plan.index, saved.tab.V, "cpu",
+                                saved.plan.placement.index_parts)  # the run's own
     floor = min(mvs for _, mvs, _ in pairs)
     found = [neighbours(index, saved.tab, anchors[s:s + ANCHOR_BATCH], c.k_nn, floor)
              for s in range(0, len(anchors), ANCHOR_BATCH)]

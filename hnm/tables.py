@@ -14,12 +14,13 @@ from hnm.blacklist import read_blacklist
 from hnm.callbacks import Progress, no_progress
 from hnm.config import Config, has_joint_space
 from hnm.data import Corpus, normalize
-from hnm.engine import recall_at_k, recall_sample
+from hnm.engine import exact_parts, recall_at_k, recall_sample
 from hnm.errors import HnmError
 from hnm.index import BUILD_PEAK, GPU_SHARE, SearchIndex, build_index, placement
-from hnm.ivf import IvfIndex, load_ivf, train_ivf
+from hnm.ivf import IvfIndex, add_rows, load_ivf, train_ivf
 from hnm.kmeans import kmeans
 from hnm.miner import Arrays, eligible_phrases
+from hnm.parts import PartedIndex, part_edges
 from hnm.plan import Plan
 from hnm.safety import Area
 from hnm.sizing import IVF_TRAIN_PER_LIST, RECALL_ANCHORS, IndexChoice, size_text
@@ -77,8 +78,9 @@ def compute(config: Config, run: RunDir, plan: Plan, phrases: list[str],
     info: dict[str, Any] = {"tables": t1 - t0, "cluster": t2 - t1}
     files = [run.table(name) for name in TABLES + (("cross",) if cross_table(config) else ())]
     if plan.index.kind == "ivf":
-        info.update(build_ivf(run, V, plan.index, config, plan.num_anchors))
-        files.append(run.ivf)
+        parts = plan.placement.index_parts
+        info.update(build_ivf(run, V, plan.index, config, plan.num_anchors, parts))
+        files += ivf_files(run, parts, len(V))
     for name, array in zip(TABLES[2:], (eligible, labels, centroids)):
         run.write_npy(run.table(name), array)
     return info, files
@@ -119,38 +121,72 @@ def load_arrays(run: RunDir, ds: Corpus, config: Config) -> Arrays:
     )
 
 
+def ivf_files(run: RunDir, parts: int, rows: int) -> list[Path]:
+    """The IVF index files of a run: one, or one per part."""
+    if parts <= 1:
+        return [run.ivf]
+    return [run.ivf_part(p) for p in range(len(part_edges(rows, parts)) - 1)]
+
+
 def build_ivf(run: RunDir, V: np.ndarray, choice: IndexChoice, config: Config,
-              num_anchors: int) -> dict[str, Any]:
-    """Train the run's IVF index once (seeded), save it, and measure the recall of its
-    neighbour lists against exact search on a seeded sample of anchors."""
+              num_anchors: int, parts: int = 1) -> dict[str, Any]:
+    """Train the run's IVF index once (seeded), save it (in parts: the coarse quantizer
+    trained once, one file per part holding its rows' lists), and measure the recall of
+    its neighbour lists against exact search on a seeded sample of anchors."""
     import faiss
 
     t0 = time.perf_counter()
-    ivf = train_ivf(V, choice.nlist, config.seed, IVF_TRAIN_PER_LIST * choice.nlist)
-    with run.open(run.ivf) as handle:
-        faiss.write_index(ivf, faiss.PyCallbackIOWriter(handle.write))
-    del ivf  # measured as the workers will use it: memory-mapped, not held twice
+    sample = IVF_TRAIN_PER_LIST * choice.nlist
+    if parts <= 1:
+        _write_index(run, run.ivf, train_ivf(V, choice.nlist, config.seed, sample))
+    else:
+        trained = train_ivf(V, choice.nlist, config.seed, sample, rows=(0, 0))
+        edges = part_edges(len(V), parts)
+        for p, (start, stop) in enumerate(zip(edges[:-1].tolist(), edges[1:].tolist())):
+            part = faiss.clone_index(trained)  # one part's lists in memory at a time
+            add_rows(part, V, start, stop)
+            _write_index(run, run.ivf_part(p), part)
+            del part
     t1 = time.perf_counter()
     anchors = recall_sample(num_anchors, config.seed, RECALL_ANCHORS)
-    recall = recall_at_k(IvfIndex(load_ivf(str(run.ivf)), choice.nprobe), V, anchors,
-                         config.k_nn)
+    recall = recall_at_k(open_index(run, choice, V, "cpu", parts), V, anchors, config.k_nn)
     return {"index": t1 - t0, "recall": {**recall, "seconds": round(time.perf_counter() - t1, 3)}}
 
 
-def open_index(run: RunDir, choice: IndexChoice, V: np.ndarray, device: str) -> SearchIndex:
+def _write_index(run: RunDir, path: Path, index: Any) -> None:
+    import faiss
+
+    with run.open(path) as handle:
+        faiss.write_index(index, faiss.PyCallbackIOWriter(handle.write))
+
+
+def open_index(run: RunDir, choice: IndexChoice, V: np.ndarray, device: str, parts: int = 1
+               ) -> SearchIndex:
     """The run's search index over every row on `device`: exact, or the saved IVF index
     (never trained again). On a GPU it is kept in float32, or in float16 where float32
-    does not fit; IVF lists that fit neither are scanned on the host."""
-    nbytes = float(V.shape[0]) * V.shape[1] * 4
+    does not fit; IVF lists that fit neither are scanned on the host. In `parts` parts
+    (the plan's --index-parts): a `parts.PartedIndex` opening one part's index at a time."""
+    edges = part_edges(V.shape[0], parts)
+    rows = int(np.diff(edges).max()) if V.shape[0] else 0  # the largest part's
+    nbytes = float(rows) * V.shape[1] * 4
     if choice.kind == "ivf":  # its lists are copied one at a time: no build peak
         target, float16 = placement(nbytes, device, peak=1.0) or ("cpu", False)
-        return IvfIndex(load_ivf(str(run.ivf)), choice.nprobe, target, float16,
-                        choice.far_nprobe)
+        if len(edges) <= 2:
+            return IvfIndex(load_ivf(str(run.ivf)), choice.nprobe, target, float16,
+                            choice.far_nprobe)
+        return PartedIndex(edges, lambda p: IvfIndex(
+            load_ivf(str(run.ivf_part(p))), choice.nprobe, target, float16,
+            choice.far_nprobe))
     where = placement(nbytes, device)
     if where is None:
         peak = BUILD_PEAK * nbytes
-        raise HnmError(f"--index: an exact index of {V.shape[0]} rows needs "
+        raise HnmError(f"--index: an exact index of {rows} rows needs "
                        f"{size_text(peak)} while it is built ({size_text(peak / 2)} in "
                        f"float16), more than {GPU_SHARE:.0%} of what {device} has free; use "
                        "--index ivf")
-    return build_index(V, device, float16=where[1])
+    if len(edges) <= 2:
+        return build_index(V, device, float16=where[1])
+    if not device.startswith("cuda"):  # searched where it lies: nothing copied
+        return exact_parts(V, parts)
+    return PartedIndex(edges, lambda p: build_index(V[edges[p]:edges[p + 1]], device,
+                                                    float16=where[1]))

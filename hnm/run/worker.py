@@ -128,7 +128,8 @@ class Context:
             set_threads(self.plan.placement.threads)
         else:  # the encoders' GPU memory is the index's now (free memory is read after)
             self.release_encoders()
-        return tables.open_index(self.run, self.plan.index, self.arrays.V, self.device)
+        return tables.open_index(self.run, self.plan.index, self.arrays.V, self.device,
+                                 self.plan.placement.index_parts)
 
     def release_encoders(self) -> None:
         """Drop the encoders (built again if a later task needs them)."""
