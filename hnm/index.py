@@ -159,10 +159,14 @@ class ChunkedFlatIP(ExactIndex):
 
 
 class MappedFlatIP(ExactIndex):
-    """Exact search straight over an array's rows (a part of a memory-mapped table), a
-    block at a time: nothing is copied or kept, and ties at the cut go to the lowest row,
-    so that parts searched one by one merge into exactly the whole table's order (see
-    `hnm.parts`)."""
+    """Exact search straight over an array's rows (a part of a memory-mapped table):
+    nothing is copied or kept, and ties at the cut go to the lowest row, so that parts
+    searched one by one merge into exactly the whole table's order (see `hnm.parts`).
+
+    With FAISS, `faiss.knn` over the rows where they lie, asked for one more result: where
+    the last wanted score is above the next one the set is certain and only its order is
+    fixed; a query whose cut falls inside a run of equal scores (duplicate rows) is
+    searched again a block of rows at a time with NumPy, ties by row."""
 
     kind = "mapped-cpu"
 
@@ -173,6 +177,23 @@ class MappedFlatIP(ExactIndex):
 
     def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         xq = np.ascontiguousarray(xq, dtype=np.float32)
+        kk = min(k, self.ntotal)
+        rows = self.xb
+        if kk == 0 or not len(xq) or not faiss_available() or rows.dtype != np.float32 \
+                or not rows.flags.c_contiguous:
+            return self._blocks(xq, k)
+        import faiss
+
+        k1 = min(kk + 1, self.ntotal)
+        D, I = faiss.knn(xq, np.asarray(rows), k1, metric=faiss.METRIC_INNER_PRODUCT)
+        clear = D[:, kk - 1] > D[:, kk] if k1 > kk else np.ones(len(xq), bool)
+        D, I = merge_by_row(D[:, :0], I[:, :0], D[:, :kk], I[:, :kk], kk)
+        if not clear.all():
+            D[~clear], I[~clear] = self._blocks(xq[~clear], kk)
+        return _pad(D, I, k)
+
+    def _blocks(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The search a block of rows at a time (NumPy), ties at every cut by row."""
         kk = min(k, self.ntotal)
         D = np.zeros((len(xq), 0), np.float32)
         I = np.zeros((len(xq), 0), np.int64)

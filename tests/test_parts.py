@@ -63,7 +63,7 @@ def test_parts_split_the_rows_evenly_and_never_empty():
 def test_a_parted_search_is_the_brute_force_order_ties_at_the_cut_by_row(parts):
     xb, xq = grid_rows(3000, seed=1), grid_rows(40, seed=2)
     index = exact_parts(xb, parts)
-    S = xq.astype(np.float64) @ xb.astype(np.float64).T
+    scores = xq.astype(np.float64) @ xb.astype(np.float64).T
     assert index.ntotal == 3000 and index.exact and index.far is index
     for k in (1, 37, 700, 3000, 3100):
         D, I = index.search(xq, k)
@@ -74,7 +74,7 @@ def test_a_parted_search_is_the_brute_force_order_ties_at_the_cut_by_row(parts):
         assert (I[:, kk:] == -1).all() and np.isneginf(D[:, kk:]).all()
         # for some query the cut falls inside a run of equal scores
         last = want_D[:, -1:]
-        straddles = (S == last).sum(axis=1) > (want_D == last).sum(axis=1)
+        straddles = (scores == last).sum(axis=1) > (want_D == last).sum(axis=1)
         assert straddles.any() or kk == len(xb)
     assert np.array_equal(index.reach(xq), np.full(len(xq), 3000))
 
@@ -151,13 +151,21 @@ def test_an_exact_part_is_searched_where_it_lies(tmp_path):
     path = tmp_path / "visual.npy"
     np.save(path, np.random.default_rng(5).normal(size=(40_000, 64)).astype(np.float32))
     V = np.load(path, mmap_mode="r")
-    index = exact_parts(V, 4)
+    edges, views = part_edges(len(V), 4), []
+
+    def opener(p: int) -> MappedFlatIP:
+        part = MappedFlatIP(V[edges[p]:edges[p + 1]])
+        views.append(np.shares_memory(np.asarray(part.xb), V))
+        return part
+
+    index = PartedIndex(edges, opener)
     part_bytes = V.nbytes // 4
     tracemalloc.start()
     D, I = index.search(np.asarray(V[:4]), 30)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert peak < part_bytes / 4, (peak, part_bytes)
+    assert views and all(views)  # each part's rows are the mapped file's pages
     assert np.array_equal(I, brute(np.asarray(V[:4]), np.asarray(V), 30)[1])
 
 
