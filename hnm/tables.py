@@ -123,9 +123,8 @@ def load_arrays(run: RunDir, ds: Corpus, config: Config) -> Arrays:
 
 def ivf_files(run: RunDir, parts: int, rows: int) -> list[Path]:
     """The IVF index files of a run: one, or one per part."""
-    if parts <= 1:
-        return [run.ivf]
-    return [run.ivf_part(p) for p in range(len(part_edges(rows, parts)) - 1)]
+    parts = len(part_edges(rows, parts)) - 1  # at most one a row
+    return [run.ivf] if parts <= 1 else [run.ivf_part(p) for p in range(parts)]
 
 
 def build_ivf(run: RunDir, V: np.ndarray, choice: IndexChoice, config: Config,
@@ -137,6 +136,7 @@ def build_ivf(run: RunDir, V: np.ndarray, choice: IndexChoice, config: Config,
 
     t0 = time.perf_counter()
     sample = IVF_TRAIN_PER_LIST * choice.nlist
+    parts = len(part_edges(len(V), parts)) - 1  # at most one a row
     if parts <= 1:
         _write_index(run, run.ivf, train_ivf(V, choice.nlist, config.seed, sample))
     else:

@@ -271,6 +271,12 @@ def test_ivf_in_parts_writes_a_file_per_part_and_measures_the_same_recall(data, 
     for name in ("negatives.jsonl", "suspects.jsonl"):
         assert _digest(three / name) == _digest(one / name), name
     assert _metrics(three) == _metrics(one)
+    # `hnm sweep` searches the run's own index again: its parts, the same points
+    for run in (one, three):
+        assert cli.main(["sweep", str(run), "--cosine-thresholds", "0.2,0.4",
+                         "--min-visual-similarities", "0.3,0.6"]) == 0
+    points = [json.loads((r / "sweep.json").read_text())["points"] for r in (one, three)]
+    assert points[0] == points[1]
 
 
 def test_dry_run_says_each_parts_index_memory(data, tmp_path, capsys):
