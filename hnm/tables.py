@@ -17,7 +17,7 @@ from hnm.data import Corpus, normalize
 from hnm.engine import recall_at_k, recall_sample
 from hnm.errors import HnmError
 from hnm.index import BUILD_PEAK, GPU_SHARE, SearchIndex, build_index, placement
-from hnm.ivf import IvfIndex, load_ivf, train_ivf
+from hnm.ivf import load_ivf, search_index, train_ivf
 from hnm.kmeans import kmeans
 from hnm.miner import Arrays, eligible_phrases
 from hnm.plan import Plan
@@ -76,7 +76,7 @@ def compute(config: Config, run: RunDir, plan: Plan, phrases: list[str],
     progress("tables", 3, 3)
     info: dict[str, Any] = {"tables": t1 - t0, "cluster": t2 - t1}
     files = [run.table(name) for name in TABLES + (("cross",) if cross_table(config) else ())]
-    if plan.index.kind == "ivf":
+    if plan.index.ivf:
         info.update(build_ivf(run, V, plan.index, config, plan.num_anchors))
         files.append(run.ivf)
     for name, array in zip(TABLES[2:], (eligible, labels, centroids)):
@@ -126,13 +126,14 @@ def build_ivf(run: RunDir, V: np.ndarray, choice: IndexChoice, config: Config,
     import faiss
 
     t0 = time.perf_counter()
-    ivf = train_ivf(V, choice.nlist, config.seed, IVF_TRAIN_PER_LIST * choice.nlist)
+    ivf = train_ivf(V, choice.nlist, config.seed, IVF_TRAIN_PER_LIST * choice.nlist,
+                    choice.kind, config.pq_bytes)
     with run.open(run.ivf) as handle:
         faiss.write_index(ivf, faiss.PyCallbackIOWriter(handle.write))
     del ivf  # measured as the workers will use it: memory-mapped, not held twice
     t1 = time.perf_counter()
     anchors = recall_sample(num_anchors, config.seed, RECALL_ANCHORS)
-    recall = recall_at_k(IvfIndex(load_ivf(str(run.ivf)), choice.nprobe), V, anchors,
+    recall = recall_at_k(search_index(load_ivf(str(run.ivf)), choice.nprobe), V, anchors,
                          config.k_nn)
     return {"index": t1 - t0, "recall": {**recall, "seconds": round(time.perf_counter() - t1, 3)}}
 
@@ -142,10 +143,10 @@ def open_index(run: RunDir, choice: IndexChoice, V: np.ndarray, device: str) -> 
     (never trained again). On a GPU it is kept in float32, or in float16 where float32
     does not fit; IVF lists that fit neither are scanned on the host."""
     nbytes = float(V.shape[0]) * V.shape[1] * 4
-    if choice.kind == "ivf":  # its lists are copied one at a time: no build peak
+    if choice.ivf:  # its lists are copied one at a time: no build peak (codes: the host's)
         target, float16 = placement(nbytes, device, peak=1.0) or ("cpu", False)
-        return IvfIndex(load_ivf(str(run.ivf)), choice.nprobe, target, float16,
-                        choice.far_nprobe)
+        return search_index(load_ivf(str(run.ivf)), choice.nprobe, target, float16,
+                            choice.far_nprobe)
     where = placement(nbytes, device)
     if where is None:
         peak = BUILD_PEAK * nbytes
