@@ -88,11 +88,12 @@ class Config:
     num_negatives: int = 1
     diverse_candidates: int = 64
     seed: int = 0
-    # search index (hnm.index): exact, ivf (approximate proposals), or auto (by size)
+    # search index (hnm.index): exact, ivf / ivfpq / ivfsq (approximate proposals), or auto
     index: str = "auto"
     ivf_nlist: int | None = None  # None: about sqrt(rows)
     ivf_nprobe: int | None = None  # None: from the number of lists
     index_parts: int = 1  # the index in parts of consecutive rows (hnm.parts)
+    pq_bytes: int | None = None  # ivfpq: bytes of a row's code; None: about dim / 8
     # false-negative audit (hnm.audit): negatives this close to their anchor are suspect
     audit_text_similarity: float = 0.8
     audit_visual_similarity: float = 0.98

@@ -1,5 +1,7 @@
 """Approximate inner-product search through a FAISS IVF index: which lists a query probes
-is exact, and within them the proposals are as certain as an exact search's."""
+is exact, and within them the proposals are as certain as an exact search's (`IvfIndex`,
+the lists hold float32 rows), or proposed from compressed codes and rescored exactly
+(`CodesIndex`, the lists hold PQ or 8-bit scalar codes)."""
 
 from __future__ import annotations
 
@@ -23,27 +25,55 @@ def ivf_shape(n: int) -> tuple[int, int]:
     return nlist, min(nlist, max(8, nlist // 80))
 
 
+# The lists' codecs (IndexChoice.kind -> FAISS): float32 rows, product-quantised codes,
+# 8-bit scalar codes.
+CODECS = {"ivf": "flat", "ivfpq": "pq", "ivfsq": "sq8"}
+# Proposals a compressed index is asked for, per row wanted: code scores only approximate
+# the exact ones, so a few times more rows are rescored than are kept.
+RERANK = 4
+PQ_BITS = 8  # bits of each PQ sub-quantiser's code (256 centroids)
+
+
+def pq_bytes(d: int, wanted: int | None = None) -> int:
+    """Bytes of a row's PQ code (its sub-quantisers): `wanted`, or about d/8 (8 components
+    a sub-quantiser), the largest divisor of d not above it (FAISS splits d evenly)."""
+    if wanted is not None:
+        return wanted
+    return max(m for m in range(1, max(1, d // 8) + 1) if d % m == 0)
+
+
+def code_bytes(kind: str, d: int, wanted: int | None = None) -> int:
+    """Bytes a row takes in the lists of an index of `kind`, its id (int64) included."""
+    codec = CODECS[kind]
+    return 8 + (4 * d if codec == "flat" else d if codec == "sq8" else pq_bytes(d, wanted))
+
+
 # Queries per IVF search: each list is read once per search and multiplied with all the
 # queries probing it, so more queries per search make fewer, larger products.
 IVF_BATCH = 8192
 
 
-def train_ivf(V: np.ndarray, nlist: int, seed: int, sample: int,
-              rows: tuple[int, int] | None = None) -> Any:
-    """A FAISS IVF index over every row of V (its lists hold the float32 rows); `rows`:
-    (start, stop) to add only those (none: (0, 0), a trained index to copy per part).
+def train_ivf(V: np.ndarray, nlist: int, seed: int, sample: int, kind: str = "ivf",
+              pq: int | None = None, rows: tuple[int, int] | None = None) -> Any:
+    """A FAISS IVF index over every row of V: its lists hold the float32 rows (`kind`
+    "ivf"), PQ codes of `pq_bytes(d, pq)` bytes ("ivfpq") or 8-bit scalar codes ("ivfsq")
+    of each row's residual from its list's centroid. `rows`: (start, stop) to add only
+    those (none: (0, 0), a trained index to copy per part).
 
     Centroids: spherical k-means on a seeded sample of `sample` rows, snapped to the
     embedding grid so that which lists a query probes is computed exactly (see
-    `IvfIndex.probes`). Rows are added a block at a time (V may be a memory map).
+    `IvfIndex.probes`); a codec is trained on the same sample. Rows are added a block at a
+    time (V may be a memory map).
     """
     import faiss
 
-    centroids = finalize(_faiss_centroids(seeded_sample(V, sample, seed), nlist, seed, 20))
+    x = seeded_sample(V, sample, seed)
+    centroids = finalize(_faiss_centroids(x, nlist, seed, 20))
     quantizer = faiss.IndexFlatIP(V.shape[1])
     quantizer.add(centroids)
-    index = faiss.IndexIVFFlat(quantizer, V.shape[1], len(centroids),
-                               faiss.METRIC_INNER_PRODUCT)
+    index = _empty_ivf(quantizer, V.shape[1], len(centroids), kind, pq, len(x))
+    if not index.is_trained:  # the codec (the quantizer has its centroids already)
+        index.train(x)
     add_rows(index, V, *(rows if rows is not None else (0, V.shape[0])))
     return index
 
@@ -53,6 +83,24 @@ def add_rows(index: Any, V: np.ndarray, start: int, stop: int) -> None:
     time (V may be a memory map)."""
     for s in range(start, stop, 1 << 16):
         index.add(np.ascontiguousarray(V[s:min(s + (1 << 16), stop)], dtype=np.float32))
+
+
+def _empty_ivf(quantizer: Any, d: int, nlist: int, kind: str, pq: int | None,
+               sample: int) -> Any:
+    import faiss
+
+    ip = faiss.METRIC_INNER_PRODUCT
+    if CODECS[kind] == "flat":
+        index = faiss.IndexIVFFlat(quantizer, d, nlist, ip)
+    elif CODECS[kind] == "sq8":
+        index = faiss.IndexIVFScalarQuantizer(quantizer, d, nlist,
+                                              faiss.ScalarQuantizer.QT_8bit, ip)
+    else:  # fewer bits where the sample holds fewer rows than 2^8 centroids
+        bits = min(PQ_BITS, int(math.log2(max(2, sample))))
+        index = faiss.IndexIVFPQ(quantizer, d, nlist, pq_bytes(d, pq), bits, ip)
+        index.pq.cp.min_points_per_centroid = 1  # a small sample is the caller's choice
+        index.pq.cp.seed = 1234  # FAISS's default, written down: the codes are seeded
+    return index
 
 
 class IvfIndex:
@@ -121,7 +169,7 @@ class IvfIndex:
         part = -np.partition(-scores, self.nprobe, axis=1)
         inner, outer = part[:, :self.nprobe].min(axis=1), part[:, self.nprobe]
         out = np.empty((len(xq), self.nprobe), np.int64)
-        clear = inner - outer > 2 * self.eps
+        clear = inner - outer > 2 * search_eps(self.centroids32.shape[1])  # float32 products
         out[clear] = np.nonzero(scores[clear] >= inner[clear, None])[1].reshape(-1, self.nprobe)
         if not clear.all():
             exact = (torch.from_numpy(xq[~clear].astype(np.float64)) @ self.centroids.T).numpy()
@@ -156,6 +204,66 @@ class IvfIndex:
         top, pos = torch.topk(D.reshape(len(xq), -1), k, dim=1)
         rows = torch.gather(I.reshape(len(xq), -1), 1, pos)
         return top.cpu().numpy(), rows.cpu().numpy()
+
+
+class CodesIndex(IvfIndex):
+    """Proposals from an IVF index of compressed codes (PQ, or 8-bit scalar), searched by
+    FAISS on the host with its lists memory-mapped.
+
+    A query probes the lists `IvfIndex.probes` chooses (exactly); within them the rows are
+    ranked by their codes' scores, which only approximate the exact ones: nothing is certain
+    from them (`eps` is infinite). The miner asks for `rerank` times the rows it wants,
+    rescores every proposal exactly and keeps the exact order among them
+    (`miner.exact_prefix`).
+    """
+
+    eps = math.inf
+    rerank = RERANK
+
+    def __init__(self, index: Any, nprobe: int, far_nprobe: int | None = None) -> None:
+        import faiss
+
+        torch = threaded_torch()
+        self.device = torch.device("cpu")
+        self.nlist, self.ntotal, d = index.nlist, index.ntotal, index.d
+        self.nprobe = min(nprobe, self.nlist)
+        xb = faiss.downcast_index(index.quantizer).get_xb()
+        centroids = faiss.rev_swig_ptr(xb, self.nlist * d).reshape(self.nlist, d)
+        self.centroids = torch.from_numpy(centroids.astype(np.float64))
+        self.centroids32 = torch.from_numpy(centroids.astype(np.float32))
+        lists = faiss.extract_index_ivf(index).invlists
+        self.sizes = np.array([lists.list_size(j) for j in range(self.nlist)], np.int64)
+        self.index = index  # owns the lists' memory (a memory map when loaded so)
+        pq = isinstance(faiss.downcast_index(index), faiss.IndexIVFPQ)
+        self.kind = ("ivfpq" if pq else "ivfsq") + "-cpu"
+        self.batch = IVF_BATCH
+        self._far = None
+        if far_nprobe is not None and far_nprobe != self.nprobe:
+            self._far = copy.copy(self)  # the same lists, fewer probes
+            self._far.nprobe = min(far_nprobe, self.nlist)
+
+    def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
+        xq = np.ascontiguousarray(xq, dtype=np.float32)
+        probes = self.probes(xq)
+        # the codes are residuals from their list's centroid: FAISS adds the query's score
+        # with the centroid, given here for the lists chosen
+        coarse = np.take_along_axis((torch.from_numpy(xq) @ self.centroids32.T).numpy(),
+                                    probes, 1)
+        self.index.nprobe = self.nprobe  # the FAISS index is shared with `far`
+        return self.index.search_preassigned(xq, k, probes, coarse)
+
+
+def search_index(index: Any, nprobe: int, device: str = "cpu", float16: bool = False,
+                 far_nprobe: int | None = None) -> IvfIndex:
+    """The search through a saved IVF index: its float32 lists scanned on `device`
+    (`IvfIndex`), or its codes by FAISS on the host (`CodesIndex`)."""
+    import faiss
+
+    if isinstance(faiss.downcast_index(index), faiss.IndexIVFFlat):
+        return IvfIndex(index, nprobe, device, float16, far_nprobe)
+    return CodesIndex(index, nprobe, far_nprobe)
 
 
 def _by_list(probes: np.ndarray, device: Any) -> Iterator[tuple[int, Any, Any]]:

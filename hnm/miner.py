@@ -133,6 +133,8 @@ def exact_prefix(index: SearchIndex, V: np.ndarray, anchors: np.ndarray, want: i
     about which share of the rows `keep` admits (the first search asks for more when few).
     fill=False: one search, and whatever prefix of the order it makes certain (up to
     `want` rows) — enough where the caller can search past a short list exactly.
+    An index whose scores carry no bound (infinite eps: compressed codes) is searched once
+    for `index.rerank` times the rows: the result is the exact order among its proposals.
     Returns (B, want) rows and vis (row -1 where fewer), and whether each anchor's rows
     are every kept row of the table.
     """
@@ -141,6 +143,9 @@ def exact_prefix(index: SearchIndex, V: np.ndarray, anchors: np.ndarray, want: i
     complete = np.zeros(len(anchors), bool)
     todo = np.arange(len(anchors))
     k = min(index.ntotal, int(np.ceil((want + 1) / max(kept_share, 0.01))) + MARGIN)
+    approximate = not np.isfinite(index.eps)  # proposals only: the rescored ones are final
+    if approximate:
+        k = min(index.ntotal, k * getattr(index, "rerank", 1))
     while len(todo):
         q = sign * np.asarray(V[anchors[todo]], dtype=np.float32)
         reach = index.reach(q)
@@ -153,10 +158,11 @@ def exact_prefix(index: SearchIndex, V: np.ndarray, anchors: np.ndarray, want: i
         seen_all = k >= reach
         # unseen rows score at most the lowest proposal's score, + the index's error
         last = np.take_along_axis(D, np.maximum(valid.sum(1) - 1, 0)[:, None], 1)[:, 0]
-        bound = np.where(seen_all, -np.inf, last + index.eps)
+        bound = np.full(len(todo), -np.inf) if approximate else \
+            np.where(seen_all, -np.inf, last + index.eps)
         kept = valid & keep(anchors[todo], I) & (w >= floor)
         certain = kept & (w > bound[:, None])
-        done = seen_all | (bound < floor) | (certain.sum(1) >= want) | (not fill)
+        done = seen_all | (bound < floor) | (certain.sum(1) >= want) | (not fill) | approximate
         r, c = np.nonzero(certain & done[:, None] & (np.cumsum(certain, axis=1) <= want))
         slot = (np.cumsum(certain, axis=1) - 1)[r, c]
         out_rows[todo[r], slot] = I[r, c]

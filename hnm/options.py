@@ -242,8 +242,10 @@ OPTIONS: tuple[Option, ...] = (
         Option("seed", int, 0, "seed of strategy draws and k-means",
                rule=within(0, 2**31 - 1, " (a 32-bit seed)"), metavar="S"),
         Option("index", str, "auto", "search index: exact, ivf (FAISS IVF proposals, rescored "
-               "exactly; recall measured), or auto (exact up to a size)",
-               rule=one_of(("exact", "ivf", "auto"), quoted=True),
+               "exactly; recall measured), ivfpq / ivfsq (proposals from PQ / 8-bit codes of "
+               "the IVF lists, rescored exactly), or auto (exact up to a size, then IVF, "
+               "codes where its lists do not fit)",
+               rule=one_of(("exact", "ivf", "ivfpq", "ivfsq", "auto"), quoted=True),
                doc="the search index (see below)"),
         Option("ivf_nlist", int, None, "IVF lists", rule=_IN_RANGE, default_text="~sqrt(rows)"),
         Option("ivf_nprobe", int, None, "IVF lists probed per query (more: higher recall, "
@@ -255,6 +257,9 @@ OPTIONS: tuple[Option, ...] = (
                "split): each search opens one part at a time and merges the lists exactly, so "
                "a worker's index memory is one part's; the results do not change. Fixed when "
                "the run is planned (a resumed run keeps its parts)"),
+        Option("pq_bytes", int, None, "bytes of a row's PQ code (--index ivfpq): its "
+               "sub-quantisers of 8 bits; a divisor of the image embedding dimension",
+               rule=_IN_RANGE, default_text="~dim/8", omitted_at_default=True),
         Option("blacklist", str, None, "file, one phrase per line ('' disables)",
                metavar="FILE", doc="phrases negatives must not resemble (one per line; an "
                "empty file disables the filter)"),

@@ -49,6 +49,8 @@ class PartedIndex:
         self.kind = f"{first.kind}/{self.parts} parts"
         if hasattr(first, "batch"):  # queries per search the parts' kind asks for
             self.batch = int(first.batch)
+        if hasattr(first, "rerank"):  # compressed codes: proposals per row wanted
+            self.rerank = int(first.rerank)
         far_is_self = first.far is first
         del first
         self._far: PartedIndex | None = None

@@ -181,9 +181,11 @@ def place(config: Config, offered: Offer, ds: Corpus, shards: int | None = None
         devices, note = fit_to_work(config, offered.devices, _work(config, ds),
                                     batches=-(-len(ds) // config.batch_size))
     chosen = precision.resolve(config.precision, devices, offered.gpus)
-    return Placement(tuple(devices), *_processes(config, devices), chosen.precision,
-                     chosen.reason, choose_index(config, len(ds), devices), note,
-                     max(1, min(config.index_parts, len(ds))))
+    placed = Placement(tuple(devices), *_processes(config, devices), chosen.precision,
+                       chosen.reason, IndexChoice(), note,
+                       max(1, min(config.index_parts, len(ds))))
+    return replace(placed, index=choose_index(config, len(ds), devices,
+                                              lambda: run_sizes(config, ds, placed)))
 
 
 def resumed(stored: Placement, offered: Offer, config: Config, shards: int) -> Placement:

@@ -65,7 +65,7 @@ def index_summary(run: RunDir, plan: Plan) -> dict[str, Any]:
     """The search index the run used, why, and (IVF) the recall measured in the tables
     phase."""
     out: dict[str, Any] = dataclasses.asdict(plan.index)
-    if plan.index.kind == "ivf":
+    if plan.index.ivf:
         out["recall"] = run.read_marker("tables").get("recall")
     return out
 

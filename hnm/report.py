@@ -23,6 +23,7 @@ from hnm.report_charts import failures, plots
 from hnm.report_cross import cross_section
 from hnm.report_gallery import Thumbs, gallery, shown_images, suspect_table
 from hnm.report_scan import Scan, Suspects, scan_negatives, top_suspects
+from hnm.sizing import IVF_KINDS
 from hnm.storage import RunDir, read_json, verify_marker
 
 
@@ -119,9 +120,9 @@ def index_card(index: dict[str, Any] | None) -> tuple[str, str, str]:
     if not index:
         return ("index", "exact", "")
     recall = index.get("recall")
-    if index["kind"] != "ivf" or not recall:
+    if index["kind"] not in IVF_KINDS or not recall:
         return ("index", index["kind"], index["reason"])
-    return (f"IVF recall@{recall['k']}", fmt(recall["recall_at_k"], ".4f"),
+    return (f"{index['kind'].upper()} recall@{recall['k']}", fmt(recall["recall_at_k"], ".4f"),
             f"vs exact search, {recall['anchors']} anchors; {index['nlist']} lists, "
             f"{index['nprobe']} probed")
 

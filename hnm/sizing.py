@@ -4,13 +4,14 @@ needs per worker (host and GPU), checked before anything runs."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from hnm.config import Config
 from hnm.errors import HnmError
 from hnm.host import available_kib
 from hnm.index import BUILD_PEAK, GPU_SHARE, faiss_available
-from hnm.ivf import ivf_shape
+from hnm.ivf import code_bytes, ivf_shape
 from hnm.kmeans import KMEANS_SAMPLE
 from hnm.miner import MARGIN
 
@@ -28,21 +29,29 @@ RECORD_OVERHEAD, ROW_BYTES = 3.0, 750
 PICK_BYTES = 400  # one anchor's negatives in the reducer (Python objects)
 CANDIDATE_BYTES = 24  # one candidate: row (int64), vis and txt (float64)
 GIB = 2.0**30
+# Indexes of lists a query probes (hnm.ivf): float32 rows, PQ codes, 8-bit scalar codes.
+IVF_KINDS = ("ivf", "ivfpq", "ivfsq")
 
 
 @dataclass(frozen=True)
 class IndexChoice:
     """The search index of a run, chosen once when it is planned."""
 
-    kind: str = "exact"  # "exact" | "ivf"
+    kind: str = "exact"  # "exact" | "ivf" | "ivfpq" | "ivfsq"
     reason: str = "exact search (the SPEC's)"
     nlist: int = 0  # ivf: lists
     nprobe: int = 0  # ivf: lists probed per query
     far_nprobe: int = 0  # ivf: lists probed for a diverse list (the farthest rows)
 
+    @property
+    def ivf(self) -> bool:
+        """An index of lists (float32 rows or compressed codes) trained in the tables
+        phase, its recall measured."""
+        return self.kind in IVF_KINDS
+
     def describe(self) -> str:
         shape = f", {self.nlist} lists, {self.nprobe} probed per query, {self.far_nprobe} " \
-            "for the farthest rows" if self.kind == "ivf" else ""
+            "for the farthest rows" if self.ivf else ""
         return f"{self.kind}{shape} ({self.reason})"
 
 
@@ -50,8 +59,11 @@ def device_kind(devices: list[str]) -> str:
     return "cuda" if any(d.startswith("cuda") for d in devices) else "cpu"
 
 
-def choose_index(config: Config, rows: int, devices: list[str]) -> IndexChoice:
-    """`--index`, with `auto` resolved by the table's size on the device at hand."""
+def choose_index(config: Config, rows: int, devices: list[str],
+                 sizes: Callable[[], Sizes] | None = None) -> IndexChoice:
+    """`--index`, with `auto` resolved by the table's size on the device at hand and, where
+    it takes IVF, by the memory the plan has for the index (`index_room`; `sizes`: the
+    run's, asked only then): compressed codes where the float32 lists would not fit."""
     kind = device_kind(devices)
     limit = AUTO_EXACT_ROWS[kind]
     if config.index == "exact":
@@ -60,17 +72,45 @@ def choose_index(config: Config, rows: int, devices: list[str]) -> IndexChoice:
         return IndexChoice("exact", f"auto: {rows:,} rows, at most {limit:,} for exact search "
                                     f"on {kind}")
     if not faiss_available():  # IVF is FAISS's; exact search also runs on torch
-        if config.index == "ivf":
-            raise HnmError("--index ivf needs the faiss package (pip install faiss-cpu, or a "
-                           "faiss GPU build); use --index exact without it")
+        if config.index != "auto":
+            raise HnmError(f"--index {config.index} needs the faiss package (pip install "
+                           "faiss-cpu, or a faiss GPU build); use --index exact without it")
         return IndexChoice("exact", f"auto: {rows:,} rows, above {limit:,}, but faiss is "
                                     "not installed (IVF needs it)")
-    reason = "--index ivf" if config.index == "ivf" else \
-        f"auto: {rows:,} rows, above {limit:,} for exact search on {kind}"
+    chosen, reason = (config.index, f"--index {config.index}") if config.index != "auto" \
+        else ("ivf", f"auto: {rows:,} rows, above {limit:,} for exact search on {kind}")
+    if sizes is not None and (config.index == "auto" or chosen == "ivfpq"):
+        s = sizes()
+        check_pq_bytes(config, s.dv)
+        if config.index == "auto":
+            chosen, reason = fit_codes(config, s, index_room(config, s, host_available()),
+                                       reason)
     nlist, nprobe = ivf_shape(rows)
     nlist = min(config.ivf_nlist or nlist, rows)
     nprobe = min(config.ivf_nprobe or min(nprobe, nlist), nlist)
-    return IndexChoice("ivf", reason, nlist, nprobe, max(1, nprobe // FAR_SHARE))
+    return IndexChoice(chosen, reason, nlist, nprobe, max(1, nprobe // FAR_SHARE))
+
+
+def check_pq_bytes(config: Config, dim: int) -> None:
+    """--pq-bytes must split the image embeddings' components evenly (FAISS's PQ)."""
+    if config.pq_bytes is not None and dim % config.pq_bytes:
+        raise HnmError(f"--pq-bytes: must divide the image embedding dimension {dim}, got "
+                       f"{config.pq_bytes}")
+
+
+def fit_codes(config: Config, s: Sizes, room: float, reason: str) -> tuple[str, str]:
+    """IVF where its float32 lists fit `room` bytes, else 8-bit codes where they fit, else
+    PQ codes; and the reason, saying so."""
+    lists, sq = (s.rows * float(code_bytes(k, s.dv)) for k in ("ivf", "ivfsq"))
+    if lists <= room:
+        return "ivf", reason
+    left = f"the {size_text(max(room, 0.0))} the plan has for the index"
+    if sq <= room:
+        return "ivfsq", (f"{reason}; IVF lists of {size_text(lists)} would not fit {left}, "
+                         f"8-bit codes of {size_text(sq)} do")
+    pq = s.rows * float(code_bytes("ivfpq", s.dv, config.pq_bytes))
+    return "ivfpq", (f"{reason}; IVF lists of {size_text(lists)} and 8-bit codes of "
+                     f"{size_text(sq)} would not fit {left}: PQ codes of {size_text(pq)}")
 
 
 # One core's speed at each kind of work, for deciding how many CPU workers a run is worth
@@ -126,29 +166,29 @@ class PhaseMemory:
 
 def estimate(config: Config, s: Sizes, choice: IndexChoice) -> list[PhaseMemory]:
     """Peak memory of each phase (upper bounds: mapped pages are counted as resident)."""
-    dataset = s.annotation_bytes * RECORD_OVERHEAD + s.rows * ROW_BYTES
+    dataset, block = _dataset(s), _block(s)
     visual, text = s.rows * s.dv * 4.0, s.phrases * s.dt * 4.0
     shard_rows = -(-s.rows // s.workers)
-    block = (1 << 16) * max(s.dv, s.dt) * 8.0 * 3  # a float64 block and its temporaries
     encoders = 0.0 if config.image_embeddings and config.text_embeddings else 1.5 * GIB
     precomputed = (s.rows * s.dv * 4.0 if config.image_embeddings else 0.0) \
         + (s.rows * s.dt * 4.0 if config.text_embeddings else 0.0)  # read where they lie
     per_anchor = (min(config.k_nn, s.rows) + config.diverse_candidates + 2 * MARGIN) \
         * CANDIDATE_BYTES
     shard_cands = -(-s.anchors // s.workers) * per_anchor
-    index = visual + s.rows * 8.0  # an exact copy, or the IVF lists (vectors and ids)
+    # an exact copy, or the IVF lists (vectors or codes, and ids)
+    per_row = float(code_bytes(choice.kind if choice.ivf else "ivf", s.dv, config.pq_bytes))
+    index = s.rows * per_row
     parts = max(1, min(config.index_parts, s.rows))
     note = ""
     if parts > 1:  # one part's index held at a time; an exact part is searched where it lies
         part_rows = -(-s.rows // parts)
-        index = part_rows * (s.dv * 4.0 + 8.0)
+        index = part_rows * per_row
         note = f"index in {parts} parts of {part_rows:,} rows, {size_text(index)} each"
-    # on a GPU an exact index peaks at BUILD_PEAK tables while it is built (no ids there)
+    # on a GPU an exact index peaks at BUILD_PEAK tables while it is built (no ids there);
+    # codes are searched on the host
     gpu_index = BUILD_PEAK * (visual if parts == 1 else index) if choice.kind == "exact" \
-        else index
-    train = 0.0
-    if choice.kind == "ivf":
-        train = min(s.rows, IVF_TRAIN_PER_LIST * choice.nlist) * s.dv * 4.0
+        else index if choice.kind == "ivf" else 0.0
+    train = _train(s, choice)
     kmeans_sample = min(s.rows, KMEANS_SAMPLE) * s.dv * 4.0 * 2
     on_gpu = s.device == "cuda"
     held = s.chunk_bytes * max(1, s.loaders)  # one chunk a process reading images
@@ -160,11 +200,37 @@ def estimate(config: Config, s: Sizes, choice: IndexChoice) -> list[PhaseMemory]
         PhaseMemory("candidates",
                     dataset + shard_cands + (index if choice.kind == "exact" and not on_gpu
                                              and parts == 1 else 0.0) + block,
-                    visual + text + (index if choice.kind == "ivf" else 0.0),
+                    visual + text + (index if choice.ivf else 0.0),
                     gpu_index if on_gpu else 0.0, s.workers, note),
         PhaseMemory("reduce", dataset + shard_cands + s.rows * 40.0 + s.anchors * PICK_BYTES,
                     visual + text, 0.0, 1),
     ]
+
+
+def _dataset(s: Sizes) -> float:
+    return s.annotation_bytes * RECORD_OVERHEAD + s.rows * ROW_BYTES
+
+
+def _block(s: Sizes) -> float:
+    return (1 << 16) * max(s.dv, s.dt) * 8.0 * 3  # a float64 block and its temporaries
+
+
+def _train(s: Sizes, choice: IndexChoice) -> float:
+    """The IVF index's training sample (k-means of its lists, its codec)."""
+    return min(s.rows, IVF_TRAIN_PER_LIST * choice.nlist) * s.dv * 4.0 if choice.ivf else 0.0
+
+
+def index_room(config: Config, s: Sizes, host: float) -> float:
+    """Bytes the plan has for an IVF index's lists on a host with `host` bytes available:
+    what is left by the phases holding the index besides it — the tables phase builds it
+    in its own memory (beside its training sample), the candidates phase maps it beside
+    the tables and every worker's own memory."""
+    nlist = min(config.ivf_nlist or ivf_shape(s.rows)[0], s.rows)
+    probe = IndexChoice("ivf", nlist=nlist)
+    candidates = next(p for p in estimate(config, s, probe) if p.phase == "candidates")
+    lists = s.rows * float(code_bytes("ivf", s.dv))
+    return host - max(_dataset(s) + _block(s) + _train(s, probe),
+                      candidates.total() - lists)
 
 
 def host_available() -> float:

@@ -17,7 +17,7 @@ from hnm.data import Corpus, normalize
 from hnm.engine import exact_parts, recall_at_k, recall_sample
 from hnm.errors import HnmError
 from hnm.index import BUILD_PEAK, GPU_SHARE, SearchIndex, build_index, placement
-from hnm.ivf import IvfIndex, add_rows, load_ivf, train_ivf
+from hnm.ivf import add_rows, load_ivf, search_index, train_ivf
 from hnm.kmeans import kmeans
 from hnm.miner import Arrays, eligible_phrases
 from hnm.parts import PartedIndex, part_edges
@@ -77,7 +77,7 @@ def compute(config: Config, run: RunDir, plan: Plan, phrases: list[str],
     progress("tables", 3, 3)
     info: dict[str, Any] = {"tables": t1 - t0, "cluster": t2 - t1}
     files = [run.table(name) for name in TABLES + (("cross",) if cross_table(config) else ())]
-    if plan.index.kind == "ivf":
+    if plan.index.ivf:
         parts = plan.placement.index_parts
         info.update(build_ivf(run, V, plan.index, config, plan.num_anchors, parts))
         files += ivf_files(run, parts, len(V))
@@ -138,9 +138,11 @@ def build_ivf(run: RunDir, V: np.ndarray, choice: IndexChoice, config: Config,
     sample = IVF_TRAIN_PER_LIST * choice.nlist
     parts = len(part_edges(len(V), parts)) - 1  # at most one a row
     if parts <= 1:
-        _write_index(run, run.ivf, train_ivf(V, choice.nlist, config.seed, sample))
+        _write_index(run, run.ivf, train_ivf(V, choice.nlist, config.seed, sample,
+                                             choice.kind, config.pq_bytes))
     else:
-        trained = train_ivf(V, choice.nlist, config.seed, sample, rows=(0, 0))
+        trained = train_ivf(V, choice.nlist, config.seed, sample, choice.kind,
+                            config.pq_bytes, rows=(0, 0))
         edges = part_edges(len(V), parts)
         for p, (start, stop) in enumerate(zip(edges[:-1].tolist(), edges[1:].tolist())):
             part = faiss.clone_index(trained)  # one part's lists in memory at a time
@@ -149,6 +151,7 @@ def build_ivf(run: RunDir, V: np.ndarray, choice: IndexChoice, config: Config,
             del part
     t1 = time.perf_counter()
     anchors = recall_sample(num_anchors, config.seed, RECALL_ANCHORS)
+    # measured as the workers will use it: memory-mapped, not held twice
     recall = recall_at_k(open_index(run, choice, V, "cpu", parts), V, anchors, config.k_nn)
     return {"index": t1 - t0, "recall": {**recall, "seconds": round(time.perf_counter() - t1, 3)}}
 
@@ -164,17 +167,18 @@ def open_index(run: RunDir, choice: IndexChoice, V: np.ndarray, device: str, par
                ) -> SearchIndex:
     """The run's search index over every row on `device`: exact, or the saved IVF index
     (never trained again). On a GPU it is kept in float32, or in float16 where float32
-    does not fit; IVF lists that fit neither are scanned on the host. In `parts` parts
-    (the plan's --index-parts): a `parts.PartedIndex` opening one part's index at a time."""
+    does not fit; IVF lists that fit neither are scanned on the host (codes: always on
+    the host). In `parts` parts (the plan's --index-parts): a `parts.PartedIndex` opening
+    one part's index at a time."""
     edges = part_edges(V.shape[0], parts)
     rows = int(np.diff(edges).max()) if V.shape[0] else 0  # the largest part's
     nbytes = float(rows) * V.shape[1] * 4
-    if choice.kind == "ivf":  # its lists are copied one at a time: no build peak
+    if choice.ivf:  # its lists are copied one at a time: no build peak
         target, float16 = placement(nbytes, device, peak=1.0) or ("cpu", False)
         if len(edges) <= 2:
-            return IvfIndex(load_ivf(str(run.ivf)), choice.nprobe, target, float16,
-                            choice.far_nprobe)
-        return PartedIndex(edges, lambda p: IvfIndex(
+            return search_index(load_ivf(str(run.ivf)), choice.nprobe, target, float16,
+                                choice.far_nprobe)
+        return PartedIndex(edges, lambda p: search_index(
             load_ivf(str(run.ivf_part(p))), choice.nprobe, target, float16,
             choice.far_nprobe))
     where = placement(nbytes, device)

@@ -59,7 +59,7 @@ def test_identity_sets_are_those_runs_were_made_with():
         "tensor_normalization", "joint_model"))
     assert IDENTITY_DEFAULTS == {"tensor_normalization": "imagenet", "joint_model": None,
                                  "joint_space": False, "max_cross_score_ratio": None,
-                                 "min_cross_score_margin": None}
+                                 "min_cross_score_margin": None, "pq_bytes": None}
     config = Config(annotations="a.json", tensor_normalization="none", k_nn=5)
     assert (config_hash(Config()), config_hash(Config(), EMBEDDING_KEYS)) == (
         "84f86cd9f269aaad", "773420187951e67d")
@@ -123,7 +123,8 @@ def test_help_quotes_the_defaults(capsys):
     ({"max_samples": 0}, "--max-samples: out of range: 0"),
     ({"gpu_id": -1}, "--gpu-id: out of range: -1"),
     ({"gpu_ids": "1,1"}, "--gpu-ids: must list distinct GPU indices (0 or more), got [1, 1]"),
-    ({"index": "hnsw"}, "--index: must be 'exact', 'ivf' or 'auto', got 'hnsw'"),
+    ({"index": "hnsw"}, "--index: must be 'exact', 'ivf', 'ivfpq', 'ivfsq' or 'auto', got "
+     "'hnsw'"),
     ({"on_missing_image": "warn"}, "--on-missing-image: must be 'error' or 'skip', "
      "got 'warn'"),
     ({"precision": "fp8"}, "--precision: must be one of auto, fp32, bf16, fp16, got 'fp8'"),
