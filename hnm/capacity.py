@@ -20,6 +20,7 @@ from hnm.ivf import ivf_shape
 from hnm.kmeans import KMEANS_SAMPLE
 from hnm.sizing import (
     AUTO_EXACT_ROWS,
+    CANDIDATE_BYTES,
     ENCODER_BYTES,
     GIB,
     IVF_TRAIN_PER_LIST,
@@ -70,7 +71,14 @@ FREE_ROW_BYTES = 6 * 8
 # its entry in the set of free phrases (a Python int in a set, ~60 bytes).
 PHRASE_STATE_BYTES = 8 + 8 + 1 + 16 + 60
 ROW_GROUP_ROWS = 1 << 16  # output rows written at once
-NEGATIVE_BYTES = 250  # one negative in an output line: its id, text, image and scores
+# One negative in an output line (its id, text, image, scores, strategy): measured 470
+# bytes a line for records of 145 bytes (tests/synthetic.py, 2,000 rows, one negative).
+NEGATIVE_BYTES = 330
+# candidates/shard_NNNNN.npz: row (int64), vis and txt (float64) per listed row, what the
+# fixed rules removed before each hard row (4 x int32), and per anchor two offsets
+# (int64), the complete flag and the fixed rules' counts (5 x int32).
+HARD_BEFORE_BYTES = 4 * 4
+ANCHOR_BYTES = 2 * 8 + 1 + 5 * 4
 REPORT_BYTES = 8 * MIB  # report.html with its thumbnails, metrics.json, suspects
 # --- fitting ---
 HOST_SHARE = 0.9  # of a machine's memory for private pages (the rest: kernel, page cache)
@@ -251,10 +259,11 @@ def estimate(shape: Shape, index: str, parts: int) -> Estimate:
         + c.n_clusters * dv * FLOAT,
         "index": 0.0 if index == "exact" else n * code_bytes(index, dv) + parts * index_fixed(
             index, dv, lists),
-        "candidates": anchors * per_anchor,
+        "candidates": anchors * (min(c.k_nn, n) * (CANDIDATE_BYTES + HARD_BEFORE_BYTES)
+                                 + c.diverse_candidates * CANDIDATE_BYTES + ANCHOR_BYTES),
         "outputs": anchors * _line_bytes(s) + REPORT_BYTES,
     }
-    machine = _machine(processes, s.workers)
+    machine = max(phase_totals(processes, s.workers).values())
     est = Estimate(index, parts, processes, disk, machine, [])
     return replace(est, problems=problems(s, est))
 
@@ -264,26 +273,27 @@ def _line_bytes(s: Shape) -> float:
     return s.record_bytes + s.config.num_negatives * NEGATIVE_BYTES
 
 
-def _machine(processes: list[Process], workers: int) -> float:
-    """The most private memory machine 0 holds at once: each phase's processes there,
-    the launcher beside the workers, idle workers at their base."""
-    launcher = {p.phase: p for p in processes if p.process == "launcher"}
-    by_phase: dict[str, float] = {}
+def phase_totals(processes: list[Process], workers: int) -> dict[str, float]:
+    """The private memory machine 0 holds in each phase: the phase's processes there, the
+    launcher beside the workers, the idle workers at their base."""
+    totals: dict[str, float] = {}
     for p in processes:
-        by_phase[p.phase] = by_phase.get(p.phase, 0.0) + p.count * p.private
-    for phase in by_phase:
-        if phase not in launcher:
-            by_phase[phase] += LAUNCHER_BYTES
+        totals[p.phase] = totals.get(p.phase, 0.0) + p.count * p.private
+    for phase in totals:
+        if not any(p.phase == phase and p.process == "launcher" for p in processes):
+            totals[phase] += LAUNCHER_BYTES
         busy = sum(p.count for p in processes if p.phase == phase and p.process == "worker")
-        by_phase[phase] += (workers - busy) * PROCESS_BYTES
-    return max(by_phase.values())
+        totals[phase] += (workers - busy) * PROCESS_BYTES
+    return totals
 
 
 def problems(s: Shape, est: Estimate) -> list[str]:
     """What does not fit and why, a line each."""
     out = []
     if s.host_memory is not None and est.machine > HOST_SHARE * s.host_memory:
-        worst = max(est.processes, key=lambda p: p.count * p.private)
+        totals = phase_totals(est.processes, s.workers)
+        worst = max((p for p in est.processes if totals[p.phase] == est.machine),
+                    key=lambda p: p.count * p.private)
         out.append(f"does not fit: a machine holds {amount(est.machine)} of private memory "
                    f"at once (the {worst.phase} phase: {worst.count} {worst.process}(s) of "
                    f"{amount(worst.private)}), more than {HOST_SHARE:.0%} of --host-memory "

@@ -10,13 +10,16 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hnm.decoding import first_line, one_line
 from hnm.errors import HnmError, InternalError, Terminated
 from hnm.options import INPUTS, OPTIONS, Option
 from hnm.safety import details_file
 from hnm.storage import RunDir, run_lock
+
+if TYPE_CHECKING:
+    from hnm.capacity import Shape
 
 # A flag left out of the command line must not override the YAML or the defaults.
 UNSET = argparse.SUPPRESS
@@ -213,7 +216,7 @@ def _plan(ns: argparse.Namespace) -> None:
         print(line)
 
 
-def plan_shape(ns: argparse.Namespace) -> Any:
+def plan_shape(ns: argparse.Namespace) -> Shape:
     """`hnm plan`'s flags, checked, as a `capacity.Shape`."""
     from hnm.capacity import INDEXES, Shape
 

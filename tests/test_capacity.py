@@ -44,8 +44,10 @@ def test_a_small_case_against_the_layouts_computed_by_hand():
     # tables: the same two tables, a k-means label per row (int64), an eligible flag per
     # phrase, 30 centroids
     assert exact.disk["tables"] == 2_816_000 + 1000 * 8 + 500 + 30 * 512 * 4
-    # candidate lists: k_nn 30 + 64 diverse + 2 x 16 margin, 24 bytes each, per anchor
-    assert exact.disk["candidates"] == 1000 * (30 + 64 + 32) * 24 == 3_024_000
+    # candidate lists per anchor: k_nn 30 hard rows of 24 bytes (row, two float64 scores)
+    # and 16 (what the fixed rules removed before each: 4 x int32), 64 diverse of 24, two
+    # int64 offsets, a flag and 5 int32 counts
+    assert exact.disk["candidates"] == 1000 * (30 * 40 + 64 * 24 + 16 + 1 + 20) == 2_773_000
     assert exact.disk["corpus store"] == 1000 * (300 + capacity.COLUMN_BYTES
                                                  + 4 * capacity.STORE_STRINGS)
 
@@ -64,7 +66,8 @@ def test_gpu_memory_of_the_index_part_as_sizing_counts_it():
 def test_the_reduce_holds_one_shard_and_the_selection_state():
     shape = replace(SMALL, ranks=2, cpu_workers=2)
     reduce = phase(estimate(shape, "ivf", 1), "reduce", "launcher")
-    assert reduce.private == capacity.LAUNCHER_BYTES + 250 * 3024 \
+    # one shard's lists in memory: k_nn 30 + 64 diverse + 2 x 16 margins, 24 bytes each
+    assert reduce.private == capacity.LAUNCHER_BYTES + 250 * (30 + 64 + 32) * 24 \
         + 1000 * capacity.FREE_ROW_BYTES + 500 * capacity.PHRASE_STATE_BYTES \
         + capacity.ROW_GROUP_ROWS * (300 + capacity.NEGATIVE_BYTES)
 
@@ -119,8 +122,7 @@ def test_a_machine_too_small_names_the_phase_and_the_memory_that_would_do():
         "than 90% of --host-memory 512.0 MiB"]
     need = -(-est.machine / 0.9 // 2**30)
     assert capacity.remedies(shape, est) == [f"would fit: --host-memory {need:.0f}G"]
-    assert capacity.remedies(replace(shape, host_memory=2.0**40), est.__class__(
-        **{**est.__dict__, "problems": []})) == []
+    assert capacity.remedies(shape, replace(est, problems=[])) == []
 
 
 def test_compare_prints_the_ratio_per_process():
