@@ -32,16 +32,23 @@ MIB = 2.0**20
 # --- per-row and per-dimension layouts (NumPy, FAISS, Arrow) ---
 FLOAT = 4  # a float32 table's value: flat index = N x d x 4 bytes
 ID_BYTES = 8  # FAISS's idx_t kept beside each vector of an IVF list: N x (d x 4 + 8)
-PQ_DIMS_PER_BYTE = 8  # product quantiser: d/8 sub-quantisers of 8 bits, N x (d/8 + 8)
+# Product quantiser: 8-bit codes of m sub-quantisers, m the largest divisor of d not above
+# d/8 (FAISS splits d evenly) unless --pq-bytes says: N x (m + 8).
+PQ_DIMS_PER_BYTE = 8
 SQ_BYTES_PER_DIM = 1  # scalar quantiser, 8 bits a dimension: N x (d + 8)
 CODEBOOK_CENTROIDS = 256  # 8-bit codes: 256 centroids per sub-quantiser (PQ: 256 x d x 4)
-# The numeric columns every process maps: row -> phrase id, group code, input position,
-# int64 each (NumPy's default integer).
-COLUMN_BYTES = 3 * 8
+# The corpus store's numeric columns every process maps (corpus/*.npy): a row's input
+# position, phrase id and group code (int64) and its anchor uniform (float64).
+COLUMN_BYTES = 4 * 8
 CLUSTER_BYTES = 8  # tables/clusters.npy: a k-means label per row (int64)
 ELIGIBLE_BYTES = 1  # tables/eligible.npy: a bool per distinct phrase
 ARROW_OFFSET_BYTES = 4  # Arrow's int32 offset of each string value
-STORE_STRINGS = 3  # string columns of the corpus store read by row: id, text, image reference
+# corpus/records.arrow: each record as JSON text, its id, its image path and its image
+# reference in a shard, a string column each; the id and the path repeated beside the
+# record take about this many bytes (assumed: an id of ~8 characters, a path of ~40).
+STORE_STRINGS = 4
+STORE_EXTRA_BYTES = 48
+PHRASE_BYTES = 60  # one distinct phrase's text (corpus/phrases.arrow), assumed
 # --- processes (measured here: RssAnon after the imports, bench/README's machine) ---
 # A worker: hnm's worker modules, NumPy, FAISS and torch imported: 154 MiB measured.
 PROCESS_BYTES = 160 * MIB
@@ -51,8 +58,12 @@ LAUNCHER_BYTES = 64 * MIB
 # --- planning: reading the input in blocks, checks in bounded memory ---
 SCAN_ROWS = 1 << 16  # records of one block being read and checked
 RECORD_OBJECT_FACTOR = 3.0  # a record as Python objects per byte of its text (sizing's 3.0)
-PLAN_ROW_BYTES = 16  # an id digest and its row, sorted to find duplicate ids
-PLAN_PHRASE_BYTES = 16  # a phrase digest and its id, per distinct phrase
+# The ids seen, as an 8-byte hash and a position in sorted runs (checks.IdSet: 16 bytes
+# an id), twice while two runs merge.
+PLAN_ROW_BYTES = 2 * 16
+# A distinct phrase while planning: its Python string (49 bytes and its characters) and
+# its entry in the dictionary phrase -> id (~100 bytes).
+PLAN_PHRASE_BYTES = 49 + PHRASE_BYTES + 100
 # --- embedding ---
 LOADERS_PER_GPU = 8  # data-loading processes of a GPU worker (placement: 72 cores, 8 GPUs)
 IMAGE_BYTES = 3 * 224 * 224 * FLOAT  # one decoded image tensor of a batch
@@ -186,15 +197,16 @@ def nlist(shape: Shape) -> int:
     return min(shape.config.ivf_nlist or ivf_shape(shape.rows)[0], shape.rows)
 
 
-def code_bytes(index: str, d: int) -> float:
+def code_bytes(index: str, d: int, pq: int | None = None) -> float:
     """Bytes one row takes in an index: the vector (flat, IVF lists) or its code, plus
-    its id in IVF lists."""
+    its id in IVF lists; `pq`: --pq-bytes."""
     if index == "exact":
         return d * FLOAT
     if index == "ivf":
         return d * FLOAT + ID_BYTES
     if index == "ivfpq":
-        return max(1, d // PQ_DIMS_PER_BYTE) + ID_BYTES
+        return (pq or max(m for m in range(1, max(1, d // PQ_DIMS_PER_BYTE) + 1)
+                          if d % m == 0)) + ID_BYTES
     return d * SQ_BYTES_PER_DIM + ID_BYTES
 
 
@@ -223,7 +235,8 @@ def estimate(shape: Shape, index: str, parts: int) -> Estimate:
     columns = n * COLUMN_BYTES
     block = block_bytes(dv, dt)
     per_anchor = candidate_bytes(c, n)
-    part_index = part_rows * code_bytes(index, dv) + index_fixed(index, dv, lists)
+    row_bytes = code_bytes(index, dv, getattr(c, "pq_bytes", None))
+    part_index = part_rows * row_bytes + index_fixed(index, dv, lists)
     encoders = ENCODER_BYTES if s.encoders else 0.0
 
     plan = Process("plan", "launcher", 1, LAUNCHER_BYTES + SCAN_ROWS * s.record_bytes
@@ -253,11 +266,13 @@ def estimate(shape: Shape, index: str, parts: int) -> Estimate:
                      visual + text + columns + n * s.record_bytes)
     processes = [plan, embed, *([loader] if loader.count else []), tables, candidates, reduce]
     disk = {
-        "corpus store": n * (s.record_bytes + COLUMN_BYTES + ARROW_OFFSET_BYTES * STORE_STRINGS),
+        "corpus store": n * (s.record_bytes + STORE_EXTRA_BYTES + COLUMN_BYTES
+                             + ARROW_OFFSET_BYTES * STORE_STRINGS)
+        + u * (PHRASE_BYTES + ARROW_OFFSET_BYTES),
         "embeddings": visual + text,
         "tables": visual + text + n * CLUSTER_BYTES + u * ELIGIBLE_BYTES
         + c.n_clusters * dv * FLOAT,
-        "index": 0.0 if index == "exact" else n * code_bytes(index, dv) + parts * index_fixed(
+        "index": 0.0 if index == "exact" else n * row_bytes + parts * index_fixed(
             index, dv, lists),
         "candidates": anchors * (min(c.k_nn, n) * (CANDIDATE_BYTES + HARD_BEFORE_BYTES)
                                  + c.diverse_candidates * CANDIDATE_BYTES + ANCHOR_BYTES),

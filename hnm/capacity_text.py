@@ -39,7 +39,8 @@ def index_text(shape: Shape, est: Estimate) -> str:
     """An index choice in words."""
     lists = f", {nlist(shape):,} lists" if est.index != "exact" else ""
     codes = " (compressed codes, rescored exactly)" if est.index in COMPRESSED else ""
-    row = f", {code_bytes(est.index, shape.image_dim):,.0f} bytes a row"
+    row = code_bytes(est.index, shape.image_dim, getattr(shape.config, "pq_bytes", None))
+    row = f", {row:,.0f} bytes a row"
     return f"{est.index}{codes}{lists}{row}, {est.parts:,} part(s)"
 
 

@@ -37,6 +37,9 @@ def test_a_small_case_against_the_layouts_computed_by_hand():
     assert pq.disk["index"] == 1000 * 72 + 32 * 2048 + 256 * 2048 == 661_824
     assert sq.disk["index"] == 1000 * 520 + 32 * 2048 + 2 * 2048 == 589_632
     assert exact.disk["index"] == 0
+    # FAISS splits d evenly: the largest divisor of d not above d / 8
+    assert capacity.code_bytes("ivfpq", 500) == 50 + 8
+    assert capacity.code_bytes("ivfpq", 768) == 96 + 8
     # an IVF index is memory-mapped from its file: in "mapped", not private
     assert phase(ivf, "candidates").mapped - phase(exact, "candidates").mapped == 2_121_536
     # 500 distinct texts (half the rows) of 384 float32, 1000 images of 512
@@ -48,8 +51,11 @@ def test_a_small_case_against_the_layouts_computed_by_hand():
     # and 16 (what the fixed rules removed before each: 4 x int32), 64 diverse of 24, two
     # int64 offsets, a flag and 5 int32 counts
     assert exact.disk["candidates"] == 1000 * (30 * 40 + 64 * 24 + 16 + 1 + 20) == 2_773_000
-    assert exact.disk["corpus store"] == 1000 * (300 + capacity.COLUMN_BYTES
-                                                 + 4 * capacity.STORE_STRINGS)
+    # the corpus store: a record of 300 bytes with its id and image again and 4 Arrow
+    # offsets, the numeric columns; 500 distinct phrases with their offsets
+    assert exact.disk["corpus store"] == 1000 * (300 + capacity.STORE_EXTRA_BYTES + 4 * 4
+                                                 + capacity.COLUMN_BYTES) \
+        + 500 * (capacity.PHRASE_BYTES + 4)
 
 
 def test_gpu_memory_of_the_index_part_as_sizing_counts_it():
@@ -180,6 +186,18 @@ def plan_cli(capsys, *args: str) -> tuple[int, str, str]:
 def test_bad_flags_are_one_line_naming_the_flag(capsys, args, message):
     rc, out, err = plan_cli(capsys, *args)
     assert (rc, out, err) == (2, "", f"hnm: error: {message}\n")
+
+
+@pytest.mark.parametrize("rows, size, expected_rows, expected_bytes", [
+    ("1000000", "1073741824", 1_000_000, 2**30), ("100M", "1G", 10**8, 2**30),
+    ("1B", "1.5T", 10**9, 1.5 * 2**40), ("2k", "256GiB", 2000, 256 * 2**30),
+    ("1_000", "80gb", 1000, 80 * 2**30), ("7", "512M", 7, 512 * 2**20)])
+def test_rows_and_sizes_are_read_with_their_units(rows, size, expected_rows, expected_bytes):
+    from hnm.cli import build_parser, plan_shape
+
+    shape = plan_shape(build_parser().parse_args(["plan", "--rows", rows, "--host-memory",
+                                                  size]))
+    assert (shape.rows, shape.host_memory) == (expected_rows, expected_bytes)
 
 
 def test_the_command_prints_the_plan_and_its_json(capsys):
