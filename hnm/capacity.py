@@ -382,13 +382,14 @@ def remedies(shape: Shape, est: Estimate) -> list[str]:
         out.append(f"would fit: --gpu-memory {gpu / GIB:.0f}G")
     if out:
         return out
-    both = next(((index, p, r * shape.ranks) for index in (est.index, packed) for p in steps
-                 for r in steps if fits(index, p, ranks=r * shape.ranks)), None)
-    if both is None:
-        return ["would fit: nothing the planner tries (parts, compressed codes, machines up "
-                f"to {PARTS_LIMIT:,} each); more memory per machine"]
-    index, parts, ranks = both
-    return [f"would fit: --index {index} --parts {parts} --ranks {ranks}"]
+    for index in dict.fromkeys((est.index, packed)):  # the fewest machines, then parts
+        both = next(((p, r * shape.ranks) for r in steps for p in steps
+                     if fits(index, p, ranks=r * shape.ranks)), None)
+        if both:
+            flag = f"--index {index} " if index != est.index else ""
+            out.append(f"would fit: {flag}--parts {both[0]} --ranks {both[1]}")
+    return out or ["would fit: nothing the planner tries (parts, compressed codes, machines "
+                   f"up to {PARTS_LIMIT:,} times as many each); more memory per machine"]
 
 
 def predict(shape: Shape) -> dict[str, float]:

@@ -131,6 +131,23 @@ def test_a_machine_too_small_names_the_phase_and_the_memory_that_would_do():
     assert capacity.remedies(shape, replace(est, problems=[])) == []
 
 
+def test_where_no_one_change_does_the_fewest_machines_then_parts_are_named():
+    shape = Shape(rows=10**9, image_dim=512, text_dim=384, ranks=8, gpus_per_rank=8,
+                  parts=4, host_memory=512 * 2.0**30, gpu_memory=80 * 2.0**30)
+    est = capacity.plan(shape)[0]
+    assert est.index == "ivf" and len(est.problems) == 2
+    advice = capacity.remedies(shape, est)
+    assert [line.split()[2:] for line in advice] == [
+        ["--parts", "32", "--ranks", "16"], ["--index", "ivfpq", "--parts", "2", "--ranks", "16"]]
+
+    def fits(index: str, parts: int, ranks: int) -> bool:
+        return not estimate(replace(shape, ranks=ranks), index, parts).problems
+
+    for index, parts in (("ivf", 32), ("ivfpq", 2)):
+        assert fits(index, parts, 16)
+        assert not fits(index, parts // 2, 16) and not fits(index, 2**16, 8)
+
+
 def test_compare_prints_the_ratio_per_process():
     assert capacity.compare({"launch": 110 * MIB, "worker": 300 * MIB, "loader": 1.0},
                             {"launch": 100 * MIB, "worker": 200 * MIB, "machine": 2**30}) == [
