@@ -73,6 +73,10 @@ GPU_IMAGE_BYTES = 8 * MIB
 # The shard's embeddings: the batches' outputs and their concatenation (embed.py).
 EMBED_COPIES = 2
 # --- candidates and reduce ---
+# Where a worker searches compressed codes: on the host, memory-mapped (ivf.CodesIndex),
+# not on its GPU. IVF lists go to the GPU a list at a time (no build peak); an exact part
+# is built there at FAISS's build peak (index.BUILD_PEAK).
+CODES_ON_GPU = False
 # A worker holds its shard's merged lists and one part's lists being merged into them.
 LIST_COPIES = 2
 # select.FreeRows per eligible row: rows, phrase ids, by-phrase rows and the
@@ -254,8 +258,11 @@ def estimate(shape: Shape, index: str, parts: int) -> Estimate:
     tables = Process("tables", "worker", 1,
                      PROCESS_BYTES + block + max(min(n, KMEANS_SAMPLE) * dv * FLOAT * 2, train),
                      visual + text + columns)
-    held = part_index if index == "exact" and not on_gpu else 0.0  # FAISS's copy
-    gpu_index = BUILD_PEAK * part_index if index == "exact" else part_index
+    # one exact part on a CPU: FAISS's copy of the table; in several, each searched where
+    # it lies in the mapped table (parts.exact_parts)
+    held = part_index if index == "exact" and not on_gpu and parts == 1 else 0.0
+    gpu_index = BUILD_PEAK * part_index if index == "exact" else \
+        part_index if index == "ivf" or CODES_ON_GPU else 0.0
     candidates = Process("candidates", "worker", s.workers,
                          PROCESS_BYTES + block + held + LIST_COPIES * shard_anchors * per_anchor,
                          visual + text + columns + (0.0 if index == "exact" else part_index),
