@@ -81,6 +81,9 @@ def _plan_flags(sub: Any) -> None:
                        "bytes, or K, M, G, T (powers of 1024): 256G.")
     for flag, (metavar, what) in PLAN_FLAGS.items():
         p.add_argument(flag, metavar=metavar, help=what)
+    p.add_argument("--config", metavar="FILE.yaml", help="the mining settings the figures "
+                   "depend on (k_nn, diverse candidates, batch size, clusters, negatives, IVF "
+                   "lists, index parts) from a run's config; the defaults without it")
     p.add_argument("--precomputed", action="store_true",
                    help="embeddings given (--image-embeddings, --text-embeddings): no encoders")
     p.add_argument("--json", action="store_true", help="the figures as JSON (bytes)")
@@ -242,8 +245,11 @@ def plan_shape(ns: argparse.Namespace) -> Shape:
         (ns.host_memory, "--host-memory"), (ns.gpu_memory, "--gpu-memory")))
     if gpu is not None and not whole["gpus_per_rank"]:
         raise HnmError("--gpu-memory: only with GPUs (--gpus-per-rank N)")
+    from hnm.api import make
+
     return Shape(**whole, loaders=loaders, parts=parts, index=index, distinct_texts=distinct,
-                 encoders=not ns.precomputed, host_memory=host, gpu_memory=gpu)
+                 encoders=not ns.precomputed, host_memory=host, gpu_memory=gpu,
+                 config=make(ns.config, {}))
 
 
 def _count(text: str, flag: str, least: int, units: dict[str, int] | None = None) -> int:

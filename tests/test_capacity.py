@@ -251,6 +251,18 @@ def test_the_command_prints_the_plan_and_its_json(capsys):
         "gpu": 2 * 2000 * 512 * 4}
 
 
+def test_the_settings_come_from_a_runs_config(tmp_path: Path, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text("k_nn: 10\ndiverse_candidates: 20\nnum_negatives: 3\n")
+    rc, out, _ = plan_cli(capsys, "--rows", "1000", "--config", path, "--json")
+    disk = json.loads(out)["estimates"][0]["disk"]
+    assert rc == 0 and disk["candidates"] == 1000 * (10 * 40 + 20 * 24 + 37)
+    assert disk["outputs"] == 1000 * (300 + 3 * capacity.NEGATIVE_BYTES) + capacity.REPORT_BYTES
+    path.write_text("k_nn: 0\n")
+    rc, out, err = plan_cli(capsys, "--rows", "1000", "--config", path)
+    assert (rc, out, err) == (2, "", f"hnm: error: {path}: --k-nn: must be at least 1, got 0\n")
+
+
 def test_readme_table_is_the_planners():
     tool = runpy.run_path(str(REPO / "tools" / "capacity_table.py"))
     readme = (REPO / "README.md").read_text(encoding="utf-8")
