@@ -101,7 +101,7 @@ PLAN_FLAGS = {  # flag: (metavar, help)
     "--host-memory": ("SIZE", "memory of each machine, to check what fits: 256G"),
     "--gpu-memory": ("SIZE", "memory of each GPU, to check what fits: 80G"),
     "--parts": ("P", "index parts, each held by one worker at a time: N or auto (the "
-                     "fewest that fit; default 1)"),
+                     "fewest that fit; default: the config's --index-parts, 1)"),
     "--index": ("KIND", "auto, exact, ivf, ivfpq or ivfsq (default auto)"),
     "--distinct-texts": ("X", "distinct texts per row, in (0, 1] (default 0.5)"),
     "--record-bytes": ("B", "bytes of one input record (default 300)"),
@@ -235,8 +235,7 @@ def plan_shape(ns: argparse.Namespace) -> Shape:
     if ns.cpu_workers is not None and whole["gpus_per_rank"]:
         raise HnmError("--cpu-workers: only for machines without GPUs (--gpus-per-rank 0)")
     loaders = None if ns.num_workers is None else _count(ns.num_workers, "--num-workers", 0)
-    parts = 1 if ns.parts is None else None if ns.parts == "auto" else \
-        _count(ns.parts, "--parts", 1)
+    parts = None if ns.parts in (None, "auto") else _count(ns.parts, "--parts", 1)
     index = ns.index or "auto"
     if index not in INDEXES:
         raise HnmError(f"--index: one of {', '.join(INDEXES)}, got {index!r}")
@@ -247,9 +246,11 @@ def plan_shape(ns: argparse.Namespace) -> Shape:
         raise HnmError("--gpu-memory: only with GPUs (--gpus-per-rank N)")
     from hnm.api import make
 
+    config = make(ns.config, {})
+    if ns.parts is None:  # the config's --index-parts, where it has them
+        parts = int(getattr(config, "index_parts", 1))
     return Shape(**whole, loaders=loaders, parts=parts, index=index, distinct_texts=distinct,
-                 encoders=not ns.precomputed, host_memory=host, gpu_memory=gpu,
-                 config=make(ns.config, {}))
+                 encoders=not ns.precomputed, host_memory=host, gpu_memory=gpu, config=config)
 
 
 def _count(text: str, flag: str, least: int, units: dict[str, int] | None = None) -> int:
