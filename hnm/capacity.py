@@ -24,6 +24,7 @@ from hnm.sizing import (
     ENCODER_BYTES,
     GIB,
     IVF_TRAIN_PER_LIST,
+    RECORD_OVERHEAD,
     block_bytes,
     candidate_bytes,
 )
@@ -50,14 +51,15 @@ STORE_STRINGS = 4
 STORE_EXTRA_BYTES = 48
 PHRASE_BYTES = 60  # one distinct phrase's text (corpus/phrases.arrow), assumed
 # --- processes (measured here: RssAnon after the imports, bench/README's machine) ---
-# A worker: hnm's worker modules, NumPy, FAISS and torch imported: 154 MiB measured.
+# A worker: hnm's worker modules, NumPy, FAISS and torch imported: 154 MiB measured; on
+# precomputed embeddings (torch never imported) 27 MiB measured.
 PROCESS_BYTES = 160 * MIB
+BARE_PROCESS_BYTES = 32 * MIB
 # The launcher: the CLI, the API, the driver, pyarrow imported: 29 MiB measured; twice
 # that for the live view and the pool's queues.
 LAUNCHER_BYTES = 64 * MIB
 # --- planning: reading the input in blocks, checks in bounded memory ---
 SCAN_ROWS = 1 << 16  # records of one block being read and checked
-RECORD_OBJECT_FACTOR = 3.0  # a record as Python objects per byte of its text (sizing's 3.0)
 # The ids seen, as an 8-byte hash and a position in sorted runs (checks.IdSet: 16 bytes
 # an id), twice while two runs merge.
 PLAN_ROW_BYTES = 2 * 16
@@ -234,7 +236,9 @@ def estimate(shape: Shape, index: str, parts: int) -> Estimate:
     part_rows = -(-n // parts)
     lists = nlist(s) if index != "exact" else 0
     on_gpu = s.gpus_per_rank > 0
-    loaders = (LOADERS_PER_GPU if on_gpu else 0) if s.loaders is None else s.loaders
+    loaders = 0 if not s.encoders else (LOADERS_PER_GPU if on_gpu else 0) \
+        if s.loaders is None else s.loaders
+    base = PROCESS_BYTES if s.encoders else BARE_PROCESS_BYTES
     visual, text = n * dv * FLOAT, u * dt * FLOAT
     columns = n * COLUMN_BYTES
     block = block_bytes(dv, dt)
@@ -244,19 +248,19 @@ def estimate(shape: Shape, index: str, parts: int) -> Estimate:
     encoders = ENCODER_BYTES if s.encoders else 0.0
 
     plan = Process("plan", "launcher", 1, LAUNCHER_BYTES + SCAN_ROWS * s.record_bytes
-                   * RECORD_OBJECT_FACTOR + n * PLAN_ROW_BYTES + u * PLAN_PHRASE_BYTES, 0.0)
+                   * RECORD_OVERHEAD + n * PLAN_ROW_BYTES + u * PLAN_PHRASE_BYTES, 0.0)
     embed = Process("embed", "worker", s.workers,
-                    PROCESS_BYTES + encoders + c.batch_size * IMAGE_BYTES + block
+                    base + encoders + (c.batch_size * IMAGE_BYTES if s.encoders else 0.0) + block
                     + EMBED_COPIES * (shard_rows * dv + shard_phrases * dt) * FLOAT,
                     shard_rows * (s.record_bytes + COLUMN_BYTES),
                     encoders + c.batch_size * GPU_IMAGE_BYTES if on_gpu and s.encoders else 0.0)
     loader = Process("embed", "loader", s.workers * loaders,
-                     PROCESS_BYTES + PREFETCH * c.batch_size * IMAGE_BYTES,
+                     base + PREFETCH * c.batch_size * IMAGE_BYTES,
                      shard_rows * (s.record_bytes + COLUMN_BYTES) / max(1, loaders))
     train = 0.0 if index == "exact" else \
         min(n, IVF_TRAIN_PER_LIST * lists) * dv * FLOAT + part_index
     tables = Process("tables", "worker", 1,
-                     PROCESS_BYTES + block + max(min(n, KMEANS_SAMPLE) * dv * FLOAT * 2, train),
+                     base + block + max(min(n, KMEANS_SAMPLE) * dv * FLOAT * 2, train),
                      visual + text + columns)
     # one exact part on a CPU: FAISS's copy of the table; in several, each searched where
     # it lies in the mapped table (parts.exact_parts)
@@ -264,7 +268,7 @@ def estimate(shape: Shape, index: str, parts: int) -> Estimate:
     gpu_index = BUILD_PEAK * part_index if index == "exact" else \
         part_index if index == "ivf" or CODES_ON_GPU else 0.0
     candidates = Process("candidates", "worker", s.workers,
-                         PROCESS_BYTES + block + held + LIST_COPIES * shard_anchors * per_anchor,
+                         base + block + held + LIST_COPIES * shard_anchors * per_anchor,
                          visual + text + columns + (0.0 if index == "exact" else part_index),
                          gpu_index if on_gpu else 0.0)
     reduce = Process("reduce", "launcher", 1,
@@ -285,7 +289,7 @@ def estimate(shape: Shape, index: str, parts: int) -> Estimate:
                                  + c.diverse_candidates * CANDIDATE_BYTES + ANCHOR_BYTES),
         "outputs": anchors * _line_bytes(s) + REPORT_BYTES,
     }
-    machine = max(phase_totals(processes, s.workers).values())
+    machine = max(phase_totals(processes, s.workers, base).values())
     est = Estimate(index, parts, processes, disk, machine, [])
     return replace(est, problems=problems(s, est))
 
@@ -295,7 +299,8 @@ def _line_bytes(s: Shape) -> float:
     return s.record_bytes + s.config.num_negatives * NEGATIVE_BYTES
 
 
-def phase_totals(processes: list[Process], workers: int) -> dict[str, float]:
+def phase_totals(processes: list[Process], workers: int, base: float = PROCESS_BYTES
+                 ) -> dict[str, float]:
     """The private memory machine 0 holds in each phase: the phase's processes there, the
     launcher beside the workers, the idle workers at their base."""
     totals: dict[str, float] = {}
@@ -305,7 +310,7 @@ def phase_totals(processes: list[Process], workers: int) -> dict[str, float]:
         if not any(p.phase == phase and p.process == "launcher" for p in processes):
             totals[phase] += LAUNCHER_BYTES
         busy = sum(p.count for p in processes if p.phase == phase and p.process == "worker")
-        totals[phase] += (workers - busy) * PROCESS_BYTES
+        totals[phase] += (workers - busy) * base
     return totals
 
 
@@ -313,7 +318,8 @@ def problems(s: Shape, est: Estimate) -> list[str]:
     """What does not fit and why, a line each."""
     out = []
     if s.host_memory is not None and est.machine > HOST_SHARE * s.host_memory:
-        totals = phase_totals(est.processes, s.workers)
+        totals = phase_totals(est.processes, s.workers,
+                              PROCESS_BYTES if s.encoders else BARE_PROCESS_BYTES)
         worst = max((p for p in est.processes if totals[p.phase] == est.machine),
                     key=lambda p: p.count * p.private)
         out.append(f"does not fit: a machine holds {amount(est.machine)} of private memory "

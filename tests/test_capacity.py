@@ -71,6 +71,17 @@ def test_gpu_memory_of_the_index_part_as_sizing_counts_it():
         capacity.ENCODER_BYTES + 64 * capacity.GPU_IMAGE_BYTES
 
 
+def test_an_embed_worker_on_precomputed_embeddings():
+    shape = replace(SMALL, encoders=False, gpus_per_rank=1)
+    embed = phase(estimate(shape, "exact", 1), "embed")
+    # no torch, no encoders, no data loading: the process, a float64 block of 65,536 rows
+    # with two temporaries, the shard's embeddings and their concatenation
+    assert embed.private == capacity.BARE_PROCESS_BYTES + 65_536 * 512 * 8 * 3 \
+        + 2 * (1000 * 512 + 500 * 384) * 4
+    assert [p.process for p in estimate(shape, "exact", 1).processes if p.phase == "embed"] \
+        == ["worker"]
+
+
 def test_the_reduce_holds_one_shard_and_the_selection_state():
     shape = replace(SMALL, ranks=2, cpu_workers=2)
     reduce = phase(estimate(shape, "ivf", 1), "reduce", "launcher")
@@ -244,7 +255,10 @@ def test_the_command_prints_the_plan_and_its_json(capsys):
     shape = Shape(rows=2000, image_dim=512, text_dim=384, gpus_per_rank=1, encoders=False,
                   index="exact", host_memory=2.0**40, gpu_memory=880 * 1024)
     assert rc == 0 and json.loads(out) == to_json(shape, capacity.plan(shape))
-    assert json.loads(out)["estimates"][0]["processes"][4] == {
+    processes = json.loads(out)["estimates"][0]["processes"]
+    assert [p["phase"] for p in processes] == ["plan", "embed", "tables", "candidates",
+                                               "reduce"]  # precomputed: no data loading
+    assert processes[3] == {
         "phase": "candidates", "process": "worker", "count": 1,
         "private": round(phase(estimate(shape, "exact", 1), "candidates").private),
         "mapped": round(phase(estimate(shape, "exact", 1), "candidates").mapped),
