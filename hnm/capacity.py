@@ -407,7 +407,12 @@ def remedies(shape: Shape, est: Estimate) -> list[str]:
 
 def predict(shape: Shape) -> dict[str, float]:
     """The figures a measured run is compared with (`compare`): the peak private memory
-    of the launcher and of a worker, and of machine 0, for the index the flags ask for."""
+    of the launcher and of a worker, and of machine 0, for the index the flags ask for.
+
+    For a benchmark on precomputed embeddings with W CPU workers:
+    `compare({"launch": ..., "worker": max(workers), "machine": ...}, predict(Shape(rows=N,
+    image_dim=512, text_dim=384, cpu_workers=W, encoders=False, record_bytes=B,
+    distinct_texts=U / N, index=KIND, parts=P)))` (measured: anonymous pages at the peak)."""
     est = chosen(shape, plan(shape))
     return {"launch": est.peak("launcher"), "worker": est.peak("worker"),
             "machine": est.machine}
