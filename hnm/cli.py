@@ -10,13 +10,16 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hnm.decoding import first_line, one_line
 from hnm.errors import HnmError, InternalError, Terminated
 from hnm.options import INPUTS, OPTIONS, Option
 from hnm.safety import details_file
 from hnm.storage import RunDir, run_lock
+
+if TYPE_CHECKING:
+    from hnm.capacity import Shape
 
 # A flag left out of the command line must not override the YAML or the defaults.
 UNSET = argparse.SUPPRESS
@@ -60,10 +63,49 @@ def build_parser() -> argparse.ArgumentParser:
     _mine_flags(sub.add_parser("mine", help="mine negatives (the default command)",
                                epilog="other commands: hnm report OUTPUT_DIR (the HTML run "
                                "report), hnm sweep OUTPUT_DIR (other thresholds from the saved "
-                               "embeddings), hnm export OUTPUT_DIR (training rows); see "
-                               "hnm report -h, hnm sweep -h, hnm export -h"))
+                               "embeddings), hnm export OUTPUT_DIR (training rows), hnm plan "
+                               "--rows N (memory and disk before a run); see hnm report -h, "
+                               "hnm sweep -h, hnm export -h, hnm plan -h"))
     _tool_flags(sub)
+    _plan_flags(sub)
     return parser
+
+
+def _plan_flags(sub: Any) -> None:
+    """`hnm plan`: what a run of a given size needs, before any machine is bought. Values
+    are read as text and checked by `_plan` (one line naming the flag)."""
+    p = sub.add_parser("plan", help="memory per process, GPU memory and disk of a run of N "
+                       "rows, with and without compressed codes, and what does not fit",
+                       description="A rank is a machine (torchrun --nnodes), running a worker "
+                       "per GPU (--nproc-per-node) or --cpu-workers without GPUs. Sizes: "
+                       "bytes, or K, M, G, T (powers of 1024): 256G.")
+    for flag, (metavar, what) in PLAN_FLAGS.items():
+        p.add_argument(flag, metavar=metavar, help=what)
+    p.add_argument("--config", metavar="FILE.yaml", help="the mining settings the figures "
+                   "depend on (k_nn, diverse candidates, batch size, clusters, negatives, IVF "
+                   "lists, index parts) from a run's config; the defaults without it")
+    p.add_argument("--precomputed", action="store_true",
+                   help="embeddings given (--image-embeddings, --text-embeddings): no encoders")
+    p.add_argument("--json", action="store_true", help="the figures as JSON (bytes)")
+
+
+PLAN_FLAGS = {  # flag: (metavar, help)
+    "--rows": ("N", "rows to mine (required): 1000000, or with K, M, B (thousands, "
+                    "millions, billions): 100M"),
+    "--image-dim": ("D", "image embedding width (default 512)"),
+    "--text-dim": ("D", "text embedding width (default 384)"),
+    "--ranks": ("R", "machines (default 1)"),
+    "--gpus-per-rank": ("G", "GPUs of each machine, a worker each (default 0: CPU workers)"),
+    "--cpu-workers": ("W", "CPU workers of each machine without GPUs (default 1)"),
+    "--num-workers": ("N", "data-loading processes per GPU worker (default 8)"),
+    "--host-memory": ("SIZE", "memory of each machine, to check what fits: 256G"),
+    "--gpu-memory": ("SIZE", "memory of each GPU, to check what fits: 80G"),
+    "--parts": ("P", "index parts, each held by one worker at a time: N or auto (the "
+                     "fewest that fit; default: the config's --index-parts, 1)"),
+    "--index": ("KIND", "auto, exact, ivf, ivfpq or ivfsq (default auto)"),
+    "--distinct-texts": ("X", "distinct texts per row, in (0, 1] (default 0.5)"),
+    "--record-bytes": ("B", "bytes of one input record (default 300)"),
+}
 
 
 def _tool_flags(sub: Any) -> None:
@@ -161,6 +203,91 @@ def _export(ns: argparse.Namespace) -> None:
         print(f"wrote {path}")
 
 
+def _plan(ns: argparse.Namespace) -> None:
+    import json
+    import shutil
+
+    from hnm import capacity, capacity_text
+
+    shape = plan_shape(ns)
+    estimates = capacity.plan(shape)
+    if ns.json:
+        print(json.dumps(capacity_text.to_json(shape, estimates), indent=1))
+        return
+    width = shutil.get_terminal_size((100, 24)).columns
+    for line in capacity_text.lines(shape, estimates, width):
+        print(line)
+
+
+def plan_shape(ns: argparse.Namespace) -> Shape:
+    """`hnm plan`'s flags, checked, as a `capacity.Shape`."""
+    from hnm.capacity import INDEXES, Shape
+
+    if ns.rows is None:
+        raise HnmError("--rows: required (the rows to mine, such as 1000000 or 100M)")
+    whole = {"rows": _count(ns.rows, "--rows", 1, {"K": 10**3, "M": 10**6, "B": 10**9})}
+    for key, default, least in (("image_dim", 512, 1), ("text_dim", 384, 1), ("ranks", 1, 1),
+                                ("gpus_per_rank", 0, 0), ("cpu_workers", 1, 1),
+                                ("record_bytes", 300, 1)):
+        value = getattr(ns, key)
+        flag = "--" + key.replace("_", "-")
+        whole[key] = default if value is None else _count(value, flag, least)
+    if ns.cpu_workers is not None and whole["gpus_per_rank"]:
+        raise HnmError("--cpu-workers: only for machines without GPUs (--gpus-per-rank 0)")
+    loaders = None if ns.num_workers is None else _count(ns.num_workers, "--num-workers", 0)
+    parts = None if ns.parts in (None, "auto") else _count(ns.parts, "--parts", 1)
+    index = ns.index or "auto"
+    if index not in INDEXES:
+        raise HnmError(f"--index: one of {', '.join(INDEXES)}, got {index!r}")
+    distinct = 0.5 if ns.distinct_texts is None else _fraction(ns.distinct_texts)
+    host, gpu = (None if v is None else _bytes(v, f) for v, f in (
+        (ns.host_memory, "--host-memory"), (ns.gpu_memory, "--gpu-memory")))
+    if gpu is not None and not whole["gpus_per_rank"]:
+        raise HnmError("--gpu-memory: only with GPUs (--gpus-per-rank N)")
+    from hnm.api import make
+
+    config = make(ns.config, {})
+    if ns.parts is None:  # the config's --index-parts, where it has them
+        parts = int(getattr(config, "index_parts", 1))
+    return Shape(**whole, loaders=loaders, parts=parts, index=index, distinct_texts=distinct,
+                 encoders=not ns.precomputed, host_memory=host, gpu_memory=gpu, config=config)
+
+
+def _count(text: str, flag: str, least: int, units: dict[str, int] | None = None) -> int:
+    """A whole number of at least `least` (with a unit suffix of `units`), or one line."""
+    scale, digits = 1, text.strip().replace("_", "")
+    if units and digits[-1:].upper() in units:
+        scale, digits = units[digits[-1].upper()], digits[:-1]
+    if not digits.isdigit() or int(digits) * scale < least:
+        kind = "a positive integer" if least == 1 else f"an integer of at least {least}"
+        raise HnmError(f"{flag}: must be {kind}, got {text!r}")
+    return int(digits) * scale
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 < value <= 1.0:
+        raise HnmError(f"--distinct-texts: must be a number in (0, 1], got {text!r}")
+    return value
+
+
+def _bytes(text: str, flag: str) -> float:
+    """A size: bytes, or a number with K, M, G or T (powers of 1024)."""
+    digits = text.strip().upper().removesuffix("IB").removesuffix("B")
+    scale = 1024 ** ("KMGT".index(digits[-1]) + 1) if digits[-1:] in ("K", "M", "G", "T") \
+        else 1
+    try:
+        value = float(digits[:-1] if scale > 1 else digits) * scale
+    except ValueError:
+        value = 0.0
+    if not value > 0 or value == float("inf"):
+        raise HnmError(f"{flag}: must be a size such as 256G, got {text!r}")
+    return value
+
+
 TOOLS = {"report": _report, "sweep": _sweep, "export": _export}
 
 
@@ -189,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # usage errors (one line, status 2) and -h (status 0)
         return int(exc.code or 0)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if ns.command == "plan":
+        return guarded(lambda: _plan(ns), {"output_dir": None})
     if ns.command in TOOLS:
         return guarded(lambda: TOOLS[ns.command](ns), {"output_dir": ns.output_dir})
     place: dict[str, str | None] = {"output_dir": None}

@@ -14,6 +14,7 @@ import numpy as np
 from hnm import schema
 from hnm.blacklist import read_blacklist
 from hnm.callbacks import Progress, no_progress
+from hnm.capacity_text import dry_run_lines as capacity_lines
 from hnm.config import EMBEDDING_KEYS, Config, check_joint, config_hash, has_joint_space
 from hnm.data import Corpus, file_stats, load_corpus
 from hnm.embed import check_precomputed
@@ -310,5 +311,6 @@ def dry_run_lines(config: Config, ds: Corpus, placement: Placement) -> list[str]
            f"process reading images ({max(1, sizes.loaders)} per worker) holding one whole "
            "(counted in embed below)"] if sizes.chunk_bytes else []),
         *memory_lines(estimate(config, sizes, placement.index)),
+        *capacity_lines(config, sizes, placement.index.kind),
         "Nothing was written.",
     ]

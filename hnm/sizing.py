@@ -31,6 +31,8 @@ CANDIDATE_BYTES = 24  # one candidate: row (int64), vis and txt (float64)
 GIB = 2.0**30
 # Indexes of lists a query probes (hnm.ivf): float32 rows, PQ codes, 8-bit scalar codes.
 IVF_KINDS = ("ivf", "ivfpq", "ivfsq")
+# Both encoders of a worker (models, their buffers), on its host or its GPU.
+ENCODER_BYTES = 1.5 * GIB
 
 
 @dataclass(frozen=True)
@@ -164,17 +166,26 @@ class PhaseMemory:
         return self.per_worker * self.workers + self.shared
 
 
+def block_bytes(dv: int, dt: int) -> float:
+    """A block of rows a phase computes on: float64, with its temporaries."""
+    return (1 << 16) * max(dv, dt) * 8.0 * 3
+
+
+def candidate_bytes(config: Config, rows: int) -> float:
+    """One anchor's candidate lists: its hard list (k_nn), its diverse list, and the
+    margins a search takes to be certain of the order at the cut (`miner.MARGIN`)."""
+    return (min(config.k_nn, rows) + config.diverse_candidates + 2 * MARGIN) * CANDIDATE_BYTES
+
+
 def estimate(config: Config, s: Sizes, choice: IndexChoice) -> list[PhaseMemory]:
     """Peak memory of each phase (upper bounds: mapped pages are counted as resident)."""
     dataset, block = _dataset(s), _block(s)
     visual, text = s.rows * s.dv * 4.0, s.phrases * s.dt * 4.0
     shard_rows = -(-s.rows // s.workers)
-    encoders = 0.0 if config.image_embeddings and config.text_embeddings else 1.5 * GIB
+    encoders = 0.0 if config.image_embeddings and config.text_embeddings else ENCODER_BYTES
     precomputed = (s.rows * s.dv * 4.0 if config.image_embeddings else 0.0) \
         + (s.rows * s.dt * 4.0 if config.text_embeddings else 0.0)  # read where they lie
-    per_anchor = (min(config.k_nn, s.rows) + config.diverse_candidates + 2 * MARGIN) \
-        * CANDIDATE_BYTES
-    shard_cands = -(-s.anchors // s.workers) * per_anchor
+    shard_cands = -(-s.anchors // s.workers) * candidate_bytes(config, s.rows)
     # an exact copy, or the IVF lists (vectors or codes, and ids)
     per_row = float(code_bytes(choice.kind if choice.ivf else "ivf", s.dv, config.pq_bytes))
     index = s.rows * per_row
@@ -212,7 +223,7 @@ def _dataset(s: Sizes) -> float:
 
 
 def _block(s: Sizes) -> float:
-    return (1 << 16) * max(s.dv, s.dt) * 8.0 * 3  # a float64 block and its temporaries
+    return block_bytes(s.dv, s.dt)
 
 
 def _train(s: Sizes, choice: IndexChoice) -> float:
