@@ -170,7 +170,8 @@ def realistic(root: Path, n: int, dim: int, text_dim: int, seed: int) -> dict[st
     place = rng.normal(size=(places, dim)).astype(np.float32)
     image = NpyWriter(root / "image_embeddings.npy", (n, dim))
     text = NpyWriter(root / "text_embeddings.npy", (n, text_dim))
-    with open(root / "annotations.jsonl", "w", encoding="utf-8") as out:
+    part = root / "annotations.jsonl.part"  # named last: a generation cut short is redone
+    with open(part, "w", encoding="utf-8") as out:
         for s in range(0, n, BLOCK):  # BLOCK is a multiple of 5: a dialog never straddles
             g = groups[s:s + BLOCK]
             dialog = rng.normal(size=(g[-1] - g[0] + 1, dim)).astype(np.float32)
@@ -189,6 +190,7 @@ def realistic(root: Path, n: int, dim: int, text_dim: int, seed: int) -> dict[st
                               for j, t in enumerate(inverse)))
     image.close()
     text.close()
+    part.replace(root / "annotations.jsonl")
     return _paths(root)
 
 
@@ -236,7 +238,8 @@ def templated(root: Path, n: int, dim: int, text_dim: int, seed: int, base: int 
     images = scene[kinds] + 0.8 * rng.normal(size=(base, dim))
     image = NpyWriter(root / "image_embeddings.npy", (n, dim))
     text = NpyWriter(root / "text_embeddings.npy", (n, text_dim))
-    with open(root / "annotations.jsonl", "w", encoding="utf-8") as out:
+    part = root / "annotations.jsonl.part"  # named last: a generation cut short is redone
+    with open(part, "w", encoding="utf-8") as out:
         for s in range(0, n, BLOCK):
             r = np.arange(s, min(n, s + BLOCK)) % base
             for a in range(0, len(r), STEP):  # the noise drawn in steps: the same numbers
@@ -248,6 +251,7 @@ def templated(root: Path, n: int, dim: int, text_dim: int, seed: int, base: int 
                               for j, i in enumerate(r)))
     image.close()
     text.close()
+    part.replace(root / "annotations.jsonl")
     return _paths(root)
 
 
@@ -441,7 +445,7 @@ class Watch:
             else:
                 kids[proc.parent] = kids.get(proc.parent, 0) + 1
                 proc.role = f"child {kids[proc.parent]} of {parent.role if parent else '?'}"
-        return sorted(self.procs.values(), key=lambda p: p.order)
+        return sorted((p for p in self.procs.values() if p.hwm), key=lambda p: p.order)
 
 
 # ---------------------------------------------------------------- running
@@ -489,10 +493,14 @@ _HELP: dict[tuple[Path, str], set[str] | None] = {}
 def known_flags(repo: Path, command: str = "mine") -> set[str] | None:
     """The flags `launch.py COMMAND --help` of `repo` names; None: no such command."""
     if (repo, command) not in _HELP:
-        done = subprocess.run([sys.executable, "launch.py", command, "--help"], cwd=repo,
-                              env=_env(repo), capture_output=True, text=True)
-        _HELP[repo, command] = set(re.findall(r"--[a-z0-9][a-z0-9-]*", done.stdout)) \
-            if done.returncode == 0 else None
+        _HELP[repo, command] = None
+        # a release before the subcommands took the mining flags alone
+        for ask in ([command, "--help"], *([["--help"]] if command == "mine" else [])):
+            done = subprocess.run([sys.executable, "launch.py", *ask], cwd=repo,
+                                  env=_env(repo), capture_output=True, text=True)
+            if done.returncode == 0:
+                _HELP[repo, command] = set(re.findall(r"--[a-z0-9][a-z0-9-]*", done.stdout))
+                break
     return _HELP[repo, command]
 
 
@@ -623,7 +631,8 @@ def targets(r: Run) -> None:
         print(f"  {_verdict(top.own <= each)} every process's own peak <= {each:,.1f} MiB: "
               f"highest {top.own:,.1f} MiB ({top.role})")
         used = r.watch.machine.get("run", 0.0)
-        print(f"  {_verdict(used <= machine)} the machine's peak in use <= {machine:,.1f} MiB: "
+        print(f"  {_verdict(used <= machine)} the machine's peak in use (all processes "
+              f"together) <= {machine:,.1f} MiB: "
               f"{used:,.1f} MiB above before the run (every process's own memory at once: "
               f"{r.watch.together.get('run', 0.0):,.1f} MiB; other jobs on the machine "
               "count too)")
