@@ -821,7 +821,7 @@ def main() -> int:
             same_run(runs)
         if args.planner:
             for r in runs:
-                if not r.ranks:
+                if not r.ranks and r.repo == repo:
                     planner(r, args.dim, args.text_dim, paths)
         if kind == "realistic":
             base[n] = runs[0]
