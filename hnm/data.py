@@ -216,7 +216,7 @@ class Scan:
         new: list[str] = []
         text_ids = np.empty(len(mined), np.int64)
         groups = np.empty(len(mined), np.int64)
-        for row, k in enumerate(mined):
+        for row, k in enumerate(mined.tolist()):
             phrase, count = normalize(texts[k]), len(self.phrases)
             text_ids[row] = code = self.phrases.setdefault(phrase, count)
             if code == count:

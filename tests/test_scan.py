@@ -386,8 +386,7 @@ def test_a_scan_holds_a_block_not_the_input(tmp_path):
     ann = tmp_path / "big.jsonl"
     with open(ann, "w") as handle:
         for i in range(n):
-            handle.write(f'{{"id": "r{i}", "image": "{i}.jpg", "text": "caption {i % 5000}",'
-                         f' "group": "g{i // 4}"}}\n')
+            handle.write(f'{{"id": "r{i}", "image": "{i}.jpg", "text": "caption {i % 5000}"}}\n')
     config = Config(annotations=str(ann), image_embeddings=str(tmp_path / "x.npy"))
     reading = scan(config, size=8192)
     streamed = _peak(lambda: sum(len(b) for b in reading.blocks()))

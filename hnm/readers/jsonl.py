@@ -92,6 +92,8 @@ def _lines(path: Path, pieces: Iterator[str], size: int) -> Iterator[Part]:
     """JSONL records, a part of at most `size` at a time, line numbers running on."""
     records: list[dict[str, Any]] = []
     start, number, surrogates = 0, 0, False
+    # what json.loads does, the decoder made once (json.loads alone refuses a leading BOM)
+    parse = json.JSONDecoder(object_pairs_hook=unique_keys).decode
     for piece in pieces:
         lines = piece.split("\n")
         if piece.endswith("\n"):
@@ -104,14 +106,17 @@ def _lines(path: Path, pieces: Iterator[str], size: int) -> Iterator[Part]:
                     continue
                 place.where = f"line {number}"
                 try:
-                    records.append(json.loads(line, object_pairs_hook=unique_keys))
+                    records.append(parse(line) if line[0] != "\ufeff"
+                                   else json.loads(line, object_pairs_hook=unique_keys))
                 except json.JSONDecodeError as exc:
                     raise HnmError(f"{path}: malformed JSON on line {number}: {exc.msg}") \
                         from None
-        while len(records) >= size:
-            yield Part(records[:size], surrogates=surrogates, start=start)
-            records, start = records[size:], start + size
-            surrogates = bool(SURROGATE.search(piece))
+        cut = len(records) - len(records) % size
+        for at in range(0, cut, size):
+            yield Part(records[at:at + size], surrogates=surrogates, start=start + at)
+        if cut:
+            records, start = records[cut:], start + cut
+            surrogates = surrogates and bool(records)
     if records:
         yield Part(records, surrogates=surrogates, start=start)
 
