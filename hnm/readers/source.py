@@ -68,6 +68,8 @@ class Input:
         block may span files); each block's `start` is its first record's position."""
         if size < 1:
             raise ValueError(f"block size {size}")
+        self.ends, self.surrogates, self.digest, self.done = [], False, "", False
+        self._found, self._own, self._samples = set(), False, []
         held: list[Part] = []
         count = start = 0
         for piece in self._pieces(size):
