@@ -79,8 +79,8 @@ def check_mapping(src: Source, fields: Fields) -> None:
 
 class Scan:
     """The input named by the config, read and checked a block at a time: `blocks()` gives
-    each block once its records passed every check of today's `load_corpus` that one block
-    can tell (ids against every earlier id, nesting, Unicode, text and image fields, the
+    each block once its records passed every check of `load_corpus` that one block can
+    tell (ids against every earlier id, nesting, Unicode, text and image fields, the
     images themselves), and `facts` once the last was given and the checks of the whole
     passed (the field mapping, the images' count, the tensors' normalisation). An error
     found after some blocks were given is raised from `blocks()`: what was written from
@@ -106,6 +106,7 @@ class Scan:
     def blocks(self) -> Iterator[Block]:
         """Every block of the input, checked, in order; then `facts` is set."""
         config, src = self.config, self.input
+        self.facts = None
         self.ids, self.names = IdSet(), set[str]()
         wanted = {name for _, name in mapped(config.fields)}
         self.phrases: dict[str, int] = {}
@@ -134,8 +135,10 @@ class Scan:
                     pending = exc
                 else:
                     yield block
+                    del block  # let the block go while the next one is read
             elif wanted <= self.names:
                 raise pending
+            del part, ids
         self.facts = self._facts(pending)
 
     def _ids(self, part: Part) -> list[Any]:
@@ -184,8 +187,8 @@ class Scan:
         return found
 
     def _block(self, part: Part, ids: list[Any]) -> Block:
-        """The block's records checked (in the order `load_corpus` always checked them),
-        their images, phrases and groups."""
+        """The block's records checked (each check over the block in turn, in the order
+        they run over a whole input), their images, phrases and groups."""
         config, locate, start = self.config, self.input.locate, part.start
         f, records = config.fields, part.records
         check_nesting(records, ids, start, locate)

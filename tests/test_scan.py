@@ -388,8 +388,14 @@ def test_a_scan_holds_a_block_not_the_input(tmp_path):
         for i in range(n):
             handle.write(f'{{"id": "r{i}", "image": "{i}.jpg", "text": "caption {i % 5000}"}}\n')
     config = Config(annotations=str(ann), image_embeddings=str(tmp_path / "x.npy"))
-    reading = scan(config, size=8192)
-    streamed = _peak(lambda: sum(len(b) for b in reading.blocks()))
+    reading = scan(config, size=4096)
+
+    def stream() -> None:
+        for block in reading.blocks():  # as a writer would: each block let go once written
+            assert len(block) == 4096 or block.start == n - n % 4096
+            del block
+
+    streamed = _peak(stream)
     whole = _peak(lambda: load_corpus(config))
     assert reading.facts.num_rows == n and reading.facts.num_phrases == 5000
     assert streamed < whole / 4, (streamed, whole)

@@ -79,8 +79,11 @@ class Input:
                 held.append(head)
                 count += take
                 if count == size:
-                    yield join(held, start)
-                    held, count, start = [], 0, start + size
+                    block = join(held, start)
+                    del head, held[:]  # the block's records are the block's alone
+                    yield block
+                    del block
+                    count, start = 0, start + size
         if held:
             yield join(held, start)
         self.digest = digest(self.fmt, list(self.shards))
