@@ -1,43 +1,47 @@
-"""Reading annotations and images: field mapping, validation, text normalisation."""
+"""Reading annotations and images: the input read and checked a block at a time (`scan`:
+`Block`s, then `Facts`), or whole (`load_corpus`: the `Corpus`)."""
 
 from __future__ import annotations
 
-import difflib
 import hashlib
-import io
 import json
-import os
-import re
-import unicodedata
-import warnings
 from collections import Counter, defaultdict
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, replace
-from functools import partial
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from hnm.blocks import Block, Facts
 from hnm.callbacks import Progress, no_progress
+from hnm.checks import (
+    MAX_DEPTH,
+    IdSet,
+    ImageCheck,
+    check_fields,
+    check_nesting,
+    check_unicode,
+    duplicate,
+    field,
+    id_text,
+    image_file,
+    image_limit,
+    image_problem,
+    is_file,
+    mapped,
+    normalize,
+    record_id,
+    stat_line,
+    too_large,
+)
 from hnm.config import Config, Fields
-from hnm.decoding import DECODING
 from hnm.errors import HnmError
-from hnm.readers import ImageRef, Source, check_normalization, payload, read_input
+from hnm.readers import BLOCK_ROWS, ImageRef, Input, Part, Source, check_normalization, payload
 
-_SPACES = re.compile(r"\s+")
-MAX_DEPTH = 100  # levels of lists and objects a record field may hold
-CONTAINERS = (dict, list)
-SHOWN_FIELDS = 12  # field names listed when a mapping names none of them
-# Images checked per round: a progress report each, and bounded memory for the bytes read
-# from shards ahead of the decoding threads.
-CHECK_CHUNK = 256
-
-
-def normalize(text: str) -> str:
-    """SPEC §1: lower-case, trim, collapse inner whitespace."""
-    return _SPACES.sub(" ", text.strip().lower())
+__all__ = ["MAX_DEPTH", "Corpus", "Scan", "anchor_uniforms", "check_mapping",
+           "duplicate_images", "file_stats", "image_limit", "image_problem", "load_corpus",
+           "normalize", "scan", "too_large"]
 
 
 @dataclass(frozen=True)
@@ -68,251 +72,230 @@ class Corpus:
 
 
 def check_mapping(src: Source, fields: Fields) -> None:
-    """Every field the mapping names must be held by some record, or the run stops: a name
-    that matches nothing would otherwise quietly mean row numbers as ids, or no groups.
-    Left at its default, the id and group fields may be absent (ids are then positions,
-    keys or sample keys, and every record is its own group)."""
-    default = Fields()
-    for kind in ("id", "text", "image", "group"):
-        name = getattr(fields, kind)
-        if kind in ("id", "group") and name == getattr(default, kind):
-            continue
-        if not src.has(name):
-            raise HnmError(f"--{kind}-field {name}: no record of {src.label} has a field "
-                           f"'{name}' ({_known_fields(name, src.field_names())})")
+    """Every field the mapping names must be held by some record of the source
+    (`checks.check_fields`)."""
+    check_fields(src.label, src.field_names(), fields)
 
 
-def _known_fields(name: str, names: list[str]) -> str:
-    """The input's field names, the likeliest meant first."""
-    close = difflib.get_close_matches(name, names, n=3, cutoff=0.75)
-    close += [n for n in names if n.lower() == name.lower() and n not in close]
-    shown = ", ".join(names[:SHOWN_FIELDS]) + (", ..." if len(names) > SHOWN_FIELDS else "")
-    guess = f"did you mean {' or '.join(repr(n) for n in close)}? " if close else ""
-    return f"{guess}fields: {shown or 'none'}"
+class Scan:
+    """The input named by the config, read and checked a block at a time: `blocks()` gives
+    each block once its records passed every check of `load_corpus` that one block can
+    tell (ids against every earlier id, nesting, Unicode, text and image fields, the
+    images themselves), and `facts` once the last was given and the checks of the whole
+    passed (the field mapping, the images' count, the tensors' normalisation). An error
+    found after some blocks were given is raised from `blocks()`: what was written from
+    them is not a run's. Between blocks it holds numbers per record (16 bytes an id), the
+    distinct phrases and group values, and the skipped positions.
 
+    A fault found before the field mapping is known to hold (a record without the text
+    field, say) waits for it: a mapping that names no record's field is the error then."""
 
-def _record_ids(src: Source, id_field: str) -> list:
-    ids: list[Any] = []
-    seen: dict[Any, int] = {}
-    for pos, record in enumerate(src.records):
-        path, at = src.locate(pos)
-        if not isinstance(record, dict):
-            raise HnmError(f"{path}: record {at} is not an object")
-        key = src.keys[pos] if src.keys is not None else None
-        rid = record.get(id_field, pos if key is None else key)
-        if not isinstance(rid, str | int) or isinstance(rid, bool):
-            raise HnmError(f"{path}: record {at}: id must be a string or integer, got {rid!r}")
-        # 7 and "7" are one id in the outputs (Parquet writes both as text); "café" in NFC
-        # and in NFD, or "r1" and "r1 ", are one id to whoever reads or types it
-        text = unicodedata.normalize("NFC", str(rid).strip())
-        if text in seen:
-            first, first_at = src.locate(seen[text])
-            where = f"records {first_at} and {at}" if first == path \
-                else f"record {at} and {first} record {first_at}"
-            prev = ids[seen[text]]
-            what = f"duplicate id {rid!r}" if prev == rid else \
-                f"ids {prev!r} and {rid!r}, one id once written as text," \
-                if str(prev) == str(rid) else \
-                f"ids {ascii(prev)} and {ascii(rid)}, which differ only in Unicode " \
-                "normalisation or surrounding blank space,"
-            raise HnmError(f"{path}: {what} in {where}")
-        seen[text] = pos
-        ids.append(rid)
-    return ids
+    def __init__(self, config: Config, skip: list[int] | None = None,
+                 progress: Progress = no_progress, planned: bool = False,
+                 size: int = BLOCK_ROWS) -> None:
+        """`skip`: record positions already known to be left out (workers pass the
+        plan's), which also spares re-checking every image. `planned`: a worker of a
+        planned run reads the input (image tensors are not hashed or sampled again)."""
+        if not config.annotations:
+            raise HnmError("--annotations: no annotation file given")
+        self.config, self.skip, self.progress = config, skip, progress
+        self.planned, self.size = planned, size
+        self.input = Input(config, planned)
+        self.facts: Facts | None = None
 
+    def blocks(self) -> Iterator[Block]:
+        """Every block of the input, checked, in order; then `facts` is set."""
+        config, src = self.config, self.input
+        self.facts = None
+        self.ids, self.names = IdSet(), set[str]()
+        wanted = {name for _, name in mapped(config.fields)}
+        self.phrases: dict[str, int] = {}
+        self.group_codes: dict[str, int] = {}
+        self.num_groups = self.records = self.rows = 0
+        self.adds_id = False
+        self.bad: list[int] = []
+        self.check = ImageCheck(config.max_image_pixels) \
+            if self.skip is None and not config.image_embeddings and src.fmt != "avdn" else None
+        self.stats = hashlib.sha256()
+        self.skipped = np.unique(np.asarray(self.skip or [], np.int64))
+        pending: HnmError | None = None
+        for part in src.blocks(self.size):
+            self.records += len(part)
+            ids = self._ids(part)
+            if part.found is None:
+                self.names.update(*part.records)
+            else:
+                self.names |= part.found
+            if pending is None:
+                try:
+                    block = self._block(part, ids)
+                except HnmError as exc:
+                    if wanted <= self.names:
+                        raise
+                    pending = exc
+                else:
+                    yield block
+                    del block  # let the block go while the next one is read
+            elif wanted <= self.names:
+                raise pending
+            del part, ids
+        self.facts = self._facts(pending)
 
-def _check_nesting(src: Source, ids: list[Any]) -> None:
-    """Fields nested deeper than MAX_DEPTH are refused while planning: the outputs write
-    every record again (JSON, Arrow), which a deep enough value would make fail at the end.
-    One level of every record's lists and objects at a time (flat fields cost one check);
-    the record at fault is looked for only when there is one."""
-    level = [v for r in src.records for v in r.values() if isinstance(v, CONTAINERS)]
-    for _ in range(MAX_DEPTH):
-        level = [v for x in level for v in (x.values() if isinstance(x, dict) else x)
-                 if isinstance(v, CONTAINERS)]
-        if not level:
-            return
-    for pos, record in enumerate(src.records):
-        for name, value in record.items():
-            if isinstance(value, CONTAINERS) and _depth(value) > MAX_DEPTH:
-                path, at = src.locate(pos)
-                raise HnmError(f"{path}: record {at} (id {ids[pos]!r}): field '{name}' is "
-                               f"nested more than {MAX_DEPTH} levels deep")
-
-
-def _depth(value: Any) -> int:
-    """Levels of lists and objects in a value (counting stops past MAX_DEPTH)."""
-    depth, level = 0, [value]
-    while level and depth <= MAX_DEPTH:
-        depth += 1
-        level = [v for x in level
-                 for v in (x.values() if isinstance(x, dict) else x)
-                 if isinstance(v, CONTAINERS)]
-    return depth
-
-
-def _field(src: Source, pos: int, rid: Any, name: str, kind: str) -> str:
-    path, at = src.locate(pos)
-    record = src.records[pos]
-    if name not in record:
-        raise HnmError(f"{path}: record {at} (id {rid!r}) has no {kind} field '{name}'")
-    value = record[name]
-    if not isinstance(value, str) or not value.strip():
-        raise HnmError(f"{path}: record {at} (id {rid!r}): {kind} field '{name}' "
-                       f"must be a non-empty string, got {value!r}")
-    return value
-
-
-@contextmanager
-def image_limit(max_pixels: int) -> Iterator[None]:
-    """hnm's own pixel limit instead of PIL's: PIL warns above its MAX_IMAGE_PIXELS and
-    refuses twice that at open(); hnm refuses above `max_pixels` itself (too_large)."""
-    from PIL import Image
-
-    old = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = max_pixels
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            yield
-    finally:
-        Image.MAX_IMAGE_PIXELS = old
-
-
-def too_large(image: Any, max_pixels: int) -> str | None:
-    """Why an opened PIL image is over the limit, or None (only its header was read)."""
-    w, h = image.size
-    if w * h <= max_pixels:
-        return None
-    return f"too large: {w}x{h} pixels, over --max-image-pixels {max_pixels}"
-
-
-def _image_file(src: Source, pos: int, rid: Any, name: str) -> str:
-    value = _field(src, pos, rid, name, "image")
-    if value.startswith(("http://", "https://")):
-        path, at = src.locate(pos)
-        raise HnmError(f"{path}: record {at} (id {rid!r}): image '{value}' is a URL; hnm "
-                       "reads local files: download the images first (e.g. with img2dataset)")
-    return value
-
-
-def _check_unicode(src: Source, ids: list[Any]) -> None:
-    """Text that JSON escapes can hold but UTF-8 cannot (a lone surrogate) is refused here,
-    not found while writing the outputs."""
-    for pos, record in enumerate(src.records):
-        for name, value in record.items():
+    def _ids(self, part: Part) -> list[Any]:
+        """Every record's id, each refused if it is one with an earlier record's (exactly:
+        a hash met again is resolved by the ids' texts, read again if need be)."""
+        locate, id_field, start = self.input.locate, self.config.fields.id, part.start
+        ids: list[Any] = []
+        fault = None
+        for k, record in enumerate(part.records):
             try:
-                json.dumps({name: value}, ensure_ascii=False).encode("utf-8")
-            except UnicodeEncodeError as exc:
-                path, at = src.locate(pos)
-                raise HnmError(f"{path}: record {at} (id {ids[pos]!r}): field '{name}' holds "
-                               f"a lone surrogate ({exc.object[exc.start]!r}), which is not "
-                               "valid Unicode") from None
+                ids.append(record_id(record, start + k, part.keys[k] if part.keys else None,
+                                     id_field, locate))
+            except HnmError as exc:  # raised once the ids before it are known to be new
+                fault = exc
+                break
+        texts = [id_text(rid) for rid in ids]
+        hashes = IdSet.hashes(texts)
+        found = list(self.ids.candidates(hashes, start))
+        before = self._ids_at(sorted({p for _, e in found for p in e if p < start}))
+        for i, earlier in found:
+            for p in earlier:
+                prev = ids[p - start] if p >= start else before[p]
+                if id_text(prev) == texts[i]:
+                    raise duplicate(locate, p, prev, start + i, ids[i])
+        if fault is not None:
+            raise fault
+        self.ids.add(hashes, start)
+        self.adds_id |= any(id_field not in r for r in part.records)
+        return ids
+
+    def _ids_at(self, positions: list[int]) -> dict[int, Any]:
+        """The ids of earlier records, read again from the input (only where an id's hash
+        is an earlier one's: a duplicate, or rarely two ids of one hash)."""
+        if not positions:
+            return {}
+        wanted, found = set(positions), {}
+        id_field = self.config.fields.id
+        for part in Input(self.config, planned=True).blocks(self.size):
+            for k, record in enumerate(part.records):
+                pos = part.start + k
+                if pos in wanted:
+                    key = part.keys[k] if part.keys else None
+                    found[pos] = record.get(id_field, pos if key is None else key)
+            if part.start + len(part) > positions[-1]:
+                break
+        return found
+
+    def _block(self, part: Part, ids: list[Any]) -> Block:
+        """The block's records checked (each check over the block in turn, in the order
+        they run over a whole input), their images, phrases and groups."""
+        config, locate, start = self.config, self.input.locate, part.start
+        f, records = config.fields, part.records
+        check_nesting(records, ids, start, locate)
+        texts = [field(r, start + k, ids[k], f.text, "text", locate)
+                 for k, r in enumerate(records)]
+        if part.surrogates:
+            check_unicode(records, ids, start, locate)
+        image_dir = Path(config.image_dir)
+        images = [part.refs[k] if part.refs is not None and part.refs[k] is not None
+                  else image_dir / image_file(r, start + k, ids[k], f.image, locate)
+                  for k, r in enumerate(records)]
+        keep = np.ones(len(records), bool)
+        skipped = self.skipped[(self.skipped >= start) & (self.skipped < start + len(records))]
+        keep[skipped - start] = False
+        if self.check is not None:
+            done = self.records - len(records)
+            problems = self.check.problems(images, lambda n: self.progress(
+                "check images", done + n, self.records))
+            bad = [k for k, why in enumerate(problems) if why]
+            keep[bad] = False
+            self.bad += [start + k for k in bad]
+        if not config.image_embeddings:
+            for image in images:
+                if isinstance(image, Path):
+                    self.stats.update(stat_line(image))
+        mined = np.flatnonzero(keep)
+        self.rows += len(mined)
+        new: list[str] = []
+        text_ids = np.empty(len(mined), np.int64)
+        groups = np.empty(len(mined), np.int64)
+        for row, k in enumerate(mined.tolist()):
+            phrase, count = normalize(texts[k]), len(self.phrases)
+            text_ids[row] = code = self.phrases.setdefault(phrase, count)
+            if code == count:
+                new.append(phrase)
+            value = records[k].get(f.group)
+            # a sample without a group is its own group (no entry in the table of codes)
+            if value is None:
+                groups[row] = self.num_groups
+                self.num_groups += 1
+            else:
+                key = json.dumps(value, sort_keys=True)
+                if key not in self.group_codes:
+                    self.group_codes[key] = self.num_groups
+                    self.num_groups += 1
+                groups[row] = self.group_codes[key]
+        return Block(start, records, ids, images, keep, text_ids, groups, new)
+
+    def _facts(self, pending: HnmError | None) -> Facts:
+        """The checks of the whole input, in `load_corpus`'s order, then what it knows."""
+        config, src = self.config, self.input
+        if not self.records:
+            raise HnmError(f"{src.label}: no records")
+        check_normalization(src.sample, config.tensor_normalization)
+        check_fields(src.label, self.names, config.fields)
+        if pending is not None:
+            raise pending
+        if self.check is not None and self.check.count and config.on_missing_image != "skip":
+            raise self.check.error(src.label)
+        if not self.rows:
+            raise HnmError(f"{src.label}: no record has a usable image")
+        skipped = self.skipped.tolist() if self.skip is not None else self.bad
+        anchors = self.rows if config.max_samples is None else min(config.max_samples,
+                                                                    self.rows)
+        return Facts(
+            num_records=self.records, num_rows=self.rows, num_phrases=len(self.phrases),
+            num_anchors=anchors, skipped={"missing_image": skipped} if skipped else {},
+            source_sha256=src.digest, input_format=src.fmt, shard_ends=tuple(src.ends),
+            image_files="" if config.image_embeddings else self.stats.hexdigest()[:16],
+            adds_id=self.adds_id)
 
 
-def image_problem(source: Path | bytes | None, max_pixels: int) -> str | None:
-    """Why an image (a file, or bytes read from a shard) cannot be used, or None (call
-    inside `image_limit`).
-
-    Decodes the whole image: a file whose header parses but whose data is truncated would
-    otherwise fail only while embedding, after the run directory was written.
-    """
-    from PIL import Image
-
-    if source is None or (isinstance(source, Path) and not _is_file(source)):
-        return "missing"
-    try:
-        with Image.open(source if isinstance(source, Path) else io.BytesIO(source)) as img:
-            if (why := too_large(img, max_pixels)):
-                return why
-            img.load()
-    except Image.DecompressionBombError:
-        return f"too large: over twice --max-image-pixels {max_pixels}"
-    except DECODING:
-        return "unreadable"  # PIL raises any of these for some kind of damaged file
-    return None
-
-
-def _is_file(path: Path) -> bool:
-    """Whether the path names a file; a name too long for the file system, or holding a
-    NUL byte, names none."""
-    try:
-        return path.is_file()
-    except (OSError, ValueError):
-        return False
-
-
-def _payload(source: Path | ImageRef) -> Path | bytes | None:
-    """What `image_problem` decodes; a shard that cannot give the bytes gives none."""
-    try:
-        return payload(source)
-    except (OSError, ValueError):  # pyarrow's read errors derive from these too
-        return b""
-
-
-def _check_images(label: str, images: list[Path | ImageRef], policy: str, max_pixels: int,
-                  progress: Progress) -> list[int]:
-    from concurrent.futures import ThreadPoolExecutor
-
-    problems: list[str | None] = []
-    # decoding releases the GIL, and files may sit on a network file system: a few threads
-    # per core keep both the cores and the reads busy
-    threads = min(32, 4 * len(os.sched_getaffinity(0)))
-    check = partial(image_problem, max_pixels=max_pixels)
-    with image_limit(max_pixels), ThreadPoolExecutor(max_workers=threads) as pool:
-        for start in range(0, len(images), CHECK_CHUNK):
-            # shard bytes are read here, in input order (a Parquet column streams); files
-            # are read by the threads
-            chunk = [_payload(s) for s in images[start:start + CHECK_CHUNK]]
-            problems += pool.map(check, chunk)
-            progress("check images", len(problems), len(images))
-    bad = [(i, p, why) for i, (p, why) in enumerate(zip(images, problems)) if why]
-    if bad and policy != "skip":
-        names = ", ".join(f"{p} ({why})" for _, p, why in bad[:3])
-        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
-        kind = "image file(s)" if all(isinstance(p, Path) for _, p, _ in bad) else "image(s)"
-        raise HnmError(f"{label}: {len(bad)} {kind} missing or unreadable: {names}{more}"
-                       " (--on-missing-image skip drops them)")
-    return [i for i, _, _ in bad]
+def scan(config: Config, skip: list[int] | None = None, progress: Progress = no_progress,
+         planned: bool = False, size: int = BLOCK_ROWS) -> Scan:
+    """The input named by the config, to be read and checked a block at a time (`Scan`)."""
+    return Scan(config, skip, progress, planned, size)
 
 
 def load_corpus(config: Config, skip: list[int] | None = None,
-                 progress: Progress = no_progress, planned: bool = False) -> Corpus:
-    """Read, validate and index the input named by the config (hnm.readers: any format).
+                progress: Progress = no_progress, planned: bool = False) -> Corpus:
+    """Read, validate and index the input named by the config (hnm.readers: any format),
+    every block of `scan` held in one `Corpus`.
 
     `skip`: record positions already known to be left out (workers pass the plan's),
     which also spares re-checking every image. `planned`: a worker of a planned run reads
     the input (image tensors are not hashed or sampled again).
     """
-    if not config.annotations:
-        raise HnmError("--annotations: no annotation file given")
-    src = read_input(config, planned)
-    records = src.records
-    if not records:
-        raise HnmError(f"{src.label}: no records")
-    check_normalization(src.sample, config.tensor_normalization)
-    f = config.fields
-    ids = _record_ids(src, f.id)  # every record an object
-    check_mapping(src, f)
-    _check_nesting(src, ids)
-    texts = [_field(src, i, ids[i], f.text, "text") for i in range(len(records))]
-    if src.surrogates:
-        _check_unicode(src, ids)
-    image_dir = Path(config.image_dir)
-    images = [src.refs[i] if src.refs is not None and src.refs[i] is not None
-              else image_dir / _image_file(src, i, ids[i], f.image) for i in range(len(records))]
-    if skip is not None:
-        skipped = set(skip)
-    elif config.image_embeddings or src.fmt == "avdn":  # tensors: checked as they were read
-        skipped = set()
-    else:
-        skipped = set(_check_images(src.label, images, config.on_missing_image,
-                                    config.max_image_pixels, progress))
-    keep = np.array([i for i in range(len(records)) if i not in skipped], dtype=np.int64)
-    if keep.size == 0:
-        raise HnmError(f"{src.label}: no record has a usable image")
-    ds = _index_rows(config, src, ids, texts, images, keep, skipped)
-    return ds if config.image_embeddings else replace(ds, image_files=file_stats(images))
+    reading = scan(config, skip, progress, planned)
+    blocks = list(reading.blocks())
+    return corpus(blocks, reading.facts)  # type: ignore[arg-type]
+
+
+def corpus(blocks: list[Block], facts: Facts) -> Corpus:
+    """The blocks of a scan, and its facts, as one `Corpus`."""
+    mined = [np.flatnonzero(b.keep) for b in blocks]
+    return Corpus(
+        records=[r for b in blocks for r in b.records],
+        positions=np.concatenate([b.start + m for b, m in zip(blocks, mined)]),
+        ids=[b.ids[k] for b, m in zip(blocks, mined) for k in m],
+        images=[b.images[k] for b, m in zip(blocks, mined) for k in m],
+        phrases=[p for b in blocks for p in b.new_phrases],
+        text_ids=np.concatenate([b.text_ids for b in blocks]),
+        groups=np.concatenate([b.groups for b in blocks]),
+        num_anchors=facts.num_anchors, skipped=facts.skipped,
+        source_sha256=facts.source_sha256, input_format=facts.input_format,
+        shard_ends=facts.shard_ends, image_files=facts.image_files,
+        record_ids=tuple(i for b in blocks for i in b.ids))
 
 
 def file_stats(images: list[Path | ImageRef]) -> str:
@@ -321,38 +304,9 @@ def file_stats(images: list[Path | ImageRef]) -> str:
     changes it, and no image is read."""
     h = hashlib.sha256()
     for path in images:
-        if not isinstance(path, Path):
-            continue
-        try:
-            st = path.stat()
-            h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        except (OSError, ValueError):  # ValueError: a NUL byte in the name
-            h.update(f"{path}\0missing\n".encode())
+        if isinstance(path, Path):
+            h.update(stat_line(path))
     return h.hexdigest()[:16]
-
-
-def _index_rows(config: Config, src: Source, ids: list, texts: list, images: list,
-                keep: np.ndarray, skipped: set) -> Corpus:
-    records = src.records
-    phrase_ids: dict[str, int] = {}
-    text_ids = np.array([phrase_ids.setdefault(normalize(texts[i]), len(phrase_ids))
-                         for i in keep], dtype=np.int64)
-    group_codes: dict[str, int] = {}
-    groups = np.empty(len(keep), dtype=np.int64)
-    for row, pos in enumerate(keep):
-        value = records[pos].get(config.fields.group)
-        # a sample without a group is its own group
-        key = json.dumps(value, sort_keys=True) if value is not None else f"\0row{pos}"
-        groups[row] = group_codes.setdefault(key, len(group_codes))
-    anchors = len(keep) if config.max_samples is None else min(config.max_samples, len(keep))
-    return Corpus(
-        records=records, positions=keep, ids=[ids[i] for i in keep],
-        images=[images[i] for i in keep], phrases=list(phrase_ids), text_ids=text_ids,
-        groups=groups, num_anchors=anchors,
-        skipped={"missing_image": sorted(skipped)} if skipped else {},
-        source_sha256=src.digest, input_format=src.fmt, shard_ends=src.ends,
-        record_ids=tuple(ids),
-    )
 
 
 def anchor_uniforms(ids: list[Any], seed: int) -> np.ndarray:
@@ -395,7 +349,7 @@ def _size(image: Path | ImageRef) -> int | None:
     if isinstance(image, ImageRef):
         return image.size
     try:
-        return image.stat().st_size if _is_file(image) else None
+        return image.stat().st_size if is_file(image) else None
     except OSError:
         return None
 

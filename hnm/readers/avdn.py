@@ -14,6 +14,7 @@ import io
 import math
 import os
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -94,6 +95,19 @@ def read_chunk(shard: Shard, fields: Fields, max_pixels: int = MAX_PIXELS,
     if planned:
         return Part(records, refs, keys)
     return Part(records, refs, keys, sample=sample(tensors, zlib.crc32(shard.name.encode())))
+
+
+def chunk_parts(shard: Shard, fields: Fields, size: int, max_pixels: int = MAX_PIXELS,
+                planned: bool = False) -> Iterator[Part]:
+    """`read_chunk`'s records in parts of at most `size` (a chunk is read as one unit: its
+    pickle holds every item; the tensors are let go once checked). The chunk's sample of
+    pixel values goes with its first part."""
+    part = read_chunk(shard, fields, max_pixels, planned)
+    for start in range(0, len(part.records), size):
+        end = start + size
+        yield Part(part.records[start:end], part.refs[start:end] if part.refs else None,
+                   part.keys[start:end] if part.keys else None,
+                   sample=part.sample if not start else None, start=start)
 
 
 def sample(tensors: list[Any], seed: int) -> np.ndarray:

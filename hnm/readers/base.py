@@ -5,7 +5,9 @@ and reading a text file as UTF-8."""
 from __future__ import annotations
 
 import bisect
+import codecs
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,7 @@ from hnm.decoding import reading
 from hnm.errors import HnmError
 
 SURROGATE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")  # a JSON escape of a surrogate
+PIECE_BYTES = 1 << 20  # a text file is read and decoded this many bytes at a time
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,8 @@ class ImageRef:
 
 @dataclass(frozen=True)
 class Part:
-    """What a reader found in one shard."""
+    """Records a reader found in one shard, in order (or, from `source.Input.blocks`, a
+    block of the input's records, which may span shards)."""
 
     records: list[dict[str, Any]]
     refs: list[ImageRef | None] | None = None  # None: the image field names a file
@@ -62,6 +66,10 @@ class Part:
     # image tensors: pixel values of a seeded sample of items (items x 3 x values), what
     # the check of --tensor-normalization reads
     sample: Any = None
+    start: int = 0  # position of the first record: in the input (a block), else its shard
+
+    def __len__(self) -> int:
+        return len(self.records)
 
 
 @dataclass(frozen=True)
@@ -112,3 +120,37 @@ def decode(path: Path, raw: bytes, kind: str) -> str:
     except UnicodeDecodeError as exc:
         raise HnmError(f"{path}: not valid UTF-8 (byte {exc.start}): {kind} must be UTF-8") \
             from None
+
+
+def text_pieces(path: Path, kind: str) -> Iterator[str]:
+    """The file's text, decoded as `decode` does, in pieces of about PIECE_BYTES that end at
+    a line end ("\\n", which UTF-8 never holds inside a character), so that a file of any
+    size is read in bounded memory. A byte that is not UTF-8 is named as `decode` names
+    it: counted from after the byte order mark."""
+    with reading(path, "annotations"):
+        handle = open(path, "rb")  # noqa: SIM115  (closed below, across the yields)
+    with handle:
+        offset, rest, first = 0, b"", True
+        while True:
+            with reading(path, "annotations"):
+                chunk = handle.read(PIECE_BYTES)
+            data = rest + chunk
+            cut = data.rfind(b"\n") + 1 if chunk else len(data)
+            if not cut:
+                if not chunk:
+                    return
+                rest = data
+                continue
+            data, rest = data[:cut], data[cut:]
+            if first and data.startswith(codecs.BOM_UTF8):
+                data = data[len(codecs.BOM_UTF8):]
+            first = False
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise HnmError(f"{path}: not valid UTF-8 (byte {offset + exc.start}): {kind} "
+                               "must be UTF-8") from None
+            offset += len(data)
+            yield text
+            if not chunk:
+                return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,9 +58,9 @@ def _arrow_table(path: Path) -> Any:
     return pa.ipc.open_stream(pa.memory_map(str(path))).read_all()
 
 
-def read_hf(shard: Shard, fields: Fields) -> Part:
-    """Like Parquet; an `Image` value holding no bytes but a path is an image file."""
-    pa = load_pyarrow()
+def hf_parts(shard: Shard, fields: Fields, size: int) -> Iterator[Part]:
+    """Like Parquet, `size` rows at a time from the memory-mapped file; an `Image` value
+    holding no bytes but a path is an image file."""
     with reading(shard.path, "Arrow file"):
         table = _arrow_table(shard.path)
         # offsets and lengths checked against the buffers (no image is read): a damaged
@@ -72,25 +73,38 @@ def read_hf(shard: Shard, fields: Fields) -> Part:
         raise HnmError(f"{shard.path}: image column '{fields.image}' ({column.type}) holds "
                        "neither paths nor bytes")
     keep, as_text = record_columns(shard.path, table.schema, fields.image)
-    with reading(shard.path, "Arrow file"):
-        records = batch_records(table.select(keep).to_batches(), as_text)
-    if kind == "path":
-        return Part(records)
-    shard = Shard(shard.path, shard.name, "hf", fields.image)
+    held = Shard(shard.path, shard.name, "hf", fields.image)
+    selected = table.select(keep)
+    for start in range(0, table.num_rows, size):
+        with reading(shard.path, "Arrow file"):
+            records = batch_records(selected.slice(start, size).to_batches(), as_text)
+        if kind == "path":
+            yield Part(records, start=start)
+            continue
+        yield Part(records, _refs(records, column.slice(start, size), kind, held, fields,
+                                  start), start=start)
+
+
+def _refs(records: list[dict[str, Any]], column: Any, kind: str, shard: Shard,
+          fields: Fields, start: int) -> list[ImageRef | None]:
+    """References to the rows' image bytes (row `start` of the file first), or their
+    image files; each record's image field becomes the image's key or file."""
+    pa = load_pyarrow()
     data = column if kind == "bytes" else pa.compute.struct_field(column, "bytes")
     sizes = pa.compute.binary_length(data).to_pylist()  # from the offsets: no image is read
     files = pa.compute.struct_field(column, "path").to_pylist() if kind == "struct" \
         else [None] * len(records)
     refs: list[ImageRef | None] = []
-    for row, record in enumerate(records):
-        if sizes[row] is None and files[row]:
-            record[fields.image] = files[row]  # an image file, named like any other
+    for k, record in enumerate(records):
+        if sizes[k] is None and files[k]:
+            record[fields.image] = files[k]  # an image file, named like any other
             refs.append(None)
             continue
-        ref = ImageRef(shard, row, -1 if sizes[row] is None else sizes[row], str(row))
+        row = start + k
+        ref = ImageRef(shard, row, -1 if sizes[k] is None else sizes[k], str(row))
         record[fields.image] = ref.key
         refs.append(ref)
-    return Part(records, refs)
+    return refs
 
 
 class ArrowImages:

@@ -3,7 +3,7 @@ helpers Hugging Face datasets share with them."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -92,8 +92,9 @@ def batch_records(batches: Any, as_text: dict[str, Any]) -> list[dict[str, Any]]
     return records
 
 
-def read_parquet(shard: Shard, fields: Fields) -> Part:
-    """Records from every column but the image bytes; the image as a path or a reference."""
+def parquet_parts(shard: Shard, fields: Fields, size: int) -> Iterator[Part]:
+    """Records from every column but the image bytes, a record batch of at most `size`
+    rows at a time; the image as a path or a reference."""
     pa = load_pyarrow()
     path = shard.path
     with reading(path, "Parquet file"):
@@ -108,21 +109,29 @@ def read_parquet(shard: Shard, fields: Fields) -> Part:
         raise HnmError(f"{path}: image column '{fields.image}' ({schema.field(fields.image).type}"
                        ") holds neither paths nor bytes")
     keep, as_text = record_columns(path, schema, fields.image)
-    with reading(path, "Parquet file"):  # e.g. text that is not UTF-8
-        try:
-            records = batch_records(handle.iter_batches(columns=keep, use_threads=False), as_text)
-        except (OSError, pa.ArrowException) as exc:
-            raise HnmError(f"{path}: cannot read: {reason(exc)}") from None
-    if kind == "path":
-        return Part(records)
-    shard = Shard(shard.path, shard.name, shard.fmt, fields.image)
-    return Part(records, _keyed(records, shard, fields.image))
+    held = Shard(shard.path, shard.name, shard.fmt, fields.image)
+    batches = handle.iter_batches(batch_size=size, columns=keep, use_threads=False)
+    start = 0
+    while True:
+        with reading(path, "Parquet file"):  # e.g. text that is not UTF-8
+            try:
+                batch = next(batches, None)
+                records = None if batch is None else batch_records([batch], as_text)
+            except (OSError, pa.ArrowException) as exc:
+                raise HnmError(f"{path}: cannot read: {reason(exc)}") from None
+        if records is None:
+            return
+        refs = None if kind == "path" else _keyed(records, held, fields.image, start)
+        yield Part(records, refs, start=start)
+        start += len(records)
 
 
-def _keyed(records: list[dict[str, Any]], shard: Shard, field: str) -> list[ImageRef | None]:
-    """References to the rows' image bytes; each record's image field becomes its key."""
+def _keyed(records: list[dict[str, Any]], shard: Shard, field: str, start: int
+           ) -> list[ImageRef | None]:
+    """References to the rows' image bytes (the first record being row `start` of the
+    file); each record's image field becomes its key."""
     refs: list[ImageRef | None] = []
-    for row, record in enumerate(records):
+    for row, record in enumerate(records, start):
         ref = ImageRef(shard, row, -1, str(row))
         record[field] = ref.key
         refs.append(ref)

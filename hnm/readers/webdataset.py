@@ -6,6 +6,7 @@ import json
 import os
 import re
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -18,16 +19,18 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "tif")  # a tar sample's image: the 
 TAR_KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset: key up to the first dot
 
 
-def read_tar(shard: Shard, fields: Fields) -> Part:
-    """Samples grouped by key (the member name up to its first dot, as WebDataset does).
-    The image is the first of .jpg .jpeg .png .webp .tif; the text the .json field named by
-    --text-field, else the .txt member; other fields (group, id) come from the .json. Only
-    headers and the small text members are read: images stay in the file until needed."""
+def tar_parts(shard: Shard, fields: Fields, size: int) -> Iterator[Part]:
+    """Samples grouped by key (the member name up to its first dot, as WebDataset does), in
+    parts of at most `size`, member by member. The image is the first of .jpg .jpeg .png
+    .webp .tif; the text the .json field named by --text-field, else the .txt member; other
+    fields (group, id) come from the .json. Only headers and the small text members are
+    read: images stay in the file until needed."""
     path = shard.path
-    samples = _tar_samples(path)
-    records, refs, surrogates, held = [], [], False, {fields.image}
+    records: list[dict[str, Any]] = []
+    refs: list[ImageRef | None] = []
+    surrogates, held, start = False, {fields.image}, 0
     with open(path, "rb") as handle:
-        for key, members in samples:
+        for key, members in _tar_samples(path):
             meta, escaped = _sample_meta(path, handle, key, members)
             surrogates |= escaped
             held.update(meta)
@@ -46,17 +49,25 @@ def read_tar(shard: Shard, fields: Fields) -> Part:
             record[fields.image] = ref.key
             records.append(record)
             refs.append(ref)
-    return Part(records, refs, surrogates=surrogates, found=frozenset(held))
+            if len(records) == size:
+                yield Part(records, refs, surrogates=surrogates, found=frozenset(held),
+                           start=start)
+                records, refs, surrogates, start = [], [], False, start + size
+    if records or not start:  # an empty shard still says what it holds
+        yield Part(records, refs, surrogates=surrogates, found=frozenset(held), start=start)
 
 
-def _tar_samples(path: Path) -> list[tuple[str, dict[str, tarfile.TarInfo]]]:
-    """Members grouped into samples in archive order; a damaged archive is one line."""
-    samples: list[tuple[str, dict[str, tarfile.TarInfo]]] = []
+def _tar_samples(path: Path) -> Iterator[tuple[str, dict[str, tarfile.TarInfo]]]:
+    """Members grouped into samples in archive order, each given once its last member was
+    read; a damaged archive is one line. Headers are read one at a time and not kept."""
+    key: str | None = None
+    members: dict[str, tarfile.TarInfo] = {}
     with reading(path, "tar shard") as place:
         try:
             size = path.stat().st_size
             with tarfile.open(path, "r:") as archive:
-                for info in archive:
+                while (info := archive.next()) is not None:
+                    archive.members.clear()  # tarfile keeps every header read: not here
                     place.where = f"member {_member_name(path, info)!r}"
                     if not info.isfile():
                         continue
@@ -66,26 +77,29 @@ def _tar_samples(path: Path) -> list[tuple[str, dict[str, tarfile.TarInfo]]]:
                     match = TAR_KEY.match(info.name)
                     if match is None:
                         continue  # no extension: not part of a sample
-                    key, ext = match.group(1), match.group(2).lower()
-                    if not samples or samples[-1][0] != key:
-                        samples.append((key, {}))
-                    samples[-1][1][ext] = info
+                    name, ext = match.group(1), match.group(2).lower()
+                    if name != key:
+                        if key is not None:
+                            yield key, members
+                        key, members = name, {}
+                    members[ext] = info
                 end = archive.offset
             with open(path, "rb") as handle:
                 handle.seek(end)
                 marker = handle.read(tarfile.BLOCKSIZE)
         except tarfile.ReadError as exc:
-            if not samples and _compressed(path):
+            if key is None and _compressed(path):
                 raise HnmError(f"{path}: a compressed tar archive; hnm reads images at their "
                                "offsets in uncompressed .tar shards: decompress it first "
                                "(e.g. gunzip)") from None
-            raise HnmError(f"{path}: not a readable tar archive{_after(samples)}: {exc}") from None
+            raise HnmError(f"{path}: not a readable tar archive{_after(key)}: {exc}") from None
         except OSError as exc:
             raise HnmError(f"{path}: cannot read: {exc.strerror or exc}") from None
         if marker != bytes(tarfile.BLOCKSIZE):  # a tar ends with zero blocks: was it cut short?
             raise HnmError(f"{path}: truncated tar archive: no end-of-archive marker"
-                           f"{_after(samples)}")
-    return samples
+                           f"{_after(key)}")
+    if key is not None:
+        yield key, members
 
 
 def _member_name(path: Path, info: tarfile.TarInfo) -> str:
@@ -108,8 +122,8 @@ def _compressed(path: Path) -> bool:
         return handle.read(6).startswith(COMPRESSED_MAGIC)
 
 
-def _after(samples: list) -> str:
-    return f" after sample '{samples[-1][0]}'" if samples else ""
+def _after(key: str | None) -> str:
+    return f" after sample '{key}'" if key is not None else ""
 
 
 def _member(path: Path, handle: BinaryIO, info: tarfile.TarInfo) -> bytes:
