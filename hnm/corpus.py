@@ -128,8 +128,11 @@ class Rows(Sequence):
 class ColumnarCorpus:
     """The run's corpus, read from its `corpus/` folder (see the module's text)."""
 
-    def __init__(self, run: RunDir) -> None:
+    def __init__(self, run: RunDir, workdir: str | None = None) -> None:
         self.run = run
+        # image files named relative to the folder the run was started from are found
+        # from there (a finished run read from elsewhere, as its config's paths are)
+        self.workdir = Path(workdir) if workdir else None
         self.folder = run.corpus_dir
         meta = read_meta(run)
         facts = meta["facts"]
@@ -161,7 +164,10 @@ class ColumnarCorpus:
         return len(self.positions)
 
     def _image(self, path: str | None, ref: str | None) -> Path | ImageRef:
-        return image_of(path, ref, self._shards)
+        image = image_of(path, ref, self._shards)
+        if self.workdir is not None and isinstance(image, Path):
+            return self.workdir / image
+        return image
 
     def _reader(self, file: str) -> Any:
         import pyarrow as pa
@@ -301,8 +307,9 @@ def problem(run: RunDir) -> str | None:
     return None
 
 
-def open_corpus(run: RunDir) -> ColumnarCorpus:
-    """The run's corpus store; a missing or damaged one is one line naming its file."""
+def open_corpus(run: RunDir, workdir: str | None = None) -> ColumnarCorpus:
+    """The run's corpus store; a missing or damaged one is one line naming its file.
+    `workdir`: where relative image paths start (a finished run's `Plan.workdir`)."""
     if (why := problem(run)) is not None:
         raise HnmError(f"{why}; {AGAIN}")
-    return ColumnarCorpus(run)
+    return ColumnarCorpus(run, workdir)

@@ -140,6 +140,22 @@ def prepare(config: Config, offered: Offer, lock: Callable[[], Any],
     return open_corpus(run), plan, state
 
 
+def run_corpus(run: RunDir, config: Config, plan: Plan) -> ColumnarCorpus:
+    """A finished run's corpus store (`hnm report`, `export`, `sweep`); one written
+    before the store existed, or damaged since, is written again from the input first."""
+    if problem(run) is not None:
+        ds = load_corpus(config, list(plan.skipped))
+        if not plan.planned_from(ds):
+            raise HnmError(f"{config.annotations}: changed since the run in {run.root}; its "
+                           "negatives no longer match the records")
+        store_corpus(run, config, ds)
+        if "corpus/meta.json" not in (run.manifest() or []):
+            run.sign(sorted(set(run.manifest() or []) | set(run.layout(len(plan.shards)))))
+        del ds
+        trim_memory()
+    return open_corpus(run, plan.workdir)
+
+
 def trim_memory() -> None:
     """Give what was freed back to the system (glibc keeps the freed blocks of many small
     objects, such as the records read while planning, for the process otherwise)."""
