@@ -250,11 +250,12 @@ def written_peak(tmp_path: Path, n: int, shards: int, per_shard: int) -> int:
 def test_the_writer_holds_a_shard_not_the_run(tmp_path):
     """The outputs are written as each shard's picks come: at a fixed shard size, four
     times the records and shards cost the writer no more memory."""
-    small = written_peak(tmp_path, 20_000, 4, 5_000)
-    large = written_peak(tmp_path, 80_000, 16, 5_000)
+    small = written_peak(tmp_path, 6_000, 4, 1_500)
+    large = written_peak(tmp_path, 24_000, 16, 1_500)
+    print("writer peaks", small, large)
     assert large < 1.3 * small, (small, large)
-    lines = (tmp_path / "run80000" / "negatives.jsonl").read_text().splitlines()
-    assert len(lines) == 80_000
+    lines = (tmp_path / "run24000" / "negatives.jsonl").read_text().splitlines()
+    assert len(lines) == 24_000
     first = json.loads(lines[0])
     assert first["negatives"][0]["id"] == "rec-1" and first["outcome"]["reason"] is None
 
