@@ -252,7 +252,6 @@ def test_the_writer_holds_a_shard_not_the_run(tmp_path):
     times the records and shards cost the writer no more memory."""
     small = written_peak(tmp_path, 6_000, 4, 1_500)
     large = written_peak(tmp_path, 24_000, 16, 1_500)
-    print("writer peaks", small, large)
     assert large < 1.3 * small, (small, large)
     lines = (tmp_path / "run24000" / "negatives.jsonl").read_text().splitlines()
     assert len(lines) == 24_000
