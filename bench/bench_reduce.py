@@ -15,8 +15,7 @@ import statistics
 import time
 
 import hnm
-from hnm.data import load_corpus
-from hnm.lifecycle import load_run_config
+from hnm.lifecycle import load_run_config, run_corpus
 from hnm.plan import read_plan
 from hnm.reduce import reduce_phase
 from hnm.storage import RunDir
@@ -30,7 +29,7 @@ def main() -> int:
     run = RunDir(args.run_dir)
     config = load_run_config(run)
     plan = read_plan(run)
-    ds = load_corpus(config, list(plan.skipped))
+    ds = run_corpus(run, config, plan)
     print(f"hnm from {hnm.__file__}; {ds.num_anchors} anchors")
     walls, cpus, selects, writes = [], [], [], []
     for k in range(args.repeat):

@@ -98,12 +98,11 @@ def tokenizer(path: str | None, max_length: int | None) -> Any:
 def _additions(run: Any, ds: Any, encode: Any, stamp: str
                ) -> Iterator[tuple[int, dict[str, Any]]]:
     """(record position, the fields to add) of every anchor with a negative: its first."""
-    position = {rid: int(ds.positions[row]) for row, rid in enumerate(ds.ids)}
     for pos, record in read_records(RunDir(run.dir)):
         if not record["negatives"]:
             continue
         n = record["negatives"][0]
-        negative = ds.records[position[n["id"]]]
+        negative = ds.records[int(ds.positions[int(ds.row_of_ids([n["id"]])[0])])]
         meta = {"negative_type_2": n["type"],
                 "map_name_2": negative.get("map_name", "unknown"),
                 "mining_timestamp": stamp, "mining_method": METHODS[n["type"]]}

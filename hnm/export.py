@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from hnm.data import Corpus, load_corpus
+from hnm.corpus import ColumnarCorpus
 from hnm.errors import HnmError
 from hnm.inputs import Inputs, identity
 from hnm.outputs import read_records
@@ -52,7 +52,7 @@ def export(output_dir: str | Path, kind: str, to: str | Path, overwrite: bool = 
     `overwrite`). `avdn`: the run's input, an AVDN processed dataset, copied into the
     folder `to` with the negatives added (hnm.avdn; `missing_negative`: what an item
     without one gets, `say`: the summary's lines)."""
-    from hnm.lifecycle import load_run
+    from hnm.lifecycle import load_run, run_corpus
 
     if kind == "avdn":
         return _export_avdn(output_dir, Path(to), overwrite, tokenizer, max_answer_length,
@@ -66,7 +66,7 @@ def export(output_dir: str | Path, kind: str, to: str | Path, overwrite: bool = 
     to = Path(to)
     target = to.suffix.lower() if to.suffix.lower() in (".parquet", ".jsonl") else "dir"
     plan = read_plan(RunDir(run.dir))
-    ds = load_corpus(run.config, list(plan.skipped))
+    ds = run_corpus(RunDir(run.dir), run.config, plan)
     check_unchanged(run.config, plan, ds, run.dir)
     area = check_target(to, target, overwrite, Inputs(run.config, ds.images))
     if target == ".jsonl" and any(isinstance(s, ImageRef) for s in ds.images):
@@ -93,14 +93,14 @@ def _export_avdn(output_dir: str | Path, to: Path, overwrite: bool, tokenizer: s
     """The run's AVDN chunks again, in the folder `to`, under their own names (checked as
     every export target is; an earlier avdn export there is replaced with `overwrite`)."""
     from hnm import avdn
-    from hnm.lifecycle import load_run
+    from hnm.lifecycle import load_run, run_corpus
 
     run = load_run(output_dir)
     plan = read_plan(RunDir(run.dir))
     if plan.input_format != "avdn":
         raise HnmError(f"--format avdn: the input of the run in {run.dir} is {plan.input_format}"
                        ", not an AVDN processed dataset (.pkl chunks)")
-    ds = load_corpus(run.config, list(plan.skipped))
+    ds = run_corpus(RunDir(run.dir), run.config, plan)
     check_unchanged(run.config, plan, ds, run.dir)
     shards = find_shards(run.config)[1]
     names = {s.name for s in shards}
@@ -173,37 +173,40 @@ def _start(area: Area) -> None:
     area.remove_temporary(deep=False)
 
 
-def _rows_by(ds: Corpus) -> tuple[dict[int, int], dict[Any, int]]:
-    """Mined row of each record position, and of each id."""
-    return ({int(p): row for row, p in enumerate(ds.positions)},
-            {rid: row for row, rid in enumerate(ds.ids)})
+def _anchor(ds: ColumnarCorpus, pos: int) -> int:
+    """The mined row of the record at `pos`."""
+    return int(np.searchsorted(ds.positions, pos))
 
 
-def triplets(run: RunDir, ds: Corpus, text: str) -> Iterator[dict[str, Any]]:
+def triplets(run: RunDir, ds: ColumnarCorpus, text: str) -> Iterator[dict[str, Any]]:
     """One row per (anchor, negative); image columns hold mined rows, read when written."""
-    by_position, by_id = _rows_by(ds)
     for pos, record in read_records(run):
-        for n in record["negatives"]:
-            anchor = by_position[pos]
-            yield {"anchor_id": ds.ids[anchor], "anchor_image": anchor,
+        if not record["negatives"]:
+            continue
+        anchor = _anchor(ds, pos)
+        anchor_id = ds.ids[anchor]
+        rows = ds.row_of_ids([n["id"] for n in record["negatives"]])
+        for n, row in zip(record["negatives"], rows.tolist()):
+            yield {"anchor_id": anchor_id, "anchor_image": anchor,
                    "anchor_text": record[text], "negative_id": n["id"],
-                   "negative_image": by_id[n["id"]], "negative_text": n["text"],
+                   "negative_image": row, "negative_text": n["text"],
                    "type": n["type"], "text_similarity": n["text_similarity"],
                    "visual_similarity": n["visual_similarity"], "suspect": n["suspect"]}
 
 
-def pairs(run: RunDir, ds: Corpus, text: str) -> Iterator[dict[str, Any]]:
+def pairs(run: RunDir, ds: ColumnarCorpus, text: str) -> Iterator[dict[str, Any]]:
     """Each anchor that has negatives, then its negatives, one image–text pair a row."""
-    by_position, by_id = _rows_by(ds)
     for pos, record in read_records(run):
         if not record["negatives"]:
             continue
-        anchor = by_position[pos]
-        yield {"anchor_id": ds.ids[anchor], "id": ds.ids[anchor], "image": anchor,
+        anchor = _anchor(ds, pos)
+        anchor_id = ds.ids[anchor]
+        yield {"anchor_id": anchor_id, "id": anchor_id, "image": anchor,
                "text": record[text], "type": "anchor", "text_similarity": None,
                "visual_similarity": None}
-        for n in record["negatives"]:
-            yield {"anchor_id": ds.ids[anchor], "id": n["id"], "image": by_id[n["id"]],
+        rows = ds.row_of_ids([n["id"] for n in record["negatives"]])
+        for n, row in zip(record["negatives"], rows.tolist()):
+            yield {"anchor_id": anchor_id, "id": n["id"], "image": row,
                    "text": n["text"], "type": n["type"],
                    "text_similarity": n["text_similarity"],
                    "visual_similarity": n["visual_similarity"]}
@@ -218,7 +221,7 @@ class ImageBytes:
     it whole, so their images are first copied (tensors as PNG images), in input order,
     into a temporary file beside the export (removed afterwards)."""
 
-    def __init__(self, ds: Corpus, area: Area, where: Path,
+    def __init__(self, ds: ColumnarCorpus, area: Area, where: Path,
                  normalization: str = "imagenet") -> None:
         self.images = ds.images
         self.area, self.where = area, where
@@ -228,13 +231,12 @@ class ImageBytes:
         self.spool: Any = None
 
     def __enter__(self) -> ImageBytes:
-        parquet = [row for row, s in enumerate(self.images)
-                   if isinstance(s, ImageRef) and s.shard.fmt in ("parquet", "avdn")]
-        if parquet:
-            self.spool = self.area.scratch(self.where)
-            for row in parquet:
+        for row, s in enumerate(self.images):  # read a block of rows at a time
+            if isinstance(s, ImageRef) and s.shard.fmt in ("parquet", "avdn"):
+                if self.spool is None:
+                    self.spool = self.area.scratch(self.where)
                 self.offsets[row] = self.spool.tell()
-                self.sizes[row] = self.spool.write(self._read(self.images[row]))
+                self.sizes[row] = self.spool.write(self._read(s))
         return self
 
     def _read(self, ref: ImageRef) -> bytes:
@@ -254,7 +256,7 @@ class ImageBytes:
         return data.read_bytes() if isinstance(data, Path) else data or b""
 
 
-def _write_jsonl(area: Area, to: Path, rows: Iterator[dict[str, Any]], ds: Corpus,
+def _write_jsonl(area: Area, to: Path, rows: Iterator[dict[str, Any]], ds: ColumnarCorpus,
                  kind: str) -> None:
     """Image columns hold absolute paths of the image files."""
     with area.open(to, "w") as handle:
@@ -264,7 +266,7 @@ def _write_jsonl(area: Area, to: Path, rows: Iterator[dict[str, Any]], ds: Corpu
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def _write_parquet(area: Area, to: Path, rows: Iterator[dict[str, Any]], ds: Corpus,
+def _write_parquet(area: Area, to: Path, rows: Iterator[dict[str, Any]], ds: ColumnarCorpus,
                    kind: str, images: ImageBytes) -> None:
     """Image columns hold the images' bytes; written ROW_GROUP rows at a time."""
     import pyarrow as pa
@@ -282,13 +284,11 @@ def _write_parquet(area: Area, to: Path, rows: Iterator[dict[str, Any]], ds: Cor
         writer.close()
 
 
-def _schema(ds: Corpus, kind: str) -> Any:
+def _schema(ds: ColumnarCorpus, kind: str) -> Any:
     import pyarrow as pa
 
-    try:
-        ids = pa.array(ds.ids).type
-    except (pa.ArrowInvalid, pa.ArrowTypeError):
-        ids = pa.string()  # ids that mix numbers and text are written as text
+    # ids that mix numbers and text are written as text
+    ids = ds.column_types()[1] or pa.string()
     sims = [("text_similarity", pa.float64()), ("visual_similarity", pa.float64())]
     if kind == "pairs":
         return pa.schema([("anchor_id", ids), ("id", ids), ("image", pa.binary()),

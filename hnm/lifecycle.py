@@ -15,6 +15,8 @@ from hnm import schema
 from hnm.boundary import boundary
 from hnm.callbacks import Progress, no_progress
 from hnm.config import Config, dump_yaml, make_config, read_yaml
+from hnm.corpus import ColumnarCorpus, open_corpus, problem
+from hnm.corpus_write import store_corpus
 from hnm.data import Corpus, load_corpus
 from hnm.errors import HnmError
 from hnm.inputs import guard_run
@@ -49,7 +51,7 @@ def remove_outputs(run: RunDir, manifest: tuple[str, ...], keep_embeddings: bool
                 (keep_embeddings and name.startswith("embeddings/")):
             continue
         run.remove(run.root / name)
-    for folder in ("tables", "candidates", "embeddings"):
+    for folder in ("tables", "candidates", "embeddings", "corpus"):
         run.remove_folder(run.root / folder)  # only where nothing else is left in it
 
 
@@ -117,13 +119,59 @@ def _state(run: RunDir, plan: Plan, say: Callable[[str], Any]) -> str:
 
 def prepare(config: Config, offered: Offer, lock: Callable[[], Any],
             say: Callable[[str], Any], progress: Progress = no_progress
-            ) -> tuple[Corpus, Plan, str]:
+            ) -> tuple[ColumnarCorpus, Plan, str]:
     """Validate inputs and place the run on what this machine offers, then — under the
     run directory's lock, taken by `lock()` — create, resume or replace the run. Nothing
-    is written before every check passed.
+    is written before every check passed. The records read are then held only in the
+    run's columnar corpus (`hnm.corpus`), written there (again where damaged or missing),
+    and freed.
 
-    Returns the dataset, the plan and the state: "new", "resume" or "complete".
+    Returns the corpus store, the plan and the state: "new", "resume" or "complete".
     """
+    ds, plan, state = _validated(config, offered, lock, say, progress)
+    run = RunDir(config.output_dir)
+    if state != "new" and (why := problem(run)) is not None:
+        say(f"{why}: writing the run's corpus again")
+        store_corpus(run, config, ds)
+        if "corpus/meta.json" not in (run.manifest() or []):  # planned before the store
+            run.sign(sorted(set(run.manifest() or []) | set(run.layout(len(plan.shards)))))
+    del ds
+    trim_memory()
+    return open_corpus(run), plan, state
+
+
+def run_corpus(run: RunDir, config: Config, plan: Plan) -> ColumnarCorpus:
+    """A finished run's corpus store (`hnm report`, `export`, `sweep`); one written
+    before the store existed, or damaged since, is written again from the input first."""
+    if problem(run) is not None:
+        ds = load_corpus(config, list(plan.skipped))
+        if not plan.planned_from(ds):
+            raise HnmError(f"{config.annotations}: changed since the run in {run.root}; its "
+                           "negatives no longer match the records")
+        store_corpus(run, config, ds)
+        if "corpus/meta.json" not in (run.manifest() or []):
+            run.sign(sorted(set(run.manifest() or []) | set(run.layout(len(plan.shards)))))
+        del ds
+        trim_memory()
+    return open_corpus(run, plan.workdir)
+
+
+def trim_memory() -> None:
+    """Give what was freed back to the system (glibc keeps the freed blocks of many small
+    objects, such as the records read while planning, for the process otherwise)."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError, TypeError):
+        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+
+
+def _validated(config: Config, offered: Offer, lock: Callable[[], Any],
+               say: Callable[[str], Any], progress: Progress = no_progress
+               ) -> tuple[Corpus, Plan, str]:
+    """`prepare` up to the decision carried out: the records read, the plan, the state."""
     run = RunDir(config.output_dir)
     blocker = next((p for p in (run.root, *run.root.parents) if p.exists()), None)
     if blocker is not None and not blocker.is_dir():
@@ -190,6 +238,7 @@ def start(config: Config, run: RunDir, ds: Corpus, placement: Placement, action:
         check_phases(run, action.keep, say, checksums=True)
     # nothing of another run may be trusted, except embeddings of the same inputs
     remove_outputs(run, action.clear, keep_embeddings=action.keep is not None)
+    store_corpus(run, config, ds)
     write_plan(config, run, plan)
     return plan
 
@@ -202,7 +251,7 @@ class Lease:
     def __init__(self, config: Config, say: Callable[[str], Any]) -> None:
         self.config, self.say = config, say
         self.run = RunDir(config.output_dir)
-        self.corpus: Corpus | None = None  # the leader's validated inputs
+        self.corpus: ColumnarCorpus | None = None  # the run's corpus store, once prepared
         self.held = contextlib.ExitStack()
 
     def __enter__(self) -> Lease:

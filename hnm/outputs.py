@@ -3,16 +3,18 @@ the suspects — and reading the records back."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from hnm.audit import Suspect, is_suspect
 from hnm.callbacks import Progress, no_progress
 from hnm.config import Config, has_joint_space
-from hnm.data import Corpus
 from hnm.outcome import RULES, Outcomes
 from hnm.select import Pick
 from hnm.storage import RunDir
@@ -24,6 +26,7 @@ PROGRESS_EVERY = 5000  # records written between progress reports (a report cost
 ROW_GROUP = 10_000
 JSON_COLUMNS = "hnm.json_columns"  # schema metadata: the columns written as JSON text
 NEGATIVE_ID = "negatives.id"  # named there when ids mix numbers and text
+WRITE_BLOCK = 4096  # records read from the corpus store at a time
 
 
 def similarity(value: float) -> float:
@@ -32,10 +35,10 @@ def similarity(value: float) -> float:
     return min(1.0, max(-1.0, round(value, PRECISION)))
 
 
-def negative_record(config: Config, ds: Corpus, pick: Pick) -> dict[str, Any]:
-    """SPEC §8: what one negative carries."""
-    record = ds.records[ds.positions[pick.row]]
-    out = {"id": ds.ids[pick.row], "text": record[config.fields.text],
+def negative_record(config: Config, pick: Pick, record: dict[str, Any], rid: Any
+                    ) -> dict[str, Any]:
+    """SPEC §8: what one negative carries (`record`, `rid`: its row's record and id)."""
+    out = {"id": rid, "text": record[config.fields.text],
            "image": record[config.fields.image], "type": pick.kind,
            "text_similarity": similarity(pick.txt),
            "visual_similarity": similarity(pick.vis),
@@ -51,84 +54,161 @@ def negative_record(config: Config, ds: Corpus, pick: Pick) -> dict[str, Any]:
     return out
 
 
-def output_records(config: Config, ds: Corpus, picks: list[list[Pick]], why: Outcomes
-                   ) -> Iterator[dict[str, Any]]:
-    """Every input record, unchanged and in input order, plus its `negatives` (picks[a]:
-    anchor row a's) and, for an anchor, its `outcome` (why: every anchor's, by row)."""
-    which, outcomes = why.distinct(config.num_negatives > 1)
-    for record, k in _with_outcomes(config, ds, picks, which):
-        if k >= 0:
-            record["outcome"] = outcomes[k]
-        yield record
+def take(values: Any, items: Any) -> list[Any]:
+    """values[i] for each item: a corpus store's column reads them in one go."""
+    if hasattr(values, "take"):
+        return values.take(np.asarray(items, dtype=np.int64))
+    return [values[int(i)] for i in items]
 
 
-def adds_id(ds: Corpus, id_field: str) -> bool:
+def rows_of_positions(ds: Any, positions: np.ndarray) -> np.ndarray:
+    """The mined row of each record position (-1: not mined)."""
+    rows = np.searchsorted(ds.positions, positions)
+    found = rows < len(ds.positions)
+    found[found] = np.asarray(ds.positions)[rows[found]] == positions[found]
+    return np.where(found, rows, -1)
+
+
+class Picked:
+    """The records and ids of the mined rows a block of picks names, read at once."""
+
+    def __init__(self, ds: Any, rows: Iterable[int]) -> None:
+        wanted = np.unique(np.fromiter(rows, dtype=np.int64))
+        pairs = zip(take(ds.records, np.asarray(ds.positions)[wanted]), take(ds.ids, wanted))
+        self.by_row = dict(zip(wanted.tolist(), pairs))
+
+    def negative(self, config: Config, pick: Pick) -> dict[str, Any]:
+        return negative_record(config, pick, *self.by_row[pick.row])
+
+
+def adds_id(ds: Any, id_field: str) -> bool:
     """Whether some record has no id field (its id is its key or position): every row
-    then carries its id under that name, first, so that any row can be joined back."""
+    then carries its id under that name, first, so that any row can be joined back. (A
+    corpus store knows it from planning.)"""
+    if hasattr(ds, "adds_id"):
+        return bool(ds.adds_id)
     return bool(ds.record_ids) and any(id_field not in r for r in ds.records)
 
 
-def _with_outcomes(config: Config, ds: Corpus, picks: list[list[Pick]], which: list[int]
-                   ) -> Iterator[tuple[dict[str, Any], int]]:
-    """(record with its negatives, which[a] for anchor a's record or -1), in input order;
-    a record without an id field gets its id first (`adds_id`)."""
-    by_position = {int(ds.positions[a]): a for a in range(len(picks))}
-    id_field = config.fields.id
-    add = adds_id(ds, id_field)
-    for pos, record in enumerate(ds.records):
-        if add and id_field not in record:
-            record = {id_field: ds.record_ids[pos], **record}
-        a = by_position.get(pos)
-        if a is None:  # not an anchor (past --max-samples): no scan, no outcome
-            yield {**record, "negatives": []}, -1
+class RecordWriter:
+    """OUTPUT_DIR/negatives.jsonl (or negatives.parquet with --output-format parquet) and
+    suspects.jsonl, written as each shard's picks come: every input record, unchanged and
+    in input order, plus its `negatives` and, for an anchor, its `outcome`; a record
+    without an id field gets its id first (`adds_id`). Parquet rows are written ROW_GROUP
+    records at a time."""
+
+    def __init__(self, config: Config, run: RunDir, ds: Any,
+                 progress: Progress = no_progress) -> None:
+        self.config, self.run, self.ds, self.progress = config, run, ds, progress
+        self.total = len(ds.records)
+        self.add = adds_id(ds, config.fields.id)
+        self.several = config.num_negatives > 1
+        self.next = 0  # the next record position to write
+        self.held = contextlib.ExitStack()
+        self.chunk: list[dict[str, Any]] = []
+
+    def __enter__(self) -> RecordWriter:
+        c, run = self.config, self.run
+        self.suspects = self.held.enter_context(run.open(run.suspects, "w"))
+        if c.output_format == "parquet":
+            import pyarrow.parquet as pq
+
+            self.schema, self.as_json = parquet_schema(self.ds, self.several, c.fields.id,
+                                                       has_joint_space(c))
+            handle = self.held.enter_context(run.open(run.negatives_parquet))
+            self.parquet = pq.ParquetWriter(handle, self.schema)
         else:
-            negs = [negative_record(config, ds, p) for p in picks[a]]
-            yield {**record, "negatives": negs}, which[a]
+            self.handle = self.held.enter_context(run.open(run.negatives, "w"))
+        return self
+
+    def __exit__(self, kind: Any, *exc: Any) -> None:
+        try:
+            if kind is None:
+                self._write(self.total, 0, [], [], [])
+                if self.config.output_format == "parquet":
+                    self.parquet.close()
+                else:
+                    self.progress("write", self.total, self.total)
+        finally:
+            self.held.__exit__(kind, *exc)
+
+    def shard(self, anchors: np.ndarray, picks: list[list[Pick]], why: Outcomes,
+              suspects: Iterable[Suspect] = ()) -> None:
+        """One shard's anchors (contiguous rows, in order), their picks and outcomes:
+        every record up to its last anchor is written."""
+        self._suspects(list(suspects))
+        if not len(anchors):
+            return
+        which, outcomes = why.distinct(self.several)
+        if self.config.output_format != "parquet":
+            # anchors share a few distinct outcomes: each is encoded once, and written as
+            # json.dumps would write it, the key last
+            outcomes = [', "outcome": ' + json.dumps(o, ensure_ascii=False) + "}\n"
+                        for o in outcomes]
+        end = int(self.ds.positions[int(anchors[-1])]) + 1
+        self._write(end, int(anchors[0]), picks, which, outcomes)
+
+    def _write(self, end: int, first: int, picks: list[list[Pick]], which: list[int],
+               outcomes: list[Any]) -> None:
+        id_field = self.config.fields.id
+        for s in range(self.next, end, WRITE_BLOCK):
+            positions = np.arange(s, min(end, s + WRITE_BLOCK))
+            records = take(self.ds.records, positions)
+            ids = take(self.ds.record_ids, positions) if self.add else None
+            rows = rows_of_positions(self.ds, positions) - first
+            mine = (rows >= 0) & (rows < len(picks))
+            lookup = Picked(self.ds, (p.row for a in rows[mine] for p in picks[a]))
+            for k, record in enumerate(records):
+                if ids is not None and id_field not in record:
+                    record = {id_field: ids[k], **record}
+                a = int(rows[k])
+                if mine[k]:
+                    negs = [lookup.negative(self.config, p) for p in picks[a]]
+                    self._line({**record, "negatives": negs}, s + k, outcomes[which[a]])
+                else:  # not an anchor (past --max-samples): no scan, no outcome
+                    self._line({**record, "negatives": []}, s + k, None)
+        self.next = max(self.next, end)
+
+    def _line(self, record: dict[str, Any], pos: int, outcome: Any) -> None:
+        if self.config.output_format == "parquet":
+            if outcome is not None:
+                record["outcome"] = outcome
+            self.chunk.append(_parquet_row(record, self.as_json))
+            if len(self.chunk) == ROW_GROUP or pos + 1 == self.total:
+                import pyarrow as pa
+
+                self.parquet.write_table(pa.Table.from_pylist(self.chunk, schema=self.schema))
+                self.chunk = []
+                self.progress("write", pos + 1, self.total)
+            return
+        line = json.dumps(record, ensure_ascii=False)
+        self.handle.write(line[:-1] + outcome if outcome is not None else line + "\n")
+        if pos % PROGRESS_EVERY == 0:
+            self.progress("write", pos, self.total)
+
+    def _suspects(self, suspects: list[Suspect]) -> None:
+        """Every suspect, dropped or not, with its anchor."""
+        if not suspects:
+            return
+        f = self.config.fields
+        lookup = Picked(self.ds, [r for s in suspects for r in (s.anchor, s.pick.row)])
+        for s in suspects:
+            record, rid = lookup.by_row[s.anchor]
+            line = {"anchor_id": rid, "anchor_text": record[f.text],
+                    "anchor_image": record[f.image], "reasons": list(s.reasons),
+                    "dropped": s.dropped, "negative": lookup.negative(self.config, s.pick)}
+            self.suspects.write(json.dumps(line, ensure_ascii=False) + "\n")
 
 
-def write_negatives(config: Config, run: RunDir, ds: Corpus, picks: list[list[Pick]],
-                    why: Outcomes, progress: Progress = no_progress) -> None:
-    """OUTPUT_DIR/negatives.jsonl, or negatives.parquet with --output-format parquet."""
-    if config.output_format == "parquet":
-        write_parquet(run, run.negatives_parquet, ds, output_records(config, ds, picks, why),
-                      progress, config.num_negatives > 1, config.fields.id,
-                      has_joint_space(config))
-        return
-    which, outcomes = why.distinct(config.num_negatives > 1)
-    # anchors share a few distinct outcomes: each is encoded once, and written as
-    # json.dumps would write it, the key last
-    texts = [', "outcome": ' + json.dumps(o, ensure_ascii=False) + "}\n" for o in outcomes]
-    with run.open(run.negatives, "w") as handle:
-        for pos, (record, k) in enumerate(_with_outcomes(config, ds, picks, which)):
-            line = json.dumps(record, ensure_ascii=False)
-            handle.write(line[:-1] + texts[k] if k >= 0 else line + "\n")
-            if pos % PROGRESS_EVERY == 0:
-                progress("write", pos, len(ds.records))
-    progress("write", len(ds.records), len(ds.records))
+def write_negatives(config: Config, run: RunDir, ds: Any, picks: list[list[Pick]],
+                    why: Outcomes, progress: Progress = no_progress,
+                    suspects: Iterable[Suspect] = ()) -> None:
+    """The outputs of one pass over anchors 0 .. len(picks) - 1 (`RecordWriter`)."""
+    with RecordWriter(config, run, ds, progress) as out:
+        out.shard(np.arange(len(picks)), picks, why, suspects)
 
 
-def write_parquet(run: RunDir, path: Path, ds: Corpus, records: Iterable[dict[str, Any]],
-                  progress: Progress = no_progress, several: bool = False,
-                  id_field: str = "id", cross: bool = False) -> None:
-    """One row per record, its negatives a list of structs, its outcome a struct; written
-    ROW_GROUP rows at a time, so that only one row group is ever held as a table."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    schema, as_json = parquet_schema(ds, several, id_field, cross)
-    with run.open(path) as handle:
-        writer = pq.ParquetWriter(handle, schema)
-        chunk: list[dict[str, Any]] = []
-        for pos, record in enumerate(records, start=1):
-            chunk.append(_parquet_row(record, as_json))
-            if len(chunk) == ROW_GROUP or pos == len(ds.records):
-                writer.write_table(pa.Table.from_pylist(chunk, schema=schema))
-                chunk = []
-                progress("write", pos, len(ds.records))
-        writer.close()
-
-
-def parquet_schema(ds: Corpus, several: bool = False, id_field: str = "id",
+def parquet_schema(ds: Any, several: bool = False, id_field: str = "id",
                    cross: bool = False
                    ) -> tuple[Any, set[str]]:
     """The records' columns, each with the Arrow type of all its values (a column whose
@@ -136,24 +216,27 @@ def parquet_schema(ds: Corpus, several: bool = False, id_field: str = "id",
     `negatives` and `outcome` (with `missing` when several negatives are asked for). The
     JSON columns are named in the schema's metadata. Records without an id field get the
     id column first (`adds_id`). `cross`: a run with a joint space, whose negatives carry
-    their cross and own scores and whose scans the cross rule skips rows of."""
+    their cross and own scores and whose scans the cross rule skips rows of. A corpus
+    store knows the types from planning; an in-memory corpus is read whole."""
     import pyarrow as pa
 
+    from hnm.corpus_write import ColumnTypes
+
+    if hasattr(ds, "column_types"):
+        columns, ids_type = ds.column_types()
+    else:
+        types = ColumnTypes()
+        types.add(ds.records, list(ds.record_ids), list(ds.ids))
+        columns, ids_type = types.columns(adds_id(ds, id_field), id_field), \
+            types.merged("\0ids")
     fields, as_json = [], set()
-    add = adds_id(ds, id_field)
-    names = dict.fromkeys(([id_field] if add else []) + [k for r in ds.records for k in r])
-    for name in names:
-        if name in ("negatives", "outcome"):
-            continue  # replaced by the run's, as in negatives.jsonl
-        values = list(ds.record_ids) if add and name == id_field else \
-            [r.get(name) for r in ds.records]
-        kind = _arrow_type(values)
+    for name, kind in columns:
         if kind is None:
             as_json.add(name)
         fields.append(pa.field(name, kind or pa.string()))
-    if _arrow_type(ds.ids) is None:
+    if ids_type is None:
         as_json.add(NEGATIVE_ID)
-    negative = pa.struct([("id", _arrow_type(ds.ids) or pa.string()), ("text", pa.string()),
+    negative = pa.struct([("id", ids_type or pa.string()), ("text", pa.string()),
                           ("image", pa.string()), ("type", pa.string()),
                           ("text_similarity", pa.float64()),
                           ("visual_similarity", pa.float64()), ("suspect", pa.bool_()),
@@ -252,16 +335,3 @@ def _negative_from_parquet(n: dict[str, Any], as_json: set[str]) -> dict[str, An
     if NEGATIVE_ID in as_json:
         out["id"] = json.loads(out["id"])
     return out
-
-
-def write_suspects(config: Config, run: RunDir, ds: Corpus, suspects: Iterable[Suspect]
-                   ) -> None:
-    """OUTPUT_DIR/suspects.jsonl: every suspect, dropped or not, with its anchor."""
-    f = config.fields
-    with run.open(run.suspects, "w") as handle:
-        for s in suspects:
-            record = ds.records[ds.positions[s.anchor]]
-            line = {"anchor_id": ds.ids[s.anchor], "anchor_text": record[f.text],
-                    "anchor_image": record[f.image], "reasons": list(s.reasons),
-                    "dropped": s.dropped, "negative": negative_record(config, ds, s.pick)}
-            handle.write(json.dumps(line, ensure_ascii=False) + "\n")

@@ -166,13 +166,23 @@ def run_keys(config: Config, ds: Corpus, precision: str) -> dict[str, str]:
     return {"run_key": run, "embed_key": embed}
 
 
-def check_unchanged(config: Config, plan: Plan, ds: Corpus, where: Path,
+def input_digest(config: Config) -> str:
+    """The digest of the input files as they are now (what `Corpus.source_sha256` holds
+    once they are read), from their bytes alone: no record is parsed."""
+    from hnm.readers.files import digest, find_shards
+
+    return digest(*find_shards(config))
+
+
+def check_unchanged(config: Config, plan: Plan, ds: Any, where: Path,
                     shown: bool = False) -> None:
     """Refuse to show or export the run in `where` when its annotations or its images
     changed or vanished since it was planned (what a rerun of `mine` would notice).
-    `shown`: for a page that shows the images of a run on precomputed embeddings, which
-    needs none of them: every image gone is shown as gone, not refused."""
-    if not plan.planned_from(ds):
+    `ds`: the run's corpus (a store holds the digest of the input as planned: the input's
+    files are read again). `shown`: for a page that shows the images of a run on
+    precomputed embeddings, which needs none of them: every image gone is shown as gone,
+    not refused."""
+    if plan.source != input_digest(config)[:16]:
         raise HnmError(f"{config.annotations}: changed since the run in {where}; its "
                        "negatives no longer match the records")
     if shown and config.image_embeddings and not any(
@@ -186,11 +196,13 @@ def check_unchanged(config: Config, plan: Plan, ds: Corpus, where: Path,
                        "them again")
 
 
-def image_fingerprint(ds: Corpus) -> str:
+def image_fingerprint(ds: Any) -> str:
     """The absolute path, size and modification time of every image file the run mines,
-    hashed (data.file_stats): the same from whatever folder it is computed. Also where the
-    images came as precomputed embeddings: an export still writes the image files."""
-    return file_stats([p.absolute() if isinstance(p, Path) else p for p in ds.images])
+    hashed (data.file_stats), read a block at a time: the same from whatever folder it is
+    computed. Also where the images came as precomputed embeddings: an export still
+    writes the image files."""
+    return file_stats(p.absolute() if isinstance(p, Path) else p  # type: ignore[arg-type]
+                       for p in ds.images)
 
 
 def _digest(*paths: str | None) -> str:

@@ -13,11 +13,11 @@ import numpy as np
 from hnm import report, testpoints
 from hnm.callbacks import Progress, no_progress
 from hnm.config import Config
-from hnm.data import Corpus, anchor_uniforms, duplicate_images
+from hnm.corpus import ColumnarCorpus
+from hnm.corpus_images import duplicate_images
 from hnm.engine import Candidates, make_selector, select_negatives
 from hnm.metrics import Metrics, phrase_diversity_vs_data
-from hnm.outcome import Outcomes
-from hnm.outputs import write_negatives, write_suspects
+from hnm.outputs import RecordWriter
 from hnm.plan import Plan, provenance
 from hnm.storage import RunDir, read_npz
 from hnm.tables import load_arrays
@@ -70,7 +70,7 @@ def index_summary(run: RunDir, plan: Plan) -> dict[str, Any]:
     return out
 
 
-def reduce_phase(config: Config, run: RunDir, ds: Corpus, plan: Plan,
+def reduce_phase(config: Config, run: RunDir, ds: ColumnarCorpus, plan: Plan,
                  timing: dict[str, float], progress: Progress = no_progress,
                  started: float | None = None) -> dict[str, Any]:
     """Select and audit, write the outputs, then metrics.json (written last: the run is
@@ -78,24 +78,28 @@ def reduce_phase(config: Config, run: RunDir, ds: Corpus, plan: Plan,
     of this invocation, for its wall time."""
     t0 = time.perf_counter()
     tab = load_arrays(run, ds, config)
-    u = anchor_uniforms(ds.ids[:ds.num_anchors], config.seed)
+    u = ds.anchor_uniforms(config.seed, np.arange(ds.num_anchors))
     selector = make_selector(config, tab, ds.phrases)
     shards = ((np.arange(*s.anchors), Candidates.from_arrays(read_npz(run.candidates(s.shard))))
               for s in plan.shards)
-    picks, parts, suspects, why = [], [], [], []
-    for part, done in zip(plan.shards, select_negatives(config, selector, shards, u,
-                                                        ds.phrases)):
-        picks += done.picks
-        parts.append(done.metrics)
-        suspects += done.suspects
-        why.append(done.outcomes)
-        progress("select", len(picks), ds.num_anchors)
-        testpoints.reach("reduce", at=(run.logs, part.shard))
+    parts, selected, written = [], 0, 0.0
+    # each shard's records and suspects are written as its picks come: no pick is held
+    # past its shard
+    with RecordWriter(config, run, ds, progress) as out:
+        for part, done in zip(plan.shards, select_negatives(config, selector, shards, u,
+                                                            ds.phrases)):
+            t = time.perf_counter()
+            out.shard(done.anchors, done.picks, done.outcomes, done.suspects)
+            written += time.perf_counter() - t
+            parts.append(done.metrics)
+            selected += len(done.picks)
+            progress("select", selected, ds.num_anchors)
+            testpoints.reach("reduce", at=(run.logs, part.shard))
+        t = time.perf_counter()
     t1 = time.perf_counter()
-    write_negatives(config, run, ds, picks, Outcomes.concat(why), progress)
-    write_suspects(config, run, ds, suspects)
+    written += t1 - t
     phases, work = read_work(run, plan)
-    timing = {**timing, **phases, "select": t1 - t0, "write": time.perf_counter() - t1}
+    timing = {**timing, **phases, "select": t1 - t0 - written, "write": written}
     wall = time.perf_counter() - started if started is not None else sum(timing.values())
     metrics = metrics_document(config, ds, plan, parts, work, timing, wall)
     metrics["index"] = index_summary(run, plan)
@@ -106,7 +110,7 @@ def reduce_phase(config: Config, run: RunDir, ds: Corpus, plan: Plan,
     return metrics
 
 
-def metrics_document(config: Config, ds: Corpus, plan: Plan, parts: list[Metrics],
+def metrics_document(config: Config, ds: ColumnarCorpus, plan: Plan, parts: list[Metrics],
                      work: list[ShardWork], timing: dict[str, float], wall: float
                      ) -> dict[str, Any]:
     """Global figures from merged counts, never averages of per-shard averages."""
@@ -117,7 +121,7 @@ def metrics_document(config: Config, ds: Corpus, plan: Plan, parts: list[Metrics
     summary["skipped_missing_image"] = len(ds.skipped.get("missing_image", []))
     summary["records"] = len(ds.records)
     summary["candidates"] = len(ds)
-    summary["duplicate_images"] = duplicate_images(ds.images)
+    summary["duplicate_images"] = duplicate_images(ds)
     summary["zero_embeddings"] = sum(w.zero_embeddings for w in work)
     shards = [{"shard": s.shard, "device": w.device, **m.shard_summary(),
                "seconds": round(w.seconds, 3), "peak_rss_mb": w.peak_rss_mb,

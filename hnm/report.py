@@ -13,9 +13,10 @@ from typing import Any
 
 from hnm import schema
 from hnm.config import Config
-from hnm.data import Corpus, image_limit, load_corpus
+from hnm.corpus import ColumnarCorpus
+from hnm.data import image_limit
 from hnm.errors import HnmError
-from hnm.lifecycle import load_run_config
+from hnm.lifecycle import load_run_config, run_corpus
 from hnm.pages import esc, fmt, html_table, page
 from hnm.plan import Plan, check_unchanged, read_plan
 from hnm.readers import SHARD_FORMATS
@@ -36,7 +37,7 @@ def report_from_dir(output_dir: str | Path, warn: Callable[[str], Any] = print) 
             raise HnmError(f"{run.root}: no {path.name}; not a finished hnm run "
                            "(rerun the mining command to finish it)")
     plan = read_plan(run)
-    ds = load_corpus(config, list(plan.skipped))
+    ds = run_corpus(run, config, plan)
     check_unchanged(config, plan, ds, run.root, shown=True)
     vouched = run.done.exists() and verify_marker(run.done, run.root) is None
     path = write_report(run, config, read_json(run.metrics, shape=schema.METRICS), plan, ds,
@@ -48,7 +49,7 @@ def report_from_dir(output_dir: str | Path, warn: Callable[[str], Any] = print) 
 
 
 def write_report(run: RunDir, config: Config, metrics: dict[str, Any], plan: Plan,
-                 ds: Corpus | None = None, warn: Callable[[str], Any] = lambda _: None
+                 ds: ColumnarCorpus | None = None, warn: Callable[[str], Any] = lambda _: None
                  ) -> Path:
     """Render OUTPUT_DIR/report.html from the metrics document and the run's files.
     `ds`: the run's dataset, where images held in shards are found (read again if None)."""

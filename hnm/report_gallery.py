@@ -8,16 +8,22 @@ import io
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from hnm.config import Config
-from hnm.data import Corpus, load_corpus, too_large
+from hnm.corpus import ColumnarCorpus
+from hnm.data import too_large
 from hnm.errors import HnmError
+from hnm.lifecycle import run_corpus
 from hnm.outcome import REASON_LABELS
 from hnm.pages import esc
 from hnm.plan import Plan
 from hnm.readers import ImageRef, holds_tensor, image_stream, read_tensor, to_image
 from hnm.report_scan import Scan, Suspects
+from hnm.storage import RunDir
 
 THUMB = 112  # longest side of a gallery thumbnail, in pixels
+BLOCK = 4096  # records whose image keys are read at a time
 
 
 class Thumbs:
@@ -38,19 +44,24 @@ class Thumbs:
             return f"<div class='noimg'>image not shown<br>{esc(image)}</div>"
         return f"<img class='thumb' src='{uri}' alt='{esc(image)}'>"
 
-    def find_in(self, config: Config, plan: Plan, ds: Corpus | None, keys: set[str]) -> None:
+    def find_in(self, config: Config, plan: Plan, ds: ColumnarCorpus | None, keys: set[str]
+                ) -> None:
         """Thumbnails of images held in the input's shards, named in the records by their
-        keys: read in input order (a Parquet column streams once)."""
+        keys: read in input order (a Parquet column streams once), a block of records at a
+        time."""
         if ds is None:
             try:
-                ds = load_corpus(config, list(plan.skipped))
+                ds = run_corpus(RunDir(config.output_dir), config, plan)
             except HnmError:
                 return  # the input moved or changed: its images show as not found
         f = config.fields
-        for row, pos in enumerate(ds.positions):
-            key = ds.records[pos][f.image]
-            if key in keys and key not in self.cache:
-                self.cache[key] = self._data_uri(ds.images[row], config.tensor_normalization)
+        for start in range(0, len(ds), BLOCK):
+            rows = np.arange(start, min(len(ds), start + BLOCK))
+            for row, record in zip(rows, ds.records.take(ds.positions[rows])):
+                key = record.get(f.image)
+                if key in keys and key not in self.cache:
+                    self.cache[key] = self._data_uri(ds.images[int(row)],
+                                                     config.tensor_normalization)
 
     def _data_uri(self, source: Path | ImageRef, normalization: str = "imagenet") -> str | None:
         from PIL import Image

@@ -20,7 +20,7 @@ import numpy as np
 from hnm import schema
 from hnm.decoding import first_line
 from hnm.errors import HnmError
-from hnm.safety import Area
+from hnm.safety import Area, cannot_write, link_refused, move_in
 from hnm.version import __version__
 
 # phase -> the folder holding its files and markers
@@ -33,7 +33,11 @@ RUN_FILES = re.compile(r"""(?x)
   | embeddings/((image|text|cross)_\d{5,}\.npy | done_\d{5,})
   | tables/((visual|text|cross|eligible|clusters|centroids)\.npy | ivf(_\d{5,})?\.faiss | done)
   | candidates/(shard_\d{5,}\.npz | done_\d{5,})
-  | logs/(hnm\.log | tables\.log | shard_\d{5,}\.log | \.(crashed|held)_\w+)""")
+  | logs/(hnm\.log | tables\.log | shard_\d{5,}\.log | \.(crashed|held)_\w+)
+  | corpus(\.new|\.old)?/(meta\.json | (records|phrases)\.arrow
+                     | (positions|text_ids|groups|uniforms)\.npy)""")
+CORPUS_FILES = ("meta.json", "records.arrow", "phrases.arrow", "positions.npy",
+                "text_ids.npy", "groups.npy", "uniforms.npy")
 SIGNATURE = "hnm run directory"  # the format marker of .hnm-run.json
 # what done.json must vouch for (one name of each): the results the reduce phase writes
 RESULTS = (("negatives.jsonl", "negatives.parquet"), ("suspects.jsonl",), ("metrics.json",))
@@ -146,6 +150,29 @@ class RunDir(Area):
     signature = property(lambda self: self.root / ".hnm-run.json")  # what makes it a run
     logs = property(lambda self: self.root / "logs")
     tables_dir = property(lambda self: self.root / PHASE_DIRS["tables"])
+    corpus_dir = property(lambda self: self.root / "corpus")  # the columnar corpus
+    corpus_stage = property(lambda self: self.root / "corpus.new")  # where it is built
+
+    def discard_corpus(self, folder: Path) -> None:
+        """Delete a corpus folder's files (only the store's names) and the folder."""
+        for name in CORPUS_FILES:
+            self.remove(folder / name)
+        self.remove_folder(folder)
+
+    def move_corpus_in(self) -> None:
+        """The staged store in the place of `corpus/`, in one rename (the store it
+        replaces, if any, is deleted after)."""
+        stage, to = self.corpus_stage, self.corpus_dir
+        for path in (stage, to):
+            self.relative(path / CORPUS_FILES[0])
+            if path.is_symlink():
+                raise link_refused(path)
+        try:
+            earlier = move_in(stage, to, self.root / "corpus.old")
+        except OSError as exc:
+            raise cannot_write(to, exc) from None
+        if earlier is not None:
+            self.discard_corpus(earlier)
 
     def records(self, output_format: str) -> Path:
         """Every record with its negatives, in the run's --output-format."""
@@ -216,6 +243,7 @@ class RunDir(Area):
                  "logs/hnm.log", "logs/tables.log"]
         names += [f"tables/{name}.npy" for name in (*TABLES, "cross")]
         names += [f"tables/ivf_{p:05d}.faiss" for p in range(parts if parts > 1 else 0)]
+        names += [f"corpus/{name}" for name in CORPUS_FILES]
         for s in range(shards):
             names += [f"embeddings/image_{s:05d}.npy", f"embeddings/text_{s:05d}.npy",
                       f"embeddings/cross_{s:05d}.npy",

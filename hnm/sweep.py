@@ -16,15 +16,15 @@ import numpy as np
 
 from hnm import columns
 from hnm.config import Config
-from hnm.data import Corpus, anchor_uniforms, load_corpus
+from hnm.corpus import ColumnarCorpus
 from hnm.engine import ANCHOR_BATCH, Candidates, find_candidates, make_selector, select_negatives
 from hnm.errors import HnmError
-from hnm.lifecycle import load_run_config
+from hnm.lifecycle import load_run_config, run_corpus
 from hnm.metrics import Metrics, phrase_diversity_vs_data
 from hnm.miner import Arrays, CrossRule, Ragged, cut, neighbours
 from hnm.outcome import REASON_LABELS, REASONS
 from hnm.pages import CSS, esc, fmt, html_table, page
-from hnm.plan import Plan, read_plan
+from hnm.plan import Plan, input_digest, read_plan
 from hnm.storage import RunDir, read_json, read_npz, verify_marker
 from hnm.summary import suggestion
 from hnm.tables import load_arrays, open_index
@@ -46,7 +46,7 @@ class Saved:
 
     config: Config
     plan: Plan
-    ds: Corpus
+    ds: ColumnarCorpus
     tab: Arrays
     u: np.ndarray
 
@@ -64,11 +64,11 @@ def load_saved(output_dir: str | Path) -> Saved:
         if (why := verify_marker(marker, run.root, checksums=False)):
             raise HnmError(f"{why}; rerun the mining command: it computes it again")
     config = load_run_config(run)
-    ds = load_corpus(config, list(plan.skipped))
-    if not plan.planned_from(ds):
+    if plan.source != input_digest(config)[:16]:
         raise HnmError(f"{config.annotations}: changed since the run in {run.root}; its saved "
                        "embeddings no longer match the records")
-    u = anchor_uniforms(ds.ids[:ds.num_anchors], config.seed)
+    ds = run_corpus(run, config, plan)
+    u = ds.anchor_uniforms(config.seed, np.arange(ds.num_anchors))
     return Saved(config, plan, ds, load_arrays(run, ds, config), u)
 
 

@@ -13,6 +13,7 @@ import numpy as np
 from hnm.blacklist import read_blacklist
 from hnm.callbacks import Progress, no_progress
 from hnm.config import Config, has_joint_space
+from hnm.corpus import ColumnarCorpus
 from hnm.data import Corpus, normalize
 from hnm.engine import exact_parts, recall_at_k, recall_sample
 from hnm.errors import HnmError
@@ -107,9 +108,10 @@ def cross_table(config: Config) -> bool:
     return bool(config.joint_model) and config.text_encoder != "joint"
 
 
-def load_arrays(run: RunDir, ds: Corpus, config: Config) -> Arrays:
-    """The tables phase's arrays, memory-mapped, with the dataset's row facts; with a
-    joint space, the texts in it (miner.Arrays.C)."""
+def load_arrays(run: RunDir, ds: Corpus | ColumnarCorpus, config: Config) -> Arrays:
+    """The tables phase's arrays, memory-mapped, with the dataset's row facts (a corpus
+    store's columns are memory-mapped too); with a joint space, the texts in it
+    (miner.Arrays.C)."""
     T = read_npy(run.table("text"), mmap=True)
     C = read_npy(run.table("cross"), mmap=True) if cross_table(config) \
         else T if has_joint_space(config) else None

@@ -224,7 +224,7 @@ def test_a_bug_is_one_line_with_the_traceback_in_the_log(data, tmp_path, capsys,
     def broken(*_a, **_k):
         raise KeyError("boom")
 
-    monkeypatch.setattr("hnm.reduce.write_negatives", broken)
+    monkeypatch.setattr("hnm.outputs.RecordWriter.shard", broken)
     out = tmp_path / "run"
     rc, _, err = cli(capsys, *mine_args(data, out))
     assert rc == 1

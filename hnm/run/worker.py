@@ -19,7 +19,7 @@ import numpy as np
 from hnm import embed, tables, testpoints
 from hnm.callbacks import Progress
 from hnm.config import Config
-from hnm.data import Corpus, anchor_uniforms, load_corpus
+from hnm.corpus import ColumnarCorpus, open_corpus
 from hnm.encoders import build_text_encoder
 from hnm.engine import find_candidates
 from hnm.index import SearchIndex, set_threads
@@ -61,7 +61,8 @@ def peak_rss_mb() -> float:
 class Context:
     """What one worker process builds once and keeps between its tasks."""
 
-    def __init__(self, config: Config, device: str, ds: Corpus | None = None) -> None:
+    def __init__(self, config: Config, device: str, ds: ColumnarCorpus | None = None
+                 ) -> None:
         self.config = config
         self.device = device
         self.run = RunDir(config.output_dir)
@@ -79,8 +80,9 @@ class Context:
         return read_plan(self.run)
 
     @cached_property
-    def corpus(self) -> Corpus:
-        return load_corpus(self.config, list(self.plan.skipped), planned=True)
+    def corpus(self) -> ColumnarCorpus:
+        """The run's columnar corpus, memory-mapped: a task reads its shard's rows."""
+        return open_corpus(self.run)
 
     @cached_property
     def joint(self) -> Any:
@@ -178,7 +180,7 @@ def embed_shard(ctx: Context, shard: int, progress: Progress) -> dict[str, Any]:
         images = embed.precomputed(c.image_embeddings, ds.positions[rows]) \
             if c.image_embeddings else np.zeros((0, 1), np.float32)
     else:
-        images, waited = embed.embed_images(image_encoder, [ds.images[i] for i in rows],
+        images, waited = embed.embed_images(image_encoder, ds.images.take(rows),
                                             ctx.plan.batch_size, ctx.plan.placement.loaders,
                                             c.max_image_pixels, progress,
                                             c.tensor_normalization)
@@ -189,11 +191,11 @@ def embed_shard(ctx: Context, shard: int, progress: Progress) -> dict[str, Any]:
         first = embed.first_rows(ds.text_ids, len(ds.phrases))[phrases]
         texts = embed.precomputed(c.text_embeddings, ds.positions[first])
     else:
-        texts = _embed_phrases(ctx, text_encoder, [ds.phrases[i] for i in phrases])
+        texts = _embed_phrases(ctx, text_encoder, ds.phrases.take(phrases))
     files = [ctx.run.image_embeddings(shard), ctx.run.text_embeddings(shard)]
     if tables.cross_table(c):  # the joint model's texts, beside the text encoder's
         cross = _embed_phrases(ctx, ctx.joint.text if len(phrases) else None,
-                               [ds.phrases[i] for i in phrases])
+                               ds.phrases.take(phrases))
         ctx.run.write_npy(ctx.run.cross_embeddings(shard), cross)
         files.append(ctx.run.cross_embeddings(shard))
     t2 = time.perf_counter()
@@ -240,7 +242,7 @@ def candidates_shard(ctx: Context, shard: int, progress: Progress) -> dict[str, 
     tab, index = ctx.arrays, ctx.search_index
     t1 = time.perf_counter()
     anchors = np.arange(*part.anchors)
-    diverse_first = anchor_uniforms([ds.ids[i] for i in anchors], c.seed) < c.diverse_ratio
+    diverse_first = ds.anchor_uniforms(c.seed, anchors) < c.diverse_ratio
     cands, kind = find_candidates(c, tab, anchors, ctx.device, progress, diverse_first, index)
     ctx.run.write_npz(ctx.run.candidates(shard), cands.to_arrays())
     info = {"search": time.perf_counter() - t1, "load_index": t1 - t0, "device": ctx.device,

@@ -1,0 +1,288 @@
+"""The columnar corpus: what planning writes into the run directory, read back by every
+phase after it exactly as `data.load_corpus` gives it, in bounded memory."""
+
+from __future__ import annotations
+
+import json
+import tracemalloc
+from pathlib import Path
+
+import avdn_data
+import numpy as np
+import pytest
+from builders import cli, records
+from synthetic import make_dataset, mine_args
+
+from hnm import demo, outputs
+from hnm.config import Config, Fields
+from hnm.corpus import BATCH_ROWS, ColumnarCorpus, open_corpus, problem
+from hnm.corpus_images import duplicate_images
+from hnm.corpus_write import blocks_of, facts_of, store_corpus, write_corpus
+from hnm.data import Corpus, anchor_uniforms, load_corpus
+from hnm.data import duplicate_images as duplicates_in_memory
+from hnm.errors import HnmError
+from hnm.outcome import RULES, Outcomes
+from hnm.readers import ImageRef
+from hnm.select import Pick
+from hnm.storage import RunDir
+
+DEMO = Fields(text="answer", group="first_instruction")
+
+
+def new_run(root: Path) -> RunDir:
+    run = RunDir(root)
+    run.ensure_root()
+    run.sign([])
+    return run
+
+
+def same_corpus(store: ColumnarCorpus, ds: Corpus, seed: int) -> None:
+    """The store holds exactly what the in-memory corpus holds."""
+    assert list(store.records) == ds.records
+    assert list(store.record_ids) == list(ds.record_ids)
+    assert [(type(i), i) for i in store.ids] == [(type(i), i) for i in ds.ids]
+    assert list(store.images) == ds.images
+    got = [(im.shard, im.at, im.size, im.member, im.digest) if isinstance(im, ImageRef)
+           else im for im in store.images]
+    assert got == [(im.shard, im.at, im.size, im.member, im.digest)
+                   if isinstance(im, ImageRef) else im for im in ds.images]
+    assert list(store.phrases) == ds.phrases
+    for name in ("positions", "text_ids", "groups"):
+        assert np.array_equal(getattr(store, name), getattr(ds, name))
+    assert np.array_equal(store.uniforms, anchor_uniforms(ds.ids, seed))
+    assert (len(store), store.num_anchors, store.skipped, store.source_sha256,
+            store.input_format, store.shard_ends, store.image_files) == \
+        (len(ds), ds.num_anchors, ds.skipped, ds.source_sha256, ds.input_format,
+         ds.shard_ends, ds.image_files)
+    # by index, slices and from the end, as a list gives them
+    n = len(ds)
+    assert store.ids[n - 1] == ds.ids[-1] == store.ids[-1]
+    assert store.images[1:n:2] == ds.images[1:n:2]
+    assert store.records[::-3] == ds.records[::-3]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("inputs")
+    paths = {fmt: demo.make_demo(root / fmt, num_dialogs=12, fmt=fmt, per_shard=25)
+             for fmt in demo.FORMATS}
+    recs = json.loads(paths["json"].read_text())
+    lines = [",".join(recs[0])] + [",".join(json.dumps(v) if not isinstance(v, str)
+                                            else f'"{v}"' for v in r.values()) for r in recs]
+    paths["csv"] = root / "json" / "annotations.csv"
+    paths["csv"].write_text("\n".join(lines) + "\n", encoding="utf-8")
+    paths["avdn"] = avdn_data.write(root / "avdn")
+    return paths
+
+
+@pytest.mark.parametrize("fmt", [*demo.FORMATS, "csv", "avdn"])
+def test_the_store_gives_what_load_corpus_gives(inputs, tmp_path, fmt):
+    given = inputs[fmt]
+    fields = Fields(image="current_view_image", text="answer",
+                    group="first_instruction") if fmt == "avdn" else DEMO
+    config = Config(annotations=str(given), fields=fields, seed=11,
+                    image_dir=str(given.parent), output_dir=str(tmp_path / "run"),
+                    max_samples=40, tensor_normalization="avdn")
+    ds = load_corpus(config)
+    store_corpus(new_run(tmp_path / "run"), config, ds)
+    same_corpus(open_corpus(RunDir(tmp_path / "run")), ds, config.seed)
+
+
+def test_skipped_records_numbers_and_small_batches(tmp_path):
+    """Records left out of mining keep their place; ids 7 and "8" keep their types; the
+    store's batches hold BATCH_ROWS rows whatever the blocks handed on."""
+    recs = records(9)
+    for i, r in enumerate(recs):
+        r["id"] = i if i % 2 else str(i)
+    for i in range(9):
+        if i not in (2, 5):
+            demo_image = tmp_path / "img" / f"{i}.png"
+            demo_image.parent.mkdir(exist_ok=True)
+            from builders import write_image
+            write_image(demo_image, i)
+    (tmp_path / "a.json").write_text(json.dumps(recs))
+    config = Config(annotations=str(tmp_path / "a.json"), image_dir=str(tmp_path),
+                    on_missing_image="skip", output_dir=str(tmp_path / "run"))
+    ds = load_corpus(config)
+    assert ds.skipped == {"missing_image": [2, 5]}
+    run = new_run(tmp_path / "run")
+    write_corpus(run, config, blocks_of(ds, size=2), lambda: facts_of(ds, "id"))
+    store = open_corpus(run)
+    same_corpus(store, ds, config.seed)
+    assert np.array_equal(store.row_of_positions(np.arange(9)),
+                          [0, 1, -1, 2, 3, -1, 4, 5, 6])
+    assert store.row_of_ids(["8", "0", 7]).tolist() == [6, 0, 5]
+    with pytest.raises(KeyError):
+        store.row_of_ids(["7"])  # 7 is a number
+
+
+# values of one field, in blocks of two records: what Parquet would write for them
+MIXED = {
+    "widened": [1, 2, 2.5, None],
+    "fields_gathered": [{"a": 1}, {"a": 2}, {"b": "x"}, None],
+    "empty_then_full": [{}, {}, {"a": 1}, {"a": 2}],
+    "only_empty": [{}, {}, {}, None],
+    "number_and_text": [1, 2, "x", "y"],
+    "true_and_real": [True, None, 1.5, 2.5],
+    "lists_widened": [[1], [], [2.5], None],
+    "missing_in_a_block": [None, None, "a", "b"],
+    "never_set": [None, None, None, None],
+    "huge": [1, 2, 2**64, 3],
+}
+
+
+def test_output_types_block_by_block_are_those_of_every_value(tmp_path):
+    recs = [{"id": f"r{i}", "image": f"{i}.png", "text": f"text {i}"} for i in range(4)]
+    for name, values in MIXED.items():
+        for r, v in zip(recs, values):
+            if not (name == "missing_in_a_block" and v is None):
+                r[name] = v
+    ds = Corpus(records=recs, positions=np.arange(4), ids=[r["id"] for r in recs],
+                images=[Path(r["image"]) for r in recs], phrases=[r["text"] for r in recs],
+                text_ids=np.arange(4), groups=np.arange(4), num_anchors=4, skipped={},
+                source_sha256="0" * 64, record_ids=tuple(r["id"] for r in recs))
+    config = Config(output_dir=str(tmp_path / "run"))
+    run = new_run(tmp_path / "run")
+    write_corpus(run, config, blocks_of(ds, size=2), lambda: facts_of(ds, "id"))
+    got, _ = outputs.parquet_schema(open_corpus(run))
+    expected, _ = outputs.parquet_schema(Corpus(**{**ds.__dict__}))  # one block: every value
+    assert got == expected and got.metadata == expected.metadata
+    for name in MIXED:  # the reference: pyarrow over every value at once
+        kind = outputs._arrow_type([r.get(name) for r in recs])
+        assert got.field(name).type == (kind or got.field(name).type)
+        assert (name in json.loads(got.metadata[b"hnm.json_columns"])) == (kind is None)
+
+
+def test_a_damaged_store_is_written_again_on_resume_and_refused_when_read(tmp_path, capsys):
+    paths = make_dataset(tmp_path / "data", 60, seed=1, dims=(8, 8))
+    out = tmp_path / "run"
+    assert cli(capsys, *mine_args(paths, out))[0] == 0
+    run = RunDir(out)
+    before = {p.name: p.read_bytes() for p in run.corpus_dir.iterdir()}
+    records_file = run.corpus_dir / "records.arrow"
+    with open(records_file, "r+b") as handle:
+        handle.truncate(100)
+    assert problem(run) == f"{records_file}: damaged (size 100, written " \
+        f"{len(before['records.arrow'])})"
+    with pytest.raises(HnmError) as caught:
+        open_corpus(run)
+    assert str(caught.value) == f"{records_file}: damaged (size 100, written " \
+        f"{len(before['records.arrow'])}); rerun the mining command (it writes it again)"
+    args = [a for a in mine_args(paths, out) if a != "--quiet"]
+    rc, text, err = cli(capsys, *args)
+    assert rc == 0, err
+    assert f"{records_file}: damaged (size 100, written {len(before['records.arrow'])}): " \
+        "writing the run's corpus again" in text + err
+    assert {p.name: p.read_bytes() for p in run.corpus_dir.iterdir()} == before
+    (run.corpus_dir / "meta.json").write_text("{not json")
+    with pytest.raises(HnmError) as caught:
+        open_corpus(run)
+    message = str(caught.value)
+    assert message.startswith(f"{run.corpus_dir / 'meta.json'}: damaged (not valid JSON")
+    assert "\n" not in message
+    # `hnm report` writes a damaged store again from the unchanged input
+    assert cli(capsys, "report", str(out))[0] == 0
+    assert {p.name: p.read_bytes() for p in run.corpus_dir.iterdir()} == before
+
+
+def big_corpus(n: int) -> Corpus:
+    recs = [{"id": f"rec-{i}", "image": f"img/{i}.png", "text": f"a caption number {i}",
+             "group": f"g{i // 3}", "extra": {"turn": i, "tags": ["a", "b", i]}}
+            for i in range(n)]
+    return Corpus(records=recs, positions=np.arange(n), ids=[r["id"] for r in recs],
+                  images=[Path("/data") / r["image"] for r in recs],
+                  phrases=[r["text"] for r in recs], text_ids=np.arange(n),
+                  groups=np.arange(n) // 3, num_anchors=n, skipped={},
+                  source_sha256="0" * 64, record_ids=tuple(r["id"] for r in recs))
+
+
+def test_reading_a_shard_costs_the_shard_not_the_corpus(tmp_path):
+    n, shard = 200_000, (120_000, 122_000)
+    config = Config(output_dir=str(tmp_path / "run"))
+    run = new_run(tmp_path / "run")
+    ds = big_corpus(n)
+    store_corpus(run, config, ds)
+    expected_ids, expected_images = ds.ids[slice(*shard)], ds.images[slice(*shard)]
+    del ds
+    tracemalloc.start()
+    try:
+        store = open_corpus(run)
+        rows = np.arange(*shard)
+        ids, images = store.ids.take(rows), store.images[slice(*shard)]
+        total = int(store.positions.sum() + store.text_ids.sum() + store.groups.sum())
+        u = float(store.uniforms[rows].sum())
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert ids == expected_ids and images == expected_images
+    assert total == n * (n - 1) + int((np.arange(n) // 3).sum())
+    assert 0 < u < len(rows)
+    # a shard's ids and paths (~100 bytes each as Python objects, read a batch at a
+    # time), plus a fixed part: far below the records (~1 kB each over the corpus)
+    assert peak < 600 * (shard[1] - shard[0]) + (2 << 20), peak
+
+
+def written_peak(tmp_path: Path, n: int, shards: int, per_shard: int) -> int:
+    """Python's peak allocation while a RecordWriter writes `shards` shards of
+    `per_shard` anchors (two picks each) over a corpus of n records."""
+    config = Config(output_dir=str(tmp_path / f"run{n}"), num_negatives=2)
+    run = new_run(tmp_path / f"run{n}")
+    store_corpus(run, config, big_corpus(n))
+    store = open_corpus(run)
+    tracemalloc.start()
+    try:
+        with outputs.RecordWriter(config, run, store) as out:
+            for s in range(shards):
+                anchors = np.arange(s * per_shard, (s + 1) * per_shard)
+                picks = [[Pick(int((a * 7 + 1) % n), "hard", 0.5, 0.25, 0),
+                          Pick(int((a * 13 + 2) % n), "diverse", 0.1, 0.2, None, 1, 2)]
+                         for a in anchors]
+                why = Outcomes(np.full(per_shard, -1), np.zeros(per_shard, np.int64),
+                               np.zeros((per_shard, len(RULES)), np.int64),
+                               np.ones(per_shard, bool))
+                out.shard(anchors, picks, why)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return peak
+
+
+def test_the_writer_holds_a_shard_not_the_run(tmp_path):
+    """The outputs are written as each shard's picks come: at a fixed shard size, four
+    times the records and shards cost the writer no more memory."""
+    small = written_peak(tmp_path, 6_000, 4, 1_500)
+    large = written_peak(tmp_path, 24_000, 16, 1_500)
+    assert large < 1.3 * small, (small, large)
+    lines = (tmp_path / "run24000" / "negatives.jsonl").read_text().splitlines()
+    assert len(lines) == 24_000
+    first = json.loads(lines[0])
+    assert first["negatives"][0]["id"] == "rec-1" and first["outcome"]["reason"] is None
+
+
+def test_duplicate_images_in_bounded_memory_count_as_before(tmp_path):
+    from builders import write_image
+
+    for i in range(6):
+        write_image(tmp_path / f"{i}.png", i % 3)  # 0-2 and 3-5 alike
+    (tmp_path / "same.png").write_bytes((tmp_path / "0.png").read_bytes())
+    paths = [tmp_path / f"{i}.png" for i in (0, 1, 2, 3, 0, 4)] + \
+        [tmp_path / "same.png", tmp_path / "gone.png", tmp_path / "5.png"]
+    ds = Corpus(records=[{} for _ in paths], positions=np.arange(len(paths)),
+                ids=list(range(len(paths))), images=paths, phrases=["x"],
+                text_ids=np.zeros(len(paths), np.int64), groups=np.arange(len(paths)),
+                num_anchors=len(paths), skipped={}, source_sha256="0")
+    assert duplicate_images(ds) == duplicates_in_memory(paths)
+    assert duplicate_images(ds)["unreadable"] == 1
+
+
+def test_store_batches_are_full_batches(tmp_path):
+    ds = big_corpus(BATCH_ROWS + 10)
+    run = new_run(tmp_path / "run")
+    write_corpus(run, Config(output_dir=str(run.root)), blocks_of(ds, size=999),
+                 lambda: facts_of(ds, "id"))
+    store = open_corpus(run)
+    reader = store._reader("records")
+    assert [reader.get_batch(i).num_rows for i in range(reader.num_record_batches)] == \
+        [BATCH_ROWS, 10]
+    assert store.records[BATCH_ROWS - 1: BATCH_ROWS + 1] == \
+        ds.records[BATCH_ROWS - 1: BATCH_ROWS + 1]
