@@ -21,6 +21,7 @@ from hnm.capacity import (
 )
 from hnm.columns import tables
 from hnm.config import Config
+from hnm.parts import index_parts
 from hnm.sizing import Sizes
 
 DEFAULT_RECORD_BYTES = 300  # where the input's size per record is not known (folders)
@@ -97,7 +98,7 @@ def run_shape(config: Config, sizes: Sizes, index: str) -> Shape:
     rows = max(1, sizes.rows)
     return Shape(rows=rows, image_dim=sizes.dv, text_dim=sizes.dt, gpus_per_rank=gpus,
                  cpu_workers=max(1, sizes.workers), loaders=sizes.loaders,
-                 parts=int(getattr(config, "index_parts", None) or 1),
+                 parts=index_parts(config.index_parts, rows),
                  index=index if index in INDEXES else "auto",
                  distinct_texts=sizes.phrases / rows,
                  record_bytes=max(1, round(sizes.annotation_bytes / rows))

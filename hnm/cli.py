@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from hnm.decoding import first_line, one_line
 from hnm.errors import HnmError, InternalError, Terminated
 from hnm.options import INPUTS, OPTIONS, Option
+from hnm.parts import index_parts
 from hnm.safety import details_file
 from hnm.storage import RunDir, run_lock
 
@@ -248,7 +249,7 @@ def plan_shape(ns: argparse.Namespace) -> Shape:
 
     config = make(ns.config, {})
     if ns.parts is None:  # the config's --index-parts, where it has them
-        parts = int(getattr(config, "index_parts", 1))
+        parts = index_parts(config.index_parts, whole["rows"])
     return Shape(**whole, loaders=loaders, parts=parts, index=index, distinct_texts=distinct,
                  encoders=not ns.precomputed, host_memory=host, gpu_memory=gpu, config=config)
 

@@ -92,7 +92,7 @@ class Config:
     index: str = "auto"
     ivf_nlist: int | None = None  # None: about sqrt(rows)
     ivf_nprobe: int | None = None  # None: from the number of lists
-    index_parts: int = 1  # the index in parts of consecutive rows (hnm.parts)
+    index_parts: int | None = None  # the index in parts (hnm.parts); None: by rows
     pq_bytes: int | None = None  # ivfpq: bytes of a row's code; None: about dim / 8
     # false-negative audit (hnm.audit): negatives this close to their anchor are suspect
     audit_text_similarity: float = 0.8

@@ -33,7 +33,7 @@ from hnm.miner import (
     scatter,
 )
 from hnm.outcome import Outcomes, other_groups_eligible, outcomes
-from hnm.parts import PartedIndex, part_edges
+from hnm.parts import PartedIndex, index_parts, part_edges
 from hnm.select import Pick, Rules, Selector
 
 # Anchors per search call: its (B, k) candidate arrays stay a few MB and a search of
@@ -113,7 +113,8 @@ def find_candidates(c: Config, tab: Arrays, anchors: np.ndarray, device: str = "
     past the list, so the picks are the same.
     """
     if index is None:
-        index = exact_parts(tab.V, c.index_parts) if c.index_parts > 1 and device == "cpu" \
+        parts = index_parts(c.index_parts, len(tab.V))
+        index = exact_parts(tab.V, parts) if parts > 1 and device == "cpu" \
             else build_index(tab.V, device)
     wanted = np.ones(len(anchors), bool) if diverse_first is None else diverse_first
     batch = getattr(index, "batch", ANCHOR_BATCH)
@@ -200,7 +201,8 @@ def make_selector(config: Config, tab: Arrays, phrases: list[str]) -> Selector:
     rules = Rules(config.cosine_threshold, config.min_visual_similarity, config.diverse_ratio,
                   config.fallback_phrase_reuse_limit, config.num_negatives)
     return Selector(tab, phrases, rules, config.sliding_window_size,
-                    Widener(tab, config.index_parts), config.diverse_candidates)
+                    Widener(tab, index_parts(config.index_parts, len(tab.V))),
+                    config.diverse_candidates)
 
 
 @dataclass

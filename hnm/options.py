@@ -250,13 +250,14 @@ OPTIONS: tuple[Option, ...] = (
         Option("ivf_nlist", int, None, "IVF lists", rule=_IN_RANGE, default_text="~sqrt(rows)"),
         Option("ivf_nprobe", int, None, "IVF lists probed per query (more: higher recall, "
                "slower)", rule=_IN_RANGE, default_text="from the number of lists"),
-        Option("index_parts", int, 1, "split the search index into this many parts of "
+        Option("index_parts", int, None, "split the search index into this many parts of "
                "consecutive rows, searched one at a time and merged exactly: a worker holds "
                "one part's index, not the whole; the results do not change", RUNTIME,
-               _POSITIVE, metavar="N", doc="parts of the search index (consecutive rows, even "
-               "split): each search opens one part at a time and merges the lists exactly, so "
-               "a worker's index memory is one part's; the results do not change. Fixed when "
-               "the run is planned (a resumed run keeps its parts)"),
+               _POSITIVE, metavar="N", default_text="one per 262,144 rows",
+               doc="parts of the search index (consecutive rows, even split): each search "
+               "opens one part at a time and merges the lists exactly, so a worker's index "
+               "memory is one part's; the results do not change. Fixed when the run is "
+               "planned (a resumed run keeps its parts)"),
         Option("pq_bytes", int, None, "bytes of a row's PQ code (--index ivfpq): its "
                "sub-quantisers of 8 bits; a divisor of the image embedding dimension",
                rule=_IN_RANGE, default_text="~dim/8", omitted_at_default=True),

@@ -19,6 +19,18 @@ import numpy as np
 
 from hnm.index import SearchIndex, merge_by_row
 
+# Rows of a part when --index-parts is left to the run: a part's IVF lists (d=512) are then
+# about 0.5 GB, built, held and searched one at a time; below it the index is one part.
+PART_ROWS = 1 << 18
+
+
+def index_parts(requested: int | None, rows: int) -> int:
+    """The parts a run's index is cut into: `requested` (--index-parts), else one per
+    PART_ROWS rows; never more parts than rows."""
+    wanted = requested if requested is not None else -(-rows // PART_ROWS)
+    return max(1, min(wanted, rows))
+
+
 # Opens part p (0-based) as an index over its rows 0..size-1 (its own numbering).
 Opener = Callable[[int], SearchIndex]
 

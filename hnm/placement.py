@@ -20,6 +20,7 @@ from hnm.data import Corpus
 from hnm.encoders import embedding_dim
 from hnm.errors import HnmError
 from hnm.gpus import Gpu
+from hnm.parts import index_parts
 from hnm.readers import ImageRef, holds_tensor
 from hnm.sizing import (
     IndexChoice,
@@ -183,7 +184,7 @@ def place(config: Config, offered: Offer, ds: Corpus, shards: int | None = None
     chosen = precision.resolve(config.precision, devices, offered.gpus)
     placed = Placement(tuple(devices), *_processes(config, devices), chosen.precision,
                        chosen.reason, IndexChoice(), note,
-                       max(1, min(config.index_parts, len(ds))))
+                       index_parts(config.index_parts, len(ds)))
     return replace(placed, index=choose_index(config, len(ds), devices,
                                               lambda: run_sizes(config, ds, placed)))
 

@@ -14,6 +14,7 @@ from hnm.index import BUILD_PEAK, GPU_SHARE, faiss_available
 from hnm.ivf import code_bytes, ivf_shape
 from hnm.kmeans import KMEANS_SAMPLE
 from hnm.miner import MARGIN
+from hnm.parts import index_parts
 
 # Exact search costs N^2 x d: up to these many rows it takes minutes (about 4 minutes for
 # 100,000 rows of 512 dimensions on 2 CPU cores; a GPU is ~1000x faster), above them IVF.
@@ -189,7 +190,7 @@ def estimate(config: Config, s: Sizes, choice: IndexChoice) -> list[PhaseMemory]
     # an exact copy, or the IVF lists (vectors or codes, and ids)
     per_row = float(code_bytes(choice.kind if choice.ivf else "ivf", s.dv, config.pq_bytes))
     index = s.rows * per_row
-    parts = max(1, min(config.index_parts, s.rows))
+    parts = index_parts(config.index_parts, s.rows)
     note = ""
     if parts > 1:  # one part's index held at a time; an exact part is searched where it lies
         part_rows = -(-s.rows // parts)

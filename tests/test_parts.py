@@ -25,7 +25,7 @@ from hnm import index as hindex
 from hnm.errors import HnmError
 from hnm.index import MappedFlatIP
 from hnm.ivf import IvfIndex, add_rows, train_ivf
-from hnm.parts import PartedIndex, part_edges
+from hnm.parts import PART_ROWS, PartedIndex, index_parts, part_edges
 from hnm.sizing import IndexChoice
 from hnm.storage import RunDir
 from hnm.tables import open_index
@@ -333,3 +333,13 @@ def test_torchrun_two_ranks_in_two_parts_match_the_single_process_run(tmp_path):
     assert _digest(out / "suspects.jsonl") == _digest(single / "suspects.jsonl")
     kinds = {json.loads(p.read_text())["index"] for p in (out / "candidates").glob("done_*")}
     assert kinds == {"mapped-cpu/2 parts"} and len(list((out / "candidates").glob("done_*"))) == 2
+
+
+@pytest.mark.parametrize(("requested", "rows", "parts"), [
+    (None, 1, 1), (None, PART_ROWS, 1), (None, PART_ROWS + 1, 2), (None, 4 * PART_ROWS, 4),
+    (None, 3_000_000, 12), (3, 2, 2), (5, 1000, 5), (1, 10 * PART_ROWS, 1)])
+def test_left_to_the_run_the_parts_follow_the_rows(requested, rows, parts):
+    """--index-parts left out: one part per PART_ROWS rows (a part's index about half a
+    GB), so a process's index memory stays a part's as N grows; asked for: as asked, never
+    more parts than rows."""
+    assert index_parts(requested, rows) == parts
