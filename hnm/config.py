@@ -22,6 +22,7 @@ from hnm.options import (  # the identity sets, made from the declarations
     OPTIONS,
     RENAMED,
     RUNTIME_ONLY,
+    SHARD_ROWS,
     Option,
 )
 
@@ -103,6 +104,7 @@ class Config:
     gpu_ids: tuple[int, ...] | None = None
     num_gpus: int | None = None
     cpu_workers: int | None = None  # None: as many as the work is worth (hnm.placement)
+    shard_rows: int = SHARD_ROWS  # a shard's rows at most (hnm.plan.new_plan)
     max_retries: int = 2
     # a worker that reports no progress for this long is stopped and its shard retried
     # (0: never); long enough for the slowest single step (one batch, one k-means)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -101,17 +102,31 @@ def embed_images(encoder: ImageEncoder, paths: list[Path], batch_size: int, num_
                  normalization: str = "imagenet") -> tuple[np.ndarray, float]:
     """Grid-snapped embeddings of the image files (or image tensors), batch by batch in
     order, and the seconds the model waited for decoded batches."""
+    waited = [0.0]
+    parts = list(image_batches(encoder, paths, batch_size, num_workers, max_pixels, progress,
+                               normalization, waited))
+    return (np.concatenate(parts) if parts else np.zeros((0, 1), np.float32)), waited[0]
+
+
+def image_batches(encoder: ImageEncoder, paths: list[Path], batch_size: int,
+                  num_workers: int, max_pixels: int, progress: Progress = no_progress,
+                  normalization: str = "imagenet", waited: list[float] | None = None
+                  ) -> Iterator[np.ndarray]:
+    """`embed_images` a batch at a time: each batch's grid-snapped embeddings as soon as
+    they are made (a caller writes them, holding one batch); the seconds the model waited
+    for decoded batches are added to `waited[0]`."""
     import torch
     from torch.utils.data import DataLoader
 
     if not paths:
-        return np.zeros((0, 1), np.float32), 0.0
+        return
+    waited = [0.0] if waited is None else waited
     quiet_loader_deaths()
     images = ImageFiles(paths, encoder.preprocess, max_pixels, encoder.draft_size,
                         tensor_input(encoder, normalization))
     rows = CPU_ROWS_PER_PASS if torch.device(encoder.device).type == "cpu" else batch_size
-    parts, done, waited = [], 0, 0.0
-    with torch.inference_mode(), warnings.catch_warnings():
+    done = 0
+    with warnings.catch_warnings():
         # the loader processes are hnm's choice (--num-workers, or sized from the cores):
         # torch's advice about them, printed on a machine of few cores, is noise there
         warnings.filterwarnings("ignore", LOADER_ADVICE, UserWarning)
@@ -123,15 +138,17 @@ def embed_images(encoder: ImageEncoder, paths: list[Path], batch_size: int, num_
         asked = time.perf_counter()
         batches = iter(loader)
         for batch in batches:
-            waited += time.perf_counter() - asked
-            # snapped pass by pass: no float64 copy of the shard
-            parts += [finalize(encoder.encode(part)) for part in batch.split(rows)]
+            waited[0] += time.perf_counter() - asked
+            # snapped pass by pass: no float64 copy of the batch
+            with torch.inference_mode():
+                block = np.concatenate([finalize(encoder.encode(part))
+                                        for part in batch.split(rows)])
             done += len(batch)
             progress("embed", done, len(paths))
             reach("embed-batch", partial(progress, "embed", done, len(paths)),
                   facts=lambda: {"loaders": [w.pid for w in getattr(batches, "_workers", ())]})
+            yield block
             asked = time.perf_counter()
-    return np.concatenate(parts), waited
 
 
 def phrase_order(phrases: list[str]) -> np.ndarray:
@@ -155,28 +172,32 @@ def quiet_loader_deaths() -> None:
 
 def embed_texts(encoder: TextEncoder, texts: list[str], batch_size: int) -> np.ndarray:
     """Grid-snapped embeddings of `texts`, in order."""
+    parts = list(text_batches(encoder, texts, batch_size))
+    return np.concatenate(parts) if parts else np.zeros((0, 1), np.float32)
+
+
+def text_batches(encoder: TextEncoder, texts: list[str], batch_size: int
+                 ) -> Iterator[np.ndarray]:
+    """`embed_texts` a batch at a time, each batch's embeddings as soon as they are made."""
     import torch
 
-    if not texts:
-        return np.zeros((0, 1), np.float32)
-    with torch.inference_mode():
-        parts = [finalize(encoder.encode(texts[s:s + batch_size]))
-                 for s in range(0, len(texts), batch_size)]
-    return np.concatenate(parts)
+    for s in range(0, len(texts), batch_size):
+        with torch.inference_mode():
+            block = finalize(encoder.encode(texts[s:s + batch_size]))
+        yield block
 
 
 # Rows of a precomputed file snapped per step: finalize works in float64.
 PRECOMPUTED_BLOCK = 1 << 16
 
 
-def precomputed(path: str, positions: np.ndarray) -> np.ndarray:
+def precomputed_blocks(path: str, positions: np.ndarray) -> Iterator[np.ndarray]:
     """Grid-snapped rows `positions` (record positions) of a precomputed .npy file, a block
-    at a time (no float64 copy of the whole shard)."""
+    of PRECOMPUTED_BLOCK rows at a time (a caller writes each and holds one block, never
+    the shard; no float64 copy of more than a block)."""
     source = np.load(path, mmap_mode="r")
-    out = np.empty((len(positions), source.shape[1]), np.float32)
     for s in range(0, len(positions), PRECOMPUTED_BLOCK):
-        out[s:s + PRECOMPUTED_BLOCK] = finalize(source[positions[s:s + PRECOMPUTED_BLOCK]])
-    return out
+        yield finalize(source[positions[s:s + PRECOMPUTED_BLOCK]])
 
 
 def load_precomputed(path: str, flag: str) -> np.ndarray:

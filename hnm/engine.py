@@ -82,6 +82,30 @@ class Candidates:
                                 z[f"{k}_txt"]) for k in ("hard", "diverse"))
         return cls(hard, diverse, z["diverse_complete"], z["hard_before"], z["hard_fixed"])
 
+    @staticmethod
+    def members(parts: list[Candidates]) -> list[tuple[str, list[np.ndarray]]]:
+        """`concat(parts).to_arrays()` as the blocks of each array (views into the parts,
+        in order), for `Area.write_npz_blocks`: the lists are never held twice."""
+        if not parts:
+            return [(k, [v]) for k, v in Candidates.concat([]).to_arrays().items()]
+        out: list[tuple[str, list[np.ndarray]]] = [
+            ("diverse_complete", [p.complete for p in parts]),
+            ("hard_before", [p.hard_before[p.hard.offsets[0]:p.hard.offsets[-1]]
+                             for p in parts]),
+            ("hard_fixed", [p.hard_fixed for p in parts])]
+        for name in ("hard", "diverse"):
+            lists = [getattr(p, name) for p in parts]
+            counts = np.concatenate([np.diff(x.offsets) for x in lists])
+            offsets = np.zeros(len(counts) + 1, np.int64)
+            np.cumsum(counts, out=offsets[1:])
+            out.append((f"{name}_offsets", [offsets]))
+            for k in ("rows", "vis", "txt"):
+                blocks = [getattr(x, k)[x.offsets[0]:x.offsets[-1]] for x in lists]
+                if k == "rows":
+                    blocks = [b.astype(np.int64, copy=False) for b in blocks]
+                out.append((f"{name}_{k}", blocks))
+        return out
+
     @classmethod
     def concat(cls, parts: list[Candidates]) -> Candidates:
         before = [p.hard_before[p.hard.offsets[0]:p.hard.offsets[-1]] for p in parts]
@@ -103,7 +127,18 @@ def find_candidates(c: Config, tab: Arrays, anchors: np.ndarray, device: str = "
                     progress: Progress = no_progress,
                     diverse_first: np.ndarray | None = None,
                     index: SearchIndex | None = None) -> tuple[Candidates, str]:
-    """Candidate lists of `anchors` against every row, and the kind of index that ran.
+    """Candidate lists of `anchors` against every row, and the kind of index that ran
+    (`candidate_parts`, concatenated)."""
+    parts, kind = candidate_parts(c, tab, anchors, device, progress, diverse_first, index)
+    return Candidates.concat(parts), kind
+
+
+def candidate_parts(c: Config, tab: Arrays, anchors: np.ndarray, device: str = "cpu",
+                    progress: Progress = no_progress,
+                    diverse_first: np.ndarray | None = None,
+                    index: SearchIndex | None = None) -> tuple[list[Candidates], str]:
+    """Candidate lists of `anchors` against every row, a block of anchors per part, and the
+    kind of index that ran.
 
     `index`: the search over every row (a worker builds it once for all its shards);
     None: an exact one, built here. Diverse lists cost a second search, so they are
@@ -130,7 +165,7 @@ def find_candidates(c: Config, tab: Arrays, anchors: np.ndarray, device: str = "
         parts.append(Candidates(hard.lists, scatter(sub, need), complete, hard.before,
                                 hard.fixed))
         progress("search", s + len(a), len(anchors))
-    return Candidates.concat(parts), index.kind
+    return parts, index.kind
 
 
 class Widener:

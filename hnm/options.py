@@ -15,6 +15,11 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 INPUT_FORMATS = ("json", "jsonl", "csv", "tsv", "parquet", "webdataset", "hf", "avdn")
 OUTPUT_FORMATS = ("jsonl", "parquet")
 
+# --shard-rows: a shard's candidate lists (about 1.4 KB an anchor) stay near 350 MiB, and
+# every run of up to this many rows (every test, and the benchmarks to 300k rows on two
+# workers) keeps one shard per worker.
+SHARD_ROWS = 1 << 18
+
 # A setting's role in the run's identity (hnm.config.config_hash): RUNTIME settings choose
 # how the work is done, not what is computed, so changing one resumes a run instead of
 # starting it again; EMBEDDINGS settings decide the embeddings (and so the results too);
@@ -285,6 +290,13 @@ OPTIONS: tuple[Option, ...] = (
                doc="CPU worker processes where there is no GPU (by default one per usable "
                "core as memory allows, fewer where starting one would cost more than it "
                "saves, never more than the run's batches; the run prints why)"),
+        Option("shard_rows", int, SHARD_ROWS, "rows of a shard at most (on the batch "
+               "grid): a run of more rows is cut into more shards than workers, which take "
+               "them in turn; the results do not change", RUNTIME, _POSITIVE, metavar="N",
+               doc="the most rows in a shard (rounded up to the batch grid): a worker's "
+               "memory follows its shard, so a larger run is cut into more shards than "
+               "workers, each taken by the next free worker (under torchrun shard s runs on "
+               "rank s % world); the negatives do not change. Fixed when the run is planned"),
         Option("max_retries", int, 2, "retries of a failed shard", RUNTIME, _COUNT),
         Option("stall_timeout", float, 1800.0, "seconds without progress before a worker is "
                "stopped and its shard retried; 0: never", RUNTIME, _COUNT, metavar="S"),

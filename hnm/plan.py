@@ -136,13 +136,29 @@ def make_shards(n: int, k: int, grain: int = 1, front: bool = False) -> list[tup
     return [(edges[i], edges[i + 1]) for i in range(k)]
 
 
-def follow_inputs(ds: Corpus, k: int, grain: int) -> list[tuple[int, int]]:
+def shard_count(n: int, workers: int, shard_rows: int, grain: int) -> int:
+    """Shards of `n` rows: one per worker, more where a shard would pass `shard_rows` rows
+    (but never more than the batches: a shard holds at least one)."""
+    return max(workers, min(-(-n // max(1, shard_rows)), -(-n // grain)))
+
+
+def follow_inputs(ds: Corpus, k: int, grain: int, limit: int | None = None
+                  ) -> list[tuple[int, int]]:
     """k contiguous row ranges on the batch grid whose edges are the input files' edges
     nearest an even split (snapped to the grid), so that a worker reads the images of its
-    own files; an even split where there are fewer files than workers."""
+    own files; an even split where there are fewer files than shards, or where following
+    the files would make a range longer than `limit` rows (rounded up to the grid)."""
     n = len(ds)
     if len(ds.shard_ends) < k:
         return make_shards(n, k, grain)
+    ranges = _file_edges(ds, k, grain)
+    if limit is not None and max(e - s for s, e in ranges) > -(-limit // grain) * grain:
+        return make_shards(n, k, grain)
+    return ranges
+
+
+def _file_edges(ds: Corpus, k: int, grain: int) -> list[tuple[int, int]]:
+    n = len(ds)
     bounds = np.searchsorted(ds.positions, ds.shard_ends)  # rows before each file's end
     edges = [0]
     for w in range(1, k):
@@ -270,8 +286,9 @@ def provenance(config: Config, precision: str | None = None) -> dict[str, Any]:
 
 def new_plan(config: Config, ds: Corpus, placement: Placement, keep: Plan | None = None
              ) -> Plan:
-    """Shard ranges over rows, distinct phrases and anchors, one shard per worker of the
-    placement.
+    """Shard ranges over rows, distinct phrases and anchors: one shard per worker of the
+    placement, or more where a shard would pass --shard-rows rows (`shard_count`; the
+    workers take them in turn, shard s placed on worker s % workers).
 
     `keep`: an earlier plan whose embeddings are kept: its row and phrase ranges and its
     batch grids are reused as they are.
@@ -283,10 +300,11 @@ def new_plan(config: Config, ds: Corpus, placement: Placement, keep: Plan | None
         batch, text_batch = keep.batch_size, keep.text_batch_size
     else:
         batch, text_batch = config.batch_size, max(config.batch_size, TEXT_BATCH)
-        rows = follow_inputs(ds, len(devices), batch)
+        k = shard_count(len(ds), len(devices), config.shard_rows, batch)
+        rows = follow_inputs(ds, k, batch, config.shard_rows)
         # the first shards take the phrases: the tables phase runs where shard 0 ran (the
         # first free worker, or rank 0) and finds the text encoder loaded for the blacklist
-        phrases = make_shards(len(ds.phrases), len(devices), text_batch, front=True)
+        phrases = make_shards(len(ds.phrases), k, text_batch, front=True)
     anchors = make_shards(ds.num_anchors, len(rows))
     shards = tuple(ShardPlan(s, tuple(rows[s]), tuple(phrases[s]), anchors[s],
                              devices[s % len(devices)]) for s in range(len(rows)))

@@ -14,6 +14,10 @@ from rich.table import Table
 from hnm.gpus import MemoryReader
 from hnm.summary import device_name
 
+# More shards than this (--shard-rows cuts a large run into many): the live table shows the
+# shards at work, and counts the others.
+LIVE_SHARDS = 16
+
 
 @dataclass
 class ShardRow:
@@ -143,14 +147,22 @@ class ProgressView:
         for column in ("shard", "device", "phase", "done", "rate/s", "ETA", "GPU mem"):
             table.add_column(column, justify="right" if column != "phase" else "left")
         total_done = total_all = 0
+        shards = sum(isinstance(k, int) and k >= 0 for k in self.rows)
+        idle = {"wait": 0, "done": 0}  # shards left out of a long table, by phase
         for key in sorted(self.rows, key=_order):
             r = self.rows[key]
             if isinstance(key, int) and key >= 0:  # the total counts shards' items only
                 total_done += r.done
                 total_all += r.total
+                if shards > LIVE_SHARDS and r.phase in idle:
+                    idle[r.phase] += 1
+                    continue
             table.add_row(_label(key), r.device, r.phase,
                           f"{r.done}/{r.total}", f"{r.rate():.1f}", r.eta(),
                           self._gpu_memory(r.device))
+        if any(idle.values()):
+            table.add_row("others", "", f"{idle['wait']} waiting, {idle['done']} done", "",
+                          "", "", "")
         table.add_row("total", "", "", f"{total_done}/{total_all}", "", "", "")
         return table
 

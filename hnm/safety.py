@@ -19,7 +19,7 @@ import re
 import secrets
 import stat
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO, Any
@@ -189,6 +189,30 @@ class Area:
             np.savez(handle, **arrays)
 
     @contextmanager
+    def npy_rows(self, path: str | Path, rows: int) -> Iterator[NpyRows]:
+        """A .npy file of `rows` rows written a block at a time as they are made (the same
+        bytes as numpy.save of the whole), renamed over `path` once every row is written."""
+        with self.open(path) as handle:
+            out = NpyRows(handle, rows)
+            yield out
+            out.finish()
+
+    def write_npz_blocks(self, path: str | Path,
+                         members: Iterable[tuple[str, list[np.ndarray]]]) -> None:
+        """An .npz archive as numpy.savez writes it, each member written from its blocks
+        (consecutive rows) as they are: no member is ever concatenated in memory."""
+        import zipfile
+
+        with self.open(path) as handle, zipfile.ZipFile(
+                handle, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+            for name, blocks in members:
+                with archive.open(name + ".npy", "w", force_zip64=True) as member:
+                    out = NpyRows(member, sum(len(b) for b in blocks))
+                    for block in blocks:
+                        out.add(block)
+                    out.finish()
+
+    @contextmanager
     def npy(self, path: str | Path, shape: tuple[int, ...], dtype: Any) -> Iterator[np.ndarray]:
         """A .npy file filled in place through a memory map, renamed over `path` when done."""
         dtype = np.dtype(dtype)
@@ -299,6 +323,38 @@ class Area:
                         path.unlink(missing_ok=True)
                         gone += 1
         return gone
+
+
+class NpyRows:
+    """The rows of a .npy array written to `handle` block by block: its header (the shape
+    `rows` x the first block's columns, its dtype) when the first block comes, then each
+    block's bytes; `finish` checks every row came. No block: a (0, 1) float32 array, as
+    hnm writes an empty embedding table."""
+
+    def __init__(self, handle: IO[bytes], rows: int) -> None:
+        self.handle, self.rows, self.written = handle, rows, 0
+        self.form: tuple[np.dtype, tuple[int, ...]] | None = None
+
+    def add(self, block: np.ndarray) -> None:
+        block = np.ascontiguousarray(block)
+        form = (block.dtype, block.shape[1:])
+        if self.form is None:
+            self.form = form
+            np.lib.format.write_array_header_1_0(self.handle, {
+                "descr": np.lib.format.dtype_to_descr(block.dtype), "fortran_order": False,
+                "shape": (self.rows, *block.shape[1:])})
+        elif form != self.form:
+            raise ValueError(f"a block of {form}, after blocks of {self.form}")
+        if self.written + len(block) > self.rows:
+            raise ValueError(f"more than the {self.rows} rows announced")
+        self.written += len(block)
+        self.handle.write(block.data if block.size else b"")
+
+    def finish(self) -> None:
+        if self.form is None and not self.rows:
+            self.add(np.zeros((0, 1), np.float32))
+        if self.written != self.rows:
+            raise ValueError(f"{self.written} rows written of the {self.rows} announced")
 
 
 def new_folder(path: Path) -> None:

@@ -51,7 +51,7 @@ def test_identity_sets_are_those_runs_were_made_with():
     """A change here gives existing runs another identity: they would start again."""
     runtime = {"output_dir", "num_workers", "gpu_id", "gpu_ids", "num_gpus", "cpu_workers",
                "max_retries", "stall_timeout", "quiet", "overwrite", "batch_size", "dry_run",
-               "precision", "index_parts"}
+               "precision", "index_parts", "shard_rows"}
     assert runtime == RUNTIME_ONLY
     assert sorted(EMBEDDING_KEYS) == sorted((
         "annotations", "image_dir", "fields", "on_missing_image", "visual_encoder",

@@ -209,8 +209,34 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_torchrun_two_nodes_match_the_single_process_run(demo, light, light_single, tmp_path):
-    """Two torchrun processes on 127.0.0.1 play two nodes sharing the run directory."""
+def test_more_shards_than_workers_match_the_single_process_run(demo, light, light_single,
+                                                               tmp_path):
+    """--shard-rows 8 cuts the 40 rows into 5 shards, which 2 workers take in turn."""
+    out = tmp_path / "run"
+    result = launch(demo, out, "--cpu-workers", "2", "--shard-rows", "8", *light)
+    assert result.returncode == 0, result.stderr
+    for name in ("negatives.jsonl", "suspects.jsonl"):
+        assert (out / name).read_bytes() == (light_single / name).read_bytes()
+    plan = json.loads((out / "plan.json").read_text())
+    assert [s["rows"] for s in plan["shards"]] == [[i, i + 8] for i in range(0, 40, 8)]
+    assert [s["device"] for s in plan["shards"]] == ["cpu"] * 5
+    assert sum(s["anchors"][1] - s["anchors"][0] for s in plan["shards"]) == \
+        plan["num_anchors"]
+    assert len(plan["placement"]["devices"]) == 2
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["shards"]) == 5
+    assert metrics["global"] == json.loads((light_single / "metrics.json").read_text())["global"]
+    # each array of every shard as the one-shard run wrote it, cut at the shard edges
+    for name in ("visual", "text"):
+        assert (out / f"tables/{name}.npy").read_bytes() == \
+            (light_single / f"tables/{name}.npy").read_bytes()
+
+
+@pytest.mark.parametrize("flags", [(), ("--shard-rows", "8")], ids=["2-shards", "5-shards"])
+def test_torchrun_two_nodes_match_the_single_process_run(demo, light, light_single, tmp_path,
+                                                         flags):
+    """Two torchrun processes on 127.0.0.1 play two nodes sharing the run directory; with
+    --shard-rows 8, five shards: rank s % 2 runs shard s."""
     out = tmp_path / "run"
     port = str(_free_port())
     procs = []
@@ -219,7 +245,8 @@ def test_torchrun_two_nodes_match_the_single_process_run(demo, light, light_sing
                "--nproc-per-node=1", f"--node-rank={node}", "--master-addr=127.0.0.1",
                f"--master-port={port}", "launch.py", "--config", "configs/demo.yaml",
                "--annotations", str(demo / "annotations.json"), "--image-dir", str(demo),
-               "--output-dir", str(out), "--num-workers", "0", "--batch-size", "8", *light]
+               "--output-dir", str(out), "--num-workers", "0", "--batch-size", "8", *light,
+               *flags]
         procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
     results = [p.communicate(timeout=SAFETY_S) for p in procs]
@@ -227,8 +254,10 @@ def test_torchrun_two_nodes_match_the_single_process_run(demo, light, light_sing
         assert p.returncode == 0, err[-3000:]
     assert (out / "negatives.jsonl").read_bytes() == \
         (light_single / "negatives.jsonl").read_bytes()
+    assert (out / "suspects.jsonl").read_bytes() == \
+        (light_single / "suspects.jsonl").read_bytes()
     plan = json.loads((out / "plan.json").read_text())
-    assert len(plan["shards"]) == 2
+    assert len(plan["shards"]) == (5 if flags else 2)
     assert "Hard negative mining completed" in results[0][0]
 
 

@@ -43,6 +43,23 @@ def test_live_table_has_a_row_per_shard_and_a_total():
     assert "80/150" in lines["total"]
 
 
+def test_a_live_table_of_many_shards_shows_those_at_work_and_counts_the_others():
+    view = ProgressView([{"shard": s, "device": "cpu"} for s in range(40)], "live")
+    for s in range(3):
+        view.started(s, "candidates", "cpu")
+        view.progress(s, "candidates", 10, 10)
+        view.finished(s, "candidates")
+    view.started(3, "candidates", "cpu")
+    view.progress(3, "candidates", 4, 10)
+    view.started(4, "embed", "cpu")
+    text = render(view)
+    lines = {line.split("│")[1].strip(): line for line in text.splitlines() if "│" in line}
+    assert {"3", "4", "others", "total"} <= set(lines) and "0" not in lines and "5" not in lines
+    assert "35 waiting, 3 done" in lines["others"]
+    assert "34/40" in lines["total"]
+    assert "others" not in render(ProgressView(SHARDS, "live"))
+
+
 def test_plain_mode_prints_a_line_per_event(capsys):
     view = ProgressView(SHARDS, "plain")
     view.started(0, "embed", "cuda:0")

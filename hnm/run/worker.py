@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,7 @@ from hnm.callbacks import Progress
 from hnm.config import Config
 from hnm.corpus import ColumnarCorpus, open_corpus
 from hnm.encoders import build_text_encoder
-from hnm.engine import find_candidates
+from hnm.engine import Candidates, candidate_parts
 from hnm.index import SearchIndex, set_threads
 from hnm.joint import build_image_encoder, build_joint_model
 from hnm.miner import Arrays
@@ -167,60 +168,73 @@ def _search_point(progress: Progress) -> Progress:
 
 
 def embed_shard(ctx: Context, shard: int, progress: Progress) -> dict[str, Any]:
-    """Embed the shard's images and distinct texts (in embed.phrase_order); write both
-    arrays, then the marker."""
-    c, ds, part = ctx.config, ctx.corpus, ctx.plan.shards[shard]
+    """Embed the shard's images and distinct texts (in embed.phrase_order), each array
+    written block by block as it is made (a worker holds a block, not its shard), then the
+    marker."""
+    c, ds, part, run = ctx.config, ctx.corpus, ctx.plan.shards[shard], ctx.run
     rows = np.arange(*part.rows)
     phrases = ctx.phrase_order[part.phrases[0]:part.phrases[1]]
     image_encoder = None if c.image_embeddings or not len(rows) else ctx.image_encoder
     text_encoder = None if c.text_embeddings or not len(phrases) else ctx.text_encoder
     t0 = time.perf_counter()
-    waited = 0.0
+    waited = [0.0]
     if image_encoder is None:
-        images = embed.precomputed(c.image_embeddings, ds.positions[rows]) \
-            if c.image_embeddings else np.zeros((0, 1), np.float32)
+        images = embed.precomputed_blocks(c.image_embeddings, ds.positions[rows]) \
+            if c.image_embeddings else iter(())
     else:
-        images, waited = embed.embed_images(image_encoder, ds.images.take(rows),
-                                            ctx.plan.batch_size, ctx.plan.placement.loaders,
-                                            c.max_image_pixels, progress,
-                                            c.tensor_normalization)
+        images = embed.image_batches(image_encoder, ds.images.take(rows), ctx.plan.batch_size,
+                                     ctx.plan.placement.loaders, c.max_image_pixels, progress,
+                                     c.tensor_normalization, waited)
+    zeros = _write_blocks(run, run.image_embeddings(shard), len(rows), images)
+    if image_encoder is not None:
         log.info("%d images in %.1fs, %.1fs of it waiting for data (%d loader workers)",
-                 len(rows), time.perf_counter() - t0, waited, ctx.plan.placement.loaders)
+                 len(rows), time.perf_counter() - t0, waited[0], ctx.plan.placement.loaders)
     t1 = time.perf_counter()
     if c.text_embeddings:
         first = embed.first_rows(ds.text_ids, len(ds.phrases))[phrases]
-        texts = embed.precomputed(c.text_embeddings, ds.positions[first])
+        texts = embed.precomputed_blocks(c.text_embeddings, ds.positions[first])
     else:
-        texts = _embed_phrases(ctx, text_encoder, ds.phrases.take(phrases))
-    files = [ctx.run.image_embeddings(shard), ctx.run.text_embeddings(shard)]
+        texts = _phrase_batches(ctx, text_encoder, ds, phrases)
+    zeros += _write_blocks(run, run.text_embeddings(shard), len(phrases), texts)
+    files = [run.image_embeddings(shard), run.text_embeddings(shard)]
     if tables.cross_table(c):  # the joint model's texts, beside the text encoder's
-        cross = _embed_phrases(ctx, ctx.joint.text if len(phrases) else None,
-                               ds.phrases.take(phrases))
-        ctx.run.write_npy(ctx.run.cross_embeddings(shard), cross)
-        files.append(ctx.run.cross_embeddings(shard))
+        cross = _phrase_batches(ctx, ctx.joint.text if len(phrases) else None, ds, phrases)
+        _write_blocks(run, run.cross_embeddings(shard), len(phrases), cross)
+        files.append(run.cross_embeddings(shard))
     t2 = time.perf_counter()
-    ctx.run.write_npy(ctx.run.image_embeddings(shard), images)
-    ctx.run.write_npy(ctx.run.text_embeddings(shard), texts)
-    zeros = int((~images.any(axis=1)).sum() + (~texts.any(axis=1)).sum())
     if zeros:  # e.g. an all-black image with --visual-encoder pixels
         log.warning("%d embedding(s) are all zeros: similarity 0 to everything", zeros)
-    info = {"embed_images": t1 - t0, "embed_texts": t2 - t1, "data_wait": waited,
+    info = {"embed_images": t1 - t0, "embed_texts": t2 - t1, "data_wait": waited[0],
             "startup": ctx.startup, "device": ctx.device,
             "peak_rss_mb": round(peak_rss_mb(), 1), "zero_embeddings": zeros}
     ctx.startup = 0.0  # reported once, by the first task that loaded the models
-    ctx.run.mark_done("embed", shard, info, files)
+    run.mark_done("embed", shard, info, files)
     return info
 
 
-def _embed_phrases(ctx: Context, encoder: Any, phrases: list[str]) -> np.ndarray:
+def _write_blocks(run: RunDir, path: Path, rows: int, blocks: Iterator[np.ndarray]) -> int:
+    """Write `blocks` (`rows` rows in all) into the .npy file `path` as they come; the
+    number of rows that are all zeros."""
+    zeros = 0
+    with run.npy_rows(path, rows) as out:
+        for block in blocks:
+            out.add(block)
+            zeros += int((~block.any(axis=1)).sum())
+    return zeros
+
+
+def _phrase_batches(ctx: Context, encoder: Any, ds: ColumnarCorpus, phrases: np.ndarray
+                    ) -> Iterator[np.ndarray]:
+    """The phrases' embeddings a text batch at a time (none without an encoder)."""
     if encoder is None:
-        return np.zeros((0, 1), np.float32)
+        return
     encoder.truncated = 0
-    texts = embed.embed_texts(encoder, phrases, ctx.plan.text_batch_size)
+    for s in range(0, len(phrases), ctx.plan.text_batch_size):
+        yield from embed.text_batches(encoder, ds.phrases.take(
+            phrases[s:s + ctx.plan.text_batch_size]), ctx.plan.text_batch_size)
     if encoder.truncated:
         log.warning("%d text(s) longer than the text encoder's %d tokens were cut to fit",
                     encoder.truncated, encoder.max_length)
-    return texts
 
 
 def tables_once(ctx: Context, _: None, progress: Progress) -> dict[str, Any]:
@@ -243,8 +257,10 @@ def candidates_shard(ctx: Context, shard: int, progress: Progress) -> dict[str, 
     t1 = time.perf_counter()
     anchors = np.arange(*part.anchors)
     diverse_first = ds.anchor_uniforms(c.seed, anchors) < c.diverse_ratio
-    cands, kind = find_candidates(c, tab, anchors, ctx.device, progress, diverse_first, index)
-    ctx.run.write_npz(ctx.run.candidates(shard), cands.to_arrays())
+    parts, kind = candidate_parts(c, tab, anchors, ctx.device, progress, diverse_first, index)
+    # each array written from the blocks' parts: the shard's lists are held once
+    ctx.run.write_npz_blocks(ctx.run.candidates(shard), Candidates.members(parts))
+    del parts
     info = {"search": time.perf_counter() - t1, "load_index": t1 - t0, "device": ctx.device,
             "index": kind, "peak_rss_mb": round(peak_rss_mb(), 1)}
     ctx.run.mark_done("candidates", shard, info, [ctx.run.candidates(shard)])
