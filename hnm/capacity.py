@@ -71,15 +71,16 @@ IMAGE_BYTES = 3 * 224 * 224 * FLOAT  # one decoded image tensor of a batch
 PREFETCH = 2  # batches each data-loading process keeps ready (torch's prefetch_factor)
 # Activations of one image during inference on a GPU: assumed (no GPU has run hnm yet).
 GPU_IMAGE_BYTES = 8 * MIB
-# The shard's embeddings: the batches' outputs and their concatenation (embed.py).
-EMBED_COPIES = 2
+# The shard's embeddings are written a block at a time as they are made
+# (safety.NpyRows): a worker holds one block of them (`block_bytes`), not its shard.
 # --- candidates and reduce ---
 # Where a worker searches compressed codes: on the host, memory-mapped (ivf.CodesIndex),
 # not on its GPU. IVF lists go to the GPU a list at a time (no build peak); an exact part
 # is built there at FAISS's build peak (index.BUILD_PEAK).
 CODES_ON_GPU = False
-# A worker holds its shard's merged lists and one part's lists being merged into them.
-LIST_COPIES = 2
+# A worker holds its shard's lists once: the blocks' lists are written into the archive
+# member by member (Area.write_npz_blocks), not concatenated first.
+LIST_COPIES = 1
 # select.FreeRows per eligible row: rows, phrase ids, by-phrase rows and the
 # (phrase, cluster) pairs with counts, int64 each.
 FREE_ROW_BYTES = 6 * 8
@@ -225,8 +226,10 @@ def estimate(shape: Shape, index: str, parts: int) -> Estimate:
     n, u, dv, dt = s.rows, s.phrases, s.image_dim, s.text_dim
     anchors = min(s.anchors or n, n)
     total_workers = s.ranks * s.workers
-    shard_rows, shard_phrases = -(-n // total_workers), -(-u // total_workers)
-    shard_anchors = -(-anchors // total_workers)
+    # shards of at most --shard-rows rows, one per worker at least (plan.shard_count)
+    shards = max(total_workers, -(-n // max(1, c.shard_rows)))
+    shard_rows = -(-n // shards)
+    shard_anchors = -(-anchors // shards)
     part_rows = -(-n // parts)
     lists = nlist(s) if index != "exact" else 0
     on_gpu = s.gpus_per_rank > 0
@@ -244,8 +247,7 @@ def estimate(shape: Shape, index: str, parts: int) -> Estimate:
     plan = Process("plan", "launcher", 1, LAUNCHER_BYTES + SCAN_ROWS * s.record_bytes
                    * RECORD_OVERHEAD + n * PLAN_ROW_BYTES + u * PLAN_PHRASE_BYTES, 0.0)
     embed = Process("embed", "worker", s.workers,
-                    base + encoders + (c.batch_size * IMAGE_BYTES if s.encoders else 0.0) + block
-                    + EMBED_COPIES * (shard_rows * dv + shard_phrases * dt) * FLOAT,
+                    base + encoders + (c.batch_size * IMAGE_BYTES if s.encoders else 0.0) + block,
                     shard_rows * (s.record_bytes + COLUMN_BYTES),
                     encoders + c.batch_size * GPU_IMAGE_BYTES if on_gpu and s.encoders else 0.0)
     loader = Process("embed", "loader", s.workers * loaders,
