@@ -9,7 +9,7 @@ run's area checks again (`hnm.safety.Area.inputs`).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,23 +40,32 @@ def input_paths(config: Config, images: Iterable[Any]) -> list[Path]:
 
 class Inputs:
     """The files a run reads, and every folder that holds one (up to the root), by identity;
-    the folders named as inputs (--image-dir, a folder of --annotations) count too."""
+    the folders named as inputs (--image-dir, a folder of --annotations) count too.
+
+    Held per folder, not per file: `images` (a sequence read again at will, such as a
+    corpus store's column) is gone through once here, and again only for the files of a
+    folder asked about that holds inputs (`files_in`)."""
 
     def __init__(self, config: Config, images: Iterable[Any]) -> None:
-        self.paths = input_paths(config, images)
-        self.by_folder: dict[Identity, list[Path]] = {}  # folder -> the inputs right in it
+        self.images = images
+        self.shards = [s.path for s in find_shards(config)[1]]  # the annotations
+        self.files = input_paths(config, ())[len(self.shards):]  # embeddings, blacklist
         self.holders: dict[Identity, Path] = {}  # every folder holding an input, deep down
-        seen: dict[str, Identity | None] = {}  # a few folders hold every image
-        for path in self.paths:
+        self.parents: dict[str, Identity | None] = {}  # a few folders hold every image
+        for path in self._paths():
             parent = str(path.parent)
-            if parent not in seen:
-                seen[parent] = identity(parent)
+            if parent not in self.parents:
+                self.parents[parent] = identity(parent)
                 self._holders(Path(parent), path)
-            if seen[parent] is not None:
-                self.by_folder.setdefault(seen[parent], []).append(path)
+        self.folders = {f for f in self.parents.values() if f is not None}
         for folder in (config.image_dir, config.annotations):
             if folder and os.path.isdir(folder):
                 self._holders(Path(folder), Path(folder))
+
+    def _paths(self) -> Iterator[Path]:
+        yield from self.shards  # in `input_paths`'s order
+        yield from (p for p in self.images if isinstance(p, Path))
+        yield from self.files
 
     def _holders(self, folder: Path, example: Path) -> None:
         here = Path(os.path.realpath(folder))
@@ -73,10 +82,13 @@ class Inputs:
 
     def files_in(self, folders: Iterable[Path]) -> dict[Identity, Path]:
         """The inputs that lie right in one of `folders`, by their identity."""
+        wanted = {found for folder in folders
+                  if (found := identity(folder)) is not None and found in self.folders}
         out: dict[Identity, Path] = {}
-        for folder in folders:
-            for path in self.by_folder.get(identity(folder) or (-1, -1), ()):
-                if (found := identity(path)) is not None:
+        if wanted:
+            for path in self._paths():
+                if self.parents.get(str(path.parent)) in wanted and \
+                        (found := identity(path)) is not None:
                     out[found] = path
         return out
 

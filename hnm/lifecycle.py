@@ -12,17 +12,17 @@ from pathlib import Path
 from typing import Any
 
 from hnm import schema
+from hnm.blocks import Facts
 from hnm.boundary import boundary
 from hnm.callbacks import Progress, no_progress
 from hnm.config import Config, dump_yaml, make_config, read_yaml
 from hnm.corpus import ColumnarCorpus, open_corpus, problem
-from hnm.corpus_write import store_corpus
-from hnm.data import Corpus, load_corpus
 from hnm.errors import HnmError
 from hnm.inputs import guard_run
 from hnm.outputs import read_records
 from hnm.placement import Offer, Placement, place, resumed
 from hnm.plan import Plan, new_plan, provenance, read_plan, run_keys, validate_inputs
+from hnm.plan_scan import InputSummary, same_input, summarize, write_store
 from hnm.rerun import Refuse, Resume, Start, Survey, decide
 from hnm.storage import RESULTS, RunDir, read_json, run_lock, verify_marker
 
@@ -119,41 +119,46 @@ def _state(run: RunDir, plan: Plan, say: Callable[[str], Any]) -> str:
 
 def prepare(config: Config, offered: Offer, lock: Callable[[], Any],
             say: Callable[[str], Any], progress: Progress = no_progress
-            ) -> tuple[ColumnarCorpus, Plan, str]:
+            ) -> tuple[ColumnarCorpus, InputSummary, Plan, str]:
     """Validate inputs and place the run on what this machine offers, then — under the
     run directory's lock, taken by `lock()` — create, resume or replace the run. Nothing
-    is written before every check passed. The records read are then held only in the
-    run's columnar corpus (`hnm.corpus`), written there (again where damaged or missing),
-    and freed.
+    is written before every check passed. The input is read a block at a time and never
+    held (`hnm.plan_scan`): once to check and plan it, once more, under the lock, into the
+    run's columnar corpus (`hnm.corpus`) where it is new, damaged or missing.
 
-    Returns the corpus store, the plan and the state: "new", "resume" or "complete".
+    Returns the corpus store, what planning knew of the input, the plan and the state:
+    "new", "resume" or "complete".
     """
     ds, plan, state = _validated(config, offered, lock, say, progress)
     run = RunDir(config.output_dir)
     if state != "new" and (why := problem(run)) is not None:
         say(f"{why}: writing the run's corpus again")
-        store_corpus(run, config, ds)
+        write_store(run, config, list(plan.skipped), _as_planned(config, plan, run))
         if "corpus/meta.json" not in (run.manifest() or []):  # planned before the store
             run.sign(sorted(set(run.manifest() or []) | set(run.layout(len(plan.shards)))))
-    del ds
     trim_memory()
-    return open_corpus(run), plan, state
+    return open_corpus(run), ds, plan, state
 
 
 def run_corpus(run: RunDir, config: Config, plan: Plan) -> ColumnarCorpus:
     """A finished run's corpus store (`hnm report`, `export`, `sweep`); one written
     before the store existed, or damaged since, is written again from the input first."""
-    if problem(run) is not None:
-        ds = load_corpus(config, list(plan.skipped))
-        if not plan.planned_from(ds):
-            raise HnmError(f"{config.annotations}: changed since the run in {run.root}; its "
-                           "negatives no longer match the records")
-        store_corpus(run, config, ds)
+    if problem(run) is not None:  # the input read again, a block at a time
+        write_store(run, config, list(plan.skipped), _as_planned(config, plan, run))
         if "corpus/meta.json" not in (run.manifest() or []):
             run.sign(sorted(set(run.manifest() or []) | set(run.layout(len(plan.shards)))))
-        del ds
         trim_memory()
     return open_corpus(run, plan.workdir)
+
+
+def _as_planned(config: Config, plan: Plan, run: RunDir) -> Callable[[Facts], None]:
+    """A `plan_scan.write_store` check: the input read again is the one `plan` was
+    planned from (its digest, its rows)."""
+    def check(facts: Facts) -> None:
+        if plan.source != facts.source_sha256[:16] or plan.num_rows != facts.num_rows:
+            raise HnmError(f"{config.annotations}: changed since the run in {run.root}; "
+                           "its negatives no longer match the records")
+    return check
 
 
 def trim_memory() -> None:
@@ -170,8 +175,9 @@ def trim_memory() -> None:
 
 def _validated(config: Config, offered: Offer, lock: Callable[[], Any],
                say: Callable[[str], Any], progress: Progress = no_progress
-               ) -> tuple[Corpus, Plan, str]:
-    """`prepare` up to the decision carried out: the records read, the plan, the state."""
+               ) -> tuple[InputSummary, Plan, str]:
+    """`prepare` up to the decision carried out: the input's summary, the plan, the
+    state."""
     run = RunDir(config.output_dir)
     blocker = next((p for p in (run.root, *run.root.parents) if p.exists()), None)
     if blocker is not None and not blocker.is_dir():
@@ -183,7 +189,7 @@ def _validated(config: Config, offered: Offer, lock: Callable[[], Any],
     if old and config.annotations:
         # resuming the same run: its inputs were validated when it was planned, and its
         # key covers them, so the (slow) decoding of every image is not redone
-        ds = load_corpus(config, list(old.skipped))
+        ds = summarize(config, list(old.skipped), progress)
         placement = place(config, offered, ds)
         if old.run_key == run_keys(config, ds, placement.precision)["run_key"]:
             return _prepare(config, run, ds, placement, offered, lock, say)
@@ -191,10 +197,11 @@ def _validated(config: Config, offered: Offer, lock: Callable[[], Any],
     return _prepare(config, run, ds, place(config, offered, ds), offered, lock, say)
 
 
-def _prepare(config: Config, run: RunDir, ds: Corpus, placement: Placement, offered: Offer,
-             lock: Callable[[], Any], say: Callable[[str], Any]) -> tuple[Corpus, Plan, str]:
+def _prepare(config: Config, run: RunDir, ds: InputSummary, placement: Placement,
+             offered: Offer, lock: Callable[[], Any], say: Callable[[str], Any]
+             ) -> tuple[InputSummary, Plan, str]:
     """The decision on validated inputs, carried out under the lock."""
-    guard_run(run, config, ds.images)  # before the lock file is written
+    guard_run(run, config, ds.near)  # before the lock file is written
     lock()
     now = survey(run)  # again, now that no other run can change it
     action = decide(now, run_keys(config, ds, placement.precision), config.overwrite,
@@ -227,10 +234,11 @@ def _resume(config: Config, run: RunDir, plan: Plan, offered: Offer,
     return plan, state
 
 
-def start(config: Config, run: RunDir, ds: Corpus, placement: Placement, action: Start,
-          say: Callable[[str], Any]) -> Plan:
+def start(config: Config, run: RunDir, ds: InputSummary, placement: Placement,
+          action: Start, say: Callable[[str], Any]) -> Plan:
     """Replace what an earlier run left (only its manifest's files; its embeddings where
-    `action.keep`), sign the directory with the new manifest, write the plan."""
+    `action.keep`), sign the directory with the new manifest, write the corpus store (the
+    input read again, found as planned) and the plan."""
     plan = new_plan(config, ds, placement, keep=action.keep)
     layout = run.layout(len(plan.shards), plan.placement.index_parts)
     run.sign(sorted(set(action.clear) | set(layout)))
@@ -238,7 +246,7 @@ def start(config: Config, run: RunDir, ds: Corpus, placement: Placement, action:
         check_phases(run, action.keep, say, checksums=True)
     # nothing of another run may be trusted, except embeddings of the same inputs
     remove_outputs(run, action.clear, keep_embeddings=action.keep is not None)
-    store_corpus(run, config, ds)
+    write_store(run, config, ds.planned_skip(), same_input(config, ds.facts))
     write_plan(config, run, plan)
     return plan
 
@@ -252,6 +260,7 @@ class Lease:
         self.config, self.say = config, say
         self.run = RunDir(config.output_dir)
         self.corpus: ColumnarCorpus | None = None  # the run's corpus store, once prepared
+        self.summary: InputSummary | None = None  # what planning knew of the input
         self.held = contextlib.ExitStack()
 
     def __enter__(self) -> Lease:
@@ -265,7 +274,8 @@ class Lease:
         def lock() -> None:
             self.held.enter_context(run_lock(self.run, self.say))
 
-        self.corpus, plan, state = prepare(self.config, offered, lock, self.say, progress)
+        self.corpus, self.summary, plan, state = prepare(self.config, offered, lock,
+                                                         self.say, progress)
         return plan, state
 
 

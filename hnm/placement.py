@@ -16,12 +16,11 @@ import numpy as np
 
 from hnm import gpus, host, precision, sizing
 from hnm.config import Config
-from hnm.data import Corpus
 from hnm.encoders import embedding_dim
 from hnm.errors import HnmError
 from hnm.gpus import Gpu
 from hnm.parts import index_parts
-from hnm.readers import ImageRef, holds_tensor
+from hnm.plan_scan import InputSummary
 from hnm.sizing import (
     IndexChoice,
     Sizes,
@@ -171,7 +170,7 @@ class Placement:
                       "index": IndexChoice(**data["index"])})
 
 
-def place(config: Config, offered: Offer, ds: Corpus, shards: int | None = None
+def place(config: Config, offered: Offer, ds: InputSummary, shards: int | None = None
           ) -> Placement:
     """The run's placement on what is offered: CPU workers as many as its work is worth
     and its batches allow (`fit_to_work`), or `shards` workers at most where the shards
@@ -243,30 +242,24 @@ def fit_to_work(config: Config, devices: list[str], work: float,
                             "s to start")
 
 
-def _work(config: Config, ds: Corpus) -> float:
-    return work_seconds(config, len(ds), len(ds.phrases), _dim(
+def _work(config: Config, ds: InputSummary) -> float:
+    return work_seconds(config, len(ds), ds.num_phrases, _dim(
         config.image_embeddings, config.joint_model or config.visual_encoder))
 
 
-def run_sizes(config: Config, ds: Corpus, placement: Placement) -> Sizes:
+def run_sizes(config: Config, ds: InputSummary, placement: Placement) -> Sizes:
     """The sizes a run's memory depends on."""
     path = Path(config.annotations or "")
-    return Sizes(rows=len(ds), phrases=len(ds.phrases), anchors=ds.num_anchors,
+    return Sizes(rows=len(ds), phrases=ds.num_phrases, anchors=ds.num_anchors,
                  dv=_dim(config.image_embeddings, config.joint_model or config.visual_encoder),
                  dt=_dim(config.text_embeddings, config.text_encoder),
                  annotation_bytes=path.stat().st_size if path.is_file() else 0,
                  workers=len(placement.devices),
                  device="cuda" if any(d.startswith("cuda") for d in placement.devices)
-                 else "cpu", chunk_bytes=chunk_bytes(ds), loaders=placement.loaders)
+                 else "cpu", chunk_bytes=ds.chunk_bytes, loaders=placement.loaders)
 
 
-def chunk_bytes(ds: Corpus) -> float:
-    """The largest AVDN chunk's file size (a process reading its images holds it whole)."""
-    shards = {s.shard.path for s in ds.images if isinstance(s, ImageRef) and holds_tensor(s)}
-    return float(max((p.stat().st_size for p in shards), default=0))
-
-
-def check_memory(config: Config, ds: Corpus, placement: Placement,
+def check_memory(config: Config, ds: InputSummary, placement: Placement,
                  offered: Offer | None = None) -> None:
     """Refuse a plan whose phases cannot fit this machine (one line naming the flag): its
     host memory, and the GPUs `offered` where an exact index must fit each one used."""

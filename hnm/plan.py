@@ -16,12 +16,13 @@ from hnm.blacklist import read_blacklist
 from hnm.callbacks import Progress, no_progress
 from hnm.capacity_text import dry_run_lines as capacity_lines
 from hnm.config import EMBEDDING_KEYS, Config, check_joint, config_hash, has_joint_space
-from hnm.data import Corpus, file_stats, load_corpus
+from hnm.data import Corpus, file_stats
 from hnm.embed import check_precomputed
 from hnm.encoders import BUILTIN_TEXT, BUILTIN_VISUAL, check_encoder_name, describe_encoder
 from hnm.errors import HnmError
 from hnm.joint import OPEN_CLIP, TIMM, check_spec
 from hnm.placement import Placement, run_sizes
+from hnm.plan_scan import InputSummary, summarize
 from hnm.readers import reads_tensors
 from hnm.sizing import IndexChoice, estimate, memory_lines
 from hnm.storage import RunDir, read_json
@@ -79,7 +80,7 @@ class Plan:
     def index(self) -> IndexChoice:
         return self.placement.index
 
-    def planned_from(self, ds: Corpus) -> bool:
+    def planned_from(self, ds: Corpus | InputSummary) -> bool:
         """Whether `ds` holds the annotations this run was planned from (their digest)."""
         return self.source == ds.source_sha256[:16]
 
@@ -142,7 +143,7 @@ def shard_count(n: int, workers: int, shard_rows: int, grain: int) -> int:
     return max(workers, min(-(-n // max(1, shard_rows)), -(-n // grain)))
 
 
-def follow_inputs(ds: Corpus, k: int, grain: int, limit: int | None = None
+def follow_inputs(ds: Corpus | InputSummary, k: int, grain: int, limit: int | None = None
                   ) -> list[tuple[int, int]]:
     """k contiguous row ranges on the batch grid whose edges are the input files' edges
     nearest an even split (snapped to the grid), so that a worker reads the images of its
@@ -168,7 +169,7 @@ def _file_edges(ds: Corpus, k: int, grain: int) -> list[tuple[int, int]]:
     return list(zip(edges[:-1], edges[1:]))
 
 
-def run_keys(config: Config, ds: Corpus, precision: str) -> dict[str, str]:
+def run_keys(config: Config, ds: InputSummary, precision: str) -> dict[str, str]:
     """Identity of the run's results, and of its embeddings alone: the config, the
     precision it resolved to, the annotations' bytes, the bytes of every other input file
     it names, and the size and modification time of every image file (cheap: an edited,
@@ -233,8 +234,9 @@ def _digest(*paths: str | None) -> str:
     return h.hexdigest()[:16]
 
 
-def validate_inputs(config: Config, progress: Progress = no_progress) -> Corpus:
-    """Every input check that can fail, before anything is written."""
+def validate_inputs(config: Config, progress: Progress = no_progress) -> InputSummary:
+    """Every input check that can fail, before anything is written: the input read a
+    block at a time (`plan_scan.summarize`), what planning needs of it returned."""
     check_joint(config)
     for flag, name, builtins, pre in (
             ("--visual-encoder", config.visual_encoder, BUILTIN_VISUAL,
@@ -256,11 +258,11 @@ def validate_inputs(config: Config, progress: Progress = no_progress) -> Corpus:
             and not reads_tensors(config):  # an AVDN processed dataset holds its images
         raise HnmError(f"--image-dir {config.image_dir}: not a directory")
     read_blacklist(config.blacklist)
-    ds = load_corpus(config, progress=progress)
+    ds = summarize(config, progress=progress)
     if config.num_negatives > max(1, len(ds) - 1):  # more than the selection can find
         raise HnmError(f"--num-negatives: at most {max(1, len(ds) - 1)} (the mined rows "
                        f"other than the anchor), got {config.num_negatives}")
-    dims = {flag: check_precomputed(path, flag, len(ds.records))
+    dims = {flag: check_precomputed(path, flag, ds.num_records)
             for flag, path in (("--image-embeddings", config.image_embeddings),
                                ("--text-embeddings", config.text_embeddings)) if path}
     if config.joint_space and len(set(dims.values())) > 1:
@@ -284,7 +286,7 @@ def provenance(config: Config, precision: str | None = None) -> dict[str, Any]:
             "precision": precision or config.precision}
 
 
-def new_plan(config: Config, ds: Corpus, placement: Placement, keep: Plan | None = None
+def new_plan(config: Config, ds: InputSummary, placement: Placement, keep: Plan | None = None
              ) -> Plan:
     """Shard ranges over rows, distinct phrases and anchors: one shard per worker of the
     placement, or more where a shard would pass --shard-rows rows (`shard_count`; the
@@ -304,21 +306,21 @@ def new_plan(config: Config, ds: Corpus, placement: Placement, keep: Plan | None
         rows = follow_inputs(ds, k, batch, config.shard_rows)
         # the first shards take the phrases: the tables phase runs where shard 0 ran (the
         # first free worker, or rank 0) and finds the text encoder loaded for the blacklist
-        phrases = make_shards(len(ds.phrases), k, text_batch, front=True)
+        phrases = make_shards(ds.num_phrases, k, text_batch, front=True)
     anchors = make_shards(ds.num_anchors, len(rows))
     shards = tuple(ShardPlan(s, tuple(rows[s]), tuple(phrases[s]), anchors[s],
                              devices[s % len(devices)]) for s in range(len(rows)))
     return Plan(version=PLAN_VERSION, **run_keys(config, ds, placement.precision),
-                num_rows=len(ds), num_anchors=ds.num_anchors, num_phrases=len(ds.phrases),
-                num_records=len(ds.records),
+                num_rows=len(ds), num_anchors=ds.num_anchors, num_phrases=ds.num_phrases,
+                num_records=ds.num_records,
                 skipped=tuple(ds.skipped.get("missing_image", [])), batch_size=batch,
                 workdir=str(Path.cwd()), text_batch_size=text_batch, shards=shards,
                 placement=placement, input_format=ds.input_format,
-                input_files=max(1, len(ds.shard_ends)), images=image_fingerprint(ds),
+                input_files=max(1, len(ds.shard_ends)), images=ds.fingerprint,
                 source=ds.source_sha256[:16])
 
 
-def dry_run_lines(config: Config, ds: Corpus, placement: Placement) -> list[str]:
+def dry_run_lines(config: Config, ds: InputSummary, placement: Placement) -> list[str]:
     """What a run would do, with memory estimates, from validated inputs only."""
     devices = placement.devices
     sizes = run_sizes(config, ds, placement)
@@ -326,7 +328,7 @@ def dry_run_lines(config: Config, ds: Corpus, placement: Placement) -> list[str]
     shards = make_shards(a, len(devices))
     gib = 2.0**30
     return [
-        f"Dry run: {len(ds.records)} records, {n} candidates, {a} anchors, {u} distinct "
+        f"Dry run: {ds.num_records} records, {n} candidates, {a} anchors, {u} distinct "
         f"answers, {len(ds.skipped.get('missing_image', []))} skipped",
         f"Input: {ds.input_format}, {max(1, len(ds.shard_ends))} file(s)",
         f"Shards: {len(devices)} on {', '.join(sorted(set(devices)))}: "

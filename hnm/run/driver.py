@@ -111,7 +111,7 @@ def _plan(config: Config, lease: Lease, offered: Offer, progress: Progress) -> s
     plan, state = lease.prepare(offered, progress)
     if state != "complete":
         # before any embedding: an exact index too large for a GPU fails here, not after
-        placement.check_memory(config, lease.corpus, plan.placement, offered)
+        placement.check_memory(config, lease.summary, plan.placement, offered)
     return state
 
 
