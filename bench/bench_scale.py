@@ -557,7 +557,10 @@ def measure(label: str, kind: str, n: int, repo: Path, paths: dict[str, str], ou
         flags = [*flags, "--index-parts", str(parts)]
     cmd, wall, watch, procs = launch_run(repo, paths, out, flags, ranks, every_s)
     workers = int(flags[flags.index("--cpu-workers") + 1]) if "--cpu-workers" in flags else 1
-    shards = json.loads((out / "plan.json").read_text())["shards"]
+    plan = json.loads((out / "plan.json").read_text())
+    shards = plan["shards"]
+    # the parts the run was planned with (asked for, or --index-parts left to the run)
+    parts = plan.get("placement", {}).get("index_parts", parts)
     return Run(label, n, kind, repo, flags, cmd, wall,
                json.loads((out / "metrics.json").read_text()), _sha256(out / "negatives.jsonl"),
                len(shards), procs, watch, max(s["phrases"][1] for s in shards), parts, ranks,

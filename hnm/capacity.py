@@ -58,7 +58,7 @@ BARE_PROCESS_BYTES = 32 * MIB
 # that for the live view and the pool's queues.
 LAUNCHER_BYTES = 64 * MIB
 # --- planning: reading the input in blocks, checks in bounded memory ---
-SCAN_ROWS = 1 << 16  # records of one block being read and checked
+SCAN_ROWS = 1 << 14  # records of one block being read and checked (plan_scan.PLAN_BLOCK)
 # The ids seen, as an 8-byte hash and a position in sorted runs (checks.IdSet: 16 bytes
 # an id), twice while two runs merge.
 PLAN_ROW_BYTES = 2 * 16

@@ -124,7 +124,7 @@ def _embed_peak(data: dict, out: Path, shard_rows: int) -> tuple[int, int]:
                     image_embeddings=data["image_embeddings"],
                     text_embeddings=data["text_embeddings"], output_dir=str(out),
                     blacklist="", cpu_workers=1, batch_size=64, shard_rows=shard_rows)
-    _, plan, _ = prepare(config, Offer(["cpu"]), lambda: None, lambda _: None)
+    _, _, plan, _ = prepare(config, Offer(["cpu"]), lambda: None, lambda _: None)
     assert plan.shards[0].rows == (0, shard_rows)
     ctx = worker.Context(config, "cpu")
     ctx.corpus.positions, ctx.corpus.text_ids, ctx.phrase_order  # noqa: B018  (opened once)

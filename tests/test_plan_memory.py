@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hnm import cli
+from hnm import cli, plan_scan
 from hnm.config import Config
 from hnm.data import load_corpus
 from hnm.plan import image_fingerprint, validate_inputs
@@ -46,10 +46,11 @@ def _inputs(folder: Path, n: int, duplicate_last: bool = False) -> dict[str, str
     return paths
 
 
-def test_planning_holds_a_small_part_of_what_load_corpus_holds(tmp_path):
-    """200,000 records on precomputed embeddings: validating and planning them (the
-    dry run: every check, the placement, the plan's lines) peaks at under a third of
-    load_corpus's memory, with the figures load_corpus's records give."""
+def test_planning_holds_a_small_part_of_what_load_corpus_holds(tmp_path, monkeypatch):
+    """200,000 records on precomputed embeddings, planned 4,096 at a time: validating and
+    planning them (the dry run: every check, the placement, the plan's lines) peaks at
+    under a third of load_corpus's memory, with the figures load_corpus's records give."""
+    monkeypatch.setattr(plan_scan, "PLAN_BLOCK", 4096)
     n = 200_000
     paths = _inputs(tmp_path / "data", n)
     config = Config(**paths, output_dir=str(tmp_path / "run"), cpu_workers=1,
