@@ -26,7 +26,6 @@ from hnm.sizing import (
     GIB,
     IVF_TRAIN_PER_LIST,
     RECORD_OVERHEAD,
-    block_bytes,
     candidate_bytes,
 )
 
@@ -51,12 +50,14 @@ STORE_EXTRA_BYTES = 48
 PHRASE_BYTES = 60  # one distinct phrase's text (corpus/phrases.arrow), assumed
 # --- processes (measured here: RssAnon after the imports, bench/README's machine) ---
 # A worker: hnm's worker modules, NumPy, FAISS and torch imported: 154 MiB measured; on
-# precomputed embeddings (torch never imported) 27 MiB measured.
+# precomputed embeddings (torch never imported) an idle worker of a 300,000-row run held
+# 115 MiB, 92 MiB at a million (bench_scale, after its first task: FAISS, pyarrow).
 PROCESS_BYTES = 160 * MIB
-BARE_PROCESS_BYTES = 32 * MIB
-# The launcher: the CLI, the API, the driver, pyarrow imported: 29 MiB measured; twice
-# that for the live view and the pool's queues.
-LAUNCHER_BYTES = 64 * MIB
+BARE_PROCESS_BYTES = 110 * MIB
+# The launcher: the CLI, the API, the driver, pyarrow, the live view and the pool's
+# queues: 212-240 MiB measured while planning and waiting at 300,000 rows, of which about
+# 50 MiB are the planning pass's own (bench_scale).
+LAUNCHER_BYTES = 160 * MIB
 # --- planning: reading the input in blocks, checks in bounded memory ---
 SCAN_ROWS = 1 << 14  # records of one block being read and checked (plan_scan.PLAN_BLOCK)
 # The ids seen, as an 8-byte hash and a position in sorted runs (checks.IdSet: 16 bytes
@@ -72,7 +73,9 @@ PREFETCH = 2  # batches each data-loading process keeps ready (torch's prefetch_
 # Activations of one image during inference on a GPU: assumed (no GPU has run hnm yet).
 GPU_IMAGE_BYTES = 8 * MIB
 # The shard's embeddings are written a block at a time as they are made
-# (safety.NpyRows): a worker holds one block of them (`block_bytes`), not its shard.
+# (safety.NpyRows): a worker holds one block of them, not its shard; precomputed rows are
+# snapped EMBED_BLOCK_ROWS at a time in float64 with two temporaries (embed.PRECOMPUTED_BLOCK).
+EMBED_BLOCK_ROWS = 1 << 13
 # --- candidates and reduce ---
 # Where a worker searches compressed codes: on the host, memory-mapped (ivf.CodesIndex),
 # not on its GPU. IVF lists go to the GPU a list at a time (no build peak); an exact part
@@ -81,6 +84,10 @@ CODES_ON_GPU = False
 # A worker holds its shard's lists once: the blocks' lists are written into the archive
 # member by member (Area.write_npz_blocks), not concatenated first.
 LIST_COPIES = 1
+# The reduce holds a shard's lists and, while it judges them, their masks and outcomes:
+# 1.4 times the lists, measured (821 MiB for 150,000 anchors' lists of 453 MB and the
+# launcher's 160 MiB, bench_scale at 300,000 rows).
+REDUCE_LIST_COPIES = 1.4
 # select.FreeRows per eligible row: rows, phrase ids, by-phrase rows and the
 # (phrase, cluster) pairs with counts, int64 each.
 FREE_ROW_BYTES = 6 * 8
@@ -238,7 +245,7 @@ def estimate(shape: Shape, index: str, parts: int) -> Estimate:
     base = PROCESS_BYTES if s.encoders else BARE_PROCESS_BYTES
     visual, text = n * dv * FLOAT, u * dt * FLOAT
     columns = n * COLUMN_BYTES
-    block = block_bytes(dv, dt)
+    block = EMBED_BLOCK_ROWS * max(dv, dt) * 8.0 * 3
     per_anchor = candidate_bytes(c, n)
     row_bytes = code_bytes(index, dv, getattr(c, "pq_bytes", None))
     part_index = part_rows * row_bytes + index_fixed(index, dv, lists)
@@ -256,7 +263,7 @@ def estimate(shape: Shape, index: str, parts: int) -> Estimate:
     train = 0.0 if index == "exact" else \
         min(n, IVF_TRAIN_PER_LIST * lists) * dv * FLOAT + part_index
     tables = Process("tables", "worker", 1,
-                     base + block + max(min(n, KMEANS_SAMPLE) * dv * FLOAT * 2, train),
+                     base + max(min(n, KMEANS_SAMPLE) * dv * FLOAT * 2, train),
                      visual + text + columns)
     # one exact part on a CPU: FAISS's copy of the table; in several, each searched where
     # it lies in the mapped table (parts.exact_parts)
@@ -264,11 +271,12 @@ def estimate(shape: Shape, index: str, parts: int) -> Estimate:
     gpu_index = BUILD_PEAK * part_index if index == "exact" else \
         part_index if index == "ivf" or CODES_ON_GPU else 0.0
     candidates = Process("candidates", "worker", s.workers,
-                         base + block + held + LIST_COPIES * shard_anchors * per_anchor,
+                         base + held + LIST_COPIES * shard_anchors * per_anchor,
                          visual + text + columns + (0.0 if index == "exact" else part_index),
                          gpu_index if on_gpu else 0.0)
     reduce = Process("reduce", "launcher", 1,
-                     LAUNCHER_BYTES + shard_anchors * per_anchor + n * FREE_ROW_BYTES
+                     LAUNCHER_BYTES + REDUCE_LIST_COPIES * shard_anchors * per_anchor
+                     + n * FREE_ROW_BYTES
                      + u * PHRASE_STATE_BYTES + ROW_GROUP_ROWS * _line_bytes(s),
                      visual + text + columns + n * s.record_bytes)
     processes = [plan, embed, *([loader] if loader.count else []), tables, candidates, reduce]

@@ -74,9 +74,9 @@ def test_gpu_memory_of_the_index_part_as_sizing_counts_it():
 def test_an_embed_worker_on_precomputed_embeddings():
     shape = replace(SMALL, encoders=False, gpus_per_rank=1)
     embed = phase(estimate(shape, "exact", 1), "embed")
-    # no torch, no encoders, no data loading: the process and a float64 block of 65,536
+    # no torch, no encoders, no data loading: the process and a float64 block of 8,192
     # rows with two temporaries; the shard's embeddings are written block by block
-    assert embed.private == capacity.BARE_PROCESS_BYTES + 65_536 * 512 * 8 * 3
+    assert embed.private == capacity.BARE_PROCESS_BYTES + 8192 * 512 * 8 * 3
     assert [p.process for p in estimate(shape, "exact", 1).processes if p.phase == "embed"] \
         == ["worker"]
 
@@ -85,7 +85,8 @@ def test_the_reduce_holds_one_shard_and_the_selection_state():
     shape = replace(SMALL, ranks=2, cpu_workers=2)
     reduce = phase(estimate(shape, "ivf", 1), "reduce", "launcher")
     # one shard's lists in memory: k_nn 30 + 64 diverse + 2 x 16 margins, 24 bytes each
-    assert reduce.private == capacity.LAUNCHER_BYTES + 250 * (30 + 64 + 32) * 24 \
+    assert reduce.private == capacity.LAUNCHER_BYTES \
+        + capacity.REDUCE_LIST_COPIES * 250 * (30 + 64 + 32) * 24 \
         + 1000 * capacity.FREE_ROW_BYTES + 500 * capacity.PHRASE_STATE_BYTES \
         + capacity.ROW_GROUP_ROWS * (300 + capacity.NEGATIVE_BYTES)
 
@@ -109,7 +110,7 @@ def test_more_parts_ranks_and_compressed_codes_need_less():
     for name in ("embed", "candidates"):
         shares = [phase(estimate(replace(big, rows=n, ranks=r), "ivf", 1), name).private
                   for n in (10_000_000, 30_000_000) for r in (1, 2, 4)]
-        assert max(shares) / min(shares) < 1.01  # shards differ by the rounding of N / shards
+        assert max(shares) / min(shares) < 1.02  # shards differ by the rounding of N / shards
     small = replace(big, config=replace(big.config, shard_rows=1 << 16))
     assert phase(estimate(small, "ivf", 1), "candidates").private \
         < phase(estimate(big, "ivf", 1), "candidates").private
