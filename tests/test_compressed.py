@@ -26,9 +26,19 @@ from hnm.engine import recall_at_k
 from hnm.errors import HnmError
 from hnm.grid import finalize
 from hnm.index import ChunkedFlatIP
-from hnm.ivf import RERANK, CodesIndex, code_bytes, load_ivf, pq_bytes, search_index, train_ivf
+from hnm.ivf import (
+    RERANK,
+    CodesIndex,
+    add_rows,
+    code_bytes,
+    load_ivf,
+    pq_bytes,
+    search_index,
+    train_ivf,
+)
 from hnm.lifecycle import load_run_config
 from hnm.miner import MARGIN, Arrays, farthest, nearest
+from hnm.parts import PartedIndex, part_edges
 from hnm.sizing import Sizes, choose_index, index_room, size_text
 from hnm.storage import RunDir
 
@@ -94,6 +104,41 @@ def test_lists_are_the_exact_order_among_the_proposals(tmp_path: Path, kind: str
                  if j >= 0 and j != a][:30]
         reordered += codes != want
     assert reordered > len(anchors) // 2  # the codes' own order differs: rescoring matters
+
+
+@needs_faiss
+@pytest.mark.parametrize("kind", CODES)
+def test_codes_in_parts_are_the_exact_order_among_the_merged_proposals(tmp_path: Path,
+                                                                        kind: str):
+    """Codes in 3 parts (one trained quantizer and codec, each part's own lists, as the
+    tables phase writes them): one search asks every part for RERANK times the rows, the
+    merge keeps the best by code score, and the lists are the exact order among those
+    proposals, each of them a row of the table (the parts' rows offset)."""
+    import faiss
+
+    V = table()
+    trained = train_ivf(V, 64, seed=0, sample=64 * 64, kind=kind, rows=(0, 0))
+    edges = part_edges(len(V), 3)
+    for p in range(3):
+        part = faiss.clone_index(trained)
+        add_rows(part, V, int(edges[p]), int(edges[p + 1]))
+        faiss.write_index(part, str(tmp_path / f"part_{p}.faiss"))
+    index = PartedIndex(edges, lambda p: search_index(
+        load_ivf(str(tmp_path / f"part_{p}.faiss")), nprobe=8))
+    assert math.isinf(index.eps) and not index.exact and index.rerank == RERANK
+    recorded = Recorded(index)
+    anchors = np.arange(0, 3000, 11)
+    got, vis = nearest(recorded, V, anchors, 30, -np.inf)
+    (xq, k, proposed, _), = recorded.calls  # one search, nothing widened
+    assert k == (31 + MARGIN) * RERANK
+    assert proposed.max() < len(V) and (proposed[:, :30] >= edges[1]).any()
+    sv = V.astype(np.float64) @ V.astype(np.float64).T
+    for i, a in enumerate(anchors):
+        rows = [int(j) for j in proposed[i] if j >= 0 and j != a]
+        assert len(set(rows)) == len(rows)  # no row proposed by two parts
+        want = sorted(rows, key=lambda j: (-sv[a, j], j))[:30]
+        assert got[i].tolist() == want
+        assert vis[i].tolist() == [sv[a, j] for j in want]
 
 
 @needs_faiss
