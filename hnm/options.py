@@ -15,10 +15,11 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 INPUT_FORMATS = ("json", "jsonl", "csv", "tsv", "parquet", "webdataset", "hf", "avdn")
 OUTPUT_FORMATS = ("jsonl", "parquet")
 
-# --shard-rows: a shard's candidate lists (about 1.4 KB an anchor) stay near 350 MiB, and
-# every run of up to this many rows (every test, and the benchmarks to 300k rows on two
-# workers) keeps one shard per worker.
-SHARD_ROWS = 1 << 18
+# --shard-rows: what a worker's search and the reduce hold follows the shard: a shard's
+# candidate lists (about 3 KB an anchor), held once by the worker that searched them and
+# with their masks by the reduce, stay under about 0.6 GB (bench_scale: the reduce held
+# 515 MiB with shards of 65,536 rows, 821 MiB with 150,000, 1,277 MiB with 250,000).
+SHARD_ROWS = 1 << 17
 
 # A setting's role in the run's identity (hnm.config.config_hash): RUNTIME settings choose
 # how the work is done, not what is computed, so changing one resumes a run instead of
