@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
 import sys
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -204,3 +206,14 @@ def tiny_bert(folder: Path) -> Path:
                         num_attention_heads=4, intermediate_size=37)
     BertModel(config).eval().save_pretrained(folder)
     return folder
+
+
+def traced_peak(action: Any) -> int:
+    """The most bytes Python held at once (tracemalloc) while `action()` ran."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        action()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()

@@ -5,10 +5,10 @@ check of every block passed."""
 from __future__ import annotations
 
 import hashlib
-import tracemalloc
 from pathlib import Path
 
 import numpy as np
+from builders import traced_peak
 
 from hnm import cli, plan_scan
 from hnm.config import Config
@@ -16,15 +16,6 @@ from hnm.data import load_corpus
 from hnm.plan import image_fingerprint, validate_inputs
 from hnm.readers import BLOCK_ROWS
 from hnm.run.driver import dry_run
-
-
-def _peak(action) -> int:
-    tracemalloc.start()
-    try:
-        action()
-        return tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
 
 
 def _inputs(folder: Path, n: int, duplicate_last: bool = False) -> dict[str, str]:
@@ -56,8 +47,8 @@ def test_planning_holds_a_small_part_of_what_load_corpus_holds(tmp_path, monkeyp
     config = Config(**paths, output_dir=str(tmp_path / "run"), cpu_workers=1,
                     n_clusters=8)
     lines: list[str] = []
-    planned = _peak(lambda: dry_run(config, lines.append))
-    whole = _peak(lambda: load_corpus(config))
+    planned = traced_peak(lambda: dry_run(config, lines.append))
+    whole = traced_peak(lambda: load_corpus(config))
     assert planned < whole / 3, (planned, whole)
     assert f"Dry run: {n} records, {n} candidates, {n} anchors, {n // 10} distinct " \
            "answers, 0 skipped" in lines

@@ -5,10 +5,8 @@ one-line message wherever the blocks cut the input, and memory is a block's, not
 from __future__ import annotations
 
 import csv
-import gc
 import io
 import json
-import tracemalloc
 import unicodedata
 from pathlib import Path
 from typing import Any
@@ -16,7 +14,7 @@ from typing import Any
 import avdn_data
 import numpy as np
 import pytest
-from builders import records, write_images
+from builders import records, traced_peak, write_images
 
 from hnm import demo
 from hnm.api import make
@@ -369,15 +367,6 @@ def test_the_id_set_finds_every_earlier_equal_hash():
 # ---------------------------------------------------------------- memory
 
 
-def _peak(action) -> int:
-    gc.collect()
-    tracemalloc.start()
-    try:
-        action()
-        return tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-
 
 def test_a_scan_holds_a_block_not_the_input(tmp_path):
     """200,000 records: a scan's peak (blocks let go as they are handed on) is a small
@@ -395,7 +384,7 @@ def test_a_scan_holds_a_block_not_the_input(tmp_path):
             assert len(block) == 4096 or block.start == n - n % 4096
             del block
 
-    streamed = _peak(stream)
-    whole = _peak(lambda: load_corpus(config))
+    streamed = traced_peak(stream)
+    whole = traced_peak(lambda: load_corpus(config))
     assert reading.facts.num_rows == n and reading.facts.num_phrases == 5000
     assert streamed < whole / 4, (streamed, whole)
