@@ -7,7 +7,7 @@ tests and the benchmarks. Nothing here reads or writes files.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +34,7 @@ from hnm.miner import (
 )
 from hnm.outcome import Outcomes, other_groups_eligible, outcomes
 from hnm.parts import PartedIndex, index_parts, part_edges
-from hnm.select import Pick, Rules, Selector
+from hnm.select import Pick, Rules, Selector, phrase_lengths
 
 # Anchors per search call: its (B, k) candidate arrays stay a few MB and a search of
 # thousands of queries at once runs at FAISS's full speed (an index may ask for more, see
@@ -43,6 +43,10 @@ ANCHOR_BATCH = 2048
 # Anchors whose wider diverse lists are computed together: one (64, d) x (d, N) product
 # costs little more than a single anchor's memory-bound (d, N) pass.
 WIDEN_BLOCK = 64
+# The arrays of a block of candidate lists (`Candidates.to_arrays`).
+MEMBERS = ("diverse_complete", "hard_before", "hard_fixed",
+           *(f"{name}_{k}" for name in ("hard", "diverse")
+             for k in ("offsets", "rows", "vis", "txt")))
 
 
 @dataclass
@@ -82,29 +86,23 @@ class Candidates:
                                 z[f"{k}_txt"]) for k in ("hard", "diverse"))
         return cls(hard, diverse, z["diverse_complete"], z["hard_before"], z["hard_fixed"])
 
-    @staticmethod
-    def members(parts: list[Candidates]) -> list[tuple[str, list[np.ndarray]]]:
-        """`concat(parts).to_arrays()` as the blocks of each array (views into the parts,
-        in order), for `Area.write_npz_blocks`: the lists are never held twice."""
-        if not parts:
-            return [(k, [v]) for k, v in Candidates.concat([]).to_arrays().items()]
-        out: list[tuple[str, list[np.ndarray]]] = [
-            ("diverse_complete", [p.complete for p in parts]),
-            ("hard_before", [p.hard_before[p.hard.offsets[0]:p.hard.offsets[-1]]
-                             for p in parts]),
-            ("hard_fixed", [p.hard_fixed for p in parts])]
-        for name in ("hard", "diverse"):
-            lists = [getattr(p, name) for p in parts]
-            counts = np.concatenate([np.diff(x.offsets) for x in lists])
-            offsets = np.zeros(len(counts) + 1, np.int64)
-            np.cumsum(counts, out=offsets[1:])
-            out.append((f"{name}_offsets", [offsets]))
-            for k in ("rows", "vis", "txt"):
-                blocks = [getattr(x, k)[x.offsets[0]:x.offsets[-1]] for x in lists]
-                if k == "rows":
-                    blocks = [b.astype(np.int64, copy=False) for b in blocks]
-                out.append((f"{name}_{k}", blocks))
-        return out
+    def blocks_to_file(self, block: int) -> dict[str, np.ndarray]:
+        """This block's arrays as members of a candidate file: `to_arrays`'s names with
+        the block number (a file holds a shard's blocks, written as they are found)."""
+        return {f"{name}.{block:05d}": array for name, array in self.to_arrays().items()}
+
+    @classmethod
+    def from_file(cls, members: Mapping[str, np.ndarray] | Any) -> Iterator[Candidates]:
+        """A candidate file's blocks in order (`blocks_to_file`; a file of one unnumbered
+        block, as earlier releases wrote, is read as that block). `members`: the file's
+        member names (`names`) and arrays, read when asked for."""
+        names = list(getattr(members, "names", members))
+        if "diverse_complete" in names:
+            yield cls.from_arrays({k: members[k] for k in names})
+            return
+        blocks = sorted({n.rsplit(".", 1)[1] for n in names if "." in n}, key=int)
+        for b in blocks:
+            yield cls.from_arrays({k: members[f"{k}.{b}"] for k in MEMBERS})
 
     @classmethod
     def concat(cls, parts: list[Candidates]) -> Candidates:
@@ -128,17 +126,18 @@ def find_candidates(c: Config, tab: Arrays, anchors: np.ndarray, device: str = "
                     diverse_first: np.ndarray | None = None,
                     index: SearchIndex | None = None) -> tuple[Candidates, str]:
     """Candidate lists of `anchors` against every row, and the kind of index that ran
-    (`candidate_parts`, concatenated)."""
-    parts, kind = candidate_parts(c, tab, anchors, device, progress, diverse_first, index)
-    return Candidates.concat(parts), kind
+    (`candidate_blocks`, concatenated)."""
+    index = index if index is not None else default_index(c, tab, device)
+    blocks = list(candidate_blocks(c, tab, anchors, device, progress, diverse_first, index))
+    return Candidates.concat(blocks), index.kind
 
 
-def candidate_parts(c: Config, tab: Arrays, anchors: np.ndarray, device: str = "cpu",
+def candidate_blocks(c: Config, tab: Arrays, anchors: np.ndarray, device: str = "cpu",
                     progress: Progress = no_progress,
                     diverse_first: np.ndarray | None = None,
-                    index: SearchIndex | None = None) -> tuple[list[Candidates], str]:
-    """Candidate lists of `anchors` against every row, a block of anchors per part, and the
-    kind of index that ran.
+                    index: SearchIndex | None = None) -> Iterator[Candidates]:
+    """Candidate lists of `anchors` against every row, a block of anchors at a time, as
+    each block is found.
 
     `index`: the search over every row (a worker builds it once for all its shards);
     None: an exact one, built here. Diverse lists cost a second search, so they are
@@ -147,13 +146,9 @@ def candidate_parts(c: Config, tab: Arrays, anchors: np.ndarray, device: str = "
     anchor whose hard strategy fails gets its list from the selection pass's exact search
     past the list, so the picks are the same.
     """
-    if index is None:
-        parts = index_parts(c.index_parts, len(tab.V))
-        index = exact_parts(tab.V, parts) if parts > 1 and device == "cpu" \
-            else build_index(tab.V, device)
+    index = index if index is not None else default_index(c, tab, device)
     wanted = np.ones(len(anchors), bool) if diverse_first is None else diverse_first
     batch = getattr(index, "batch", ANCHOR_BATCH)
-    parts = []
     for s in range(0, len(anchors), batch):
         a = anchors[s:s + batch]
         hard = hard_candidates(index, tab, a, c.k_nn, c.min_visual_similarity,
@@ -162,10 +157,15 @@ def candidate_parts(c: Config, tab: Arrays, anchors: np.ndarray, device: str = "
         sub, sub_complete = farthest(index.far, tab, a[need], c.diverse_candidates)
         complete = np.zeros(len(a), bool)
         complete[need] = sub_complete
-        parts.append(Candidates(hard.lists, scatter(sub, need), complete, hard.before,
-                                hard.fixed))
+        yield Candidates(hard.lists, scatter(sub, need), complete, hard.before, hard.fixed)
         progress("search", s + len(a), len(anchors))
-    return parts, index.kind
+
+
+def default_index(c: Config, tab: Arrays, device: str = "cpu") -> SearchIndex:
+    """An exact search over every row of the table, in the config's index parts."""
+    parts = index_parts(c.index_parts, len(tab.V))
+    return exact_parts(tab.V, parts) if parts > 1 and device == "cpu" \
+        else build_index(tab.V, device)
 
 
 class Widener:
@@ -242,41 +242,53 @@ def make_selector(config: Config, tab: Arrays, phrases: list[str]) -> Selector:
 
 @dataclass
 class Selected:
-    """One shard's outcome: its anchors' negatives (after the audit), why each anchor got
-    fewer than asked, metrics, suspects."""
+    """One window of a shard's anchors: their negatives (after the audit), why each
+    anchor got fewer than asked, suspects; the shard's metrics, counted so far (complete
+    at its `last` window)."""
 
     anchors: np.ndarray
     picks: list[list[Pick]]
     metrics: Metrics
     suspects: list[Suspect]
     outcomes: Outcomes
+    last: bool = True
 
 
 def select_negatives(config: Config, selector: Selector,
-                     shards: Iterable[tuple[np.ndarray, Candidates]], u: np.ndarray,
-                     phrases: list[str]) -> Iterator[Selected]:
+                     shards: Iterable[tuple[np.ndarray, Candidates | Iterable[Candidates]]],
+                     u: np.ndarray, phrases: Sequence[str]) -> Iterator[Selected]:
     """The selection pass over shards in input order, one selector (one phrase window) for
     all, then the audit and each anchor's outcome; each shard's metrics are counted from
     its final picks.
 
-    `shards`: (anchor rows, their candidates) in order; u: every anchor's strategy draw.
+    `shards`: (anchor rows, their candidates) in order, the candidates whole or in
+    windows of consecutive anchors (a window is judged and handed on before the next is
+    read; the picks do not depend on the cut); u: every anchor's strategy draw.
     """
     tab = selector.tab
-    lengths = [len(p) for p in phrases]
-    text_ids = tab.text_ids.tolist()
+    lengths = phrase_lengths(phrases)
+    text_ids = np.asarray(tab.text_ids)
     diverse_possible = other_groups_eligible(np.asarray(tab.groups), np.asarray(tab.eligible))
-    for anchors, cands in shards:
+    for anchors, lists in shards:
         m = Metrics()
-        raw = with_cross(tab, anchors, selector.run(anchors, u[anchors], cands.hard,
-                                                   cands.diverse, cands.complete, m))
-        picks, suspects = audit_picks(config, anchors, raw)
-        count_suspects(m, suspects)
-        why = outcomes(selector.rules, selector.pid, cands.hard, cands.hard_before,
-                       cands.hard_fixed, u[anchors] >= config.diverse_ratio, raw, picks,
-                       diverse_possible[selector.groups[anchors]])
-        tally(m, u[anchors], picks, [text_ids[a] for a in anchors.tolist()], text_ids,
-              lengths, config.diverse_ratio, config.min_visual_similarity, why)
-        yield Selected(anchors, picks, m, suspects, why)
+        windows = iter([lists] if isinstance(lists, Candidates) else lists)
+        start, cands = 0, next(windows, None) or Candidates.concat([])
+        while cands is not None:
+            a = anchors[start:start + len(cands)]
+            start += len(cands)
+            raw = with_cross(tab, a, selector.run(a, u[a], cands.hard, cands.diverse,
+                                                  cands.complete, m))
+            picks, suspects = audit_picks(config, a, raw)
+            count_suspects(m, suspects)
+            why = outcomes(selector.rules, selector.pid, cands.hard, cands.hard_before,
+                           cands.hard_fixed, u[a] >= config.diverse_ratio, raw, picks,
+                           diverse_possible[selector.groups[a]])
+            tally(m, u[a], picks, text_ids[a].tolist(), text_ids, lengths,
+                  config.diverse_ratio, config.min_visual_similarity, why)
+            cands = next(windows, None)
+            yield Selected(a, picks, m, suspects, why, last=cands is None)
+        if start != len(anchors):
+            raise ValueError(f"candidate lists for {start} of {len(anchors)} anchors")
 
 
 def recall_sample(num_anchors: int, seed: int, size: int) -> np.ndarray:

@@ -29,7 +29,7 @@ def kmeans(x: np.ndarray, k: int, seed: int, niter: int = 20) -> tuple[np.ndarra
         centroids = np.asarray(x, dtype=np.float32).mean(axis=0, keepdims=True) \
             if len(x) <= KMEANS_SAMPLE else _block_mean(x)
     else:
-        centroids = _lloyd(seeded_sample(x, KMEANS_SAMPLE, seed), k, seed, niter)
+        centroids = _lloyd(x, sample_rows(len(x), KMEANS_SAMPLE, seed), k, seed, niter)
     labels = np.concatenate([_nearest(x[s:s + LABEL_BLOCK], centroids.astype(np.float64))
                              for s in range(0, len(x), LABEL_BLOCK)])
     return labels, centroids
@@ -46,32 +46,48 @@ def _block_mean(x: np.ndarray) -> np.ndarray:
     return (total / len(x)).astype(np.float32)[None, :]
 
 
-def _lloyd(x: np.ndarray, k: int, seed: int, niter: int) -> np.ndarray:
-    """Spherical Lloyd iterations from k seeded distinct rows (float32 products, as FAISS's
-    k-means does; the final labels are float64, see `kmeans`); a centroid that loses every
-    member keeps its place. Members are summed in float64, a block of rows at a time (grouped
-    by label), so memory stays at one block whatever the sample size."""
+def _lloyd(x: np.ndarray, rows: np.ndarray | None, k: int, seed: int, niter: int
+           ) -> np.ndarray:
+    """Spherical Lloyd iterations over x's `rows` (None: every row; `seeded_sample`'s
+    rows) from k seeded distinct ones (float32 products, as FAISS's k-means does; the
+    final labels are float64, see `kmeans`); a centroid that loses every member keeps its
+    place. Members are summed in float64, a block of rows at a time (grouped by label).
+    The sample is never held whole: each block is read from x (a memory map) when it is
+    used, so memory stays at one block whatever the sample size."""
+    n = len(x) if rows is None else len(rows)
+
+    def sample(s: int, e: int) -> np.ndarray:
+        return np.asarray(x[s:e] if rows is None else x[rows[s:e]], np.float32)
+
     rng = np.random.default_rng(seed)
-    centroids = np.asarray(x[rng.choice(len(x), size=k, replace=False)], np.float32)
+    first = rng.choice(n, size=k, replace=False)
+    centroids = np.asarray(x[first] if rows is None else x[rows[first]], np.float32)
     centroids /= np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
     for _ in range(niter):
         sums = np.zeros(centroids.shape, np.float64)
-        for s in range(0, len(x), LABEL_BLOCK):
-            block = np.asarray(x[s:s + LABEL_BLOCK], np.float32)
+        for s in range(0, n, LABEL_BLOCK):
+            block = sample(s, s + LABEL_BLOCK)
             labels = (block @ centroids.T).argmax(axis=1)
-            grouped = block[np.argsort(labels, kind="stable")]
+            order = np.argsort(labels, kind="stable")
             ends = np.cumsum(np.bincount(labels, minlength=k))
             for c, (a, b) in enumerate(zip(np.concatenate([[0], ends[:-1]]), ends)):
-                sums[c] += grouped[a:b].sum(axis=0, dtype=np.float64)
+                if b > a:  # the cluster's rows in block order, summed as one array
+                    sums[c] += block[order[a:b]].sum(axis=0, dtype=np.float64)
         norms = np.linalg.norm(sums, axis=1, keepdims=True)
         moved = norms[:, 0] > 0
         centroids[moved] = sums[moved] / norms[moved]
     return centroids
 
 
+def sample_rows(n: int, size: int, seed: int) -> np.ndarray | None:
+    """The rows of a seeded sample of `size` of n, ascending (None: every row, when there
+    are no more)."""
+    if n <= size:
+        return None
+    return np.sort(np.random.default_rng(seed).choice(n, size, replace=False))
+
+
 def seeded_sample(x: np.ndarray, size: int, seed: int) -> np.ndarray:
     """A seeded sample of rows in row order (every row when there are no more)."""
-    if x.shape[0] <= size:
-        return np.asarray(x, dtype=np.float32)
-    rows = np.sort(np.random.default_rng(seed).choice(x.shape[0], size, replace=False))
-    return np.asarray(x[rows], dtype=np.float32)
+    rows = sample_rows(x.shape[0], size, seed)
+    return np.asarray(x if rows is None else x[rows], dtype=np.float32)

@@ -180,10 +180,10 @@ def tally(m: Metrics, u: np.ndarray, picks: Sequence[list[Pick]], anchor_phrases
     for u_a, phrase, row in zip(u.tolist(), anchor_phrases, picks):
         m.anchors += 1
         m.successes += bool(row)
-        m.anchor_length.add(lengths[phrase])
+        m.anchor_length.add(int(lengths[phrase]))
         first = strategy_order(u_a, diverse_ratio)[0]
         for p in row:
-            _count(m, p, text_ids[p.row], lengths, min_visual)
+            _count(m, p, int(text_ids[p.row]), lengths, min_visual)
             m.second_strategy_used += p.kind != first
 
 
@@ -203,7 +203,7 @@ def _count(m: Metrics, pick: Pick, phrase: int, lengths: Sequence[int], min_visu
            ) -> None:
     m.negatives += 1
     m.phrase_uses[phrase] += 1
-    m.negative_length.add(lengths[phrase])
+    m.negative_length.add(int(lengths[phrase]))
     if pick.kind == "hard":
         m.hard_successes += 1
         m.hard_steps[pick.step] += 1

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,8 +22,12 @@ from hnm.engine import Candidates, make_selector, select_negatives
 from hnm.metrics import Metrics, phrase_diversity_vs_data
 from hnm.outputs import RecordWriter
 from hnm.plan import Plan, provenance
-from hnm.storage import RunDir, read_npz
+from hnm.storage import RunDir, npz_members
 from hnm.tables import load_arrays
+
+# Anchors whose candidate lists the selection reads and judges at once: the reduce holds
+# a window's lists, masks and outcomes (about 4 MB per 1,000 anchors), not a shard's.
+REDUCE_WINDOW = 1 << 14
 
 
 @dataclass(frozen=True)
@@ -80,21 +87,23 @@ def reduce_phase(config: Config, run: RunDir, ds: ColumnarCorpus, plan: Plan,
     tab = load_arrays(run, ds, config)
     u = ds.anchor_uniforms(config.seed, np.arange(ds.num_anchors))
     selector = make_selector(config, tab, ds.phrases)
-    shards = ((np.arange(*s.anchors), Candidates.from_arrays(read_npz(run.candidates(s.shard))))
-              for s in plan.shards)
     parts, selected, written = [], 0, 0.0
-    # each shard's records and suspects are written as its picks come: no pick is held
-    # past its shard
-    with RecordWriter(config, run, ds, progress) as out:
-        for part, done in zip(plan.shards, select_negatives(config, selector, shards, u,
-                                                            ds.phrases)):
+    # a shard's lists are read and judged a window at a time, and each window's records
+    # and suspects are written as its picks come: no list or pick is held past its window
+    with ExitStack() as files, RecordWriter(config, run, ds, progress) as out:
+        shards = ((np.arange(*s.anchors), windows(files, run.candidates(s.shard)))
+                  for s in plan.shards)
+        for done in select_negatives(config, selector, shards, u, ds.phrases):
             t = time.perf_counter()
             out.shard(done.anchors, done.picks, done.outcomes, done.suspects)
             written += time.perf_counter() - t
-            parts.append(done.metrics)
             selected += len(done.picks)
             progress("select", selected, ds.num_anchors)
-            testpoints.reach("reduce", at=(run.logs, part.shard))
+            if done.last:
+                shard = plan.shards[len(parts)].shard
+                parts.append(done.metrics)
+                files.close()  # the shard's candidate file
+                testpoints.reach("reduce", at=(run.logs, shard))
         t = time.perf_counter()
     t1 = time.perf_counter()
     written += t1 - t
@@ -108,6 +117,26 @@ def reduce_phase(config: Config, run: RunDir, ds: ColumnarCorpus, plan: Plan,
     run.write_marker(run.done, {}, [run.records(config.output_format), run.suspects,
                                     run.report, run.metrics])
     return metrics
+
+
+def windows(files: ExitStack, path: Path) -> Iterator[Candidates]:
+    """A candidate file's lists, REDUCE_WINDOW anchors (or a block more) at a time, each
+    read when the one before has been judged; the file stays open in `files`."""
+    members = files.enter_context(npz_members(path))
+    held: list[Candidates] = []
+    for block in Candidates.from_file(members):
+        held.append(block)
+        if sum(map(len, held)) >= REDUCE_WINDOW:
+            yield Candidates.concat(held)
+            held = []
+    if held:
+        yield Candidates.concat(held)
+
+
+def read_candidates(path: Path) -> Candidates:
+    """A shard's candidate lists, whole."""
+    with npz_members(path) as members:
+        return Candidates.concat(list(Candidates.from_file(members)))
 
 
 def metrics_document(config: Config, ds: ColumnarCorpus, plan: Plan, parts: list[Metrics],

@@ -19,7 +19,7 @@ import re
 import secrets
 import stat
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO, Any
@@ -197,20 +197,21 @@ class Area:
             yield out
             out.finish()
 
-    def write_npz_blocks(self, path: str | Path,
-                         members: Iterable[tuple[str, list[np.ndarray]]]) -> None:
-        """An .npz archive as numpy.savez writes it, each member written from its blocks
-        (consecutive rows) as they are: no member is ever concatenated in memory."""
+    @contextmanager
+    def npz_members(self, path: str | Path) -> Iterator[Callable[[str, np.ndarray], None]]:
+        """An .npz archive written member by member as the caller's arrays come (each
+        stored as numpy.savez stores it), renamed over `path` when the block ends: the
+        caller holds one member at a time, never the whole archive."""
         import zipfile
 
         with self.open(path) as handle, zipfile.ZipFile(
                 handle, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
-            for name, blocks in members:
+            def put(name: str, array: np.ndarray) -> None:
                 with archive.open(name + ".npy", "w", force_zip64=True) as member:
-                    out = NpyRows(member, sum(len(b) for b in blocks))
-                    for block in blocks:
-                        out.add(block)
-                    out.finish()
+                    np.lib.format.write_array(member, np.asanyarray(array),
+                                              allow_pickle=False)
+
+            yield put
 
     @contextmanager
     def npy(self, path: str | Path, shape: tuple[int, ...], dtype: Any) -> Iterator[np.ndarray]:

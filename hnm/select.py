@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -22,9 +22,19 @@ BRUTE_SHARE = 32
 BRUTE_MIN = 2048
 
 
-def standard_limits(phrases: list[str]) -> list[int]:
+def phrase_lengths(phrases: Sequence[str]) -> np.ndarray:
+    """Each phrase's length in characters; a corpus store's phrases give theirs from
+    their column (`lengths()`) without building a string each."""
+    lengths = getattr(phrases, "lengths", None)
+    if lengths is not None:
+        return lengths()
+    return np.fromiter(map(len, phrases), np.int64, len(phrases))
+
+
+def standard_limits(phrases: Sequence[str]) -> np.ndarray:
     """SPEC §4: 1 use for phrases under 60 characters, 2 under 100, else 3."""
-    return [1 if len(p) < 60 else 2 if len(p) < 100 else 3 for p in phrases]
+    n = phrase_lengths(phrases)
+    return np.where(n < 60, 1, np.where(n < 100, 2, 3)).astype(np.int64)
 
 
 class PhraseWindow:
@@ -34,7 +44,7 @@ class PhraseWindow:
     phrases whose free state it changed, so what is free can be kept indexed.
     """
 
-    def __init__(self, size: int, limits: list[int]) -> None:
+    def __init__(self, size: int, limits: np.ndarray) -> None:
         self.size = size
         self.limit = limits
         self.count = np.zeros(len(limits), np.int64)  # in the window iff count > 0
@@ -80,9 +90,12 @@ class FreeRows:
         self.per_cluster = np.bincount(clusters[rows], minlength=num_clusters)
         self.total = len(rows)
         self.phrase_free = np.ones(num_phrases, bool)  # below the standard limit
-        self.free_phrases = set(np.unique(self.rows_pid).tolist())  # ... with eligible rows
+        self.has_rows = self.phrase_start[1:] > self.phrase_start[:-1]  # eligible ones
+        self.free_phrases = int(self.has_rows.sum())  # free phrases with eligible rows
 
     def set_free(self, phrase: int, free: bool) -> None:
+        if self.phrase_free[phrase] == free:
+            return
         self.phrase_free[phrase] = free
         h0, h1 = self.hist_start[phrase], self.hist_start[phrase + 1]
         if h0 == h1:
@@ -90,10 +103,7 @@ class FreeRows:
         sign = 1 if free else -1
         self.per_cluster[self.hist_cluster[h0:h1]] += sign * self.hist_count[h0:h1]
         self.total += sign * int(self.phrase_start[phrase + 1] - self.phrase_start[phrase])
-        if free:
-            self.free_phrases.add(phrase)
-        else:
-            self.free_phrases.discard(phrase)
+        self.free_phrases += sign
 
     def count(self, own: int, other: bool) -> int:
         """Free rows in clusters other than `own` (other=True), or in `own`."""
@@ -102,10 +112,11 @@ class FreeRows:
 
     def listed(self) -> np.ndarray:
         """Every free row, ascending."""
-        if len(self.free_phrases) > FEW_PHRASES:
+        if self.free_phrases > FEW_PHRASES:
             return self.rows[self.phrase_free[self.rows_pid]]
         start = self.phrase_start
-        parts = [self.phrase_rows[start[p]:start[p + 1]] for p in self.free_phrases]
+        parts = [self.phrase_rows[start[p]:start[p + 1]]
+                 for p in np.flatnonzero(self.phrase_free & self.has_rows).tolist()]
         return np.sort(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
 
 

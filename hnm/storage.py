@@ -101,12 +101,34 @@ def read_npy(path: Path, mmap: bool = False) -> np.ndarray:
                        "command (it computes it again)") from None
 
 
-def read_npz(path: Path) -> dict[str, np.ndarray]:
+@contextmanager
+def npz_members(path: Path) -> Iterator[NpzMembers]:
+    """An .npz archive hnm wrote, its members read one at a time when asked for."""
     try:
-        with np.load(path, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
+        data = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise HnmError(f"{path}: damaged ({_reason(exc)}); rerun with --overwrite") from None
+    with data:
+        yield NpzMembers(path, data)
+
+
+class NpzMembers:
+    """The members of an open .npz archive (`npz_members`); damage is one line naming the
+    file."""
+
+    def __init__(self, path: Path, data: Any) -> None:
+        self.path, self.data = path, data
+        self.names = list(data.files)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.names
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        try:
+            return self.data[name]
+        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as exc:
+            raise HnmError(f"{self.path}: damaged ({_reason(exc)}); rerun with "
+                           "--overwrite") from None
 
 
 def json_text(data: Any) -> str:

@@ -25,7 +25,8 @@ from hnm.miner import Arrays, CrossRule, Ragged, cut, neighbours
 from hnm.outcome import REASON_LABELS, REASONS
 from hnm.pages import CSS, esc, fmt, html_table, page
 from hnm.plan import Plan, input_digest, read_plan
-from hnm.storage import RunDir, read_json, read_npz, verify_marker
+from hnm.reduce import read_candidates
+from hnm.storage import RunDir, read_json, verify_marker
 from hnm.summary import suggestion
 from hnm.tables import load_arrays, open_index
 
@@ -182,7 +183,7 @@ def point_lists(saved: Saved, pairs: list[tuple[float, float, float | None]]
     anchors = np.arange(saved.ds.num_anchors)
     index = None
     if all(run.is_done("candidates", p.shard) for p in saved.plan.shards):
-        cands = Candidates.concat([Candidates.from_arrays(read_npz(run.candidates(p.shard)))
+        cands = Candidates.concat([read_candidates(run.candidates(p.shard))
                                    for p in saved.plan.shards])
         if all(pair == (c.cosine_threshold, c.min_visual_similarity, c.max_cross_score_ratio)
                for pair in pairs):

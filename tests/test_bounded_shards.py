@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import tracemalloc
 import zipfile
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +16,9 @@ from synthetic import make_dataset
 from test_engine import random_case
 from test_formats import _ds
 
-from hnm import embed, engine
+from hnm import embed, engine, reduce
 from hnm.config import Config
-from hnm.engine import Candidates, candidate_parts
+from hnm.engine import Candidates, candidate_blocks, find_candidates
 from hnm.grid import finalize
 from hnm.kmeans import kmeans
 from hnm.lifecycle import prepare
@@ -68,31 +69,44 @@ def test_no_block_is_the_empty_table_hnm_writes_and_a_short_file_is_never_rename
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.npy"]  # no temporary left
 
 
-def _members(path) -> list[tuple[str, bytes]]:
-    with zipfile.ZipFile(path) as z:
-        return [(i.filename, z.read(i.filename)) for i in z.infolist()]
+def _same(a: Candidates, b: Candidates) -> bool:
+    return all(np.array_equal(x, y, equal_nan=True)
+               for x, y in zip(a.to_arrays().values(), b.to_arrays().values()))
 
 
 @pytest.mark.parametrize("seed", [3, 11, 29])
-def test_candidate_lists_written_from_their_parts_are_the_concatenated_ones(tmp_path,
-                                                                          monkeypatch, seed):
-    """Blocks of 7 anchors: the archive written from the parts holds, member by member,
-    the bytes numpy.savez writes of the concatenated lists."""
+def test_candidate_files_written_block_by_block_read_back_whole_and_in_windows(
+        tmp_path, monkeypatch, seed):
+    """Blocks of 7 anchors, each written into the shard's file as it is found: the file
+    reads back as the lists found at once, whole and in reduce windows of any size; a
+    file of one unnumbered block (as earlier releases wrote) reads as that block; a file
+    without blocks holds no anchor."""
     V, T, text_ids, groups, phrases, blacklist, config, n = random_case(seed)
     clusters, _ = kmeans(V, config.n_clusters, config.seed)
     eligible = eligible_phrases(T, phrases, blacklist, config.min_answer_length,
                                 config.blacklist_similarity)
     tab = Arrays(V, T, text_ids, groups, eligible[text_ids], clusters)
+    whole, _ = find_candidates(config, tab, np.arange(n))
     monkeypatch.setattr(engine, "ANCHOR_BATCH", 7)
-    anchors = np.arange(n)
-    parts, _ = candidate_parts(config, tab, anchors)
-    assert len(parts) == -(-n // 7)
-    Area(tmp_path).write_npz_blocks(tmp_path / "parts.npz", Candidates.members(parts))
-    np.savez(tmp_path / "whole.npz", **Candidates.concat(parts).to_arrays())
-    assert _members(tmp_path / "parts.npz") == _members(tmp_path / "whole.npz")
-    Area(tmp_path).write_npz_blocks(tmp_path / "none.npz", Candidates.members([]))
-    np.savez(tmp_path / "none_whole.npz", **Candidates.concat([]).to_arrays())
-    assert _members(tmp_path / "none.npz") == _members(tmp_path / "none_whole.npz")
+    area, path = Area(tmp_path), tmp_path / "shard.npz"
+    with area.npz_members(path) as put:
+        for b, block in enumerate(candidate_blocks(config, tab, np.arange(n))):
+            for name, array in block.blocks_to_file(b).items():
+                put(name, array)
+    with zipfile.ZipFile(path) as z:
+        assert len(z.namelist()) == -(-n // 7) * len(engine.MEMBERS)
+    assert _same(reduce.read_candidates(path), whole)
+    for size in (1, 7, 10, n):
+        monkeypatch.setattr(reduce, "REDUCE_WINDOW", size)
+        with ExitStack() as files:
+            got = list(reduce.windows(files, path))
+        assert [len(w) for w in got[:-1]] == [max(7, -(-size // 7) * 7)] * (len(got) - 1)
+        assert _same(Candidates.concat(got), whole)
+    np.savez(tmp_path / "old.npz", **whole.to_arrays())
+    assert _same(reduce.read_candidates(tmp_path / "old.npz"), whole)
+    with area.npz_members(tmp_path / "none.npz"):
+        pass
+    assert len(reduce.read_candidates(tmp_path / "none.npz")) == 0
 
 
 # ---------------------------------------------------------------- the plan's cut

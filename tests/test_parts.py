@@ -20,7 +20,7 @@ from fake_gpu import MIB, FakeCuda, FakeFaiss
 from points import SAFETY_S
 from synthetic import make_dataset, mine_args
 
-from hnm import cli
+from hnm import cli, engine, reduce
 from hnm import index as hindex
 from hnm.errors import HnmError
 from hnm.index import MappedFlatIP
@@ -250,6 +250,23 @@ def test_exact_outputs_are_byte_identical_for_any_parts_and_workers(data, one_pa
     assert len(plan["shards"]) == workers
     kinds = {json.loads(p.read_text())["index"] for p in (out / "candidates").glob("done_*")}
     assert kinds == ({"faiss-cpu"} if parts == 1 else {f"mapped-cpu/{parts} parts"})
+
+
+@pytest.mark.parametrize("window", [1, 40])
+def test_outputs_do_not_depend_on_the_blocks_and_windows_of_the_lists(data, one_part,
+                                                                       tmp_path, monkeypatch,
+                                                                       window):
+    """Candidate lists written 16 anchors at a time and judged by the reduce one block
+    (or 3 blocks) at a time: the same negatives, suspects and metrics, shard figures
+    included, as lists found and judged a shard at a time."""
+    monkeypatch.setattr(engine, "ANCHOR_BATCH", 16)
+    monkeypatch.setattr(reduce, "REDUCE_WINDOW", window)
+    out = _mine(data, tmp_path / "run", "--index", "exact", "--cpu-workers", "1")
+    for name in ("negatives.jsonl", "suspects.jsonl"):
+        assert _digest(out / name) == _digest(one_part / name), name
+    assert _metrics(out) == _metrics(one_part)
+    with np.load(out / "candidates" / "shard_00000.npz") as z:
+        assert len(z.files) == 25 * len(engine.MEMBERS)  # 400 anchors, 16 at a time
 
 
 def test_ivf_in_parts_writes_a_file_per_part_and_measures_the_same_recall(data, tmp_path):

@@ -16,6 +16,7 @@ from synthetic import make_dataset, mine_args
 from hnm.cli import main
 from hnm.data import anchor_uniforms, load_corpus
 from hnm.lifecycle import load_run_config
+from hnm.reduce import read_candidates
 from hnm.storage import RunDir
 
 
@@ -89,8 +90,8 @@ def saved_diverse_lists(run: RunDir) -> list[list[int]]:
     none), in anchor order over the shards."""
     lists = []
     for shard in json.loads(run.plan.read_text())["shards"]:
-        with np.load(run.root / "candidates" / f"shard_{shard['shard']:05d}.npz") as c:
-            rows, offsets = c["diverse_rows"], c["diverse_offsets"]
+        c = read_candidates(run.root / "candidates" / f"shard_{shard['shard']:05d}.npz")
+        rows, offsets = c.diverse.rows, c.diverse.offsets
         lists += [rows[offsets[i]:offsets[i + 1]].tolist() for i in range(len(offsets) - 1)]
     return lists
 

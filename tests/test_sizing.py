@@ -14,6 +14,7 @@ from synthetic import make_dataset, mine_args
 from hnm import host, placement, sizing, tables
 from hnm.config import Config
 from hnm.errors import HnmError
+from hnm.reduce import read_candidates
 from hnm.run.worker import Context, candidates_shard
 from hnm.sizing import choose_index
 from hnm.storage import RunDir
@@ -122,10 +123,10 @@ def test_a_worker_builds_its_index_once_for_all_its_shards(tmp_path: Path, monke
     from hnm.lifecycle import load_run_config
 
     ctx = Context(load_run_config(run), "cpu")
-    before = {s: np.load(run.candidates(s))["hard_rows"] for s in range(3)}
+    before = {s: read_candidates(run.candidates(s)).hard.rows for s in range(3)}
     for shard in range(3):
         candidates_shard(ctx, shard, lambda *a: None)
-        assert np.array_equal(np.load(run.candidates(shard))["hard_rows"], before[shard])
+        assert np.array_equal(read_candidates(run.candidates(shard)).hard.rows, before[shard])
     assert len(built) == 1
 
 

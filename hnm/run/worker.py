@@ -22,7 +22,7 @@ from hnm.callbacks import Progress
 from hnm.config import Config
 from hnm.corpus import ColumnarCorpus, open_corpus
 from hnm.encoders import build_text_encoder
-from hnm.engine import Candidates, candidate_parts
+from hnm.engine import candidate_blocks
 from hnm.index import SearchIndex, set_threads
 from hnm.joint import build_image_encoder, build_joint_model
 from hnm.miner import Arrays
@@ -153,6 +153,7 @@ def run_task(ctx: Context, task: Task, progress: Progress) -> dict[str, Any]:
                      else f"shard {task.shard}", ctx.device)
             info = PHASES[task.phase](ctx, task.shard, _search_point(progress))
             log.info("done: %s", info)
+    release_freed_memory()  # a worker waiting for its next task (or the reduce) holds none
     return info
 
 
@@ -245,7 +246,6 @@ def tables_once(ctx: Context, _: None, progress: Progress) -> dict[str, Any]:
     ctx.startup = 0.0
     info["peak_rss_mb"] = round(peak_rss_mb(), 1)
     ctx.run.mark_done("tables", None, info, files)
-    release_freed_memory()  # the IVF index was built in memory: the next phase needs none
     return info
 
 
@@ -257,12 +257,14 @@ def candidates_shard(ctx: Context, shard: int, progress: Progress) -> dict[str, 
     t1 = time.perf_counter()
     anchors = np.arange(*part.anchors)
     diverse_first = ds.anchor_uniforms(c.seed, anchors) < c.diverse_ratio
-    parts, kind = candidate_parts(c, tab, anchors, ctx.device, progress, diverse_first, index)
-    # each array written from the blocks' parts: the shard's lists are held once
-    ctx.run.write_npz_blocks(ctx.run.candidates(shard), Candidates.members(parts))
-    del parts
+    # each block's lists written as they are found: a worker holds one block, not its shard
+    with ctx.run.npz_members(ctx.run.candidates(shard)) as put:
+        for b, block in enumerate(candidate_blocks(c, tab, anchors, ctx.device, progress,
+                                                   diverse_first, index)):
+            for name, array in block.blocks_to_file(b).items():
+                put(name, array)
     info = {"search": time.perf_counter() - t1, "load_index": t1 - t0, "device": ctx.device,
-            "index": kind, "peak_rss_mb": round(peak_rss_mb(), 1)}
+            "index": index.kind, "peak_rss_mb": round(peak_rss_mb(), 1)}
     ctx.run.mark_done("candidates", shard, info, [ctx.run.candidates(shard)])
     return info
 
