@@ -16,9 +16,10 @@ from dataclasses import dataclass, field, replace
 
 from hnm import ivf
 from hnm.config import Config
+from hnm.engine import ANCHOR_BATCH, REDUCE_WINDOW
 from hnm.index import BUILD_PEAK, GPU_SHARE
-from hnm.ivf import ivf_shape
-from hnm.kmeans import KMEANS_SAMPLE
+from hnm.ivf import IVF_BATCH, ivf_shape
+from hnm.kmeans import KMEANS_SAMPLE, LABEL_BLOCK
 from hnm.sizing import (
     AUTO_EXACT_ROWS,
     CANDIDATE_BYTES,
@@ -50,13 +51,11 @@ STORE_EXTRA_BYTES = 48
 PHRASE_BYTES = 60  # one distinct phrase's text (corpus/phrases.arrow), assumed
 # --- processes (measured here: RssAnon after the imports, bench/README's machine) ---
 # A worker: hnm's worker modules, NumPy, FAISS and torch imported: 154 MiB measured; on
-# precomputed embeddings (torch never imported) an idle worker of a 300,000-row run held
-# 115 MiB, 92 MiB at a million (bench_scale, after its first task: FAISS, pyarrow).
+# precomputed embeddings, exact search (torch never imported) an idle worker held 72-115 MiB.
 PROCESS_BYTES = 160 * MIB
 BARE_PROCESS_BYTES = 110 * MIB
-# The launcher: the CLI, the API, the driver, pyarrow, the live view and the pool's
-# queues: 212-240 MiB measured while planning and waiting at 300,000 rows, of which about
-# 50 MiB are the planning pass's own (bench_scale).
+# The launcher (the CLI, the driver, pyarrow, the live view, the pool's queues; torch only
+# for GPU workers): 166 MiB measured waiting at 300,000 rows, after planning (bench_scale).
 LAUNCHER_BYTES = 160 * MIB
 # --- planning: reading the input in blocks, checks in bounded memory ---
 SCAN_ROWS = 1 << 14  # records of one block being read and checked (plan_scan.PLAN_BLOCK)
@@ -81,19 +80,21 @@ EMBED_BLOCK_ROWS = 1 << 13
 # not on its GPU. IVF lists go to the GPU a list at a time (no build peak); an exact part
 # is built there at FAISS's build peak (index.BUILD_PEAK).
 CODES_ON_GPU = False
-# A worker holds its shard's lists once: the blocks' lists are written into the archive
-# member by member (Area.write_npz_blocks), not concatenated first.
-LIST_COPIES = 1
-# The reduce holds a shard's lists and, while it judges them, their masks and outcomes:
-# 1.4 times the lists, measured (821 MiB for 150,000 anchors' lists of 453 MB and the
-# launcher's 160 MiB, bench_scale at 300,000 rows).
-REDUCE_LIST_COPIES = 1.4
+# A worker writes each block's lists as they are found (engine.ANCHOR_BATCH anchors, IVF's
+# batch on an IVF index): LIST_COPIES block lists with the search's temporaries (19 MiB
+# traced for an exact search of 100,000 anchors), and per anchor and list it probes
+# IVF_PROBE_BYTES (each probe's best rows; 454 MiB measured at 300,000 rows, bench_scale).
+LIST_COPIES = 3
+IVF_PROBE_BYTES = 3.5 * 1024
+# The reduce judges REDUCE_WINDOW anchors at a time, reading the next window meanwhile
+# (263 MiB measured for the launcher at 300,000 rows, bench_scale).
+REDUCE_LIST_COPIES = 1
 # select.FreeRows per eligible row: rows, phrase ids, by-phrase rows and the
 # (phrase, cluster) pairs with counts, int64 each.
 FREE_ROW_BYTES = 6 * 8
-# Per distinct phrase in the reduce: window count, limit, free flag, histogram starts and
-# its entry in the set of free phrases (a Python int in a set, ~60 bytes).
-PHRASE_STATE_BYTES = 8 + 8 + 1 + 16 + 60
+# Per distinct phrase in the reduce: window count, limit, length, free and eligible flags,
+# histogram and row starts (NumPy).
+PHRASE_STATE_BYTES = 8 + 8 + 8 + 1 + 1 + 8 + 8
 ROW_GROUP_ROWS = 1 << 16  # output rows written at once
 # One negative in an output line (its id, text, image, scores, strategy): measured 470
 # bytes a line for records of 145 bytes (tests/synthetic.py, 2,000 rows, one negative).
@@ -243,10 +244,16 @@ def estimate(shape: Shape, index: str, parts: int) -> Estimate:
     loaders = 0 if not s.encoders else (LOADERS_PER_GPU if on_gpu else 0) \
         if s.loaders is None else s.loaders
     base = PROCESS_BYTES if s.encoders else BARE_PROCESS_BYTES
+    # an IVF index is probed with torch (ivf.IvfIndex): its workers import it to search
+    searching = PROCESS_BYTES if index != "exact" else base
     visual, text = n * dv * FLOAT, u * dt * FLOAT
     columns = n * COLUMN_BYTES
     block = EMBED_BLOCK_ROWS * max(dv, dt) * 8.0 * 3
     per_anchor = candidate_bytes(c, n)
+    batch = ANCHOR_BATCH if index == "exact" else IVF_BATCH  # anchors searched at once
+    window = REDUCE_WINDOW + batch
+    probes = 0 if index == "exact" else \
+        min(c.ivf_nprobe or ivf_shape(n)[1], lists or 1)  # lists an anchor probes
     row_bytes = code_bytes(index, dv, getattr(c, "pq_bytes", None))
     part_index = part_rows * row_bytes + index_fixed(index, dv, lists)
     encoders = ENCODER_BYTES if s.encoders else 0.0
@@ -260,10 +267,12 @@ def estimate(shape: Shape, index: str, parts: int) -> Estimate:
     loader = Process("embed", "loader", s.workers * loaders,
                      base + PREFETCH * c.batch_size * IMAGE_BYTES,
                      shard_rows * (s.record_bytes + COLUMN_BYTES) / max(1, loaders))
+    # IVF: FAISS's k-means copies its sample, one part's lists are built at a time;
+    # clusters: a block of the sample at a time (kmeans.LABEL_BLOCK) and rows gathered from it
     train = 0.0 if index == "exact" else \
-        min(n, IVF_TRAIN_PER_LIST * lists) * dv * FLOAT + part_index
-    tables = Process("tables", "worker", 1,
-                     base + max(min(n, KMEANS_SAMPLE) * dv * FLOAT * 2, train),
+        2 * min(n, IVF_TRAIN_PER_LIST * lists) * dv * FLOAT + part_index
+    kmeans = min(n, KMEANS_SAMPLE, LABEL_BLOCK) * dv * FLOAT * 2
+    tables = Process("tables", "worker", 1, searching + max(kmeans, train),
                      visual + text + columns)
     # one exact part on a CPU: FAISS's copy of the table; in several, each searched where
     # it lies in the mapped table (parts.exact_parts)
@@ -271,11 +280,12 @@ def estimate(shape: Shape, index: str, parts: int) -> Estimate:
     gpu_index = BUILD_PEAK * part_index if index == "exact" else \
         part_index if index == "ivf" or CODES_ON_GPU else 0.0
     candidates = Process("candidates", "worker", s.workers,
-                         base + held + LIST_COPIES * shard_anchors * per_anchor,
+                         searching + held + min(shard_anchors, batch)
+                         * (LIST_COPIES * per_anchor + probes * IVF_PROBE_BYTES),
                          visual + text + columns + (0.0 if index == "exact" else part_index),
                          gpu_index if on_gpu else 0.0)
     reduce = Process("reduce", "launcher", 1,
-                     LAUNCHER_BYTES + REDUCE_LIST_COPIES * shard_anchors * per_anchor
+                     LAUNCHER_BYTES + REDUCE_LIST_COPIES * min(shard_anchors, window) * per_anchor
                      + n * FREE_ROW_BYTES
                      + u * PHRASE_STATE_BYTES + ROW_GROUP_ROWS * _line_bytes(s),
                      visual + text + columns + n * s.record_bytes)

@@ -43,6 +43,9 @@ ANCHOR_BATCH = 2048
 # Anchors whose wider diverse lists are computed together: one (64, d) x (d, N) product
 # costs little more than a single anchor's memory-bound (d, N) pass.
 WIDEN_BLOCK = 64
+# Anchors whose candidate lists the reduce reads and judges at once: it holds a window's
+# lists, masks and outcomes (a few MB per 1,000 anchors), not a shard's.
+REDUCE_WINDOW = 1 << 14
 # The arrays of a block of candidate lists (`Candidates.to_arrays`).
 MEMBERS = ("diverse_complete", "hard_before", "hard_fixed",
            *(f"{name}_{k}" for name in ("hard", "diverse")

@@ -259,7 +259,7 @@ OPTIONS: tuple[Option, ...] = (
         Option("index_parts", int, None, "split the search index into this many parts of "
                "consecutive rows, searched one at a time and merged exactly: a worker holds "
                "one part's index, not the whole; the results do not change", RUNTIME,
-               _POSITIVE, metavar="N", default_text="one per 262,144 rows",
+               _POSITIVE, metavar="N", default_text="one per 131,072 rows",
                doc="parts of the search index (consecutive rows, even split): each search "
                "opens one part at a time and merges the lists exactly, so a worker's index "
                "memory is one part's; the results do not change. Fixed when the run is "

@@ -20,8 +20,9 @@ import numpy as np
 from hnm.index import SearchIndex, merge_by_row
 
 # Rows of a part when --index-parts is left to the run: a part's IVF lists (d=512) are then
-# about 0.5 GB, built, held and searched one at a time; below it the index is one part.
-PART_ROWS = 1 << 18
+# about 0.25 GB, built, held and searched one at a time (the tables phase builds one part's
+# lists in memory); below it the index is one part.
+PART_ROWS = 1 << 17
 
 
 def index_parts(requested: int | None, rows: int) -> int:

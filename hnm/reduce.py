@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from hnm import report, testpoints
+from hnm import engine, report, testpoints
 from hnm.callbacks import Progress, no_progress
 from hnm.config import Config
 from hnm.corpus import ColumnarCorpus
@@ -24,10 +24,6 @@ from hnm.outputs import RecordWriter
 from hnm.plan import Plan, provenance
 from hnm.storage import RunDir, npz_members
 from hnm.tables import load_arrays
-
-# Anchors whose candidate lists the selection reads and judges at once: the reduce holds
-# a window's lists, masks and outcomes (about 4 MB per 1,000 anchors), not a shard's.
-REDUCE_WINDOW = 1 << 14
 
 
 @dataclass(frozen=True)
@@ -120,13 +116,13 @@ def reduce_phase(config: Config, run: RunDir, ds: ColumnarCorpus, plan: Plan,
 
 
 def windows(files: ExitStack, path: Path) -> Iterator[Candidates]:
-    """A candidate file's lists, REDUCE_WINDOW anchors (or a block more) at a time, each
+    """A candidate file's lists, engine.REDUCE_WINDOW anchors (or a block more) at a time, each
     read when the one before has been judged; the file stays open in `files`."""
     members = files.enter_context(npz_members(path))
     held: list[Candidates] = []
     for block in Candidates.from_file(members):
         held.append(block)
-        if sum(map(len, held)) >= REDUCE_WINDOW:
+        if sum(map(len, held)) >= engine.REDUCE_WINDOW:
             yield Candidates.concat(held)
             held = []
     if held:

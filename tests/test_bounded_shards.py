@@ -97,7 +97,7 @@ def test_candidate_files_written_block_by_block_read_back_whole_and_in_windows(
         assert len(z.namelist()) == -(-n // 7) * len(engine.MEMBERS)
     assert _same(reduce.read_candidates(path), whole)
     for size in (1, 7, 10, n):
-        monkeypatch.setattr(reduce, "REDUCE_WINDOW", size)
+        monkeypatch.setattr(engine, "REDUCE_WINDOW", size)
         with ExitStack() as files:
             got = list(reduce.windows(files, path))
         assert [len(w) for w in got[:-1]] == [max(7, -(-size // 7) * 7)] * (len(got) - 1)

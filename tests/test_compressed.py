@@ -215,9 +215,9 @@ def test_auto_takes_codes_where_the_lists_do_not_fit(monkeypatch):
     assert tight.describe().startswith("ivfpq, 512 lists, 8 probed per query, 2 for the ")
     small = choose_index(config, 100_000, ["cpu"], sizes)  # exact: no budget asked
     assert small.kind == "exact"
-    # the estimate counts the codes, not the float32 lists
+    # the estimate counts the codes, not the float32 lists: one part's (2 parts of 100,000)
     phases = {p.phase: p for p in sizing.estimate(config, sizes(), tight)}
-    assert phases["candidates"].shared == 200_000 * (64 * 4 + 32 * 4 / 4 + 16)
+    assert phases["candidates"].shared == 200_000 * (64 * 4 + 32 * 4 / 4) + 100_000 * 16
 
 
 def test_pq_bytes_must_divide_the_dimension(monkeypatch):

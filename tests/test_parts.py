@@ -20,7 +20,7 @@ from fake_gpu import MIB, FakeCuda, FakeFaiss
 from points import SAFETY_S
 from synthetic import make_dataset, mine_args
 
-from hnm import cli, engine, reduce
+from hnm import cli, engine
 from hnm import index as hindex
 from hnm.errors import HnmError
 from hnm.index import MappedFlatIP
@@ -260,7 +260,7 @@ def test_outputs_do_not_depend_on_the_blocks_and_windows_of_the_lists(data, one_
     (or 3 blocks) at a time: the same negatives, suspects and metrics, shard figures
     included, as lists found and judged a shard at a time."""
     monkeypatch.setattr(engine, "ANCHOR_BATCH", 16)
-    monkeypatch.setattr(reduce, "REDUCE_WINDOW", window)
+    monkeypatch.setattr(engine, "REDUCE_WINDOW", window)
     out = _mine(data, tmp_path / "run", "--index", "exact", "--cpu-workers", "1")
     for name in ("negatives.jsonl", "suspects.jsonl"):
         assert _digest(out / name) == _digest(one_part / name), name
@@ -354,9 +354,9 @@ def test_torchrun_two_ranks_in_two_parts_match_the_single_process_run(tmp_path):
 
 @pytest.mark.parametrize(("requested", "rows", "parts"), [
     (None, 1, 1), (None, PART_ROWS, 1), (None, PART_ROWS + 1, 2), (None, 4 * PART_ROWS, 4),
-    (None, 3_000_000, 12), (3, 2, 2), (5, 1000, 5), (1, 10 * PART_ROWS, 1)])
+    (None, 3_000_000, 23), (3, 2, 2), (5, 1000, 5), (1, 10 * PART_ROWS, 1)])
 def test_left_to_the_run_the_parts_follow_the_rows(requested, rows, parts):
-    """--index-parts left out: one part per PART_ROWS rows (a part's index about half a
-    GB), so a process's index memory stays a part's as N grows; asked for: as asked, never
-    more parts than rows."""
+    """--index-parts left out: one part per PART_ROWS rows (a part's index about a
+    quarter of a GB), so a process's index memory stays a part's as N grows; asked for:
+    as asked, never more parts than rows."""
     assert index_parts(requested, rows) == parts

@@ -187,7 +187,10 @@ class WorkerPool:
     """One spawned process per device; failed shards are retried on whichever is free."""
 
     def __init__(self, config: Config, devices: list[str], view: ProgressView) -> None:
-        import torch.multiprocessing as mp
+        if any(d.startswith("cuda") for d in devices):
+            import torch.multiprocessing as mp  # GPU workers: torch's own spawning
+        else:  # CPU workers share nothing but files: the launcher need not import torch
+            import multiprocessing as mp
 
         # A worker killed mid-write (kill -9, OOM) can leave a queue semaphore behind; the
         # tracker that reclaims it would print a warning, which is noise once it is reclaimed.
