@@ -83,10 +83,11 @@ def test_an_embed_worker_on_precomputed_embeddings():
         == ["worker"]
 
 
-def test_the_reduce_holds_one_shard_and_the_selection_state():
+def test_the_reduce_holds_one_window_and_the_selection_state():
     shape = replace(SMALL, ranks=2, cpu_workers=2)
     reduce = phase(estimate(shape, "ivf", 1), "reduce", "launcher")
-    # one shard's lists in memory: k_nn 30 + 64 diverse + 2 x 16 margins, 24 bytes each
+    # a window's lists in memory, here a shard's 250 anchors (fewer than a window): k_nn
+    # 30 + 64 diverse + 2 x 16 margins, 24 bytes each
     assert reduce.private == capacity.LAUNCHER_BYTES \
         + capacity.REDUCE_LIST_COPIES * 250 * (30 + 64 + 32) * 24 \
         + 1000 * capacity.FREE_ROW_BYTES + 500 * capacity.PHRASE_STATE_BYTES \
