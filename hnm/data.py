@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,6 @@ from hnm.checks import (
     image_file,
     image_limit,
     image_problem,
-    is_file,
     mapped,
     normalize,
     record_id,
@@ -37,10 +35,10 @@ from hnm.checks import (
 )
 from hnm.config import Config, Fields
 from hnm.errors import HnmError
-from hnm.readers import BLOCK_ROWS, ImageRef, Input, Part, Source, check_normalization, payload
+from hnm.readers import BLOCK_ROWS, ImageRef, Input, Part, Source, check_normalization
 
 __all__ = ["MAX_DEPTH", "Corpus", "Scan", "anchor_uniforms", "check_mapping",
-           "duplicate_images", "file_stats", "image_limit", "image_problem", "load_corpus",
+           "file_stats", "image_limit", "image_problem", "load_corpus",
            "normalize", "scan", "too_large"]
 
 
@@ -318,49 +316,3 @@ def anchor_uniforms(ids: list[Any], seed: int) -> np.ndarray:
     return out
 
 
-def duplicate_images(images: list[Path | ImageRef]) -> dict[str, int]:
-    """Rows whose image holds the same bytes as an earlier row's (by SHA-256).
-
-    Only images whose size another image shares are read: a unique size cannot repeat.
-    Images in Parquet shards have no size until read: those are all read.
-    """
-    sizes: dict[Any, int | None] = {p: _size(p) for p in dict.fromkeys(images)}
-    same_size = Counter(s for s in sizes.values() if s is not None and s >= 0)
-    keys: dict[Any, Any] = {}
-    for p, size in sizes.items():
-        if size is None:
-            keys[p] = None
-        elif size >= 0 and same_size[size] == 1:
-            keys[p] = ("image", p)  # the only image of its size: equal only to itself
-        else:
-            keys[p] = _sha256(p)
-    rows: dict[Any, int] = defaultdict(int)
-    for p in images:
-        if keys[p] is not None:
-            rows[keys[p]] += 1
-    readable = sum(rows.values())
-    return {"rows": len(images), "unreadable": len(images) - readable,
-            "duplicate_rows": readable - len(rows),
-            "groups": sum(c > 1 for c in rows.values())}
-
-
-def _size(image: Path | ImageRef) -> int | None:
-    """Bytes of the image; -1: unknown until read; None: unreadable."""
-    if isinstance(image, ImageRef):
-        return image.size
-    try:
-        return image.stat().st_size if is_file(image) else None
-    except OSError:
-        return None
-
-
-def _sha256(image: Path | ImageRef) -> str | None:
-    if isinstance(image, ImageRef) and image.digest is not None:
-        return image.digest  # hashed when the reader had its bytes in hand
-    try:
-        data = payload(image)
-        if isinstance(data, Path):
-            data = data.read_bytes()
-    except (OSError, ValueError):  # pyarrow's read errors derive from these too
-        return None
-    return None if data is None else hashlib.sha256(data).hexdigest()

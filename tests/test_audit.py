@@ -11,11 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from reference import duplicate_images
 from synthetic import make_dataset, mine_args
 from test_engine import random_case
 
 from hnm.cli import main
-from hnm.data import anchor_uniforms, duplicate_images
+from hnm.data import anchor_uniforms
 from hnm.engine import Selected, find_candidates, make_selector, select_negatives
 from hnm.grid import finalize
 from hnm.kmeans import kmeans

@@ -370,7 +370,9 @@ def test_duplicates_are_counted_from_the_read_that_checked_them(tmp_path, monkey
     count equals one made by hashing every tensor's bytes."""
     import hashlib
 
-    from hnm.data import duplicate_images, load_corpus
+    from reference import duplicate_images
+
+    from hnm.data import load_corpus
     from hnm.readers import avdn as reader
 
     base = [avdn_data.image(i, 12) for i in range(4)]

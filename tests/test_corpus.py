@@ -11,6 +11,7 @@ import avdn_data
 import numpy as np
 import pytest
 from builders import cli, records
+from reference import duplicate_images as duplicates_in_memory
 from synthetic import make_dataset, mine_args
 
 from hnm import demo, outputs
@@ -19,7 +20,6 @@ from hnm.corpus import BATCH_ROWS, ColumnarCorpus, open_corpus, problem
 from hnm.corpus_images import duplicate_images
 from hnm.corpus_write import blocks_of, facts_of, store_corpus, write_corpus
 from hnm.data import Corpus, anchor_uniforms, load_corpus
-from hnm.data import duplicate_images as duplicates_in_memory
 from hnm.errors import HnmError
 from hnm.outcome import RULES, Outcomes
 from hnm.readers import ImageRef
