@@ -83,9 +83,9 @@ CODES_ON_GPU = False
 # A worker writes each block's lists as they are found (engine.ANCHOR_BATCH anchors, IVF's
 # batch on an IVF index): LIST_COPIES block lists with the search's temporaries (19 MiB
 # traced for an exact search of 100,000 anchors), and per anchor and list it probes
-# IVF_PROBE_BYTES (each probe's best rows; 454 MiB measured at 300,000 rows, bench_scale).
+# IVF_PROBE_BYTES (each probe's best rows), fitted to bench_scale's 0.3 / 1 / 3 M rows.
 LIST_COPIES = 3
-IVF_PROBE_BYTES = 3.5 * 1024
+IVF_PROBE_BYTES = 3 * 1024
 # The reduce judges REDUCE_WINDOW anchors at a time, reading the next window meanwhile
 # (263 MiB measured for the launcher at 300,000 rows, bench_scale).
 REDUCE_LIST_COPIES = 1
@@ -267,10 +267,10 @@ def estimate(shape: Shape, index: str, parts: int) -> Estimate:
     loader = Process("embed", "loader", s.workers * loaders,
                      base + PREFETCH * c.batch_size * IMAGE_BYTES,
                      shard_rows * (s.record_bytes + COLUMN_BYTES) / max(1, loaders))
-    # IVF: FAISS's k-means copies its sample, one part's lists are built at a time;
-    # clusters: a block of the sample at a time (kmeans.LABEL_BLOCK) and rows gathered from it
+    # IVF: FAISS's k-means on its sample, one part's lists built at a time; clusters: a
+    # block of the sample at a time (kmeans.LABEL_BLOCK) and rows gathered from it
     train = 0.0 if index == "exact" else \
-        2 * min(n, IVF_TRAIN_PER_LIST * lists) * dv * FLOAT + part_index
+        min(n, IVF_TRAIN_PER_LIST * lists) * dv * FLOAT + part_index
     kmeans = min(n, KMEANS_SAMPLE, LABEL_BLOCK) * dv * FLOAT * 2
     tables = Process("tables", "worker", 1, searching + max(kmeans, train),
                      visual + text + columns)
