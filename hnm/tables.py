@@ -112,12 +112,14 @@ def load_arrays(run: RunDir, ds: Corpus | ColumnarCorpus, config: Config) -> Arr
     """The tables phase's arrays, memory-mapped, with the dataset's row facts (a corpus
     store's columns are memory-mapped too); with a joint space, the texts in it
     (miner.Arrays.C)."""
-    T = read_npy(run.table("text"), mmap=True)
-    C = read_npy(run.table("cross"), mmap=True) if cross_table(config) \
+    # plain array views of the maps (no copy): a memmap's own indexing costs tens of
+    # microseconds a call, paid on every small gather of the selection pass
+    T = np.asarray(read_npy(run.table("text"), mmap=True))
+    C = np.asarray(read_npy(run.table("cross"), mmap=True)) if cross_table(config) \
         else T if has_joint_space(config) else None
     return Arrays(
-        V=read_npy(run.table("visual"), mmap=True), T=T,
-        text_ids=ds.text_ids, groups=ds.groups,
+        V=np.asarray(read_npy(run.table("visual"), mmap=True)), T=T,
+        text_ids=np.asarray(ds.text_ids), groups=np.asarray(ds.groups),
         eligible=read_npy(run.table("eligible"))[ds.text_ids],
         clusters=read_npy(run.table("clusters")), C=C,
     )
