@@ -7,7 +7,7 @@ tests and the benchmarks. Nothing here reads or writes files.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +34,7 @@ from hnm.miner import (
 )
 from hnm.outcome import Outcomes, other_groups_eligible, outcomes
 from hnm.parts import PartedIndex, index_parts, part_edges
-from hnm.select import Pick, Rules, Selector, phrase_lengths
+from hnm.select import Pick, Rules, Selector
 
 # Anchors per search call: its (B, k) candidate arrays stay a few MB and a search of
 # thousands of queries at once runs at FAISS's full speed (an index may ask for more, see
@@ -95,11 +95,11 @@ class Candidates:
         return {f"{name}.{block:05d}": array for name, array in self.to_arrays().items()}
 
     @classmethod
-    def from_file(cls, members: Mapping[str, np.ndarray] | Any) -> Iterator[Candidates]:
+    def from_file(cls, members: Mapping[str, np.ndarray]) -> Iterator[Candidates]:
         """A candidate file's blocks in order (`blocks_to_file`; a file of one unnumbered
         block, as earlier releases wrote, is read as that block). `members`: the file's
-        member names (`names`) and arrays, read when asked for."""
-        names = list(getattr(members, "names", members))
+        member names and arrays, read when asked for (`storage.NpzMembers`)."""
+        names = list(members)
         if "diverse_complete" in names:
             yield cls.from_arrays({k: members[k] for k in names})
             return
@@ -259,7 +259,7 @@ class Selected:
 
 def select_negatives(config: Config, selector: Selector,
                      shards: Iterable[tuple[np.ndarray, Candidates | Iterable[Candidates]]],
-                     u: np.ndarray, phrases: Sequence[str]) -> Iterator[Selected]:
+                     u: np.ndarray) -> Iterator[Selected]:
     """The selection pass over shards in input order, one selector (one phrase window) for
     all, then the audit and each anchor's outcome; each shard's metrics are counted from
     its final picks.
@@ -269,7 +269,6 @@ def select_negatives(config: Config, selector: Selector,
     read; the picks do not depend on the cut); u: every anchor's strategy draw.
     """
     tab = selector.tab
-    lengths = phrase_lengths(phrases)
     text_ids = np.asarray(tab.text_ids)
     diverse_possible = other_groups_eligible(np.asarray(tab.groups), np.asarray(tab.eligible))
     for anchors, lists in shards:
@@ -286,7 +285,7 @@ def select_negatives(config: Config, selector: Selector,
             why = outcomes(selector.rules, selector.pid, cands.hard, cands.hard_before,
                            cands.hard_fixed, u[a] >= config.diverse_ratio, raw, picks,
                            diverse_possible[selector.groups[a]])
-            tally(m, u[a], picks, text_ids[a].tolist(), text_ids, lengths,
+            tally(m, u[a], picks, text_ids[a].tolist(), text_ids, selector.lengths,
                   config.diverse_ratio, config.min_visual_similarity, why)
             cands = next(windows, None)
             yield Selected(a, picks, m, suspects, why, last=cands is None)
@@ -320,5 +319,5 @@ def mine_arrays(config: Config, tab: Arrays, phrases: list[str], u: np.ndarray,
     cands, _ = find_candidates(config, tab, anchors,
                                diverse_first=u[:num_anchors] < config.diverse_ratio)
     selector = make_selector(config, tab, phrases)
-    (done,) = select_negatives(config, selector, [(anchors, cands)], u, phrases)
+    (done,) = select_negatives(config, selector, [(anchors, cands)], u)
     return done.picks

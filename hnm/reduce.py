@@ -89,7 +89,7 @@ def reduce_phase(config: Config, run: RunDir, ds: ColumnarCorpus, plan: Plan,
     with ExitStack() as files, RecordWriter(config, run, ds, progress) as out:
         shards = ((np.arange(*s.anchors), windows(files, run.candidates(s.shard)))
                   for s in plan.shards)
-        for done in select_negatives(config, selector, shards, u, ds.phrases):
+        for done in select_negatives(config, selector, shards, u):
             t = time.perf_counter()
             out.shard(done.anchors, done.picks, done.outcomes, done.suspects)
             written += time.perf_counter() - t

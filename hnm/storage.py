@@ -120,8 +120,8 @@ class NpzMembers:
         self.path, self.data = path, data
         self.names = list(data.files)
 
-    def __contains__(self, name: object) -> bool:
-        return name in self.names
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
 
     def __getitem__(self, name: str) -> np.ndarray:
         try:

@@ -225,7 +225,7 @@ def evaluate(saved: Saved, config: Config, cands: Candidates, widen: Callable
     selector.widen = widen
     shards = ((np.arange(*s.anchors), cands.window(*s.anchors)) for s in saved.plan.shards)
     parts = [done.metrics
-             for done in select_negatives(config, selector, shards, saved.u, saved.ds.phrases)]
+             for done in select_negatives(config, selector, shards, saved.u)]
     summary = sum(parts, start=Metrics()).summary()
     # work done, not a result: it depends on which diverse lists were computed ahead
     summary.pop("diverse_widened_searches")

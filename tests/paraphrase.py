@@ -63,7 +63,7 @@ def mine_case(case: dict, config) -> list:
     anchors = np.arange(n)
     cands, _ = find_candidates(config, tab, anchors, diverse_first=u < config.diverse_ratio)
     (done,) = select_negatives(config, make_selector(config, tab, case["phrases"]),
-                               [(anchors, cands)], u, case["phrases"])
+                               [(anchors, cands)], u)
     return done
 
 

@@ -35,7 +35,7 @@ def selection(seed: int, **changes) -> tuple:
     u = anchor_uniforms([f"r{i}" for i in range(n)], config.seed)
     cands, _ = find_candidates(config, tab, anchors)
     (done,) = select_negatives(config, make_selector(config, tab, phrases), [(anchors, cands)],
-                               u, phrases)
+                               u)
     return config, tab, phrases, u, done
 
 

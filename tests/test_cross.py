@@ -46,7 +46,7 @@ def run_both(seed):
     anchors = np.arange(n)
     cands, _ = find_candidates(config, tab, anchors, diverse_first=u < config.diverse_ratio)
     (done,) = select_negatives(config, make_selector(config, tab, phrases), [(anchors, cands)],
-                               u, phrases)
+                               u)
     outcomes: list = []
     want = reference_mine(V, T, text_ids, groups, phrases, clusters, blacklist, u, config,
                           outcomes=outcomes, C=C)
@@ -107,7 +107,7 @@ def test_rule_off_or_no_joint_space_changes_nothing():
             anchors = np.arange(n)
             cands, _ = find_candidates(off, tab, anchors, diverse_first=u < off.diverse_ratio)
             (done,) = select_negatives(off, make_selector(off, tab, phrases),
-                                       [(anchors, cands)], u, phrases)
+                                       [(anchors, cands)], u)
             runs.append(done)
         strip = [[dataclasses.replace(p, cross=None, own=None) for p in row]
                  for row in runs[0].picks]

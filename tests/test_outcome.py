@@ -43,7 +43,7 @@ def both(case, drop: bool):
     anchors = np.arange(n)
     cands, _ = find_candidates(config, tab, anchors, diverse_first=u < config.diverse_ratio)
     (done,) = select_negatives(config, make_selector(config, tab, phrases), [(anchors, cands)],
-                               u, phrases)
+                               u)
     got = []
     for i in range(n):
         record = done.outcomes.record(i, several=True)
