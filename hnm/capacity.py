@@ -244,8 +244,8 @@ def estimate(shape: Shape, index: str, parts: int) -> Estimate:
     loaders = 0 if not s.encoders else (LOADERS_PER_GPU if on_gpu else 0) \
         if s.loaders is None else s.loaders
     base = PROCESS_BYTES if s.encoders else BARE_PROCESS_BYTES
-    # an IVF index is probed with torch (ivf.IvfIndex): its workers import it to search
-    searching = PROCESS_BYTES if index != "exact" else base
+    # IVF lists are scanned with torch on a GPU (ivf.IvfIndex), with NumPy on the host
+    searching = PROCESS_BYTES if index != "exact" and on_gpu else base
     visual, text = n * dv * FLOAT, u * dt * FLOAT
     columns = n * COLUMN_BYTES
     block = EMBED_BLOCK_ROWS * max(dv, dt) * 8.0 * 3

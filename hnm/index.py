@@ -73,10 +73,14 @@ _threads: list[int] = []  # the count set_threads was last given, for torch load
 
 
 def set_threads(threads: int) -> None:
-    """Threads of FAISS and torch in this process (CPU workers share the machine's cores).
-    torch is only told where it is loaded (a model ran, or the torch search backend runs,
-    see `threaded_torch`): importing it takes seconds that a run on precomputed embeddings saves."""
+    """Threads of NumPy's BLAS, FAISS and torch in this process (CPU workers share the
+    machine's cores: each BLAS would start a thread per core). torch is only told where it
+    is loaded (a model ran, or the torch search backend runs, see `threaded_torch`):
+    importing it takes seconds that a run on precomputed embeddings saves."""
+    from threadpoolctl import threadpool_limits
+
     _threads[:] = [threads]
+    threadpool_limits(threads, user_api="blas")
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(threads)
     if faiss_available():
@@ -228,9 +232,30 @@ def merge_by_row(D: np.ndarray, I: np.ndarray, D2: np.ndarray, I2: np.ndarray, k
     """The k best of two (nq, .) sets of scores and rows, best first, ties by row; row -1
     (a missing result, score -inf) after every row."""
     allD, allI = np.concatenate([D, D2], axis=1), np.concatenate([I, I2], axis=1)
-    order = np.lexsort((np.where(allI < 0, np.iinfo(np.int64).max, allI), -allD),
-                       axis=1)[:, :k]
+    if allD.dtype == np.float32 and (not allI.size or allI.max() < MISSING_ROW):
+        keys = order_keys(allD, allI)
+        top = np.argpartition(keys, k - 1, axis=1)[:, :k] if keys.shape[1] > k \
+            else np.broadcast_to(np.arange(keys.shape[1]), keys.shape)
+        order = np.take_along_axis(top, np.argsort(np.take_along_axis(keys, top, 1), axis=1), 1)
+    else:  # scores finer than float32, or rows past what a key numbers
+        order = np.lexsort((np.where(allI < 0, np.iinfo(np.int64).max, allI), -allD),
+                           axis=1)[:, :k]
     return np.take_along_axis(allD, order, 1), np.take_along_axis(allI, order, 1)
+
+
+# The row a missing result (-1) takes in `order_keys`: after every row a key can number.
+MISSING_ROW = (1 << 32) - 1
+
+
+def order_keys(D: np.ndarray, I: np.ndarray) -> np.ndarray:
+    """uint64 keys whose ascending order is the order of (float32 score descending, row
+    ascending, -1 last): the score's bits made monotonic (-0.0 counted as 0.0) above the row,
+    so that one partition and one sort of the k kept replace a lexsort of everything."""
+    bits = (np.asarray(D, np.float32) + np.float32(0.0)).view(np.int32).astype(np.int64)
+    rising = np.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # ascends with the score
+    falling = ((1 << 31) - 1 - rising).astype(np.uint64)  # 0 .. 2^32 - 1, best first
+    rows = np.where(I < 0, MISSING_ROW, I).astype(np.uint64)
+    return (falling << np.uint64(32)) | rows
 
 
 def _best(D: np.ndarray, I: np.ndarray, D2: np.ndarray, I2: np.ndarray, k: int

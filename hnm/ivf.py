@@ -111,42 +111,59 @@ class IvfIndex:
     Which lists are probed is exact (float64 products of grid values, ties to the lowest
     list), so a query probes the same lists on every device and in every batch; within
     them the proposals are certain up to `eps`, as an exact search's are. The lists are
-    scanned one at a time, all the queries probing a list together (one matrix product),
-    with torch on the host or on a GPU.
+    scanned one at a time, all the queries probing a list together (one matrix product):
+    with NumPy on the host, where the lists stay in the index's memory (a memory map when
+    loaded so), or with torch on a GPU, where they are copied.
     """
 
     exact = False
+    eps: float
 
     def __init__(self, index: Any, nprobe: int, device: str = "cpu",
                  float16: bool = False, far_nprobe: int | None = None) -> None:
         import faiss
 
-        torch = threaded_torch()
-        self.device = torch.device(device)
-        self.nlist, self.ntotal, d = index.nlist, index.ntotal, index.d
-        self.nprobe = min(nprobe, self.nlist)
-        xb = faiss.downcast_index(index.quantizer).get_xb()
-        centroids = faiss.rev_swig_ptr(xb, self.nlist * d).reshape(self.nlist, d)
-        self.centroids = torch.from_numpy(centroids.astype(np.float64))
-        self.centroids32 = torch.from_numpy(centroids.astype(np.float32))
+        self._coarse(index, nprobe)
+        d = index.d
         lists = faiss.extract_index_ivf(index).invlists
-        self.sizes = np.array([lists.list_size(j) for j in range(self.nlist)], np.int64)
-        dtype = torch.float16 if float16 else torch.float32
         self.ids, self.vectors = [], []
         for j, n in enumerate(self.sizes.tolist()):
             ids = faiss.rev_swig_ptr(lists.get_ids(j), n) if n else np.zeros(0, np.int64)
             codes = faiss.rev_swig_ptr(lists.get_codes(j), n * lists.code_size) if n \
                 else np.zeros(0, np.uint8)
-            self.ids.append(torch.from_numpy(np.array(ids, np.int64)).to(self.device))
-            vectors = torch.from_numpy(np.frombuffer(codes, np.float32).reshape(n, d))
-            self.vectors.append(vectors.to(self.device, dtype))  # on the host: no copy
-        self.index = index  # owns the lists' memory (a memory map when loaded so)
+            self.ids.append(np.array(ids, np.int64))
+            self.vectors.append(np.frombuffer(codes, np.float32).reshape(n, d))  # no copy
+        self.device = device
         self.eps = search_eps(d, float16)
-        self.kind = f"ivf-{self.device.type}" + ("-fp16" if float16 else "")
+        self.kind = f"ivf-{device.split(':')[0]}" + ("-fp16" if float16 else "")
+        if device != "cpu":  # the lists copied to the device
+            torch = threaded_torch()
+            dtype = torch.float16 if float16 else torch.float32
+            self.ids = [torch.from_numpy(ids).to(device) for ids in self.ids]
+            self.vectors = [torch.from_numpy(np.require(v, np.float32, ["W"])).to(device, dtype)
+                            for v in self.vectors]
+        self._with_far(far_nprobe)
+
+    def _coarse(self, index: Any, nprobe: int) -> None:
+        """The index's centroids (float64 and float32), list sizes and probe counts."""
+        import faiss
+
+        self.nlist, self.ntotal, d = index.nlist, index.ntotal, index.d
+        self.nprobe = min(nprobe, self.nlist)
+        xb = faiss.downcast_index(index.quantizer).get_xb()
+        centroids = faiss.rev_swig_ptr(xb, self.nlist * d).reshape(self.nlist, d)
+        self.centroids = centroids.astype(np.float64)
+        self.centroids32 = centroids.astype(np.float32)
+        lists = faiss.extract_index_ivf(index).invlists
+        self.sizes = np.array([lists.list_size(j) for j in range(self.nlist)], np.int64)
+        self.index = index  # owns the lists' memory (a memory map when loaded so)
         self.batch = IVF_BATCH
+
+    def _with_far(self, far_nprobe: int | None) -> None:
+        """`far`: the same lists probed `far_nprobe` at a time (where that differs)."""
         self._far: IvfIndex | None = None
         if far_nprobe is not None and far_nprobe != self.nprobe:
-            self._far = copy.copy(self)  # the same lists, fewer probes
+            self._far = copy.copy(self)
             self._far.nprobe = min(far_nprobe, self.nlist)
 
     @property
@@ -160,20 +177,17 @@ class IvfIndex:
         float32 scores decide wherever the nprobe-th and the next one are more than twice
         their error apart (then the exact order agrees); other queries are scored exactly.
         """
-        import torch
-
         if self.nprobe >= self.nlist:
             return np.broadcast_to(np.arange(self.nlist), (len(xq), self.nlist)).copy()
         xq = np.asarray(xq, np.float32)
-        scores = (torch.from_numpy(xq) @ self.centroids32.T).numpy()
+        scores = xq @ self.centroids32.T
         part = -np.partition(-scores, self.nprobe, axis=1)
         inner, outer = part[:, :self.nprobe].min(axis=1), part[:, self.nprobe]
         out = np.empty((len(xq), self.nprobe), np.int64)
         clear = inner - outer > 2 * search_eps(self.centroids32.shape[1])  # float32 products
         out[clear] = np.nonzero(scores[clear] >= inner[clear, None])[1].reshape(-1, self.nprobe)
         if not clear.all():
-            exact = (torch.from_numpy(xq[~clear].astype(np.float64)) @ self.centroids.T).numpy()
-            out[~clear] = self._exact_probes(exact)
+            out[~clear] = self._exact_probes(xq[~clear].astype(np.float64) @ self.centroids.T)
         return out
 
     def _exact_probes(self, scores: np.ndarray) -> np.ndarray:
@@ -183,19 +197,57 @@ class IvfIndex:
         chosen = (scores > cut) | (tied & (np.cumsum(tied, axis=1) <= need))
         return np.nonzero(chosen)[1].reshape(len(scores), self.nprobe)
 
-    def reach(self, xq: np.ndarray) -> np.ndarray:
-        return self.sizes[self.probes(xq)].sum(axis=1)
+    def coarse(self) -> IvfIndex:
+        """This index's probing alone (its centroids, not its lists): what the parts of an
+        index share (`parts.PartedIndex` chooses a query's lists once for all of them)."""
+        light = copy.copy(self)
+        light.ids = light.vectors = []
+        light.index = light._far = None
+        return light
 
-    def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def same_probes(self, other: IvfIndex) -> bool:
+        """Whether a query probes the same lists here and in `other`."""
+        return self.nprobe == other.nprobe and np.array_equal(self.centroids32,
+                                                              other.centroids32)
+
+    def reach(self, xq: np.ndarray, probes: np.ndarray | None = None) -> np.ndarray:
+        return self.sizes[self.probes(xq) if probes is None else probes].sum(axis=1)
+
+    def search(self, xq: np.ndarray, k: int, probes: np.ndarray | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """(nq, k) scores and rows, best first (row -1 past the probed rows); `probes`:
+        the lists each query probes, where already chosen."""
+        xq = np.ascontiguousarray(xq, dtype=np.float32)
+        probes = self.probes(xq) if probes is None else probes
+        if self.device != "cpu":
+            return self._search_device(xq, probes, k)
+        # each query's best k of each probed list, then its best k of those
+        D = np.full((len(xq), self.nprobe, k), -np.inf, np.float32)
+        I = np.full(D.shape, -1, np.int64)
+        for j, who, slot in _by_list(probes):
+            kk = min(k, int(self.sizes[j]))
+            S = xq[who] @ self.vectors[j].T  # (queries of list j, n_j)
+            pos = np.argpartition(-S, kk - 1, axis=1)[:, :kk] if S.shape[1] > kk \
+                else np.broadcast_to(np.arange(kk), (len(who), kk))
+            D[who, slot, :kk] = np.take_along_axis(S, pos, 1)
+            I[who, slot, :kk] = self.ids[j][pos]
+        D, I = D.reshape(len(xq), -1), I.reshape(len(xq), -1)
+        top = np.argpartition(-D, k - 1, axis=1)[:, :k] if D.shape[1] > k \
+            else np.broadcast_to(np.arange(D.shape[1]), D.shape)
+        D, I = np.take_along_axis(D, top, 1), np.take_along_axis(I, top, 1)
+        order = np.argsort(-D, axis=1, kind="stable")
+        return np.take_along_axis(D, order, 1), np.take_along_axis(I, order, 1)
+
+    def _search_device(self, xq: np.ndarray, probes: np.ndarray, k: int
+                       ) -> tuple[np.ndarray, np.ndarray]:
+        """The search with torch, the lists on a GPU."""
         import torch
 
-        xq = np.ascontiguousarray(xq, dtype=np.float32)
-        probes = self.probes(xq)
         q = torch.from_numpy(xq).to(self.device)
-        # each query's best k of each probed list, then its best k of those
         D = torch.full((len(xq), self.nprobe, k), -torch.inf, device=self.device)
         I = torch.full(D.shape, -1, dtype=torch.int64, device=self.device)
-        for j, who, slot in _by_list(probes, self.device):
+        for j, who, slot in _by_list(probes):
+            who, slot = (torch.from_numpy(x).to(self.device) for x in (who, slot))
             kk = min(k, int(self.sizes[j]))
             S = q[who] @ self.vectors[j].to(torch.float32).T  # (queries of list j, n_j)
             top, pos = torch.topk(S, kk, dim=1, sorted=False)
@@ -223,34 +275,19 @@ class CodesIndex(IvfIndex):
     def __init__(self, index: Any, nprobe: int, far_nprobe: int | None = None) -> None:
         import faiss
 
-        torch = threaded_torch()
-        self.device = torch.device("cpu")
-        self.nlist, self.ntotal, d = index.nlist, index.ntotal, index.d
-        self.nprobe = min(nprobe, self.nlist)
-        xb = faiss.downcast_index(index.quantizer).get_xb()
-        centroids = faiss.rev_swig_ptr(xb, self.nlist * d).reshape(self.nlist, d)
-        self.centroids = torch.from_numpy(centroids.astype(np.float64))
-        self.centroids32 = torch.from_numpy(centroids.astype(np.float32))
-        lists = faiss.extract_index_ivf(index).invlists
-        self.sizes = np.array([lists.list_size(j) for j in range(self.nlist)], np.int64)
-        self.index = index  # owns the lists' memory (a memory map when loaded so)
+        self._coarse(index, nprobe)
+        self.device = "cpu"
         pq = isinstance(faiss.downcast_index(index), faiss.IndexIVFPQ)
         self.kind = ("ivfpq" if pq else "ivfsq") + "-cpu"
-        self.batch = IVF_BATCH
-        self._far = None
-        if far_nprobe is not None and far_nprobe != self.nprobe:
-            self._far = copy.copy(self)  # the same lists, fewer probes
-            self._far.nprobe = min(far_nprobe, self.nlist)
+        self._with_far(far_nprobe)
 
-    def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        import torch
-
+    def search(self, xq: np.ndarray, k: int, probes: np.ndarray | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
         xq = np.ascontiguousarray(xq, dtype=np.float32)
-        probes = self.probes(xq)
+        probes = self.probes(xq) if probes is None else probes
         # the codes are residuals from their list's centroid: FAISS adds the query's score
         # with the centroid, given here for the lists chosen
-        coarse = np.take_along_axis((torch.from_numpy(xq) @ self.centroids32.T).numpy(),
-                                    probes, 1)
+        coarse = np.take_along_axis(xq @ self.centroids32.T, probes, 1)
         self.index.nprobe = self.nprobe  # the FAISS index is shared with `far`
         return self.index.search_preassigned(xq, k, probes, coarse)
 
@@ -266,18 +303,15 @@ def search_index(index: Any, nprobe: int, device: str = "cpu", float16: bool = F
     return CodesIndex(index, nprobe, far_nprobe)
 
 
-def _by_list(probes: np.ndarray, device: Any) -> Iterator[tuple[int, Any, Any]]:
-    """(list, the queries probing it, their probe slot) for every probed non-empty list."""
-    import torch
-
+def _by_list(probes: np.ndarray) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """(list, the queries probing it, their probe slot) for every probed list."""
     flat = probes.ravel()
     order = np.argsort(flat, kind="stable")
     lists = flat[order]
     query, slot = np.divmod(order, probes.shape[1])
     edges = np.concatenate([[0], np.flatnonzero(np.diff(lists)) + 1, [len(lists)]])
     for s, e in zip(edges[:-1], edges[1:]):
-        yield (int(lists[s]), torch.from_numpy(query[s:e]).to(device),
-               torch.from_numpy(slot[s:e]).to(device))
+        yield int(lists[s]), query[s:e], slot[s:e]
 
 
 def load_ivf(path: str) -> Any:

@@ -64,6 +64,8 @@ class PartedIndex:
             self.batch = int(first.batch)
         if hasattr(first, "rerank"):  # compressed codes: proposals per row wanted
             self.rerank = int(first.rerank)
+        # IVF parts trained once share their centroids: a query's lists are chosen once
+        self._coarse = first.coarse() if hasattr(first, "coarse") else None
         far_is_self = first.far is first
         del first
         self._far: PartedIndex | None = None
@@ -87,10 +89,12 @@ class PartedIndex:
         xq = np.ascontiguousarray(xq, dtype=np.float32)
         D = np.full((len(xq), k), -np.inf, np.float32)
         I = np.full((len(xq), k), -1, np.int64)
+        probes = self._coarse.probes(xq) if self._coarse is not None else None
         for p, (start, stop) in enumerate(zip(self.edges[:-1], self.edges[1:])):
             kk = min(k, int(stop - start))
             part = self.open_part(p)
-            Dp, Ip = part.search(xq, kk)
+            Dp, Ip = part.search(xq, kk, probes=probes) if self._shares(part) \
+                else part.search(xq, kk)
             self.eps = max(self.eps, float(part.eps))
             del part  # released before the next part is opened
             Dp, Ip = Dp[:, :kk].astype(np.float32), Ip[:, :kk]
@@ -102,8 +106,14 @@ class PartedIndex:
         if self.exact:
             return np.full(len(xq), self.ntotal)
         total = np.zeros(len(xq), np.int64)
+        probes = self._coarse.probes(xq) if self._coarse is not None else None
         for p in range(self.parts):
             part = self.open_part(p)
-            total += np.asarray(part.reach(xq), np.int64)
+            reach = part.reach(xq, probes) if self._shares(part) else part.reach(xq)
+            total += np.asarray(reach, np.int64)
             del part
         return total
+
+    def _shares(self, part: SearchIndex) -> bool:
+        """Whether `part` probes the lists the first part's centroids choose."""
+        return self._coarse is not None and self._coarse.same_probes(part)

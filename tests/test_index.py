@@ -12,7 +12,7 @@ from fake_gpu import GPU_MAX_SELECTION_K, MIB, FakeCuda, FakeFaiss
 from hnm import index as hindex
 from hnm import kmeans as hkmeans
 from hnm.grid import finalize
-from hnm.index import ChunkedFlatIP, FaissFlatIP, TorchFlatIP, placement
+from hnm.index import ChunkedFlatIP, FaissFlatIP, TorchFlatIP, merge_by_row, placement
 from hnm.ivf import IvfIndex, ivf_shape, train_ivf
 from hnm.kmeans import kmeans
 from hnm.miner import nearest
@@ -123,8 +123,8 @@ def test_ivf_lists_are_exact_over_the_probed_rows():
     index = IvfIndex(saved, nprobe=3)
     member = np.empty(len(V), np.int64)
     for j, ids in enumerate(index.ids):
-        member[ids.numpy()] = j
-    centroids = index.centroids.numpy()
+        member[ids] = j
+    centroids = index.centroids
 
     def probed(a: int) -> np.ndarray:
         scores = centroids @ V[a].astype(np.float64)
@@ -150,6 +150,24 @@ def test_ivf_results_do_not_depend_on_the_batch():
 
 
 @needs_faiss
+def test_ivf_on_the_host_and_through_torch_propose_the_same_rows():
+    """The host's NumPy scan and the device scan (torch, here on the host's "cpu:0") agree:
+    the same scores up to float32 error, the same rows wherever scores are not tied."""
+    V, saved = ivf_case(700, 16)
+    host, device = IvfIndex(saved, nprobe=3), IvfIndex(saved, nprobe=3, device="cpu:0")
+    assert (host.kind, device.kind) == ("ivf-cpu", "ivf-cpu")
+    D1, I1 = host.search(V[:200], 40)
+    D2, I2 = device.search(V[:200], 40)
+    assert np.allclose(D1, D2, atol=host.eps) and np.all(np.diff(D1, axis=1) <= 0)
+    assert [set(r) for r in I1] == [set(r) for r in I2]
+    assert np.array_equal(nearest(host, V, np.arange(200), 25, -np.inf)[0],
+                          nearest(device, V, np.arange(200), 25, -np.inf)[0])
+    D, I = host.search(V[:3], 10_000)  # more than the probed lists hold: padded
+    assert (I[:, -1] == -1).all() and np.isneginf(D[:, -1]).all()
+    assert all(len(set(r[r >= 0])) == (r >= 0).sum() == n for r, n in zip(I, host.reach(V[:3])))
+
+
+@needs_faiss
 def test_ivf_probes_break_ties_to_the_lowest_list():
     V, saved = ivf_case(200, 8)
     index = IvfIndex(saved, nprobe=3)
@@ -164,7 +182,7 @@ def test_ivf_probes_break_ties_to_the_lowest_list():
 def test_ivf_probes_from_float32_scores_are_the_exact_ones():
     V, saved = ivf_case(800, 64)
     index = IvfIndex(saved, nprobe=5)
-    exact = V.astype(np.float64) @ index.centroids.numpy().T
+    exact = V.astype(np.float64) @ index.centroids.T
     assert np.array_equal(index.probes(V), index._exact_probes(exact))
 
 
@@ -217,3 +235,27 @@ def test_kmeans_is_plain_lloyd_whatever_is_installed(monkeypatch, block):
     assert not hindex.faiss_available()
     without, again = kmeans(x, 6, seed=1)
     assert np.array_equal(labels, without) and np.array_equal(centroids, again)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_merge_by_row_is_the_lexsort_order(seed: int):
+    """Keys of (score, row) order the merge exactly as a lexsort of (-score, row, -1 last)
+    does: ties, -0.0 and 0.0, missing rows, negative and infinite scores."""
+    rng = np.random.default_rng(seed)
+    nq, a, b = 40, int(rng.integers(0, 30)), int(rng.integers(1, 30))
+    grid = np.array([-np.inf, -3.5, -1.0, -0.0, 0.0, 1e-30, 0.25, 0.25000003, 2.0, np.inf],
+                    np.float32)
+    D, D2 = (grid[rng.integers(0, len(grid), (nq, w))] for w in (a, b))
+    I, I2 = (rng.permutation(200)[:a + b].reshape(1, -1).repeat(nq, 0)[:, s]
+             for s in (slice(0, a), slice(a, a + b)))
+    I2 = np.where(rng.random(I2.shape) < 0.2, -1, I2)
+    D2 = np.where(I2 < 0, -np.inf, D2).astype(np.float32)
+    allD, allI = np.concatenate([D, D2], 1), np.concatenate([I, I2], 1)
+    for k in (1, 5, a + b, a + b + 3):
+        want = np.lexsort((np.where(allI < 0, np.iinfo(np.int64).max, allI), -allD),
+                          axis=1)[:, :k]
+        gotD, gotI = merge_by_row(D, I, D2, I2, k)
+        assert np.array_equal(gotI, np.take_along_axis(allI, want, 1))
+        assert np.array_equal(gotD, np.take_along_axis(allD, want, 1))
+        slow = merge_by_row(D.astype(np.float64), I, D2.astype(np.float64), I2, k)
+        assert np.array_equal(slow[1], gotI)

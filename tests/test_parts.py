@@ -23,6 +23,7 @@ from synthetic import make_dataset, mine_args
 from hnm import cli, engine
 from hnm import index as hindex
 from hnm.errors import HnmError
+from hnm.grid import finalize
 from hnm.index import MappedFlatIP
 from hnm.ivf import IvfIndex, add_rows, train_ivf
 from hnm.parts import PART_ROWS, PartedIndex, index_parts, part_edges
@@ -114,6 +115,28 @@ def test_ivf_in_parts_reaches_the_same_lists_and_proposes_the_same_rows():
         for a, b in zip(I1, I2):
             assert set(a[a >= 0]) == set(b[b >= 0])
         assert np.allclose(np.sort(D1, axis=1), np.sort(D2, axis=1), atol=1e-6)
+
+
+def test_ivf_parts_with_their_own_centroids_probe_their_own_lists():
+    """Parts trained apart share no probes: each part's proposals are its own search's
+    (the lists chosen once are only used where the parts' centroids are the same)."""
+    rng = np.random.default_rng(5)
+    xb = rng.normal(size=(1500, 16)).astype(np.float32)
+    xb /= np.linalg.norm(xb, axis=1, keepdims=True)
+    edges = part_edges(len(xb), 2)
+    own = [IvfIndex(train_ivf(finalize(xb[s:e]), 16, seed=p, sample=400), 3)
+           for p, (s, e) in enumerate(zip(edges[:-1], edges[1:]))]
+    assert not own[0].same_probes(own[1]) and own[0].same_probes(own[0].coarse())
+    parted = PartedIndex(edges, lambda p: own[p])
+    xq = xb[:60]
+    assert np.array_equal(parted.reach(xq), own[0].reach(xq) + own[1].reach(xq))
+    D, I = parted.search(xq, 25)
+    each = [part.search(xq, 25) for part in own]
+    best = -np.sort(-np.concatenate([Dp for Dp, _ in each], axis=1), axis=1)[:, :25]
+    assert np.array_equal(D, best)
+    for q in range(len(xq)):
+        union = {int(r) + int(edges[p]) for p, (_, Ip) in enumerate(each) for r in Ip[q] if r >= 0}
+        assert set(I[q][I[q] >= 0]) <= union
 
 
 def test_only_one_part_is_held_at_a_time():
