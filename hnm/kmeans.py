@@ -9,7 +9,7 @@ import numpy as np
 # clusters only need to be coarse ("elsewhere in the visual space"), and a sample keeps
 # training time and memory flat in N.
 KMEANS_SAMPLE = 100_000
-LABEL_BLOCK = 1 << 16  # rows labelled per step: a (block, k) float64 score array
+LABEL_BLOCK = 1 << 13  # rows labelled per step: the block in float64 (32 MiB at d=512)
 
 
 def kmeans(x: np.ndarray, k: int, seed: int, niter: int = 20) -> tuple[np.ndarray, np.ndarray]:
