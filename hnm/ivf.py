@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -120,38 +120,63 @@ class IvfIndex:
     eps: float
 
     def __init__(self, index: Any, nprobe: int, device: str = "cpu",
-                 float16: bool = False, far_nprobe: int | None = None) -> None:
+                 float16: bool = False, far_nprobe: int | None = None,
+                 starts: Sequence[int] | None = None) -> None:
+        """`index`: a FAISS IVF index, or the parts of one (a list: trained once, so with
+        the same centroids, each numbering its rows from 0) whose rows start at `starts`
+        in the table. On the host the parts' lists are read where they lie (memory-mapped
+        when loaded so) and list j is scanned across every part at once."""
         import faiss
 
-        self._coarse(index, nprobe)
-        d = index.d
-        lists = faiss.extract_index_ivf(index).invlists
-        self.ids, self.vectors = [], []
-        for j, n in enumerate(self.sizes.tolist()):
-            ids = faiss.rev_swig_ptr(lists.get_ids(j), n) if n else np.zeros(0, np.int64)
-            codes = faiss.rev_swig_ptr(lists.get_codes(j), n * lists.code_size) if n \
-                else np.zeros(0, np.uint8)
-            self.ids.append(np.array(ids, np.int64))
-            self.vectors.append(np.frombuffer(codes, np.float32).reshape(n, d))  # no copy
+        parts = list(index) if isinstance(index, (list, tuple)) else [index]
+        starts = [0] * len(parts) if starts is None else [int(s) for s in starts]
+        self._coarse(parts[0], nprobe)
+        d = parts[0].d
+        self.index = parts  # owns the lists' memory
+        self.ids: list[Any] = [[] for _ in range(self.nlist)]  # (ids, start) per part
+        self.vectors: list[Any] = [[] for _ in range(self.nlist)]
+        self.sizes = np.zeros(self.nlist, np.int64)
+        for part, start in zip(parts, starts):
+            if part.nlist != self.nlist or not np.array_equal(_centroids(part), self.centroids32):
+                raise ValueError("IVF parts of different centroids: not one index")
+            lists = faiss.extract_index_ivf(part).invlists
+            for j in range(self.nlist):
+                n = lists.list_size(j)
+                if n:  # views of the lists (no copy)
+                    ids = faiss.rev_swig_ptr(lists.get_ids(j), n)
+                    codes = faiss.rev_swig_ptr(lists.get_codes(j), n * lists.code_size)
+                    self.ids[j].append((ids, start))
+                    self.vectors[j].append(np.frombuffer(codes, np.float32).reshape(n, d))
+                    self.sizes[j] += n
+        self.ntotal = sum(int(part.ntotal) for part in parts)
         self.device = device
         self.eps = search_eps(d, float16)
-        self.kind = f"ivf-{device.split(':')[0]}" + ("-fp16" if float16 else "")
-        if device != "cpu":  # the lists copied to the device
+        self.kind = f"ivf-{device.split(':')[0]}" + ("-fp16" if float16 else "") + \
+            (f"/{len(parts)} parts" if len(parts) > 1 else "")
+        if device != "cpu":  # each list copied to the device, its parts joined
             torch = threaded_torch()
             dtype = torch.float16 if float16 else torch.float32
-            self.ids = [torch.from_numpy(ids).to(device) for ids in self.ids]
-            self.vectors = [torch.from_numpy(np.require(v, np.float32, ["W"])).to(device, dtype)
+            self.ids = [torch.from_numpy(self.list_rows(j)).to(device) for j in range(self.nlist)]
+            self.vectors = [torch.from_numpy(np.concatenate(v) if v else
+                                             np.zeros((0, d), np.float32)).to(device, dtype)
                             for v in self.vectors]
         self._with_far(far_nprobe)
+
+    def list_rows(self, j: int) -> np.ndarray:
+        """The table rows list j holds, in its order (its parts in turn)."""
+        segments = self.ids[j]
+        if len(segments) == 1 and segments[0][1] == 0:
+            return np.asarray(segments[0][0], np.int64)
+        return np.concatenate([np.asarray(ids, np.int64) + start for ids, start in segments]) \
+            if segments else np.zeros(0, np.int64)
 
     def _coarse(self, index: Any, nprobe: int) -> None:
         """The index's centroids (float64 and float32), list sizes and probe counts."""
         import faiss
 
-        self.nlist, self.ntotal, d = index.nlist, index.ntotal, index.d
+        self.nlist, self.ntotal = index.nlist, index.ntotal
         self.nprobe = min(nprobe, self.nlist)
-        xb = faiss.downcast_index(index.quantizer).get_xb()
-        centroids = faiss.rev_swig_ptr(xb, self.nlist * d).reshape(self.nlist, d)
+        centroids = _centroids(index)
         self.centroids = centroids.astype(np.float64)
         self.centroids32 = centroids.astype(np.float32)
         lists = faiss.extract_index_ivf(index).invlists
@@ -226,11 +251,15 @@ class IvfIndex:
         I = np.full(D.shape, -1, np.int64)
         for j, who, slot in _by_list(probes):
             kk = min(k, int(self.sizes[j]))
-            S = xq[who] @ self.vectors[j].T  # (queries of list j, n_j)
+            if not kk:
+                continue
+            q = xq[who]
+            segments = self.vectors[j]  # its parts' rows joined: one product, not several
+            S = q @ (segments[0] if len(segments) == 1 else np.concatenate(segments)).T
             pos = np.argpartition(-S, kk - 1, axis=1)[:, :kk] if S.shape[1] > kk \
                 else np.broadcast_to(np.arange(kk), (len(who), kk))
             D[who, slot, :kk] = np.take_along_axis(S, pos, 1)
-            I[who, slot, :kk] = self.ids[j][pos]
+            I[who, slot, :kk] = self.list_rows(j)[pos]
         D, I = D.reshape(len(xq), -1), I.reshape(len(xq), -1)
         top = np.argpartition(-D, k - 1, axis=1)[:, :k] if D.shape[1] > k \
             else np.broadcast_to(np.arange(D.shape[1]), D.shape)
@@ -301,6 +330,14 @@ def search_index(index: Any, nprobe: int, device: str = "cpu", float16: bool = F
     if isinstance(faiss.downcast_index(index), faiss.IndexIVFFlat):
         return IvfIndex(index, nprobe, device, float16, far_nprobe)
     return CodesIndex(index, nprobe, far_nprobe)
+
+
+def _centroids(index: Any) -> np.ndarray:
+    """(nlist, d) float32 centroids of a FAISS IVF index's flat quantizer (a view)."""
+    import faiss
+
+    xb = faiss.downcast_index(index.quantizer).get_xb()
+    return faiss.rev_swig_ptr(xb, index.nlist * index.d).reshape(index.nlist, index.d)
 
 
 def _by_list(probes: np.ndarray) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:

@@ -18,7 +18,7 @@ from hnm.data import Corpus, normalize
 from hnm.engine import exact_parts, recall_at_k, recall_sample
 from hnm.errors import HnmError
 from hnm.index import BUILD_PEAK, GPU_SHARE, SearchIndex, build_index, placement
-from hnm.ivf import add_rows, load_ivf, search_index, train_ivf
+from hnm.ivf import IvfIndex, add_rows, load_ivf, search_index, train_ivf
 from hnm.kmeans import kmeans
 from hnm.miner import Arrays, eligible_phrases
 from hnm.parts import PartedIndex, part_edges
@@ -172,8 +172,10 @@ def open_index(run: RunDir, choice: IndexChoice, V: np.ndarray, device: str, par
     """The run's search index over every row on `device`: exact, or the saved IVF index
     (never trained again). On a GPU it is kept in float32, or in float16 where float32
     does not fit; IVF lists that fit neither are scanned on the host (codes: always on
-    the host). In `parts` parts (the plan's --index-parts): a `parts.PartedIndex` opening
-    one part's index at a time."""
+    the host). In `parts` parts (the plan's --index-parts): IVF float32 lists scanned on
+    the host are mapped together and scanned a list at a time across the parts
+    (`ivf.IvfIndex`: a query's rows of one list in one product); any other index is a
+    `parts.PartedIndex` opening one part's index at a time."""
     edges = part_edges(V.shape[0], parts)
     rows = int(np.diff(edges).max()) if V.shape[0] else 0  # the largest part's
     nbytes = float(rows) * V.shape[1] * 4
@@ -182,6 +184,9 @@ def open_index(run: RunDir, choice: IndexChoice, V: np.ndarray, device: str, par
         if len(edges) <= 2:
             return search_index(load_ivf(str(run.ivf)), choice.nprobe, target, float16,
                                 choice.far_nprobe)
+        if choice.kind == "ivf" and target == "cpu":  # every part mapped, scanned list by list
+            return IvfIndex([load_ivf(str(run.ivf_part(p))) for p in range(len(edges) - 1)],
+                            choice.nprobe, far_nprobe=choice.far_nprobe, starts=edges[:-1])
         return PartedIndex(edges, lambda p: search_index(
             load_ivf(str(run.ivf_part(p))), choice.nprobe, target, float16,
             choice.far_nprobe))

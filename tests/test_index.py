@@ -122,8 +122,8 @@ def test_ivf_lists_are_exact_over_the_probed_rows():
     V, saved = ivf_case()
     index = IvfIndex(saved, nprobe=3)
     member = np.empty(len(V), np.int64)
-    for j, ids in enumerate(index.ids):
-        member[ids] = j
+    for j in range(index.nlist):
+        member[index.list_rows(j)] = j
     centroids = index.centroids
 
     def probed(a: int) -> np.ndarray:

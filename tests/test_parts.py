@@ -106,15 +106,23 @@ def test_ivf_in_parts_reaches_the_same_lists_and_proposes_the_same_rows():
     held, whole = _ivf_parts(xb, 3)
     one = IvfIndex(whole, nprobe=4, far_nprobe=1)
     parted = PartedIndex(part_edges(len(xb), 3), lambda p: IvfIndex(held[p], 4, far_nprobe=1))
-    assert not parted.exact and parted.kind == "ivf-cpu/3 parts"
-    assert np.array_equal(parted.reach(xq), one.reach(xq))
-    assert np.array_equal(parted.far.reach(xq), one.far.reach(xq))
-    for k in (10, 400):
-        D1, I1 = one.search(xq, k)
-        D2, I2 = parted.search(xq, k)
-        for a, b in zip(I1, I2):
-            assert set(a[a >= 0]) == set(b[b >= 0])
-        assert np.allclose(np.sort(D1, axis=1), np.sort(D2, axis=1), atol=1e-6)
+    joined = IvfIndex(held, 4, far_nprobe=1, starts=part_edges(len(xb), 3)[:-1])
+    assert not parted.exact and parted.kind == "ivf-cpu/3 parts" == joined.kind
+    for index in (parted, joined):
+        assert index.ntotal == one.ntotal
+        assert np.array_equal(index.reach(xq), one.reach(xq))
+        assert np.array_equal(index.far.reach(xq), one.far.reach(xq))
+        for k in (10, 400):
+            D1, I1 = one.search(xq, k)
+            D2, I2 = index.search(xq, k)
+            for a, b in zip(I1, I2):
+                assert set(a[a >= 0]) == set(b[b >= 0])
+            assert np.allclose(np.sort(D1, axis=1), np.sort(D2, axis=1), atol=1e-6)
+    assert all(np.array_equal(np.sort(joined.list_rows(j)), np.sort(one.list_rows(j)))
+               for j in range(one.nlist))
+    with pytest.raises(ValueError, match="different centroids"):
+        IvfIndex([held[0], train_ivf(finalize(xb[:500]), 16, seed=9, sample=200)], 4,
+                 starts=[0, 700])
 
 
 def test_ivf_parts_with_their_own_centroids_probe_their_own_lists():
