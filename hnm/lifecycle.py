@@ -136,6 +136,7 @@ def prepare(config: Config, offered: Offer, lock: Callable[[], Any],
         write_store(run, config, list(plan.skipped), _as_planned(config, plan, run))
         if "corpus/meta.json" not in (run.manifest() or []):  # planned before the store
             run.sign(sorted(set(run.manifest() or []) | set(run.layout(len(plan.shards)))))
+    ds.held.clear()  # a resumed run's first pass kept its block: not needed
     trim_memory()
     return open_corpus(run), ds, plan, state
 
@@ -246,7 +247,7 @@ def start(config: Config, run: RunDir, ds: InputSummary, placement: Placement,
         check_phases(run, action.keep, say, checksums=True)
     # nothing of another run may be trusted, except embeddings of the same inputs
     remove_outputs(run, action.clear, keep_embeddings=action.keep is not None)
-    write_store(run, config, ds.planned_skip(), same_input(config, ds.facts))
+    write_store(run, config, ds.planned_skip(), same_input(config, ds.facts), ds)
     write_plan(config, run, plan)
     return plan
 

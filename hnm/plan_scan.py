@@ -9,7 +9,9 @@ Planning reads the input twice, a block at a time (`data.scan`), and never holds
 2. `write_store`, once every check passed and the run directory's lock is held: the same
    scan again (the images known good already are not checked again), its blocks written
    into the run's columnar store (`corpus_write`), which is moved in only when this pass
-   found the input as the first did.
+   found the input as the first did. An input of one short block (fewer than PLAN_BLOCK
+   records) is not read again: the first pass keeps its block (`InputSummary.held`),
+   which the launcher holds at that size anyway, and the store is written from it.
 
 Between blocks the launcher holds numbers per row, no Python object per row.
 """
@@ -18,12 +20,12 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from hnm.blocks import Facts
+from hnm.blocks import Block, Facts
 from hnm.callbacks import Progress, no_progress
 from hnm.checks import stat_line
 from hnm.config import Config
@@ -48,6 +50,9 @@ class InputSummary:
     chunk_bytes: float  # the largest AVDN chunk holding a mined row's image (bytes)
     # mined rows' image files lying right in one of the run's folders (`inputs.guard_run`)
     near: tuple[Path, ...] = ()
+    # the scan's only block, where the input was one short block: the store is written
+    # from it (`write_store`), then it is let go
+    held: list[Block] = field(default_factory=list, compare=False, repr=False)
 
     def __len__(self) -> int:
         return self.facts.num_rows
@@ -101,7 +106,9 @@ def summarize(config: Config, skip: list[int] | None = None,
     chunks: set[Path] = set()
     near: list[Path] = []
     positions: list[np.ndarray] = []
-    for block in reading.blocks():
+    held: list[Block] = []
+    for b, block in enumerate(reading.blocks()):
+        held = [block] if b == 0 and len(block.records) < PLAN_BLOCK else []
         mined = np.flatnonzero(block.keep)
         positions.append(block.start + mined)
         for k in mined.tolist():
@@ -122,14 +129,21 @@ def summarize(config: Config, skip: list[int] | None = None,
     return InputSummary(
         facts, np.concatenate(positions) if positions else np.zeros(0, np.int64),
         stats.hexdigest()[:16], float(max((p.stat().st_size for p in chunks), default=0)),
-        tuple(near))
+        tuple(near), held)
 
 
 def write_store(run: RunDir, config: Config, skip: list[int],
-                check: Callable[[Facts], None]) -> None:
+                check: Callable[[Facts], None], planned: InputSummary | None = None) -> None:
     """The run's columnar store from a second scan of the input (`skip`: the record
     positions planned as left out, so no image is checked again); `check` is given the
-    scan's facts before the store is moved in, and refuses an input that changed."""
+    scan's facts before the store is moved in, and refuses an input that changed.
+    `planned`: the first pass's summary; where it holds the input's only block, the store
+    is written from that block, and the block let go."""
+    if planned is not None and planned.held:
+        blocks, facts = list(planned.held), planned.facts
+        planned.held.clear()
+        write_corpus(run, config, blocks, lambda: facts)
+        return
     reading = scan(config, skip, size=PLAN_BLOCK)
 
     def facts() -> Facts:

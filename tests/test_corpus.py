@@ -14,7 +14,7 @@ from builders import cli, records
 from reference import duplicate_images as duplicates_in_memory
 from synthetic import make_dataset, mine_args
 
-from hnm import demo, outputs
+from hnm import demo, outputs, plan_scan
 from hnm.config import Config, Fields
 from hnm.corpus import BATCH_ROWS, ColumnarCorpus, open_corpus, problem
 from hnm.corpus_images import duplicate_images
@@ -286,3 +286,29 @@ def test_store_batches_are_full_batches(tmp_path):
         [BATCH_ROWS, 10]
     assert store.records[BATCH_ROWS - 1: BATCH_ROWS + 1] == \
         ds.records[BATCH_ROWS - 1: BATCH_ROWS + 1]
+
+
+@pytest.mark.parametrize("fmt", [*demo.FORMATS, "avdn"])
+def test_a_one_block_input_is_stored_from_its_first_read(inputs, tmp_path, monkeypatch, fmt):
+    """An input shorter than a planning block is read once: the store written from the
+    block the first pass kept is, file for file, the store a second scan writes; the kept
+    block is let go once written. A longer input keeps nothing (it is read again)."""
+    given = inputs[fmt]
+    fields = Fields(image="current_view_image", text="answer",
+                    group="first_instruction") if fmt == "avdn" else DEMO
+    config = Config(annotations=str(given), fields=fields, seed=5,
+                    image_dir=str(given.parent), output_dir=str(tmp_path / "unused"),
+                    tensor_normalization="avdn")
+    summary = plan_scan.summarize(config)
+    assert len(summary.held) == 1
+    stores = {}
+    for how, planned in (("kept", summary), ("again", None)):
+        run = new_run(tmp_path / how)
+        plan_scan.write_store(run, config, summary.planned_skip(),
+                              plan_scan.same_input(config, summary.facts), planned)
+        stores[how] = {p.relative_to(run.root / "corpus"): p.read_bytes()
+                       for p in sorted((run.root / "corpus").rglob("*")) if p.is_file()}
+    assert not summary.held
+    assert stores["kept"] == stores["again"] and len(stores["kept"]) > 3
+    monkeypatch.setattr(plan_scan, "PLAN_BLOCK", 7)  # several blocks: nothing kept
+    assert plan_scan.summarize(config).held == []
