@@ -262,8 +262,9 @@ OPTIONS: tuple[Option, ...] = (
                _POSITIVE, metavar="N", default_text="one per 131,072 rows",
                doc="parts of the search index (consecutive rows, even split): each search "
                "opens one part at a time and merges the lists exactly, so a worker's index "
-               "memory is one part's; the results do not change. Fixed when the run is "
-               "planned (a resumed run keeps its parts)"),
+               "memory is one part's (IVF lists on the host: the parts memory-mapped "
+               "together, each list scanned across them); the results do not change. Fixed "
+               "when the run is planned (a resumed run keeps its parts)"),
         Option("pq_bytes", int, None, "bytes of a row's PQ code (--index ivfpq): its "
                "sub-quantisers of 8 bits; a divisor of the image embedding dimension",
                rule=_IN_RANGE, default_text="~dim/8", omitted_at_default=True),
