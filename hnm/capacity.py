@@ -83,9 +83,9 @@ CODES_ON_GPU = False
 # A worker writes each block's lists as they are found (engine.ANCHOR_BATCH anchors, IVF's
 # batch on an IVF index): LIST_COPIES block lists with the search's temporaries (19 MiB
 # traced for an exact search of 100,000 anchors), and per anchor and list it probes
-# IVF_PROBE_BYTES (each probe's best rows), fitted to bench_scale's 0.3 / 1 / 3 M rows.
+# IVF_PROBE_BYTES (its best rows, their selection): fitted to bench_scale's 0.3 / 1 M rows.
 LIST_COPIES = 3
-IVF_PROBE_BYTES = 3 * 1024
+IVF_PROBE_BYTES = 1536
 # The reduce judges REDUCE_WINDOW anchors at a time, reading the next window meanwhile
 # (263 MiB measured for the launcher at 300,000 rows, bench_scale).
 REDUCE_LIST_COPIES = 1

@@ -5,6 +5,7 @@ the lists hold float32 rows), or proposed from compressed codes and rescored exa
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from collections.abc import Iterator, Sequence
@@ -68,21 +69,76 @@ def train_ivf(V: np.ndarray, nlist: int, seed: int, sample: int, kind: str = "iv
     import faiss
 
     x = seeded_sample(V, sample, seed)
-    centroids = finalize(_faiss_centroids(x, nlist, seed, 20))
-    quantizer = faiss.IndexFlatIP(V.shape[1])
-    quantizer.add(centroids)
-    index = _empty_ivf(quantizer, V.shape[1], len(centroids), kind, pq, len(x))
-    if not index.is_trained:  # the codec (the quantizer has its centroids already)
-        index.train(x)
+    with _one_thread():  # the same centroids and codec whatever the machine's threads
+        centroids = finalize(_faiss_centroids(x, nlist, seed, 20))
+        quantizer = faiss.IndexFlatIP(V.shape[1])
+        quantizer.add(centroids)
+        index = _empty_ivf(quantizer, V.shape[1], len(centroids), kind, pq, len(x))
+        if not index.is_trained:  # the codec (the quantizer has its centroids already)
+            index.train(x)
     add_rows(index, V, *(rows if rows is not None else (0, V.shape[0])))
     return index
 
 
 def add_rows(index: Any, V: np.ndarray, start: int, stop: int) -> None:
     """Rows start..stop-1 of V into an index (numbered on from its ntotal), a block at a
-    time (V may be a memory map)."""
+    time (V may be a memory map), each into the list of its highest exact centroid score
+    (ties to the lowest list: `top_lists`), never FAISS's float32 assignment, whose near
+    ties can fall either way with the machine's thread count."""
+    import faiss
+
+    centroids = _centroids(index)
+    exact = centroids.astype(np.float64)
     for s in range(start, stop, 1 << 16):
-        index.add(np.ascontiguousarray(V[s:min(s + (1 << 16), stop)], dtype=np.float32))
+        x = np.ascontiguousarray(V[s:min(s + (1 << 16), stop)], dtype=np.float32)
+        lists = np.ascontiguousarray(top_lists(x, centroids, exact, 1)[:, 0], np.int64)
+        index.add_core(len(x), faiss.swig_ptr(x), None, faiss.swig_ptr(lists))
+
+
+def top_lists(xq: np.ndarray, centroids32: np.ndarray, centroids: np.ndarray, n: int
+              ) -> np.ndarray:
+    """(nq, n) lists of each query's n highest exact centroid scores, ascending, ties to
+    the lowest list. float32 scores decide wherever the n-th and the next one are more
+    than twice their error apart (then the exact order agrees); the other queries are
+    scored exactly (float64 products of grid values)."""
+    nlist = len(centroids32)
+    if n >= nlist:
+        return np.broadcast_to(np.arange(nlist), (len(xq), nlist)).copy()
+    xq = np.asarray(xq, np.float32)
+    scores = xq @ centroids32.T
+    part = -np.partition(-scores, n, axis=1)
+    inner, outer = part[:, :n].min(axis=1), part[:, n]
+    out = np.empty((len(xq), n), np.int64)
+    clear = inner - outer > 2 * search_eps(centroids32.shape[1])  # float32 products
+    out[clear] = np.nonzero(scores[clear] >= inner[clear, None])[1].reshape(-1, n)
+    if not clear.all():
+        out[~clear] = exact_top(xq[~clear].astype(np.float64) @ centroids.T, n)
+    return out
+
+
+def exact_top(scores: np.ndarray, n: int) -> np.ndarray:
+    """(nq, n) columns of each row's n highest exact scores, ascending, ties to the lowest."""
+    cut = -np.partition(-scores, n - 1, axis=1)[:, n - 1:n]
+    tied = scores == cut
+    need = n - (scores > cut).sum(axis=1, keepdims=True)
+    chosen = (scores > cut) | (tied & (np.cumsum(tied, axis=1) <= need))
+    return np.nonzero(chosen)[1].reshape(len(scores), n)
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """FAISS's threads and every BLAS's on one: a multi-threaded product can round an
+    edge of its tiles differently, and k-means on it can end elsewhere."""
+    import faiss
+    from threadpoolctl import threadpool_limits
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        with threadpool_limits(1):
+            yield
+    finally:
+        faiss.omp_set_num_threads(before)
 
 
 def _empty_ivf(quantizer: Any, d: int, nlist: int, kind: str, pq: int | None,
@@ -197,30 +253,11 @@ class IvfIndex:
 
     def probes(self, xq: np.ndarray) -> np.ndarray:
         """(nq, nprobe) lists each query probes, ascending: those of the nprobe highest
-        exact centroid scores, ties to the lowest list.
-
-        float32 scores decide wherever the nprobe-th and the next one are more than twice
-        their error apart (then the exact order agrees); other queries are scored exactly.
-        """
-        if self.nprobe >= self.nlist:
-            return np.broadcast_to(np.arange(self.nlist), (len(xq), self.nlist)).copy()
-        xq = np.asarray(xq, np.float32)
-        scores = xq @ self.centroids32.T
-        part = -np.partition(-scores, self.nprobe, axis=1)
-        inner, outer = part[:, :self.nprobe].min(axis=1), part[:, self.nprobe]
-        out = np.empty((len(xq), self.nprobe), np.int64)
-        clear = inner - outer > 2 * search_eps(self.centroids32.shape[1])  # float32 products
-        out[clear] = np.nonzero(scores[clear] >= inner[clear, None])[1].reshape(-1, self.nprobe)
-        if not clear.all():
-            out[~clear] = self._exact_probes(xq[~clear].astype(np.float64) @ self.centroids.T)
-        return out
+        exact centroid scores, ties to the lowest list (`top_lists`)."""
+        return top_lists(xq, self.centroids32, self.centroids, self.nprobe)
 
     def _exact_probes(self, scores: np.ndarray) -> np.ndarray:
-        cut = -np.partition(-scores, self.nprobe - 1, axis=1)[:, self.nprobe - 1:self.nprobe]
-        tied = scores == cut
-        need = self.nprobe - (scores > cut).sum(axis=1, keepdims=True)
-        chosen = (scores > cut) | (tied & (np.cumsum(tied, axis=1) <= need))
-        return np.nonzero(chosen)[1].reshape(len(scores), self.nprobe)
+        return exact_top(scores, self.nprobe)
 
     def coarse(self) -> IvfIndex:
         """This index's probing alone (its centroids, not its lists): what the parts of an

@@ -259,3 +259,37 @@ def test_merge_by_row_is_the_lexsort_order(seed: int):
         assert np.array_equal(gotD, np.take_along_axis(allD, want, 1))
         slow = merge_by_row(D.astype(np.float64), I, D2.astype(np.float64), I2, k)
         assert np.array_equal(slow[1], gotI)
+
+
+@needs_faiss
+@pytest.mark.parametrize("kind", ["ivf", "ivfsq", "ivfpq"])
+def test_ivf_rows_join_their_exact_nearest_list_whatever_the_threads(kind: str):
+    """Each row is added to the list of its highest exact centroid score, ties to the
+    lowest list (brute force in float64 on the grid), and the index built on one thread
+    is, byte for byte, the one built on two: FAISS's own float32 assignment is never used."""
+    import faiss
+
+    rng = np.random.default_rng(8)
+    V = finalize(rng.normal(size=(30, 16))[rng.integers(0, 30, 900)]
+                 + 0.3 * rng.normal(size=(900, 16)))
+    V[::7] = V[0]  # duplicates of one row: the same list
+    built, before = {}, faiss.omp_get_max_threads()
+    try:
+        for threads in (1, 2):
+            faiss.omp_set_num_threads(threads)
+            built[threads] = train_ivf(V, 24, seed=1, sample=600, kind=kind)
+    finally:
+        faiss.omp_set_num_threads(before)
+    assert np.array_equal(faiss.serialize_index(built[1]), faiss.serialize_index(built[2]))
+    index = IvfIndex(built[1], nprobe=1) if kind == "ivf" else None
+    lists = faiss.extract_index_ivf(built[1]).invlists
+    member = np.full(len(V), -1)
+    for j in range(built[1].nlist):
+        n = lists.list_size(j)
+        member[faiss.rev_swig_ptr(lists.get_ids(j), n)] = j
+    centroids = faiss.downcast_index(built[1].quantizer).reconstruct_n(0, built[1].nlist)
+    scores = V.astype(np.float64) @ centroids.astype(np.float64).T
+    best = np.array([np.flatnonzero(s == s.max())[0] for s in scores])
+    assert np.array_equal(member, best)
+    if index is not None:
+        assert np.array_equal(index.probes(V)[:, 0], best)
