@@ -80,6 +80,11 @@ def train_ivf(V: np.ndarray, nlist: int, seed: int, sample: int, kind: str = "iv
     return index
 
 
+# Rows assigned and added at once: their (rows, nlist) float32 scores, with the selection's
+# two copies, stay at 96 MiB with 1,024 lists (65,536 rows took 0.75 GiB).
+ASSIGN_ROWS = 1 << 13
+
+
 def add_rows(index: Any, V: np.ndarray, start: int, stop: int) -> None:
     """Rows start..stop-1 of V into an index (numbered on from its ntotal), a block at a
     time (V may be a memory map), each into the list of its highest exact centroid score
@@ -89,8 +94,8 @@ def add_rows(index: Any, V: np.ndarray, start: int, stop: int) -> None:
 
     centroids = _centroids(index)
     exact = centroids.astype(np.float64)
-    for s in range(start, stop, 1 << 16):
-        x = np.ascontiguousarray(V[s:min(s + (1 << 16), stop)], dtype=np.float32)
+    for s in range(start, stop, ASSIGN_ROWS):
+        x = np.ascontiguousarray(V[s:min(s + ASSIGN_ROWS, stop)], dtype=np.float32)
         lists = np.ascontiguousarray(top_lists(x, centroids, exact, 1)[:, 0], np.int64)
         index.add_core(len(x), faiss.swig_ptr(x), None, faiss.swig_ptr(lists))
 

@@ -10,6 +10,7 @@ from builders import needs_faiss
 from fake_gpu import GPU_MAX_SELECTION_K, MIB, FakeCuda, FakeFaiss
 
 from hnm import index as hindex
+from hnm import ivf as hivf
 from hnm import kmeans as hkmeans
 from hnm.grid import finalize
 from hnm.index import ChunkedFlatIP, FaissFlatIP, TorchFlatIP, merge_by_row, placement
@@ -281,6 +282,10 @@ def test_ivf_rows_join_their_exact_nearest_list_whatever_the_threads(kind: str):
     finally:
         faiss.omp_set_num_threads(before)
     assert np.array_equal(faiss.serialize_index(built[1]), faiss.serialize_index(built[2]))
+    with pytest.MonkeyPatch.context() as patch:  # rows assigned 50 at a time: the same
+        patch.setattr(hivf, "ASSIGN_ROWS", 50)
+        small = train_ivf(V, 24, seed=1, sample=600, kind=kind)
+    assert np.array_equal(faiss.serialize_index(small), faiss.serialize_index(built[1]))
     index = IvfIndex(built[1], nprobe=1) if kind == "ivf" else None
     lists = faiss.extract_index_ivf(built[1]).invlists
     member = np.full(len(V), -1)
