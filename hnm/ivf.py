@@ -81,8 +81,8 @@ def train_ivf(V: np.ndarray, nlist: int, seed: int, sample: int, kind: str = "iv
 
 
 # Rows assigned and added at once: their (rows, nlist) float32 scores, with the selection's
-# two copies, stay at 96 MiB with 1,024 lists (65,536 rows took 0.75 GiB).
-ASSIGN_ROWS = 1 << 13
+# two copies, stay at 48 MiB with 1,024 lists (65,536 rows took 0.75 GiB).
+ASSIGN_ROWS = 1 << 12
 
 
 def add_rows(index: Any, V: np.ndarray, start: int, stop: int) -> None:
