@@ -268,9 +268,9 @@ def estimate(shape: Shape, index: str, parts: int) -> Estimate:
                      base + PREFETCH * c.batch_size * IMAGE_BYTES,
                      shard_rows * (s.record_bytes + COLUMN_BYTES) / max(1, loaders))
     # IVF: k-means on its sample, one part's lists built at a time, rows assigned ASSIGN_ROWS
-    # at a time (scores, 3 copies); clusters: a block of the sample (kmeans.LABEL_BLOCK)
+    # at a time (scores, 2 copies); clusters: a block of the sample (kmeans.LABEL_BLOCK)
     train = 0.0 if index == "exact" else min(n, IVF_TRAIN_PER_LIST * lists) * dv * FLOAT \
-        + part_index + ASSIGN_ROWS * lists * FLOAT * 3
+        + part_index + ASSIGN_ROWS * lists * FLOAT * 2
     kmeans = min(n, KMEANS_SAMPLE, LABEL_BLOCK) * dv * FLOAT * 2
     tables = Process("tables", "worker", 1, searching + max(kmeans, train),
                      visual + text + columns)
