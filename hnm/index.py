@@ -212,7 +212,7 @@ class MappedFlatIP(ExactIndex):
 
 def top_by_row(scores: np.ndarray, k: int) -> np.ndarray:
     """(nq, min(k, b)) columns of the k highest scores of each row of `scores` (nq, b), ties to
-    the lowest column (in no particular order)."""
+    the lowest column, ascending."""
     if scores.shape[1] <= k:
         return np.broadcast_to(np.arange(scores.shape[1]), scores.shape)
     if k <= 0:

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from hnm.grid import finalize
-from hnm.index import search_eps, threaded_torch
+from hnm.index import search_eps, threaded_torch, top_by_row
 from hnm.kmeans import seeded_sample
 
 
@@ -80,9 +80,10 @@ def train_ivf(V: np.ndarray, nlist: int, seed: int, sample: int, kind: str = "iv
     return index
 
 
-# Rows assigned at once (added 65,536 at a time): their (rows, nlist) float32 scores and
+# Rows assigned at once (added ADD_ROWS at a time): their (rows, nlist) float32 scores and
 # the selection's copy stay at 16 MiB with 1,024 lists (65,536 rows took 0.75 GiB).
 ASSIGN_ROWS = 1 << 11
+ADD_ROWS = 1 << 16  # rows added at once: the lists grow in few steps
 
 
 def add_rows(index: Any, V: np.ndarray, start: int, stop: int) -> None:
@@ -94,8 +95,8 @@ def add_rows(index: Any, V: np.ndarray, start: int, stop: int) -> None:
 
     centroids = _centroids(index)
     exact = centroids.astype(np.float64)
-    for s in range(start, stop, 1 << 16):  # large adds: the lists grow in few steps
-        x = np.ascontiguousarray(V[s:min(s + (1 << 16), stop)], dtype=np.float32)
+    for s in range(start, stop, ADD_ROWS):
+        x = np.ascontiguousarray(V[s:min(s + ADD_ROWS, stop)], dtype=np.float32)
         lists = np.concatenate([top_lists(x[a:a + ASSIGN_ROWS], centroids, exact, 1)[:, 0]
                                 for a in range(0, len(x), ASSIGN_ROWS)]).astype(np.int64)
         index.add_core(len(x), faiss.swig_ptr(x), None, faiss.swig_ptr(lists))
@@ -118,17 +119,8 @@ def top_lists(xq: np.ndarray, centroids32: np.ndarray, centroids: np.ndarray, n:
     clear = inner - outer > 2 * search_eps(centroids32.shape[1])  # float32 products
     out[clear] = np.nonzero(scores[clear] >= inner[clear, None])[1].reshape(-1, n)
     if not clear.all():
-        out[~clear] = exact_top(xq[~clear].astype(np.float64) @ centroids.T, n)
+        out[~clear] = top_by_row(xq[~clear].astype(np.float64) @ centroids.T, n)
     return out
-
-
-def exact_top(scores: np.ndarray, n: int) -> np.ndarray:
-    """(nq, n) columns of each row's n highest exact scores, ascending, ties to the lowest."""
-    cut = -np.partition(-scores, n - 1, axis=1)[:, n - 1:n]
-    tied = scores == cut
-    need = n - (scores > cut).sum(axis=1, keepdims=True)
-    chosen = (scores > cut) | (tied & (np.cumsum(tied, axis=1) <= need))
-    return np.nonzero(chosen)[1].reshape(len(scores), n)
 
 
 @contextlib.contextmanager
@@ -192,7 +184,7 @@ class IvfIndex:
 
         parts = list(index) if isinstance(index, (list, tuple)) else [index]
         starts = [0] * len(parts) if starts is None else [int(s) for s in starts]
-        self._coarse(parts[0], nprobe)
+        self._coarse(parts[0], nprobe, sizes=False)  # the sizes: every part's, below
         d = parts[0].d
         self.index = parts  # owns the lists' memory
         self.ids: list[Any] = [[] for _ in range(self.nlist)]  # (ids, start) per part
@@ -232,8 +224,9 @@ class IvfIndex:
         return np.concatenate([np.asarray(ids, np.int64) + start for ids, start in segments]) \
             if segments else np.zeros(0, np.int64)
 
-    def _coarse(self, index: Any, nprobe: int) -> None:
-        """The index's centroids (float64 and float32), list sizes and probe counts."""
+    def _coarse(self, index: Any, nprobe: int, sizes: bool = True) -> None:
+        """The index's centroids (float64 and float32), probe counts and (with `sizes`) its
+        list sizes."""
         import faiss
 
         self.nlist, self.ntotal = index.nlist, index.ntotal
@@ -241,8 +234,9 @@ class IvfIndex:
         centroids = _centroids(index)
         self.centroids = centroids.astype(np.float64)
         self.centroids32 = centroids.astype(np.float32)
-        lists = faiss.extract_index_ivf(index).invlists
-        self.sizes = np.array([lists.list_size(j) for j in range(self.nlist)], np.int64)
+        if sizes:
+            lists = faiss.extract_index_ivf(index).invlists
+            self.sizes = np.array([lists.list_size(j) for j in range(self.nlist)], np.int64)
         self.index = index  # owns the lists' memory (a memory map when loaded so)
         self.batch = IVF_BATCH
 
@@ -263,7 +257,7 @@ class IvfIndex:
         return top_lists(xq, self.centroids32, self.centroids, self.nprobe)
 
     def _exact_probes(self, scores: np.ndarray) -> np.ndarray:
-        return exact_top(scores, self.nprobe)
+        return top_by_row(scores, self.nprobe)
 
     def coarse(self) -> IvfIndex:
         """This index's probing alone (its centroids, not its lists): what the parts of an
