@@ -223,10 +223,12 @@ class ColumnarCorpus:
             return out
         return got
 
-    def anchor_uniforms(self, seed: int, rows: np.ndarray) -> np.ndarray:
+    def anchor_uniforms(self, seed: int, rows: np.ndarray | range) -> np.ndarray:
         """SPEC §7's u_a of the given rows: the stored column (written for the run's
-        seed), or hashed again for another seed."""
+        seed; a range of rows: a view of its map), or hashed again for another seed."""
         if seed == self.seed:
+            if isinstance(rows, range) and rows.step == 1:  # a view of the map: no copy
+                return np.asarray(self.uniforms)[rows.start:rows.stop]
             return np.asarray(self.uniforms[rows], dtype=np.float64)
         from hnm.data import anchor_uniforms
 

@@ -34,6 +34,7 @@ from hnm.checks import (
     too_large,
 )
 from hnm.config import Config, Fields
+from hnm.distinct import DistinctCodes
 from hnm.errors import HnmError
 from hnm.readers import BLOCK_ROWS, ImageRef, Input, Part, Source, check_normalization
 
@@ -68,6 +69,10 @@ class Corpus:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def rows_before(self, positions: np.ndarray) -> np.ndarray:
+        """The count of rows before each record position."""
+        return np.searchsorted(self.positions, np.asarray(positions, np.int64))
+
 
 def check_mapping(src: Source, fields: Fields) -> None:
     """Every field the mapping names must be held by some record of the source
@@ -82,8 +87,9 @@ class Scan:
     images themselves), and `facts` once the last was given and the checks of the whole
     passed (the field mapping, the images' count, the tensors' normalisation). An error
     found after some blocks were given is raised from `blocks()`: what was written from
-    them is not a run's. Between blocks it holds numbers per record (16 bytes an id), the
-    distinct phrases and group values, and the skipped positions.
+    them is not a run's. Between blocks it holds numbers per record (16 bytes an id), per
+    distinct phrase and group value (24 bytes each: `distinct.DistinctCodes`), and the
+    skipped positions.
 
     A fault found before the field mapping is known to hold (a record without the text
     field, say) waits for it: a mapping that names no record's field is the error then."""
@@ -107,9 +113,8 @@ class Scan:
         self.facts = None
         self.ids, self.names = IdSet(), set[str]()
         wanted = {name for _, name in mapped(config.fields)}
-        self.phrases: dict[str, int] = {}
-        self.group_codes: dict[str, int] = {}
-        self.num_groups = self.records = self.rows = 0
+        self.phrases, self.groups = DistinctCodes(), DistinctCodes()
+        self.records = self.rows = 0
         self.adds_id = False
         self.bad: list[int] = []
         self.check = ImageCheck(config.max_image_pixels) \
@@ -212,27 +217,15 @@ class Scan:
             for image in images:
                 if isinstance(image, Path):
                     self.stats.update(stat_line(image))
-        mined = np.flatnonzero(keep)
+        mined = np.flatnonzero(keep).tolist()
         self.rows += len(mined)
-        new: list[str] = []
-        text_ids = np.empty(len(mined), np.int64)
-        groups = np.empty(len(mined), np.int64)
-        for row, k in enumerate(mined.tolist()):
-            phrase, count = normalize(texts[k]), len(self.phrases)
-            text_ids[row] = code = self.phrases.setdefault(phrase, count)
-            if code == count:
-                new.append(phrase)
-            value = records[k].get(f.group)
-            # a sample without a group is its own group (no entry in the table of codes)
-            if value is None:
-                groups[row] = self.num_groups
-                self.num_groups += 1
-            else:
-                key = json.dumps(value, sort_keys=True)
-                if key not in self.group_codes:
-                    self.group_codes[key] = self.num_groups
-                    self.num_groups += 1
-                groups[row] = self.group_codes[key]
+        phrases = [normalize(texts[k]) for k in mined]
+        text_ids, first = self.phrases.code(phrases)
+        new = [phrases[i] for i in first.tolist()]
+        # a sample without a group is its own group (a code of its own)
+        values = [records[k].get(f.group) for k in mined]
+        groups, _ = self.groups.code([None if v is None else json.dumps(v, sort_keys=True)
+                                      for v in values])
         return Block(start, records, ids, images, keep, text_ids, groups, new)
 
     def _facts(self, pending: HnmError | None) -> Facts:
@@ -252,7 +245,7 @@ class Scan:
         anchors = self.rows if config.max_samples is None else min(config.max_samples,
                                                                     self.rows)
         return Facts(
-            num_records=self.records, num_rows=self.rows, num_phrases=len(self.phrases),
+            num_records=self.records, num_rows=self.rows, num_phrases=self.phrases.count,
             num_anchors=anchors, skipped={"missing_image": skipped} if skipped else {},
             source_sha256=src.digest, input_format=src.fmt, shard_ends=tuple(src.ends),
             image_files="" if config.image_embeddings else self.stats.hexdigest()[:16],

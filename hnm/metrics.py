@@ -54,6 +54,53 @@ class Stat:
                 "histogram": {"lo": self.lo, "hi": self.hi, "counts": self.hist}}
 
 
+class PhraseUses:
+    """How often each phrase was given as a negative: the phrases' ids, sorted, with their
+    counts (16 bytes a distinct phrase, where a Counter took about 100), uses noted one at a
+    time and folded in FOLD at a time."""
+
+    FOLD = 1 << 16
+
+    def __init__(self) -> None:
+        self.ids = np.zeros(0, np.int64)
+        self.counts = np.zeros(0, np.int64)
+        self.pending: list[int] = []
+
+    def add(self, phrase: int) -> None:
+        self.pending.append(phrase)
+        if len(self.pending) >= self.FOLD:
+            self._fold()
+
+    def _fold(self) -> None:
+        if self.pending:
+            self._merge(np.asarray(self.pending, np.int64), np.ones(len(self.pending), np.int64))
+            self.pending = []
+
+    def _merge(self, ids: np.ndarray, counts: np.ndarray) -> None:
+        held = np.concatenate([self.counts, counts])
+        self.ids, at = np.unique(np.concatenate([self.ids, ids]), return_inverse=True)
+        self.counts = np.bincount(at, weights=held, minlength=len(self.ids)).astype(np.int64)
+
+    def __add__(self, other: PhraseUses) -> PhraseUses:
+        self._fold()
+        other._fold()
+        out = PhraseUses()
+        out.ids, out.counts = self.ids, self.counts
+        out._merge(other.ids, other.counts)
+        return out
+
+    def folded(self) -> tuple[np.ndarray, np.ndarray]:
+        """(phrase ids ascending, their counts)."""
+        self._fold()
+        return self.ids, self.counts
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, PhraseUses):
+            return NotImplemented
+        (a, b), (c, d) = self.folded(), other.folded()
+        return np.array_equal(a, c) and np.array_equal(b, d)
+
+
 def _length_stat() -> Stat:
     return Stat(lo=0.0, hi=400.0)
 
@@ -84,7 +131,7 @@ class Metrics:
     diverse_text: Stat = field(default_factory=Stat)
     anchor_length: Stat = field(default_factory=_length_stat)
     negative_length: Stat = field(default_factory=_length_stat)
-    phrase_uses: Counter = field(default_factory=Counter)
+    phrase_uses: PhraseUses = field(default_factory=PhraseUses)
     # hnm.audit: suspected false negatives by kind and by reason, and how many were dropped
     # (the output figures above count what remains after dropping)
     suspects: Counter = field(default_factory=Counter)
@@ -106,8 +153,8 @@ class Metrics:
         """Stable names for metrics.json (SPEC §9)."""
         hard = self.hard_steps.total()
         diverse = self.negatives - hard
-        distinct = len(self.phrase_uses)
-        uses = list(self.phrase_uses.values())
+        uses = self.phrase_uses.folded()[1]
+        distinct = len(uses)
         return {
             "anchors": self.anchors,
             "success_rate": _ratio(self.successes, self.anchors),
@@ -133,8 +180,8 @@ class Metrics:
             "diverse_widened_searches": self.diverse_widened,
             "distinct_negative_phrases": distinct,
             "phrase_diversity": _ratio(distinct, self.negatives),
-            "max_phrase_reuse": max(uses, default=0),
-            "mean_phrase_reuse": _ratio(sum(uses), distinct),
+            "max_phrase_reuse": int(uses.max()) if distinct else 0,
+            "mean_phrase_reuse": _ratio(int(uses.sum()), distinct),
             "anchor_answer_length": self.anchor_length.summary(),
             "negative_answer_length": self.negative_length.summary(),
             "suspect_negatives": self.suspect_summary(),
@@ -202,7 +249,7 @@ def count_outcomes(m: Metrics, outcomes: Outcomes, found: Sequence[bool]) -> Non
 def _count(m: Metrics, pick: Pick, phrase: int, lengths: Sequence[int], min_visual: float
            ) -> None:
     m.negatives += 1
-    m.phrase_uses[phrase] += 1
+    m.phrase_uses.add(phrase)
     m.negative_length.add(int(lengths[phrase]))
     if pick.kind == "hard":
         m.hard_successes += 1

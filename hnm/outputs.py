@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Container, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -284,7 +284,7 @@ def _negative_row(n: dict[str, Any], as_json: set[str]) -> dict[str, Any]:
     return out
 
 
-def read_records(run: RunDir, positions: set[int] | None = None
+def read_records(run: RunDir, positions: Container[int] | None = None
                  ) -> Iterator[tuple[int, dict[str, Any]]]:
     """(position, record with its negatives) from whichever output the run wrote, in input
     order; only the wanted positions (all when None) are parsed."""
@@ -297,7 +297,7 @@ def read_records(run: RunDir, positions: set[int] | None = None
                 yield pos, json.loads(line)
 
 
-def _read_parquet(path: Path, positions: set[int] | None
+def _read_parquet(path: Path, positions: Container[int] | None
                   ) -> Iterator[tuple[int, dict[str, Any]]]:
     import pyarrow.parquet as pq
 

@@ -158,9 +158,9 @@ def follow_inputs(ds: Corpus | InputSummary, k: int, grain: int, limit: int | No
     return ranges
 
 
-def _file_edges(ds: Corpus, k: int, grain: int) -> list[tuple[int, int]]:
+def _file_edges(ds: Corpus | InputSummary, k: int, grain: int) -> list[tuple[int, int]]:
     n = len(ds)
-    bounds = np.searchsorted(ds.positions, ds.shard_ends)  # rows before each file's end
+    bounds = ds.rows_before(np.asarray(ds.shard_ends, np.int64))  # rows before each file's end
     edges = [0]
     for w in range(1, k):
         nearest = int(bounds[np.argmin(np.abs(bounds - w * n / k))])

@@ -45,7 +45,6 @@ class InputSummary:
     same things)."""
 
     facts: Facts
-    positions: np.ndarray  # (rows,) record position of each mined row
     fingerprint: str  # `plan.image_fingerprint` of the mined rows' images
     chunk_bytes: float  # the largest AVDN chunk holding a mined row's image (bytes)
     # mined rows' image files lying right in one of the run's folders (`inputs.guard_run`)
@@ -89,6 +88,13 @@ class InputSummary:
     def image_files(self) -> str:
         return self.facts.image_files
 
+    def rows_before(self, positions: np.ndarray) -> np.ndarray:
+        """The count of rows before each record position: every record not skipped is a
+        row (no array of the rows' positions is held)."""
+        skipped = np.sort(np.asarray(self.planned_skip(), np.int64))
+        positions = np.asarray(positions, np.int64)
+        return positions - np.searchsorted(skipped, positions, "left")
+
     def planned_skip(self) -> list[int]:
         """The record positions this pass left out (what the store's pass is given)."""
         return list(self.skipped.get("missing_image", []))
@@ -105,13 +111,10 @@ def summarize(config: Config, skip: list[int] | None = None,
     stats = hashlib.sha256()
     chunks: set[Path] = set()
     near: list[Path] = []
-    positions: list[np.ndarray] = []
     held: list[Block] = []
     for b, block in enumerate(reading.blocks()):
         held = [block] if b == 0 and len(block.records) < PLAN_BLOCK else []
-        mined = np.flatnonzero(block.keep)
-        positions.append(block.start + mined)
-        for k in mined.tolist():
+        for k in np.flatnonzero(block.keep).tolist():
             image = block.images[k]
             if isinstance(image, Path):
                 stats.update(stat_line(image.absolute()))
@@ -127,8 +130,7 @@ def summarize(config: Config, skip: list[int] | None = None,
     facts = reading.facts
     assert facts is not None  # set once every block was given
     return InputSummary(
-        facts, np.concatenate(positions) if positions else np.zeros(0, np.int64),
-        stats.hexdigest()[:16], float(max((p.stat().st_size for p in chunks), default=0)),
+        facts, stats.hexdigest()[:16], float(max((p.stat().st_size for p in chunks), default=0)),
         tuple(near), held)
 
 

@@ -81,7 +81,7 @@ def reduce_phase(config: Config, run: RunDir, ds: ColumnarCorpus, plan: Plan,
     of this invocation, for its wall time."""
     t0 = time.perf_counter()
     tab = load_arrays(run, ds, config)
-    u = ds.anchor_uniforms(config.seed, np.arange(ds.num_anchors))
+    u = ds.anchor_uniforms(config.seed, range(ds.num_anchors))
     selector = make_selector(config, tab, ds.phrases)
     parts, selected, written = [], 0, 0.0
     # a shard's lists are read and judged a window at a time, and each window's records

@@ -6,6 +6,7 @@ from __future__ import annotations
 import heapq
 import json
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import numpy as np
 
 from hnm.config import Config
 from hnm.data import normalize
+from hnm.distinct import DistinctCodes
 from hnm.outputs import read_records
 from hnm.plan import Plan
 from hnm.storage import RunDir
@@ -23,11 +25,67 @@ CROSS_POINTS = 3000  # negatives plotted by their cross and own scores (the firs
 POSITION_BINS = 20  # stretches of the input order in the failure chart
 
 
-def anchor_positions(plan: Plan) -> list[int]:
+class AnchorPositions:
+    """Record positions of the anchors, the first num_anchors records not skipped, found
+    from the skipped ones (memory set by them, not by the anchors' count)."""
+
+    def __init__(self, num_records: int, skipped: Iterable[int], num_anchors: int) -> None:
+        held = np.unique(np.fromiter(skipped, np.int64))
+        self.skipped = held[(held >= 0) & (held < num_records)]
+        # anchors before each skipped record
+        self.before = self.skipped - np.arange(len(self.skipped))
+        self.count = max(0, min(num_anchors, num_records - len(self.skipped)))
+
+    def __len__(self) -> int:
+        return self.count
+
+    def at(self, k: np.ndarray) -> np.ndarray:
+        """The record positions of anchors k (numbered from 0)."""
+        k = np.asarray(k, np.int64)
+        return k + np.searchsorted(self.before, k, "right")
+
+    def __contains__(self, pos: object) -> bool:
+        if not isinstance(pos, (int, np.integer)) or pos < 0:
+            return False
+        j = int(np.searchsorted(self.skipped, pos, "left"))
+        if j < len(self.skipped) and self.skipped[j] == pos:
+            return False
+        return int(pos) - j < self.count
+
+
+def anchor_positions(plan: Plan) -> AnchorPositions:
     """Record positions of the anchors: the first num_anchors records not skipped."""
-    skipped = set(plan.skipped)
-    mined = (p for p in range(plan.num_records) if p not in skipped)
-    return [p for _, p in zip(range(plan.num_anchors), mined)]
+    return AnchorPositions(plan.num_records, plan.skipped, plan.num_anchors)
+
+
+class TextUses:
+    """How many times each distinct text (normalised) was met: codes of its digest
+    (`distinct.DistinctCodes`) and a count each, texts taken a block at a time."""
+
+    BLOCK = 1 << 14
+
+    def __init__(self) -> None:
+        self.codes = DistinctCodes()
+        self.counts = np.zeros(0, np.int64)
+        self.pending: list[str] = []
+
+    def update(self, texts: Iterable[str]) -> None:
+        self.pending.extend(texts)
+        if len(self.pending) >= self.BLOCK:
+            self._fold()
+
+    def _fold(self) -> None:
+        codes, _ = self.codes.code(self.pending)
+        self.pending = []
+        self.counts = np.concatenate([self.counts, np.zeros(self.codes.count - len(self.counts),
+                                                            np.int64)])
+        np.add.at(self.counts, codes, 1)
+
+    def histogram(self) -> Counter:
+        """uses -> the number of texts used that many times."""
+        self._fold()
+        values, counts = np.unique(self.counts, return_counts=True)
+        return Counter(dict(zip(values.tolist(), counts.tolist())))
 
 
 @dataclass
@@ -58,14 +116,14 @@ def scan_negatives(run: RunDir, config: Config, plan: Plan) -> Scan:
     anchors = anchor_positions(plan)
     rng = np.random.default_rng(config.seed)
     picked = rng.choice(len(anchors), size=min(SAMPLE, len(anchors)), replace=False)
-    scan = Scan(sample=sorted(anchors[i] for i in picked.tolist()))
+    scan = Scan(sample=sorted(anchors.at(picked).tolist()))
     high: list[tuple[float, int]] = []
     low: list[tuple[float, int]] = []
-    uses: Counter = Counter()
+    uses = TextUses()
     removed: list[tuple[int, int]] = []
     bins = min(POSITION_BINS, len(anchors))
     scan.failed_by_bin = [Counter() for _ in range(bins)]
-    for k, (pos, record) in enumerate(read_records(run, set(anchors))):
+    for k, (pos, record) in enumerate(read_records(run, anchors)):
         negatives = record.get("negatives") or []
         if not negatives:
             reason = (record.get("outcome") or {}).get("reason")
@@ -84,7 +142,7 @@ def scan_negatives(run: RunDir, config: Config, plan: Plan) -> Scan:
             _push(low, BORDERLINE, (-min(n["visual_similarity"] for n in hard), -pos))
     scan.high_text = [-p for _, p in sorted(high, reverse=True)]
     scan.low_visual = [-p for _, p in sorted(low, reverse=True)]
-    scan.reuse = Counter(uses.values())
+    scan.reuse = uses.histogram()
     scan.cross_removed = [-p for _, p in sorted(removed, reverse=True)]
     wanted = {*scan.sample, *scan.high_text, *scan.low_visual, *scan.failed,
               *scan.cross_removed}

@@ -14,6 +14,7 @@ from hnm.miner import GROWTH, Arrays, Cands, Ragged, dots_with, text_sims, thres
 # Above this many free phrases their rows are found with one vectorised mask over the
 # eligible rows instead of phrase by phrase: both cost about the same there.
 FEW_PHRASES = 4096
+CHUNK = 1 << 20  # rows at a time while FreeRows is built
 # The exact lowest-vis free row is found by scanning the free rows themselves when they
 # are at most 1/BRUTE_SHARE of all rows (or BRUTE_MIN); with more, a wider search over
 # every row first: gathering scattered rows costs several times more per row than the
@@ -76,22 +77,81 @@ class FreeRows:
 
     def __init__(self, pid: np.ndarray, eligible: np.ndarray, clusters: np.ndarray,
                  num_phrases: int) -> None:
-        rows = np.flatnonzero(eligible)
-        self.rows, self.rows_pid = rows, pid[rows]  # eligible rows, ascending
+        """Built CHUNK rows at a time (pid, eligible, clusters may be memory maps), in
+        arrays of 4-byte numbers below 2**31 rows: 20 bytes an eligible row, no larger
+        temporary than a chunk's."""
+        small = max(len(pid), num_phrases, int(clusters.max(initial=0)) + 1) < 2**31
+        kind = np.int32 if small else np.int64
         num_clusters = int(clusters.max()) + 1 if len(clusters) else 1
-        by_phrase = np.argsort(self.rows_pid, kind="stable")
-        self.phrase_rows = rows[by_phrase]
-        self.phrase_start = np.searchsorted(self.rows_pid[by_phrase], np.arange(num_phrases + 1))
-        # each phrase's eligible rows per cluster: (phrase, cluster) pairs with counts
-        pairs, counts = np.unique(self.rows_pid * num_clusters + clusters[rows],
-                                  return_counts=True)
-        self.hist_start = np.searchsorted(pairs // num_clusters, np.arange(num_phrases + 1))
-        self.hist_cluster, self.hist_count = pairs % num_clusters, counts
-        self.per_cluster = np.bincount(clusters[rows], minlength=num_clusters)
-        self.total = len(rows)
+        chunks = range(0, len(pid), CHUNK)
+        per_phrase = np.zeros(num_phrases, np.int64)
+        self.per_cluster = np.zeros(num_clusters, np.int64)
+        total = 0
+        for s in chunks:
+            rows = np.flatnonzero(eligible[s:s + CHUNK]) + s
+            per_phrase += np.bincount(pid[rows], minlength=num_phrases)
+            self.per_cluster += np.bincount(clusters[rows], minlength=num_clusters)
+            total += len(rows)
+        self.phrase_start = np.zeros(num_phrases + 1, np.int64)
+        np.cumsum(per_phrase, out=self.phrase_start[1:])
+        del per_phrase
+        # eligible rows ascending (with their phrases), and by phrase (rows ascending)
+        self.rows, self.rows_pid = np.empty(total, kind), np.empty(total, kind)
+        self.phrase_rows = np.empty(total, kind)
+        cursor, at = self.phrase_start[:-1].copy(), 0
+        for s in chunks:
+            rows = np.flatnonzero(eligible[s:s + CHUNK]) + s
+            p = np.asarray(pid[rows], np.int64)
+            self.rows[at:at + len(rows)], self.rows_pid[at:at + len(rows)] = rows, p
+            at += len(rows)
+            order = np.argsort(p, kind="stable")
+            ordered = p[order]
+            first = np.searchsorted(ordered, ordered, "left")  # each one's run start
+            self.phrase_rows[cursor[ordered] + np.arange(len(order)) - first] = rows[order]
+            np.add.at(cursor, ordered, 1)
+        # each phrase's eligible rows per cluster: (cluster, count) pairs, phrase by phrase,
+        # counted in a first pass over whole phrases, then filled
+        pieces = self._phrase_chunks()
+        pairs = np.zeros(num_phrases, np.int64)
+        for a, b in pieces:
+            phrase_of, _, _ = self._pairs(a, b, clusters, num_clusters)
+            pairs += np.bincount(phrase_of, minlength=num_phrases)
+        self.hist_start = np.zeros(num_phrases + 1, np.int64)
+        np.cumsum(pairs, out=self.hist_start[1:])
+        del pairs
+        self.hist_cluster = np.empty(int(self.hist_start[-1]), kind)
+        self.hist_count = np.empty(int(self.hist_start[-1]), kind)
+        at = 0
+        for a, b in pieces:
+            _, cluster, count = self._pairs(a, b, clusters, num_clusters)
+            self.hist_cluster[at:at + len(cluster)], self.hist_count[at:at + len(count)] = \
+                cluster, count
+            at += len(cluster)
+        self.total = total
         self.phrase_free = np.ones(num_phrases, bool)  # below the standard limit
         self.has_rows = self.phrase_start[1:] > self.phrase_start[:-1]  # eligible ones
         self.free_phrases = int(self.has_rows.sum())  # free phrases with eligible rows
+
+    def _phrase_chunks(self) -> list[tuple[int, int]]:
+        """Stretches [a, b) of `phrase_rows` of whole phrases, about CHUNK rows each (a
+        phrase with more rows: one of its own)."""
+        start, out, a = self.phrase_start, [], 0
+        while a < start[-1]:
+            b = int(start[np.searchsorted(start, a + CHUNK, "right") - 1])
+            if b <= a:  # a phrase of more than CHUNK rows: up to its end
+                b = int(start[np.searchsorted(start, a, "right")])
+            out.append((a, b))
+            a = b
+        return out
+
+    def _pairs(self, a: int, b: int, clusters: np.ndarray, num_clusters: int
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The (phrase, cluster) pairs of phrase_rows[a:b] (whole phrases), sorted, with
+        their counts."""
+        phrase = np.searchsorted(self.phrase_start, np.arange(a, b), "right") - 1
+        keys = phrase * num_clusters + np.asarray(clusters[self.phrase_rows[a:b]], np.int64)
+        keys, counts = np.unique(keys, return_counts=True)
+        return keys // num_clusters, keys % num_clusters, counts
 
     def set_free(self, phrase: int, free: bool) -> None:
         if self.phrase_free[phrase] == free:

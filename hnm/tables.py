@@ -121,7 +121,7 @@ def load_arrays(run: RunDir, ds: Corpus | ColumnarCorpus, config: Config) -> Arr
         V=np.asarray(read_npy(run.table("visual"), mmap=True)), T=T,
         text_ids=np.asarray(ds.text_ids), groups=np.asarray(ds.groups),
         eligible=read_npy(run.table("eligible"))[ds.text_ids],
-        clusters=read_npy(run.table("clusters")), C=C,
+        clusters=np.asarray(read_npy(run.table("clusters"), mmap=True)), C=C,
     )
 
 

@@ -207,3 +207,23 @@ def test_phrase_reuse_bars_group_the_long_tail():
     rows = reuse_rows(reuse)
     assert [label for label, _, _ in rows] == [f"{n}×" for n in range(1, 12)] + ["12+×"]
     assert [value for _, value, _ in rows] == [5, 3, 0, 0, 0, 0, 0, 0, 0, 0, 1, 6]
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_anchor_positions_are_the_first_records_not_skipped(seed: int) -> None:
+    """Computed from the skipped records (unsorted, repeated, out of range) as the list of
+    every record not skipped, cut at num_anchors, gives them; `in` as that list's."""
+    import random
+
+    from hnm.report_scan import AnchorPositions
+
+    rnd = random.Random(seed)
+    n = rnd.choice([0, 1, 5, 40, 300])
+    skipped = [rnd.randrange(-2, n + 3) for _ in range(rnd.randrange(0, n + 2))]
+    anchors = rnd.choice([0, 1, n // 2, n, n + 5])
+    gone = set(skipped)
+    want = [p for p in range(n) if p not in gone][:anchors]
+    got = AnchorPositions(n, skipped, anchors)
+    assert len(got) == len(want)
+    assert got.at(list(range(len(want)))).tolist() == want
+    assert [p for p in range(-3, n + 4) if p in got] == want

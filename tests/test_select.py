@@ -130,3 +130,39 @@ def test_no_free_row_is_answered_without_searching():
     # remaining anchors' diverse attempts stop at the counts (hard fallbacks go on)
     assert sum(p.kind == "diverse" for ps in picks for p in ps) == 3
     assert m.diverse_widened <= 3 and not calls
+
+
+@pytest.mark.parametrize("seed", range(10))
+@pytest.mark.parametrize("chunk", [1, 3, 64, 1 << 20])
+def test_free_rows_built_in_chunks_as_whole(seed: int, chunk: int,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """FreeRows built `chunk` rows at a time holds what the whole arrays give: eligible
+    rows ascending and by phrase, each phrase's (cluster, count) pairs, the cluster counts."""
+    monkeypatch.setattr(select, "CHUNK", chunk)
+    rng = np.random.default_rng(seed)
+    n = int(rng.choice([0, 1, 7, 200]))
+    num_phrases = int(rng.choice([1, 5, 300]))
+    pid = rng.integers(0, num_phrases, n)
+    if seed % 3 == 0 and n:
+        pid[: n // 2] = 0  # one phrase of many rows
+    eligible = rng.random(n) < 0.7
+    clusters = rng.integers(0, int(rng.choice([1, 4, 50])), n)
+    free = FreeRows(pid, eligible, clusters, num_phrases)
+    rows = np.flatnonzero(eligible)
+    assert free.rows.tolist() == rows.tolist()
+    assert free.rows_pid.tolist() == pid[rows].tolist()
+    by_phrase = rows[np.argsort(pid[rows], kind="stable")]
+    assert free.phrase_rows.tolist() == by_phrase.tolist()
+    assert free.phrase_start.tolist() == np.searchsorted(
+        np.sort(pid[rows]), np.arange(num_phrases + 1)).tolist()
+    for p in range(num_phrases):
+        mine = rows[pid[rows] == p]
+        got = dict(zip(free.hist_cluster[free.hist_start[p]:free.hist_start[p + 1]].tolist(),
+                       free.hist_count[free.hist_start[p]:free.hist_start[p + 1]].tolist()))
+        want = dict(zip(*np.unique(clusters[mine], return_counts=True)))
+        assert got == {int(k): int(v) for k, v in want.items()}
+        assert list(got) == sorted(got)
+    assert free.per_cluster.sum() == free.total == len(rows)
+    assert free.per_cluster.tolist()[:int(clusters.max(initial=0)) + 1] == \
+        np.bincount(clusters[rows], minlength=int(clusters.max(initial=0)) + 1).tolist()
+    assert free.rows.itemsize == 4
