@@ -59,12 +59,11 @@ BARE_PROCESS_BYTES = 110 * MIB
 LAUNCHER_BYTES = 160 * MIB
 # --- planning: reading the input in blocks, checks in bounded memory ---
 SCAN_ROWS = 1 << 14  # records of one block being read and checked (plan_scan.PLAN_BLOCK)
-# The ids seen, as an 8-byte hash and a position in sorted runs (checks.IdSet: 16 bytes
-# an id), twice while two runs merge.
-PLAN_ROW_BYTES = 2 * 16
-# A distinct phrase while planning: its Python string (49 bytes and its characters) and
-# its entry in the dictionary phrase -> id (~100 bytes).
-PLAN_PHRASE_BYTES = 49 + PHRASE_BYTES + 100
+# The ids seen, as 8-byte hashes in sorted runs (checks.IdSet), twice while two runs merge.
+PLAN_ROW_BYTES = 2 * 8
+# A distinct phrase while planning: its 16-byte digest and its 8-byte code in sorted runs
+# (distinct.DistinctCodes), twice while two runs merge; group values alike, not counted.
+PLAN_PHRASE_BYTES = 2 * 24
 # --- embedding ---
 LOADERS_PER_GPU = 8  # data-loading processes of a GPU worker (placement: 72 cores, 8 GPUs)
 IMAGE_BYTES = 3 * 224 * 224 * FLOAT  # one decoded image tensor of a batch
@@ -89,9 +88,9 @@ IVF_PROBE_BYTES = 1536
 # The reduce judges REDUCE_WINDOW anchors at a time, reading the next window meanwhile
 # (263 MiB measured for the launcher at 300,000 rows, bench_scale).
 REDUCE_LIST_COPIES = 1
-# Per row in the reduce: select.FreeRows (six int64), the draws, eligibility and what the
-# outputs and the report gather; fitted: 263 / 439 MiB measured at 300,000 / 1,000,000.
-FREE_ROW_BYTES = 160
+# Per row in the reduce: select.FreeRows (five 4-byte arrays), eligibility, and each
+# anchor's share of the negatives' phrase counts (metrics.PhraseUses: 16 bytes a phrase).
+FREE_ROW_BYTES = 5 * 4 + 1 + 16
 # Per distinct phrase in the reduce: window count, limit, length, free and eligible flags,
 # histogram and row starts (NumPy).
 PHRASE_STATE_BYTES = 8 + 8 + 8 + 1 + 1 + 8 + 8

@@ -102,53 +102,49 @@ def duplicate(locate: Locate, first: int, prev: Any, pos: int, rid: Any) -> HnmE
 
 
 class IdSet:
-    """The ids seen so far, as numbers: the hash of each one's `id_text` with its position,
-    in sorted runs (a new block's run merged with the runs no larger than it: about log2
-    of the blocks' count of runs; 16 bytes an id). A hash met again is only a candidate:
-    the caller compares the ids' texts."""
+    """The ids seen so far, as numbers: the 8-byte hash of each one's `id_text`, in sorted
+    runs (a new block's run merged with the runs no larger than it: about log2 of the
+    blocks' count of runs; 8 bytes an id). A hash met again is only a candidate: the
+    caller finds the earlier ids of that hash and compares their texts."""
 
     def __init__(self) -> None:
-        self.runs: list[tuple[np.ndarray, np.ndarray]] = []  # (hashes sorted, positions)
+        self.runs: list[np.ndarray] = []  # hashes, sorted
 
     @staticmethod
     def hashes(texts: list[str]) -> np.ndarray:
         """One 8-byte hash of each text (Python's string hash: candidates only)."""
         return np.fromiter(map(hash, texts), np.int64, len(texts))
 
-    def candidates(self, hashes: np.ndarray, start: int) -> Iterator[tuple[int, list[int]]]:
-        """For the ids of positions start, start + 1, ... (their `hashes`), in order, each
-        one whose hash an earlier id has: (its index, the earlier positions, in order)."""
-        earlier: dict[int, list[int]] = {}
+    def repeats(self, hashes: np.ndarray) -> tuple[dict[int, list[int]], np.ndarray]:
+        """For a block's ids (their `hashes`): each one whose hash an earlier id of the
+        block has, with those ids' indexes (ascending); and whether each hash is an
+        earlier block's."""
+        within: dict[int, list[int]] = {}
         order = np.argsort(hashes, kind="stable")
         ordered = hashes[order]
-        same = np.flatnonzero(ordered[1:] == ordered[:-1]) + 1
-        for k in same:  # within the block: every earlier member of its run of equals
+        for k in (np.flatnonzero(ordered[1:] == ordered[:-1]) + 1).tolist():
             run = k
             while run > 0 and ordered[run - 1] == ordered[k]:
                 run -= 1
-            earlier[int(order[k])] = sorted(start + int(j) for j in order[run:k])
-        for run_hashes, positions in self.runs:
-            left = np.searchsorted(run_hashes, hashes, "left")
-            right = np.searchsorted(run_hashes, hashes, "right")
-            for i in np.flatnonzero(right > left):
-                found = positions[left[i]:right[i]].tolist()
-                earlier[int(i)] = sorted(found + earlier.get(int(i), []))
-        for i in sorted(earlier):
-            yield i, earlier[i]
+            within[int(order[k])] = sorted(int(j) for j in order[run:k])
+        earlier = np.zeros(len(hashes), bool)
+        for run_hashes in self.runs:
+            at = np.minimum(np.searchsorted(run_hashes, hashes), len(run_hashes) - 1)
+            earlier |= run_hashes[at] == hashes
+        return within, earlier
 
-    def add(self, hashes: np.ndarray, start: int) -> None:
-        """The block's ids, positions start, start + 1, ..."""
-        order = np.argsort(hashes, kind="stable")
-        self.runs.append((hashes[order], start + order.astype(np.int64)))
-        while len(self.runs) > 1 and len(self.runs[-2][0]) <= 2 * len(self.runs[-1][0]):
-            (h1, p1), (h2, p2) = self.runs.pop(), self.runs.pop()
-            h, p = np.concatenate([h2, h1]), np.concatenate([p2, p1])
-            merged = np.argsort(h, kind="stable")
-            self.runs.append((h[merged], p[merged]))
+    def add(self, hashes: np.ndarray) -> None:
+        """The block's ids."""
+        if not len(hashes):
+            return
+        self.runs.append(np.sort(hashes))
+        while len(self.runs) > 1 and len(self.runs[-2]) <= 2 * len(self.runs[-1]):
+            last, before = self.runs.pop(), self.runs.pop()
+            self.runs.append(np.sort(np.concatenate([before, last])))
 
     @property
     def nbytes(self) -> int:
-        return sum(h.nbytes + p.nbytes for h, p in self.runs)
+        return sum(h.nbytes for h in self.runs)
 
 
 def check_nesting(records: list[dict[str, Any]], ids: list[Any], start: int,

@@ -87,7 +87,7 @@ class Scan:
     images themselves), and `facts` once the last was given and the checks of the whole
     passed (the field mapping, the images' count, the tensors' normalisation). An error
     found after some blocks were given is raised from `blocks()`: what was written from
-    them is not a run's. Between blocks it holds numbers per record (16 bytes an id), per
+    them is not a run's. Between blocks it holds numbers per record (8 bytes an id), per
     distinct phrase and group value (24 bytes each: `distinct.DistinctCodes`), and the
     skipped positions.
 
@@ -159,34 +159,38 @@ class Scan:
                 break
         texts = [id_text(rid) for rid in ids]
         hashes = IdSet.hashes(texts)
-        found = list(self.ids.candidates(hashes, start))
-        before = self._ids_at(sorted({p for _, e in found for p in e if p < start}))
-        for i, earlier in found:
-            for p in earlier:
-                prev = ids[p - start] if p >= start else before[p]
+        within, earlier = self.ids.repeats(hashes)
+        before = self._ids_hashed(set(hashes[earlier].tolist()), start)
+        for i in sorted({*within, *np.flatnonzero(earlier).tolist()}):
+            found = before.get(int(hashes[i]), []) + [(start + j, ids[j])
+                                                      for j in within.get(i, [])]
+            for p, prev in found:  # in input order
                 if id_text(prev) == texts[i]:
                     raise duplicate(locate, p, prev, start + i, ids[i])
         if fault is not None:
             raise fault
-        self.ids.add(hashes, start)
+        self.ids.add(hashes)
         self.adds_id |= any(id_field not in r for r in part.records)
         return ids
 
-    def _ids_at(self, positions: list[int]) -> dict[int, Any]:
-        """The ids of earlier records, read again from the input (only where an id's hash
-        is an earlier one's: a duplicate, or rarely two ids of one hash)."""
-        if not positions:
-            return {}
-        wanted, found = set(positions), {}
+    def _ids_hashed(self, wanted: set[int], start: int) -> dict[int, list[tuple[int, Any]]]:
+        """The ids of the records before `start` whose hash is wanted, (position, id) in
+        input order by hash: read again from the input (only where an id's hash is an
+        earlier one's: a duplicate, or rarely two ids of one hash)."""
+        found: dict[int, list[tuple[int, Any]]] = {}
+        if not wanted:
+            return found
         id_field = self.config.fields.id
         for part in Input(self.config, planned=True).blocks(self.size):
-            for k, record in enumerate(part.records):
-                pos = part.start + k
-                if pos in wanted:
-                    key = part.keys[k] if part.keys else None
-                    found[pos] = record.get(id_field, pos if key is None else key)
-            if part.start + len(part) > positions[-1]:
+            if part.start >= start:
                 break
+            keys = part.keys or [None] * len(part.records)
+            rids = [record.get(id_field, part.start + k if key is None else key)
+                    for k, (record, key) in enumerate(zip(part.records[:start - part.start],
+                                                          keys))]
+            hashes = IdSet.hashes([id_text(rid) for rid in rids]).tolist()
+            for k in [k for k, h in enumerate(hashes) if h in wanted]:
+                found.setdefault(hashes[k], []).append((part.start + k, rids[k]))
         return found
 
     def _block(self, part: Part, ids: list[Any]) -> Block:

@@ -344,24 +344,24 @@ def test_ids_of_one_hash_are_told_apart_exactly(tmp_path, monkeypatch):
 
 
 def test_the_id_set_finds_every_earlier_equal_hash():
-    """Against brute force: random hashes added block by block (runs merged as they go)."""
+    """Against brute force: random hashes added block by block (runs merged as they go):
+    the block's own earlier equals, and whether an earlier block had each hash."""
     rng = np.random.default_rng(0)
     ids = IdSet()
     seen: list[int] = []
-    start = 0
     for _ in range(40):
-        block = rng.integers(0, 300, int(rng.integers(1, 30)))
-        found = dict(ids.candidates(block, start))
+        block = rng.integers(0, 300, int(rng.integers(0, 30)))
+        within, earlier = ids.repeats(block)
         expected = {}
         for i, h in enumerate(block.tolist()):
-            earlier = [p for p, x in enumerate(seen + block[:i].tolist()) if x == h]
-            if earlier:
-                expected[i] = earlier
-        assert found == expected
-        ids.add(block, start)
+            same = [j for j, x in enumerate(block[:i].tolist()) if x == h]
+            if same:
+                expected[i] = same
+        assert within == expected
+        assert earlier.tolist() == [h in seen for h in block.tolist()]
+        ids.add(block)
         seen += block.tolist()
-        start += len(block)
-    assert len(ids.runs) < 10 and ids.nbytes == 16 * len(seen)
+    assert len(ids.runs) < 10 and ids.nbytes == 8 * len(seen)
 
 
 # ---------------------------------------------------------------- memory
