@@ -24,6 +24,7 @@ from typing import Any, overload
 import numpy as np
 
 from hnm import schema
+from hnm.arrow_arrays import int_array
 from hnm.errors import HnmError
 from hnm.readers import ImageRef, Shard
 from hnm.storage import RunDir, parse_json, read_npy
@@ -88,6 +89,21 @@ def ref_text(image: Path | ImageRef) -> tuple[str | None, str | None]:
     return str(image), None
 
 
+def char_lengths(column: Any) -> np.ndarray:
+    """The length in characters of each string of an Arrow string column: its UTF-8 bytes
+    that begin a character, counted from the column's buffers (pyarrow.compute's
+    utf8_length gives the same, but its first call imports pandas: half a second)."""
+    import pyarrow as pa
+
+    _, offsets, data = column.buffers()
+    kind = np.int64 if pa.types.is_large_string(column.type) else np.int32
+    ends = np.frombuffer(offsets, kind)[column.offset:column.offset + len(column) + 1]
+    raw = np.frombuffer(data, np.uint8) if data is not None else np.zeros(0, np.uint8)
+    begins = np.zeros(len(raw) + 1, np.int64 if len(raw) >= 2**31 else np.int32)
+    np.cumsum((raw & 0xC0) != 0x80, out=begins[1:])
+    return (begins[ends[1:]] - begins[ends[:-1]]).astype(np.int64)
+
+
 class Rows(Sequence):
     """A read-only sequence of one column's values, decoded only where asked (int index,
     slice, iteration a batch at a time). `rows`: the records it maps its items to (mined
@@ -121,12 +137,10 @@ class Rows(Sequence):
     def lengths(self) -> np.ndarray:
         """Every item's length in characters (a text column of every record: the
         phrases), from the column a batch at a time, with no string built."""
-        import pyarrow.compute as pc
-
         reader = self.store._reader(self.file)
-        parts = [pc.utf8_length(reader.get_batch(b).column(self.columns[0]))
-                 .to_numpy(zero_copy_only=False) for b in range(reader.num_record_batches)]
-        out = np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+        parts = [char_lengths(reader.get_batch(b).column(self.columns[0]))
+                 for b in range(reader.num_record_batches)]
+        out = np.concatenate(parts) if parts else np.zeros(0, np.int64)
         return out if self.rows is None else out[self.rows]
 
     def take(self, items: np.ndarray) -> list[Any]:
@@ -202,7 +216,6 @@ class ColumnarCorpus:
                ) -> list[tuple[Any, ...]]:
         """The columns' values at the given rows of a file, in their order; each batch
         touched is read once."""
-        import pyarrow as pa
 
         if not len(where):
             return []
@@ -214,7 +227,7 @@ class ColumnarCorpus:
         for part in np.split(np.arange(len(ranked)), cuts):
             first = int(which[part[0]])
             b = self.batch(file, first)
-            local = pa.array(ranked[part] - first * self.batch_rows)
+            local = int_array(ranked[part] - first * self.batch_rows)
             got += zip(*(b.column(c).take(local).to_pylist() for c in columns))
         if not np.array_equal(order, np.arange(len(order))):
             out: list[Any] = [None] * len(got)

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from hnm.arrow_arrays import plain_type, string_array
 from hnm.blocks import Block, Facts
 from hnm.config import Config
 from hnm.corpus import (
@@ -41,6 +42,9 @@ SKIP = ("negatives", "outcome")  # replaced by the run's in the outputs
 def _block_type(values: list[Any]) -> Any:
     import pyarrow as pa
 
+    kind = plain_type(values)
+    if kind is not None:
+        return kind
     try:
         return pa.array(values).type
     except (pa.ArrowException, TypeError, OverflowError, ValueError):
@@ -180,7 +184,7 @@ class CorpusWriter:
         while len(pending[0]) >= BATCH_ROWS or (final and pending[0]):
             cut = [p[:BATCH_ROWS] for p in pending]
             self.arrow[name].write_batch(pa.record_batch(
-                [pa.array(c, pa.string()) for c in cut], schema=self.schemas[name]))
+                [string_array(c) for c in cut], schema=self.schemas[name]))
             for p in pending:
                 del p[:BATCH_ROWS]
 

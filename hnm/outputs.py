@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from hnm.arrow_arrays import plain_type
 from hnm.audit import Suspect, is_suspect
 from hnm.callbacks import Progress, no_progress
 from hnm.config import Config, has_joint_space
@@ -259,7 +260,7 @@ def _arrow_type(values: list[Any]) -> Any:
     import pyarrow.parquet as pq
 
     try:  # converting checks every value (inferring a type looks at the first ones only)
-        kind = pa.array(values).type
+        kind = plain_type(values) or pa.array(values).type
         # some types have no Parquet form (a struct without fields: `{}`): the writer says
         pq.ParquetWriter(io.BytesIO(), pa.schema([("value", kind)])).close()
     except (pa.ArrowException, TypeError, OverflowError):

@@ -312,3 +312,24 @@ def test_a_one_block_input_is_stored_from_its_first_read(inputs, tmp_path, monke
     assert stores["kept"] == stores["again"] and len(stores["kept"]) > 3
     monkeypatch.setattr(plan_scan, "PLAN_BLOCK", 7)  # several blocks: nothing kept
     assert plan_scan.summarize(config).held == []
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_char_lengths_count_characters_as_python(seed: int) -> None:
+    """From an Arrow column's buffers (plain and large strings, sliced or not): each
+    string's length in characters, as `len` counts them, for any mix of 1- to 4-byte
+    characters and empty strings."""
+    import random
+
+    import pyarrow as pa
+
+    from hnm.corpus import char_lengths
+
+    rnd = random.Random(seed)
+    alphabet = ["a", "é", "中", "😀", " ", "\u0301", "\n"]
+    values = ["".join(rnd.choice(alphabet) for _ in range(rnd.randrange(0, 12)))
+              for _ in range(rnd.randrange(0, 40))]
+    for kind in (pa.string(), pa.large_string()):
+        column = pa.array(values, kind)
+        for cut in (0, min(3, len(values))):
+            assert char_lengths(column.slice(cut)).tolist() == [len(v) for v in values[cut:]]
