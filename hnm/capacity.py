@@ -18,7 +18,7 @@ from hnm import ivf
 from hnm.config import Config
 from hnm.engine import ANCHOR_BATCH, REDUCE_WINDOW
 from hnm.index import BUILD_PEAK, GPU_SHARE
-from hnm.ivf import ASSIGN_ROWS, IVF_BATCH, ivf_shape
+from hnm.ivf import ASSIGN_ROWS, ivf_shape, probe_batch
 from hnm.kmeans import KMEANS_SAMPLE, LABEL_BLOCK
 from hnm.sizing import (
     AUTO_EXACT_ROWS,
@@ -249,10 +249,11 @@ def estimate(shape: Shape, index: str, parts: int) -> Estimate:
     columns = n * COLUMN_BYTES
     block = EMBED_BLOCK_ROWS * max(dv, dt) * 8.0 * 3
     per_anchor = candidate_bytes(c, n)
-    batch = ANCHOR_BATCH if index == "exact" else IVF_BATCH  # anchors searched at once
-    window = REDUCE_WINDOW + batch
     probes = 0 if index == "exact" else \
         min(c.ivf_nprobe or ivf_shape(n)[1], lists or 1)  # lists an anchor probes
+    # anchors searched at once
+    batch = ANCHOR_BATCH if index == "exact" else probe_batch(probes)
+    window = REDUCE_WINDOW + batch
     row_bytes = code_bytes(index, dv, getattr(c, "pq_bytes", None))
     part_index = part_rows * row_bytes + index_fixed(index, dv, lists)
     encoders = ENCODER_BYTES if s.encoders else 0.0

@@ -22,6 +22,7 @@ from hnm.config import Fields
 from hnm.decoding import DECODING
 from hnm.errors import HnmError
 from hnm.readers import ImageRef, payload
+from hnm.scratch import scratch_array
 
 Locate = Callable[[int], tuple[Path, int]]  # input position -> (file, position in it)
 
@@ -104,8 +105,9 @@ def duplicate(locate: Locate, first: int, prev: Any, pos: int, rid: Any) -> HnmE
 class IdSet:
     """The ids seen so far, as numbers: the 8-byte hash of each one's `id_text`, in sorted
     runs (a new block's run merged with the runs no larger than it: about log2 of the
-    blocks' count of runs; 8 bytes an id). A hash met again is only a candidate: the
-    caller finds the earlier ids of that hash and compares their texts."""
+    blocks' count of runs; 8 bytes an id, merged runs in scratch arrays: `scratch`). A
+    hash met again is only a candidate: the caller finds the earlier ids of that hash and
+    compares their texts."""
 
     def __init__(self) -> None:
         self.runs: list[np.ndarray] = []  # hashes, sorted
@@ -140,7 +142,11 @@ class IdSet:
         self.runs.append(np.sort(hashes))
         while len(self.runs) > 1 and len(self.runs[-2]) <= 2 * len(self.runs[-1]):
             last, before = self.runs.pop(), self.runs.pop()
-            self.runs.append(np.sort(np.concatenate([before, last])))
+            merged = scratch_array(len(before) + len(last), np.int64)
+            merged[:len(before)], merged[len(before):] = before, last
+            del before, last
+            merged.sort()  # in place
+            self.runs.append(merged)
 
     @property
     def nbytes(self) -> int:

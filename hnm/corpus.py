@@ -27,6 +27,7 @@ from hnm import schema
 from hnm.arrow_arrays import int_array
 from hnm.errors import HnmError
 from hnm.readers import ImageRef, Shard
+from hnm.scratch import scratch_array
 from hnm.storage import RunDir, parse_json, read_npy
 
 FORMAT = "hnm columnar corpus"
@@ -138,9 +139,13 @@ class Rows(Sequence):
         """Every item's length in characters (a text column of every record: the
         phrases), from the column a batch at a time, with no string built."""
         reader = self.store._reader(self.file)
-        parts = [char_lengths(reader.get_batch(b).column(self.columns[0]))
-                 for b in range(reader.num_record_batches)]
-        out = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+        out = scratch_array(sum(reader.get_batch(b).num_rows
+                                for b in range(reader.num_record_batches)), np.int64)
+        at = 0
+        for b in range(reader.num_record_batches):
+            part = char_lengths(reader.get_batch(b).column(self.columns[0]))
+            out[at:at + len(part)] = part
+            at += len(part)
         return out if self.rows is None else out[self.rows]
 
     def take(self, items: np.ndarray) -> list[Any]:

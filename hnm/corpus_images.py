@@ -6,6 +6,8 @@ read."""
 from __future__ import annotations
 
 import hashlib
+import tempfile
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,16 @@ import numpy as np
 from hnm.corpus import BATCH_ROWS
 from hnm.readers import ImageRef, payload
 
+# Rows' image names in one bucket (about; a bucket is read whole: ~100 bytes a row at
+# once), in at most BUCKETS buckets (temporary files open at once)
+PASS_ROWS = 1 << 17
+BUCKETS = 512
+NAME = np.dtype([("high", "<u8"), ("low", "<u8")])  # an image's 16-byte name, as numbers
+NAMED = np.dtype([("high", "<u8"), ("low", "<u8"), ("row", "<i8")])
+SIZED = np.dtype([("size", "<i8"), ("first", "<i8"), ("rows", "<i8")])
+# a SHA-256 as numbers: its first 16 bytes sort and bucket it, all 32 tell it apart
+DIGEST = np.dtype([("high", "<u8"), ("low", "<u8"), ("rest", "V16")])
+CONTENT = np.dtype([("digest", DIGEST), ("rows", "<i8")])
 UNREADABLE = -2  # a size: the image cannot be read
 UNKNOWN = -1  # a size: known only once read (images in Parquet shards)
 
@@ -51,50 +63,109 @@ def _sha256(image: Path | ImageRef) -> bytes | None:
     return None if data is None else hashlib.sha256(data).digest()
 
 
-def _blocks(images: Any, rows: np.ndarray) -> Any:
+def _blocks(images: Any, rows: np.ndarray | range) -> Any:
     """(where in `rows`, the images of those rows), a block at a time."""
     for start in range(0, len(rows), BATCH_ROWS):
-        part = rows[start:start + BATCH_ROWS]
+        part = np.asarray(rows[start:start + BATCH_ROWS])
         yield np.arange(start, start + len(part)), images.take(part) \
             if hasattr(images, "take") else [images[int(i)] for i in part]
 
 
 def duplicate_images(ds: Any) -> dict[str, int]:
     """Rows whose image holds the same bytes as an earlier row's (by SHA-256), as
-    `data.duplicate_images(ds.images)` counts them."""
+    `data.duplicate_images(ds.images)` counts them, in memory set by PASS_ROWS and not by
+    the rows' count: the rows' image names go to buckets by their hash, each bucket's
+    distinct images (with their row counts and sizes) to buckets by their size, in
+    unnamed temporary files; images of one size meet in one bucket, and only images whose
+    size another image shares are read."""
     n = len(ds)
-    names = np.empty(n, dtype="V16")
-    for at, images in _blocks(ds.images, np.arange(n)):
-        names[at] = [_identity(im) for im in images]
-    distinct, first, inverse = np.unique(names, return_index=True, return_inverse=True)
-    del names
-    sizes = np.empty(len(distinct), dtype=np.int64)
-    for at, images in _blocks(ds.images, first):
-        sizes[at] = [_size(im) for im in images]
+    count = min(BUCKETS, max(1, -(-n // PASS_ROWS)))
+    with ExitStack() as held:
+        names = [held.enter_context(tempfile.TemporaryFile()) for _ in range(count)]
+        for at, images in _blocks(ds.images, range(n)):
+            keys = np.frombuffer(b"".join(_identity(im) for im in images), NAME)
+            bucket = keys["low"] % count
+            for b in np.unique(bucket).tolist():
+                mine = bucket == b
+                _put(names[b], np.rec.fromarrays([keys["high"][mine], keys["low"][mine],
+                                                  at[mine]], dtype=NAMED))
+        sized = [held.enter_context(tempfile.TemporaryFile()) for _ in range(count)]
+        for handle in names:  # each image once: its first row, rows and size
+            named = _take(handle, NAMED)
+            _, first, rows = np.unique(named[["high", "low"]], return_index=True,
+                                       return_counts=True)
+            first = named["row"][first]
+            del named
+            sizes = np.empty(len(first), np.int64)
+            order = np.argsort(first, kind="stable")
+            for where, images in _blocks(ds.images, first[order]):
+                sizes[order[where]] = [_size(im) for im in images]
+            bucket = np.where(sizes >= 0, sizes, 0) % count
+            for b in np.unique(bucket).tolist():
+                mine = bucket == b
+                _put(sized[b], np.rec.fromarrays([sizes[mine], first[mine], rows[mine]],
+                                                 dtype=SIZED))
+        counts = Counts()
+        content = [held.enter_context(tempfile.TemporaryFile()) for _ in range(count)]
+        for handle in sized:  # an image of its own size counted, the others hashed
+            part = _take(handle, SIZED)
+            own, digests, readable = _by_size(ds, part)
+            counts.add(part["rows"][own])
+            found = np.zeros(int(readable.sum()), CONTENT)
+            found["digest"], found["rows"] = digests[readable], part["rows"][readable]
+            bucket = found["digest"]["low"] % count
+            for b in np.unique(bucket).tolist():
+                _put(content[b], found[bucket == b])
+        for handle in content:  # images of one content: one label
+            part = _take(handle, CONTENT)
+            _, label = np.unique(part["digest"], return_inverse=True)
+            counts.add(np.bincount(label.ravel(), weights=part["rows"],
+                                   minlength=1).astype(np.int64))
+    return {"rows": n, "unreadable": n - counts.readable, "duplicate_rows": counts.duplicates,
+            "groups": counts.groups}
+
+
+class Counts:
+    """Rows per label, summed up: readable rows, rows after a label's first, labels of
+    more than one row."""
+
+    def __init__(self) -> None:
+        self.readable = self.duplicates = self.groups = 0
+
+    def add(self, rows: np.ndarray) -> None:
+        rows = rows[rows > 0]
+        self.readable += int(rows.sum())
+        self.duplicates += int(rows.sum()) - len(rows)
+        self.groups += int((rows > 1).sum())
+
+
+def _by_size(ds: Any, part: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Of a bucket's distinct images (every image of a known size lies in its size's
+    bucket): those of a size no other image has (equal only to themselves), and the
+    SHA-256 of the others (of a shared or unknown size) with whether each was read."""
+    sizes = part["size"]
     known = sizes >= 0
     values, counts = np.unique(sizes[known], return_counts=True)
-    shared = np.zeros(len(distinct), dtype=bool)
+    shared = np.zeros(len(part), dtype=bool)
     shared[known] = counts[np.searchsorted(values, sizes[known])] > 1
     hashed = shared | (sizes == UNKNOWN)
-    # each distinct image's key: its own (a unique size), its content's hash, or none
-    digests = np.zeros(len(distinct), dtype="V32")
-    readable = known & ~hashed
+    digests = np.zeros(len(part), dtype=DIGEST)
+    readable = np.zeros(len(part), dtype=bool)
     which = np.flatnonzero(hashed)
-    for where, images in _blocks(ds.images, first[which]):
+    order = which[np.argsort(part["first"][which], kind="stable")]
+    for where, images in _blocks(ds.images, part["first"][order]):
         got = [_sha256(im) for im in images]
-        at = which[where]
+        at = order[where]
         readable[at] = [g is not None for g in got]
-        digests[at] = [g or bytes(32) for g in got]
-    labels = np.full(len(distinct), -1, dtype=np.int64)
-    own = np.flatnonzero(known & ~hashed)
-    labels[own] = np.arange(len(own))
-    content = np.flatnonzero(hashed & readable)
-    _, groups = np.unique(digests[content], return_inverse=True)
-    labels[content] = len(own) + groups.ravel()
-    per_row = labels[inverse.ravel()]
-    per_row = per_row[per_row >= 0]
-    rows = np.bincount(per_row) if len(per_row) else np.zeros(0, dtype=np.int64)
-    rows = rows[rows > 0]
-    return {"rows": n, "unreadable": n - len(per_row),
-            "duplicate_rows": len(per_row) - len(rows), "groups": int((rows > 1).sum())}
+        digests[at] = np.frombuffer(b"".join(g or bytes(32) for g in got), DIGEST)
+    return known & ~hashed, digests, readable
 
+
+def _put(handle: Any, records: np.ndarray) -> None:
+    handle.write(records.tobytes())
+
+
+def _take(handle: Any, dtype: np.dtype) -> np.ndarray:
+    """A bucket's records, read whole (the file is let go with its holder)."""
+    handle.seek(0)
+    return np.frombuffer(handle.read(), dtype)

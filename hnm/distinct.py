@@ -1,6 +1,7 @@
 """Codes for distinct keys, numbered by first occurrence, in memory set by the keys' count
 and not their text: a key is held as its 128-bit BLAKE2b digest in sorted runs (24 bytes a
-distinct key, where a dictionary of the texts took about 200).
+distinct key, where a dictionary of the texts took about 200; large runs in scratch arrays,
+`scratch`, not the process's own memory).
 
 Two keys are one exactly when their digests are: a 128-bit collision among a billion keys
 has a chance of about 10^-21. Runs are searched on the digest's first 64 bits and the
@@ -14,6 +15,8 @@ import hashlib
 from collections.abc import Sequence
 
 import numpy as np
+
+from hnm.scratch import scratch_array
 
 
 def digests(keys: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -84,10 +87,13 @@ class DistinctCodes:
         self.runs.append((high, low, codes))
         while len(self.runs) > 1 and len(self.runs[-2][0]) <= 2 * len(self.runs[-1][0]):
             (h1, l1, c1), (h2, l2, c2) = self.runs.pop(), self.runs.pop()
-            h = np.concatenate([h2, h1])
-            merged = np.argsort(h, kind="stable")
-            self.runs.append((h[merged], np.concatenate([l2, l1])[merged],
-                              np.concatenate([c2, c1])[merged]))
+            # the two sorted runs merged: each one's place among the other's
+            at1 = np.searchsorted(h2, h1, "right") + np.arange(len(h1))
+            at2 = np.searchsorted(h1, h2, "left") + np.arange(len(h2))
+            merged = tuple(scratch_array(len(h1) + len(h2), np.int64) for _ in range(3))
+            for out, first, second in zip(merged, (h2, l2, c2), (h1, l1, c1)):
+                out[at2], out[at1] = first, second
+            self.runs.append(merged)
 
     @property
     def nbytes(self) -> int:

@@ -52,6 +52,16 @@ def code_bytes(kind: str, d: int, wanted: int | None = None) -> int:
 # Queries per IVF search: each list is read once per search and multiplied with all the
 # queries probing it, so more queries per search make fewer, larger products.
 IVF_BATCH = 8192
+# ... fewer where they probe more lists: a search holds each query's best rows of each
+# probed list, so query-list pairs, not queries, set its memory. 8,192 queries probing
+# 12 lists each (a million rows' shape, `ivf_shape`); at least MIN_BATCH queries.
+PROBED = IVF_BATCH * 12
+MIN_BATCH = 1024
+
+
+def probe_batch(nprobe: int) -> int:
+    """Queries per search that probe `nprobe` lists each."""
+    return min(IVF_BATCH, max(MIN_BATCH, PROBED // max(1, nprobe)))
 
 
 def train_ivf(V: np.ndarray, nlist: int, seed: int, sample: int, kind: str = "ivf",
@@ -241,11 +251,14 @@ class IvfIndex:
         self.batch = IVF_BATCH
 
     def _with_far(self, far_nprobe: int | None) -> None:
-        """`far`: the same lists probed `far_nprobe` at a time (where that differs)."""
+        """`far`: the same lists probed `far_nprobe` at a time (where that differs); the
+        queries per search set by the larger probe count (`probe_batch`)."""
         self._far: IvfIndex | None = None
         if far_nprobe is not None and far_nprobe != self.nprobe:
             self._far = copy.copy(self)
             self._far.nprobe = min(far_nprobe, self.nlist)
+        self.batch = probe_batch(max(self.nprobe, self.far.nprobe))
+        self.far.batch = self.batch
 
     @property
     def far(self) -> IvfIndex:

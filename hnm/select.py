@@ -10,11 +10,12 @@ from typing import Protocol
 import numpy as np
 
 from hnm.miner import GROWTH, Arrays, Cands, Ragged, dots_with, text_sims, threshold_steps
+from hnm.scratch import scratch_array, scratch_copy
 
 # Above this many free phrases their rows are found with one vectorised mask over the
 # eligible rows instead of phrase by phrase: both cost about the same there.
 FEW_PHRASES = 4096
-CHUNK = 1 << 20  # rows at a time while FreeRows is built
+CHUNK = 1 << 17  # rows at a time while FreeRows is built (its temporaries: ~8 MiB)
 # The exact lowest-vis free row is found by scanning the free rows themselves when they
 # are at most 1/BRUTE_SHARE of all rows (or BRUTE_MIN); with more, a wider search over
 # every row first: gathering scattered rows costs several times more per row than the
@@ -35,7 +36,7 @@ def phrase_lengths(phrases: Sequence[str]) -> np.ndarray:
 def standard_limits(lengths: np.ndarray) -> np.ndarray:
     """SPEC §4: 1 use for phrases under 60 characters, 2 under 100, else 3 (`lengths`:
     each phrase's, `phrase_lengths`)."""
-    return np.where(lengths < 60, 1, np.where(lengths < 100, 2, 3)).astype(np.int64)
+    return scratch_copy(np.where(lengths < 60, 1, np.where(lengths < 100, 2, 3)).astype(np.int8))
 
 
 class PhraseWindow:
@@ -48,7 +49,7 @@ class PhraseWindow:
     def __init__(self, size: int, limits: np.ndarray) -> None:
         self.size = size
         self.limit = limits
-        self.count = np.zeros(len(limits), np.int64)  # in the window iff count > 0
+        self.count = scratch_array(len(limits), np.int32)  # in the window iff count > 0
         self.order: deque[int] = deque()
 
     def use(self, phrase: int) -> list[tuple[int, bool]]:
@@ -78,8 +79,8 @@ class FreeRows:
     def __init__(self, pid: np.ndarray, eligible: np.ndarray, clusters: np.ndarray,
                  num_phrases: int) -> None:
         """Built CHUNK rows at a time (pid, eligible, clusters may be memory maps), in
-        arrays of 4-byte numbers below 2**31 rows: 20 bytes an eligible row, no larger
-        temporary than a chunk's."""
+        scratch arrays (`scratch`: memory-mapped, not the process's own) of 4-byte numbers
+        below 2**31 rows: 20 bytes an eligible row; no larger temporary than a chunk's."""
         small = max(len(pid), num_phrases, int(clusters.max(initial=0)) + 1) < 2**31
         kind = np.int32 if small else np.int64
         num_clusters = int(clusters.max()) + 1 if len(clusters) else 1
@@ -92,12 +93,12 @@ class FreeRows:
             per_phrase += np.bincount(pid[rows], minlength=num_phrases)
             self.per_cluster += np.bincount(clusters[rows], minlength=num_clusters)
             total += len(rows)
-        self.phrase_start = np.zeros(num_phrases + 1, np.int64)
+        self.phrase_start = scratch_array(num_phrases + 1, np.int64)
         np.cumsum(per_phrase, out=self.phrase_start[1:])
         del per_phrase
         # eligible rows ascending (with their phrases), and by phrase (rows ascending)
-        self.rows, self.rows_pid = np.empty(total, kind), np.empty(total, kind)
-        self.phrase_rows = np.empty(total, kind)
+        self.rows, self.rows_pid = scratch_array(total, kind), scratch_array(total, kind)
+        self.phrase_rows = scratch_array(total, kind)
         cursor, at = self.phrase_start[:-1].copy(), 0
         for s in chunks:
             rows = np.flatnonzero(eligible[s:s + CHUNK]) + s
@@ -116,11 +117,11 @@ class FreeRows:
         for a, b in pieces:
             phrase_of, _, _ = self._pairs(a, b, clusters, num_clusters)
             pairs += np.bincount(phrase_of, minlength=num_phrases)
-        self.hist_start = np.zeros(num_phrases + 1, np.int64)
+        self.hist_start = scratch_array(num_phrases + 1, np.int64)
         np.cumsum(pairs, out=self.hist_start[1:])
         del pairs
-        self.hist_cluster = np.empty(int(self.hist_start[-1]), kind)
-        self.hist_count = np.empty(int(self.hist_start[-1]), kind)
+        self.hist_cluster = scratch_array(int(self.hist_start[-1]), kind)
+        self.hist_count = scratch_array(int(self.hist_start[-1]), kind)
         at = 0
         for a, b in pieces:
             _, cluster, count = self._pairs(a, b, clusters, num_clusters)

@@ -333,3 +333,41 @@ def test_char_lengths_count_characters_as_python(seed: int) -> None:
         column = pa.array(values, kind)
         for cut in (0, min(3, len(values))):
             assert char_lengths(column.slice(cut)).tolist() == [len(v) for v in values[cut:]]
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("pass_rows", [1, 3, 1 << 20])
+def test_duplicate_images_in_buckets_count_as_in_memory(tmp_path, monkeypatch, seed,
+                                                         pass_rows):
+    """Rows' images spread over buckets (one to a bucket, a few, all in one): the same
+    counts as the in-memory reference, for files of equal bytes under other names, equal
+    sizes with other bytes, missing files, a shard's images of unknown size and rows
+    that repeat an image."""
+    import random
+
+    from hnm import corpus_images
+
+    monkeypatch.setattr(corpus_images, "PASS_ROWS", pass_rows)
+    rnd = random.Random(seed)
+    contents = [bytes([k]) * rnd.choice([3, 4, 5]) for k in range(6)]
+    files = []
+    for i in range(rnd.randrange(1, 12)):
+        path = tmp_path / f"{i}.bin"
+        if rnd.random() < 0.85:
+            path.write_bytes(rnd.choice(contents))
+        files.append(path)
+    import hashlib
+
+    from hnm.readers.base import Shard
+
+    shard = Shard(tmp_path / "s.parquet", "s.parquet", "parquet", "image")
+    for k in range(rnd.randrange(0, 6)):  # a shard's images: sizes unknown until read
+        data = rnd.choice(contents)
+        files.append(ImageRef(shard, k, rnd.choice([-1, len(data)]), str(k),
+                              hashlib.sha256(data).hexdigest()))
+    paths = [rnd.choice(files) for _ in range(rnd.randrange(1, 30))]
+    ds = Corpus(records=[{} for _ in paths], positions=np.arange(len(paths)),
+                ids=list(range(len(paths))), images=paths, phrases=["x"],
+                text_ids=np.zeros(len(paths), np.int64), groups=np.arange(len(paths)),
+                num_anchors=len(paths), skipped={}, source_sha256="0")
+    assert duplicate_images(ds) == duplicates_in_memory(paths)

@@ -104,3 +104,20 @@ def test_phrase_uses_count_as_a_counter(seed: int, monkeypatch: pytest.MonkeyPat
                                             if want else None)
     regrouped = parts[0] + sum(parts[1:], start=Metrics())
     assert regrouped.phrase_uses == total.phrase_uses
+
+
+def test_scratch_arrays_are_zeroed_writable_and_outlive_their_file() -> None:
+    """Large ones live in a temporary file's pages (not the process's own memory); a view
+    keeps them; small ones are plain arrays."""
+    from hnm.scratch import SMALL, scratch_array, scratch_copy
+
+    big = scratch_array(SMALL, np.int64)
+    assert big.dtype == np.int64 and len(big) == SMALL and not big.any()
+    assert not big.flags.owndata  # a view of the map
+    big[::7] = np.arange(len(big[::7]))
+    view = big[7:15]
+    del big
+    assert view.tolist() == [1] + [0] * 6 + [2]
+    small = scratch_array(3, np.int32)
+    assert small.flags.owndata and small.tolist() == [0, 0, 0]
+    assert scratch_copy(np.arange(SMALL, dtype=np.int32)).tolist() == list(range(SMALL))

@@ -298,3 +298,17 @@ def test_ivf_rows_join_their_exact_nearest_list_whatever_the_threads(kind: str):
     assert np.array_equal(member, best)
     if index is not None:
         assert np.array_equal(index.probes(V)[:, 0], best)
+
+
+def test_ivf_queries_per_search_shrink_as_probes_grow() -> None:
+    """A search's (queries, probes, k) arrays stay within a million rows' shape: queries
+    times probes at most PROBED, but never fewer than MIN_BATCH queries or more than
+    IVF_BATCH."""
+    from hnm.ivf import IVF_BATCH, MIN_BATCH, PROBED, ivf_shape, probe_batch
+
+    for nprobe in range(1, 400):
+        b = probe_batch(nprobe)
+        assert MIN_BATCH <= b <= IVF_BATCH
+        assert b * nprobe <= PROBED or b == MIN_BATCH
+    assert probe_batch(ivf_shape(1_000_000)[1]) == IVF_BATCH
+    assert probe_batch(ivf_shape(3_000_000)[1]) < IVF_BATCH
