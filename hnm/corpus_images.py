@@ -6,7 +6,6 @@ read."""
 from __future__ import annotations
 
 import hashlib
-import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ import numpy as np
 
 from hnm.corpus import BATCH_ROWS
 from hnm.readers import ImageRef, payload
+from hnm.safety import scratch_file
 
 # Rows' image names in one bucket (about; a bucket is read whole: ~100 bytes a row at
 # once), in at most BUCKETS buckets (temporary files open at once)
@@ -81,7 +81,7 @@ def duplicate_images(ds: Any) -> dict[str, int]:
     n = len(ds)
     count = min(BUCKETS, max(1, -(-n // PASS_ROWS)))
     with ExitStack() as held:
-        names = [held.enter_context(tempfile.TemporaryFile()) for _ in range(count)]
+        names = [held.enter_context(scratch_file()) for _ in range(count)]
         for at, images in _blocks(ds.images, range(n)):
             keys = np.frombuffer(b"".join(_identity(im) for im in images), NAME)
             bucket = keys["low"] % count
@@ -89,7 +89,7 @@ def duplicate_images(ds: Any) -> dict[str, int]:
                 mine = bucket == b
                 _put(names[b], np.rec.fromarrays([keys["high"][mine], keys["low"][mine],
                                                   at[mine]], dtype=NAMED))
-        sized = [held.enter_context(tempfile.TemporaryFile()) for _ in range(count)]
+        sized = [held.enter_context(scratch_file()) for _ in range(count)]
         for handle in names:  # each image once: its first row, rows and size
             named = _take(handle, NAMED)
             _, first, rows = np.unique(named[["high", "low"]], return_index=True,
@@ -106,7 +106,7 @@ def duplicate_images(ds: Any) -> dict[str, int]:
                 _put(sized[b], np.rec.fromarrays([sizes[mine], first[mine], rows[mine]],
                                                  dtype=SIZED))
         counts = Counts()
-        content = [held.enter_context(tempfile.TemporaryFile()) for _ in range(count)]
+        content = [held.enter_context(scratch_file()) for _ in range(count)]
         for handle in sized:  # an image of its own size counted, the others hashed
             part = _take(handle, SIZED)
             own, digests, readable = _by_size(ds, part)

@@ -27,6 +27,9 @@ def digests(keys: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     return both[:, 0].copy(), both[:, 1].copy()
 
 
+MERGE_BLOCK = 1 << 16  # keys placed at once while two runs merge
+
+
 class DistinctCodes:
     """Codes 0, 1, 2, ... for keys given a block at a time, a key's code the count of
     distinct keys before its first occurrence. Keys may also be left out of the numbering
@@ -87,12 +90,15 @@ class DistinctCodes:
         self.runs.append((high, low, codes))
         while len(self.runs) > 1 and len(self.runs[-2][0]) <= 2 * len(self.runs[-1][0]):
             (h1, l1, c1), (h2, l2, c2) = self.runs.pop(), self.runs.pop()
-            # the two sorted runs merged: each one's place among the other's
-            at1 = np.searchsorted(h2, h1, "right") + np.arange(len(h1))
-            at2 = np.searchsorted(h1, h2, "left") + np.arange(len(h2))
+            # the two sorted runs merged, MERGE_BLOCK keys at a time: each key's place
+            # among the other run's (the earlier run's first among equals)
             merged = tuple(scratch_array(len(h1) + len(h2), np.int64) for _ in range(3))
-            for out, first, second in zip(merged, (h2, l2, c2), (h1, l1, c1)):
-                out[at2], out[at1] = first, second
+            for run, other, side in (((h2, l2, c2), h1, "left"), ((h1, l1, c1), h2, "right")):
+                for s in range(0, len(run[0]), MERGE_BLOCK):
+                    keys = run[0][s:s + MERGE_BLOCK]
+                    at = np.searchsorted(other, keys, side) + np.arange(s, s + len(keys))
+                    for out, values in zip(merged, run):
+                        out[at] = values[s:s + MERGE_BLOCK]
             self.runs.append(merged)
 
     @property

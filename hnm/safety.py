@@ -417,6 +417,14 @@ def _unlink(name: str, folder: int) -> None:
         os.unlink(name, dir_fd=folder)
 
 
+def scratch_file() -> IO[bytes]:
+    """An unnamed temporary file in the system's temporary folder ($TMPDIR): working
+    state too large for a process's own memory (`hnm.scratch`). It has no name, so it
+    is gone when closed, or when hnm dies, and nothing of the user's can be reached
+    through it."""
+    return tempfile.TemporaryFile(prefix="hnm-")
+
+
 def details_file(text: str) -> Path:
     """A new file in the system's temporary folder holding `text` (an internal error's
     details where no run directory exists yet); returns its path."""

@@ -2,7 +2,7 @@
 belong to the file (the kernel writes them back and drops them as memory is needed),
 not to the process, so a process's own memory does not grow with the rows' count.
 
-The files are unnamed (`tempfile.TemporaryFile`, in $TMPDIR): nothing is left behind
+The files are unnamed (`safety.scratch_file`, in $TMPDIR): nothing is left behind
 when the process ends, however it ends. $TMPDIR should be on a disk, not in memory
 (tmpfs): there the pages would be memory again.
 """
@@ -10,10 +10,11 @@ when the process ends, however it ends. $TMPDIR should be on a disk, not in memo
 from __future__ import annotations
 
 import mmap
-import tempfile
 from typing import Any
 
 import numpy as np
+
+from hnm.safety import scratch_file
 
 SMALL = 1 << 16  # bytes below which an array stays in memory (a page table costs more)
 
@@ -25,7 +26,7 @@ def scratch_array(n: int, dtype: Any) -> np.ndarray:
     size = n * dtype.itemsize
     if size < SMALL:
         return np.zeros(n, dtype)
-    with tempfile.TemporaryFile(prefix="hnm-") as handle:
+    with scratch_file() as handle:
         handle.truncate(size)
         pages = mmap.mmap(handle.fileno(), size)  # the map keeps the file's pages
     return np.frombuffer(pages, dtype)

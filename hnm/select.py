@@ -85,7 +85,7 @@ class FreeRows:
         kind = np.int32 if small else np.int64
         num_clusters = int(clusters.max()) + 1 if len(clusters) else 1
         chunks = range(0, len(pid), CHUNK)
-        per_phrase = np.zeros(num_phrases, np.int64)
+        per_phrase = scratch_array(num_phrases, np.int64)
         self.per_cluster = np.zeros(num_clusters, np.int64)
         total = 0
         for s in chunks:
@@ -99,7 +99,7 @@ class FreeRows:
         # eligible rows ascending (with their phrases), and by phrase (rows ascending)
         self.rows, self.rows_pid = scratch_array(total, kind), scratch_array(total, kind)
         self.phrase_rows = scratch_array(total, kind)
-        cursor, at = self.phrase_start[:-1].copy(), 0
+        cursor, at = scratch_copy(self.phrase_start[:-1]), 0
         for s in chunks:
             rows = np.flatnonzero(eligible[s:s + CHUNK]) + s
             p = np.asarray(pid[rows], np.int64)
@@ -113,7 +113,7 @@ class FreeRows:
         # each phrase's eligible rows per cluster: (cluster, count) pairs, phrase by phrase,
         # counted in a first pass over whole phrases, then filled
         pieces = self._phrase_chunks()
-        pairs = np.zeros(num_phrases, np.int64)
+        pairs = scratch_array(num_phrases, np.int64)
         for a, b in pieces:
             phrase_of, _, _ = self._pairs(a, b, clusters, num_clusters)
             pairs += np.bincount(phrase_of, minlength=num_phrases)

@@ -44,7 +44,8 @@ def random_blocks(seed: int) -> list[list[str | None]]:
 def test_codes_as_a_dictionary_numbers_them(seed: int, bits: int,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """bits: the digests' first half keeps only this many bits (4: many keys share it, 0:
-    all do), so that keys told apart by the second half alone are numbered right too."""
+    all do), so that keys told apart by the second half alone are numbered right too;
+    runs merged 3 keys at a time or whole."""
     if bits < 128:
         real = distinct.digests
 
@@ -53,6 +54,7 @@ def test_codes_as_a_dictionary_numbers_them(seed: int, bits: int,
             return high & ((1 << bits) - 1), low
 
         monkeypatch.setattr(distinct, "digests", colliding)
+    monkeypatch.setattr(distinct, "MERGE_BLOCK", 3 if seed % 2 else 1 << 16)
     blocks = random_blocks(seed)
     want, want_first = reference(blocks)
     codes = DistinctCodes()
