@@ -43,9 +43,8 @@ COLUMN_BYTES = 4 * 8
 CLUSTER_BYTES = 8  # tables/clusters.npy: a k-means label per row (int64)
 ELIGIBLE_BYTES = 1  # tables/eligible.npy: a bool per distinct phrase
 ARROW_OFFSET_BYTES = 4  # Arrow's int32 offset of each string value
-# corpus/records.arrow: each record as JSON text, its id, its image path and its image
-# reference in a shard, a string column each; the id and the path repeated beside the
-# record take about this many bytes (assumed: an id of ~8 characters, a path of ~40).
+# corpus/records.arrow: each record as JSON text, its id, image path and shard reference, a
+# string column each; the id and path beside the record: ~8 and ~40 characters (assumed).
 STORE_STRINGS = 4
 STORE_EXTRA_BYTES = 48
 PHRASE_BYTES = 60  # one distinct phrase's text (corpus/phrases.arrow), assumed
@@ -54,15 +53,15 @@ PHRASE_BYTES = 60  # one distinct phrase's text (corpus/phrases.arrow), assumed
 # precomputed embeddings, exact search (torch never imported) an idle worker held 72-115 MiB.
 PROCESS_BYTES = 160 * MIB
 BARE_PROCESS_BYTES = 110 * MIB
-# The launcher (the CLI, the driver, pyarrow, the live view, the pool's queues; torch only
-# for GPU workers): 166 MiB measured waiting at 300,000 rows, after planning (bench_scale).
+# The launcher (CLI, driver, pyarrow, live view, the pool's queues; torch only for GPU
+# workers): 166 MiB measured waiting at 300,000 rows, after planning (bench_scale).
 LAUNCHER_BYTES = 160 * MIB
 # --- planning: reading the input in blocks, checks in bounded memory ---
 SCAN_ROWS = 1 << 14  # records of one block being read and checked (plan_scan.PLAN_BLOCK)
-# The ids seen, as 8-byte hashes in sorted runs (checks.IdSet), twice while two runs merge.
+# Scratch (hnm.scratch: mapped temporary files): the ids seen, 8-byte hashes in sorted runs
+# (checks.IdSet), a distinct phrase's 16-byte digest and 8-byte code (DistinctCodes),
+# twice while two runs merge; group values not counted.
 PLAN_ROW_BYTES = 2 * 8
-# A distinct phrase while planning: its 16-byte digest and its 8-byte code in sorted runs
-# (distinct.DistinctCodes), twice while two runs merge; group values alike, not counted.
 PLAN_PHRASE_BYTES = 2 * 24
 # --- embedding ---
 LOADERS_PER_GPU = 8  # data-loading processes of a GPU worker (placement: 72 cores, 8 GPUs)
@@ -85,15 +84,15 @@ CODES_ON_GPU = False
 # IVF_PROBE_BYTES (its best rows, their selection): fitted to bench_scale's 0.3 / 1 M rows.
 LIST_COPIES = 3
 IVF_PROBE_BYTES = 1536
-# The reduce judges REDUCE_WINDOW anchors at a time, reading the next window meanwhile
-# (263 MiB measured for the launcher at 300,000 rows, bench_scale).
-REDUCE_LIST_COPIES = 1
-# Per row in the reduce: select.FreeRows (five 4-byte arrays), eligibility, and each
-# anchor's share of the negatives' phrase counts (metrics.PhraseUses: 16 bytes a phrase).
-FREE_ROW_BYTES = 5 * 4 + 1 + 16
-# Per distinct phrase in the reduce: window count, limit, length, free and eligible flags,
-# histogram and row starts (NumPy).
-PHRASE_STATE_BYTES = 8 + 8 + 8 + 1 + 1 + 8 + 8
+REDUCE_LIST_COPIES = 1  # the reduce judges REDUCE_WINDOW anchors' lists at a time
+# Per row in the reduce, private: eligibility, an anchor's share of the negatives' phrase
+# counts (metrics.PhraseUses, 16 bytes; the report's, 8); scratch: FreeRows' 4-byte arrays.
+FREE_ROW_BYTES = 1 + 16 + 8
+SCRATCH_ROW_BYTES = 5 * 4
+# Per distinct phrase in the reduce, private: free and eligible flags; scratch: row and
+# histogram starts, length, limit, window count, three FreeRows temporaries.
+PHRASE_STATE_BYTES = 1 + 1
+SCRATCH_PHRASE_BYTES = 8 + 8 + 8 + 1 + 4 + 3 * 8
 ROW_GROUP_ROWS = 1 << 16  # output rows written at once
 # One negative in an output line (its id, text, image, scores, strategy): measured 470
 # bytes a line for records of 145 bytes (tests/synthetic.py, 2,000 rows, one negative).
@@ -251,15 +250,14 @@ def estimate(shape: Shape, index: str, parts: int) -> Estimate:
     per_anchor = candidate_bytes(c, n)
     probes = 0 if index == "exact" else \
         min(c.ivf_nprobe or ivf_shape(n)[1], lists or 1)  # lists an anchor probes
-    # anchors searched at once
-    batch = ANCHOR_BATCH if index == "exact" else probe_batch(probes)
+    batch = ANCHOR_BATCH if index == "exact" else probe_batch(probes)  # anchors at once
     window = REDUCE_WINDOW + batch
     row_bytes = code_bytes(index, dv, getattr(c, "pq_bytes", None))
     part_index = part_rows * row_bytes + index_fixed(index, dv, lists)
     encoders = ENCODER_BYTES if s.encoders else 0.0
 
     plan = Process("plan", "launcher", 1, LAUNCHER_BYTES + SCAN_ROWS * s.record_bytes
-                   * RECORD_OVERHEAD + n * PLAN_ROW_BYTES + u * PLAN_PHRASE_BYTES, 0.0)
+                   * RECORD_OVERHEAD, n * PLAN_ROW_BYTES + u * PLAN_PHRASE_BYTES)
     embed = Process("embed", "worker", s.workers,
                     base + encoders + (c.batch_size * IMAGE_BYTES if s.encoders else 0.0) + block,
                     shard_rows * (s.record_bytes + COLUMN_BYTES),
@@ -288,7 +286,8 @@ def estimate(shape: Shape, index: str, parts: int) -> Estimate:
                      LAUNCHER_BYTES + REDUCE_LIST_COPIES * min(shard_anchors, window) * per_anchor
                      + n * FREE_ROW_BYTES
                      + u * PHRASE_STATE_BYTES + ROW_GROUP_ROWS * _line_bytes(s),
-                     visual + text + columns + n * s.record_bytes)
+                     visual + text + columns + n * s.record_bytes
+                     + n * SCRATCH_ROW_BYTES + u * SCRATCH_PHRASE_BYTES)
     processes = [plan, embed, *([loader] if loader.count else []), tables, candidates, reduce]
     disk = {
         "corpus store": n * (s.record_bytes + STORE_EXTRA_BYTES + COLUMN_BYTES

@@ -92,6 +92,11 @@ def test_the_reduce_holds_one_window_and_the_selection_state():
         + capacity.REDUCE_LIST_COPIES * 250 * (30 + 64 + 32) * 24 \
         + 1000 * capacity.FREE_ROW_BYTES + 500 * capacity.PHRASE_STATE_BYTES \
         + capacity.ROW_GROUP_ROWS * (300 + capacity.NEGATIVE_BYTES)
+    # the per-row and per-phrase selection state in scratch files: mapped, not private
+    plan = phase(estimate(shape, "ivf", 1), "plan", "launcher")
+    assert reduce.mapped - plan.mapped > 1000 * capacity.SCRATCH_ROW_BYTES \
+        + 500 * capacity.SCRATCH_PHRASE_BYTES
+    assert plan.mapped == 1000 * capacity.PLAN_ROW_BYTES + 500 * capacity.PLAN_PHRASE_BYTES
 
 
 def test_more_parts_ranks_and_compressed_codes_need_less():
