@@ -31,6 +31,7 @@ from hnm.corpus import (
     ref_text,
 )
 from hnm.data import Corpus, anchor_uniforms
+from hnm.safety import scratch_file
 from hnm.storage import RunDir
 
 HEADER = 128  # bytes of a .npy header written once the length is known
@@ -128,17 +129,21 @@ def _npy_header(dtype: str, n: int) -> bytes:
 
 
 class CorpusWriter:
-    """The store, written block by block into the staging folder; `finish` moves it in."""
+    """The store, written block by block into the run's staging folder (`finish` moves
+    it in), or, with no run yet, into unnamed scratch files (`safety.scratch_file`) that
+    `finish_into` copies into a run's staging folder and moves in: the first planning
+    pass stages the store before the run directory is locked, so the input is read once."""
 
     RECORDS = (("record", "string"), ("id", "string"), ("image", "string"), ("ref", "string"))
 
-    def __init__(self, run: RunDir, config: Config) -> None:
+    def __init__(self, run: RunDir | None, config: Config) -> None:
         import pyarrow as pa
 
         self.run, self.config = run, config
-        self.stage = run.corpus_stage
-        run.discard_corpus(self.stage)  # what an interrupted write left
+        if run is not None:
+            run.discard_corpus(run.corpus_stage)  # what an interrupted write left
         self.held = ExitStack()
+        self.files: dict[str, Any] = {}  # file name -> its handle
         self.types = ColumnTypes()
         self.sink: dict[str, Any] = {}
         self.arrow: dict[str, Any] = {}
@@ -146,15 +151,19 @@ class CorpusWriter:
         self.schemas = {"records": pa.schema([(n, pa.string()) for n, _ in self.RECORDS]),
                         "phrases": pa.schema([("phrase", pa.string())])}
         for name in ARROW:
-            handle = self.held.enter_context(run.open(self.stage / f"{name}.arrow"))
-            self.arrow[name] = pa.ipc.new_file(handle, self.schemas[name])
+            self.arrow[name] = pa.ipc.new_file(self._file(f"{name}.arrow"), self.schemas[name])
             self.pending[name] = [[] for _ in self.schemas[name]]
         for name in NUMERIC:
-            handle = self.held.enter_context(run.open(self.stage / f"{name}.npy"))
+            handle = self.sink[name] = self._file(f"{name}.npy")
             handle.write(b"\0" * HEADER)
-            self.sink[name] = handle
         self.rows = 0
         self.records = 0
+
+    def _file(self, name: str) -> Any:
+        handle = self.held.enter_context(
+            scratch_file() if self.run is None else self.run.open(self.run.corpus_stage / name))
+        self.files[name] = handle
+        return handle
 
     def add(self, block: Block) -> None:
         mined = np.flatnonzero(np.asarray(block.keep, dtype=bool))
@@ -188,16 +197,45 @@ class CorpusWriter:
             for p in pending:
                 del p[:BATCH_ROWS]
 
-    def finish(self, facts: Facts) -> None:
-        """Close every file, write meta.json, move the store in."""
+    def _close(self) -> None:
+        """Every file complete: the last batches, the arrays' headers."""
         for name in ARROW:
             self._append(name, [[] for _ in self.schemas[name]], final=True)
             self.arrow[name].close()
         for name in NUMERIC:
             self.sink[name].seek(0)
             self.sink[name].write(_npy_header(DTYPES[name], self.rows))
+
+    def finish(self, facts: Facts) -> None:
+        """Close every file, write meta.json, move the store in."""
+        assert self.run is not None
+        self._close()
         self.held.close()
-        sizes = {n: (self.stage / n).stat().st_size for n in names()[1:]}
+        self._move_in(self.run, facts)
+
+    def finish_into(self, run: RunDir, facts: Facts) -> None:
+        """The staged store copied into the run's staging folder, meta.json written, the
+        store moved in; the scratch files let go."""
+        import shutil
+
+        self._close()
+        run.discard_corpus(run.corpus_stage)
+        try:
+            for name, staged in self.files.items():
+                staged.flush()
+                staged.seek(0)
+                with run.open(run.corpus_stage / name) as handle:
+                    shutil.copyfileobj(staged, handle, 1 << 20)
+            self._move_in(run, facts)
+        except BaseException:
+            run.discard_corpus(run.corpus_stage)
+            raise
+        finally:
+            self.held.close()
+
+    def _move_in(self, run: RunDir, facts: Facts) -> None:
+        stage = run.corpus_stage
+        sizes = {n: (stage / n).stat().st_size for n in names()[1:]}
         meta = {"format": FORMAT, "version": VERSION, "seed": self.config.seed,
                 "batch_rows": BATCH_ROWS, "id_field": self.config.fields.id, "files": sizes,
                 "facts": {**facts.__dict__, "shard_ends": list(facts.shard_ends),
@@ -205,12 +243,13 @@ class CorpusWriter:
                 "columns": encode_schema(self.types.columns(facts.adds_id,
                                                             self.config.fields.id)),
                 "ids_type": encode_schema([("id", self.types.merged("\0ids"))])}
-        self.run.write_json(self.stage / "meta.json", meta)
-        self.run.move_corpus_in()
+        run.write_json(stage / "meta.json", meta)
+        run.move_corpus_in()
 
     def abort(self) -> None:
         self.held.close()
-        self.run.discard_corpus(self.stage)
+        if self.run is not None:
+            self.run.discard_corpus(self.run.corpus_stage)
 
 
 def write_corpus(run: RunDir, config: Config, blocks: Iterable[Block],

@@ -122,9 +122,10 @@ def prepare(config: Config, offered: Offer, lock: Callable[[], Any],
             ) -> tuple[ColumnarCorpus, InputSummary, Plan, str]:
     """Validate inputs and place the run on what this machine offers, then — under the
     run directory's lock, taken by `lock()` — create, resume or replace the run. Nothing
-    is written before every check passed. The input is read a block at a time and never
-    held (`hnm.plan_scan`): once to check and plan it, once more, under the lock, into the
-    run's columnar corpus (`hnm.corpus`) where it is new, damaged or missing.
+    is written before every check passed. The input is read once, a block at a time, and
+    never held (`hnm.plan_scan`): checked and planned, and staged as the run's columnar
+    corpus (`hnm.corpus`) where that is new, damaged or missing, which is moved into the
+    run under the lock.
 
     Returns the corpus store, what planning knew of the input, the plan and the state:
     "new", "resume" or "complete".
@@ -133,10 +134,10 @@ def prepare(config: Config, offered: Offer, lock: Callable[[], Any],
     run = RunDir(config.output_dir)
     if state != "new" and (why := problem(run)) is not None:
         say(f"{why}: writing the run's corpus again")
-        write_store(run, config, list(plan.skipped), _as_planned(config, plan, run))
+        write_store(run, config, list(plan.skipped), _as_planned(config, plan, run), ds)
         if "corpus/meta.json" not in (run.manifest() or []):  # planned before the store
             run.sign(sorted(set(run.manifest() or []) | set(run.layout(len(plan.shards)))))
-    ds.held.clear()  # a resumed run's first pass kept its block: not needed
+    ds.let_go()  # a store staged but not needed (one that verifies was there)
     trim_memory()
     return open_corpus(run), ds, plan, state
 
@@ -190,12 +191,22 @@ def _validated(config: Config, offered: Offer, lock: Callable[[], Any],
     if old and config.annotations:
         # resuming the same run: its inputs were validated when it was planned, and its
         # key covers them, so the (slow) decoding of every image is not redone
-        ds = summarize(config, list(old.skipped), progress)
-        placement = place(config, offered, ds)
-        if old.run_key == run_keys(config, ds, placement.precision)["run_key"]:
-            return _prepare(config, run, ds, placement, offered, lock, say)
-    ds = validate_inputs(config, progress)
-    return _prepare(config, run, ds, place(config, offered, ds), offered, lock, say)
+        # its store staged while read only where it must be written again
+        ds = summarize(config, list(old.skipped), progress, stage=problem(run) is not None)
+        try:
+            placement = place(config, offered, ds)
+            if old.run_key == run_keys(config, ds, placement.precision)["run_key"]:
+                return _prepare(config, run, ds, placement, offered, lock, say)
+        except BaseException:
+            ds.let_go()
+            raise
+        ds.let_go()
+    ds = validate_inputs(config, progress, stage=True)
+    try:
+        return _prepare(config, run, ds, place(config, offered, ds), offered, lock, say)
+    except BaseException:
+        ds.let_go()
+        raise
 
 
 def _prepare(config: Config, run: RunDir, ds: InputSummary, placement: Placement,

@@ -234,9 +234,11 @@ def _digest(*paths: str | None) -> str:
     return h.hexdigest()[:16]
 
 
-def validate_inputs(config: Config, progress: Progress = no_progress) -> InputSummary:
+def validate_inputs(config: Config, progress: Progress = no_progress, stage: bool = False
+                    ) -> InputSummary:
     """Every input check that can fail, before anything is written: the input read a
-    block at a time (`plan_scan.summarize`), what planning needs of it returned."""
+    block at a time (`plan_scan.summarize`), what planning needs of it returned (`stage`:
+    the run's store staged as it is read)."""
     check_joint(config)
     for flag, name, builtins, pre in (
             ("--visual-encoder", config.visual_encoder, BUILTIN_VISUAL,
@@ -258,16 +260,21 @@ def validate_inputs(config: Config, progress: Progress = no_progress) -> InputSu
             and not reads_tensors(config):  # an AVDN processed dataset holds its images
         raise HnmError(f"--image-dir {config.image_dir}: not a directory")
     read_blacklist(config.blacklist)
-    ds = summarize(config, progress=progress)
-    if config.num_negatives > max(1, len(ds) - 1):  # more than the selection can find
-        raise HnmError(f"--num-negatives: at most {max(1, len(ds) - 1)} (the mined rows "
-                       f"other than the anchor), got {config.num_negatives}")
-    dims = {flag: check_precomputed(path, flag, ds.num_records)
-            for flag, path in (("--image-embeddings", config.image_embeddings),
-                               ("--text-embeddings", config.text_embeddings)) if path}
-    if config.joint_space and len(set(dims.values())) > 1:
-        raise HnmError("--joint-space: the image embeddings have {} dimensions, the text "
-                       "embeddings {}; one space has one width".format(*dims.values()))
+    ds = summarize(config, progress=progress, stage=stage)
+    try:
+        if config.num_negatives > max(1, len(ds) - 1):  # more than the selection can find
+            raise HnmError(f"--num-negatives: at most {max(1, len(ds) - 1)} (the mined "
+                           f"rows other than the anchor), got {config.num_negatives}")
+        dims = {flag: check_precomputed(path, flag, ds.num_records)
+                for flag, path in (("--image-embeddings", config.image_embeddings),
+                                   ("--text-embeddings", config.text_embeddings)) if path}
+        if config.joint_space and len(set(dims.values())) > 1:
+            raise HnmError("--joint-space: the image embeddings have {} dimensions, the "
+                           "text embeddings {}; one space has one width".format(
+                               *dims.values()))
+    except BaseException:
+        ds.let_go()
+        raise
     return ds
 
 

@@ -1,17 +1,17 @@
 """The input as the launcher plans it, in bounded memory.
 
-Planning reads the input twice, a block at a time (`data.scan`), and never holds it:
+Planning reads the input once, a block at a time (`data.scan`), and never holds it:
 
-1. `summarize`, before anything is written: every check of the input, and what planning
-   needs of it (`InputSummary`: the scan's facts, each mined row's record position, the
-   image files' fingerprint, the largest AVDN chunk, and the few images that lie right
-   in one of the run's own folders), each block let go as the next is read;
-2. `write_store`, once every check passed and the run directory's lock is held: the same
-   scan again (the images known good already are not checked again), its blocks written
-   into the run's columnar store (`corpus_write`), which is moved in only when this pass
-   found the input as the first did. An input of one short block (fewer than PLAN_BLOCK
-   records) is not read again: the first pass keeps its block (`InputSummary.held`),
-   which the launcher holds at that size anyway, and the store is written from it.
+1. `summarize`, before anything is written to the run: every check of the input, and
+   what planning needs of it (`InputSummary`: the scan's facts, the image files'
+   fingerprint, the largest AVDN chunk, and the few images that lie right in one of the
+   run's own folders), each block let go as the next is read; where a run will need its
+   columnar store, each block is also written into it as it comes, staged in unnamed
+   scratch files (`corpus_write.CorpusWriter`: the run directory is not locked yet);
+2. `write_store`, once every check passed and the run directory's lock is held: the
+   staged store copied into the run and moved in. Where nothing was staged (a finished
+   run whose store is missing), the input is scanned again into the store, which moves
+   in only when this scan found the input as planned.
 
 Between blocks the launcher holds numbers per row, no Python object per row.
 """
@@ -25,11 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
-from hnm.blocks import Block, Facts
+from hnm.blocks import Facts
 from hnm.callbacks import Progress, no_progress
 from hnm.checks import stat_line
 from hnm.config import Config
-from hnm.corpus_write import write_corpus
+from hnm.corpus_write import CorpusWriter, write_corpus
 from hnm.data import scan
 from hnm.errors import HnmError
 from hnm.inputs import RUN_FOLDERS, identity
@@ -49,9 +49,9 @@ class InputSummary:
     chunk_bytes: float  # the largest AVDN chunk holding a mined row's image (bytes)
     # mined rows' image files lying right in one of the run's folders (`inputs.guard_run`)
     near: tuple[Path, ...] = ()
-    # the scan's only block, where the input was one short block: the store is written
-    # from it (`write_store`), then it is let go
-    held: list[Block] = field(default_factory=list, compare=False, repr=False)
+    # the store written while the input was read (`corpus_write.CorpusWriter` into
+    # scratch files, where asked): `write_store` moves it into the run, or `let_go`
+    staged: list[CorpusWriter] = field(default_factory=list, compare=False, repr=False)
 
     def __len__(self) -> int:
         return self.facts.num_rows
@@ -95,15 +95,23 @@ class InputSummary:
         positions = np.asarray(positions, np.int64)
         return positions - np.searchsorted(skipped, positions, "left")
 
+    def let_go(self) -> None:
+        """The staged store's scratch files closed (where it was not moved in)."""
+        for writer in self.staged:
+            writer.abort()
+        self.staged.clear()
+
     def planned_skip(self) -> list[int]:
         """The record positions this pass left out (what the store's pass is given)."""
         return list(self.skipped.get("missing_image", []))
 
 
 def summarize(config: Config, skip: list[int] | None = None,
-              progress: Progress = no_progress) -> InputSummary:
+              progress: Progress = no_progress, stage: bool = False) -> InputSummary:
     """The input read and checked a block at a time (`data.scan`: its errors, in its
-    order), summed up for planning. `skip`: as `data.scan`'s (a resumed run's)."""
+    order), summed up for planning. `skip`: as `data.scan`'s (a resumed run's).
+    `stage`: the run's store written as the blocks come, into scratch files
+    (`InputSummary.staged`), for `write_store` to move in."""
     reading = scan(config, skip, progress, size=PLAN_BLOCK)
     folders = {f for name in RUN_FOLDERS
                if (f := identity(Path(config.output_dir) / name)) is not None}
@@ -111,40 +119,51 @@ def summarize(config: Config, skip: list[int] | None = None,
     stats = hashlib.sha256()
     chunks: set[Path] = set()
     near: list[Path] = []
-    held: list[Block] = []
-    for b, block in enumerate(reading.blocks()):
-        held = [block] if b == 0 and len(block.records) < PLAN_BLOCK else []
-        for k in np.flatnonzero(block.keep).tolist():
-            image = block.images[k]
-            if isinstance(image, Path):
-                stats.update(stat_line(image.absolute()))
-                if folders:
-                    parent = str(image.parent)
-                    if parent not in inside:
-                        inside[parent] = identity(parent) in folders
-                    if inside[parent]:
-                        near.append(image)
-            elif isinstance(image, ImageRef) and holds_tensor(image):
-                chunks.add(image.shard.path)
-        del block
+    writer = CorpusWriter(None, config) if stage else None
+    try:
+        for block in reading.blocks():
+            if writer is not None:
+                writer.add(block)
+            for k in np.flatnonzero(block.keep).tolist():
+                image = block.images[k]
+                if isinstance(image, Path):
+                    stats.update(stat_line(image.absolute()))
+                    if folders:
+                        parent = str(image.parent)
+                        if parent not in inside:
+                            inside[parent] = identity(parent) in folders
+                        if inside[parent]:
+                            near.append(image)
+                elif isinstance(image, ImageRef) and holds_tensor(image):
+                    chunks.add(image.shard.path)
+            del block
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
     facts = reading.facts
     assert facts is not None  # set once every block was given
     return InputSummary(
-        facts, stats.hexdigest()[:16], float(max((p.stat().st_size for p in chunks), default=0)),
-        tuple(near), held)
+        facts, stats.hexdigest()[:16],
+        float(max((p.stat().st_size for p in chunks), default=0)), tuple(near),
+        [writer] if writer is not None else [])
 
 
 def write_store(run: RunDir, config: Config, skip: list[int],
                 check: Callable[[Facts], None], planned: InputSummary | None = None) -> None:
-    """The run's columnar store from a second scan of the input (`skip`: the record
-    positions planned as left out, so no image is checked again); `check` is given the
-    scan's facts before the store is moved in, and refuses an input that changed.
-    `planned`: the first pass's summary; where it holds the input's only block, the store
-    is written from that block, and the block let go."""
-    if planned is not None and planned.held:
-        blocks, facts = list(planned.held), planned.facts
-        planned.held.clear()
-        write_corpus(run, config, blocks, lambda: facts)
+    """The run's columnar store: where the first pass staged it (`planned.staged`), moved
+    in (`check` is given that pass's facts first); else from a second scan of the input
+    (`skip`: the record positions planned as left out, so no image is checked again),
+    whose facts `check` is given before the store is moved in (it refuses an input that
+    changed)."""
+    if planned is not None and planned.staged:
+        writer = planned.staged.pop()
+        try:
+            check(planned.facts)
+        except BaseException:
+            writer.abort()
+            raise
+        writer.finish_into(run, planned.facts)
         return
     reading = scan(config, skip, size=PLAN_BLOCK)
 

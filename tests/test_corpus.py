@@ -289,29 +289,52 @@ def test_store_batches_are_full_batches(tmp_path):
 
 
 @pytest.mark.parametrize("fmt", [*demo.FORMATS, "avdn"])
-def test_a_one_block_input_is_stored_from_its_first_read(inputs, tmp_path, monkeypatch, fmt):
-    """An input shorter than a planning block is read once: the store written from the
-    block the first pass kept is, file for file, the store a second scan writes; the kept
-    block is let go once written. A longer input keeps nothing (it is read again)."""
+@pytest.mark.parametrize("block", [7, 16_384])
+def test_the_store_staged_by_the_first_read_is_a_second_scans(inputs, tmp_path, monkeypatch,
+                                                              fmt, block):
+    """The first pass stages the store as it reads (in one block or several): moved into
+    a run it is, file for file, the store a second scan writes; its scratch files are let
+    go once moved in, or unused."""
+    monkeypatch.setattr(plan_scan, "PLAN_BLOCK", block)
     given = inputs[fmt]
     fields = Fields(image="current_view_image", text="answer",
                     group="first_instruction") if fmt == "avdn" else DEMO
     config = Config(annotations=str(given), fields=fields, seed=5,
                     image_dir=str(given.parent), output_dir=str(tmp_path / "unused"),
                     tensor_normalization="avdn")
-    summary = plan_scan.summarize(config)
-    assert len(summary.held) == 1
+    summary = plan_scan.summarize(config, stage=True)
+    assert len(summary.staged) == 1
     stores = {}
-    for how, planned in (("kept", summary), ("again", None)):
+    for how, planned in (("staged", summary), ("again", None)):
         run = new_run(tmp_path / how)
         plan_scan.write_store(run, config, summary.planned_skip(),
                               plan_scan.same_input(config, summary.facts), planned)
         stores[how] = {p.relative_to(run.root / "corpus"): p.read_bytes()
                        for p in sorted((run.root / "corpus").rglob("*")) if p.is_file()}
-    assert not summary.held
-    assert stores["kept"] == stores["again"] and len(stores["kept"]) > 3
-    monkeypatch.setattr(plan_scan, "PLAN_BLOCK", 7)  # several blocks: nothing kept
-    assert plan_scan.summarize(config).held == []
+        assert sorted(p.name for p in run.root.iterdir()) == [".hnm-run.json", "corpus"]
+    assert not summary.staged
+    assert stores["staged"] == stores["again"] and len(stores["staged"]) > 3
+    assert plan_scan.summarize(config).staged == []  # nothing staged unless asked
+    unused = plan_scan.summarize(config, stage=True)
+    files = unused.staged[0].files.values()
+    unused.let_go()
+    assert not unused.staged and all(f.closed for f in files)
+
+
+def test_a_staged_store_that_fails_its_check_is_not_moved_in(inputs, tmp_path):
+    config = Config(annotations=str(inputs["jsonl"]), fields=DEMO, seed=5,
+                    image_dir=str(inputs["jsonl"].parent), output_dir=str(tmp_path / "x"))
+    summary = plan_scan.summarize(config, stage=True)
+    files = summary.staged[0].files.values()
+    run = new_run(tmp_path / "run")
+
+    def refuse(facts):
+        raise HnmError("changed")
+
+    with pytest.raises(HnmError, match="changed"):
+        plan_scan.write_store(run, config, [], refuse, summary)
+    assert not (run.root / "corpus").exists() and not (run.root / "corpus.new").exists()
+    assert all(f.closed for f in files)
 
 
 @pytest.mark.parametrize("seed", range(6))
