@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from hnm.scratch import scratch_array
+
 # k-means trains on every row up to this many, on a seeded sample of this many above:
 # clusters only need to be coarse ("elsewhere in the visual space"), and a sample keeps
 # training time and memory flat in N.
@@ -30,8 +32,10 @@ def kmeans(x: np.ndarray, k: int, seed: int, niter: int = 20) -> tuple[np.ndarra
             if len(x) <= KMEANS_SAMPLE else _block_mean(x)
     else:
         centroids = _lloyd(x, sample_rows(len(x), KMEANS_SAMPLE, seed), k, seed, niter)
-    labels = np.concatenate([_nearest(x[s:s + LABEL_BLOCK], centroids.astype(np.float64))
-                             for s in range(0, len(x), LABEL_BLOCK)])
+    labels = scratch_array(len(x), np.int64)  # a label a row: not the process's own pages
+    exact = centroids.astype(np.float64)
+    for s in range(0, len(x), LABEL_BLOCK):
+        labels[s:s + LABEL_BLOCK] = _nearest(x[s:s + LABEL_BLOCK], exact)
     return labels, centroids
 
 
@@ -88,6 +92,12 @@ def sample_rows(n: int, size: int, seed: int) -> np.ndarray | None:
 
 
 def seeded_sample(x: np.ndarray, size: int, seed: int) -> np.ndarray:
-    """A seeded sample of rows in row order (every row when there are no more)."""
+    """A seeded sample of rows in row order (every row when there are no more), float32,
+    in a scratch array (`hnm.scratch`: IVF's training sample grows with its lists)."""
     rows = sample_rows(x.shape[0], size, seed)
-    return np.asarray(x if rows is None else x[rows], dtype=np.float32)
+    n = x.shape[0] if rows is None else len(rows)
+    out = scratch_array(n * x.shape[1], np.float32).reshape(n, x.shape[1])
+    for s in range(0, n, LABEL_BLOCK):
+        out[s:s + LABEL_BLOCK] = x[s:s + LABEL_BLOCK] if rows is None else \
+            x[rows[s:s + LABEL_BLOCK]]
+    return out
