@@ -35,32 +35,33 @@ MIB = 2.0**20
 FLOAT = 4  # a float32 table's value: flat index = N x d x 4 bytes
 ID_BYTES = 8  # FAISS's idx_t kept beside each vector of an IVF list: N x (d x 4 + 8)
 # Product quantiser: 8-bit codes of m sub-quantisers, m the largest divisor of d not above
-# d/8 (FAISS splits d evenly) unless --pq-bytes says: N x (m + 8).
+# d/8 (FAISS splits d evenly) unless --pq-bytes: N x (m + 8).
 CODEBOOK_CENTROIDS = 256  # 8-bit codes: 256 centroids per sub-quantiser (PQ: 256 x d x 4)
-# The corpus store's numeric columns every process maps (corpus/*.npy): a row's input
-# position, phrase id and group code (int64) and its anchor uniform (float64).
+# The store's numeric columns every process maps (corpus/*.npy): a row's input position,
+# phrase id, group code (int64) and anchor uniform (float64).
 COLUMN_BYTES = 4 * 8
 CLUSTER_BYTES = 8  # tables/clusters.npy: a k-means label per row (int64)
 ELIGIBLE_BYTES = 1  # tables/eligible.npy: a bool per distinct phrase
 ARROW_OFFSET_BYTES = 4  # Arrow's int32 offset of each string value
 # corpus/records.arrow: each record as JSON text, its id, image path and shard reference, a
 # string column each; the id and path beside the record: ~8 and ~40 characters (assumed).
-STORE_STRINGS = 4
-STORE_EXTRA_BYTES = 48
+STORE_STRINGS, STORE_EXTRA_BYTES = 4, 48
 PHRASE_BYTES = 60  # one distinct phrase's text (corpus/phrases.arrow), assumed
 # --- processes (measured here: RssAnon after the imports, bench/README's machine) ---
 # A worker: hnm's worker modules, NumPy, FAISS and torch imported: 154 MiB measured; on
 # precomputed embeddings, exact search (torch never imported) an idle worker held 72-115 MiB.
 PROCESS_BYTES = 160 * MIB
 BARE_PROCESS_BYTES = 110 * MIB
-# The launcher (CLI, driver, pyarrow, live view, the pool's queues; torch only for GPU
-# workers): 166 MiB measured waiting at 300,000 rows, after planning (bench_scale).
-LAUNCHER_BYTES = 160 * MIB
+# The launcher (CLI, driver, pyarrow, live view, pool queues; torch only for GPU workers):
+# 88-95 MiB measured waiting at 1 M and 3 M rows, after planning (bench_scale).
+LAUNCHER_BYTES = 90 * MIB
 # --- planning: reading the input in blocks, checks in bounded memory ---
 SCAN_ROWS = 1 << 14  # records of one block being read and checked (plan_scan.PLAN_BLOCK)
-# Scratch (hnm.scratch: mapped temporary files): the ids seen, 8-byte hashes in sorted runs
-# (checks.IdSet), a distinct phrase's 16-byte digest and 8-byte code (DistinctCodes),
-# twice while two runs merge; group values not counted.
+# The store staged as it is read: a batch (corpus.BATCH_ROWS records) as Python strings,
+# then Arrow arrays; copies of its bytes fitted: 226 / 230 MiB at 1 M / 3 M rows.
+STAGE_ROWS, STAGE_COPIES = 1 << 16, 11.5
+# Scratch (hnm.scratch, mapped files): the ids seen (checks.IdSet, 8-byte hashes), a distinct
+# phrase's digest and code (DistinctCodes, 24 bytes), twice while two runs merge.
 PLAN_ROW_BYTES = 2 * 8
 PLAN_PHRASE_BYTES = 2 * 24
 # --- embedding ---
@@ -82,12 +83,11 @@ CODES_ON_GPU = False
 # batch on an IVF index): LIST_COPIES block lists with the search's temporaries (19 MiB
 # traced for an exact search of 100,000 anchors), and per anchor and list it probes
 # IVF_PROBE_BYTES (its best rows, their selection): fitted to bench_scale's 0.3 / 1 M rows.
-LIST_COPIES = 3
-IVF_PROBE_BYTES = 1536
+LIST_COPIES, IVF_PROBE_BYTES = 3, 1536
 REDUCE_LIST_COPIES = 1  # the reduce judges REDUCE_WINDOW anchors' lists at a time
-# Per row in the reduce, private: eligibility, an anchor's share of the negatives' phrase
+# In the reduce, private: a row's eligibility, an anchor's share of the negatives' phrase
 # counts (metrics.PhraseUses, 16 bytes; the report's, 8); scratch: FreeRows' 4-byte arrays.
-FREE_ROW_BYTES = 1 + 16 + 8
+FREE_ROW_BYTES, ANCHOR_STATE_BYTES = 1, 16 + 8
 SCRATCH_ROW_BYTES = 5 * 4
 # Per distinct phrase in the reduce, private: free and eligible flags; scratch: row and
 # histogram starts, length, limit, window count, three FreeRows temporaries.
@@ -257,7 +257,8 @@ def estimate(shape: Shape, index: str, parts: int) -> Estimate:
     encoders = ENCODER_BYTES if s.encoders else 0.0
 
     plan = Process("plan", "launcher", 1, LAUNCHER_BYTES + SCAN_ROWS * s.record_bytes
-                   * RECORD_OVERHEAD, n * PLAN_ROW_BYTES + u * PLAN_PHRASE_BYTES)
+                   * RECORD_OVERHEAD + STAGE_ROWS * (s.record_bytes + STORE_EXTRA_BYTES)
+                   * STAGE_COPIES, n * PLAN_ROW_BYTES + u * PLAN_PHRASE_BYTES)
     embed = Process("embed", "worker", s.workers,
                     base + encoders + (c.batch_size * IMAGE_BYTES if s.encoders else 0.0) + block,
                     shard_rows * (s.record_bytes + COLUMN_BYTES),
@@ -284,7 +285,7 @@ def estimate(shape: Shape, index: str, parts: int) -> Estimate:
                          gpu_index if on_gpu else 0.0)
     reduce = Process("reduce", "launcher", 1,
                      LAUNCHER_BYTES + REDUCE_LIST_COPIES * min(shard_anchors, window) * per_anchor
-                     + n * FREE_ROW_BYTES
+                     + n * FREE_ROW_BYTES + anchors * ANCHOR_STATE_BYTES
                      + u * PHRASE_STATE_BYTES + ROW_GROUP_ROWS * _line_bytes(s),
                      visual + text + columns + n * s.record_bytes
                      + n * SCRATCH_ROW_BYTES + u * SCRATCH_PHRASE_BYTES)

@@ -90,7 +90,8 @@ def test_the_reduce_holds_one_window_and_the_selection_state():
     # 30 + 64 diverse + 2 x 16 margins, 24 bytes each
     assert reduce.private == capacity.LAUNCHER_BYTES \
         + capacity.REDUCE_LIST_COPIES * 250 * (30 + 64 + 32) * 24 \
-        + 1000 * capacity.FREE_ROW_BYTES + 500 * capacity.PHRASE_STATE_BYTES \
+        + 1000 * (capacity.FREE_ROW_BYTES + capacity.ANCHOR_STATE_BYTES) \
+        + 500 * capacity.PHRASE_STATE_BYTES \
         + capacity.ROW_GROUP_ROWS * (300 + capacity.NEGATIVE_BYTES)
     # the per-row and per-phrase selection state in scratch files: mapped, not private
     plan = phase(estimate(shape, "ivf", 1), "plan", "launcher")
