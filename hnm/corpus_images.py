@@ -1,6 +1,7 @@
 """The duplicate-image count of the metrics (`data.duplicate_images`' figures) over a
-corpus store, in bounded memory: NumPy arrays of each distinct image's size and content
-hash, filled a block of rows at a time; only images whose size another image shares are
+corpus store, in memory set by its buckets, not by the rows: records spread over unnamed
+temporary files by hash (image names), by size (distinct images) and by content (their
+SHA-256), each bucket read whole; only images whose size another image shares are
 read."""
 
 from __future__ import annotations
@@ -84,11 +85,8 @@ def duplicate_images(ds: Any) -> dict[str, int]:
         names = [held.enter_context(scratch_file()) for _ in range(count)]
         for at, images in _blocks(ds.images, range(n)):
             keys = np.frombuffer(b"".join(_identity(im) for im in images), NAME)
-            bucket = keys["low"] % count
-            for b in np.unique(bucket).tolist():
-                mine = bucket == b
-                _put(names[b], np.rec.fromarrays([keys["high"][mine], keys["low"][mine],
-                                                  at[mine]], dtype=NAMED))
+            _spread(names, np.rec.fromarrays([keys["high"], keys["low"], at], dtype=NAMED),
+                    keys["low"] % count)
         sized = [held.enter_context(scratch_file()) for _ in range(count)]
         for handle in names:  # each image once: its first row, rows and size
             named = _take(handle, NAMED)
@@ -100,11 +98,8 @@ def duplicate_images(ds: Any) -> dict[str, int]:
             order = np.argsort(first, kind="stable")
             for where, images in _blocks(ds.images, first[order]):
                 sizes[order[where]] = [_size(im) for im in images]
-            bucket = np.where(sizes >= 0, sizes, 0) % count
-            for b in np.unique(bucket).tolist():
-                mine = bucket == b
-                _put(sized[b], np.rec.fromarrays([sizes[mine], first[mine], rows[mine]],
-                                                 dtype=SIZED))
+            _spread(sized, np.rec.fromarrays([sizes, first, rows], dtype=SIZED),
+                    np.where(sizes >= 0, sizes, 0) % count)
         counts = Counts()
         content = [held.enter_context(scratch_file()) for _ in range(count)]
         for handle in sized:  # an image of its own size counted, the others hashed
@@ -113,9 +108,7 @@ def duplicate_images(ds: Any) -> dict[str, int]:
             counts.add(part["rows"][own])
             found = np.zeros(int(readable.sum()), CONTENT)
             found["digest"], found["rows"] = digests[readable], part["rows"][readable]
-            bucket = found["digest"]["low"] % count
-            for b in np.unique(bucket).tolist():
-                _put(content[b], found[bucket == b])
+            _spread(content, found, found["digest"]["low"] % count)
         for handle in content:  # images of one content: one label
             part = _take(handle, CONTENT)
             _, label = np.unique(part["digest"], return_inverse=True)
@@ -161,8 +154,12 @@ def _by_size(ds: Any, part: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndar
     return known & ~hashed, digests, readable
 
 
-def _put(handle: Any, records: np.ndarray) -> None:
-    handle.write(records.tobytes())
+def _spread(files: list[Any], records: np.ndarray, bucket: np.ndarray) -> None:
+    """Each record appended to its bucket's file (one sort, one write a bucket)."""
+    order = np.argsort(bucket, kind="stable")
+    ends = np.searchsorted(bucket[order], np.arange(len(files) + 1))
+    for b in np.flatnonzero(ends[1:] > ends[:-1]).tolist():
+        files[b].write(records[order[ends[b]:ends[b + 1]]].tobytes())
 
 
 def _take(handle: Any, dtype: np.dtype) -> np.ndarray:
