@@ -18,7 +18,7 @@ from hnm import ivf
 from hnm.config import Config
 from hnm.engine import ANCHOR_BATCH, REDUCE_WINDOW
 from hnm.index import BUILD_PEAK, GPU_SHARE
-from hnm.ivf import ASSIGN_ROWS, ivf_shape, probe_batch
+from hnm.ivf import ASSIGN_SCORES, ivf_shape, probe_batch
 from hnm.kmeans import KMEANS_SAMPLE, LABEL_BLOCK
 from hnm.sizing import (
     AUTO_EXACT_ROWS,
@@ -266,10 +266,10 @@ def estimate(shape: Shape, index: str, parts: int) -> Estimate:
     loader = Process("embed", "loader", s.workers * loaders,
                      base + PREFETCH * c.batch_size * IMAGE_BYTES,
                      shard_rows * (s.record_bytes + COLUMN_BYTES) / max(1, loaders))
-    # IVF: k-means on its sample, one part's lists built at a time, rows assigned ASSIGN_ROWS
-    # at a time (scores, 2 copies); clusters: a block of the sample (kmeans.LABEL_BLOCK)
+    # IVF: k-means on its sample, one part's lists built at a time, ASSIGN_SCORES row-list
+    # scores at a time (2 copies); clusters: a block of the sample (kmeans.LABEL_BLOCK)
     train = 0.0 if index == "exact" else min(n, IVF_TRAIN_PER_LIST * lists) * dv * FLOAT \
-        + part_index + ASSIGN_ROWS * lists * FLOAT * 2
+        + part_index + ASSIGN_SCORES * FLOAT * 2
     kmeans = min(n, KMEANS_SAMPLE, LABEL_BLOCK) * dv * FLOAT * 2
     tables = Process("tables", "worker", 1, searching + max(kmeans, train),
                      visual + text + columns)

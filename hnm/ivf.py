@@ -90,10 +90,16 @@ def train_ivf(V: np.ndarray, nlist: int, seed: int, sample: int, kind: str = "iv
     return index
 
 
-# Rows assigned at once (added ADD_ROWS at a time): their (rows, nlist) float32 scores and
-# the selection's copy stay at 16 MiB with 1,024 lists (65,536 rows took 0.75 GiB).
-ASSIGN_ROWS = 1 << 11
+# Row-list scores computed at once while rows are assigned (added ADD_ROWS at a time):
+# their float32 scores and the selection's copy stay at 16 MiB whatever the lists (2,048
+# rows at a time with 1,024 lists; 65,536 rows at once took 0.75 GiB).
+ASSIGN_SCORES = 1 << 21
 ADD_ROWS = 1 << 16  # rows added at once: the lists grow in few steps
+
+
+def assign_rows(nlist: int) -> int:
+    """Rows assigned to their lists at once, with `nlist` lists (`ASSIGN_SCORES`)."""
+    return max(1, ASSIGN_SCORES // max(1, nlist))
 
 
 def add_rows(index: Any, V: np.ndarray, start: int, stop: int) -> None:
@@ -105,10 +111,11 @@ def add_rows(index: Any, V: np.ndarray, start: int, stop: int) -> None:
 
     centroids = _centroids(index)
     exact = centroids.astype(np.float64)
+    block = assign_rows(len(centroids))
     for s in range(start, stop, ADD_ROWS):
         x = np.ascontiguousarray(V[s:min(s + ADD_ROWS, stop)], dtype=np.float32)
-        lists = np.concatenate([top_lists(x[a:a + ASSIGN_ROWS], centroids, exact, 1)[:, 0]
-                                for a in range(0, len(x), ASSIGN_ROWS)]).astype(np.int64)
+        lists = np.concatenate([top_lists(x[a:a + block], centroids, exact, 1)[:, 0]
+                                for a in range(0, len(x), block)]).astype(np.int64)
         index.add_core(len(x), faiss.swig_ptr(x), None, faiss.swig_ptr(lists))
 
 
@@ -402,10 +409,14 @@ def _by_list(probes: np.ndarray) -> Iterator[tuple[int, np.ndarray, np.ndarray]]
 
 
 def load_ivf(path: str) -> Any:
-    """The saved IVF index, its lists memory-mapped (shared by every worker on a machine)."""
+    """The saved IVF index memory-mapped (shared by every worker on a machine): its lists
+    and, where FAISS maps its flat codes too (IO_FLAG_MMAP_IFC, FAISS 1.10 on), its coarse
+    quantizer's centroids, so that the parts of an index opened together do not each hold
+    a copy of the centroids in the process's own memory (2,048 x 512 float32: 4 MiB a
+    part); before that, the lists only."""
     import faiss
 
-    return faiss.read_index(path, faiss.IO_FLAG_MMAP)
+    return faiss.read_index(path, getattr(faiss, "IO_FLAG_MMAP_IFC", faiss.IO_FLAG_MMAP))
 
 
 def _faiss_centroids(x: np.ndarray, k: int, seed: int, niter: int) -> np.ndarray:

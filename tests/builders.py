@@ -217,3 +217,16 @@ def traced_peak(action: Any) -> int:
         return tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
+
+
+def mapping_of(address: int) -> str | None:
+    """The file /proc/self/maps names for the mapping holding `address` (None: anonymous
+    memory, the process's own)."""
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            start, stop = (int(x, 16) for x in fields[0].split("-"))
+            if start <= address < stop:
+                return fields[5] if len(fields) > 5 and fields[5].startswith("/") else None
+    return None
+

@@ -4,9 +4,11 @@ searches that do not depend on the batch."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
-from builders import needs_faiss
+from builders import mapping_of, needs_faiss
 from fake_gpu import GPU_MAX_SELECTION_K, MIB, FakeCuda, FakeFaiss
 
 from hnm import index as hindex
@@ -283,7 +285,7 @@ def test_ivf_rows_join_their_exact_nearest_list_whatever_the_threads(kind: str):
         faiss.omp_set_num_threads(before)
     assert np.array_equal(faiss.serialize_index(built[1]), faiss.serialize_index(built[2]))
     with pytest.MonkeyPatch.context() as patch:  # rows assigned 50 at a time: the same
-        patch.setattr(hivf, "ASSIGN_ROWS", 50)
+        patch.setattr(hivf, "ASSIGN_SCORES", 50 * 24)
         small = train_ivf(V, 24, seed=1, sample=600, kind=kind)
     assert np.array_equal(faiss.serialize_index(small), faiss.serialize_index(built[1]))
     index = IvfIndex(built[1], nprobe=1) if kind == "ivf" else None
@@ -312,3 +314,29 @@ def test_ivf_queries_per_search_shrink_as_probes_grow() -> None:
         assert b * nprobe <= PROBED or b == MIN_BATCH
     assert probe_batch(ivf_shape(1_000_000)[1]) == IVF_BATCH
     assert probe_batch(ivf_shape(3_000_000)[1]) < IVF_BATCH
+
+
+@needs_faiss
+@pytest.mark.parametrize("kind", ["ivf", "ivfsq"])
+def test_a_loaded_ivf_index_is_mapped_from_its_file_centroids_and_lists(tmp_path, kind):
+    """Opened as the workers open it, an IVF index's lists and its coarse centroids lie in
+    a mapping of its file, not in the process's own memory: the parts of an index opened
+    together hold no copy of the centroids each (with FAISS's mapped flat codes)."""
+    import faiss
+
+    if not hasattr(faiss, "IO_FLAG_MMAP_IFC") or not os.path.exists("/proc/self/maps"):
+        pytest.skip("FAISS maps only the lists before 1.10 (or no /proc here)")
+    rng = np.random.default_rng(3)
+    V = finalize(rng.normal(size=(3000, 16)))
+    path = tmp_path / "part.faiss"
+    faiss.write_index(train_ivf(V, 32, seed=0, sample=32 * 40, kind=kind), str(path))
+    index = hivf.load_ivf(str(path))
+    centroids = hivf._centroids(index)
+    assert np.array_equal(centroids, faiss.downcast_index(
+        faiss.read_index(str(path)).quantizer).reconstruct_n(0, 32))
+    assert mapping_of(centroids.__array_interface__["data"][0]) == str(path.resolve())
+    lists = faiss.extract_index_ivf(index).invlists
+    j = next(j for j in range(32) if lists.list_size(j))
+    for pointer in (lists.get_codes(j), lists.get_ids(j)):
+        view = faiss.rev_swig_ptr(pointer, 1)
+        assert mapping_of(view.__array_interface__["data"][0]) == str(path.resolve())
