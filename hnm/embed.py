@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ from hnm.decoding import reading
 from hnm.encoders import ImageEncoder, TextEncoder
 from hnm.errors import HnmError
 from hnm.grid import finalize
+from hnm.miner import text_lengths
 from hnm.process import loader_worker_init
 from hnm.readers import ImageRef, holds_tensor, image_stream, read_tensor
 from hnm.testpoints import reach
@@ -151,13 +152,12 @@ def image_batches(encoder: ImageEncoder, paths: list[Path], batch_size: int,
             asked = time.perf_counter()
 
 
-def phrase_order(phrases: list[str]) -> np.ndarray:
+def phrase_order(phrases: Sequence[str]) -> np.ndarray:
     """The order phrases are embedded in: by length (stable), so that a batch holds few
     distinct token counts, and the encoder (which never pads: texts of one count go through
     it together) makes few, large passes. The order is global, like the batch grid: which
     phrases share a batch never depends on the shards."""
-    lengths = np.fromiter(map(len, phrases), dtype=np.int64, count=len(phrases))
-    return np.argsort(lengths, kind="stable")
+    return np.argsort(text_lengths(phrases), kind="stable")
 
 
 def quiet_loader_deaths() -> None:

@@ -8,7 +8,7 @@ depend on the search kernel, the device or the batch.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -358,10 +358,20 @@ def farthest(index: SearchIndex, tab: Arrays, anchors: np.ndarray, size: int
     return _ragged(rows >= 0, rows, vis, np.full(rows.shape, np.nan)), complete
 
 
-def eligible_phrases(T: np.ndarray, phrases: list[str], blacklist: np.ndarray | None,
+def text_lengths(texts: Sequence[str]) -> np.ndarray:
+    """Each text's length in characters: counted by the corpus column itself where the
+    sequence is one (`corpus.Rows.lengths`: from its UTF-8 bytes, no string built), else
+    by `len`."""
+    lengths = getattr(texts, "lengths", None)
+    if lengths is not None:
+        return np.asarray(lengths(), dtype=np.int64)
+    return np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
+
+
+def eligible_phrases(T: np.ndarray, phrases: Sequence[str], blacklist: np.ndarray | None,
                      min_length: int, max_similarity: float) -> np.ndarray:
     """SPEC §3 per distinct phrase: long enough and not close to any blacklist phrase."""
-    long_enough = np.array([len(p) >= min_length for p in phrases], dtype=bool)
+    long_enough = text_lengths(phrases) >= min_length
     if blacklist is None or len(blacklist) == 0:
         return long_enough
     banned = np.asarray(blacklist, dtype=np.float64).T

@@ -20,7 +20,9 @@ from hnm.corpus import BATCH_ROWS, ColumnarCorpus, open_corpus, problem
 from hnm.corpus_images import duplicate_images
 from hnm.corpus_write import blocks_of, facts_of, store_corpus, write_corpus
 from hnm.data import Corpus, anchor_uniforms, load_corpus
+from hnm.embed import phrase_order
 from hnm.errors import HnmError
+from hnm.miner import text_lengths
 from hnm.outcome import RULES, Outcomes
 from hnm.readers import ImageRef
 from hnm.select import Pick
@@ -47,6 +49,10 @@ def same_corpus(store: ColumnarCorpus, ds: Corpus, seed: int) -> None:
     assert got == [(im.shard, im.at, im.size, im.member, im.digest)
                    if isinstance(im, ImageRef) else im for im in ds.images]
     assert list(store.phrases) == ds.phrases
+    # the phrases' lengths counted by the column (no string built) and by len, and so the
+    # order they are embedded in
+    assert text_lengths(store.phrases).tolist() == [len(p) for p in ds.phrases]
+    assert np.array_equal(phrase_order(store.phrases), phrase_order(ds.phrases))
     for name in ("positions", "text_ids", "groups"):
         assert np.array_equal(getattr(store, name), getattr(ds, name))
     assert np.array_equal(store.uniforms, anchor_uniforms(ds.ids, seed))
