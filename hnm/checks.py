@@ -330,10 +330,10 @@ class ImageCheck:
                         " (--on-missing-image skip drops them)")
 
 
-def stat_line(path: Path) -> bytes:
+def stat_line(path: str | Path) -> bytes:
     """What `data.file_stats` hashes of one image file: its path, size and mtime."""
     try:
-        st = path.stat()
+        st = os.stat(path)
         return f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode()
     except (OSError, ValueError):  # ValueError: a NUL byte in the name
         return f"{path}\0missing\n".encode()

@@ -34,6 +34,10 @@ from hnm.data import Corpus, anchor_uniforms
 from hnm.safety import scratch_file
 from hnm.storage import RunDir
 
+# json.dumps(value, ensure_ascii=False), its encoder made once (json.dumps makes one a call
+# where any option is given)
+_to_json = json.JSONEncoder(ensure_ascii=False).encode
+
 HEADER = 128  # bytes of a .npy header written once the length is known
 DTYPES = {"positions": "<i8", "text_ids": "<i8", "groups": "<i8", "uniforms": "<f8"}
 FAILED = object()  # a block whose values have no one Arrow type
@@ -171,8 +175,7 @@ class CorpusWriter:
         self.types.add(block.records, block.ids, ids)
         images = [ref_text(im) if im is not None else (None, None) for im in block.images]
         self._append("records", [
-            [json.dumps(r, ensure_ascii=False) for r in block.records],
-            [json.dumps(i, ensure_ascii=False) for i in block.ids],
+            [_to_json(r) for r in block.records], [_to_json(i) for i in block.ids],
             [p for p, _ in images], [r for _, r in images]])
         self._append("phrases", [list(block.new_phrases)])
         arrays = {"positions": block.start + mined, "text_ids": block.text_ids,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,9 @@ from hnm.readers import BLOCK_ROWS, ImageRef, Input, Part, Source, check_normali
 __all__ = ["MAX_DEPTH", "Corpus", "Scan", "anchor_uniforms", "check_mapping",
            "file_stats", "image_limit", "image_problem", "load_corpus",
            "normalize", "scan", "too_large"]
+
+# json.dumps(value, sort_keys=True): a group's value as text, its encoder made once
+_sorted_json = json.JSONEncoder(sort_keys=True).encode
 
 
 @dataclass(frozen=True)
@@ -228,8 +231,7 @@ class Scan:
         new = [phrases[i] for i in first.tolist()]
         # a sample without a group is its own group (a code of its own)
         values = [records[k].get(f.group) for k in mined]
-        groups, _ = self.groups.code([None if v is None else json.dumps(v, sort_keys=True)
-                                      for v in values])
+        groups, _ = self.groups.code([None if v is None else _sorted_json(v) for v in values])
         return Block(start, records, ids, images, keep, text_ids, groups, new)
 
     def _facts(self, pending: HnmError | None) -> Facts:
@@ -304,12 +306,18 @@ def file_stats(images: list[Path | ImageRef]) -> str:
     return h.hexdigest()[:16]
 
 
-def anchor_uniforms(ids: list[Any], seed: int) -> np.ndarray:
-    """SPEC §7: u_a in [0, 1) from a hash of (seed, id) — independent of any shared stream."""
-    out = np.empty(len(ids), dtype=np.float64)
-    for i, rid in enumerate(ids):
-        digest = hashlib.blake2b(f"{seed}\0{json.dumps(rid)}".encode(), digest_size=8).digest()
-        out[i] = int.from_bytes(digest, "big") / 2.0**64
-    return out
+# json.dumps of an id of these exact types, without its dispatch (the same text)
+_ID_JSON: dict[type, Callable[[Any], str]] = {
+    str: json.encoder.encode_basestring_ascii,  # type: ignore[attr-defined]
+    int: int.__repr__}
+
+
+def anchor_uniforms(ids: Sequence[Any], seed: int) -> np.ndarray:
+    """SPEC §7: u_a in [0, 1) from a hash of (seed, id) — independent of any shared stream:
+    the first 8 bytes of BLAKE2b("{seed}\0{json.dumps(id)}"), big-endian, over 2^64."""
+    digests = b"".join(
+        hashlib.blake2b(f"{seed}\0{_ID_JSON.get(type(rid), json.dumps)(rid)}".encode(),
+                        digest_size=8).digest() for rid in ids)
+    return np.frombuffer(digests, ">u8").astype(np.float64) / 2.0**64
 
 

@@ -19,6 +19,7 @@ Between blocks the launcher holds numbers per row, no Python object per row.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,6 +121,7 @@ def summarize(config: Config, skip: list[int] | None = None,
     chunks: set[Path] = set()
     near: list[Path] = []
     writer = CorpusWriter(None, config) if stage else None
+    cwd = os.getcwd()  # Path.absolute() asks for it again at every image
     try:
         for block in reading.blocks():
             if writer is not None:
@@ -127,9 +129,10 @@ def summarize(config: Config, skip: list[int] | None = None,
             for k in np.flatnonzero(block.keep).tolist():
                 image = block.images[k]
                 if isinstance(image, Path):
-                    stats.update(stat_line(image.absolute()))
+                    name = str(image)
+                    stats.update(stat_line(absolute(name, image.is_absolute(), cwd)))
                     if folders:
-                        parent = str(image.parent)
+                        parent = os.path.dirname(name) or "."  # str(image.parent)
                         if parent not in inside:
                             inside[parent] = identity(parent) in folders
                         if inside[parent]:
@@ -147,6 +150,14 @@ def summarize(config: Config, skip: list[int] | None = None,
         facts, stats.hexdigest()[:16],
         float(max((p.stat().st_size for p in chunks), default=0)), tuple(near),
         [writer] if writer is not None else [])
+
+
+def absolute(name: str, is_absolute: bool, cwd: str) -> str:
+    """str(Path(name).absolute()) with the working folder `cwd` given (a path as pathlib
+    writes it: no "." part, no trailing separator)."""
+    if is_absolute:
+        return name
+    return cwd if name == "." else os.path.join(cwd, name)
 
 
 def write_store(run: RunDir, config: Config, skip: list[int],

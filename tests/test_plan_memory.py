@@ -5,6 +5,7 @@ check of every block passed."""
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -102,3 +103,21 @@ def test_a_fault_in_a_later_block_writes_nothing(tmp_path, capsys):
     assert cli.main(["mine", *args, "--output-dir", str(done), "--overwrite"]) == 2
     assert capsys.readouterr().err.strip() == err
     assert _tree(done) == before
+
+
+def test_absolute_paths_are_pathlibs(tmp_path, monkeypatch):
+    """The planning pass writes an image's absolute path from the working folder read once:
+    the same text as Path.absolute() (what the input's stats hash), for generated names."""
+    from hnm.plan_scan import absolute
+
+    rng = np.random.default_rng(4)
+    parts = ["a", "b c", "..", "é", "x.png", ".hidden", "d"]
+    names = [".", "/", "//a/b", "/x/./y", "a//b/", "./a"]
+    names += ["/" * int(rng.integers(0, 3)) + "/".join(rng.choice(parts, rng.integers(1, 4)))
+              for _ in range(200)]
+    for cwd in (tmp_path, Path("/")):
+        monkeypatch.chdir(cwd)
+        for name in names:
+            path = Path(name)  # as the scan makes them
+            assert absolute(str(path), path.is_absolute(), os.getcwd()) == \
+                str(path.absolute()), name

@@ -396,3 +396,25 @@ def test_a_scan_holds_a_block_not_the_input(tmp_path):
     small, large = _scan_peaks(tmp_path / "small", 20_000), _scan_peaks(tmp_path / "large", 60_000)
     streamed, whole = large[0] - small[0], large[1] - small[1]
     assert streamed < whole / 2, (small, large)
+
+
+def test_anchor_uniforms_are_the_specs_hash_of_seed_and_id():
+    """u_a: the first 8 bytes of BLAKE2b("{seed}\\0{json.dumps(id)}"), big-endian, / 2^64,
+    for ids of every JSON type (the str and int fast paths give json.dumps' text)."""
+    import hashlib
+
+    from hnm.data import anchor_uniforms
+
+    rng = np.random.default_rng(9)
+    ids: list[Any] = ["", "r0", "é\u2028\"\\\n", "\U0001F600x", True, False, None, 0, -7,
+                      2**64 + 3, -(2**70), 1.5, -0.0, 1e300, [1, "a"], {"k": [None]}]
+    ids += ["".join(chr(int(c)) for c in rng.integers(1, 0x3000, rng.integers(0, 12)))
+            for _ in range(300)]
+    ids += [int(v) for v in rng.integers(-2**62, 2**62, 300)]
+    for seed in (0, 42, -3):
+        want = [int.from_bytes(hashlib.blake2b(f"{seed}\0{json.dumps(i)}".encode(),
+                                               digest_size=8).digest(), "big") / 2.0**64
+                for i in ids]
+        got = anchor_uniforms(ids, seed)
+        assert got.dtype == np.float64 and got.tolist() == want
+    assert anchor_uniforms([], 1).shape == (0,)
