@@ -266,13 +266,13 @@ def estimate(shape: Shape, index: str, parts: int) -> Estimate:
     loader = Process("embed", "loader", s.workers * loaders,
                      base + PREFETCH * c.batch_size * IMAGE_BYTES,
                      shard_rows * (s.record_bytes + COLUMN_BYTES) / max(1, loaders))
-    # IVF: k-means on its sample, one part's lists built at a time, ASSIGN_SCORES row-list
-    # scores at a time (2 copies); clusters: a block of the sample (kmeans.LABEL_BLOCK)
-    train = 0.0 if index == "exact" else min(n, IVF_TRAIN_PER_LIST * lists) * dv * FLOAT \
-        + part_index + ASSIGN_SCORES * FLOAT * 2
+    # IVF: a part's lists at a time, ASSIGN_SCORES scores at a time (2 copies), k-means on
+    # its sample (scratch: mapped); clusters: a block of the sample (kmeans.LABEL_BLOCK)
+    train = 0.0 if index == "exact" else part_index + ASSIGN_SCORES * FLOAT * 2
+    sample = 0.0 if index == "exact" else min(n, IVF_TRAIN_PER_LIST * lists) * dv * FLOAT
     kmeans = min(n, KMEANS_SAMPLE, LABEL_BLOCK) * dv * FLOAT * 2
     tables = Process("tables", "worker", 1, searching + max(kmeans, train),
-                     visual + text + columns)
+                     visual + text + columns + sample)
     # one exact part on a CPU: FAISS's copy of the table; in several, each searched where
     # it lies in the mapped table (parts.exact_parts)
     held = part_index if index == "exact" and not on_gpu and parts == 1 else 0.0
