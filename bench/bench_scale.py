@@ -770,6 +770,9 @@ def main() -> int:
                    help="also run each case with this checkout's hnm (e.g. the previous "
                         "release): its negatives.jsonl compared byte for byte")
     p.add_argument("--extra", default="", help="more flags for every run")
+    p.add_argument("--drop-runs", action="store_true",
+                   help="delete each run's directory once it is measured (many runs of a "
+                        "large case on a small disk)")
     args = p.parse_args()
     repo = args.repo.resolve()
     print(f"machine: {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, "
@@ -807,9 +810,12 @@ def main() -> int:
         for r in [0, *ranks]:
             for count in parts:
                 tag = (f"_torchrun{r}" if r else "") + (f"_parts{count}" if count else "")
-                runs.append(measure(name, kind, n, repo, paths, root / f"run_{repo.name}{tag}",
-                                    flags, count, r, args.sample_every))
+                out = root / f"run_{repo.name}{tag}"
+                runs.append(measure(name, kind, n, repo, paths, out, flags, count, r,
+                                    args.sample_every))
                 report(runs[-1])
+                if args.drop_runs:  # measured and reported: only its figures are needed
+                    shutil.rmtree(out, ignore_errors=True)
         if args.compare_repo:
             other = args.compare_repo.resolve()
             kept, dropped = keep_known(flags, known_flags(other) or set())
