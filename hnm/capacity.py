@@ -18,7 +18,7 @@ from hnm import ivf
 from hnm.config import Config
 from hnm.engine import ANCHOR_BATCH, REDUCE_WINDOW
 from hnm.index import BUILD_PEAK, GPU_SHARE
-from hnm.ivf import ASSIGN_SCORES, ivf_shape, probe_batch
+from hnm.ivf import ADD_ROWS, ASSIGN_SCORES, ivf_shape, probe_batch
 from hnm.kmeans import KMEANS_SAMPLE, LABEL_BLOCK
 from hnm.sizing import (
     AUTO_EXACT_ROWS,
@@ -266,15 +266,15 @@ def estimate(shape: Shape, index: str, parts: int) -> Estimate:
     loader = Process("embed", "loader", s.workers * loaders,
                      base + PREFETCH * c.batch_size * IMAGE_BYTES,
                      shard_rows * (s.record_bytes + COLUMN_BYTES) / max(1, loaders))
-    # IVF: a part's lists at a time, ASSIGN_SCORES scores at a time (2 copies), k-means on
-    # its sample (scratch: mapped); clusters: a block of the sample (kmeans.LABEL_BLOCK)
-    train = 0.0 if index == "exact" else part_index + ASSIGN_SCORES * FLOAT * 2
+    # IVF: a part's lists, ADD_ROWS rows added and ASSIGN_SCORES scores (2 copies) at a
+    # time, k-means' sample mapped (scratch); clusters: a sample block (kmeans.LABEL_BLOCK)
+    train = 0.0 if index == "exact" else part_index + ASSIGN_SCORES * FLOAT * 2 \
+        + min(part_rows, ADD_ROWS) * dv * FLOAT
     sample = 0.0 if index == "exact" else min(n, IVF_TRAIN_PER_LIST * lists) * dv * FLOAT
     kmeans = min(n, KMEANS_SAMPLE, LABEL_BLOCK) * dv * FLOAT * 2
     tables = Process("tables", "worker", 1, searching + max(kmeans, train),
                      visual + text + columns + sample)
-    # one exact part on a CPU: FAISS's copy of the table; in several, each searched where
-    # it lies in the mapped table (parts.exact_parts)
+    # one exact part on a CPU: FAISS's copy of the table; several: each in the mapped table
     held = part_index if index == "exact" and not on_gpu and parts == 1 else 0.0
     gpu_index = BUILD_PEAK * part_index if index == "exact" else \
         part_index if index == "ivf" or CODES_ON_GPU else 0.0
