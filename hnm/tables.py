@@ -93,10 +93,12 @@ def eligibility(config: Config, T: np.ndarray, phrases: list[str],
     so blacklist phrases are then matched exactly instead of by similarity."""
     banned = [normalize(p) for p in read_blacklist(config.blacklist)]
     if config.text_embeddings:
-        banned_set = set(banned)
-        exact = np.array([p in banned_set for p in phrases], dtype=bool)
-        return eligible_phrases(T, phrases, None, config.min_answer_length,
-                                config.blacklist_similarity) & ~exact
+        eligible = eligible_phrases(T, phrases, None, config.min_answer_length,
+                                    config.blacklist_similarity)
+        if banned:  # every phrase read only where there is something to match
+            banned_set = set(banned)
+            eligible &= ~np.fromiter((p in banned_set for p in phrases), bool, len(phrases))
+        return eligible
     vectors = embed_blacklist(banned) if banned else None
     return eligible_phrases(T, phrases, vectors, config.min_answer_length,
                             config.blacklist_similarity)
