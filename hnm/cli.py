@@ -327,7 +327,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _mine(ns: argparse.Namespace, place: dict[str, str | None]) -> None:
     from hnm import api
+    from hnm.process import settle_imports
 
+    settle_imports()
     config = api.make(ns.config, _overrides(ns))
     place["output_dir"] = config.output_dir
     api.mine(config)

@@ -90,6 +90,11 @@ def ref_text(image: Path | ImageRef) -> tuple[str | None, str | None]:
     return str(image), None
 
 
+def _image_name(path: str | None, ref: str | None) -> str:
+    """An image's stored name: a path's text or a shard image's reference, told apart."""
+    return "r" + ref if ref is not None else "p" + (path or "")
+
+
 def char_lengths(column: Any) -> np.ndarray:
     """The length in characters of each string of an Arrow string column: its UTF-8 bytes
     that begin a character, counted from the column's buffers (pyarrow.compute's
@@ -103,6 +108,20 @@ def char_lengths(column: Any) -> np.ndarray:
     begins = np.zeros(len(raw) + 1, np.int64 if len(raw) >= 2**31 else np.int32)
     np.cumsum((raw & 0xC0) != 0x80, out=begins[1:])
     return (begins[ends[1:]] - begins[ends[:-1]]).astype(np.int64)
+
+
+def _gather(column: Any, local: np.ndarray) -> list[Any]:
+    """The values of an Arrow column at `local` (ascending) as Python values. Rows close
+    together (the common case: records read in order, a block's negatives) are converted
+    as the slice they span; far apart, taken first (Arrow's take, whose first call imports
+    pyarrow.compute: tens of ms)."""
+    lo, hi = int(local[0]), int(local[-1]) + 1
+    if hi - lo <= 4 * len(local):
+        values = column.slice(lo, hi - lo).to_pylist()
+        if hi - lo == len(local) and bool((np.diff(local) == 1).all()):
+            return values
+        return [values[i] for i in (local - lo).tolist()]
+    return column.take(int_array(local)).to_pylist()
 
 
 class Rows(Sequence):
@@ -188,6 +207,9 @@ class ColumnarCorpus:
         self.record_ids = Rows(self, "records", ("id",), json.loads, None, self.num_records)
         self.ids = Rows(self, "records", ("id",), json.loads, self.positions, n)
         self.images = Rows(self, "records", ("image", "ref"), self._image, self.positions, n)
+        # the images' names as stored (equal names: one image), with no object built
+        self.image_names = Rows(self, "records", ("image", "ref"), _image_name,
+                                self.positions, n)
         self.phrases = Rows(self, "phrases", ("phrase",), str, None, facts["num_phrases"])
 
     def __len__(self) -> int:
@@ -232,8 +254,8 @@ class ColumnarCorpus:
         for part in np.split(np.arange(len(ranked)), cuts):
             first = int(which[part[0]])
             b = self.batch(file, first)
-            local = int_array(ranked[part] - first * self.batch_rows)
-            got += zip(*(b.column(c).take(local).to_pylist() for c in columns))
+            got += zip(*(_gather(b.column(c), ranked[part] - first * self.batch_rows)
+                         for c in columns))
         if not np.array_equal(order, np.arange(len(order))):
             out: list[Any] = [None] * len(got)
             for k, i in enumerate(order.tolist()):

@@ -7,6 +7,8 @@ read."""
 from __future__ import annotations
 
 import hashlib
+import os
+import stat
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -31,10 +33,13 @@ UNREADABLE = -2  # a size: the image cannot be read
 UNKNOWN = -1  # a size: known only once read (images in Parquet shards)
 
 
-def _identity(image: Path | ImageRef) -> bytes:
+def _identity(image: str | Path | ImageRef) -> bytes:
     """16 bytes naming the image as `data.duplicate_images` tells images apart (a path,
-    or a shard's image: its shard, place, size and member)."""
-    if isinstance(image, ImageRef):
+    or a shard's image: its shard, place, size and member; or a name as a corpus store
+    keeps it)."""
+    if isinstance(image, str):
+        text = image
+    elif isinstance(image, ImageRef):
         s = image.shard
         text = repr(("ref", str(s.path), s.name, s.fmt, s.column, image.at, image.size,
                      image.member))
@@ -47,9 +52,10 @@ def _size(image: Path | ImageRef) -> int:
     if isinstance(image, ImageRef):
         return image.size
     try:
-        return image.stat().st_size if image.is_file() else UNREADABLE
+        found = os.stat(image)
     except (OSError, ValueError):
         return UNREADABLE
+    return found.st_size if stat.S_ISREG(found.st_mode) else UNREADABLE
 
 
 def _sha256(image: Path | ImageRef) -> bytes | None:
@@ -83,8 +89,11 @@ def duplicate_images(ds: Any) -> dict[str, int]:
     count = min(BUCKETS, max(1, -(-n // PASS_ROWS)))
     with ExitStack() as held:
         names = [held.enter_context(scratch_file()) for _ in range(count)]
-        for at, images in _blocks(ds.images, range(n)):
-            keys = np.frombuffer(b"".join(_identity(im) for im in images), NAME)
+        # a corpus store's names as stored (one name, one image: other spellings of a
+        # path meet again by their bytes), else the images' own
+        named = getattr(ds, "image_names", None)
+        for at, images in _blocks(named if named is not None else ds.images, range(n)):
+            keys = np.frombuffer(b"".join(map(_identity, images)), NAME)
             _spread(names, np.rec.fromarrays([keys["high"], keys["low"], at], dtype=NAMED),
                     keys["low"] % count)
         sized = [held.enter_context(scratch_file()) for _ in range(count)]

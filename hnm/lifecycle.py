@@ -23,6 +23,7 @@ from hnm.outputs import read_records
 from hnm.placement import Offer, Placement, place, resumed
 from hnm.plan import Plan, new_plan, provenance, read_plan, run_keys, validate_inputs
 from hnm.plan_scan import InputSummary, same_input, summarize, write_store
+from hnm.process import release_memory
 from hnm.rerun import Refuse, Resume, Start, Survey, decide
 from hnm.storage import RESULTS, RunDir, read_json, run_lock, verify_marker
 
@@ -138,7 +139,7 @@ def prepare(config: Config, offered: Offer, lock: Callable[[], Any],
         if "corpus/meta.json" not in (run.manifest() or []):  # planned before the store
             run.sign(sorted(set(run.manifest() or []) | set(run.layout(len(plan.shards)))))
     ds.let_go()  # a store staged but not needed (one that verifies was there)
-    trim_memory()
+    release_memory()
     return open_corpus(run), ds, plan, state
 
 
@@ -149,7 +150,7 @@ def run_corpus(run: RunDir, config: Config, plan: Plan) -> ColumnarCorpus:
         write_store(run, config, list(plan.skipped), _as_planned(config, plan, run))
         if "corpus/meta.json" not in (run.manifest() or []):
             run.sign(sorted(set(run.manifest() or []) | set(run.layout(len(plan.shards)))))
-        trim_memory()
+        release_memory()
     return open_corpus(run, plan.workdir)
 
 
@@ -161,18 +162,6 @@ def _as_planned(config: Config, plan: Plan, run: RunDir) -> Callable[[Facts], No
             raise HnmError(f"{config.annotations}: changed since the run in {run.root}; "
                            "its negatives no longer match the records")
     return check
-
-
-def trim_memory() -> None:
-    """Give what was freed back to the system (glibc keeps the freed blocks of many small
-    objects, such as the records read while planning, for the process otherwise)."""
-    import ctypes
-    import ctypes.util
-    import gc
-
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError, TypeError):
-        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
 
 
 def _validated(config: Config, offered: Offer, lock: Callable[[], Any],

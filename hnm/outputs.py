@@ -73,10 +73,21 @@ def rows_of_positions(ds: Any, positions: np.ndarray) -> np.ndarray:
 class Picked:
     """The records and ids of the mined rows a block of picks names, read at once."""
 
-    def __init__(self, ds: Any, rows: Iterable[int]) -> None:
+    def __init__(self, ds: Any, rows: Iterable[int],
+                 read: tuple[int, list[dict[str, Any]]] = (0, [])) -> None:
+        """`read`: records already read (the first one's position, and they), used as
+        they are."""
         wanted = np.unique(np.fromiter(rows, dtype=np.int64))
-        pairs = zip(take(ds.records, np.asarray(ds.positions)[wanted]), take(ds.ids, wanted))
-        self.by_row = dict(zip(wanted.tolist(), pairs))
+        positions = np.asarray(ds.positions)[wanted]
+        start, known = read
+        inside = (positions >= start) & (positions < start + len(known))
+        records: list[Any] = [None] * len(wanted)
+        for k, p in zip(np.flatnonzero(inside).tolist(), positions[inside].tolist()):
+            records[k] = known[p - start]
+        outside = np.flatnonzero(~inside)
+        for k, r in zip(outside.tolist(), take(ds.records, positions[outside])):
+            records[k] = r
+        self.by_row = dict(zip(wanted.tolist(), zip(records, take(ds.ids, wanted))))
 
     def negative(self, config: Config, pick: Pick) -> dict[str, Any]:
         return negative_record(config, pick, *self.by_row[pick.row])
@@ -158,7 +169,8 @@ class RecordWriter:
             ids = take(self.ds.record_ids, positions) if self.add else None
             rows = rows_of_positions(self.ds, positions) - first
             mine = (rows >= 0) & (rows < len(picks))
-            lookup = Picked(self.ds, (p.row for a in rows[mine] for p in picks[a]))
+            lookup = Picked(self.ds, (p.row for a in rows[mine] for p in picks[a]),
+                            (s, records))
             for k, record in enumerate(records):
                 if ids is not None and id_field not in record:
                     record = {id_field: ids[k], **record}

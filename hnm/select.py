@@ -155,15 +155,19 @@ class FreeRows:
         return keys // num_clusters, keys % num_clusters, counts
 
     def set_free(self, phrase: int, free: bool) -> None:
-        if self.phrase_free[phrase] == free:
+        if bool(self.phrase_free[phrase]) == free:
             return
         self.phrase_free[phrase] = free
-        h0, h1 = self.hist_start[phrase], self.hist_start[phrase + 1]
+        h0, h1 = self.hist_start[phrase:phrase + 2].tolist()
         if h0 == h1:
             return  # no eligible row
         sign = 1 if free else -1
-        self.per_cluster[self.hist_cluster[h0:h1]] += sign * self.hist_count[h0:h1]
-        self.total += sign * int(self.phrase_start[phrase + 1] - self.phrase_start[phrase])
+        if h1 - h0 == 1:  # the phrase's rows in one cluster (most phrases): no gather
+            self.per_cluster[int(self.hist_cluster[h0])] += sign * int(self.hist_count[h0])
+        else:
+            self.per_cluster[self.hist_cluster[h0:h1]] += sign * self.hist_count[h0:h1]
+        r0, r1 = self.phrase_start[phrase:phrase + 2].tolist()
+        self.total += sign * (r1 - r0)
         self.free_phrases += sign
 
     def count(self, own: int, other: bool) -> int:

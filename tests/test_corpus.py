@@ -400,3 +400,23 @@ def test_duplicate_images_in_buckets_count_as_in_memory(tmp_path, monkeypatch, s
                 text_ids=np.zeros(len(paths), np.int64), groups=np.arange(len(paths)),
                 num_anchors=len(paths), skipped={}, source_sha256="0")
     assert duplicate_images(ds) == duplicates_in_memory(paths)
+
+
+def test_gather_equals_arrow_take_on_generated_row_sets() -> None:
+    """A column's values at ascending rows (runs, repeats, gaps near and far) are Arrow's
+    take's, whichever way they are read."""
+    import pyarrow as pa
+
+    from hnm.corpus import _gather
+
+    rng = np.random.default_rng(5)
+    column = pa.array([None if i % 7 == 3 else f"v{i}é" for i in range(500)], pa.string())
+    cases = [np.arange(10, 60), np.arange(499, 500), np.array([0, 0, 1, 2]),
+             np.array([0, 0, 2]), np.array([3, 499])]
+    for _ in range(200):
+        lo = int(rng.integers(0, 500))
+        span = int(rng.integers(1, 501 - lo))
+        count = int(rng.integers(1, 2 * span + 1))
+        cases.append(np.sort(rng.integers(lo, lo + span, count)))
+    for local in cases:
+        assert _gather(column, local) == column.take(pa.array(local)).to_pylist()

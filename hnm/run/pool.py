@@ -18,7 +18,7 @@ from hnm.config import Config
 from hnm.data import Corpus
 from hnm.decoding import first_line
 from hnm.errors import HnmError, Terminated
-from hnm.process import die_with_parent, stopping
+from hnm.process import die_with_parent, settle_imports, stopping
 from hnm.progress import ProgressView
 from hnm.run.worker import Context, Task, run_task
 from hnm.storage import RunDir
@@ -117,6 +117,7 @@ def _worker_main(wid: int, config: Config, device: str, tasks: Any, events: Any)
     die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent coordinates Ctrl-C
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up temporary files
+    settle_imports()
     context = Context(config, device)
     while (item := _next_task(tasks)) is not None:
         attempt, phase, shard = item

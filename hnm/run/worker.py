@@ -27,6 +27,7 @@ from hnm.index import SearchIndex, set_threads
 from hnm.joint import build_image_encoder, build_joint_model
 from hnm.miner import Arrays
 from hnm.plan import Plan, read_plan
+from hnm.process import release_memory
 from hnm.storage import RunDir
 
 log = logging.getLogger("hnm.run.worker")
@@ -38,18 +39,6 @@ class Task:
 
     phase: str  # "embed" | "tables" | "candidates"
     shard: int | None
-
-
-def release_freed_memory() -> None:
-    """Give the memory a phase freed back to the system (glibc keeps freed blocks of
-    many small allocations, such as an index's lists, for the process otherwise)."""
-    import ctypes
-    import ctypes.util
-    import gc
-
-    gc.collect()  # objects in reference cycles may still hold memory maps
-    with contextlib.suppress(OSError, AttributeError, TypeError):
-        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
 
 
 def peak_rss_mb() -> float:
@@ -153,7 +142,7 @@ def run_task(ctx: Context, task: Task, progress: Progress) -> dict[str, Any]:
                      else f"shard {task.shard}", ctx.device)
             info = PHASES[task.phase](ctx, task.shard, _search_point(progress))
             log.info("done: %s", info)
-    release_freed_memory()  # a worker waiting for its next task (or the reduce) holds none
+    release_memory()  # a worker waiting for its next task (or the reduce) holds none
     return info
 
 
