@@ -204,6 +204,8 @@ class ColumnarCorpus:
         self._shards: dict[tuple, Shard] = {}
         n = len(self.positions)
         self.records = Rows(self, "records", ("record",), json.loads, None, self.num_records)
+        # ... as stored: each one's JSON text (json.dumps' own, ensure_ascii=False)
+        self.record_texts = Rows(self, "records", ("record",), str, None, self.num_records)
         self.record_ids = Rows(self, "records", ("id",), json.loads, None, self.num_records)
         self.ids = Rows(self, "records", ("id",), json.loads, self.positions, n)
         self.images = Rows(self, "records", ("image", "ref"), self._image, self.positions, n)

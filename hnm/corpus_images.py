@@ -58,6 +58,37 @@ def _size(image: Path | ImageRef) -> int:
     return found.st_size if stat.S_ISREG(found.st_mode) else UNREADABLE
 
 
+def _sizes(ds: Any, rows: np.ndarray) -> list[int]:
+    """The sizes of the rows' images (`_size`): a corpus store's image files stat'ed by
+    their stored names (no path object made; a name pathlib would write otherwise, such
+    as one ending in "/", goes the long way), other images through `ds.images`."""
+    named = getattr(ds, "image_names", None)
+    if named is None:
+        return [_size(im) for im in _images_at(ds.images, rows)]
+    workdir = str(ds.workdir) if getattr(ds, "workdir", None) is not None else ""
+    out: list[int] = []
+    other: list[int] = []
+    for k, name in enumerate(named.take(rows)):
+        path = name[1:]
+        if name[0] == "p" and path not in ("", ".") and not path.endswith(("/", "/.")):
+            try:
+                found = os.stat(os.path.join(workdir, path) if workdir else path)
+                out.append(found.st_size if stat.S_ISREG(found.st_mode) else UNREADABLE)
+            except (OSError, ValueError):
+                out.append(UNREADABLE)
+        else:
+            out.append(UNREADABLE)
+            other.append(k)
+    if other:
+        for k, image in zip(other, ds.images.take(rows[other])):
+            out[k] = _size(image)
+    return out
+
+
+def _images_at(images: Any, rows: np.ndarray) -> list[Any]:
+    return images.take(rows) if hasattr(images, "take") else [images[int(i)] for i in rows]
+
+
 def _sha256(image: Path | ImageRef) -> bytes | None:
     if isinstance(image, ImageRef) and image.digest is not None:
         return bytes.fromhex(image.digest)  # hashed when the reader had its bytes in hand
@@ -105,8 +136,9 @@ def duplicate_images(ds: Any) -> dict[str, int]:
             del named
             sizes = np.empty(len(first), np.int64)
             order = np.argsort(first, kind="stable")
-            for where, images in _blocks(ds.images, first[order]):
-                sizes[order[where]] = [_size(im) for im in images]
+            for start in range(0, len(order), BATCH_ROWS):
+                where = order[start:start + BATCH_ROWS]
+                sizes[where] = _sizes(ds, first[where])
             _spread(sized, np.rec.fromarrays([sizes, first, rows], dtype=SIZED),
                     np.where(sizes >= 0, sizes, 0) % count)
         counts = Counts()

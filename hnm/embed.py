@@ -17,7 +17,7 @@ from hnm.data import image_limit, too_large
 from hnm.decoding import reading
 from hnm.encoders import ImageEncoder, TextEncoder
 from hnm.errors import HnmError
-from hnm.grid import finalize
+from hnm.grid import finalize, grid_scale
 from hnm.miner import text_lengths
 from hnm.process import loader_worker_init
 from hnm.readers import ImageRef, holds_tensor, image_stream, read_tensor
@@ -220,6 +220,20 @@ def load_precomputed(path: str, flag: str) -> np.ndarray:
     return arr
 
 
+def normalisable(block: np.ndarray) -> np.ndarray:
+    """Whether each row, as `grid.finalize` normalises it, comes out finite and not all
+    zeros, found without snapping the rows: from the row's float64 norm (computed as
+    finalize computes it) and its largest component, divided and rounded as finalize
+    divides and rounds it (finite and not zero: every component is finite; the largest
+    rounds to zero only when every one does)."""
+    with np.errstate(all="ignore"):
+        x = np.asarray(block, dtype=np.float64)
+        norms = np.linalg.norm(x, axis=1)
+        largest = np.abs(x).max(axis=1) if x.shape[1] else np.zeros(len(x))
+        unit = largest / np.where(norms > 0, norms, 1.0)
+        return np.isfinite(norms) & (np.round(unit * grid_scale(x.shape[1])) != 0)
+
+
 def check_precomputed(path: str, flag: str, rows: int) -> int:
     """Row count of a precomputed embedding file must match the records; returns its dim."""
     arr = load_precomputed(path, flag)
@@ -234,10 +248,7 @@ def check_precomputed(path: str, flag: str, rows: int) -> int:
         if not np.isfinite(block).all():
             raise HnmError(f"{flag} {path}: values must be finite floats")
         zero += (s + np.flatnonzero(~block.any(axis=1))).tolist()
-        with np.errstate(all="ignore"):  # as mining normalises them
-            unit = finalize(block)
-        lost = np.flatnonzero(block.any(axis=1) & ~(np.isfinite(unit).all(axis=1)
-                                                    & unit.any(axis=1)))
+        lost = np.flatnonzero(block.any(axis=1) & ~normalisable(block))
         if len(lost):  # overflows to inf or underflows to zero once squared
             raise HnmError(f"{flag} {path}: row {s + int(lost[0])} cannot be normalised "
                            "(its values are too large or too small for float64); scale "

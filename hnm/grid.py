@@ -20,6 +20,11 @@ def finalize(x: np.ndarray) -> np.ndarray:
         raise ValueError(f"expected a 2-D array of embeddings, got shape {x.shape}")
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     x = x / np.where(norms > 0, norms, 1.0)
-    bits = min(24, (53 - math.ceil(math.log2(max(2, x.shape[1])))) // 2)
-    scale = float(2**bits)
+    scale = grid_scale(x.shape[1])
     return (np.round(x * scale) / scale).astype(np.float32)
+
+
+def grid_scale(dim: int) -> float:
+    """2^b, the grid's inverse step for vectors of `dim` components."""
+    bits = min(24, (53 - math.ceil(math.log2(max(2, dim)))) // 2)
+    return float(2**bits)

@@ -313,8 +313,9 @@ class IvfIndex:
             q = xq[who]
             segments = self.vectors[j]  # its parts' rows joined: one product, not several
             S = q @ (segments[0] if len(segments) == 1 else np.concatenate(segments)).T
-            pos = np.argpartition(-S, kk - 1, axis=1)[:, :kk] if S.shape[1] > kk \
-                else np.broadcast_to(np.arange(kk), (len(who), kk))
+            # the kk highest (the last kk of a partition: no negated copy of S)
+            pos = np.argpartition(S, S.shape[1] - kk, axis=1)[:, S.shape[1] - kk:] \
+                if S.shape[1] > kk else np.broadcast_to(np.arange(kk), (len(who), kk))
             D[who, slot, :kk] = np.take_along_axis(S, pos, 1)
             I[who, slot, :kk] = self.list_rows(j)[pos]
         D, I = D.reshape(len(xq), -1), I.reshape(len(xq), -1)

@@ -28,6 +28,7 @@ ROW_GROUP = 10_000
 JSON_COLUMNS = "hnm.json_columns"  # schema metadata: the columns written as JSON text
 NEGATIVE_ID = "negatives.id"  # named there when ids mix numbers and text
 WRITE_BLOCK = 4096  # records read from the corpus store at a time
+_to_json = json.JSONEncoder(ensure_ascii=False).encode  # json.dumps(v, ensure_ascii=False)
 
 
 def similarity(value: float) -> float:
@@ -163,8 +164,15 @@ class RecordWriter:
     def _write(self, end: int, first: int, picks: list[list[Pick]], which: list[int],
                outcomes: list[Any]) -> None:
         id_field = self.config.fields.id
+        # JSON lines of records that gain no field but `negatives` are the stored text
+        # with the negatives spliced in (what json.dumps writes for the record with them)
+        splice = self.config.output_format != "parquet" and not self.add and \
+            hasattr(self.ds, "record_texts")
         for s in range(self.next, end, WRITE_BLOCK):
             positions = np.arange(s, min(end, s + WRITE_BLOCK))
+            if splice:
+                self._spliced(s, positions, first, picks, which, outcomes)
+                continue
             records = take(self.ds.records, positions)
             ids = take(self.ds.record_ids, positions) if self.add else None
             rows = rows_of_positions(self.ds, positions) - first
@@ -181,6 +189,29 @@ class RecordWriter:
                 else:  # not an anchor (past --max-samples): no scan, no outcome
                     self._line({**record, "negatives": []}, s + k, None)
         self.next = max(self.next, end)
+
+    def _spliced(self, s: int, positions: np.ndarray, first: int, picks: list[list[Pick]],
+                 which: list[int], outcomes: list[Any]) -> None:
+        """JSON lines of records at `positions`, from their stored text: a record's
+        members, then its negatives and outcome (a record holding a `negatives` member of
+        its own is read and written whole, as `_write` does)."""
+        texts = take(self.ds.record_texts, positions)
+        rows = rows_of_positions(self.ds, positions) - first
+        mine = (rows >= 0) & (rows < len(picks))
+        lookup = Picked(self.ds, (p.row for a in rows[mine] for p in picks[a]))
+        write, dumps = self.handle.write, _to_json
+        for k, text in enumerate(texts):
+            a = int(rows[k])
+            negs = [lookup.negative(self.config, p) for p in picks[a]] if mine[k] else []
+            outcome = outcomes[which[a]] if mine[k] else None
+            if '"negatives"' in text:
+                self._line({**json.loads(text), "negatives": negs}, s + k, outcome)
+                continue
+            body = text[:-1] + (', "negatives": ' if len(text) > 2 else '"negatives": ') + \
+                dumps(negs)
+            write(body + outcome if outcome is not None else body + "}\n")
+            if (s + k) % PROGRESS_EVERY == 0:
+                self.progress("write", s + k, self.total)
 
     def _line(self, record: dict[str, Any], pos: int, outcome: Any) -> None:
         if self.config.output_format == "parquet":

@@ -3,6 +3,7 @@ phase after it exactly as `data.load_corpus` gives it, in bounded memory."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tracemalloc
 from pathlib import Path
@@ -394,12 +395,24 @@ def test_duplicate_images_in_buckets_count_as_in_memory(tmp_path, monkeypatch, s
         data = rnd.choice(contents)
         files.append(ImageRef(shard, k, rnd.choice([-1, len(data)]), str(k),
                               hashlib.sha256(data).hexdigest()))
+    (tmp_path / "folder").mkdir()
+    files.append(tmp_path / "folder")  # a folder, not an image file: unreadable
     paths = [rnd.choice(files) for _ in range(rnd.randrange(1, 30))]
     ds = Corpus(records=[{} for _ in paths], positions=np.arange(len(paths)),
                 ids=list(range(len(paths))), images=paths, phrases=["x"],
                 text_ids=np.zeros(len(paths), np.int64), groups=np.arange(len(paths)),
                 num_anchors=len(paths), skipped={}, source_sha256="0")
-    assert duplicate_images(ds) == duplicates_in_memory(paths)
+    want = duplicates_in_memory(paths)
+    assert duplicate_images(ds) == want
+    # the same rows from a run's store: files named relative to the run's working
+    # folder (some by their absolute paths), counted from their stored names
+    relative = [p.relative_to(tmp_path) if isinstance(p, Path) and rnd.random() < 0.5
+                else p for p in paths]
+    ds = dataclasses.replace(ds, images=relative, record_ids=tuple(ds.ids))
+    run = new_run(tmp_path / "run")
+    write_corpus(run, Config(output_dir=str(run.root)), blocks_of(ds, size=7),
+                 lambda: facts_of(ds, "id"))
+    assert duplicate_images(open_corpus(run, str(tmp_path))) == want
 
 
 def test_gather_equals_arrow_take_on_generated_row_sets() -> None:
@@ -420,3 +433,69 @@ def test_gather_equals_arrow_take_on_generated_row_sets() -> None:
         cases.append(np.sort(rng.integers(lo, lo + span, count)))
     for local in cases:
         assert _gather(column, local) == column.take(pa.array(local)).to_pylist()
+
+
+def _json_value(rnd, depth: int = 0):
+    """A generated JSON value: nested containers, unicode and escapes, floats at the
+    edges of their text, large integers."""
+    kinds = ["str", "int", "float", "bool", "none"] + (["list", "dict"] if depth < 3 else [])
+    kind = rnd.choice(kinds)
+    if kind == "str":
+        return "".join(rnd.choice(['a', 'é', '"', '\\', '\n', '\u2028', '😀', ' ', 'negatives'])
+                       for _ in range(rnd.randrange(0, 6)))
+    if kind == "int":
+        return rnd.choice([0, -1, 7, 2**63, -(2**70)])
+    if kind == "float":
+        return rnd.choice([0.1, -0.0, 1e300, 5e-324, float("nan"), float("inf"), 1 / 3])
+    if kind == "bool":
+        return rnd.random() < 0.5
+    if kind == "none":
+        return None
+    if kind == "list":
+        return [_json_value(rnd, depth + 1) for _ in range(rnd.randrange(0, 4))]
+    return {rnd.choice(["k", "ü", "negatives", "outcome", "x y"]) + str(i):
+            _json_value(rnd, depth + 1) for i in range(rnd.randrange(0, 4))}
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_negatives_lines_from_the_store_equal_those_from_records_in_memory(tmp_path, seed):
+    """negatives.jsonl written from a run's store (each record's stored JSON text with
+    its negatives and outcome spliced in) is byte for byte what writing the records
+    read into memory gives, for generated records: every kind of JSON value, members
+    named `negatives` or `outcome` of their own, empty records left out of mining."""
+    import random
+
+    rnd = random.Random(seed)
+    n = 30
+    recs: list[dict] = []
+    for i in range(n):
+        if rnd.random() < 0.15:
+            recs.append({} if rnd.random() < 0.5 else {"id": f"r{i}", "only": 1})
+            continue
+        rec = {"id": f"r{i}", "image": f"img/{i}.png", "text": f"caption {i % 7}"}
+        for _ in range(rnd.randrange(0, 4)):
+            rec[rnd.choice(["extra", "negatives", "outcome", "ä", "meta"])] = _json_value(rnd)
+        recs.append(rec)
+    mined = [i for i, r in enumerate(recs) if "text" in r]
+    ds = Corpus(records=recs, positions=np.asarray(mined), ids=[recs[i]["id"] for i in mined],
+                images=[Path(recs[i]["image"]) for i in mined], phrases=["x"],
+                text_ids=np.zeros(len(mined), np.int64), groups=np.arange(len(mined)),
+                num_anchors=len(mined), skipped={}, source_sha256="0" * 64,
+                record_ids=tuple(r.get("id", f"r{i}") for i, r in enumerate(recs)))
+    if any("id" not in r for r in recs):  # every record of the store's splice has an id
+        ds = dataclasses.replace(ds, records=[r or {"id": f"r{i}"} for i, r in enumerate(recs)])
+    anchors = np.arange(rnd.randrange(1, len(mined) + 1))
+    picks = [[Pick(int(rnd.randrange(len(mined))), "hard", rnd.random(), rnd.random(), 0)]
+             * rnd.randrange(0, 3) for _ in anchors]
+    why = Outcomes(np.full(len(anchors), -1), np.zeros(len(anchors), np.int64),
+                   np.zeros((len(anchors), len(RULES)), np.int64), np.ones(len(anchors), bool))
+    written = []
+    for name, source in (("memory", lambda run: ds), ("store", open_corpus)):
+        config = Config(output_dir=str(tmp_path / name), num_negatives=2)
+        run = new_run(tmp_path / name)
+        store_corpus(run, config, ds)
+        with outputs.RecordWriter(config, run, source(run)) as out:
+            out.shard(anchors, picks, why)
+        written.append((tmp_path / name / "negatives.jsonl").read_bytes())
+    assert written[0] == written[1]
+    assert written[0].count(b"\n") == n

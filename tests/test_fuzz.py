@@ -1176,6 +1176,25 @@ def extreme_rows(rng: random.Random) -> np.ndarray:
                              neginf=-float(info.max))
 
 
+def test_normalisable_rows_are_those_finalize_snaps_to_finite_nonzero_rows():
+    """The planning check's shortcut (a row's norm and largest component) against
+    snapping every row (`grid.finalize`): the same rows, on generated extreme rows of every
+    dtype and widths from 1 to 4,096 (where the grid is coarsest)."""
+    from hnm.embed import normalisable
+    from hnm.grid import finalize
+
+    for case, rng in cases("normalisable", 200):
+        arr = extreme_rows(rng)
+        width = rng.choice([1, 2, 4, 4096])
+        wide = np.repeat(arr, width // arr.shape[1] or 1, axis=1)[:, :width]
+        if rng.random() < 0.3:  # one large component among tiny ones
+            wide[:, 1:] *= rng.choice([1e-3, 1e-9, 1e-300])
+        with np.errstate(all="ignore"):
+            unit = finalize(wide)
+        want = np.isfinite(unit).all(axis=1) & unit.any(axis=1)
+        assert np.array_equal(normalisable(wide), want), case
+
+
 @pytest.mark.parametrize("flag", ["--image-embeddings", "--text-embeddings"])
 def test_embedding_rows_past_float64_are_refused(capsys, tmp_path, root, flag):
     """A row a float dtype holds but whose squares overflow float64 (1e300) or underflow to
