@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -256,6 +257,7 @@ class IvfIndex:
             self.sizes = np.array([lists.list_size(j) for j in range(self.nlist)], np.int64)
         self.index = index  # owns the lists' memory (a memory map when loaded so)
         self.batch = IVF_BATCH
+        self._probed: tuple[Any, np.ndarray] | None = None  # (query array, its probes)
 
     def _with_far(self, far_nprobe: int | None) -> None:
         """`far`: the same lists probed `far_nprobe` at a time (where that differs); the
@@ -264,6 +266,7 @@ class IvfIndex:
         if far_nprobe is not None and far_nprobe != self.nprobe:
             self._far = copy.copy(self)
             self._far.nprobe = min(far_nprobe, self.nlist)
+            self._far._probed = None
         self.batch = probe_batch(max(self.nprobe, self.far.nprobe))
         self.far.batch = self.batch
 
@@ -273,8 +276,15 @@ class IvfIndex:
 
     def probes(self, xq: np.ndarray) -> np.ndarray:
         """(nq, nprobe) lists each query probes, ascending: those of the nprobe highest
-        exact centroid scores, ties to the lowest list (`top_lists`)."""
-        return top_lists(xq, self.centroids32, self.centroids, self.nprobe)
+        exact centroid scores, ties to the lowest list (`top_lists`). Kept for the last
+        query array asked about (the same array object, while it lives: a search asks
+        for the reach of its queries first, then searches them)."""
+        held = self._probed
+        if held is not None and held[0]() is xq:
+            return held[1]
+        probes = top_lists(xq, self.centroids32, self.centroids, self.nprobe)
+        self._probed = (weakref.ref(xq), probes)
+        return probes
 
     def _exact_probes(self, scores: np.ndarray) -> np.ndarray:
         return top_by_row(scores, self.nprobe)
@@ -283,6 +293,7 @@ class IvfIndex:
         """This index's probing alone (its centroids, not its lists): what the parts of an
         index share (`parts.PartedIndex` chooses a query's lists once for all of them)."""
         light = copy.copy(self)
+        light._probed = None
         light.ids = light.vectors = []
         light.index = light._far = None
         return light

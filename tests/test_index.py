@@ -153,6 +153,36 @@ def test_ivf_results_do_not_depend_on_the_batch():
 
 
 @needs_faiss
+def test_ivf_probes_are_chosen_once_for_a_query_array_and_never_for_another(monkeypatch):
+    """A search's reach and its search of one query array choose its lists once; an
+    array of other queries (the next search's, the far index's, another array of the
+    same values) chooses its own, and every search proposes what a fresh index does."""
+    from hnm import ivf
+
+    V, saved = ivf_case()
+    calls = []
+    real = ivf.top_lists
+    monkeypatch.setattr(ivf, "top_lists", lambda xq, *a: calls.append(1) or real(xq, *a))
+    index = IvfIndex(saved, nprobe=2, far_nprobe=5)
+    rng = np.random.default_rng(1)
+    for _ in range(6):
+        q = V[rng.integers(0, len(V), rng.integers(1, 40))].copy()
+        before = len(calls)
+        reach = index.reach(q)
+        D, I = index.search(q, 7)
+        assert len(calls) == before + 1
+        fresh = IvfIndex(saved, nprobe=2)
+        assert np.array_equal(reach, fresh.reach(q.copy()))
+        assert [np.array_equal(a, b) for a, b in zip((D, I), fresh.search(q.copy(), 7))] \
+            == [True, True]
+        far = index.far.search(q, 7)  # the far lists: chosen anew for the same array
+        fresh_far = IvfIndex(saved, nprobe=5).search(q.copy(), 7)
+        assert all(np.array_equal(a, b) for a, b in zip(far, fresh_far))
+        other = -q  # the next array: its own lists
+        assert np.array_equal(index.search(other, 7)[1], fresh.search(other.copy(), 7)[1])
+
+
+@needs_faiss
 def test_ivf_on_the_host_and_through_torch_propose_the_same_rows():
     """The host's NumPy scan and the device scan (torch, here on the host's "cpu:0") agree:
     the same scores up to float32 error, the same rows wherever scores are not tied."""
