@@ -9,7 +9,10 @@
   loop's DataLoader workers (if any) are alive, have delivered a batch and hold more
   (their pids are in the held file, as ``loaders``);
 - ``search``: inside the candidates search, once the first block of anchors is searched;
-- ``reduce``: inside the reduce, once the selection pass has taken shard SHARD's lists.
+- ``reduce``: inside the reduce, once the selection pass has taken shard SHARD's lists;
+- ``event``: a pool worker sending an event about shard SHARD to its parent (with
+  ``kill``: half of the event's bytes are written first, as a process killed in the
+  middle of sending leaves them).
 
 HOW: ``kill`` (the default: SIGKILL this process), ``stall`` (hang alive, reporting no
 progress), ``hold`` (write ``logs/.held_POINT_SHARD``, a JSON object naming this process
@@ -33,7 +36,7 @@ from typing import Any
 from hnm.safety import Area
 
 VARIABLE = "HNM_TEST_CRASH"
-POINTS = ("embed", "tables", "candidates", "embed-batch", "search", "reduce")
+POINTS = ("embed", "tables", "candidates", "embed-batch", "search", "reduce", "event")
 _task: list[tuple[Path, int | None]] = []  # the running task's logs folder and shard
 
 

@@ -95,10 +95,13 @@ def test_output_is_byte_identical_for_any_worker_count(demo, request, tmp_path, 
     assert f"Running on {workers} CPU worker(s)" in result.stdout.replace("\n", " ")
 
 
+@pytest.mark.parametrize("point", ["embed", "event"])
 def test_a_killed_worker_is_retried_and_the_output_is_unchanged(demo, light, light_single,
-                                                                 tmp_path):
+                                                                 tmp_path, point):
+    """A worker killed as its task starts, or in the middle of sending an event (half of
+    its bytes written): the other worker's events still arrive, the task is retried."""
     result = launch(demo, tmp_path / "run", "--cpu-workers", "2", *light,
-                    env={"HNM_TEST_CRASH": "embed:1"})
+                    env={"HNM_TEST_CRASH": f"{point}:1"})
     assert result.returncode == 0, result.stderr
     assert "failed in embed: worker exited with code -9 (will retry)" in result.stdout
     assert (tmp_path / "run/negatives.jsonl").read_bytes() == \

@@ -7,13 +7,15 @@ import itertools
 import os
 import queue
 import signal
+import struct
 import sys
+import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from hnm import gpus
+from hnm import gpus, testpoints
 from hnm.config import Config
 from hnm.data import Corpus
 from hnm.decoding import first_line
@@ -111,13 +113,41 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first}"
 
 
-def _worker_main(wid: int, config: Config, device: str, tasks: Any, events: Any) -> None:
+class Events:
+    """A worker's own channel of events to the parent: one pipe per worker, written by
+    its process alone (a thread at a time), each event sent whole before `put` returns.
+    No lock is shared with another process: a worker killed at any moment (kill -9, the
+    OOM killer), even in the middle of an event, takes only its own channel with it; the
+    parent reads the end of it and respawns the worker (a queue shared by the workers
+    would keep its write lock held by the dead one, and every other worker would wait on
+    it for ever)."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self.lock = threading.Lock()
+
+    def put(self, event: tuple) -> None:
+        with self.lock:
+            testpoints.reach("event", lambda: self._torn(event))
+            self.conn.send(event)
+
+    def _torn(self, event: tuple) -> None:
+        """The first half of an event's bytes, as a process killed while sending leaves
+        them (the `event` test point)."""
+        from multiprocessing.reduction import ForkingPickler
+
+        data = bytes(ForkingPickler.dumps(event))
+        os.write(self.conn.fileno(), struct.pack("!i", len(data)) + data[:len(data) // 2])
+
+
+def _worker_main(wid: int, config: Config, device: str, tasks: Any, conn: Any) -> None:
     """A worker process: run tasks until told to stop; report every outcome as a value,
-    tagged with the attempt it belongs to."""
+    tagged with the attempt it belongs to, on its own channel (`Events`)."""
     die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent coordinates Ctrl-C
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up temporary files
     settle_imports()
+    events = Events(conn)
     context = Context(config, device)
     while (item := _next_task(tasks)) is not None:
         attempt, phase, shard = item
@@ -131,6 +161,12 @@ def _worker_main(wid: int, config: Config, device: str, tasks: Any, events: Any)
             events.put(("input_error", attempt, str(exc)))
         except Exception as exc:
             events.put(("failed", attempt, _one_line(exc)))
+
+
+def _let_go(tasks: Any) -> None:
+    """A task queue closed without waiting for what it still holds to be taken."""
+    tasks.close()
+    tasks.cancel_join_thread()
 
 
 def _next_task(tasks: Any) -> Any:
@@ -202,8 +238,9 @@ class WorkerPool:
         self.devices = devices
         self.view = view
         self.ctx = mp.get_context("spawn")
-        self.events = self.ctx.Queue()
-        self.workers: dict[int, tuple[Any, Any]] = {}
+        # per worker: its process, its task queue, and the end of its event channel
+        self.workers: dict[int, tuple[Any, Any, Any]] = {}
+        self.ended: set[int] = set()  # workers whose channel was read to its end
         self.retries = Retries(config, view)
         self.attempts = itertools.count()
 
@@ -213,34 +250,43 @@ class WorkerPool:
         return self
 
     def _spawn(self, wid: int) -> None:
+        """Start worker `wid` with a new task queue and event channel (a worker it
+        replaces was stopped: its queue and channel are let go)."""
+        if wid in self.workers:
+            _, old_tasks, old_events = self.workers.pop(wid)
+            _let_go(old_tasks)
+            old_events.close()
+        self.ended.discard(wid)
         tasks = self.ctx.Queue()
+        reader, writer = self.ctx.Pipe(duplex=False)
         proc = self.ctx.Process(target=_worker_main, name=f"hnm-worker-{wid}",
-                                args=(wid, self.config, self.devices[wid], tasks, self.events))
+                                args=(wid, self.config, self.devices[wid], tasks, writer))
         proc.start()
-        self.workers[wid] = (proc, tasks)
+        writer.close()  # the worker's alone: its death reads as the channel's end
+        self.workers[wid] = (proc, tasks, reader)
 
     def __exit__(self, exc_type: Any, *exc: Any) -> None:
         self.close(grace_s=0.0 if exc_type else 5.0)
 
     def close(self, grace_s: float = 5.0) -> None:
         """Stop every worker: ask, then terminate, then kill; leave no orphans."""
-        for proc, tasks in self.workers.values():
+        for proc, tasks, _ in self.workers.values():
             if proc.is_alive():
                 with contextlib.suppress(Exception):
                     tasks.put(None)
         deadline = time.monotonic() + grace_s
-        for proc, _ in self.workers.values():
+        for proc, _, _ in self.workers.values():
             proc.join(max(0.0, deadline - time.monotonic()))
-        for proc, _ in self.workers.values():
+        for proc, _, _ in self.workers.values():
             if proc.is_alive():
                 proc.terminate()
                 proc.join(2.0)
             if proc.is_alive():
                 proc.kill()
                 proc.join()
-        for _, tasks in self.workers.values():
-            tasks.close()
-            tasks.cancel_join_thread()
+        for _, tasks, events in self.workers.values():
+            _let_go(tasks)
+            events.close()
         self.workers.clear()
 
     def run_phase(self, tasks: list[Task]) -> dict[Task, dict]:
@@ -248,16 +294,33 @@ class WorkerPool:
         running: dict[int, Running] = {}
         results: dict[Task, dict] = {}
         while pending or running:
-            for wid, (_, queue_) in self.workers.items():
+            for wid, (_, queue_, _) in self.workers.items():
                 if pending and wid not in running:
                     task = pending.popleft()
                     running[wid] = Running(task, next(self.attempts))
                     queue_.put((running[wid].attempt, task.phase, task.shard))
                     self.view.started(task.shard, task.phase, self.devices[wid])
-            with contextlib.suppress(queue.Empty):
-                self.handle(self.events.get(timeout=POLL_S), pending, running, results)
+            for event in self._events(POLL_S):
+                self.handle(event, pending, running, results)
             self._watch(pending, running)
         return results
+
+    def _events(self, timeout: float) -> list[tuple]:
+        """The events the workers sent, waiting up to `timeout` for the first; a channel
+        read to its end (its worker died, maybe in the middle of an event) is left until
+        the worker is respawned."""
+        from multiprocessing.connection import wait
+
+        open_ = {events: wid for wid, (_, _, events) in self.workers.items()
+                 if wid not in self.ended}
+        got = []
+        for events in wait(list(open_), timeout):
+            try:
+                while events.poll():
+                    got.append(events.recv())
+            except (EOFError, OSError):
+                self.ended.add(open_[events])
+        return got
 
     def handle(self, event: tuple, pending: deque, running: dict[int, Running],
                results: dict) -> None:
@@ -289,7 +352,7 @@ class WorkerPool:
         showed no progress for --stall-timeout seconds (it is killed): the task is
         retried, the worker respawned."""
         stall = self.config.stall_timeout
-        for wid, (proc, _) in list(self.workers.items()):
+        for wid, (proc, _, _) in list(self.workers.items()):
             job = running.get(wid)
             stalled = job is not None and job.stalled(stall)
             if proc.is_alive() and not stalled:
