@@ -770,6 +770,8 @@ def main() -> int:
                    help="also run each case with this checkout's hnm (e.g. the previous "
                         "release): its negatives.jsonl compared byte for byte")
     p.add_argument("--extra", default="", help="more flags for every run")
+    p.add_argument("--torchrun-only", action="store_true",
+                   help="with --torchrun: only the torchrun runs (not the pool's as well)")
     p.add_argument("--drop-runs", action="store_true",
                    help="delete each run's directory once it is measured (many runs of a "
                         "large case on a small disk)")
@@ -807,7 +809,7 @@ def main() -> int:
             kind == "realistic" else args.workers
         flags = ["--cpu-workers", str(workers), *args.extra.split(), *flags]
         runs = []
-        for r in [0, *ranks]:
+        for r in [*([] if args.torchrun_only else [0]), *ranks]:
             for count in parts:
                 tag = (f"_torchrun{r}" if r else "") + (f"_parts{count}" if count else "")
                 out = root / f"run_{repo.name}{tag}"
